@@ -1,0 +1,163 @@
+"""Stand-in services for benchmarks, each in its own process so they do not share the
+benchmark's interpreter: moto's S3 server and the project's fake Rekognition server."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import boto3
+
+REGION = "eu-west-1"
+CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "bench",
+    "AWS_SECRET_ACCESS_KEY": "bench",
+    "AWS_DEFAULT_REGION": REGION,
+}
+
+
+def bench_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "REKBATCH_"))}
+    env.update(CREDENTIALS)
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait_http(url: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=1).close()
+            return
+        except Exception as exc:  # not up yet: connection refused, or an HTTP error page
+            if hasattr(exc, "code"):
+                return
+            time.sleep(0.1)
+    raise RuntimeError(f"{url} did not come up within {timeout} s")
+
+
+@contextlib.contextmanager
+def moto_s3() -> Iterator[str]:
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=bench_env(),
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_http(url)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def fake_rekognition(s3_url: str, *args: str) -> Iterator[str]:
+    port = _free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "rekbatch.testing.fake_rekognition",
+            "--port",
+            str(port),
+            "--s3-endpoint-url",
+            s3_url,
+            *args,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=bench_env(),
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_http(url + "/_fake/stats")
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def fake_admin(url: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url + path, data=data, method="POST" if data else "GET")
+    with urllib.request.urlopen(request, timeout=10) as response:
+        result: dict[str, Any] = json.loads(response.read())
+        return result
+
+
+def s3_client(url: str) -> Any:
+    return boto3.client(
+        "s3",
+        endpoint_url=url,
+        region_name=REGION,
+        aws_access_key_id="bench",
+        aws_secret_access_key="bench",
+    )
+
+
+def fill_bucket(url: str, bucket: str, images: int, non_images: int = 0) -> None:
+    """``images`` small JPEG-looking objects (distinct content) and some text objects."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    s3 = s3_client(url)
+    s3.create_bucket(Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": REGION})
+
+    def put(i: int) -> None:
+        if i < images:
+            body = b"\xff\xd8\xff\xe0" + i.to_bytes(8, "big") * 64 + b"\xff\xd9"
+            s3.put_object(Bucket=bucket, Key=f"img/{i:07d}.jpg", Body=body)
+        else:
+            s3.put_object(Bucket=bucket, Key=f"img/{i:07d}.jpg", Body=b"not a picture " * 8)
+
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(put, range(images + non_images)))
+
+
+def write_job(
+    path: str,
+    *,
+    bucket: str,
+    out: str,
+    s3_url: str,
+    rek_url: str,
+    operations: str,
+    limits: str,
+    source_extra: str = "",
+) -> str:
+    text = (
+        f'[job]\nname = "bench"\noutput_dir = "{out}"\n\n'
+        f'[source]\nuris = ["s3://{bucket}/"]\n{source_extra}\n\n'
+        f'[aws]\nregion = "{REGION}"\ns3_endpoint_url = "{s3_url}"\n'
+        f'rekognition_endpoint_url = "{rek_url}"\n\n[limits]\n{limits}\n\n{operations}'
+    )
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    return path
+
+
+def run_cli(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "rekbatch", *args],
+        capture_output=True,
+        text=True,
+        env=bench_env(),
+        timeout=timeout,
+        check=False,
+    )

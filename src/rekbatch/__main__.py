@@ -1,0 +1,3 @@
+from rekbatch.cli import main
+
+main()

@@ -1,0 +1,268 @@
+"""The command line: a thin layer that builds settings and hands them to the pipeline."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from rekbatch import __version__
+from rekbatch.errors import ConfigError, RekbatchError, SetupError
+from rekbatch.logs import LogFormat, configure_logging
+
+app = typer.Typer(
+    name="rekbatch",
+    help="Run Amazon Rekognition over whole S3 buckets: fast, cheap, resumable.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+EXIT_UNEXPECTED = 1
+
+
+def _fail(exc: BaseException) -> typer.Exit:
+    if isinstance(exc, RekbatchError):
+        typer.echo(f"rekbatch: {exc}", err=True)
+        return typer.Exit(exc.exit_code)
+    typer.echo(f"rekbatch: unexpected error: {type(exc).__name__}: {exc}", err=True)
+    return typer.Exit(EXIT_UNEXPECTED)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"rekbatch {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
+    ] = False,
+) -> None:
+    """rekbatch runs Rekognition operations over S3 buckets or local folders."""
+
+
+def _load(config: Path, overrides: dict[str, dict[str, Any]] | None = None) -> Any:
+    from rekbatch.config import load_config
+
+    return load_config(config, overrides=overrides)
+
+
+def _check_backend(cfg: Any) -> None:
+    if cfg.backend.kind != "local":
+        return
+    try:
+        from rekbatch.backends.local import LOCAL_SUPPORTED_OPERATIONS, local_backend_available
+    except ImportError:  # pragma: no cover - the module ships with the package
+        raise ConfigError("backend.kind: the local backend is not available") from None
+    for index, op in enumerate(cfg.operations):
+        if op.type not in LOCAL_SUPPORTED_OPERATIONS:
+            supported = ", ".join(sorted(LOCAL_SUPPORTED_OPERATIONS))
+            raise ConfigError(
+                f"operations[{index}].type: {op.type!r} is not available with backend.kind = "
+                f"'local' (it supports {supported})"
+            )
+    missing = local_backend_available()
+    if missing:
+        raise SetupError(f"backend.kind = 'local': {missing}")
+
+
+def _run_job(cfg: Any, options: Any) -> int:
+    from rekbatch.pipeline import run_job
+
+    async def main() -> Any:
+        loop = asyncio.get_running_loop()
+        signals = 0
+
+        def on_signal(name: str, job: Any) -> None:
+            nonlocal signals
+            signals += 1
+            if signals == 1:
+                job.request_stop(f"interrupted by {name}")
+            else:
+                # The ledger only ever holds fsynced results: stopping here stays resumable.
+                sys.stderr.write("rekbatch: stopped at once; resume with the same command\n")
+                sys.stderr.flush()
+                os._exit(130)
+
+        def install(job: Any) -> None:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, on_signal, sig.name, job)
+
+        return await run_job(cfg, options, on_job=install)
+
+    outcome = asyncio.run(main())
+    for line in outcome.answers:
+        typer.echo(line)
+    out = options.output_dir
+    typer.echo(f"results: {out / 'results.jsonl'}, {out / 'results.csv'}, {out / 'summary.json'}")
+    if outcome.exit_code == 130:
+        typer.echo(f"interrupted; resume with: rekbatch resume {out}", err=True)
+    elif outcome.exit_code == 4:
+        typer.echo(
+            f"stopped at a budget cap ({outcome.stop_reason}); raise it and run "
+            f"`rekbatch resume {out}`",
+            err=True,
+        )
+    return int(outcome.exit_code)
+
+
+@app.command()
+def run(
+    config: Annotated[Path, typer.Argument(help="The job's config file (TOML or YAML).")],
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Output directory (job.output_dir).")
+    ] = None,
+    concurrency: Annotated[
+        int | None, typer.Option("--concurrency", min=1, help="Consumers (limits.concurrency).")
+    ] = None,
+    max_tps: Annotated[
+        float | None, typer.Option("--max-tps", min=0.001, help="Rate ceiling per operation.")
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Plan only: list, filter, estimate; no calls.")
+    ] = False,
+    log_format: Annotated[
+        LogFormat | None, typer.Option("--log-format", help="console or json.")
+    ] = None,
+    fresh: Annotated[
+        bool, typer.Option("--fresh", help="Discard the job already in the output directory.")
+    ] = False,
+) -> None:
+    """Run a job; resumes by itself when the output directory holds the same job."""
+    configure_logging(log_format)
+    from rekbatch.pipeline import RunOptions
+
+    overrides: dict[str, dict[str, Any]] = {
+        "job": {"output_dir": str(output) if output else None},
+        "limits": {"concurrency": concurrency, "max_tps": max_tps},
+    }
+    try:
+        cfg = _load(config, overrides)
+        _check_backend(cfg)
+        if dry_run:
+            raise typer.Exit(_plan(cfg, as_json=False))
+        options = RunOptions(
+            output_dir=Path(cfg.job.output_dir), fresh=fresh, config_path=str(config)
+        )
+        code = _run_job(cfg, options)
+    except typer.Exit:
+        raise
+    except Exception as exc:
+        raise _fail(exc) from None
+    raise typer.Exit(code)
+
+
+@app.command()
+def resume(
+    directory: Annotated[Path, typer.Argument(help="The job's output directory.")],
+    retry_failed: Annotated[
+        bool, typer.Option("--retry-failed", help="Attempt failed records again.")
+    ] = False,
+    codes: Annotated[
+        str | None,
+        typer.Option("--codes", help="With --retry-failed: only these error codes (comma list)."),
+    ] = None,
+    log_format: Annotated[
+        LogFormat | None, typer.Option("--log-format", help="console or json.")
+    ] = None,
+) -> None:
+    """Continue the job whose output directory is DIRECTORY."""
+    configure_logging(log_format)
+    from rekbatch.checkpoint.ledger import Ledger
+    from rekbatch.config import Config
+    from rekbatch.pipeline import RunOptions, state_dir
+
+    try:
+        ledger_path = state_dir(directory) / "ledger.sqlite"
+        if not ledger_path.exists():
+            raise SetupError(f"{directory}: no rekbatch job here (no {ledger_path})")
+        ledger = Ledger(ledger_path, readonly=True)
+        try:
+            raw = ledger.get_meta("config")
+        finally:
+            ledger.close()
+        if raw is None:
+            raise SetupError(f"{directory}: the job's ledger holds no config")
+        cfg = Config.model_validate_json(raw)
+        _check_backend(cfg)
+        options = RunOptions(
+            output_dir=directory,
+            retry_failed=retry_failed,
+            retry_codes={c.strip() for c in codes.split(",") if c.strip()} if codes else None,
+        )
+        code = _run_job(cfg, options)
+    except typer.Exit:
+        raise
+    except Exception as exc:
+        raise _fail(exc) from None
+    raise typer.Exit(code)
+
+
+@app.command()
+def validate(
+    config: Annotated[Path, typer.Argument(help="The config file to check.")],
+) -> None:
+    """Check a config and exit: 0 when valid, 2 with the field at fault otherwise."""
+    try:
+        cfg = _load(config)
+        _check_backend(cfg)
+    except Exception as exc:
+        raise _fail(exc) from None
+    ops = ", ".join(op.type for op in cfg.operations)
+    typer.echo(f"{config}: valid ({len(cfg.source.uris)} source(s); operations: {ops})")
+
+
+def _plan(cfg: Any, *, as_json: bool) -> int:
+    from rekbatch.planning import plan_job, render_plan
+
+    plan = asyncio.run(plan_job(cfg))
+    typer.echo(json.dumps(plan, indent=2) if as_json else render_plan(plan))
+    return 0
+
+
+@app.command()
+def plan(
+    config: Annotated[Path, typer.Argument(help="The job's config file.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
+) -> None:
+    """The dry run: list and filter, then print counts, calls, estimated cost and time."""
+    configure_logging("json" if as_json else None, level=30)
+    try:
+        cfg = _load(config)
+        _check_backend(cfg)
+        code = _plan(cfg, as_json=as_json)
+    except typer.Exit:
+        raise
+    except Exception as exc:
+        raise _fail(exc) from None
+    raise typer.Exit(code)
+
+
+@app.command()
+def status(
+    directory: Annotated[Path, typer.Argument(help="The job's output directory.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the status as JSON.")] = False,
+) -> None:
+    """Counts, rate and errors of a job, also while it runs."""
+    from rekbatch.status import job_status, render_status
+
+    try:
+        report = job_status(directory, now=time.time())
+    except Exception as exc:
+        raise _fail(exc) from None
+    typer.echo(json.dumps(report, indent=2) if as_json else render_status(report))
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,335 @@
+"""The job config: TOML or YAML, environment overrides, CLI overrides, validation.
+
+Precedence: command-line flags over ``REKBATCH_<SECTION>__<KEY>`` environment variables over
+the file. Every validation failure becomes one ``ConfigError`` line naming the file and field.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal, get_args
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from rekbatch.errors import ConfigError
+
+OperationType = Literal[
+    "detect_faces",
+    "detect_labels",
+    "compare_faces",
+    "detect_text",
+    "detect_moderation_labels",
+    "recognize_celebrities",
+    "detect_protective_equipment",
+    "search_faces",
+]
+
+_S3_URI = re.compile(r"^s3://(?P<bucket>[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9])(?:/(?P<prefix>.*))?$")
+
+
+def parse_s3_uri(uri: str) -> tuple[str, str] | None:
+    """``s3://bucket/prefix`` to (bucket, prefix); None when ``uri`` is not an S3 URI."""
+    match = _S3_URI.match(uri)
+    if match is None:
+        return None
+    return match["bucket"], match["prefix"] or ""
+
+
+def _check_image_location(value: str) -> str:
+    if value.startswith("s3://") and parse_s3_uri(value) is None:
+        raise ValueError(f"not a valid s3://bucket/key URI: {value!r}")
+    if value.startswith("s3://") and not (parse_s3_uri(value) or ("", ""))[1]:
+        raise ValueError(f"names a bucket, not an object: {value!r}")
+    if not value:
+        raise ValueError("must not be empty")
+    return value
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class JobSection(_Section):
+    name: str = "rekbatch-job"
+    output_dir: str = "out/rekbatch-job"
+
+
+class SourceSection(_Section):
+    uris: list[str] = Field(min_length=1)
+    include: list[str] = ["*.jpg", "*.jpeg", "*.png"]
+    exclude: list[str] = []
+    sniff: bool = True
+
+    @field_validator("uris")
+    @classmethod
+    def _uris(cls, uris: list[str]) -> list[str]:
+        for uri in uris:
+            if uri.startswith("s3://"):
+                if parse_s3_uri(uri) is None:
+                    raise ValueError(f"not a valid s3://bucket[/prefix] URI: {uri!r}")
+            elif "://" in uri:
+                raise ValueError(f"only s3:// URIs and local directories are sources: {uri!r}")
+            elif not uri:
+                raise ValueError("empty source")
+        return uris
+
+
+class AwsSection(_Section):
+    region: str = "us-east-1"
+    profile: str | None = None
+    s3_endpoint_url: str | None = None
+    rekognition_endpoint_url: str | None = None
+    image_mode: Literal["s3", "bytes"] = "s3"
+
+
+class BackendSection(_Section):
+    kind: Literal["aws", "local"] = "aws"
+
+
+class _Operation(_Section):
+    pass
+
+
+class DetectFacesOp(_Operation):
+    type: Literal["detect_faces"]
+    attributes: list[Literal["ALL", "DEFAULT"]] = ["DEFAULT"]
+
+
+class DetectLabelsOp(_Operation):
+    type: Literal["detect_labels"]
+    max_labels: int = Field(default=10, ge=1, le=1000)
+    min_confidence: float = Field(default=55.0, ge=0, le=100)
+
+
+class CompareFacesOp(_Operation):
+    type: Literal["compare_faces"]
+    reference: Annotated[str, Field(min_length=1)]
+    similarity_threshold: float = Field(default=80.0, ge=0, le=100)
+
+    _ref = field_validator("reference")(classmethod(lambda cls, v: _check_image_location(v)))
+
+
+class DetectTextOp(_Operation):
+    type: Literal["detect_text"]
+    min_confidence: float | None = Field(default=None, ge=0, le=100)
+
+
+class DetectModerationLabelsOp(_Operation):
+    type: Literal["detect_moderation_labels"]
+    min_confidence: float = Field(default=50.0, ge=0, le=100)
+
+
+class RecognizeCelebritiesOp(_Operation):
+    type: Literal["recognize_celebrities"]
+
+
+class DetectProtectiveEquipmentOp(_Operation):
+    type: Literal["detect_protective_equipment"]
+    min_confidence: float = Field(default=80.0, ge=50, le=100)
+    required_equipment: list[Literal["FACE_COVER", "HAND_COVER", "HEAD_COVER"]] = []
+
+
+class SearchFacesOp(_Operation):
+    type: Literal["search_faces"]
+    people: dict[str, list[str]] = Field(min_length=1)
+    strategy: Literal["auto", "compare", "collection"] = "auto"
+    collection_id: str = Field(default="rekbatch-faces", pattern=r"^[a-zA-Z0-9_.\-]+$")
+    keep_collection: bool = False
+    similarity_threshold: float = Field(default=80.0, ge=0, le=100)
+
+    @field_validator("people")
+    @classmethod
+    def _people(cls, people: dict[str, list[str]]) -> dict[str, list[str]]:
+        for name, refs in people.items():
+            if not refs:
+                raise ValueError(f"person {name!r} has no reference image")
+            for ref in refs:
+                _check_image_location(ref)
+        return people
+
+
+Operation = Annotated[
+    DetectFacesOp
+    | DetectLabelsOp
+    | CompareFacesOp
+    | DetectTextOp
+    | DetectModerationLabelsOp
+    | RecognizeCelebritiesOp
+    | DetectProtectiveEquipmentOp
+    | SearchFacesOp,
+    Field(discriminator="type"),
+]
+
+
+class LimitsSection(_Section):
+    concurrency: int = Field(default=32, ge=1, le=4096)
+    max_tps: float | dict[str, float] | None = None
+    max_attempts: int = Field(default=8, ge=1, le=100)
+    max_images: int | None = Field(default=None, ge=1)
+    max_cost_usd: float | None = Field(default=None, gt=0)
+
+    @field_validator("max_tps")
+    @classmethod
+    def _tps(cls, value: float | dict[str, float] | None) -> float | dict[str, float] | None:
+        values = value.values() if isinstance(value, dict) else [value] if value else []
+        for tps in values:
+            if tps <= 0:
+                raise ValueError("rates must be positive")
+        return value
+
+
+class OutputSection(_Section):
+    upload_uri: str | None = None
+
+    @field_validator("upload_uri")
+    @classmethod
+    def _upload(cls, value: str | None) -> str | None:
+        if value is not None and parse_s3_uri(value) is None:
+            raise ValueError(f"not a valid s3://bucket/prefix URI: {value!r}")
+        return value
+
+
+class Config(_Section):
+    job: JobSection = JobSection()
+    source: SourceSection
+    aws: AwsSection = AwsSection()
+    backend: BackendSection = BackendSection()
+    operations: list[Operation] = Field(min_length=1)
+    limits: LimitsSection = LimitsSection()
+    output: OutputSection = OutputSection()
+
+    @model_validator(mode="after")
+    def _checks(self) -> Config:
+        seen: set[str] = set()
+        for index, op in enumerate(self.operations):
+            if op.type in seen:
+                raise ValueError(
+                    f"operations[{index}]: operation {op.type!r} is listed twice; "
+                    "each operation runs once per image"
+                )
+            seen.add(op.type)
+        return self
+
+    def fingerprint(self) -> str:
+        """What identifies the job: its sources and operations. Rates, concurrency, caps and
+        endpoints may change between a run and its resume; these may not."""
+        identity = {
+            "source": self.source.model_dump(),
+            "operations": [op.model_dump() for op in self.operations],
+            "image_mode": self.aws.image_mode,
+            "backend": self.backend.kind,
+        }
+        blob = json.dumps(identity, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from None
+    if path.suffix.lower() in {".yaml", ".yml"}:
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" (line {mark.line + 1})" if mark is not None else ""
+            problem = getattr(exc, "problem", None) or "invalid YAML"
+            raise ConfigError(f"{path}: invalid YAML{where}: {problem}") from None
+    else:
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the config must be a table of sections")
+    return data
+
+
+def _parse_env_value(raw: str) -> Any:
+    """Environment values are TOML values when they parse as one (numbers, booleans,
+    arrays), plain strings otherwise."""
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> None:
+    for name, raw in environ.items():
+        if not name.startswith("REKBATCH_") or "__" not in name:
+            continue
+        section, _, key = name[len("REKBATCH_") :].partition("__")
+        section, key = section.lower(), key.lower()
+        if not section or not key:
+            continue
+        table = data.setdefault(section, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"environment {name}: [{section}] is not a table")
+        table[key] = _parse_env_value(raw)
+
+
+def _field_path(loc: tuple[int | str, ...], data: dict[str, Any]) -> str:
+    parts: list[str] = []
+    node: Any = data
+    for item in loc:
+        if isinstance(item, int):
+            parts.append(f"[{item}]")
+            node = node[item] if isinstance(node, list) and item < len(node) else None
+            continue
+        if isinstance(node, dict) and item not in node and parts and parts[-1].startswith("["):
+            # A tag of the discriminated union (the operation type), not a key of the file.
+            continue
+        parts.append(("." if parts else "") + str(item))
+        node = node.get(item) if isinstance(node, dict) else None
+    return "".join(parts) or "(top level)"
+
+
+def _one_line(err: Mapping[str, Any], data: dict[str, Any]) -> str:
+    loc = tuple(err.get("loc", ()))
+    kind = err.get("type", "")
+    message = str(err.get("msg", "invalid"))
+    if message.startswith("Value error, "):
+        message = message[len("Value error, ") :]
+    if kind == "extra_forbidden":
+        message = "unknown key"
+    elif kind == "missing":
+        message = "required but missing"
+    elif kind == "union_tag_invalid":
+        allowed = ", ".join(get_args(OperationType))
+        message = f"unknown operation type; expected one of: {allowed}"
+    if not loc:
+        return message
+    return f"{_field_path(loc, data)}: {message}"
+
+
+def load_config(
+    path: str | Path,
+    *,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+) -> Config:
+    """Read, merge and validate a config. ``overrides`` are the CLI flags, by section."""
+    path = Path(path)
+    data = _read_file(path)
+    _apply_env(data, os.environ if environ is None else environ)
+    for section, values in (overrides or {}).items():
+        table = data.setdefault(section, {})
+        if isinstance(table, dict):
+            table.update({k: v for k, v in values.items() if v is not None})
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise ConfigError(f"{path}: {_one_line(first, data)}") from None

@@ -1,0 +1,63 @@
+"""structlog set-up: readable on a terminal, JSON lines otherwise; secrets never logged."""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from collections.abc import MutableMapping
+from typing import Any, Literal
+
+import structlog
+
+LogFormat = Literal["console", "json"]
+
+_SECRET_KEYS = re.compile(r"(secret|token|password|credential|session_key|access_key)", re.I)
+_SECRET_VALUES = re.compile(r"\b(AKIA|ASIA)[A-Z0-9]{16}\b")
+
+
+def _redact(value: Any) -> Any:
+    if isinstance(value, str):
+        return _SECRET_VALUES.sub("[redacted]", value)
+    if isinstance(value, dict):
+        return {
+            k: "[redacted]" if _SECRET_KEYS.search(str(k)) else _redact(v) for k, v in value.items()
+        }
+    if isinstance(value, list | tuple):
+        return [_redact(v) for v in value]
+    return value
+
+
+def redact_secrets(
+    _logger: Any, _method: str, event: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """Drop anything that looks like an AWS credential from every log event."""
+    for key in list(event):
+        event[key] = "[redacted]" if _SECRET_KEYS.search(key) else _redact(event[key])
+    return event
+
+
+def configure_logging(fmt: LogFormat | None = None, level: int = logging.INFO) -> LogFormat:
+    if fmt is None:
+        fmt = "console" if sys.stderr.isatty() else "json"
+    renderer: Any
+    if fmt == "json":
+        renderer = structlog.processors.JSONRenderer()
+    else:
+        renderer = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            redact_secrets,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(level),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+    # botocore and aiobotocore log through the standard library; keep them quiet.
+    logging.getLogger("botocore").setLevel(logging.WARNING)
+    logging.getLogger("aiobotocore").setLevel(logging.WARNING)
+    return fmt

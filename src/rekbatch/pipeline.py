@@ -1,0 +1,862 @@
+"""One run of a job: list, filter, call, write, commit.
+
+A producer pages through the sources into a bounded queue; a pool of consumers sniffs each
+object, calls every operation through the operation's shared rate limiter, and hands the
+object's records to the writer, which appends them to the result files in batches, fsyncs,
+and commits them to the ledger with the listing watermark. Stopping (a signal or a budget cap)
+closes the queue: in-flight objects finish, everything finished is committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import random
+import shutil
+import time
+import uuid
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from rekbatch.backends.aws import AwsBackend, AwsClients, describe_setup_error
+from rekbatch.backends.base import Backend, ImageInput
+from rekbatch.checkpoint.ledger import Ledger, LedgerRow
+from rekbatch.checkpoint.lock import JobLock
+from rekbatch.checkpoint.watermark import WatermarkTracker
+from rekbatch.clock import MONOTONIC, Clock
+from rekbatch.config import CompareFacesOp, Config, parse_s3_uri
+from rekbatch.errors import BackendError, ConfigError, SetupError
+from rekbatch.operations.specs import OperationSpec, build_spec
+from rekbatch.pricing import estimate_cost
+from rekbatch.ratelimit.limiter import AdaptiveLimiter
+from rekbatch.ratelimit.quotas import resolve_ceilings
+from rekbatch.ratelimit.retry import RetryPolicy
+from rekbatch.records import ObjectRef, Record, SkipReason
+from rekbatch.sinks.files import DurableFile
+from rekbatch.sinks.rows import csv_header, csv_rows, jsonl_line
+from rekbatch.sources import open_listing
+from rekbatch.sources.filters import (
+    MAX_IMAGE_BYTES,
+    MAX_S3_OBJECT_BYTES,
+    SNIFF_BYTES,
+    classify_head,
+    classify_listing,
+    sniff_kind,
+)
+
+log = structlog.get_logger("rekbatch")
+
+STATE_DIR = ".rekbatch"
+RESULT_FILES = ("results.jsonl", "results.csv", "summary.json")
+BATCH_RECORDS = 256
+BATCH_SECONDS = 0.25
+GRACE_SECONDS = 30.0
+
+EXIT_OK, EXIT_FAILED_RECORDS, EXIT_BUDGET, EXIT_INTERRUPTED = 0, 3, 4, 130
+
+
+def utc_now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def state_dir(output_dir: Path) -> Path:
+    return output_dir / STATE_DIR
+
+
+@dataclass
+class RunOptions:
+    output_dir: Path
+    fresh: bool = False
+    retry_failed: bool = False
+    retry_codes: set[str] | None = None
+    config_path: str = ""
+
+
+@dataclass
+class RunOutcome:
+    exit_code: int
+    summary: dict[str, Any]
+    answers: list[str]
+    stop_reason: str | None
+
+
+@dataclass
+class _Work:
+    obj: ObjectRef
+    seq: int
+    ops: list[OperationSpec]
+
+
+@dataclass
+class _Done:
+    obj: ObjectRef
+    seq: int
+    records: list[Record]
+    summaries: list[dict[str, Any]]
+
+
+@dataclass
+class RunStats:
+    calls: Counter[str] = field(default_factory=Counter)
+    ok: Counter[str] = field(default_factory=Counter)
+    throttles: Counter[str] = field(default_factory=Counter)
+    retries: Counter[str] = field(default_factory=Counter)
+    failures: Counter[str] = field(default_factory=Counter)
+    listed: int = 0
+    objects_done: int = 0
+    images_sent: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "calls": dict(self.calls),
+            "ok": dict(self.ok),
+            "throttles": dict(self.throttles),
+            "retries": dict(self.retries),
+            "failures": dict(self.failures),
+            "listed": self.listed,
+            "objects_done": self.objects_done,
+            "images_sent": self.images_sent,
+        }
+
+
+class Job:
+    """A job bound to its output directory; ``run()`` is one run of it."""
+
+    def __init__(self, cfg: Config, options: RunOptions, *, clock: Clock = MONOTONIC) -> None:
+        self.cfg = cfg
+        self.options = options
+        self.out = options.output_dir
+        self.clock = clock
+        self.run_id = uuid.uuid4().hex[:12]
+        self.stats = RunStats()
+        self._stop_reason: str | None = None
+        self._stopping = asyncio.Event()
+        self._rng = random.Random()
+        self._specs = [build_spec(op) for op in cfg.operations if op.type != "search_faces"]
+        if len(self._specs) != len(cfg.operations):
+            raise ConfigError("operations: search_faces is not available in this version yet")
+        self._reference: dict[str, bytes] = {}
+        self._limiters: dict[str, AdaptiveLimiter] = {}
+        self._retry = RetryPolicy(max_attempts=cfg.limits.max_attempts)
+        self._clients: AwsClients | None = None
+        self._backend: Backend | None = None
+        self._ledger: Ledger | None = None
+        self._started = 0.0
+
+    # -- control ----------------------------------------------------------------------------
+
+    def request_stop(self, reason: str) -> None:
+        if self._stop_reason is None:
+            self._stop_reason = reason
+            log.warning("stopping", reason=reason, hint="in-flight calls finish, then commit")
+        self._stopping.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    # -- set-up -----------------------------------------------------------------------------
+
+    def _open_ledger(self) -> Ledger:
+        ledger = Ledger(state_dir(self.out) / "ledger.sqlite")
+        fingerprint = self.cfg.fingerprint()
+        existing = ledger.get_meta("fingerprint")
+        if existing is not None and (existing != fingerprint or self.options.fresh):
+            if not self.options.fresh:
+                ledger.close()
+                raise SetupError(
+                    f"{self.out}: holds a different job (its sources or operations differ "
+                    "from this config); use another --output, or --fresh to discard it"
+                )
+            ledger.close()
+            self._discard_job()
+            ledger = Ledger(state_dir(self.out) / "ledger.sqlite")
+            existing = None
+        if existing is None:
+            ledger.set_meta(
+                {
+                    "fingerprint": fingerprint,
+                    "config": self.cfg.model_dump_json(),
+                    "config_path": self.options.config_path,
+                    "created_at": utc_now(),
+                }
+            )
+        else:
+            # Rates, caps and endpoints may change between runs; keep the latest for resume.
+            ledger.set_meta({"config": self.cfg.model_dump_json()})
+        ledger.register_sources(self.cfg.source.uris)
+        return ledger
+
+    def _discard_job(self) -> None:
+        for name in RESULT_FILES:
+            (self.out / name).unlink(missing_ok=True)
+        for child in state_dir(self.out).iterdir():
+            if child.name != "lock":
+                if child.is_dir():
+                    shutil.rmtree(child)
+                else:
+                    child.unlink()
+
+    def _needs_bytes(self, obj: ObjectRef) -> bool:
+        return obj.bucket is None or self.cfg.aws.image_mode == "bytes"
+
+    def _max_bytes(self, source_uri: str) -> int:
+        by_reference = parse_s3_uri(source_uri) is not None and self.cfg.aws.image_mode == "s3"
+        return MAX_S3_OBJECT_BYTES if by_reference else MAX_IMAGE_BYTES
+
+    async def _read_location(self, location: str) -> bytes:
+        parsed = parse_s3_uri(location)
+        if parsed is None:
+            path = Path(location).expanduser()
+            return await asyncio.to_thread(path.read_bytes)
+        assert self._clients is not None
+        return await self._clients.read_object(*parsed)
+
+    async def _load_references(self) -> None:
+        """Each reference face is read once per run and sent as bytes with every call."""
+        for op in self.cfg.operations:
+            if not isinstance(op, CompareFacesOp):
+                continue
+            try:
+                data = await self._read_location(op.reference)
+            except Exception as exc:
+                setup = describe_setup_error(
+                    exc, f"operations.compare_faces.reference {op.reference}"
+                )
+                if setup is not None:
+                    raise setup from None
+                raise SetupError(
+                    f"operations.compare_faces.reference: cannot read {op.reference}: {exc}"
+                ) from None
+            if sniff_kind(data[:SNIFF_BYTES]) is None:
+                raise SetupError(
+                    f"operations.compare_faces.reference: {op.reference} is not a JPEG or PNG image"
+                )
+            if len(data) > MAX_IMAGE_BYTES:
+                raise SetupError(
+                    f"operations.compare_faces.reference: {op.reference} is {len(data)} bytes; "
+                    "Rekognition takes at most 5 MB as bytes"
+                )
+            self._reference[op.type] = data
+
+    # -- the run ----------------------------------------------------------------------------
+
+    async def run(self) -> RunOutcome:
+        self.out.mkdir(parents=True, exist_ok=True)
+        lock = JobLock(state_dir(self.out) / "lock")
+        lock.acquire()
+        try:
+            return await self._run_locked()
+        finally:
+            lock.release()
+
+    async def _run_locked(self) -> RunOutcome:
+        ledger = self._ledger = self._open_ledger()
+        try:
+            if self.options.retry_failed:
+                failed = ledger.failed(self.options.retry_codes)
+                await self._forget(ledger, failed)
+            s3_sources = [p for p in map(parse_s3_uri, self.cfg.source.uris) if p is not None]
+            for uri in self.cfg.source.uris:
+                local = parse_s3_uri(uri) is None
+                if local and not await asyncio.to_thread(Path(uri).expanduser().is_dir):
+                    raise SetupError(f"source.uris: {uri} is not a directory")
+            async with AwsClients(
+                region=self.cfg.aws.region,
+                profile=self.cfg.aws.profile,
+                s3_endpoint_url=self.cfg.aws.s3_endpoint_url,
+                rekognition_endpoint_url=self.cfg.aws.rekognition_endpoint_url,
+                concurrency=self.cfg.limits.concurrency,
+                with_rekognition=self.cfg.backend.kind == "aws",
+            ) as clients:
+                self._clients = clients
+                for bucket, _ in s3_sources:
+                    await clients.check_bucket(bucket)
+                await self._load_references()
+                self._backend = self._make_backend(clients)
+                try:
+                    return await self._execute(ledger)
+                finally:
+                    await self._backend.aclose()
+        finally:
+            ledger.close()
+
+    def _make_backend(self, clients: AwsClients) -> Backend:
+        if self.cfg.backend.kind == "aws":
+            return AwsBackend(clients.rekognition)
+        from rekbatch.backends.local import LocalBackend  # optional extra
+
+        backend: Backend = LocalBackend(state_dir(self.out) / "collections")
+        return backend
+
+    async def _forget(self, ledger: Ledger, keys: list[tuple[int, str, str]]) -> None:
+        """Take failed records out of the ledger and the result files so they run again and
+        still appear exactly once."""
+        if not keys:
+            return
+        drop = {(k[1], k[2]) for k in keys}
+        sizes = ledger.sink_sizes() or {}
+        for name in ("results.jsonl", "results.csv"):
+            path = self.out / name
+            if not path.exists():
+                continue
+            committed = sizes.get(name, path.stat().st_size)
+            sizes[name] = await asyncio.to_thread(_rewrite_without, path, committed, drop)
+        ledger.forget(keys)
+        ledger.set_meta({"sink_sizes": json.dumps(sizes)})
+        ledger.reset_listing({k[0] for k in keys})
+        log.info("retrying_failed", records=len(keys))
+
+    async def _execute(self, ledger: Ledger) -> RunOutcome:
+        sizes = ledger.sink_sizes()
+        jsonl = DurableFile(self.out / "results.jsonl")
+        csvf = DurableFile(self.out / "results.csv", csv_header())
+        await jsonl.open(None if sizes is None else sizes.get("results.jsonl"))
+        await csvf.open(None if sizes is None else sizes.get("results.csv"))
+        if sizes is None:
+            ledger.set_meta(
+                {"sink_sizes": json.dumps({"results.jsonl": jsonl.size, "results.csv": csvf.size})}
+            )
+        ceilings = resolve_ceilings(
+            self.cfg.limits.max_tps, self.cfg.aws.region, [s.api for s in self._specs]
+        )
+        self._limiters = {
+            api: AdaptiveLimiter(rate, clock=self.clock, name=api) for api, rate in ceilings.items()
+        }
+        ledger.start_run(self.run_id, os.getpid())
+        self._started = self.clock.now()
+        log.info(
+            "run_started",
+            run_id=self.run_id,
+            job=self.cfg.job.name,
+            output=str(self.out),
+            operations=[s.type for s in self._specs],
+            ceilings=ceilings,
+            concurrency=self.cfg.limits.concurrency,
+        )
+        queue: asyncio.Queue[_Work | None] = asyncio.Queue(maxsize=self.cfg.limits.concurrency * 2)
+        writer = _Writer(self, ledger, jsonl, csvf)
+        trackers: dict[int, WatermarkTracker] = {}
+        writer.trackers = trackers
+        writer_task = asyncio.create_task(writer.run(), name="writer")
+        consumers = [
+            asyncio.create_task(self._consume(queue, writer), name=f"consumer-{i}")
+            for i in range(self.cfg.limits.concurrency)
+        ]
+        producer = asyncio.create_task(self._produce(queue, writer, trackers), name="producer")
+        beat = asyncio.create_task(self._heartbeat(ledger), name="heartbeat")
+        try:
+            await self._wait_producer(producer)
+            for _ in consumers:
+                await queue.put(None)
+            for task in asyncio.as_completed(consumers):
+                await task
+        except BaseException:
+            for task in (producer, *consumers):
+                task.cancel()
+            await asyncio.gather(producer, *consumers, return_exceptions=True)
+            raise
+        finally:
+            await writer.close()
+            with contextlib.suppress(BaseException):
+                await writer_task
+            beat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await beat
+            await jsonl.close()
+            await csvf.close()
+        writer_exc = writer_task.exception() if writer_task.done() else None
+        if writer_exc is not None:
+            raise writer_exc
+        return self._finish(ledger)
+
+    async def _wait_producer(self, producer: asyncio.Task[None]) -> None:
+        stop = asyncio.create_task(self._stopping.wait())
+        await asyncio.wait({producer, stop}, return_when=asyncio.FIRST_COMPLETED)
+        if not producer.done():
+            producer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await producer
+        else:
+            stop.cancel()
+            producer.result()
+
+    async def _heartbeat(self, ledger: Ledger) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            await asyncio.to_thread(ledger.heartbeat, self.run_id, self._live_stats())
+
+    def _live_stats(self) -> dict[str, Any]:
+        elapsed = max(self.clock.now() - self._started, 1e-9)
+        stats = self.stats.as_dict()
+        stats["elapsed_seconds"] = round(elapsed, 3)
+        stats["calls_per_second"] = round(sum(self.stats.calls.values()) / elapsed, 2)
+        stats["limiters"] = {api: lim.snapshot() for api, lim in self._limiters.items()}
+        return stats
+
+    # -- producer ---------------------------------------------------------------------------
+
+    async def _produce(
+        self,
+        queue: asyncio.Queue[_Work | None],
+        writer: _Writer,
+        trackers: dict[int, WatermarkTracker],
+    ) -> None:
+        assert self._ledger is not None
+        cfg = self.cfg.source
+        for index, uri in enumerate(cfg.uris):
+            mark = self._ledger.watermark(index)
+            finished = self._ledger.finished_after(index, mark)
+            tracker = trackers[index] = WatermarkTracker(mark)
+            max_bytes = self._max_bytes(uri)
+            log.info("listing", source=uri, start_after=mark)
+            assert self._clients is not None
+            async for obj in open_listing(uri, index, self._clients.s3, mark):
+                self.stats.listed += 1
+                writer.listed[index] += 1
+                seq = tracker.push(obj.key)
+                before = finished.get(obj.key, {})
+                todo = [s for s in self._specs if before.get(s.type) != obj.etag]
+                if not todo:
+                    tracker.complete(seq)
+                    continue
+                reason = classify_listing(obj, cfg.include, cfg.exclude, max_bytes, sniff=cfg.sniff)
+                if reason is not None:
+                    await writer.put(self._skipped(obj, seq, todo, reason))
+                    continue
+                await queue.put(_Work(obj, seq, todo))
+            writer.listing_finished.add(index)
+            log.info("listed", source=uri, objects=writer.listed[index])
+
+    # -- consumers --------------------------------------------------------------------------
+
+    async def _consume(self, queue: asyncio.Queue[_Work | None], writer: _Writer) -> None:
+        while True:
+            work = await queue.get()
+            if work is None:
+                return
+            if self.stopping:
+                continue  # left for the next run: above the watermark, listed again
+            done = await self._process(work)
+            if done is not None:
+                await writer.put(done)
+
+    def _budget_allows(self) -> bool:
+        max_images = self.cfg.limits.max_images
+        if max_images is not None and self._images_total() >= max_images:
+            self.request_stop("budget: limits.max_images reached")
+            return False
+        max_cost = self.cfg.limits.max_cost_usd
+        if max_cost is not None:
+            spent = estimate_cost({"all": self._images_total() * len(self._specs)})
+            if spent >= max_cost:
+                self.request_stop("budget: limits.max_cost_usd reached")
+                return False
+        return True
+
+    def _images_total(self) -> int:
+        return self.stats.images_sent + getattr(self, "_images_before", 0)
+
+    async def _process(self, work: _Work) -> _Done | None:
+        obj = work.obj
+        if not self._budget_allows():
+            return None
+        try:
+            if self.cfg.source.sniff or self._needs_bytes(obj):
+                reason = classify_head(obj, await self._read_head(obj))
+                if reason is not None:
+                    return self._skipped(obj, work.seq, work.ops, reason)
+            data = await self._read_bytes(obj) if self._needs_bytes(obj) else None
+        except Exception as exc:
+            error = _read_error(exc)
+            return self._failed_all(obj, work.seq, work.ops, error)
+        image = (
+            ImageInput(data=data)
+            if data is not None
+            else ImageInput(bucket=obj.bucket, key=obj.key)
+        )
+        self.stats.images_sent += 1
+        records, summaries = [], []
+        for spec in work.ops:
+            record, summary = await self._call(spec, obj, image)
+            records.append(record)
+            summaries.append(summary)
+        return _Done(obj, work.seq, records, summaries)
+
+    async def _read_head(self, obj: ObjectRef) -> bytes:
+        if obj.bucket is None:
+            path = Path(obj.root or ".") / obj.key
+            return await asyncio.to_thread(_read_prefix, path, SNIFF_BYTES)
+        assert self._clients is not None
+        return await self._clients.read_head(obj.bucket, obj.key, SNIFF_BYTES)
+
+    async def _read_bytes(self, obj: ObjectRef) -> bytes:
+        if obj.bucket is None:
+            return await asyncio.to_thread((Path(obj.root or ".") / obj.key).read_bytes)
+        assert self._clients is not None
+        return await self._clients.read_object(obj.bucket, obj.key)
+
+    async def _call(
+        self, spec: OperationSpec, obj: ObjectRef, image: ImageInput
+    ) -> tuple[Record, dict[str, Any]]:
+        assert self._backend is not None
+        limiter = self._limiters[spec.api]
+        images = {spec.image_field: image}
+        if spec.type in self._reference:
+            images["SourceImage"] = ImageInput(data=self._reference[spec.type])
+        attempts = 0
+        started = self.clock.now()
+        while True:
+            attempts += 1
+            permit = await limiter.acquire()
+            self.stats.calls[spec.api] += 1
+            try:
+                result = await self._backend.call(spec.api, spec.params, images)
+            except BackendError as error:
+                if error.kind == "throttle":
+                    limiter.on_throttle(permit)
+                    self.stats.throttles[spec.api] += 1
+                else:
+                    limiter.on_error(permit)
+                if not error.retryable or attempts >= self._retry.max_attempts:
+                    self.stats.failures[spec.api] += 1
+                    record = self._record(obj, spec.type, "failed", attempts=attempts)
+                    record.error_code, record.error_message = error.code, error.message
+                    record.latency_ms = round((self.clock.now() - started) * 1000, 1)
+                    return record, {}
+                self.stats.retries[spec.api] += 1
+                await self.clock.sleep(self._retry.delay(attempts, self._rng))
+                continue
+            except BaseException:
+                limiter.on_error(permit)
+                raise
+            limiter.on_success(permit)
+            self.stats.ok[spec.api] += 1
+            record = self._record(obj, spec.type, "ok", attempts=attempts, result=result)
+            record.latency_ms = round((self.clock.now() - started) * 1000, 1)
+            return record, spec.summarize(result)
+
+    # -- records ----------------------------------------------------------------------------
+
+    def _record(
+        self,
+        obj: ObjectRef,
+        operation: str,
+        status: str,
+        *,
+        attempts: int = 0,
+        reason: SkipReason | None = None,
+        result: dict[str, Any] | None = None,
+    ) -> Record:
+        return Record(
+            run_id=self.run_id,
+            obj=obj,
+            operation=operation,
+            status=status,  # type: ignore[arg-type]
+            reason=reason,
+            attempts=attempts,
+            processed_at=utc_now(),
+            result=result,
+        )
+
+    def _skipped(
+        self, obj: ObjectRef, seq: int, ops: list[OperationSpec], reason: SkipReason
+    ) -> _Done:
+        records = [self._record(obj, s.type, "skipped", reason=reason) for s in ops]
+        return _Done(obj, seq, records, [{} for _ in ops])
+
+    def _failed_all(
+        self, obj: ObjectRef, seq: int, ops: list[OperationSpec], error: BackendError
+    ) -> _Done:
+        records = []
+        for spec in ops:
+            record = self._record(obj, spec.type, "failed", attempts=1)
+            record.error_code, record.error_message = error.code, error.message
+            records.append(record)
+        return _Done(obj, seq, records, [{} for _ in ops])
+
+    # -- the end ----------------------------------------------------------------------------
+
+    def _finish(self, ledger: Ledger) -> RunOutcome:
+        summary = build_summary(ledger, self.cfg, self._live_stats())
+        summary["run_id"] = self.run_id
+        summary["stopped"] = self._stop_reason
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if self._stop_reason is None:
+            code = EXIT_FAILED_RECORDS if summary["counts"]["by_status"].get("failed") else EXIT_OK
+        elif self._stop_reason.startswith("budget"):
+            code = EXIT_BUDGET
+        else:
+            code = EXIT_INTERRUPTED
+        ledger.end_run(self.run_id, code, self._live_stats())
+        log.info(
+            "run_finished",
+            exit_code=code,
+            stopped=self._stop_reason,
+            by_status=summary["counts"]["by_status"],
+            calls=summary["calls"]["total"],
+            throttles=summary["calls"]["throttles"],
+            retries=summary["calls"]["retries"],
+            settled_tps={a: s.get("rate") for a, s in summary["limiters"].items()},
+        )
+        return RunOutcome(code, summary, answer_lines(summary), self._stop_reason)
+
+
+class _Writer:
+    """The single task that owns the result files and the ledger's commits."""
+
+    def __init__(self, job: Job, ledger: Ledger, jsonl: DurableFile, csvf: DurableFile) -> None:
+        self.job = job
+        self.ledger = ledger
+        self.jsonl = jsonl
+        self.csvf = csvf
+        self.trackers: dict[int, WatermarkTracker] = {}
+        self.listed: Counter[int] = Counter()
+        self.listing_finished: set[int] = set()
+        self._committed_listed: Counter[int] = Counter()
+        self._queue: asyncio.Queue[_Done | None] = asyncio.Queue(maxsize=BATCH_RECORDS * 4)
+
+    async def put(self, done: _Done) -> None:
+        await self._queue.put(done)
+
+    async def close(self) -> None:
+        await self._queue.put(None)
+
+    async def run(self) -> None:
+        batch: list[_Done] = []
+        deadline: float | None = None
+        closing = False
+        while not closing:
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                item = await asyncio.wait_for(self._queue.get(), timeout)
+            except TimeoutError:
+                item = _FLUSH
+            if item is None:
+                closing = True
+            elif item is not _FLUSH:
+                batch.append(item)
+                if deadline is None:
+                    deadline = time.monotonic() + BATCH_SECONDS
+            records = sum(len(d.records) for d in batch)
+            if closing or item is _FLUSH or records >= BATCH_RECORDS:
+                await self._commit(batch)
+                batch, deadline = [], None
+
+    async def _commit(self, batch: list[_Done]) -> None:
+        lines: list[bytes] = []
+        rows: list[LedgerRow] = []
+        records: list[Record] = []
+        summaries: list[dict[str, Any]] = []
+        for done in batch:
+            for record, summary in zip(done.records, done.summaries, strict=True):
+                lines.append(jsonl_line(record))
+                records.append(record)
+                summaries.append(summary)
+                rows.append(_ledger_row(record, summary))
+        jsonl_size = await self.jsonl.append(b"".join(lines))
+        csv_size = await self.csvf.append(csv_rows(records, summaries))
+        for done in batch:
+            self.trackers[done.obj.source_index].complete(done.seq)
+            self.job.stats.objects_done += 1
+        marks = {}
+        for index, tracker in self.trackers.items():
+            if tracker.moved and tracker.mark is not None:
+                marks[index] = tracker.mark
+                tracker.moved = False
+        listed = {i: n - self._committed_listed[i] for i, n in self.listed.items()}
+        self._committed_listed = Counter(self.listed)
+        finished = [
+            i
+            for i in self.listing_finished
+            if self.trackers.get(i) and not self.trackers[i].outstanding
+        ]
+        if not rows and not marks and not any(listed.values()) and not finished:
+            return
+        await asyncio.to_thread(
+            self.ledger.commit,
+            rows,
+            {"results.jsonl": jsonl_size, "results.csv": csv_size},
+            marks,
+            listed,
+            finished,
+        )
+
+
+_FLUSH: Any = object()
+
+
+def _ledger_row(record: Record, summary: dict[str, Any]) -> LedgerRow:
+    obj = record.obj
+    return LedgerRow(
+        source=obj.source_index,
+        key=obj.key,
+        operation=record.operation,
+        bucket=obj.bucket,
+        etag=obj.etag,
+        size=obj.size,
+        status=record.status,
+        reason=record.reason,
+        error_code=record.error_code,
+        error_message=record.error_message,
+        attempts=record.attempts,
+        billed=1 if record.status == "ok" else 0,
+        matched=summary.get("matched"),
+        similarity=summary.get("best_similarity"),
+        match_box=summary.get("match_box"),
+        detail=None,
+        processed_at=record.processed_at,
+    )
+
+
+def _read_prefix(path: Path, nbytes: int) -> bytes:
+    with path.open("rb") as handle:
+        return handle.read(nbytes)
+
+
+def _read_error(exc: BaseException) -> BackendError:
+    from rekbatch.backends.aws import backend_error_from
+
+    classified = backend_error_from(exc)
+    if classified is not None:
+        return BackendError(
+            classified.code, f"reading the object: {classified.message}", "permanent"
+        )
+    return BackendError(type(exc).__name__, f"reading the object: {exc}", "permanent")
+
+
+def _rewrite_without(path: Path, committed: int, drop: set[tuple[str, str]]) -> int:
+    """Copy ``path`` up to ``committed`` bytes without the rows of ``drop`` (key, operation);
+    replace it atomically; return the new size."""
+    import csv
+    import io
+
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with path.open("rb") as src, tmp.open("wb") as dst:
+        data = src.read(committed)
+        if path.suffix == ".jsonl":
+            for line in data.splitlines(keepends=True):
+                row = json.loads(line)
+                if (row["key"], row["operation"]) not in drop:
+                    dst.write(line)
+        else:
+            text = data.decode("utf-8")
+            reader = csv.reader(io.StringIO(text, newline=""))
+            header = next(reader)
+            key_i, op_i = header.index("key"), header.index("operation")
+            out = io.StringIO()
+            writer = csv.writer(out, lineterminator="\n")
+            writer.writerow(header)
+            for row in reader:
+                if (row[key_i], row[op_i]) not in drop:
+                    writer.writerow(row)
+            dst.write(out.getvalue().encode("utf-8"))
+        dst.flush()
+        os.fsync(dst.fileno())
+    os.replace(tmp, path)
+    return path.stat().st_size
+
+
+# -- summary --------------------------------------------------------------------------------
+
+
+def build_summary(ledger: Ledger, cfg: Config, live: dict[str, Any]) -> dict[str, Any]:
+    by_status: Counter[str] = Counter()
+    by_reason: Counter[str] = Counter()
+    by_operation: dict[str, Counter[str]] = {}
+    billed: Counter[str] = Counter()
+    for row in ledger.counts():
+        by_status[row["status"]] += row["n"]
+        by_operation.setdefault(row["operation"], Counter())[row["status"]] += row["n"]
+        if row["reason"]:
+            by_reason[row["reason"]] += row["n"]
+        billed[row["operation"]] += row["billed"] or 0
+    elapsed = live.get("elapsed_seconds", 0.0)
+    calls = sum(live["calls"].values())
+    summary: dict[str, Any] = {
+        "job": cfg.job.name,
+        "counts": {
+            "by_status": dict(by_status),
+            "by_operation": {op: dict(c) for op, c in by_operation.items()},
+            "by_reason": dict(by_reason),
+        },
+        "calls": {
+            "total": calls,
+            "by_api": live["calls"],
+            "throttles": sum(live["throttles"].values()),
+            "retries": sum(live["retries"].values()),
+        },
+        "elapsed_seconds": elapsed,
+        "calls_per_second": live.get("calls_per_second", 0.0),
+        "limiters": live.get("limiters", {}),
+        "estimated_cost_usd": estimate_cost(dict(billed)),
+        "errors": [
+            {"operation": r["operation"], "error_code": r["error_code"], "count": r["n"]}
+            for r in ledger.top_errors()
+        ],
+    }
+    for op in cfg.operations:
+        if isinstance(op, CompareFacesOp):
+            summary["compare_faces"] = compare_answer(ledger, op)
+    return summary
+
+
+def compare_answer(ledger: Ledger, op: CompareFacesOp) -> dict[str, Any]:
+    rows = ledger.operation_rows("compare_faces")
+    matched = [r for r in rows if r["matched"]]
+    return {
+        "reference": op.reference,
+        "similarity_threshold": op.similarity_threshold,
+        "images_compared": len(rows),
+        "images_matched": len(matched),
+        "matched_keys": [r["key"] for r in matched],
+        "matches": [
+            {
+                "bucket": r["bucket"],
+                "key": r["key"],
+                "similarity": r["similarity"],
+                "bounding_box": _box_dict(r["match_box"]),
+            }
+            for r in matched
+        ],
+    }
+
+
+def _box_dict(text: str | None) -> dict[str, float] | None:
+    if not text:
+        return None
+    left, top, width, height = (float(v) for v in text.split(","))
+    return {"Left": left, "Top": top, "Width": width, "Height": height}
+
+
+def answer_lines(summary: dict[str, Any]) -> list[str]:
+    lines = []
+    answer = summary.get("compare_faces")
+    if answer:
+        lines.append(
+            f"compare_faces: reference face found in {answer['images_matched']} of "
+            f"{answer['images_compared']} images"
+        )
+    return lines
+
+
+async def run_job(
+    cfg: Config,
+    options: RunOptions,
+    *,
+    on_job: Callable[[Job], Awaitable[None] | None] | None = None,
+) -> RunOutcome:
+    job = Job(cfg, options)
+    if on_job is not None:
+        maybe = on_job(job)
+        if maybe is not None:
+            await maybe
+    return await job.run()

@@ -1,0 +1,1469 @@
+"""A fake Amazon Rekognition endpoint that speaks the real wire protocol.
+
+Tests and benchmarks point real aiobotocore/boto3 clients at it with ``endpoint_url``:
+AWS JSON 1.1, ``POST /`` with ``X-Amz-Target: RekognitionService.<Operation>``; replies are
+``application/x-amz-json-1.1`` with an ``x-amzn-RequestId`` header, errors are
+``{"__type": "<Code>", "Message": "..."}`` with the status the real service uses:
+
+- 400: ``ProvisionedThroughputExceededException`` (quota), ``InvalidImageFormatException``,
+  ``InvalidS3ObjectException``, ``ImageTooLargeException``, ``InvalidParameterException``,
+  ``ResourceNotFoundException``, ``ResourceAlreadyExistsException``,
+  ``InvalidPaginationTokenException``, ``SerializationException`` (body is not JSON),
+  ``UnknownOperationException`` (missing/unknown ``X-Amz-Target``).
+- 500: ``InternalServerError`` (``error_rate``) and ``ThrottlingException`` (``throttle_rate``),
+  as the Rekognition API reference lists them.
+
+Answers are deterministic functions of the image's sha256 (see ``FakeConfig.people``), so the
+same image always gets the same faces, labels and similarities. S3Object images are read from
+a (moto) S3 server at ``FakeConfig.s3_endpoint_url``.
+
+Run it standalone with ``python -m rekbatch.testing.fake_rekognition --port 9001 ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import binascii
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import random
+import re
+import signal
+import sys
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType, TracebackType
+from typing import Any, Self, TypeVar
+
+from aiohttp import web
+
+__all__ = [
+    "JPEG_MAGIC",
+    "MAX_BYTES_IMAGE",
+    "MAX_S3_IMAGE",
+    "PNG_MAGIC",
+    "FakeConfig",
+    "FakeRekognition",
+    "image_digest",
+    "main",
+]
+
+logger = logging.getLogger(__name__)
+
+JSON = dict[str, Any]
+_T = TypeVar("_T")
+
+TARGET_PREFIX = "RekognitionService."
+CONTENT_TYPE = "application/x-amz-json-1.1"
+JPEG_MAGIC = b"\xff\xd8\xff"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+MAX_BYTES_IMAGE = 5 * 1024 * 1024
+MAX_S3_IMAGE = 15 * 1024 * 1024
+ACCOUNT_ID = "123456789012"
+FACE_MODEL_VERSION = "7.0"
+THROTTLE_CODES = frozenset({"ProvisionedThroughputExceededException", "ThrottlingException"})
+_OFFLOAD_BYTES = 512 * 1024  # parse/hash bigger payloads off the event loop
+_COLLECTION_ID_RE = re.compile(r"[a-zA-Z0-9_.\-]+")
+_EXTERNAL_IMAGE_ID_RE = re.compile(r"[a-zA-Z0-9_.\-:]+")
+_NO_FACE = "There are no faces in the image. Should be at least 1."
+_BAD_S3 = (
+    "Unable to get object metadata from S3. Check object key, region and/or access permissions."
+)
+
+
+@dataclass
+class FakeConfig:
+    """Behaviour of the fake; change it at runtime with ``FakeRekognition.configure``."""
+
+    s3_endpoint_url: str | None = None
+    region: str = "eu-west-1"
+    #: API name -> transactions per second; a missing API is unlimited, 0 rejects everything.
+    quotas: dict[str, float] = field(default_factory=dict)
+    #: token bucket capacity = quota * burst_seconds (at least 1 for a positive quota)
+    burst_seconds: float = 1.0
+    #: lognormal latency of accepted calls around this median; 0 = no sleep
+    latency_median_ms: float = 0.0
+    latency_sigma: float = 0.5
+    #: fixed delay of throttle replies (quota or injected)
+    throttle_latency_ms: float = 2.0
+    #: probability of an injected HTTP 500 InternalServerError
+    error_rate: float = 0.0
+    #: probability of an injected ThrottlingException (HTTP 500), regardless of quota
+    throttle_rate: float = 0.0
+    seed: int = 0
+    #: sha256 hex of image bytes -> identities of its faces, largest face first. Images not
+    #: listed get 0-3 anonymous faces. An identity ``celeb:<Name>`` is a celebrity.
+    people: dict[str, list[str]] = field(default_factory=dict)
+    #: keep fetched S3 objects in memory (benchmarks whose objects never change), so the
+    #: fake measures the client rather than the S3 stand-in behind it
+    s3_cache: bool = False
+
+
+def image_digest(data: bytes) -> str:
+    """The key of ``FakeConfig.people``: sha256 hex of the image bytes."""
+    return hashlib.sha256(data).hexdigest()
+
+
+# --------------------------------------------------------------------------- determinism
+
+
+def _unit(*parts: object) -> float:
+    """A deterministic number in [0, 1) from the parts."""
+    h = hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(h[:8], "big") / 2.0**64
+
+
+def _between(lo: float, hi: float, *parts: object) -> float:
+    return round(lo + (hi - lo) * _unit(*parts), 6)
+
+
+def _uuid_from(*parts: object) -> str:
+    h = hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).digest()
+    return str(uuid.UUID(bytes=h[:16], version=4))
+
+
+def _box(left: float, top: float, width: float, height: float) -> JSON:
+    return {
+        "Width": round(width, 6),
+        "Height": round(height, 6),
+        "Left": round(left, 6),
+        "Top": round(top, 6),
+    }
+
+
+# relative (x, y) positions of landmarks inside a face box; the first five are the default set
+_LANDMARKS: tuple[tuple[str, float, float], ...] = (
+    ("eyeLeft", 0.30, 0.40),
+    ("eyeRight", 0.70, 0.40),
+    ("mouthLeft", 0.36, 0.78),
+    ("mouthRight", 0.64, 0.78),
+    ("nose", 0.50, 0.60),
+    ("leftEyeBrowLeft", 0.18, 0.30),
+    ("leftEyeBrowRight", 0.42, 0.29),
+    ("leftEyeBrowUp", 0.30, 0.26),
+    ("rightEyeBrowLeft", 0.58, 0.29),
+    ("rightEyeBrowRight", 0.82, 0.30),
+    ("rightEyeBrowUp", 0.70, 0.26),
+    ("leftEyeLeft", 0.22, 0.40),
+    ("leftEyeRight", 0.38, 0.40),
+    ("leftEyeUp", 0.30, 0.37),
+    ("leftEyeDown", 0.30, 0.43),
+    ("rightEyeLeft", 0.62, 0.40),
+    ("rightEyeRight", 0.78, 0.40),
+    ("rightEyeUp", 0.70, 0.37),
+    ("rightEyeDown", 0.70, 0.43),
+    ("noseLeft", 0.43, 0.63),
+    ("noseRight", 0.57, 0.63),
+    ("mouthUp", 0.50, 0.74),
+    ("mouthDown", 0.50, 0.83),
+    ("leftPupil", 0.30, 0.40),
+    ("rightPupil", 0.70, 0.40),
+    ("upperJawlineLeft", 0.05, 0.40),
+    ("midJawlineLeft", 0.12, 0.75),
+    ("chinBottom", 0.50, 1.00),
+    ("midJawlineRight", 0.88, 0.75),
+    ("upperJawlineRight", 0.95, 0.40),
+)
+_EMOTIONS = ("HAPPY", "CALM", "SURPRISED", "CONFUSED", "SAD", "ANGRY", "DISGUSTED", "FEAR")
+_ATTRIBUTE_FIELDS = {
+    "AGE_RANGE": "AgeRange",
+    "BEARD": "Beard",
+    "EMOTIONS": "Emotions",
+    "EYE_DIRECTION": "EyeDirection",
+    "EYEGLASSES": "Eyeglasses",
+    "EYES_OPEN": "EyesOpen",
+    "GENDER": "Gender",
+    "MOUTH_OPEN": "MouthOpen",
+    "MUSTACHE": "Mustache",
+    "FACE_OCCLUDED": "FaceOccluded",
+    "SMILE": "Smile",
+    "SUNGLASSES": "Sunglasses",
+}
+
+
+@dataclass(frozen=True)
+class _Face:
+    identity: str
+    key: str  # "<digest>:<index>": seed of per-face fields
+    left: float
+    top: float
+    width: float
+    height: float
+
+    @property
+    def box(self) -> JSON:
+        return _box(self.left, self.top, self.width, self.height)
+
+    @property
+    def confidence(self) -> float:
+        return _between(99.5, 99.9999, self.key, "conf")
+
+    def landmarks(self, everything: bool) -> list[JSON]:
+        marks = _LANDMARKS if everything else _LANDMARKS[:5]
+        return [
+            {
+                "Type": name,
+                "X": round(self.left + rx * self.width, 6),
+                "Y": round(self.top + ry * self.height, 6),
+            }
+            for name, rx, ry in marks
+        ]
+
+    def pose(self) -> JSON:
+        return {
+            "Roll": _between(-20, 20, self.key, "roll"),
+            "Yaw": _between(-35, 35, self.key, "yaw"),
+            "Pitch": _between(-20, 20, self.key, "pitch"),
+        }
+
+    def quality(self) -> JSON:
+        return {
+            "Brightness": _between(40, 95, self.key, "bright"),
+            "Sharpness": _between(50, 98, self.key, "sharp"),
+        }
+
+    def _flag(self, name: str, p_true: float, by_identity: bool = False) -> JSON:
+        seed = self.identity if by_identity else self.key
+        return {
+            "Value": _unit(seed, name) < p_true,
+            "Confidence": _between(80, 99.9, seed, name, "conf"),
+        }
+
+    def emotions(self) -> list[JSON]:
+        dominant = int(_unit(self.key, "emotion") * len(_EMOTIONS))
+        top = _between(55, 97, self.key, "emotion-top")
+        rest = [_unit(self.key, "emotion", name) + 0.01 for name in _EMOTIONS]
+        scale = (100.0 - top) / (sum(rest) - rest[dominant])
+        out = [
+            {"Type": name, "Confidence": top if i == dominant else round(rest[i] * scale, 6)}
+            for i, name in enumerate(_EMOTIONS)
+        ]
+        return sorted(out, key=lambda e: -float(e["Confidence"]))
+
+    def attribute(self, name: str) -> Any:
+        if name == "AgeRange":
+            low = 18 + int(50 * _unit(self.identity, "age"))
+            return {"Low": low, "High": low + 4 + int(8 * _unit(self.identity, "age-span"))}
+        if name == "Gender":
+            male = _unit(self.identity, "gender") < 0.5
+            return {
+                "Value": "Male" if male else "Female",
+                "Confidence": _between(95, 99.9, self.identity, "gender-conf"),
+            }
+        if name == "Emotions":
+            return self.emotions()
+        if name == "EyeDirection":
+            return {
+                "Yaw": _between(-15, 15, self.key, "eye-yaw"),
+                "Pitch": _between(-15, 15, self.key, "eye-pitch"),
+                "Confidence": _between(90, 99.9, self.key, "eye-conf"),
+            }
+        by_identity = name in ("Beard", "Mustache", "Eyeglasses")
+        p_true = {"Smile": 0.5, "EyesOpen": 0.9, "MouthOpen": 0.3, "FaceOccluded": 0.05}.get(
+            name, 0.2
+        )
+        return self._flag(name, p_true, by_identity)
+
+    def detail(self, attributes: set[str]) -> JSON:
+        """A FaceDetail: defaults plus the requested attribute fields."""
+        out: JSON = {"BoundingBox": self.box}
+        for name in _ATTRIBUTE_FIELDS.values():
+            if name in attributes:
+                out[name] = self.attribute(name)
+        out["Landmarks"] = self.landmarks(everything="ALL" in attributes)
+        out["Pose"] = self.pose()
+        out["Quality"] = self.quality()
+        out["Confidence"] = self.confidence
+        return out
+
+    def compared(self) -> JSON:
+        """A ComparedFace (CompareFaces, RecognizeCelebrities)."""
+        return {
+            "BoundingBox": self.box,
+            "Confidence": self.confidence,
+            "Landmarks": self.landmarks(everything=False),
+            "Pose": self.pose(),
+            "Quality": self.quality(),
+        }
+
+    def body_box(self) -> JSON:
+        width = min(self.width * 2.4, 1.0)
+        left = min(max(self.left + self.width / 2 - width / 2, 0.0), 1.0 - width)
+        top = max(self.top - self.height * 0.2, 0.0)
+        height = min(self.height * 4.0, 1.0 - top)
+        return _box(left, top, width, height)
+
+
+def _faces_for(digest: str, people: Mapping[str, Sequence[str]]) -> list[_Face]:
+    """The faces of an image, largest first (non-overlapping, left to right)."""
+    if digest in people:
+        identities = list(people[digest])
+    else:
+        count = int(digest[:2], 16) % 4
+        identities = [f"anon:{digest[:12]}:{i}" for i in range(count)]
+    n = len(identities)
+    faces: list[_Face] = []
+    for i, identity in enumerate(identities):
+        key = f"{digest}:{i}"
+        slot = 1.0 / n
+        width = min(0.42, 0.8 * slot) * (1.0 - 0.5 * i / n)
+        height = min(width * 1.3, 0.9)
+        left = i * slot + (slot - width) * _unit(key, "left")
+        top = 0.05 + max(0.9 - height, 0.0) * _unit(key, "top")
+        faces.append(_Face(identity, key, left, top, width, height))
+    return faces
+
+
+def _similarity(identity_a: str, key_a: str, identity_b: str, key_b: str) -> float:
+    pair = sorted((key_a, key_b))
+    if identity_a == identity_b:
+        return _between(95.0, 99.99, "sim-same", *pair)
+    return _between(0.5, 39.9, "sim-diff", *pair)
+
+
+# --------------------------------------------------------------------------- labels etc.
+
+_PERSON_CATEGORY = "Person Description"
+# (name, parents, category)
+_LABEL_VOCABULARY: tuple[tuple[str, tuple[str, ...], str], ...] = (
+    ("Indoors", (), "Buildings and Architecture"),
+    ("Outdoors", (), "Nature and Outdoors"),
+    ("Architecture", (), "Buildings and Architecture"),
+    ("Building", ("Architecture",), "Buildings and Architecture"),
+    ("Urban", (), "Buildings and Architecture"),
+    ("City", ("Urban",), "Buildings and Architecture"),
+    ("Furniture", (), "Home and Indoors"),
+    ("Chair", ("Furniture",), "Home and Indoors"),
+    ("Table", ("Furniture",), "Home and Indoors"),
+    ("Electronics", (), "Technology and Computing"),
+    ("Computer", ("Electronics",), "Technology and Computing"),
+    ("Screen", ("Electronics",), "Technology and Computing"),
+    ("Text", (), "Text and Documents"),
+    ("Nature", (), "Nature and Outdoors"),
+    ("Plant", (), "Plants and Flowers"),
+    ("Tree", ("Plant",), "Plants and Flowers"),
+    ("Transportation", (), "Vehicles and Automotive"),
+    ("Vehicle", ("Transportation",), "Vehicles and Automotive"),
+    ("Car", ("Vehicle", "Transportation"), "Vehicles and Automotive"),
+    ("Food", (), "Food and Beverage"),
+    ("Animal", (), "Animals and Pets"),
+    ("Mammal", ("Animal",), "Animals and Pets"),
+    ("Pet", ("Animal",), "Animals and Pets"),
+    ("Dog", ("Mammal", "Pet", "Animal"), "Animals and Pets"),
+)
+_WORDS = ("REGISTRATION", "AWS", "SUMMIT", "WELCOME", "EXIT", "HALL", "DEMO", "OPEN", "2019")
+
+
+def _labels_for(digest: str, faces: list[_Face]) -> list[JSON]:
+    labels: dict[str, JSON] = {}
+
+    def add(name: str, parents: Sequence[str], category: str, conf: float) -> JSON:
+        label = labels.get(name)
+        if label is None:
+            label = {
+                "Name": name,
+                "Confidence": conf,
+                "Instances": [],
+                "Parents": [{"Name": p} for p in parents],
+                "Aliases": [{"Name": "Human"}] if name == "Person" else [],
+                "Categories": [{"Name": category}],
+            }
+            labels[name] = label
+        label["Confidence"] = max(float(label["Confidence"]), conf)
+        return label
+
+    if faces:
+        person = add("Person", (), _PERSON_CATEGORY, _between(98.5, 99.99, digest, "person"))
+        person["Instances"] = [
+            {"BoundingBox": f.body_box(), "Confidence": f.confidence} for f in faces
+        ]
+        add("Face", ("Person",), _PERSON_CATEGORY, _between(96, 99.9, digest, "face"))
+        add("Head", ("Person",), _PERSON_CATEGORY, _between(90, 99.9, digest, "head"))
+        if len(faces) >= 3:
+            add("Crowd", ("Person",), _PERSON_CATEGORY, _between(70, 95, digest, "crowd"))
+    vocab = {name: (parents, category) for name, parents, category in _LABEL_VOCABULARY}
+    for name, parents, category in _LABEL_VOCABULARY:
+        if _unit(digest, "label", name) < 0.3:
+            conf = _between(50, 99.5, digest, "label-conf", name)
+            add(name, parents, category, conf)
+            for parent in parents:
+                p_parents, p_category = vocab[parent]
+                add(parent, p_parents, p_category, conf)
+    return sorted(labels.values(), key=lambda lab: (-float(lab["Confidence"]), lab["Name"]))
+
+
+def _text_for(digest: str) -> list[JSON]:
+    n_lines = int(_unit(digest, "lines") * 3)
+    lines: list[JSON] = []
+    words: list[JSON] = []
+    next_id = n_lines
+    for line_no in range(n_lines):
+        n_words = 1 + int(_unit(digest, "words", line_no) * 3)
+        chosen = [
+            _WORDS[int(_unit(digest, "word", line_no, w) * len(_WORDS))] for w in range(n_words)
+        ]
+        top = 0.1 + 0.25 * line_no
+        left = _between(0.05, 0.4, digest, "line-left", line_no)
+        height = 0.05
+        word_w = 0.08
+        line_box = _box(left, top, word_w * n_words * 1.1, height)
+        lines.append(_text_detection(" ".join(chosen), "LINE", line_no, None, line_box, digest))
+        for w, text in enumerate(chosen):
+            box = _box(left + w * word_w * 1.1, top, word_w, height)
+            words.append(_text_detection(text, "WORD", next_id, line_no, box, digest))
+            next_id += 1
+    return lines + words
+
+
+def _text_detection(
+    text: str, kind: str, ident: int, parent: int | None, box: JSON, digest: str
+) -> JSON:
+    left, top, width, height = box["Left"], box["Top"], box["Width"], box["Height"]
+    out: JSON = {
+        "DetectedText": text,
+        "Type": kind,
+        "Id": ident,
+        "Confidence": _between(85, 99.9, digest, "text", ident),
+        "Geometry": {
+            "BoundingBox": box,
+            "Polygon": [
+                {"X": left, "Y": top},
+                {"X": round(left + width, 6), "Y": top},
+                {"X": round(left + width, 6), "Y": round(top + height, 6)},
+                {"X": left, "Y": round(top + height, 6)},
+            ],
+        },
+    }
+    if parent is not None:
+        out["ParentId"] = parent
+    return out
+
+
+# --------------------------------------------------------------------------- errors & params
+
+
+class _ApiError(Exception):
+    def __init__(self, code: str, message: str, status: int = 400) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.status = status
+
+
+def _invalid(message: str = "Request has invalid parameters") -> _ApiError:
+    return _ApiError("InvalidParameterException", message)
+
+
+def _int_param(req: JSON, name: str, default: int, lo: int, hi: int) -> int:
+    value = req.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise _invalid(f"{name} must be an integer between {lo} and {hi}")
+    return value
+
+
+def _float_param(req: JSON, name: str, default: float, lo: float = 0.0, hi: float = 100.0) -> float:
+    value = req.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float) or not lo <= value <= hi:
+        raise _invalid(f"{name} must be a number between {lo} and {hi}")
+    return float(value)
+
+
+def _str_param(req: JSON, name: str) -> str:
+    value = req.get(name)
+    if not isinstance(value, str) or not value:
+        raise _invalid(f"{name} is required")
+    return value
+
+
+def _attributes(req: JSON, name: str) -> set[str]:
+    value = req.get(name) or ["DEFAULT"]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise _invalid(f"{name} must be a list of attribute names")
+    unknown = set(value) - {"DEFAULT", "ALL", *_ATTRIBUTE_FIELDS}
+    if unknown:
+        raise _invalid(f"Unknown attribute(s): {', '.join(sorted(unknown))}")
+    if "ALL" in value:
+        return {"ALL", *_ATTRIBUTE_FIELDS.values()}
+    return {_ATTRIBUTE_FIELDS[v] for v in value if v in _ATTRIBUTE_FIELDS}
+
+
+def _page(req: JSON, default_max: int) -> tuple[int, int]:
+    limit = _int_param(req, "MaxResults", default_max, 0, 4096)
+    token = req.get("NextToken")
+    if token is None:
+        return 0, limit or default_max
+    if not isinstance(token, str) or not token.isdigit():
+        raise _ApiError("InvalidPaginationTokenException", "Invalid Token")
+    return int(token), limit or default_max
+
+
+# --------------------------------------------------------------------------- state
+
+
+class _TokenBucket:
+    def __init__(self, rate: float, burst_seconds: float, now: float) -> None:
+        self.rate = 0.0
+        self.capacity = 0.0
+        self.tokens = 0.0
+        self.updated = now
+        self.reconfigure(rate, burst_seconds, now)
+        self.tokens = self.capacity
+
+    def _refill(self, now: float) -> None:
+        self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.rate)
+        self.updated = now
+
+    def reconfigure(self, rate: float, burst_seconds: float, now: float) -> None:
+        self._refill(now)
+        self.rate = max(rate, 0.0)
+        self.capacity = max(1.0, self.rate * burst_seconds) if self.rate > 0 else 0.0
+        self.tokens = min(self.tokens, self.capacity)
+
+    def try_take(self, now: float) -> bool:
+        self._refill(now)
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
+
+
+@dataclass
+class _Stats:
+    calls: Counter[str] = field(default_factory=Counter)
+    ok: Counter[str] = field(default_factory=Counter)
+    throttled: Counter[str] = field(default_factory=Counter)
+    errors: Counter[str] = field(default_factory=Counter)
+    error_codes: dict[str, Counter[str]] = field(default_factory=dict)
+    billed: Counter[tuple[str, str]] = field(default_factory=Counter)
+    in_flight: int = 0
+    max_in_flight: int = 0
+
+
+@dataclass
+class _StoredFace:
+    face_id: str
+    image_id: str
+    external_image_id: str | None
+    box: JSON
+    confidence: float
+    identity: str
+
+    def record(self) -> JSON:
+        out: JSON = {
+            "FaceId": self.face_id,
+            "BoundingBox": self.box,
+            "ImageId": self.image_id,
+            "Confidence": self.confidence,
+            "IndexFacesModelVersion": FACE_MODEL_VERSION,
+        }
+        if self.external_image_id is not None:
+            out["ExternalImageId"] = self.external_image_id
+        return out
+
+
+@dataclass
+class _Collection:
+    collection_id: str
+    created: float
+    faces: dict[str, _StoredFace] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Image:
+    digest: str
+    identity: str  # billing identity: s3://bucket/key or sha256:<hex>
+
+
+def _check_magic(data: bytes) -> None:
+    if not (data.startswith(JPEG_MAGIC) or data.startswith(PNG_MAGIC)):
+        raise _ApiError("InvalidImageFormatException", "Request has invalid image format")
+
+
+def _decode_bytes(raw: str) -> tuple[bytes, str]:
+    try:
+        data = base64.b64decode(raw, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise _invalid("Image.Bytes is not valid base64") from exc
+    if not data:
+        raise _invalid("Image.Bytes must not be empty")
+    if len(data) > MAX_BYTES_IMAGE:
+        raise _ApiError("ImageTooLargeException", "Image size is too large.")
+    return data, image_digest(data)
+
+
+def _parse_body(raw: bytes) -> JSON:
+    if not raw.strip():
+        return {}
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise _ApiError("SerializationException", "Request body is not valid JSON") from exc
+    if not isinstance(body, dict):
+        raise _ApiError("SerializationException", "Request body must be a JSON object")
+    return body
+
+
+_Handler = Callable[[JSON], Awaitable[tuple[JSON, str | None]]]
+
+
+class FakeRekognition:
+    """The fake server: an aiohttp app on its own thread and event loop.
+
+    ``start()`` returns the endpoint URL; ``stop()`` shuts it down (also a context manager).
+    Runtime changes (``set_quota``, ``configure``) and ``stats()`` are thread-safe.
+    """
+
+    def __init__(
+        self, config: FakeConfig | None = None, *, host: str = "127.0.0.1", port: int = 0
+    ) -> None:
+        config = config or FakeConfig()
+        self._config = dataclasses.replace(
+            config,
+            quotas={str(k): float(v) for k, v in config.quotas.items()},
+            people={str(k).lower(): [str(p) for p in v] for k, v in config.people.items()},
+        )
+        self._host = host
+        self._port = port
+        self._lock = threading.RLock()
+        self._rng = random.Random(self._config.seed)
+        self._buckets: dict[str, _TokenBucket] = {}
+        self._stats = _Stats()
+        self._collections: dict[str, _Collection] = {}
+        self._request_counter = 0
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop_event: asyncio.Event | None = None
+        self._failures: list[BaseException] = []
+        self._url: str | None = None
+        self._s3: Any = None
+        self._s3_cache: dict[tuple[str, str, str | None], bytes] = {}
+        self._handlers: dict[str, _Handler] = {
+            "DetectFaces": self._detect_faces,
+            "DetectLabels": self._detect_labels,
+            "CompareFaces": self._compare_faces,
+            "DetectText": self._detect_text,
+            "DetectModerationLabels": self._detect_moderation_labels,
+            "RecognizeCelebrities": self._recognize_celebrities,
+            "DetectProtectiveEquipment": self._detect_protective_equipment,
+            "CreateCollection": self._create_collection,
+            "DeleteCollection": self._delete_collection,
+            "DescribeCollection": self._describe_collection,
+            "ListCollections": self._list_collections,
+            "IndexFaces": self._index_faces,
+            "ListFaces": self._list_faces,
+            "DeleteFaces": self._delete_faces,
+            "SearchFaces": self._search_faces,
+            "SearchFacesByImage": self._search_faces_by_image,
+        }
+        self._sync_buckets()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def url(self) -> str:
+        if self._url is None:
+            raise RuntimeError("FakeRekognition is not running")
+        return self._url
+
+    @property
+    def config(self) -> FakeConfig:
+        """A copy of the current configuration."""
+        with self._lock:
+            return dataclasses.replace(
+                self._config,
+                quotas=dict(self._config.quotas),
+                people={k: list(v) for k, v in self._config.people.items()},
+            )
+
+    def start(self) -> str:
+        if self._thread is not None:
+            raise RuntimeError("FakeRekognition already started")
+        ready = threading.Event()
+        self._failures = []
+        self._thread = threading.Thread(
+            target=self._thread_main, args=(ready,), name="fake-rekognition", daemon=True
+        )
+        self._thread.start()
+        if not ready.wait(timeout=30):
+            raise RuntimeError("FakeRekognition did not start within 30 s")
+        if self._failures:
+            self._thread.join(timeout=30)
+            self._thread = None
+            raise RuntimeError("FakeRekognition failed to start") from self._failures[0]
+        return self.url
+
+    def stop(self) -> None:
+        thread = self._thread
+        if thread is None:
+            return
+        loop, event = self._loop, self._stop_event
+        if loop is not None and event is not None:
+            with contextlib.suppress(RuntimeError):  # loop already closed
+                loop.call_soon_threadsafe(event.set)
+        thread.join(timeout=30)
+        if thread.is_alive():
+            raise RuntimeError("FakeRekognition did not stop within 30 s")
+        self._thread = None
+        self._url = None
+        if self._failures:
+            raise RuntimeError("FakeRekognition crashed") from self._failures[0]
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def _thread_main(self, ready: threading.Event) -> None:
+        try:
+            asyncio.run(self._serve(ready))
+        except BaseException as exc:  # reported by start()/stop()
+            self._failures.append(exc)
+        finally:
+            ready.set()
+
+    async def _serve(self, ready: threading.Event) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop_event = asyncio.Event()
+        async with contextlib.AsyncExitStack() as stack:
+            endpoint = self._config.s3_endpoint_url
+            if endpoint:
+                from aiobotocore.config import AioConfig
+                from aiobotocore.session import get_session
+
+                self._s3 = await stack.enter_async_context(
+                    get_session().create_client(
+                        "s3",
+                        region_name=self._config.region,
+                        endpoint_url=endpoint,
+                        aws_access_key_id="testing",
+                        aws_secret_access_key="testing",
+                        config=AioConfig(
+                            s3={"addressing_style": "path"},
+                            retries={"mode": "standard", "total_max_attempts": 2},
+                            max_pool_connections=128,
+                            connect_timeout=5,
+                            read_timeout=60,
+                        ),
+                    )
+                )
+                stack.callback(setattr, self, "_s3", None)
+            app = web.Application(client_max_size=64 * 1024 * 1024)
+            app.router.add_post("/", self._handle_api)
+            app.router.add_get("/_fake/stats", self._handle_stats)
+            app.router.add_post("/_fake/config", self._handle_config)
+            app.router.add_post("/_fake/reset", self._handle_reset)
+            runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1)
+            await runner.setup()
+            stack.push_async_callback(runner.cleanup)
+            site = web.TCPSite(runner, self._host, self._port, backlog=1024)
+            await site.start()
+            port = runner.addresses[0][1]
+            self._url = f"http://{self._host}:{port}"
+            ready.set()
+            await self._stop_event.wait()
+
+    # ------------------------------------------------------------------ runtime control
+
+    def set_quota(self, api: str, tps: float | None) -> None:
+        """Set (or with None remove) one API's quota; takes effect at once."""
+        with self._lock:
+            if tps is None:
+                self._config.quotas.pop(api, None)
+            else:
+                self._config.quotas[api] = float(tps)
+            self._sync_buckets()
+
+    def configure(self, **fields: Any) -> None:
+        """Change FakeConfig fields at runtime (``quotas`` and ``people`` replace the whole map).
+
+        ``s3_endpoint_url`` can only change while the server is stopped.
+        """
+        names = {f.name for f in dataclasses.fields(FakeConfig)}
+        unknown = set(fields) - names
+        if unknown:
+            raise ValueError(f"unknown FakeConfig field(s): {', '.join(sorted(unknown))}")
+        with self._lock:
+            if (
+                "s3_endpoint_url" in fields
+                and self._thread is not None
+                and fields["s3_endpoint_url"] != self._config.s3_endpoint_url
+            ):
+                raise ValueError("s3_endpoint_url cannot change while the server runs")
+            for name, value in fields.items():
+                if name == "quotas":
+                    value = {str(k): float(v) for k, v in dict(value).items() if v is not None}
+                elif name == "people":
+                    value = {str(k).lower(): [str(p) for p in v] for k, v in dict(value).items()}
+                elif name in ("s3_endpoint_url",):
+                    value = None if value is None else str(value)
+                elif name == "region":
+                    value = str(value)
+                elif name == "seed":
+                    value = int(value)
+                else:
+                    value = float(value)
+                setattr(self._config, name, value)
+            if "seed" in fields:
+                self._rng.seed(self._config.seed)
+            if "quotas" in fields or "burst_seconds" in fields:
+                self._sync_buckets()
+
+    def _sync_buckets(self) -> None:
+        now = time.monotonic()
+        quotas, burst = self._config.quotas, self._config.burst_seconds
+        for api in list(self._buckets):
+            if api not in quotas:
+                del self._buckets[api]
+        for api, tps in quotas.items():
+            bucket = self._buckets.get(api)
+            if bucket is None:
+                self._buckets[api] = _TokenBucket(tps, burst, now)
+            else:
+                bucket.reconfigure(tps, burst, now)
+
+    def stats(self) -> dict[str, Any]:
+        """Counters since start/reset; ``calls == ok + throttled + errors`` per API."""
+        with self._lock:
+            s = self._stats
+            return {
+                "calls": dict(s.calls),
+                "ok": dict(s.ok),
+                "throttled": dict(s.throttled),
+                "errors": dict(s.errors),
+                "error_codes": {api: dict(c) for api, c in s.error_codes.items()},
+                "billed": dict(s.billed),
+                "in_flight": s.in_flight,
+                "max_in_flight": s.max_in_flight,
+            }
+
+    def reset_stats(self) -> None:
+        with self._lock:
+            in_flight = self._stats.in_flight
+            self._stats = _Stats(in_flight=in_flight, max_in_flight=in_flight)
+
+    # ------------------------------------------------------------------ admin endpoints
+
+    def _stats_json(self) -> JSON:
+        stats = self.stats()
+        stats["billed"] = {f"{api} {ident}": n for (api, ident), n in stats["billed"].items()}
+        return stats
+
+    async def _handle_stats(self, request: web.Request) -> web.Response:
+        return web.json_response(self._stats_json())
+
+    async def _handle_config(self, request: web.Request) -> web.Response:
+        try:
+            body = json.loads(await request.read() or b"{}")
+            if not isinstance(body, dict):
+                raise ValueError("body must be a JSON object")
+            self.configure(**body)
+        except (ValueError, TypeError) as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+        return web.json_response(dataclasses.asdict(self.config))
+
+    async def _handle_reset(self, request: web.Request) -> web.Response:
+        self.reset_stats()
+        return web.json_response({"ok": True})
+
+    # ------------------------------------------------------------------ the API
+
+    def _begin(self, api: str) -> str:
+        with self._lock:
+            self._request_counter += 1
+            s = self._stats
+            s.calls[api] += 1
+            s.in_flight += 1
+            s.max_in_flight = max(s.max_in_flight, s.in_flight)
+            return _uuid_from("request", self._config.seed, self._request_counter)
+
+    def _finish(self, api: str, code: str | None, billed: str | None) -> None:
+        with self._lock:
+            s = self._stats
+            if code is None:
+                s.ok[api] += 1
+                if billed is not None:
+                    s.billed[(api, billed)] += 1
+            else:
+                (s.throttled if code in THROTTLE_CODES else s.errors)[api] += 1
+                s.error_codes.setdefault(api, Counter())[code] += 1
+
+    def _end(self) -> None:
+        with self._lock:
+            self._stats.in_flight -= 1
+
+    def _take_token(self, api: str) -> bool:
+        with self._lock:
+            bucket = self._buckets.get(api)
+            return True if bucket is None else bucket.try_take(time.monotonic())
+
+    def _roll(self, probability: float) -> bool:
+        if probability <= 0:
+            return False
+        if probability >= 1:
+            return True
+        with self._lock:
+            return self._rng.random() < probability
+
+    def _draw_latency(self) -> float:
+        with self._lock:
+            median, sigma = self._config.latency_median_ms, self._config.latency_sigma
+            if median <= 0:
+                return 0.0
+            return self._rng.lognormvariate(math.log(median), max(sigma, 0.0)) / 1000.0
+
+    async def _offload(self, size: int, fn: Callable[..., _T], *args: Any) -> _T:
+        if size > _OFFLOAD_BYTES:
+            return await asyncio.to_thread(fn, *args)
+        return fn(*args)
+
+    @staticmethod
+    def _response(status: int, body: JSON, request_id: str) -> web.Response:
+        return web.Response(
+            status=status,
+            body=json.dumps(body).encode(),
+            content_type=CONTENT_TYPE,
+            headers={"x-amzn-RequestId": request_id},
+        )
+
+    async def _handle_api(self, request: web.Request) -> web.Response:
+        target = request.headers.get("X-Amz-Target", "")
+        op = target[len(TARGET_PREFIX) :] if target.startswith(TARGET_PREFIX) else ""
+        api = op or "<unknown>"
+        request_id = self._begin(api)
+        try:
+            try:
+                body, billed = await self._dispatch(api, op, request)
+            except _ApiError as err:
+                error = err
+            except Exception as exc:  # a bug in the fake; still answer on the wire
+                logger.exception("fake rekognition failed on %s", api)
+                error = _ApiError("InternalServerError", f"fake failure: {exc!r}", 500)
+            else:
+                self._finish(api, None, billed)
+                return self._response(200, body, request_id)
+            self._finish(api, error.code, None)
+            payload = {"__type": error.code, "Message": error.message}
+            return self._response(error.status, payload, request_id)
+        finally:
+            self._end()
+
+    async def _dispatch(self, api: str, op: str, request: web.Request) -> tuple[JSON, str | None]:
+        try:
+            raw = await request.read()
+        except web.HTTPRequestEntityTooLarge as exc:
+            raise _ApiError("ImageTooLargeException", "Image size is too large.") from exc
+        handler = self._handlers.get(op)
+        if handler is None:
+            raise _ApiError(
+                "UnknownOperationException", f"Unknown or unsupported operation: {_target_of(op)}"
+            )
+        if not self._take_token(api):
+            await asyncio.sleep(self._config.throttle_latency_ms / 1000.0)
+            raise _ApiError("ProvisionedThroughputExceededException", "Provisioned rate exceeded.")
+        if self._roll(self._config.throttle_rate):
+            await asyncio.sleep(self._config.throttle_latency_ms / 1000.0)
+            raise _ApiError(
+                "ThrottlingException", "Slow down; sudden increase in rate of requests.", 500
+            )
+        latency = self._draw_latency()
+        if latency > 0:
+            await asyncio.sleep(latency)
+        if self._roll(self._config.error_rate):
+            raise _ApiError("InternalServerError", "Internal server error", 500)
+        body = await self._offload(len(raw), _parse_body, raw)
+        return await handler(body)
+
+    # ------------------------------------------------------------------ images
+
+    async def _load_image(self, req: JSON, name: str = "Image") -> _Image:
+        image = req.get(name)
+        if not isinstance(image, dict):
+            raise _invalid(f"{name} is required")
+        has_bytes, has_s3 = image.get("Bytes") is not None, image.get("S3Object") is not None
+        if has_bytes == has_s3:
+            raise _invalid(f"{name} needs exactly one of Bytes and S3Object")
+        if has_bytes:
+            raw = image["Bytes"]
+            if not isinstance(raw, str):
+                raise _invalid(f"{name}.Bytes must be base64 text")
+            data, digest = await self._offload(len(raw), _decode_bytes, raw)
+            _check_magic(data)
+            return _Image(digest, f"sha256:{digest}")
+        obj = image["S3Object"]
+        if not isinstance(obj, dict):
+            raise _invalid(f"{name}.S3Object must be an object")
+        bucket, key, version = obj.get("Bucket"), obj.get("Name"), obj.get("Version")
+        if not isinstance(bucket, str) or not bucket or not isinstance(key, str) or not key:
+            raise _invalid(f"{name}.S3Object needs Bucket and Name")
+        if version is not None and not isinstance(version, str):
+            raise _invalid(f"{name}.S3Object.Version must be a string")
+        data = await self._fetch_s3(bucket, key, version)
+        _check_magic(data)
+        digest = await self._offload(len(data), image_digest, data)
+        return _Image(digest, f"s3://{bucket}/{key}")
+
+    async def _fetch_s3(self, bucket: str, key: str, version: str | None) -> bytes:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        s3 = self._s3
+        if s3 is None:
+            raise _ApiError("InvalidS3ObjectException", _BAD_S3)
+        with self._lock:
+            caching = self._config.s3_cache
+        cached = self._s3_cache.get((bucket, key, version)) if caching else None
+        if cached is not None:
+            return cached
+        kwargs: JSON = {"Bucket": bucket, "Key": key}
+        if version:
+            kwargs["VersionId"] = version
+        try:
+            resp = await s3.get_object(**kwargs)
+            async with resp["Body"] as stream:
+                if int(resp.get("ContentLength") or 0) > MAX_S3_IMAGE:
+                    raise _ApiError("ImageTooLargeException", "Image size is too large.")
+                data: bytes = await stream.read()
+        except (ClientError, BotoCoreError, OSError, TimeoutError) as exc:
+            raise _ApiError("InvalidS3ObjectException", _BAD_S3) from exc
+        if len(data) > MAX_S3_IMAGE:
+            raise _ApiError("ImageTooLargeException", "Image size is too large.")
+        if caching:
+            self._s3_cache[(bucket, key, version)] = data
+        return data
+
+    def _faces(self, image: _Image) -> list[_Face]:
+        with self._lock:
+            people = self._config.people
+        return _faces_for(image.digest, people)
+
+    # ------------------------------------------------------------------ image operations
+
+    async def _detect_faces(self, req: JSON) -> tuple[JSON, str | None]:
+        attributes = _attributes(req, "Attributes")
+        image = await self._load_image(req)
+        details = [face.detail(attributes) for face in self._faces(image)]
+        return {"FaceDetails": details}, image.identity
+
+    async def _detect_labels(self, req: JSON) -> tuple[JSON, str | None]:
+        max_labels = _int_param(req, "MaxLabels", 1000, 0, 1_000_000)
+        min_conf = _float_param(req, "MinConfidence", 55.0)
+        image = await self._load_image(req)
+        labels = [
+            lab
+            for lab in _labels_for(image.digest, self._faces(image))
+            if float(lab["Confidence"]) >= min_conf
+        ][:max_labels]
+        return {"Labels": labels, "LabelModelVersion": "3.0"}, image.identity
+
+    async def _compare_faces(self, req: JSON) -> tuple[JSON, str | None]:
+        threshold = _float_param(req, "SimilarityThreshold", 80.0)
+        source = await self._load_image(req, "SourceImage")
+        target = await self._load_image(req, "TargetImage")
+        source_faces = self._faces(source)
+        if not source_faces:
+            raise _invalid(_NO_FACE)
+        src = source_faces[0]
+        matches: list[JSON] = []
+        unmatched: list[JSON] = []
+        for face in self._faces(target):
+            similarity = _similarity(src.identity, src.key, face.identity, face.key)
+            if similarity >= threshold:
+                matches.append({"Similarity": similarity, "Face": face.compared()})
+            else:
+                unmatched.append(face.compared())
+        matches.sort(key=lambda m: -float(m["Similarity"]))
+        body = {
+            "SourceImageFace": {"BoundingBox": src.box, "Confidence": src.confidence},
+            "FaceMatches": matches,
+            "UnmatchedFaces": unmatched,
+        }
+        return body, target.identity
+
+    async def _detect_text(self, req: JSON) -> tuple[JSON, str | None]:
+        image = await self._load_image(req)
+        body = {"TextDetections": _text_for(image.digest), "TextModelVersion": "3.0"}
+        return body, image.identity
+
+    async def _detect_moderation_labels(self, req: JSON) -> tuple[JSON, str | None]:
+        min_conf = _float_param(req, "MinConfidence", 50.0)
+        image = await self._load_image(req)
+        labels: list[JSON] = []
+        if _unit(image.digest, "moderation") < 0.15:
+            conf = _between(50, 95, image.digest, "moderation-conf")
+            labels = [
+                {"Confidence": conf, "Name": "Suggestive", "ParentName": "", "TaxonomyLevel": 1},
+                {
+                    "Confidence": round(conf * 0.9, 6),
+                    "Name": "Revealing Clothes",
+                    "ParentName": "Suggestive",
+                    "TaxonomyLevel": 2,
+                },
+            ]
+        labels = [lab for lab in labels if float(lab["Confidence"]) >= min_conf]
+        body = {"ModerationLabels": labels, "ModerationModelVersion": "7.0", "ContentTypes": []}
+        return body, image.identity
+
+    async def _recognize_celebrities(self, req: JSON) -> tuple[JSON, str | None]:
+        image = await self._load_image(req)
+        celebrities: list[JSON] = []
+        unrecognized: list[JSON] = []
+        for face in self._faces(image):
+            if face.identity.startswith("celeb:"):
+                name = face.identity.removeprefix("celeb:")
+                celeb_id = hashlib.sha256(name.encode()).hexdigest()[:8]
+                gender = face.attribute("Gender")["Value"]
+                celebrities.append(
+                    {
+                        "Urls": [f"www.wikidata.org/wiki/Q{int(celeb_id, 16) % 10_000_000}"],
+                        "Name": name,
+                        "Id": celeb_id,
+                        "Face": face.compared(),
+                        "MatchConfidence": _between(95, 99.9, face.key, "celeb"),
+                        "KnownGender": {"Type": gender},
+                    }
+                )
+            else:
+                unrecognized.append(face.compared())
+        body = {"CelebrityFaces": celebrities, "UnrecognizedFaces": unrecognized}
+        return body, image.identity
+
+    async def _detect_protective_equipment(self, req: JSON) -> tuple[JSON, str | None]:
+        summary_req = req.get("SummarizationAttributes")
+        image = await self._load_image(req)
+        persons: list[JSON] = []
+        kinds = {
+            "FACE": "FACE_COVER",
+            "HEAD": "HEAD_COVER",
+            "LEFT_HAND": "HAND_COVER",
+            "RIGHT_HAND": "HAND_COVER",
+        }
+        for i, face in enumerate(self._faces(image)):
+            parts: list[JSON] = []
+            for part, kind in kinds.items():
+                detections: list[JSON] = []
+                if _unit(face.key, "ppe", part) < 0.3:
+                    detections.append(
+                        {
+                            "BoundingBox": face.box,
+                            "Confidence": _between(80, 99.9, face.key, "ppe-conf", part),
+                            "Type": kind,
+                            "CoversBodyPart": {
+                                "Confidence": _between(80, 99.9, face.key, "ppe-cover", part),
+                                "Value": True,
+                            },
+                        }
+                    )
+                parts.append(
+                    {
+                        "Name": part,
+                        "Confidence": _between(90, 99.9, face.key, "part", part),
+                        "EquipmentDetections": detections,
+                    }
+                )
+            persons.append(
+                {
+                    "BodyParts": parts,
+                    "BoundingBox": face.body_box(),
+                    "Confidence": face.confidence,
+                    "Id": i,
+                }
+            )
+        body: JSON = {"ProtectiveEquipmentModelVersion": "1.0", "Persons": persons}
+        if isinstance(summary_req, dict):
+            min_conf = _float_param(summary_req, "MinConfidence", 50.0)
+            required = set(summary_req.get("RequiredEquipmentTypes") or [])
+            with_eq: list[int] = []
+            without_eq: list[int] = []
+            for person in persons:
+                found = {
+                    d["Type"]
+                    for p in person["BodyParts"]
+                    for d in p["EquipmentDetections"]
+                    if float(d["Confidence"]) >= min_conf
+                }
+                (with_eq if required <= found else without_eq).append(person["Id"])
+            body["Summary"] = {
+                "PersonsWithRequiredEquipment": with_eq,
+                "PersonsWithoutRequiredEquipment": without_eq,
+                "PersonsIndeterminate": [],
+            }
+        return body, image.identity
+
+    # ------------------------------------------------------------------ collections
+
+    def _collection(self, req: JSON) -> _Collection:
+        collection_id = _str_param(req, "CollectionId")
+        with self._lock:
+            collection = self._collections.get(collection_id)
+        if collection is None:
+            raise _ApiError(
+                "ResourceNotFoundException", f"The collection id: {collection_id} does not exist"
+            )
+        return collection
+
+    def _arn(self, collection_id: str) -> str:
+        return f"arn:aws:rekognition:{self._config.region}:{ACCOUNT_ID}:collection/{collection_id}"
+
+    async def _create_collection(self, req: JSON) -> tuple[JSON, str | None]:
+        collection_id = _str_param(req, "CollectionId")
+        if len(collection_id) > 255 or not _COLLECTION_ID_RE.fullmatch(collection_id):
+            raise _invalid("CollectionId must match [a-zA-Z0-9_.\\-]+")
+        with self._lock:
+            if collection_id in self._collections:
+                raise _ApiError(
+                    "ResourceAlreadyExistsException",
+                    f"The collection id: {collection_id} already exists",
+                )
+            self._collections[collection_id] = _Collection(collection_id, time.time())
+        body = {
+            "StatusCode": 200,
+            "CollectionArn": self._arn(collection_id).removeprefix("arn:"),
+            "FaceModelVersion": FACE_MODEL_VERSION,
+        }
+        return body, None
+
+    async def _delete_collection(self, req: JSON) -> tuple[JSON, str | None]:
+        collection = self._collection(req)
+        with self._lock:
+            self._collections.pop(collection.collection_id, None)
+        return {"StatusCode": 200}, None
+
+    async def _describe_collection(self, req: JSON) -> tuple[JSON, str | None]:
+        collection = self._collection(req)
+        with self._lock:
+            count = len(collection.faces)
+        body = {
+            "FaceCount": count,
+            "FaceModelVersion": FACE_MODEL_VERSION,
+            "CollectionARN": self._arn(collection.collection_id),
+            "CreationTimestamp": collection.created,
+            "UserCount": 0,
+        }
+        return body, None
+
+    async def _list_collections(self, req: JSON) -> tuple[JSON, str | None]:
+        start, limit = _page(req, 1000)
+        with self._lock:
+            ids = sorted(self._collections)
+        page = ids[start : start + limit]
+        body: JSON = {
+            "CollectionIds": page,
+            "FaceModelVersions": [FACE_MODEL_VERSION] * len(page),
+        }
+        if start + limit < len(ids):
+            body["NextToken"] = str(start + limit)
+        return body, None
+
+    async def _index_faces(self, req: JSON) -> tuple[JSON, str | None]:
+        collection = self._collection(req)
+        external = req.get("ExternalImageId")
+        if external is not None and (
+            not isinstance(external, str)
+            or len(external) > 255
+            or not _EXTERNAL_IMAGE_ID_RE.fullmatch(external)
+        ):
+            raise _invalid("ExternalImageId must match [a-zA-Z0-9_.\\-:]+")
+        max_faces = _int_param(req, "MaxFaces", 100, 1, 1_000_000)
+        attributes = _attributes(req, "DetectionAttributes")
+        image = await self._load_image(req)
+        records: list[JSON] = []
+        unindexed: list[JSON] = []
+        cid = collection.collection_id
+        image_id = _uuid_from("image", cid, image.digest)
+        for i, face in enumerate(self._faces(image)):
+            if i >= max_faces:
+                unindexed.append(
+                    {"Reasons": ["EXCEEDS_MAX_FACES"], "FaceDetail": face.detail(attributes)}
+                )
+                continue
+            stored = _StoredFace(
+                face_id=_uuid_from("face", cid, image.digest, i),
+                image_id=image_id,
+                external_image_id=external,
+                box=face.box,
+                confidence=face.confidence,
+                identity=face.identity,
+            )
+            with self._lock:
+                collection.faces[stored.face_id] = stored
+            record = stored.record()
+            del record["IndexFacesModelVersion"]
+            records.append({"Face": record, "FaceDetail": face.detail(attributes)})
+        body = {
+            "FaceRecords": records,
+            "FaceModelVersion": FACE_MODEL_VERSION,
+            "UnindexedFaces": unindexed,
+        }
+        return body, image.identity
+
+    async def _list_faces(self, req: JSON) -> tuple[JSON, str | None]:
+        collection = self._collection(req)
+        start, limit = _page(req, 1000)
+        wanted = req.get("FaceIds")
+        with self._lock:
+            faces = list(collection.faces.values())
+        if isinstance(wanted, list):
+            faces = [f for f in faces if f.face_id in set(wanted)]
+        page = faces[start : start + limit]
+        body: JSON = {"Faces": [f.record() for f in page], "FaceModelVersion": FACE_MODEL_VERSION}
+        if start + limit < len(faces):
+            body["NextToken"] = str(start + limit)
+        return body, None
+
+    async def _delete_faces(self, req: JSON) -> tuple[JSON, str | None]:
+        collection = self._collection(req)
+        face_ids = req.get("FaceIds")
+        if not isinstance(face_ids, list) or not face_ids:
+            raise _invalid("FaceIds is required")
+        deleted: list[str] = []
+        with self._lock:
+            for face_id in face_ids:
+                if collection.faces.pop(str(face_id), None) is not None:
+                    deleted.append(str(face_id))
+        return {"DeletedFaces": deleted}, None
+
+    def _search(
+        self, collection: _Collection, identity: str, key: str, req: JSON, exclude: str | None
+    ) -> list[JSON]:
+        threshold = _float_param(req, "FaceMatchThreshold", 80.0)
+        max_faces = _int_param(req, "MaxFaces", 4096, 1, 4096)
+        with self._lock:
+            faces = [f for f in collection.faces.values() if f.face_id != exclude]
+        matches: list[JSON] = []
+        for stored in faces:
+            similarity = _similarity(identity, key, stored.identity, stored.face_id)
+            if similarity >= threshold:
+                matches.append({"Similarity": similarity, "Face": stored.record()})
+        matches.sort(key=lambda m: -float(m["Similarity"]))
+        return matches[:max_faces]
+
+    async def _search_faces(self, req: JSON) -> tuple[JSON, str | None]:
+        collection = self._collection(req)
+        face_id = _str_param(req, "FaceId")
+        with self._lock:
+            stored = collection.faces.get(face_id)
+        if stored is None:
+            raise _invalid(f"Face id {face_id} does not exist in collection")
+        matches = self._search(collection, stored.identity, stored.face_id, req, face_id)
+        body = {
+            "SearchedFaceId": face_id,
+            "FaceMatches": matches,
+            "FaceModelVersion": FACE_MODEL_VERSION,
+        }
+        return body, None
+
+    async def _search_faces_by_image(self, req: JSON) -> tuple[JSON, str | None]:
+        collection = self._collection(req)
+        image = await self._load_image(req)
+        faces = self._faces(image)
+        if not faces:
+            raise _invalid(_NO_FACE)
+        face = faces[0]
+        body = {
+            "SearchedFaceBoundingBox": face.box,
+            "SearchedFaceConfidence": face.confidence,
+            "FaceMatches": self._search(collection, face.identity, face.key, req, None),
+            "FaceModelVersion": FACE_MODEL_VERSION,
+        }
+        return body, image.identity
+
+
+def _target_of(op: str) -> str:
+    return f"{TARGET_PREFIX}{op}" if op else "(no X-Amz-Target)"
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _parse_quota(text: str) -> tuple[str, float]:
+    api, sep, tps = text.partition("=")
+    try:
+        if not sep or not api:
+            raise ValueError
+        return api, float(tps)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected API=TPS, got {text!r}") from None
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m rekbatch.testing.fake_rekognition",
+        description="Serve a fake Amazon Rekognition endpoint until SIGINT/SIGTERM.",
+    )
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0, help="0 picks a free port")
+    p.add_argument("--s3-endpoint-url", default=None)
+    p.add_argument("--region", default="eu-west-1")
+    p.add_argument("--quota", action="append", type=_parse_quota, default=[], metavar="API=TPS")
+    p.add_argument("--burst-seconds", type=float, default=1.0)
+    p.add_argument("--latency-ms", type=float, default=0.0, help="median latency")
+    p.add_argument("--latency-sigma", type=float, default=0.5)
+    p.add_argument("--throttle-latency-ms", type=float, default=2.0)
+    p.add_argument("--error-rate", type=float, default=0.0)
+    p.add_argument("--throttle-rate", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--s3-cache", action="store_true", help="cache S3 objects (benchmarks)")
+    p.add_argument("--people", type=Path, default=None, help="JSON: sha256 -> [identities]")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    people: dict[str, list[str]] = {}
+    if args.people is not None:
+        loaded = json.loads(args.people.read_text())
+        if not isinstance(loaded, dict):
+            print("--people must hold a JSON object", file=sys.stderr)
+            return 2
+        people = {str(k): [str(x) for x in v] for k, v in loaded.items()}
+    config = FakeConfig(
+        s3_endpoint_url=args.s3_endpoint_url,
+        region=args.region,
+        quotas=dict(args.quota),
+        burst_seconds=args.burst_seconds,
+        latency_median_ms=args.latency_ms,
+        latency_sigma=args.latency_sigma,
+        throttle_latency_ms=args.throttle_latency_ms,
+        error_rate=args.error_rate,
+        throttle_rate=args.throttle_rate,
+        seed=args.seed,
+        s3_cache=args.s3_cache,
+        people=people,
+    )
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    with FakeRekognition(config, host=args.host, port=args.port) as fake:
+        print(fake.url, flush=True)
+        while not stop.wait(0.2):
+            pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""Small test helpers: image bytes, configs, reading result files."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import struct
+import zlib
+from pathlib import Path
+from typing import Any
+
+from typer.testing import CliRunner
+
+from rekbatch.cli import app
+
+
+def tiny_png(seed: int = 0) -> bytes:
+    """A real 2x2 PNG whose pixels depend on ``seed``, so contents (and ETags) differ."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    pixels = bytes([seed % 256, (seed // 256) % 256, 7]) * 2
+    raw = b"".join(b"\x00" + pixels for _ in range(2))
+    header = struct.pack(">IIBBBBB", 2, 2, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(raw))
+        + chunk(b"IEND", b"")
+    )
+
+
+def fake_jpeg(seed: int = 0, size: int = 600) -> bytes:
+    """Bytes with JPEG magic and seed-dependent content; enough for the fake service."""
+    body = hashlib.sha256(str(seed).encode()).digest() * (size // 32 + 1)
+    return b"\xff\xd8\xff\xe0" + body[: size - 6] + b"\xff\xd9"
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def write_config(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    with path.open(encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle]
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open(encoding="utf-8", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def invoke(*args: str) -> Any:
+    """Run the CLI in-process; returns click's Result (exit_code, stdout, stderr)."""
+    return CliRunner().invoke(app, list(args), catch_exceptions=False)
+
+
+def base_config(
+    *,
+    uris: list[str],
+    output_dir: Path,
+    s3_endpoint: str,
+    rek_endpoint: str,
+    operations: str = '[[operations]]\ntype = "detect_faces"\n',
+    extra: str = "",
+) -> str:
+    uri_list = ", ".join(json.dumps(u) for u in uris)
+    return (
+        f'[job]\nname = "test"\noutput_dir = {json.dumps(str(output_dir))}\n\n'
+        f"[source]\nuris = [{uri_list}]\n\n"
+        f'[aws]\nregion = "eu-west-1"\ns3_endpoint_url = "{s3_endpoint}"\n'
+        f'rekognition_endpoint_url = "{rek_endpoint}"\n\n'
+        f"{extra}\n{operations}"
+    )

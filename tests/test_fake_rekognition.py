@@ -1,0 +1,602 @@
+"""The fake Rekognition server, driven by real aioboto3/boto3 clients and raw HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import selectors
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import aioboto3
+import aiohttp
+import boto3
+import botocore.session
+import pytest
+from aiobotocore.config import AioConfig
+from botocore.exceptions import ClientError
+
+from rekbatch.testing.fake_rekognition import (
+    JPEG_MAGIC,
+    MAX_BYTES_IMAGE,
+    MAX_S3_IMAGE,
+    FakeConfig,
+    FakeRekognition,
+    _TokenBucket,
+    image_digest,
+)
+from tests.conftest import REGION, SAMPLES, make_bucket
+
+pytestmark = pytest.mark.timeout(30)
+
+CREDS = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
+IMAGES = (
+    "ric.jpg",
+    "ric_harvey.jpeg",
+    "ric_crowd0.jpg",
+    "ric_crowd1.jpg",
+    "sample-image0.jpeg",
+    "sample-image1.jpeg",
+    "demo0.png",
+)
+
+
+@cache
+def sample(name: str) -> bytes:
+    return (SAMPLES / name).read_bytes()
+
+
+def people() -> dict[str, list[str]]:
+    return {
+        image_digest(sample("ric_harvey.jpeg")): ["ric"],
+        image_digest(sample("ric.jpg")): ["ric"],
+        image_digest(sample("ric_crowd1.jpg")): ["p1", "ric", "p3", "p4", "p5"],
+        image_digest(sample("ric_crowd0.jpg")): ["q1", "q2", "q3", "q4"],
+        image_digest(sample("sample-image0.jpeg")): ["celeb:Jane Doe"],
+        image_digest(sample("sample-image1.jpeg")): [],
+        image_digest(sample("demo0.png")): ["someone"],
+    }
+
+
+def s3_image(bucket: str, key: str) -> dict[str, Any]:
+    return {"S3Object": {"Bucket": bucket, "Name": key}}
+
+
+def code_of(exc: BaseException) -> str:
+    assert isinstance(exc, ClientError), repr(exc)
+    return str(exc.response["Error"]["Code"])
+
+
+@pytest.fixture
+def bucket(s3: Any) -> str:
+    name = make_bucket(s3, f"fake-rek-{uuid.uuid4().hex[:12]}")
+    for key in (*IMAGES, "notes.txt", "broken.jpg"):
+        s3.put_object(Bucket=name, Key=key, Body=sample(key))
+    return name
+
+
+@pytest.fixture
+def fake(moto_endpoint: str) -> Iterator[FakeRekognition]:
+    with FakeRekognition(FakeConfig(s3_endpoint_url=moto_endpoint, people=people())) as server:
+        yield server
+
+
+@pytest.fixture
+async def rek(fake: FakeRekognition) -> AsyncIterator[Any]:
+    async with aioboto3.Session().client(
+        "rekognition",
+        endpoint_url=fake.url,
+        region_name=REGION,
+        config=AioConfig(retries={"total_max_attempts": 1}),
+        **CREDS,
+    ) as client:
+        yield client
+
+
+async def raw_call(
+    url: str, op: str | None, body: dict[str, Any] | bytes
+) -> tuple[int, dict[str, Any], Any]:
+    headers = {"Content-Type": "application/x-amz-json-1.1"}
+    if op is not None:
+        headers["X-Amz-Target"] = f"RekognitionService.{op}"
+    # BytesIO: aiohttp warns (ResourceWarning) about raw bytes bodies over 1 MiB
+    data = io.BytesIO(body if isinstance(body, bytes) else json.dumps(body).encode())
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(url + "/", data=data, headers=headers) as resp,
+    ):
+        return resp.status, await resp.json(content_type=None), resp.headers
+
+
+# ---------------------------------------------------------------- wire format vs botocore model
+
+_MODEL = botocore.session.get_session().get_service_model("rekognition")
+
+
+def check_shape(shape: Any, value: Any, path: str) -> None:
+    """The raw JSON uses only members, types and enum values of the real service model."""
+    kind = shape.type_name
+    if kind == "structure":
+        assert isinstance(value, dict), path
+        for key, item in value.items():
+            assert key in shape.members, f"{path}.{key} is not in {shape.name}"
+            check_shape(shape.members[key], item, f"{path}.{key}")
+    elif kind == "list":
+        assert isinstance(value, list), path
+        for i, item in enumerate(value):
+            check_shape(shape.member, item, f"{path}[{i}]")
+    elif kind == "string":
+        assert isinstance(value, str), path
+        if shape.enum:
+            assert value in shape.enum, f"{path}={value!r}"
+    elif kind in ("integer", "long"):
+        assert isinstance(value, int) and not isinstance(value, bool), path
+        assert value >= shape.metadata.get("min", value), path
+    elif kind in ("float", "double"):
+        assert isinstance(value, int | float) and not isinstance(value, bool), path
+        assert shape.metadata.get("min", value) <= value <= shape.metadata.get("max", value), path
+    elif kind == "boolean":
+        assert isinstance(value, bool), path
+    elif kind == "timestamp":
+        assert isinstance(value, int | float), path
+    else:  # pragma: no cover
+        raise AssertionError(f"{path}: unexpected shape type {kind}")
+
+
+async def test_raw_wire_format_matches_service_model(fake: FakeRekognition) -> None:
+    async def ok(op: str, body: dict[str, Any]) -> dict[str, Any]:
+        status, answer, headers = await raw_call(fake.url, op, body)
+        assert status == 200, (op, answer)
+        assert headers["Content-Type"] == "application/x-amz-json-1.1"
+        assert headers["x-amzn-RequestId"]
+        check_shape(_MODEL.operation_model(op).output_shape, answer, op)
+        return answer
+
+    for name in IMAGES:
+        img = {"Bytes": base64.b64encode(sample(name)).decode()}
+        await ok("DetectFaces", {"Image": img, "Attributes": ["ALL"]})
+        await ok("DetectFaces", {"Image": img})
+        await ok("DetectLabels", {"Image": img, "MinConfidence": 0})
+        await ok("DetectText", {"Image": img})
+        await ok("DetectModerationLabels", {"Image": img, "MinConfidence": 0})
+        await ok("RecognizeCelebrities", {"Image": img})
+        summary = {"MinConfidence": 50, "RequiredEquipmentTypes": ["FACE_COVER"]}
+        await ok("DetectProtectiveEquipment", {"Image": img, "SummarizationAttributes": summary})
+        source = {"Bytes": base64.b64encode(sample("ric.jpg")).decode()}
+        await ok("CompareFaces", {"SourceImage": source, "TargetImage": img})
+    crowd = {"Bytes": base64.b64encode(sample("ric_crowd1.jpg")).decode()}
+    await ok("CreateCollection", {"CollectionId": "c1"})
+    indexed = await ok(
+        "IndexFaces",
+        {"CollectionId": "c1", "Image": crowd, "ExternalImageId": "x", "MaxFaces": 3},
+    )
+    await ok("ListFaces", {"CollectionId": "c1"})
+    face_id = indexed["FaceRecords"][0]["Face"]["FaceId"]
+    await ok("SearchFaces", {"CollectionId": "c1", "FaceId": face_id, "FaceMatchThreshold": 0})
+    await ok("SearchFacesByImage", {"CollectionId": "c1", "Image": crowd})
+    await ok("DescribeCollection", {"CollectionId": "c1"})
+    await ok("ListCollections", {})
+    await ok("DeleteFaces", {"CollectionId": "c1", "FaceIds": [face_id]})
+    await ok("DeleteCollection", {"CollectionId": "c1"})
+
+
+async def test_every_operation_through_aioboto3(rek: Any, bucket: str) -> None:
+    crowd = s3_image(bucket, "ric_crowd1.jpg")
+    faces = await rek.detect_faces(Image=crowd, Attributes=["ALL"])
+    assert len(faces["FaceDetails"]) == 5
+    first = faces["FaceDetails"][0]
+    assert {"AgeRange", "Smile", "Eyeglasses", "Gender", "Emotions", "Pose", "Quality"} <= set(
+        first
+    )
+    assert len(first["Landmarks"]) == 30
+    labels = await rek.detect_labels(Image=crowd, MaxLabels=50, MinConfidence=50)
+    assert labels["Labels"][0]["Confidence"] >= labels["Labels"][-1]["Confidence"]
+    person = next(lab for lab in labels["Labels"] if lab["Name"] == "Person")
+    assert len(person["Instances"]) == 5
+    assert "TextDetections" in await rek.detect_text(Image=crowd)
+    assert "ModerationLabels" in await rek.detect_moderation_labels(Image=crowd)
+    celebs = await rek.recognize_celebrities(Image=s3_image(bucket, "sample-image0.jpeg"))
+    assert [c["Name"] for c in celebs["CelebrityFaces"]] == ["Jane Doe"]
+    ppe = await rek.detect_protective_equipment(Image=crowd)
+    assert len(ppe["Persons"]) == 5
+    compared = await rek.compare_faces(
+        SourceImage=s3_image(bucket, "ric_harvey.jpeg"), TargetImage=crowd
+    )
+    assert len(compared["FaceMatches"]) == 1
+
+
+async def test_defaults_and_parameters(rek: Any, bucket: str) -> None:
+    crowd = s3_image(bucket, "ric_crowd1.jpg")
+    default = (await rek.detect_faces(Image=crowd))["FaceDetails"][0]
+    assert set(default) == {"BoundingBox", "Landmarks", "Pose", "Quality", "Confidence"}
+    assert [m["Type"] for m in default["Landmarks"]] == [
+        "eyeLeft",
+        "eyeRight",
+        "mouthLeft",
+        "mouthRight",
+        "nose",
+    ]
+    box = default["BoundingBox"]
+    assert 0 <= box["Left"] <= box["Left"] + box["Width"] <= 1
+    assert 0 <= box["Top"] <= box["Top"] + box["Height"] <= 1
+    some = (await rek.detect_faces(Image=crowd, Attributes=["GENDER"]))["FaceDetails"][0]
+    assert "Gender" in some and "AgeRange" not in some
+    assert len((await rek.detect_labels(Image=crowd, MaxLabels=2))["Labels"]) <= 2
+    high = (await rek.detect_labels(Image=crowd, MinConfidence=99))["Labels"]
+    assert all(lab["Confidence"] >= 99 for lab in high)
+
+
+# ---------------------------------------------------------------- images: S3 vs Bytes, errors
+
+
+async def test_s3_and_bytes_agree_and_billing_is_per_identity(
+    fake: FakeRekognition, rek: Any, bucket: str
+) -> None:
+    via_s3 = await rek.detect_faces(Image=s3_image(bucket, "ric_crowd0.jpg"))
+    via_bytes = await rek.detect_faces(Image={"Bytes": sample("ric_crowd0.jpg")})
+    assert via_s3["FaceDetails"] == via_bytes["FaceDetails"]
+    assert len(via_s3["FaceDetails"]) == 4
+    await rek.detect_faces(Image=s3_image(bucket, "ric_crowd0.jpg"))
+    digest = image_digest(sample("ric_crowd0.jpg"))
+    assert fake.stats()["billed"] == {
+        ("DetectFaces", f"s3://{bucket}/ric_crowd0.jpg"): 2,
+        ("DetectFaces", f"sha256:{digest}"): 1,
+    }
+    assert fake.stats()["ok"] == {"DetectFaces": 3}
+
+
+async def test_anonymous_images_are_deterministic(rek: Any) -> None:
+    for i in range(12):
+        data = JPEG_MAGIC + f"synthetic image {i}".encode()
+        digest = image_digest(data)
+        first = await rek.detect_faces(Image={"Bytes": data}, Attributes=["ALL"])
+        again = await rek.detect_faces(Image={"Bytes": data}, Attributes=["ALL"])
+        assert first["FaceDetails"] == again["FaceDetails"]
+        assert len(first["FaceDetails"]) == int(digest[:2], 16) % 4
+
+
+# aiohttp (inside aiobotocore) warns about any raw request body over 1 MiB
+@pytest.mark.filterwarnings("ignore:Sending a large body directly:ResourceWarning")
+async def test_image_errors(fake: FakeRekognition, rek: Any, bucket: str, s3: Any) -> None:
+    s3.put_object(Bucket=bucket, Key="huge.jpg", Body=JPEG_MAGIC + bytes(MAX_S3_IMAGE))
+    cases: list[tuple[dict[str, Any], str]] = [
+        (s3_image(bucket, "notes.txt"), "InvalidImageFormatException"),
+        ({"Bytes": sample("broken.jpg")}, "InvalidImageFormatException"),
+        (s3_image(bucket, "missing.jpg"), "InvalidS3ObjectException"),
+        (s3_image("no-such-bucket-here", "ric.jpg"), "InvalidS3ObjectException"),
+        ({"Bytes": JPEG_MAGIC + bytes(MAX_BYTES_IMAGE)}, "ImageTooLargeException"),
+        (s3_image(bucket, "huge.jpg"), "ImageTooLargeException"),
+    ]
+    for image, expected in cases:
+        with pytest.raises(ClientError) as info:
+            await rek.detect_labels(Image=image)
+        assert code_of(info.value) == expected
+        assert info.value.response["ResponseMetadata"]["HTTPStatusCode"] == 400
+        assert info.value.response["Error"]["Message"]
+    stats = fake.stats()
+    assert stats["errors"] == {"DetectLabels": len(cases)}
+    assert stats["billed"] == {}
+    assert stats["error_codes"]["DetectLabels"] == Counter(code for _, code in cases)
+
+
+async def test_malformed_requests(fake: FakeRekognition) -> None:
+    cases: list[tuple[str | None, dict[str, Any] | bytes, str]] = [
+        ("DetectFaces", {}, "InvalidParameterException"),
+        ("DetectFaces", {"Image": {}}, "InvalidParameterException"),
+        (
+            "DetectFaces",
+            {"Image": {"Bytes": "/9j/", "S3Object": {"Bucket": "b", "Name": "k"}}},
+            "InvalidParameterException",
+        ),
+        ("DetectFaces", {"Image": {"Bytes": "%%% not base64"}}, "InvalidParameterException"),
+        ("DetectFaces", b"{not json", "SerializationException"),
+        (
+            "DetectLabels",
+            {"Image": {"Bytes": "/9j/"}, "MaxLabels": -1},
+            "InvalidParameterException",
+        ),
+        ("DetectFaces", {"Image": {"Bytes": "/9j/"}, "Attributes": ["NOPE"]}, "InvalidParameter"),
+        ("StartFaceSearch", {}, "UnknownOperationException"),
+        (None, {}, "UnknownOperationException"),
+    ]
+    for op, body, expected in cases:
+        status, answer, headers = await raw_call(fake.url, op, body)
+        assert status == 400, (op, body, answer)
+        assert answer["__type"].startswith(expected), (op, body, answer)
+        assert answer["Message"]
+        assert headers["x-amzn-RequestId"]
+
+
+# ---------------------------------------------------------------- quota, injected failures
+
+
+async def test_quota_rejects_a_burst_and_counts_agree(fake: FakeRekognition, rek: Any) -> None:
+    fake.set_quota("DetectLabels", 10)
+    image = {"Bytes": sample("ric.jpg")}
+    started = time.monotonic()
+    results = await asyncio.gather(
+        *(rek.detect_labels(Image=image) for _ in range(40)), return_exceptions=True
+    )
+    elapsed = time.monotonic() - started
+    ok = [r for r in results if isinstance(r, dict)]
+    rejected = [r for r in results if not isinstance(r, dict)]
+    # a full bucket of 10, plus what refilled at 10/s while the burst was going on
+    assert 10 <= len(ok) <= 10 + 10 * elapsed + 1, (len(ok), elapsed)
+    assert len(rejected) >= 15
+    for exc in rejected:
+        assert code_of(exc) == "ProvisionedThroughputExceededException"
+        assert isinstance(exc, ClientError)
+        assert exc.response["ResponseMetadata"]["HTTPStatusCode"] == 400
+    stats = fake.stats()
+    assert stats["calls"] == {"DetectLabels": 40}
+    assert stats["ok"] == {"DetectLabels": len(ok)}
+    assert stats["throttled"] == {"DetectLabels": len(rejected)}
+    assert stats["errors"] == {}
+    assert sum(stats["billed"].values()) == len(ok)
+    assert stats["max_in_flight"] >= 2
+
+    fake.set_quota("DetectLabels", None)  # unlimited again, at once
+    fake.reset_stats()
+    await asyncio.gather(*(rek.detect_labels(Image=image) for _ in range(20)))
+    assert fake.stats()["ok"] == {"DetectLabels": 20}
+
+
+def test_quota_change_takes_effect_at_once() -> None:
+    bucket = _TokenBucket(20, 1.0, now=0.0)
+    bucket.reconfigure(5, 1.0, now=0.0)  # halved twice: the stored burst shrinks too
+    assert sum(bucket.try_take(0.0) for _ in range(20)) == 5
+    assert not bucket.try_take(0.1)
+    assert bucket.try_take(0.2)  # refills at the new rate
+    bucket.reconfigure(0, 1.0, now=10.0)
+    assert not bucket.try_take(100.0)
+
+
+async def test_runtime_quota_zero_and_injected_failures(fake: FakeRekognition, rek: Any) -> None:
+    image = {"Bytes": sample("ric.jpg")}
+    fake.set_quota("DetectFaces", 0)
+    with pytest.raises(ClientError) as info:
+        await rek.detect_faces(Image=image)
+    assert code_of(info.value) == "ProvisionedThroughputExceededException"
+    await rek.detect_labels(Image=image)  # other APIs are not affected
+    fake.set_quota("DetectFaces", None)
+
+    fake.configure(error_rate=1.0)
+    with pytest.raises(ClientError) as info:
+        await rek.detect_faces(Image=image)
+    assert code_of(info.value) == "InternalServerError"
+    assert info.value.response["ResponseMetadata"]["HTTPStatusCode"] == 500
+
+    fake.configure(error_rate=0.0, throttle_rate=1.0)
+    with pytest.raises(ClientError) as info:
+        await rek.detect_faces(Image=image)
+    assert code_of(info.value) == "ThrottlingException"
+    assert info.value.response["ResponseMetadata"]["HTTPStatusCode"] == 500
+
+    fake.configure(throttle_rate=0.0)
+    await rek.detect_faces(Image=image)
+    stats = fake.stats()
+    assert stats["calls"] == {"DetectFaces": 4, "DetectLabels": 1}
+    assert stats["ok"] == {"DetectFaces": 1, "DetectLabels": 1}
+    assert stats["throttled"] == {"DetectFaces": 2}
+    assert stats["errors"] == {"DetectFaces": 1}
+    assert stats["error_codes"]["DetectFaces"] == {
+        "ProvisionedThroughputExceededException": 1,
+        "InternalServerError": 1,
+        "ThrottlingException": 1,
+    }
+
+
+async def test_latency_and_fast_throttles(fake: FakeRekognition, rek: Any) -> None:
+    image = {"Bytes": sample("ric.jpg")}
+    await rek.detect_faces(Image=image)  # warm the connection
+    fake.configure(latency_median_ms=150, latency_sigma=0.0)
+    started = time.monotonic()
+    await rek.detect_faces(Image=image)
+    slow = time.monotonic() - started
+    assert slow >= 0.14
+    fake.set_quota("DetectFaces", 0)
+    started = time.monotonic()
+    with pytest.raises(ClientError):
+        await rek.detect_faces(Image=image)
+    assert time.monotonic() - started < slow
+
+
+# ---------------------------------------------------------------- faces: compare, collections
+
+
+async def test_compare_faces_with_people(fake: FakeRekognition, rek: Any, bucket: str) -> None:
+    source = {"Bytes": sample("ric_harvey.jpeg")}
+    crowd = s3_image(bucket, "ric_crowd1.jpg")
+    answer = await rek.compare_faces(SourceImage=source, TargetImage=crowd)
+    assert len(answer["FaceMatches"]) == 1 and len(answer["UnmatchedFaces"]) == 4
+    match = answer["FaceMatches"][0]
+    assert match["Similarity"] >= 95
+    crowd_faces = (await rek.detect_faces(Image=crowd))["FaceDetails"]
+    assert match["Face"]["BoundingBox"] == crowd_faces[1]["BoundingBox"]  # "ric" is 2nd
+    assert {"BoundingBox", "Confidence"} <= set(answer["SourceImageFace"])
+
+    everyone = await rek.compare_faces(SourceImage=source, TargetImage=crowd, SimilarityThreshold=0)
+    sims = sorted(m["Similarity"] for m in everyone["FaceMatches"])
+    assert len(sims) == 5 and all(s < 40 for s in sims[:4]) and sims[4] >= 95
+    nobody = await rek.compare_faces(SourceImage=source, TargetImage=crowd, SimilarityThreshold=100)
+    assert nobody["FaceMatches"] == [] and len(nobody["UnmatchedFaces"]) == 5
+
+    other = await rek.compare_faces(
+        SourceImage=source, TargetImage=s3_image(bucket, "ric_crowd0.jpg")
+    )
+    assert other["FaceMatches"] == [] and len(other["UnmatchedFaces"]) == 4
+    same = await rek.compare_faces(SourceImage=source, TargetImage=s3_image(bucket, "ric.jpg"))
+    assert len(same["FaceMatches"]) == 1
+
+    with pytest.raises(ClientError) as info:
+        await rek.compare_faces(
+            SourceImage=s3_image(bucket, "sample-image1.jpeg"), TargetImage=crowd
+        )
+    assert code_of(info.value) == "InvalidParameterException"
+    assert "no faces" in info.value.response["Error"]["Message"]
+    billed = fake.stats()["billed"]
+    assert billed[("CompareFaces", f"s3://{bucket}/ric_crowd1.jpg")] == 3
+
+
+async def test_collections_round_trip(rek: Any, bucket: str) -> None:
+    created = await rek.create_collection(CollectionId="people")
+    assert created["StatusCode"] == 200
+    with pytest.raises(ClientError) as info:
+        await rek.create_collection(CollectionId="people")
+    assert code_of(info.value) == "ResourceAlreadyExistsException"
+
+    with pytest.raises(ClientError) as info:
+        await rek.index_faces(
+            CollectionId="people", Image=s3_image(bucket, "ric.jpg"), ExternalImageId="a b"
+        )
+    assert code_of(info.value) == "InvalidParameterException"
+
+    indexed = await rek.index_faces(
+        CollectionId="people",
+        Image=s3_image(bucket, "ric_crowd1.jpg"),
+        ExternalImageId="crowd1.jpg",
+        MaxFaces=4,
+    )
+    assert len(indexed["FaceRecords"]) == 4
+    assert indexed["UnindexedFaces"][0]["Reasons"] == ["EXCEEDS_MAX_FACES"]
+    again = await rek.index_faces(
+        CollectionId="people",
+        Image=s3_image(bucket, "ric_crowd1.jpg"),
+        ExternalImageId="crowd1.jpg",
+        MaxFaces=4,
+    )
+    face_ids = [r["Face"]["FaceId"] for r in indexed["FaceRecords"]]
+    assert [r["Face"]["FaceId"] for r in again["FaceRecords"]] == face_ids  # deterministic
+    await rek.index_faces(
+        CollectionId="people", Image=s3_image(bucket, "ric.jpg"), ExternalImageId="ric.jpg"
+    )
+
+    listed = await rek.list_faces(CollectionId="people", MaxResults=3)
+    assert len(listed["Faces"]) == 3 and listed["NextToken"]
+    rest = await rek.list_faces(CollectionId="people", NextToken=listed["NextToken"])
+    assert len(listed["Faces"]) + len(rest["Faces"]) == 5
+    described = await rek.describe_collection(CollectionId="people")
+    assert described["FaceCount"] == 5
+
+    found = await rek.search_faces_by_image(
+        CollectionId="people", Image=s3_image(bucket, "ric_harvey.jpeg")
+    )
+    externals = sorted(m["Face"].get("ExternalImageId") for m in found["FaceMatches"])
+    assert externals == ["crowd1.jpg", "ric.jpg"]
+    assert all(m["Similarity"] >= 95 for m in found["FaceMatches"])
+    top = await rek.search_faces_by_image(
+        CollectionId="people", Image=s3_image(bucket, "ric.jpg"), MaxFaces=1
+    )
+    assert len(top["FaceMatches"]) == 1
+    loose = await rek.search_faces_by_image(
+        CollectionId="people", Image=s3_image(bucket, "ric.jpg"), FaceMatchThreshold=0
+    )
+    assert len(loose["FaceMatches"]) == 5
+
+    ric_in_crowd = face_ids[1]
+    by_id = await rek.search_faces(CollectionId="people", FaceId=ric_in_crowd)
+    assert by_id["SearchedFaceId"] == ric_in_crowd
+    assert [m["Face"]["ExternalImageId"] for m in by_id["FaceMatches"]] == ["ric.jpg"]
+
+    with pytest.raises(ClientError) as info:
+        await rek.search_faces_by_image(
+            CollectionId="people", Image=s3_image(bucket, "sample-image1.jpeg")
+        )
+    assert code_of(info.value) == "InvalidParameterException"
+
+    assert "people" in (await rek.list_collections())["CollectionIds"]
+    assert (await rek.delete_collection(CollectionId="people"))["StatusCode"] == 200
+    for call in (
+        rek.describe_collection(CollectionId="people"),
+        rek.index_faces(CollectionId="people", Image=s3_image(bucket, "ric.jpg")),
+        rek.search_faces_by_image(CollectionId="people", Image=s3_image(bucket, "ric.jpg")),
+    ):
+        with pytest.raises(ClientError) as info:
+            await call
+        assert code_of(info.value) == "ResourceNotFoundException"
+
+
+# ---------------------------------------------------------------- admin endpoints, CLI
+
+
+async def test_admin_endpoints(fake: FakeRekognition, rek: Any) -> None:
+    data = sample("ric.jpg")
+    await rek.detect_faces(Image={"Bytes": data})
+    async with aiohttp.ClientSession() as http:
+        async with http.get(fake.url + "/_fake/stats") as resp:
+            stats = await resp.json()
+        assert stats["ok"] == {"DetectFaces": 1}
+        assert stats["billed"] == {f"DetectFaces sha256:{image_digest(data)}": 1}
+
+        async with http.post(
+            fake.url + "/_fake/config", json={"quotas": {"DetectFaces": 0}, "latency_sigma": 0.2}
+        ) as resp:
+            assert resp.status == 200
+            assert (await resp.json())["quotas"] == {"DetectFaces": 0.0}
+        with pytest.raises(ClientError) as info:
+            await rek.detect_faces(Image={"Bytes": data})
+        assert code_of(info.value) == "ProvisionedThroughputExceededException"
+
+        async with http.post(fake.url + "/_fake/config", json={"nope": 1}) as resp:
+            assert resp.status == 400
+        async with http.post(fake.url + "/_fake/reset") as resp:
+            assert resp.status == 200
+        async with http.get(fake.url + "/_fake/stats") as resp:
+            assert (await resp.json())["calls"] == {}
+    assert fake.config.latency_sigma == 0.2
+
+
+def test_cli_serves_and_stops_on_sigterm(moto_endpoint: str, tmp_path: Path) -> None:
+    people_file = tmp_path / "people.json"
+    people_file.write_text(json.dumps({image_digest(sample("ric.jpg")): ["ric", "friend"]}))
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "rekbatch.testing.fake_rekognition",
+            "--port",
+            "0",
+            "--s3-endpoint-url",
+            moto_endpoint,
+            "--quota",
+            "DetectFaces=50",
+            "--people",
+            str(people_file),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        with selectors.DefaultSelector() as sel:
+            sel.register(proc.stdout, selectors.EVENT_READ)
+            assert sel.select(timeout=15), "the CLI printed no URL"
+        url = proc.stdout.readline().strip()
+        assert url.startswith("http://127.0.0.1:")
+        client = boto3.client("rekognition", endpoint_url=url, region_name=REGION, **CREDS)
+        try:
+            answer = client.detect_faces(Image={"Bytes": sample("ric.jpg")})
+        finally:
+            client.close()
+        assert len(answer["FaceDetails"]) == 2
+        with urllib.request.urlopen(url + "/_fake/stats", timeout=5) as resp:
+            assert json.load(resp)["ok"] == {"DetectFaces": 1}
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        _, stderr = proc.communicate(timeout=10)
+    assert "Traceback" not in stderr
