@@ -264,5 +264,23 @@ def status(
     typer.echo(json.dumps(report, indent=2) if as_json else render_status(report))
 
 
+@app.command()
+def report(
+    directory: Annotated[Path, typer.Argument(help="The job's output directory.")],
+    max_per_person: Annotated[
+        int | None, typer.Option("--max-per-person", min=1, help="Best N matches per person.")
+    ] = None,
+) -> None:
+    """Write DIRECTORY/report.html: each person's matched images with the face boxed."""
+    from rekbatch.report import build_report, job_config
+
+    try:
+        cfg = job_config(directory)
+        path = asyncio.run(build_report(directory, cfg, max_per_person=max_per_person))
+    except Exception as exc:
+        raise _fail(exc) from None
+    typer.echo(f"report: {path}")
+
+
 def main() -> None:
     app()

@@ -57,6 +57,7 @@ log = structlog.get_logger("rekbatch")
 STATE_DIR = ".rekbatch"
 RESULT_FILES = ("results.jsonl", "results.csv", "summary.json")
 BATCH_RECORDS = 256
+LOOKUP_CHUNK = 500
 BATCH_SECONDS = 0.25
 GRACE_SECONDS = 30.0
 
@@ -150,6 +151,8 @@ class Job:
         self._backend: Backend | None = None
         self._ledger: Ledger | None = None
         self._started = 0.0
+        self._images_before = 0  # images sent by earlier runs of the job, for budget caps
+        self._reserved = 0
 
     # -- control ----------------------------------------------------------------------------
 
@@ -331,6 +334,7 @@ class Job:
         self._limiters = {
             api: AdaptiveLimiter(rate, clock=self.clock, name=api) for api, rate in ceilings.items()
         }
+        self._images_before = ledger.images_sent()
         ledger.start_run(self.run_id, os.getpid())
         self._started = self.clock.now()
         log.info(
@@ -410,31 +414,60 @@ class Job:
         writer: _Writer,
         trackers: dict[int, WatermarkTracker],
     ) -> None:
-        assert self._ledger is not None
-        cfg = self.cfg.source
-        for index, uri in enumerate(cfg.uris):
-            mark = self._ledger.watermark(index)
-            finished = self._ledger.finished_after(index, mark)
+        ledger, clients = self._ledger, self._clients
+        assert ledger is not None and clients is not None
+        sources = ledger.sources()
+        if sources and all(row["listing_done"] for row in sources):
+            # A finished job run again: list everything once more to pick up new and changed
+            # objects; unchanged ones are recognised in the ledger and cost nothing.
+            ledger.reset_listing(range(len(sources)))
+        for index, uri in enumerate(self.cfg.source.uris):
+            mark = ledger.watermark(index)
+            ledger.rebase_listed(index, mark)
             tracker = trackers[index] = WatermarkTracker(mark)
-            max_bytes = self._max_bytes(uri)
             log.info("listing", source=uri, start_after=mark)
-            assert self._clients is not None
-            async for obj in open_listing(uri, index, self._clients.s3, mark):
-                self.stats.listed += 1
-                writer.listed[index] += 1
-                seq = tracker.push(obj.key)
-                before = finished.get(obj.key, {})
-                todo = [s for s in self._specs if before.get(s.type) != obj.etag]
-                if not todo:
-                    tracker.complete(seq)
-                    continue
-                reason = classify_listing(obj, cfg.include, cfg.exclude, max_bytes, sniff=cfg.sniff)
-                if reason is not None:
-                    await writer.put(self._skipped(obj, seq, todo, reason))
-                    continue
-                await queue.put(_Work(obj, seq, todo))
+            chunk: list[ObjectRef] = []
+            async for obj in open_listing(uri, index, clients.s3, mark):
+                chunk.append(obj)
+                if len(chunk) >= LOOKUP_CHUNK:
+                    await self._dispatch(chunk, uri, queue, writer, tracker)
+                    chunk = []
+            await self._dispatch(chunk, uri, queue, writer, tracker)
             writer.listing_finished.add(index)
             log.info("listed", source=uri, objects=writer.listed[index])
+
+    async def _dispatch(
+        self,
+        chunk: list[ObjectRef],
+        uri: str,
+        queue: asyncio.Queue[_Work | None],
+        writer: _Writer,
+        tracker: WatermarkTracker,
+    ) -> None:
+        """Send a chunk of listed objects on, minus the operations the ledger already holds
+        for the same ETag (an object whose ETag changed is processed again)."""
+        if not chunk:
+            return
+        assert self._ledger is not None
+        source = chunk[0].source_index
+        keys = [obj.key for obj in chunk]
+        finished = await asyncio.to_thread(self._ledger.lookup, source, keys)
+        cfg = self.cfg.source
+        max_bytes = self._max_bytes(uri)
+        for obj in chunk:
+            self.stats.listed += 1
+            writer.listed[source] += 1
+            seq = tracker.push(obj.key)
+            before = finished.get(obj.key, {})
+            todo = [s for s in self._specs if before.get(s.type) != obj.etag]
+            if not todo:
+                tracker.complete(seq)
+                continue
+            reason = classify_listing(obj, cfg.include, cfg.exclude, max_bytes, sniff=cfg.sniff)
+            if reason is not None:
+                await writer.put(self._skipped(obj, seq, todo, reason))
+                continue
+            await queue.put(_Work(obj, seq, todo))
 
     # -- consumers --------------------------------------------------------------------------
 
@@ -449,30 +482,32 @@ class Job:
             if done is not None:
                 await writer.put(done)
 
-    def _budget_allows(self) -> bool:
+    def _reserve_image(self) -> bool:
+        """Take one image from the budget, or stop the run when a cap is reached. Checking and
+        taking happen with no await between them, so consumers never overshoot a cap."""
+        images = self._images_before + self._reserved
         max_images = self.cfg.limits.max_images
-        if max_images is not None and self._images_total() >= max_images:
+        if max_images is not None and images >= max_images:
             self.request_stop("budget: limits.max_images reached")
             return False
         max_cost = self.cfg.limits.max_cost_usd
         if max_cost is not None:
-            spent = estimate_cost({"all": self._images_total() * len(self._specs)})
-            if spent >= max_cost:
+            cost = estimate_cost({s.api: images + 1 for s in self._specs})
+            if cost > max_cost:
                 self.request_stop("budget: limits.max_cost_usd reached")
                 return False
+        self._reserved += 1
         return True
-
-    def _images_total(self) -> int:
-        return self.stats.images_sent + getattr(self, "_images_before", 0)
 
     async def _process(self, work: _Work) -> _Done | None:
         obj = work.obj
-        if not self._budget_allows():
+        if not self._reserve_image():
             return None
         try:
             if self.cfg.source.sniff or self._needs_bytes(obj):
                 reason = classify_head(obj, await self._read_head(obj))
                 if reason is not None:
+                    self._reserved -= 1
                     return self._skipped(obj, work.seq, work.ops, reason)
             data = await self._read_bytes(obj) if self._needs_bytes(obj) else None
         except Exception as exc:

@@ -94,8 +94,12 @@ class Ledger:
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(SCHEMA)
         self._db.row_factory = sqlite3.Row
+        # The producer looks keys up from a worker thread while the writer commits from
+        # another: each gets its own connection (WAL lets readers and the writer overlap).
+        self._reader = sqlite3.connect(path, check_same_thread=False, timeout=10)
 
     def close(self) -> None:
+        self._reader.close()
         self._db.close()
 
     @contextmanager
@@ -136,17 +140,37 @@ class Ledger:
         row = self._db.execute("SELECT watermark FROM sources WHERE idx = ?", (source,)).fetchone()
         return None if row is None else row[0]
 
-    def finished_after(self, source: int, watermark: str | None) -> dict[str, dict[str, str]]:
-        """Per key above the watermark, the operations already recorded and their ETag."""
-        query = "SELECT key, operation, etag FROM records WHERE source = ?"
-        args: tuple[Any, ...] = (source,)
-        if watermark is not None:
-            query += " AND key > ?"
-            args = (source, watermark)
+    def lookup(self, source: int, keys: list[str]) -> dict[str, dict[str, str]]:
+        """Per key of ``keys`` already recorded, its operations and the ETag they saw."""
         done: dict[str, dict[str, str]] = {}
-        for key, op, etag in self._db.execute(query, args):
-            done.setdefault(key, {})[op] = etag
+        for start in range(0, len(keys), 500):
+            part = keys[start : start + 500]
+            marks = ",".join("?" * len(part))
+            rows = self._reader.execute(
+                f"SELECT key, operation, etag FROM records WHERE source = ? AND key IN ({marks})",
+                (source, *part),
+            )
+            for key, op, etag in rows:
+                done.setdefault(key, {})[op] = etag
         return done
+
+    def rebase_listed(self, source: int, watermark: str | None) -> None:
+        """Before listing after ``watermark``: count as listed only the objects below it, so
+        keys listed by an interrupted run and listed again are not counted twice."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE sources SET listed = (SELECT COUNT(DISTINCT key) FROM records "
+                "WHERE source = ? AND key <= ?) WHERE idx = ?",
+                (source, watermark or "", source),
+            )
+
+    def images_sent(self) -> int:
+        """Objects that reached Rekognition (not skipped), for budget caps across runs."""
+        row = self._db.execute(
+            "SELECT COUNT(*) FROM (SELECT DISTINCT source, key FROM records "
+            "WHERE status != 'skipped')"
+        ).fetchone()
+        return int(row[0])
 
     # -- the commit of a batch --------------------------------------------------------------
 

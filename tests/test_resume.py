@@ -1,0 +1,292 @@
+"""Checkpointing and resume through the CLI as a subprocess: kills, signals, locks, status."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from rekbatch.pipeline import BATCH_SECONDS
+from rekbatch.testing.fake_rekognition import FakeConfig, FakeRekognition
+from tests.conftest import make_bucket
+from tests.helpers import base_config, fake_jpeg, invoke, read_csv, read_jsonl, write_config
+
+OPS = '[[operations]]\ntype = "detect_faces"\n\n[[operations]]\ntype = "detect_labels"\n'
+
+
+@pytest.fixture
+def slow_fake(moto_endpoint: str) -> Iterator[FakeRekognition]:
+    """A fake with real latency and a quota, so runs last long enough to be interrupted."""
+    server = FakeRekognition(
+        FakeConfig(
+            s3_endpoint_url=moto_endpoint,
+            latency_median_ms=20,
+            latency_sigma=0.3,
+            quotas={"DetectFaces": 100, "DetectLabels": 100},
+        )
+    )
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def _fill(s3: Any, bucket: str, images: int, extra: dict[str, bytes] | None = None) -> set[str]:
+    make_bucket(s3, bucket)
+    keys = set()
+    for i in range(images):
+        key = f"img/{i:05d}.jpg"
+        s3.put_object(Bucket=bucket, Key=key, Body=fake_jpeg(i))
+        keys.add(key)
+    for key, body in (extra or {}).items():
+        s3.put_object(Bucket=bucket, Key=key, Body=body)
+        keys.add(key)
+    return keys
+
+
+def _config(tmp_path: Path, bucket: str, moto: str, rek: str, limits: str = "") -> Path:
+    text = base_config(
+        uris=[f"s3://{bucket}/"],
+        output_dir=tmp_path / "out",
+        s3_endpoint=moto,
+        rek_endpoint=rek,
+        operations=OPS,
+        extra=f"[limits]\nconcurrency = 8\nmax_tps = 100\n{limits}\n",
+    )
+    return write_config(tmp_path / "job.toml", text)
+
+
+def _start(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "rekbatch", *args, "--log-format", "json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _finish(proc: subprocess.Popen[str], timeout: float = 120) -> tuple[int, str, str]:
+    out, err = proc.communicate(timeout=timeout)
+    return proc.returncode, out, err
+
+
+def _wait_for_rows(path: Path, more_than: int, proc: subprocess.Popen[str], timeout: float) -> None:
+    """Until the results file has grown past ``more_than`` bytes (or the run ended)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and path.stat().st_size > more_than:
+            return
+        if proc.poll() is not None:
+            return
+        time.sleep(0.02)
+    proc.kill()
+    proc.communicate(timeout=10)
+    raise AssertionError(f"no progress in {timeout} s")
+
+
+def _assert_exactly_once(out: Path, keys: set[str]) -> list[dict[str, Any]]:
+    rows = read_jsonl(out / "results.jsonl")  # every line parses: no torn line
+    pairs = Counter((r["key"], r["operation"]) for r in rows)
+    expected = {(k, op) for k in keys for op in ("detect_faces", "detect_labels")}
+    assert set(pairs) == expected
+    assert max(pairs.values()) == 1
+    csv_pairs = Counter((r["key"], r["operation"]) for r in read_csv(out / "results.csv"))
+    assert csv_pairs == pairs
+    return rows
+
+
+def test_sigkill_at_random_moments_loses_nothing_and_writes_nothing_twice(
+    s3: Any, moto_endpoint: str, slow_fake: FakeRekognition, tmp_path: Path
+) -> None:
+    keys = _fill(s3, "crash-bucket", 700)
+    config = _config(tmp_path, "crash-bucket", moto_endpoint, slow_fake.url)
+    out = tmp_path / "out"
+    rng = random.Random(20261124)
+    kills = 0
+    size = 0
+    for _ in range(14):
+        proc = _start("run", str(config))
+        _wait_for_rows(out / "results.jsonl", size, proc, timeout=60)
+        time.sleep(rng.uniform(0.0, 0.6))
+        if proc.poll() is not None:
+            break
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=10)
+        kills += 1
+        size = (out / "results.jsonl").stat().st_size
+        if kills >= 10:
+            break
+    assert kills >= 10
+    code, _, err = _finish(_start("run", str(config)))
+    assert code == 0, err
+    _assert_exactly_once(out, keys)
+
+    # Paid at most once per (object, operation), beyond the calls a kill caught in flight:
+    # at most `concurrency` calls on the wire plus one uncommitted batch window per kill.
+    billed = slow_fake.stats()["billed"]
+    assert {ident for _, ident in billed} == {f"s3://crash-bucket/{k}" for k in keys}
+    extra = sum(n - 1 for n in billed.values())
+    per_kill = 2 * 8 + int(2 * 100 * (BATCH_SECONDS + 0.25))
+    assert extra <= kills * per_kill, (extra, kills)
+
+
+def test_sigint_stops_cleanly_with_130_and_resumes(
+    s3: Any, moto_endpoint: str, slow_fake: FakeRekognition, tmp_path: Path
+) -> None:
+    keys = _fill(s3, "sigint-bucket", 300)
+    config = _config(tmp_path, "sigint-bucket", moto_endpoint, slow_fake.url)
+    out = tmp_path / "out"
+    proc = _start("run", str(config))
+    _wait_for_rows(out / "results.jsonl", 0, proc, timeout=60)
+    proc.send_signal(signal.SIGINT)
+    code, _, err = _finish(proc, timeout=30)
+    assert code == 130, err
+    assert f"rekbatch resume {out}" in err
+    partial = read_jsonl(out / "results.jsonl")
+    assert 0 < len(partial) < 600
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stopped"].startswith("interrupted")
+
+    code, _, err = _finish(_start("resume", str(out)))
+    assert code == 0, err
+    _assert_exactly_once(out, keys)
+
+
+def test_budget_cap_stops_with_4_and_resume_does_not_relist_finished_work(
+    s3: Any, moto_endpoint: str, slow_fake: FakeRekognition, tmp_path: Path
+) -> None:
+    keys = _fill(s3, "budget-bucket", 1200)
+    config = _config(tmp_path, "budget-bucket", moto_endpoint, slow_fake.url, "max_images = 900")
+    out = tmp_path / "out"
+    code, _, err = _finish(_start("run", str(config)))
+    assert code == 4, err
+    first = read_jsonl(out / "results.jsonl")
+    assert {r["key"] for r in first} and len({r["key"] for r in first}) == 900
+
+    # A larger cap through the environment, and the job resumes where it stopped.
+    env = {**os.environ, "REKBATCH_LIMITS__MAX_IMAGES": "5000"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rekbatch", "run", str(config), "--log-format", "json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    code, _, err = _finish(proc)
+    assert code == 0, err
+    _assert_exactly_once(out, keys)
+    events = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    listing = next(e for e in events if e["event"] == "listing")
+    listed = next(e for e in events if e["event"] == "listed")
+    assert listing["start_after"] is not None
+    # Only the unfinished tail is listed again, not the 900 finished objects.
+    assert listed["objects"] <= 1200 - 900 + 8 * 2 + 500
+    assert listed["objects"] < 1200 - 300
+    # Nothing finished was paid for twice.
+    assert max(slow_fake.stats()["billed"].values()) == 1
+
+
+def test_lock_refuses_a_second_runner_and_is_taken_over_after_a_crash(
+    s3: Any, moto_endpoint: str, slow_fake: FakeRekognition, tmp_path: Path
+) -> None:
+    keys = _fill(s3, "lock-bucket", 300)
+    config = _config(tmp_path, "lock-bucket", moto_endpoint, slow_fake.url)
+    out = tmp_path / "out"
+    first = _start("run", str(config))
+    _wait_for_rows(out / "results.jsonl", 0, first, timeout=60)
+
+    status = invoke("status", str(out), "--json")
+    assert status.exit_code == 0, status.stderr
+    report = json.loads(status.stdout)
+    assert report["active"] is True
+    assert sum(report["by_status"].values()) > 0
+
+    second = invoke("run", str(config))
+    assert second.exit_code == 2
+    assert "already active" in second.stderr
+
+    first.send_signal(signal.SIGKILL)
+    first.communicate(timeout=10)
+    assert json.loads(invoke("status", str(out), "--json").stdout)["active"] is False
+    code, _, err = _finish(_start("run", str(config)))
+    assert code == 0, err
+    _assert_exactly_once(out, keys)
+    report = json.loads(invoke("status", str(out), "--json").stdout)
+    assert report["active"] is False
+    assert report["objects_done"] == len(keys)
+    assert report["eta_seconds"] == 0
+
+
+def test_changed_and_new_objects_are_processed_on_a_rerun(
+    s3: Any, moto_endpoint: str, tmp_path: Path
+) -> None:
+    with FakeRekognition(FakeConfig(s3_endpoint_url=moto_endpoint)) as fake:
+        keys = _fill(s3, "etag-bucket", 20)
+        config = _config(tmp_path, "etag-bucket", moto_endpoint, fake.url)
+        out = tmp_path / "out"
+        assert invoke("run", str(config)).exit_code == 0
+        s3.put_object(Bucket="etag-bucket", Key="img/00003.jpg", Body=fake_jpeg(999))
+        s3.put_object(Bucket="etag-bucket", Key="img/zz-new.jpg", Body=fake_jpeg(1000))
+        assert invoke("run", str(config)).exit_code == 0
+        rows = read_jsonl(out / "results.jsonl")
+        per_key = Counter(r["key"] for r in rows if r["operation"] == "detect_faces")
+        assert per_key["img/00003.jpg"] == 2  # once per version of the object
+        assert per_key["img/zz-new.jpg"] == 1
+        assert all(per_key[k] == 1 for k in keys if k != "img/00003.jpg")
+        etags = {r["etag"] for r in rows if r["key"] == "img/00003.jpg"}
+        assert len(etags) == 2
+        billed = fake.stats()["billed"]
+        assert billed[("DetectFaces", "s3://etag-bucket/img/00003.jpg")] == 2
+        assert billed[("DetectFaces", "s3://etag-bucket/img/00004.jpg")] == 1
+
+
+def test_retry_failed_replaces_the_failed_rows(s3: Any, moto_endpoint: str, tmp_path: Path) -> None:
+    with FakeRekognition(FakeConfig(s3_endpoint_url=moto_endpoint)) as fake:
+        liar = b"words and no picture at all, although the name says jpg. " * 3
+        keys = _fill(s3, "retry-bucket", 10, {"img/liar.jpg": liar})
+        config = _config(tmp_path, "retry-bucket", moto_endpoint, fake.url)
+        config.write_text(config.read_text().replace("[source]\n", "[source]\nsniff = false\n"))
+        out = tmp_path / "out"
+        result = invoke("run", str(config))
+        assert result.exit_code == 3
+        failed = [r for r in read_jsonl(out / "results.jsonl") if r["status"] == "failed"]
+        assert {r["error_code"] for r in failed} == {"InvalidImageFormatException"}
+
+        s3.put_object(Bucket="retry-bucket", Key="img/liar.jpg", Body=fake_jpeg(77))
+        result = invoke(
+            "resume", str(out), "--retry-failed", "--codes", "InvalidImageFormatException"
+        )
+        assert result.exit_code == 0, result.stderr
+        rows = _assert_exactly_once(out, keys)
+        assert all(r["status"] == "ok" for r in rows)
+
+
+def test_a_different_job_in_the_directory_is_refused_unless_fresh(
+    s3: Any, moto_endpoint: str, tmp_path: Path
+) -> None:
+    with FakeRekognition(FakeConfig(s3_endpoint_url=moto_endpoint)) as fake:
+        keys = _fill(s3, "fresh-bucket", 5)
+        config = _config(tmp_path, "fresh-bucket", moto_endpoint, fake.url)
+        assert invoke("run", str(config)).exit_code == 0
+        other = tmp_path / "other.toml"
+        other.write_text(
+            config.read_text().replace('type = "detect_labels"', 'type = "detect_text"')
+        )
+        refused = invoke("run", str(other))
+        assert refused.exit_code == 2
+        assert "different job" in refused.stderr
+        assert invoke("run", str(other), "--fresh").exit_code == 0
+        rows = read_jsonl(tmp_path / "out" / "results.jsonl")
+        assert {r["operation"] for r in rows} == {"detect_faces", "detect_text"}
+        assert len(rows) == 2 * len(keys)
