@@ -17,7 +17,7 @@ import random
 import shutil
 import time
 import uuid
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -32,8 +32,9 @@ from rekbatch.checkpoint.ledger import Ledger, LedgerRow
 from rekbatch.checkpoint.lock import JobLock
 from rekbatch.checkpoint.watermark import WatermarkTracker
 from rekbatch.clock import MONOTONIC, Clock
-from rekbatch.config import CompareFacesOp, Config, parse_s3_uri
-from rekbatch.errors import BackendError, ConfigError, SetupError
+from rekbatch.config import CompareFacesOp, Config, SearchFacesOp, parse_s3_uri
+from rekbatch.errors import BackendError, SetupError
+from rekbatch.operations.search import PeopleSearch, choose_strategy
 from rekbatch.operations.specs import OperationSpec, build_spec
 from rekbatch.pricing import estimate_cost
 from rekbatch.ratelimit.limiter import AdaptiveLimiter
@@ -42,6 +43,7 @@ from rekbatch.ratelimit.retry import RetryPolicy
 from rekbatch.records import ObjectRef, Record, SkipReason
 from rekbatch.sinks.files import DurableFile
 from rekbatch.sinks.rows import csv_header, csv_rows, jsonl_line
+from rekbatch.sinks.summary import answer_lines, build_summary, search_answer
 from rekbatch.sources import open_listing
 from rekbatch.sources.filters import (
     MAX_IMAGE_BYTES,
@@ -58,6 +60,7 @@ STATE_DIR = ".rekbatch"
 RESULT_FILES = ("results.jsonl", "results.csv", "summary.json")
 BATCH_RECORDS = 256
 LOOKUP_CHUNK = 500
+DEDUP_MEMORY = 200_000  # recent distinct contents remembered for deduplication
 BATCH_SECONDS = 0.25
 GRACE_SECONDS = 30.0
 
@@ -114,6 +117,7 @@ class RunStats:
     listed: int = 0
     objects_done: int = 0
     images_sent: int = 0
+    deduplicated: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -125,6 +129,7 @@ class RunStats:
             "listed": self.listed,
             "objects_done": self.objects_done,
             "images_sent": self.images_sent,
+            "deduplicated": self.deduplicated,
         }
 
 
@@ -141,10 +146,18 @@ class Job:
         self._stop_reason: str | None = None
         self._stopping = asyncio.Event()
         self._rng = random.Random()
-        self._specs = [build_spec(op) for op in cfg.operations if op.type != "search_faces"]
-        if len(self._specs) != len(cfg.operations):
-            raise ConfigError("operations: search_faces is not available in this version yet")
+        self._search: PeopleSearch | None = None
+        self._specs = []
+        for op in cfg.operations:
+            if isinstance(op, SearchFacesOp):
+                api = "IndexFaces" if choose_strategy(op) == "collection" else "CompareFaces"
+                self._specs.append(OperationSpec(op.type, api, "Image", {}, lambda _: {}))
+            else:
+                self._specs.append(build_spec(op))
         self._reference: dict[str, bytes] = {}
+        self._reference_info: dict[str, dict[str, Any]] = {}
+        # Same content (ETag and size) is called once per run; copies reuse the result.
+        self._contents: OrderedDict[tuple[Any, ...], asyncio.Future[_Done | None]] = OrderedDict()
         self._limiters: dict[str, AdaptiveLimiter] = {}
         self._retry = RetryPolicy(max_attempts=cfg.limits.max_attempts)
         self._clients: AwsClients | None = None
@@ -172,6 +185,8 @@ class Job:
         ledger = Ledger(state_dir(self.out) / "ledger.sqlite")
         fingerprint = self.cfg.fingerprint()
         existing = ledger.get_meta("fingerprint")
+        if existing is not None and existing != fingerprint and not ledger.has_records():
+            existing = None  # an earlier run stopped before any work: nothing to keep
         if existing is not None and (existing != fingerprint or self.options.fresh):
             if not self.options.fresh:
                 ledger.close()
@@ -223,32 +238,67 @@ class Job:
         assert self._clients is not None
         return await self._clients.read_object(*parsed)
 
+    async def _read_reference(self, field: str, location: str) -> bytes:
+        try:
+            data = await self._read_location(location)
+        except Exception as exc:
+            setup = describe_setup_error(exc, f"{field} {location}")
+            if setup is not None:
+                raise setup from None
+            raise SetupError(f"{field}: cannot read {location}: {exc}") from None
+        if sniff_kind(data[:SNIFF_BYTES]) is None:
+            raise SetupError(f"{field}: {location} is not a JPEG or PNG image")
+        if len(data) > MAX_IMAGE_BYTES:
+            raise SetupError(
+                f"{field}: {location} is {len(data)} bytes; Rekognition takes at most 5 MB as bytes"
+            )
+        return data
+
+    async def _check_face(self, field: str, location: str, data: bytes) -> dict[str, Any]:
+        """One DetectFaces call before any image is paid for: the reference must hold a
+        face. With several, Rekognition compares the largest: say which one that is."""
+        outcome, _ = await self.invoke("DetectFaces", {}, {"Image": ImageInput(data=data)})
+        if isinstance(outcome, BackendError):
+            raise SetupError(f"{field}: {location}: {outcome.code}: {outcome.message}")
+        faces = outcome.get("FaceDetails", [])
+        if not faces:
+            raise SetupError(f"{field}: no face found in {location}")
+
+        def area(face: dict[str, Any]) -> float:
+            box = face.get("BoundingBox", {})
+            return float(box.get("Width", 0.0)) * float(box.get("Height", 0.0))
+
+        largest = max(faces, key=area)
+        if len(faces) > 1:
+            box = largest.get("BoundingBox", {})
+            log.warning(
+                "reference_has_several_faces",
+                reference=location,
+                faces=len(faces),
+                used="the largest",
+                left=round(float(box.get("Left", 0.0)), 3),
+                top=round(float(box.get("Top", 0.0)), 3),
+            )
+        return {"faces": len(faces), "face_used": largest.get("BoundingBox")}
+
     async def _load_references(self) -> None:
-        """Each reference face is read once per run and sent as bytes with every call."""
+        """Each reference is read once per run, checked for a face, and sent as bytes."""
         for op in self.cfg.operations:
-            if not isinstance(op, CompareFacesOp):
-                continue
-            try:
-                data = await self._read_location(op.reference)
-            except Exception as exc:
-                setup = describe_setup_error(
-                    exc, f"operations.compare_faces.reference {op.reference}"
-                )
-                if setup is not None:
-                    raise setup from None
-                raise SetupError(
-                    f"operations.compare_faces.reference: cannot read {op.reference}: {exc}"
-                ) from None
-            if sniff_kind(data[:SNIFF_BYTES]) is None:
-                raise SetupError(
-                    f"operations.compare_faces.reference: {op.reference} is not a JPEG or PNG image"
-                )
-            if len(data) > MAX_IMAGE_BYTES:
-                raise SetupError(
-                    f"operations.compare_faces.reference: {op.reference} is {len(data)} bytes; "
-                    "Rekognition takes at most 5 MB as bytes"
-                )
-            self._reference[op.type] = data
+            if isinstance(op, CompareFacesOp):
+                field = "operations.compare_faces.reference"
+                data = await self._read_reference(field, op.reference)
+                self._reference_info[op.type] = await self._check_face(field, op.reference, data)
+                self._reference[op.type] = data
+            elif isinstance(op, SearchFacesOp):
+                people: dict[str, list[tuple[str, bytes]]] = {}
+                for person, refs in op.people.items():
+                    field = f"operations.search_faces.people.{person}"
+                    for ref in refs:
+                        data = await self._read_reference(field, ref)
+                        await self._check_face(field, ref, data)
+                        people.setdefault(person, []).append((ref, data))
+                self._search = PeopleSearch(op, people)
+                await self._search.prepare(self.invoke)
 
     # -- the run ----------------------------------------------------------------------------
 
@@ -283,14 +333,23 @@ class Job:
                 self._clients = clients
                 for bucket, _ in s3_sources:
                     await clients.check_bucket(bucket)
-                await self._load_references()
                 self._backend = self._make_backend(clients)
                 try:
+                    self._build_limiters()
+                    await self._load_references()
                     return await self._execute(ledger)
                 finally:
                     await self._backend.aclose()
         finally:
             ledger.close()
+
+    def _build_limiters(self) -> None:
+        ceilings = resolve_ceilings(
+            self.cfg.limits.max_tps, self.cfg.aws.region, [s.api for s in self._specs]
+        )
+        self._limiters = {
+            api: AdaptiveLimiter(rate, clock=self.clock, name=api) for api, rate in ceilings.items()
+        }
 
     def _make_backend(self, clients: AwsClients) -> Backend:
         if self.cfg.backend.kind == "aws":
@@ -328,12 +387,6 @@ class Job:
             ledger.set_meta(
                 {"sink_sizes": json.dumps({"results.jsonl": jsonl.size, "results.csv": csvf.size})}
             )
-        ceilings = resolve_ceilings(
-            self.cfg.limits.max_tps, self.cfg.aws.region, [s.api for s in self._specs]
-        )
-        self._limiters = {
-            api: AdaptiveLimiter(rate, clock=self.clock, name=api) for api, rate in ceilings.items()
-        }
         self._images_before = ledger.images_sent()
         ledger.start_run(self.run_id, os.getpid())
         self._started = self.clock.now()
@@ -343,7 +396,7 @@ class Job:
             job=self.cfg.job.name,
             output=str(self.out),
             operations=[s.type for s in self._specs],
-            ceilings=ceilings,
+            ceilings={api: lim.ceiling for api, lim in self._limiters.items()},
             concurrency=self.cfg.limits.concurrency,
         )
         queue: asyncio.Queue[_Work | None] = asyncio.Queue(maxsize=self.cfg.limits.concurrency * 2)
@@ -380,6 +433,7 @@ class Job:
         writer_exc = writer_task.exception() if writer_task.done() else None
         if writer_exc is not None:
             raise writer_exc
+        await self._finish_search(ledger)
         return self._finish(ledger)
 
     async def _wait_producer(self, producer: asyncio.Task[None]) -> None:
@@ -500,6 +554,49 @@ class Job:
         return True
 
     async def _process(self, work: _Work) -> _Done | None:
+        """Process an object, or reuse the result of an object with the same content (ETag
+        and size) processed earlier in this run: a copy is not paid for twice."""
+        obj = work.obj
+        if obj.bucket is None:  # a local file's ETag is not a content hash
+            return await self._process_once(work)
+        content = (obj.etag, obj.size, tuple(s.type for s in work.ops))
+        pending = self._contents.get(content)
+        if pending is not None:
+            original = await asyncio.shield(pending)
+            if original is not None:
+                return self._copy_of(original, work)
+            return await self._process_once(work)
+        future: asyncio.Future[_Done | None] = asyncio.get_running_loop().create_future()
+        self._contents[content] = future
+        if len(self._contents) > DEDUP_MEMORY:
+            self._contents.popitem(last=False)
+        done: _Done | None = None
+        try:
+            done = await self._process_once(work)
+            return done
+        finally:
+            future.set_result(done)
+
+    def _copy_of(self, original: _Done, work: _Work) -> _Done:
+        uri = original.obj.uri
+        records, summaries = [], []
+        for record, summary in zip(original.records, original.summaries, strict=True):
+            copy = self._record(
+                work.obj,
+                record.operation,
+                record.status,
+                reason=record.reason,
+                result=record.result,
+            )
+            copy.error_code, copy.error_message = record.error_code, record.error_message
+            copy.latency_ms = 0.0
+            copy.extra["dedup_of"] = uri
+            records.append(copy)
+            summaries.append({**summary, "dedup_of": uri})
+        self.stats.deduplicated += 1
+        return _Done(work.obj, work.seq, records, summaries)
+
+    async def _process_once(self, work: _Work) -> _Done | None:
         obj = work.obj
         if not self._reserve_image():
             return None
@@ -521,10 +618,24 @@ class Job:
         self.stats.images_sent += 1
         records, summaries = [], []
         for spec in work.ops:
-            record, summary = await self._call(spec, obj, image)
+            if spec.type == "search_faces":
+                record, summary = await self._search_one(spec, obj, image)
+            else:
+                record, summary = await self._call(spec, obj, image)
             records.append(record)
             summaries.append(summary)
         return _Done(obj, work.seq, records, summaries)
+
+    async def _search_one(
+        self, spec: OperationSpec, obj: ObjectRef, image: ImageInput
+    ) -> tuple[Record, dict[str, Any]]:
+        assert self._search is not None
+        started = self.clock.now()
+        outcome, attempts, summary = await self._search.process(
+            self.invoke, obj.bucket, obj.key, image
+        )
+        record, _ = self._outcome_record(obj, spec, outcome, attempts, started)
+        return record, summary
 
     async def _read_head(self, obj: ObjectRef) -> bytes:
         if obj.bucket is None:
@@ -539,45 +650,75 @@ class Job:
         assert self._clients is not None
         return await self._clients.read_object(obj.bucket, obj.key)
 
-    async def _call(
-        self, spec: OperationSpec, obj: ObjectRef, image: ImageInput
-    ) -> tuple[Record, dict[str, Any]]:
+    async def invoke(
+        self, api: str, params: dict[str, Any], images: dict[str, ImageInput]
+    ) -> tuple[dict[str, Any] | BackendError, int]:
+        """One Rekognition request through the operation's shared limiter, retried with
+        backoff while the failure is transient: the response, or the last error, and the
+        number of attempts it took."""
         assert self._backend is not None
-        limiter = self._limiters[spec.api]
-        images = {spec.image_field: image}
-        if spec.type in self._reference:
-            images["SourceImage"] = ImageInput(data=self._reference[spec.type])
+        limiter = self._limiter(api)
         attempts = 0
-        started = self.clock.now()
         while True:
             attempts += 1
             permit = await limiter.acquire()
-            self.stats.calls[spec.api] += 1
+            self.stats.calls[api] += 1
             try:
-                result = await self._backend.call(spec.api, spec.params, images)
+                result = await self._backend.call(api, params, images)
             except BackendError as error:
                 if error.kind == "throttle":
                     limiter.on_throttle(permit)
-                    self.stats.throttles[spec.api] += 1
+                    self.stats.throttles[api] += 1
                 else:
                     limiter.on_error(permit)
                 if not error.retryable or attempts >= self._retry.max_attempts:
-                    self.stats.failures[spec.api] += 1
-                    record = self._record(obj, spec.type, "failed", attempts=attempts)
-                    record.error_code, record.error_message = error.code, error.message
-                    record.latency_ms = round((self.clock.now() - started) * 1000, 1)
-                    return record, {}
-                self.stats.retries[spec.api] += 1
+                    self.stats.failures[api] += 1
+                    return error, attempts
+                self.stats.retries[api] += 1
                 await self.clock.sleep(self._retry.delay(attempts, self._rng))
                 continue
             except BaseException:
                 limiter.on_error(permit)
                 raise
             limiter.on_success(permit)
-            self.stats.ok[spec.api] += 1
-            record = self._record(obj, spec.type, "ok", attempts=attempts, result=result)
-            record.latency_ms = round((self.clock.now() - started) * 1000, 1)
-            return record, spec.summarize(result)
+            self.stats.ok[api] += 1
+            return result, attempts
+
+    def _limiter(self, api: str) -> AdaptiveLimiter:
+        limiter = self._limiters.get(api)
+        if limiter is None:
+            # An API no operation declared up front (collections): its default ceiling.
+            (rate,) = resolve_ceilings(self.cfg.limits.max_tps, self.cfg.aws.region, [api]).values()
+            limiter = self._limiters[api] = AdaptiveLimiter(rate, clock=self.clock, name=api)
+        return limiter
+
+    async def _call(
+        self, spec: OperationSpec, obj: ObjectRef, image: ImageInput
+    ) -> tuple[Record, dict[str, Any]]:
+        images = {spec.image_field: image}
+        if spec.type in self._reference:
+            images["SourceImage"] = ImageInput(data=self._reference[spec.type])
+        started = self.clock.now()
+        outcome, attempts = await self.invoke(spec.api, spec.params, images)
+        return self._outcome_record(obj, spec, outcome, attempts, started)
+
+    def _outcome_record(
+        self,
+        obj: ObjectRef,
+        spec: OperationSpec,
+        outcome: dict[str, Any] | BackendError,
+        attempts: int,
+        started: float,
+    ) -> tuple[Record, dict[str, Any]]:
+        if isinstance(outcome, BackendError):
+            record = self._record(obj, spec.type, "failed", attempts=attempts)
+            record.error_code, record.error_message = outcome.code, outcome.message
+            summary: dict[str, Any] = {}
+        else:
+            record = self._record(obj, spec.type, "ok", attempts=attempts, result=outcome)
+            summary = spec.summarize(outcome)
+        record.latency_ms = round((self.clock.now() - started) * 1000, 1)
+        return record, summary
 
     # -- records ----------------------------------------------------------------------------
 
@@ -620,8 +761,37 @@ class Job:
 
     # -- the end ----------------------------------------------------------------------------
 
+    async def _finish_search(self, ledger: Ledger) -> None:
+        """Turn search_faces records into per-person matches in the ledger. The collection
+        strategy searches once every image is indexed: on a completed run only."""
+        search = self._search
+        if search is None:
+            return
+        rows: list[tuple[str, int, str, str | None, float, str | None]] = []
+        if search.strategy == "compare":
+            for row in ledger.operation_rows("search_faces"):
+                for person, (similarity, box) in json.loads(row["detail"] or "{}").items():
+                    rows.append(
+                        (person, row["source"], row["key"], row["bucket"], similarity, _box(box))
+                    )
+        elif self._stop_reason is None:
+            found = await search.search(self.invoke)
+            for person, external_id, similarity, box in found:
+                for obj in ledger.objects_with_detail("search_faces", external_id):
+                    rows.append(
+                        (person, obj["source"], obj["key"], obj["bucket"], similarity, _box(box))
+                    )
+            await search.cleanup(self.invoke)
+        else:
+            log.info("search_deferred", reason="the collection is searched when indexing ends")
+        await asyncio.to_thread(ledger.save_person_matches, rows)
+
     def _finish(self, ledger: Ledger) -> RunOutcome:
         summary = build_summary(ledger, self.cfg, self._live_stats())
+        if "compare_faces" in summary:
+            summary["compare_faces"].update(self._reference_info.get("compare_faces", {}))
+        if self._search is not None:
+            summary["search_faces"] = search_answer(ledger, self._search.op, self._search.strategy)
         summary["run_id"] = self.run_id
         summary["stopped"] = self._stop_reason
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -743,13 +913,20 @@ def _ledger_row(record: Record, summary: dict[str, Any]) -> LedgerRow:
         error_code=record.error_code,
         error_message=record.error_message,
         attempts=record.attempts,
-        billed=1 if record.status == "ok" else 0,
+        billed=1 if record.status == "ok" and "dedup_of" not in record.extra else 0,
         matched=summary.get("matched"),
         similarity=summary.get("best_similarity"),
         match_box=summary.get("match_box"),
-        detail=None,
+        detail=summary.get("detail"),
+        dedup_of=record.extra.get("dedup_of"),
         processed_at=record.processed_at,
     )
+
+
+def _box(box: dict[str, Any] | None) -> str | None:
+    if not box:
+        return None
+    return ",".join(f"{float(box.get(k, 0.0)):.4f}" for k in ("Left", "Top", "Width", "Height"))
 
 
 def _read_prefix(path: Path, nbytes: int) -> bytes:
@@ -798,89 +975,6 @@ def _rewrite_without(path: Path, committed: int, drop: set[tuple[str, str]]) -> 
         os.fsync(dst.fileno())
     os.replace(tmp, path)
     return path.stat().st_size
-
-
-# -- summary --------------------------------------------------------------------------------
-
-
-def build_summary(ledger: Ledger, cfg: Config, live: dict[str, Any]) -> dict[str, Any]:
-    by_status: Counter[str] = Counter()
-    by_reason: Counter[str] = Counter()
-    by_operation: dict[str, Counter[str]] = {}
-    billed: Counter[str] = Counter()
-    for row in ledger.counts():
-        by_status[row["status"]] += row["n"]
-        by_operation.setdefault(row["operation"], Counter())[row["status"]] += row["n"]
-        if row["reason"]:
-            by_reason[row["reason"]] += row["n"]
-        billed[row["operation"]] += row["billed"] or 0
-    elapsed = live.get("elapsed_seconds", 0.0)
-    calls = sum(live["calls"].values())
-    summary: dict[str, Any] = {
-        "job": cfg.job.name,
-        "counts": {
-            "by_status": dict(by_status),
-            "by_operation": {op: dict(c) for op, c in by_operation.items()},
-            "by_reason": dict(by_reason),
-        },
-        "calls": {
-            "total": calls,
-            "by_api": live["calls"],
-            "throttles": sum(live["throttles"].values()),
-            "retries": sum(live["retries"].values()),
-        },
-        "elapsed_seconds": elapsed,
-        "calls_per_second": live.get("calls_per_second", 0.0),
-        "limiters": live.get("limiters", {}),
-        "estimated_cost_usd": estimate_cost(dict(billed)),
-        "errors": [
-            {"operation": r["operation"], "error_code": r["error_code"], "count": r["n"]}
-            for r in ledger.top_errors()
-        ],
-    }
-    for op in cfg.operations:
-        if isinstance(op, CompareFacesOp):
-            summary["compare_faces"] = compare_answer(ledger, op)
-    return summary
-
-
-def compare_answer(ledger: Ledger, op: CompareFacesOp) -> dict[str, Any]:
-    rows = ledger.operation_rows("compare_faces")
-    matched = [r for r in rows if r["matched"]]
-    return {
-        "reference": op.reference,
-        "similarity_threshold": op.similarity_threshold,
-        "images_compared": len(rows),
-        "images_matched": len(matched),
-        "matched_keys": [r["key"] for r in matched],
-        "matches": [
-            {
-                "bucket": r["bucket"],
-                "key": r["key"],
-                "similarity": r["similarity"],
-                "bounding_box": _box_dict(r["match_box"]),
-            }
-            for r in matched
-        ],
-    }
-
-
-def _box_dict(text: str | None) -> dict[str, float] | None:
-    if not text:
-        return None
-    left, top, width, height = (float(v) for v in text.split(","))
-    return {"Left": left, "Top": top, "Width": width, "Height": height}
-
-
-def answer_lines(summary: dict[str, Any]) -> list[str]:
-    lines = []
-    answer = summary.get("compare_faces")
-    if answer:
-        lines.append(
-            f"compare_faces: reference face found in {answer['images_matched']} of "
-            f"{answer['images_compared']} images"
-        )
-    return lines
 
 
 async def run_job(

@@ -52,7 +52,7 @@ def describe_setup_error(exc: BaseException, what: str) -> SetupError | None:
         error = exc.response.get("Error", {})
         code = error.get("Code", "")
         message = error.get("Message", "") or code
-        if code in {"NoSuchBucket", "404", "NotFound"}:
+        if code in {"NoSuchBucket", "NoSuchKey", "404", "NotFound"}:
             return SetupError(f"{what}: bucket or object not found ({code})")
         if code in {"AccessDenied", "403", "Forbidden", "AllAccessDisabled"}:
             return SetupError(f"{what}: access denied ({message})")

@@ -43,10 +43,21 @@ CREATE TABLE IF NOT EXISTS records (
     similarity REAL,
     match_box TEXT,
     detail TEXT,
+    dedup_of TEXT,
     processed_at TEXT NOT NULL,
     PRIMARY KEY (source, key, operation)
 );
 CREATE INDEX IF NOT EXISTS records_status ON records (status, operation);
+CREATE INDEX IF NOT EXISTS records_detail ON records (operation, detail);
+CREATE TABLE IF NOT EXISTS person_matches (
+    person TEXT NOT NULL,
+    source INTEGER NOT NULL,
+    key TEXT NOT NULL,
+    bucket TEXT,
+    similarity REAL NOT NULL,
+    box TEXT,
+    PRIMARY KEY (person, source, key)
+);
 CREATE TABLE IF NOT EXISTS runs (
     run_id TEXT PRIMARY KEY,
     pid INTEGER NOT NULL,
@@ -77,6 +88,7 @@ class LedgerRow:
     similarity: float | None
     match_box: str | None
     detail: str | None
+    dedup_of: str | None
     processed_at: str
 
 
@@ -164,6 +176,9 @@ class Ledger:
                 (source, watermark or "", source),
             )
 
+    def has_records(self) -> bool:
+        return self._db.execute("SELECT 1 FROM records LIMIT 1").fetchone() is not None
+
     def images_sent(self) -> int:
         """Objects that reached Rekognition (not skipped), for budget caps across runs."""
         row = self._db.execute(
@@ -185,7 +200,7 @@ class Ledger:
         with self._tx() as db:
             db.executemany(
                 "INSERT OR REPLACE INTO records VALUES "
-                "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [
                     (
                         r.source,
@@ -204,6 +219,7 @@ class Ledger:
                         r.similarity,
                         r.match_box,
                         r.detail,
+                        r.dedup_of,
                         r.processed_at,
                     )
                     for r in rows
@@ -236,6 +252,37 @@ class Ledger:
                     "WHERE idx = ?",
                     (source,),
                 )
+
+    # -- search_faces answers ---------------------------------------------------------------
+
+    def objects_with_detail(self, operation: str, detail: str) -> list[sqlite3.Row]:
+        """The objects whose record of ``operation`` carries ``detail`` (an ExternalImageId:
+        the indexed object and its copies recorded with dedup_of)."""
+        return list(
+            self._db.execute(
+                "SELECT source, key, bucket FROM records "
+                "WHERE operation = ? AND detail = ? AND status = 'ok'",
+                (operation, detail),
+            )
+        )
+
+    def save_person_matches(
+        self, rows: list[tuple[str, int, str, str | None, float, str | None]]
+    ) -> None:
+        """Upsert (person, source, key, bucket, similarity, box) keeping the best similarity."""
+        with self._tx() as db:
+            db.executemany(
+                "INSERT INTO person_matches VALUES (?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (person, source, key) DO UPDATE SET "
+                "similarity = excluded.similarity, box = excluded.box "
+                "WHERE excluded.similarity > person_matches.similarity",
+                rows,
+            )
+
+    def person_matches(self) -> list[sqlite3.Row]:
+        return list(
+            self._db.execute("SELECT * FROM person_matches ORDER BY person, source, key")
+        )
 
     # -- runs -------------------------------------------------------------------------------
 

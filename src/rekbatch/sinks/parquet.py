@@ -1,0 +1,399 @@
+"""Parquet exports of ``results.jsonl``, for DuckDB, Athena, Spark or pandas.
+
+``write_parquet`` streams ``results.jsonl`` in batches (memory stays bounded for millions of
+rows) and writes three files with fixed schemas, empty but typed when there are no rows:
+
+- ``results.parquet``: one row per (object, operation), the contract's columns plus the
+  flattened summary columns of ``results.csv``, typed, and the whole result as ``result_json``.
+- ``faces.parquet``: one row per face of ``detect_faces`` and ``compare_faces`` results.
+- ``labels.parquet``: one row per label of ``detect_labels`` results.
+
+pyarrow is an optional extra: ``pip install 'rekbatch[parquet]'``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from rekbatch.errors import SetupError
+from rekbatch.operations.specs import SUMMARY_COLUMNS, summarize_result
+from rekbatch.sinks.rows import BASE_COLUMNS, CSV_COLUMNS
+
+RESULTS_FILE = "results.parquet"
+FACES_FILE = "faces.parquet"
+LABELS_FILE = "labels.parquet"
+PARQUET_FILES: tuple[str, ...] = (RESULTS_FILE, FACES_FILE, LABELS_FILE)
+
+# The README's examples; the tests run these very strings. ``{dir}`` is the output directory.
+EXAMPLE_QUERIES: dict[str, str] = {
+    "top_labels": (
+        "SELECT name, COUNT(DISTINCT coalesce(bucket, '') || '/' || key) AS images\n"
+        "FROM read_parquet('{dir}/labels.parquet')\n"
+        "GROUP BY name\n"
+        "ORDER BY images DESC, name\n"
+        "LIMIT 10"
+    ),
+    "crowded_images": (
+        "SELECT bucket, key, COUNT(*) AS faces\n"
+        "FROM read_parquet('{dir}/faces.parquet')\n"
+        "WHERE operation = 'detect_faces'\n"
+        "GROUP BY bucket, key\n"
+        "HAVING COUNT(*) > 3\n"
+        "ORDER BY faces DESC, key"
+    ),
+    "reference_matched": (
+        "SELECT bucket, key, best_similarity\n"
+        "FROM read_parquet('{dir}/results.parquet')\n"
+        "WHERE operation = 'compare_faces' AND matched\n"
+        "ORDER BY best_similarity DESC, key"
+    ),
+}
+
+_INT_COLUMNS = frozenset({"size", "attempts", "face_count", "person_count"})
+_FLOAT_COLUMNS = frozenset({"latency_ms", "best_similarity"})
+_BOOL_COLUMNS = frozenset({"matched"})
+_TIME_COLUMNS = frozenset({"last_modified", "processed_at"})
+
+FACE_COLUMNS: tuple[str, ...] = (
+    "bucket",
+    "key",
+    "etag",
+    "operation",
+    "source_operation",
+    "face_index",
+    "bbox_left",
+    "bbox_top",
+    "bbox_width",
+    "bbox_height",
+    "confidence",
+    "age_low",
+    "age_high",
+    "emotion_top",
+    "emotion_top_confidence",
+    "smile",
+    "eyeglasses",
+    "gender",
+    "similarity",
+    "matched",
+)
+LABEL_COLUMNS: tuple[str, ...] = (
+    "bucket",
+    "key",
+    "etag",
+    "name",
+    "confidence",
+    "parents",
+    "categories",
+    "instance_count",
+)
+
+DEFAULT_BATCH_ROWS = 5_000
+_BATCH_BYTES = 64 * 1024 * 1024  # flush earlier when the JSON read so far is this large
+
+
+def _pyarrow() -> tuple[Any, Any]:
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise SetupError(
+            "Parquet output needs pyarrow: pip install 'rekbatch[parquet]' "
+            "(or pip install 'pyarrow>=14')"
+        ) from None
+    return pa, pq
+
+
+def parquet_schemas() -> dict[str, Any]:
+    """The fixed ``pyarrow.Schema`` of each Parquet file, by file name."""
+    pa, _ = _pyarrow()
+    time = pa.timestamp("ms", tz="UTC")
+
+    def results_type(name: str) -> Any:
+        if name in _TIME_COLUMNS:
+            return time
+        if name in _INT_COLUMNS:
+            return pa.int64()
+        if name in _FLOAT_COLUMNS:
+            return pa.float64()
+        if name in _BOOL_COLUMNS:
+            return pa.bool_()
+        return pa.string()
+
+    faces = {
+        "face_index": pa.int32(),
+        "bbox_left": pa.float64(),
+        "bbox_top": pa.float64(),
+        "bbox_width": pa.float64(),
+        "bbox_height": pa.float64(),
+        "confidence": pa.float64(),
+        "age_low": pa.int32(),
+        "age_high": pa.int32(),
+        "emotion_top_confidence": pa.float64(),
+        "smile": pa.bool_(),
+        "eyeglasses": pa.bool_(),
+        "similarity": pa.float64(),
+        "matched": pa.bool_(),
+    }
+    labels = {
+        "confidence": pa.float64(),
+        "parents": pa.list_(pa.string()),
+        "categories": pa.list_(pa.string()),
+        "instance_count": pa.int32(),
+    }
+    return {
+        RESULTS_FILE: pa.schema([(c, results_type(c)) for c in CSV_COLUMNS]),
+        FACES_FILE: pa.schema([(c, faces.get(c, pa.string())) for c in FACE_COLUMNS]),
+        LABELS_FILE: pa.schema([(c, labels.get(c, pa.string())) for c in LABEL_COLUMNS]),
+    }
+
+
+# -- value coercion ---------------------------------------------------------------------------
+
+
+def _int(value: Any) -> int | None:
+    if value is None or value == "" or isinstance(value, bool):
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _float(value: Any) -> float | None:
+    if value is None or value == "" or isinstance(value, bool):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _bool(value: Any) -> bool | None:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in {"true", "false"}:
+        return value.lower() == "true"
+    return None
+
+
+def _str(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list | tuple):
+        return ";".join(str(v) for v in value)
+    if isinstance(value, dict):
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
+    return str(value)
+
+
+def _time(value: Any) -> datetime | None:
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    parsed = parsed.astimezone(UTC)
+    return parsed.replace(microsecond=parsed.microsecond // 1000 * 1000)
+
+
+def _coerce(name: str, value: Any) -> Any:
+    if name in _TIME_COLUMNS:
+        return _time(value)
+    if name in _INT_COLUMNS:
+        return _int(value)
+    if name in _FLOAT_COLUMNS:
+        return _float(value)
+    if name in _BOOL_COLUMNS:
+        return _bool(value)
+    return _str(value)
+
+
+# -- rows -------------------------------------------------------------------------------------
+
+
+def results_row(row: dict[str, Any]) -> dict[str, Any]:
+    """One results.jsonl row as a results.parquet row (typed, summary recomputed)."""
+    result = row.get("result")
+    summary: dict[str, Any] = {}
+    if row.get("status") == "ok" and isinstance(result, dict):
+        summary = dict(summarize_result(str(row.get("operation")), result))
+    # Columns the pipeline wrote itself (search_faces' people, dedup_of) win, as in the CSV.
+    summary.update({k: row[k] for k in SUMMARY_COLUMNS if row.get(k) is not None})
+    out = {c: _coerce(c, row.get(c)) for c in BASE_COLUMNS}
+    out.update({c: _coerce(c, summary.get(c)) for c in SUMMARY_COLUMNS})
+    out["result_json"] = (
+        json.dumps(result, ensure_ascii=False, separators=(",", ":"))
+        if result is not None
+        else None
+    )
+    return out
+
+
+def _face(
+    ident: dict[str, Any],
+    api: str,
+    index: int,
+    face: dict[str, Any],
+    similarity: float | None,
+    matched: bool | None,
+) -> dict[str, Any]:
+    box = face.get("BoundingBox") or {}
+    age = face.get("AgeRange") or {}
+    emotions = [e for e in face.get("Emotions") or [] if isinstance(e, dict)]
+    top = max(emotions, key=lambda e: _float(e.get("Confidence")) or 0.0, default=None)
+    return {
+        **ident,
+        "source_operation": api,
+        "face_index": index,
+        "bbox_left": _float(box.get("Left")),
+        "bbox_top": _float(box.get("Top")),
+        "bbox_width": _float(box.get("Width")),
+        "bbox_height": _float(box.get("Height")),
+        "confidence": _float(face.get("Confidence")),
+        "age_low": _int(age.get("Low")),
+        "age_high": _int(age.get("High")),
+        "emotion_top": _str(top.get("Type")) if top else None,
+        "emotion_top_confidence": _float(top.get("Confidence")) if top else None,
+        "smile": _bool((face.get("Smile") or {}).get("Value")),
+        "eyeglasses": _bool((face.get("Eyeglasses") or {}).get("Value")),
+        "gender": _str((face.get("Gender") or {}).get("Value")),
+        "similarity": similarity,
+        "matched": matched,
+    }
+
+
+def face_rows(row: dict[str, Any]) -> list[dict[str, Any]]:
+    """The faces of one ok ``detect_faces`` or ``compare_faces`` row.
+
+    ``operation`` is rekbatch's operation type (joins with results.parquet);
+    ``source_operation`` is the Rekognition API whose response listed the face. For
+    compare_faces, FaceMatches come first (``matched`` true, with ``similarity``), then
+    UnmatchedFaces (``matched`` false).
+    """
+    result = row.get("result")
+    if row.get("status") != "ok" or not isinstance(result, dict):
+        return []
+    ident = {k: _str(row.get(k)) for k in ("bucket", "key", "etag", "operation")}
+    operation = row.get("operation")
+    if operation == "detect_faces":
+        details = [f for f in result.get("FaceDetails") or [] if isinstance(f, dict)]
+        return [_face(ident, "DetectFaces", i, f, None, None) for i, f in enumerate(details)]
+    if operation == "compare_faces":
+        faces: list[dict[str, Any]] = []
+        for match in result.get("FaceMatches") or []:
+            face = match.get("Face") or {}
+            similarity = _float(match.get("Similarity"))
+            faces.append(_face(ident, "CompareFaces", len(faces), face, similarity, True))
+        for face in result.get("UnmatchedFaces") or []:
+            faces.append(_face(ident, "CompareFaces", len(faces), face, None, False))
+        return faces
+    return []
+
+
+def label_rows(row: dict[str, Any]) -> list[dict[str, Any]]:
+    """The labels of one ok ``detect_labels`` row."""
+    result = row.get("result")
+    if row.get("operation") != "detect_labels" or row.get("status") != "ok":
+        return []
+    if not isinstance(result, dict):
+        return []
+    ident = {k: _str(row.get(k)) for k in ("bucket", "key", "etag")}
+    labels = []
+    for label in result.get("Labels") or []:
+        if not isinstance(label, dict):
+            continue
+        labels.append(
+            {
+                **ident,
+                "name": _str(label.get("Name")),
+                "confidence": _float(label.get("Confidence")),
+                "parents": [str(p.get("Name")) for p in label.get("Parents") or []],
+                "categories": [str(c.get("Name")) for c in label.get("Categories") or []],
+                "instance_count": len(label.get("Instances") or []),
+            }
+        )
+    return labels
+
+
+# -- streaming --------------------------------------------------------------------------------
+
+
+def iter_jsonl(path: Path) -> Iterator[tuple[dict[str, Any], int]]:
+    """(row, line size in bytes) for each line of ``path``.
+
+    An unterminated last line that does not parse (a write in progress, or a crash before
+    the job's next resume cut it back) is left out; a bad line anywhere else is an error.
+    """
+    with path.open("rb") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError:
+                if not line.endswith(b"\n"):
+                    return
+                raise ValueError(f"{path}:{number}: not a JSON line") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{number}: not a JSON object")
+            yield row, len(line)
+
+
+def write_parquet(output_dir: Path, *, batch_rows: int = DEFAULT_BATCH_ROWS) -> list[Path]:
+    """Write results/faces/labels.parquet from ``output_dir/results.jsonl``; their paths.
+
+    Each file is written beside its final name and renamed into place once complete, so a
+    reader never sees half a file. Raises ``SetupError`` when pyarrow is missing and
+    ``FileNotFoundError`` when there is no results.jsonl.
+    """
+    pa, pq = _pyarrow()
+    source = output_dir / "results.jsonl"
+    if not source.is_file():
+        raise FileNotFoundError(f"{source}: no results to convert")
+    schemas = parquet_schemas()
+    finals = [output_dir / name for name in PARQUET_FILES]
+    temps = [path.with_name(path.name + ".tmp") for path in finals]
+    buffers: list[list[dict[str, Any]]] = [[], [], []]
+    with contextlib.ExitStack() as stack:
+        writers = [
+            stack.enter_context(pq.ParquetWriter(str(temp), schemas[final.name]))
+            for temp, final in zip(temps, finals, strict=True)
+        ]
+
+        def flush() -> None:
+            for writer, final, rows in zip(writers, finals, buffers, strict=True):
+                if rows:
+                    schema = schemas[final.name]
+                    writer.write_table(pa.Table.from_pylist(rows, schema=schema))
+                    rows.clear()
+
+        try:
+            pending_bytes = 0
+            for row, size in iter_jsonl(source):
+                buffers[0].append(results_row(row))
+                buffers[1].extend(face_rows(row))
+                buffers[2].extend(label_rows(row))
+                pending_bytes += size
+                if len(buffers[0]) >= batch_rows or pending_bytes >= _BATCH_BYTES:
+                    flush()
+                    pending_bytes = 0
+            flush()
+        except BaseException:
+            stack.close()
+            for temp in temps:
+                temp.unlink(missing_ok=True)
+            raise
+    for temp, final in zip(temps, finals, strict=True):
+        os.replace(temp, final)
+    return finals
