@@ -102,10 +102,10 @@ def _run_job(cfg: Any, options: Any) -> int:
         return await run_job(cfg, options, on_job=install)
 
     outcome = asyncio.run(main())
+    out = options.output_dir
+    typer.echo(render_summary(outcome.summary))
     for line in outcome.answers:
         typer.echo(line)
-    out = options.output_dir
-    typer.echo(f"results: {out / 'results.jsonl'}, {out / 'results.csv'}, {out / 'summary.json'}")
     if outcome.exit_code == 130:
         typer.echo(f"interrupted; resume with: rekbatch resume {out}", err=True)
     elif outcome.exit_code == 4:
@@ -115,6 +115,28 @@ def _run_job(cfg: Any, options: Any) -> int:
             err=True,
         )
     return int(outcome.exit_code)
+
+
+def render_summary(summary: dict[str, Any]) -> str:
+    """The end-of-run summary printed on stdout (summary.json holds the same and more)."""
+    statuses = summary["counts"]["by_status"]
+    calls = summary["calls"]
+    counts = ", ".join(f"{k} {statuses.get(k, 0)}" for k in ("ok", "failed", "skipped"))
+    lines = [
+        f"records: {counts}",
+        f"calls: {calls['total']} in {summary['elapsed_seconds']:.1f} s "
+        f"({summary['calls_per_second']:.1f}/s); throttled {calls['throttles']}, "
+        f"retried {calls['retries']}",
+        f"estimated cost: ${summary['estimated_cost_usd']:.4f} (list prices; an estimate)",
+        "outputs: " + ", ".join(summary.get("outputs", [])),
+    ]
+    return "\n".join(lines)
+
+
+def _progress(fmt: str) -> bool:
+    from rekbatch.progress import progress_wanted
+
+    return progress_wanted(fmt, sys.stderr)
 
 
 @app.command()
@@ -140,7 +162,7 @@ def run(
     ] = False,
 ) -> None:
     """Run a job; resumes by itself when the output directory holds the same job."""
-    configure_logging(log_format)
+    fmt = configure_logging(log_format)
     from rekbatch.pipeline import RunOptions
 
     overrides: dict[str, dict[str, Any]] = {
@@ -153,7 +175,10 @@ def run(
         if dry_run:
             raise typer.Exit(_plan(cfg, as_json=False))
         options = RunOptions(
-            output_dir=Path(cfg.job.output_dir), fresh=fresh, config_path=str(config)
+            output_dir=Path(cfg.job.output_dir),
+            fresh=fresh,
+            config_path=str(config),
+            progress=_progress(fmt),
         )
         code = _run_job(cfg, options)
     except typer.Exit:
@@ -178,7 +203,7 @@ def resume(
     ] = None,
 ) -> None:
     """Continue the job whose output directory is DIRECTORY."""
-    configure_logging(log_format)
+    fmt = configure_logging(log_format)
     from rekbatch.checkpoint.ledger import Ledger
     from rekbatch.config import Config
     from rekbatch.pipeline import RunOptions, state_dir
@@ -200,6 +225,7 @@ def resume(
             output_dir=directory,
             retry_failed=retry_failed,
             retry_codes={c.strip() for c in codes.split(",") if c.strip()} if codes else None,
+            progress=_progress(fmt),
         )
         code = _run_job(cfg, options)
     except typer.Exit:

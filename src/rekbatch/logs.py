@@ -37,6 +37,20 @@ def redact_secrets(
     return event
 
 
+class _StderrLogger:
+    """Writes each line to whatever ``sys.stderr`` is at that moment, so a live progress
+    display that redirects stderr can print log lines above itself."""
+
+    def msg(self, message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    log = debug = info = warning = warn = error = critical = exception = msg
+
+
+def _stderr_logger(*_args: Any) -> _StderrLogger:
+    return _StderrLogger()
+
+
 def configure_logging(fmt: LogFormat | None = None, level: int = logging.INFO) -> LogFormat:
     if fmt is None:
         fmt = "console" if sys.stderr.isatty() else "json"
@@ -54,7 +68,7 @@ def configure_logging(fmt: LogFormat | None = None, level: int = logging.INFO) -
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=_stderr_logger,
         cache_logger_on_first_use=False,
     )
     # botocore and aiobotocore log through the standard library; keep them quiet.

@@ -60,6 +60,7 @@ STATE_DIR = ".rekbatch"
 RESULT_FILES = ("results.jsonl", "results.csv", "summary.json")
 BATCH_RECORDS = 256
 LOOKUP_CHUNK = 500
+UPLOAD_EVERY_SECONDS = 900.0
 DEDUP_MEMORY = 200_000  # recent distinct contents remembered for deduplication
 BATCH_SECONDS = 0.25
 GRACE_SECONDS = 30.0
@@ -82,6 +83,7 @@ class RunOptions:
     retry_failed: bool = False
     retry_codes: set[str] | None = None
     config_path: str = ""
+    progress: bool = False
 
 
 @dataclass
@@ -118,6 +120,7 @@ class RunStats:
     objects_done: int = 0
     images_sent: int = 0
     deduplicated: int = 0
+    records: Counter[str] = field(default_factory=Counter)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -130,6 +133,7 @@ class RunStats:
             "objects_done": self.objects_done,
             "images_sent": self.images_sent,
             "deduplicated": self.deduplicated,
+            "records": dict(self.records),
         }
 
 
@@ -164,6 +168,7 @@ class Job:
         self._backend: Backend | None = None
         self._ledger: Ledger | None = None
         self._started = 0.0
+        self._writer: _Writer | None = None
         self._images_before = 0  # images sent by earlier runs of the job, for budget caps
         self._reserved = 0
 
@@ -178,6 +183,15 @@ class Job:
     @property
     def stopping(self) -> bool:
         return self._stopping.is_set()
+
+    @property
+    def limiters(self) -> dict[str, AdaptiveLimiter]:
+        return self._limiters
+
+    @property
+    def listing_complete(self) -> bool:
+        writer = self._writer
+        return writer is not None and len(writer.listing_finished) == len(self.cfg.source.uris)
 
     # -- set-up -----------------------------------------------------------------------------
 
@@ -400,7 +414,7 @@ class Job:
             concurrency=self.cfg.limits.concurrency,
         )
         queue: asyncio.Queue[_Work | None] = asyncio.Queue(maxsize=self.cfg.limits.concurrency * 2)
-        writer = _Writer(self, ledger, jsonl, csvf)
+        writer = self._writer = _Writer(self, ledger, jsonl, csvf)
         trackers: dict[int, WatermarkTracker] = {}
         writer.trackers = trackers
         writer_task = asyncio.create_task(writer.run(), name="writer")
@@ -409,7 +423,13 @@ class Job:
             for i in range(self.cfg.limits.concurrency)
         ]
         producer = asyncio.create_task(self._produce(queue, writer, trackers), name="producer")
-        beat = asyncio.create_task(self._heartbeat(ledger), name="heartbeat")
+        side_tasks = [asyncio.create_task(self._heartbeat(ledger), name="heartbeat")]
+        if self.options.progress:
+            from rekbatch.progress import show_progress
+
+            side_tasks.append(asyncio.create_task(show_progress(self), name="progress"))
+        if self.cfg.output.upload_uri:
+            side_tasks.append(asyncio.create_task(self._upload_parts(ledger), name="upload"))
         try:
             await self._wait_producer(producer)
             for _ in consumers:
@@ -425,16 +445,16 @@ class Job:
             await writer.close()
             with contextlib.suppress(BaseException):
                 await writer_task
-            beat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await beat
+            for task in side_tasks:
+                task.cancel()
+            await asyncio.gather(*side_tasks, return_exceptions=True)
             await jsonl.close()
             await csvf.close()
         writer_exc = writer_task.exception() if writer_task.done() else None
         if writer_exc is not None:
             raise writer_exc
         await self._finish_search(ledger)
-        return self._finish(ledger)
+        return await self._finish(ledger)
 
     async def _wait_producer(self, producer: asyncio.Task[None]) -> None:
         stop = asyncio.create_task(self._stopping.wait())
@@ -786,8 +806,35 @@ class Job:
             log.info("search_deferred", reason="the collection is searched when indexing ends")
         await asyncio.to_thread(ledger.save_person_matches, rows)
 
-    def _finish(self, ledger: Ledger) -> RunOutcome:
+    async def _upload_parts(self, ledger: Ledger) -> None:
+        """Long runs: a snapshot of the results goes to S3 every ``UPLOAD_EVERY_SECONDS``."""
+        from rekbatch.sinks.upload import upload_results
+
+        assert self._clients is not None and self.cfg.output.upload_uri
+        while True:
+            await asyncio.sleep(UPLOAD_EVERY_SECONDS)
+            part = int(ledger.get_meta("upload_parts") or 0) + 1
+            await upload_results(self._clients.s3, self.out, self.cfg.output.upload_uri, part=part)
+            await asyncio.to_thread(ledger.set_meta, {"upload_parts": str(part)})
+            log.info("uploaded_part", part=part, uri=self.cfg.output.upload_uri)
+
+    async def _outputs(self) -> list[str]:
+        """The analytics files beside the JSONL and CSV: Parquet when pyarrow is installed."""
+        paths = [str(self.out / "results.jsonl"), str(self.out / "results.csv")]
+        try:
+            import pyarrow  # noqa: F401
+        except ImportError:
+            log.info("parquet_skipped", hint="pip install 'rekbatch[parquet]' for Parquet outputs")
+            return paths
+        from rekbatch.sinks.parquet import write_parquet
+
+        written = await asyncio.to_thread(write_parquet, self.out)
+        return paths + [str(p) for p in written]
+
+    async def _finish(self, ledger: Ledger) -> RunOutcome:
+        outputs = await self._outputs()
         summary = build_summary(ledger, self.cfg, self._live_stats())
+        summary["outputs"] = [*outputs, str(self.out / "summary.json")]
         if "compare_faces" in summary:
             summary["compare_faces"].update(self._reference_info.get("compare_faces", {}))
         if self._search is not None:
@@ -795,6 +842,12 @@ class Job:
         summary["run_id"] = self.run_id
         summary["stopped"] = self._stop_reason
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if self.cfg.output.upload_uri:
+            from rekbatch.sinks.upload import upload_results
+
+            assert self._clients is not None
+            uploaded = await upload_results(self._clients.s3, self.out, self.cfg.output.upload_uri)
+            log.info("uploaded", files=len(uploaded), uri=self.cfg.output.upload_uri)
         if self._stop_reason is None:
             code = EXIT_FAILED_RECORDS if summary["counts"]["by_status"].get("failed") else EXIT_OK
         elif self._stop_reason.startswith("budget"):
@@ -872,6 +925,7 @@ class _Writer:
         for done in batch:
             self.trackers[done.obj.source_index].complete(done.seq)
             self.job.stats.objects_done += 1
+            self.job.stats.records.update(r.status for r in done.records)
         marks = {}
         for index, tracker in self.trackers.items():
             if tracker.moved and tracker.mark is not None:

@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from rekbatch.backends.aws import AwsClients
-from rekbatch.config import Config, parse_s3_uri
+from rekbatch.config import CompareFacesOp, Config, SearchFacesOp, parse_s3_uri
+from rekbatch.operations.search import choose_strategy
 from rekbatch.operations.specs import build_spec
-from rekbatch.pricing import estimate_cost
+from rekbatch.pricing import PRICES_AS_OF, PRICES_REGION, estimate_cost
 from rekbatch.ratelimit.quotas import resolve_ceilings
 from rekbatch.records import ObjectRef
 from rekbatch.sources import open_listing
@@ -87,9 +88,8 @@ async def plan_job(cfg: Config) -> dict[str, Any]:
             for finished in asyncio.as_completed(pending):
                 await finished
     images = sum(kinds.values())
-    specs = [build_spec(op) for op in cfg.operations if op.type != "search_faces"]
-    ceilings = resolve_ceilings(cfg.limits.max_tps, cfg.aws.region, [s.api for s in specs])
-    calls = {s.api: images for s in specs}
+    calls = planned_calls(cfg, images)
+    ceilings = resolve_ceilings(cfg.limits.max_tps, cfg.aws.region, list(calls))
     seconds = max((n / ceilings[api] for api, n in calls.items()), default=0.0)
     return {
         "job": cfg.job.name,
@@ -100,10 +100,31 @@ async def plan_job(cfg: Config) -> dict[str, Any]:
         "skipped_by_reason": dict(skipped),
         "calls_by_api": calls,
         "ceilings_tps": ceilings,
-        "estimated_cost_usd": estimate_cost(calls),
+        "estimated_cost_usd": estimate_cost(calls, region=cfg.aws.region),
+        "prices": {"as_of": PRICES_AS_OF, "region": PRICES_REGION},
         "estimated_seconds": round(seconds, 1),
         "note": "estimates: cost from published list prices, time at the configured rates",
     }
+
+
+def planned_calls(cfg: Config, images: int) -> dict[str, int]:
+    """Rekognition calls a run of ``cfg`` makes over ``images`` eligible images, by API
+    (before deduplication of identical objects, which can only lower them)."""
+    calls: Counter[str] = Counter()
+    for op in cfg.operations:
+        if isinstance(op, SearchFacesOp):
+            references = sum(len(refs) for refs in op.people.values())
+            calls["DetectFaces"] += references  # each reference is checked for a face
+            if choose_strategy(op) == "collection":
+                calls["IndexFaces"] += images
+                calls["SearchFacesByImage"] += references
+            else:
+                calls["CompareFaces"] += images * references
+            continue
+        if isinstance(op, CompareFacesOp):
+            calls["DetectFaces"] += 1
+        calls[build_spec(op).api] += images
+    return dict(calls)
 
 
 def render_plan(plan: dict[str, Any]) -> str:
@@ -118,6 +139,10 @@ def render_plan(plan: dict[str, Any]) -> str:
     ]
     for api, n in plan["calls_by_api"].items():
         lines.append(f"calls {api}: {n} at up to {plan['ceilings_tps'][api]:g}/s")
-    lines.append(f"estimated cost:   ${plan['estimated_cost_usd']:.2f}")
+    prices = plan["prices"]
+    lines.append(
+        f"estimated cost:   ${plan['estimated_cost_usd']:.2f} (list prices for {prices['region']} "
+        f"as of {prices['as_of']})"
+    )
     lines.append(f"estimated time:   {plan['estimated_seconds']:.0f} s")
     return "\n".join(lines)

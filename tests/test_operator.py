@@ -1,0 +1,212 @@
+"""Operator experience: plan, budget caps, progress, Parquet and DuckDB, upload, exit codes."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections import Counter
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import duckdb
+import pytest
+from rich.console import Console
+
+from rekbatch.pricing import estimate_cost
+from rekbatch.progress import ProgressView, progress_wanted
+from rekbatch.sinks.parquet import EXAMPLE_QUERIES
+from rekbatch.testing.fake_rekognition import FakeConfig, FakeRekognition
+from tests.conftest import SAMPLES, make_bucket
+from tests.helpers import base_config, fake_jpeg, invoke, read_jsonl, sha256, tiny_png, write_config
+
+
+def _mixed(s3: Any, bucket: str) -> None:
+    make_bucket(s3, bucket)
+    for i in range(40):
+        s3.put_object(Bucket=bucket, Key=f"jpg/{i:03d}.jpg", Body=fake_jpeg(i))
+    for i in range(10):
+        s3.put_object(Bucket=bucket, Key=f"png/{i:03d}.png", Body=tiny_png(i))
+    for i in range(5):
+        s3.put_object(Bucket=bucket, Key=f"txt/{i}.txt", Body=b"text " * 30)
+    s3.put_object(Bucket=bucket, Key="fake/liar.jpg", Body=b"no picture in here at all " * 5)
+    s3.put_object(Bucket=bucket, Key="fake/empty.png", Body=b"")
+
+
+OPS = (
+    '[[operations]]\ntype = "detect_faces"\nattributes = ["ALL"]\n\n'
+    '[[operations]]\ntype = "detect_labels"\n'
+)
+
+
+def test_plan_counts_exactly_and_calls_nothing(
+    s3: Any, moto_endpoint: str, tmp_path: Path
+) -> None:
+    _mixed(s3, "plan-bucket")
+    with FakeRekognition(FakeConfig(s3_endpoint_url=moto_endpoint)) as fake:
+        config = write_config(
+            tmp_path / "job.toml",
+            base_config(
+                uris=["s3://plan-bucket/"], output_dir=tmp_path / "out",
+                s3_endpoint=moto_endpoint, rek_endpoint=fake.url, operations=OPS,
+                extra="[limits]\nmax_tps = 10\n",
+            ),
+        )
+        result = invoke("plan", str(config), "--json")
+        assert result.exit_code == 0, result.stderr
+        plan = json.loads(result.stdout)
+        assert plan["objects_listed"] == 57
+        assert plan["images_eligible"] == 50
+        assert plan["eligible_by_type"] == {"jpeg": 40, "png": 10}
+        assert plan["skipped_by_reason"] == {"excluded": 5, "not_image": 1, "empty": 1}
+        assert plan["calls_by_api"] == {"DetectFaces": 50, "DetectLabels": 50}
+        assert plan["estimated_cost_usd"] == pytest.approx(
+            estimate_cost({"DetectFaces": 50, "DetectLabels": 50})
+        )
+        assert plan["estimated_seconds"] == pytest.approx(5.0)
+        text = invoke("run", str(config), "--dry-run")
+        assert text.exit_code == 0
+        assert "estimate" in text.stdout and "images eligible:  50" in text.stdout
+        assert fake.stats()["calls"] == {}
+        assert not (tmp_path / "out").exists()
+
+
+def test_cost_cap_stops_with_4_and_resumes_with_a_larger_one(
+    s3: Any, moto_endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _mixed(s3, "cost-bucket")
+    with FakeRekognition(FakeConfig(s3_endpoint_url=moto_endpoint)) as fake:
+        per_image = estimate_cost({"DetectFaces": 1, "DetectLabels": 1})
+        config = write_config(
+            tmp_path / "job.toml",
+            base_config(
+                uris=["s3://cost-bucket/"], output_dir=tmp_path / "out",
+                s3_endpoint=moto_endpoint, rek_endpoint=fake.url, operations=OPS,
+                extra=f"[limits]\nconcurrency = 4\nmax_cost_usd = {per_image * 20.5}\n",
+            ),
+        )
+        result = invoke("run", str(config))
+        assert result.exit_code == 4, result.stderr
+        assert "budget" in result.stderr and "resume" in result.stderr
+        assert fake.stats()["ok"]["DetectFaces"] == 20
+        monkeypatch.setenv("REKBATCH_LIMITS__MAX_COST_USD", "100")
+        assert invoke("run", str(config)).exit_code == 0
+        assert fake.stats()["ok"]["DetectFaces"] == 50
+        rows = read_jsonl(tmp_path / "out" / "results.jsonl")
+        assert max(Counter((r["key"], r["operation"]) for r in rows).values()) == 1
+
+
+def test_parquet_outputs_answer_the_readme_queries(
+    s3: Any, moto_endpoint: str, tmp_path: Path
+) -> None:
+    bucket = make_bucket(s3, "duck-ric")
+    for path in sorted(SAMPLES.iterdir()):
+        s3.put_object(Bucket=bucket, Key=path.name, Body=path.read_bytes())
+    people = {sha256((SAMPLES / n).read_bytes()): ["ric"] for n in ("ric_harvey.jpeg", "ric.jpg")}
+    people[sha256((SAMPLES / "ric_crowd1.jpg").read_bytes())] = ["a", "ric", "b", "c", "d"]
+    ops = OPS + (
+        '\n[[operations]]\ntype = "compare_faces"\nreference = "s3://duck-ric/ric_harvey.jpeg"\n'
+    )
+    out = tmp_path / "out"
+    upload = make_bucket(s3, "athena-results")
+    with FakeRekognition(FakeConfig(s3_endpoint_url=moto_endpoint, people=people)) as fake:
+        config = write_config(
+            tmp_path / "job.toml",
+            base_config(
+                uris=[f"s3://{bucket}/"], output_dir=out, s3_endpoint=moto_endpoint,
+                rek_endpoint=fake.url, operations=ops,
+                extra=f'[output]\nupload_uri = "s3://{upload}/wheres-ric/"\n',
+            ),
+        )
+        result = invoke("run", str(config))
+        assert result.exit_code == 0, result.stderr
+    rows = read_jsonl(out / "results.jsonl")
+    con = duckdb.connect()
+    matched = con.execute(EXAMPLE_QUERIES["reference_matched"].format(dir=out)).fetchall()
+    assert {key for _, key, _ in matched} == {"ric_harvey.jpeg", "ric.jpg", "ric_crowd1.jpg"}
+    crowded = con.execute(EXAMPLE_QUERIES["crowded_images"].format(dir=out)).fetchall()
+    expected_crowded = {
+        r["key"] for r in rows
+        if r["operation"] == "detect_faces" and r["status"] == "ok"
+        and len(r["result"]["FaceDetails"]) > 3
+    }
+    assert {key for _, key, _ in crowded} == expected_crowded
+    assert "ric_crowd1.jpg" in expected_crowded
+    labels = con.execute(EXAMPLE_QUERIES["top_labels"].format(dir=out)).fetchall()
+    label_images: Counter[str] = Counter()
+    for r in rows:
+        if r["operation"] == "detect_labels" and r["status"] == "ok":
+            label_images.update({label["Name"] for label in r["result"]["Labels"]})
+    assert labels and all(label_images[name] == n for name, n in labels)
+    # The result files went to S3 for Athena, one folder per table.
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket=upload)["Contents"]}
+    assert "wheres-ric/results/results.parquet" in keys
+    assert "wheres-ric/summary.json" in keys
+    body = s3.get_object(Bucket=upload, Key="wheres-ric/summary.json")["Body"].read()
+    assert body == (out / "summary.json").read_bytes()
+
+
+def test_progress_only_on_a_terminal_with_console_logs(
+    s3: Any, moto_endpoint: str, tmp_path: Path
+) -> None:
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    assert progress_wanted("console", Tty()) is True
+    assert progress_wanted("json", Tty()) is False
+    assert progress_wanted("console", io.StringIO()) is False
+
+    bucket = make_bucket(s3, "quiet-bucket")
+    s3.put_object(Bucket=bucket, Key="a.jpg", Body=fake_jpeg(1))
+    with FakeRekognition(FakeConfig(s3_endpoint_url=moto_endpoint)) as fake:
+        config = write_config(
+            tmp_path / "job.toml",
+            base_config(
+                uris=[f"s3://{bucket}/"], output_dir=tmp_path / "out",
+                s3_endpoint=moto_endpoint, rek_endpoint=fake.url,
+            ),
+        )
+        result = invoke("run", str(config), "--log-format", "console")
+        assert result.exit_code == 0
+        assert "calls/s" not in result.stderr and "ETA" not in result.stderr
+
+
+def test_progress_view_renders_counts_rates_and_eta() -> None:
+    stats = SimpleNamespace(
+        calls=Counter({"DetectFaces": 100}), listed=200, objects_done=100,
+        records=Counter({"ok": 90, "failed": 4, "skipped": 6}), deduplicated=3,
+        throttles=Counter({"DetectFaces": 2}), retries=Counter({"DetectFaces": 5}),
+    )
+    limiter = SimpleNamespace(rate=50.0, in_flight=7)
+    job: Any = SimpleNamespace(
+        stats=stats, limiters={"DetectFaces": limiter}, listing_complete=True
+    )
+    view = ProgressView()
+    view.render(job, now=0.0)
+    stats.objects_done, stats.calls = 150, Counter({"DetectFaces": 150})
+    console = Console(file=io.StringIO(), width=120, color_system=None)
+    console.print(view.render(job, now=1.0))
+    text = console.file.getvalue()  # type: ignore[attr-defined]
+    assert "listed 200" in text and "ok 90" in text and "failed 4" in text
+    assert "DetectFaces" in text and "50.0" in text
+    assert "ETA 0:00:01" in text  # 50 objects left at 50 objects/s
+
+
+def test_unexpected_error_exits_1(s3: Any, moto_endpoint: str, tmp_path: Path) -> None:
+    bucket = make_bucket(s3, "tamper-bucket")
+    for i in range(3):
+        s3.put_object(Bucket=bucket, Key=f"{i}.jpg", Body=fake_jpeg(i))
+    with FakeRekognition(FakeConfig(s3_endpoint_url=moto_endpoint)) as fake:
+        config = write_config(
+            tmp_path / "job.toml",
+            base_config(
+                uris=[f"s3://{bucket}/"], output_dir=tmp_path / "out",
+                s3_endpoint=moto_endpoint, rek_endpoint=fake.url,
+            ),
+        )
+        assert invoke("run", str(config)).exit_code == 0
+        (tmp_path / "out" / "results.jsonl").write_text("")  # changed behind rekbatch's back
+        result = invoke("run", str(config))
+        assert result.exit_code == 1
+        assert "unexpected error" in result.stderr and "shorter" in result.stderr
