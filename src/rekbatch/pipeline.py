@@ -238,7 +238,13 @@ class Job:
                     child.unlink()
 
     def _needs_bytes(self, obj: ObjectRef) -> bool:
-        return obj.bucket is None or self.cfg.aws.image_mode == "bytes"
+        """Rekognition reads S3 objects itself; local files, ``image_mode = "bytes"`` and
+        the offline backend need the bytes here."""
+        return (
+            obj.bucket is None
+            or self.cfg.aws.image_mode == "bytes"
+            or self.cfg.backend.kind == "local"
+        )
 
     def _max_bytes(self, source_uri: str) -> int:
         by_reference = parse_s3_uri(source_uri) is not None and self.cfg.aws.image_mode == "s3"

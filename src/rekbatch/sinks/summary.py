@@ -42,7 +42,10 @@ def build_summary(ledger: Ledger, cfg: Config, live: dict[str, Any]) -> dict[str
         "elapsed_seconds": elapsed,
         "calls_per_second": live.get("calls_per_second", 0.0),
         "limiters": live.get("limiters", {}),
-        "estimated_cost_usd": estimate_cost(dict(billed)),
+        # The offline backend calls no service: nothing is billed.
+        "estimated_cost_usd": (
+            estimate_cost(dict(billed), region=cfg.aws.region) if cfg.backend.kind == "aws" else 0.0
+        ),
         "errors": [
             {"operation": r["operation"], "error_code": r["error_code"], "count": r["n"]}
             for r in ledger.top_errors()

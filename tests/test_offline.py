@@ -1,0 +1,73 @@
+"""The offline backend through the CLI: the README's quickstart, S3 sources, refusals."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from tests.conftest import REPO, SAMPLES, make_bucket
+from tests.helpers import invoke, read_jsonl, write_config
+
+SHOWS_RIC = {"ric_harvey.jpeg", "ric.jpg", "ric_crowd1.jpg"}
+
+
+def test_readme_quickstart_answers_wheres_ric_offline(tmp_path: Path) -> None:
+    """The README's first command, minus the install: run from the repository root."""
+    readme = (REPO / "README.md").read_text()
+    assert "rekbatch run configs/wheres-ric-local.toml" in readme
+    out = tmp_path / "quickstart"
+    proc = subprocess.run(
+        [sys.executable, "-m", "rekbatch", "run", "configs/wheres-ric-local.toml",
+         "--output", str(out), "--log-format", "json"],
+        cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "compare_faces: reference face found in 3 of 7 images" in proc.stdout
+    answer = json.loads((out / "summary.json").read_text())["compare_faces"]
+    assert set(answer["matched_keys"]) == SHOWS_RIC
+    assert answer["images_compared"] == 7
+    crowd = next(m for m in answer["matches"] if m["key"] == "ric_crowd1.jpg")
+    box = crowd["bounding_box"]
+    assert 0 <= box["Left"] <= 1 and 0 <= box["Top"] <= 1
+    rows = {r["key"]: r for r in read_jsonl(out / "results.jsonl")}
+    assert rows["broken.jpg"]["reason"] == "not_image"
+    assert rows["notes.txt"]["reason"] == "excluded"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["estimated_cost_usd"] == 0.0
+
+
+def test_offline_backend_reads_s3_sources_as_bytes(
+    s3: Any, moto_endpoint: str, tmp_path: Path
+) -> None:
+    bucket = make_bucket(s3, "offline-ric")
+    for path in sorted(SAMPLES.iterdir()):
+        s3.put_object(Bucket=bucket, Key=f"photos/{path.name}", Body=path.read_bytes())
+    config = write_config(
+        tmp_path / "job.toml",
+        f'[job]\nname = "offline-s3"\noutput_dir = "{tmp_path / "out"}"\n'
+        f'[source]\nuris = ["s3://{bucket}/photos/"]\n'
+        f'[aws]\nregion = "eu-west-1"\ns3_endpoint_url = "{moto_endpoint}"\n'
+        '[backend]\nkind = "local"\n'
+        f'[[operations]]\ntype = "compare_faces"\nreference = "{SAMPLES / "ric_harvey.jpeg"}"\n',
+    )
+    result = invoke("run", str(config))
+    assert result.exit_code == 0, result.stderr
+    assert "reference face found in 3 of 7 images" in result.stdout
+    answer = json.loads((tmp_path / "out" / "summary.json").read_text())["compare_faces"]
+    assert {k.rsplit("/", 1)[-1] for k in answer["matched_keys"]} == SHOWS_RIC
+
+
+def test_operations_the_offline_backend_cannot_do_are_refused(tmp_path: Path) -> None:
+    config = write_config(
+        tmp_path / "job.toml",
+        f'[source]\nuris = ["{SAMPLES}"]\n[backend]\nkind = "local"\n'
+        '[[operations]]\ntype = "detect_faces"\n[[operations]]\ntype = "detect_labels"\n',
+    )
+    for command in ("validate", "run"):
+        result = invoke(command, str(config))
+        assert result.exit_code == 2
+        assert "operations[1].type" in result.stderr and "detect_labels" in result.stderr
+    assert not (tmp_path / "out").exists()
