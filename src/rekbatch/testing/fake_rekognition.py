@@ -542,6 +542,10 @@ class _TokenBucket:
         return False
 
 
+def _per_second(counts: Counter[int]) -> list[int]:
+    return [counts.get(i, 0) for i in range(max(counts, default=-1) + 1)]
+
+
 @dataclass
 class _Stats:
     calls: Counter[str] = field(default_factory=Counter)
@@ -552,6 +556,10 @@ class _Stats:
     billed: Counter[tuple[str, str]] = field(default_factory=Counter)
     in_flight: int = 0
     max_in_flight: int = 0
+    #: when the counters started, and per API the replies of each whole second since then
+    #: ("ok" and "throttled"), so benchmarks can see a rate over time
+    since: float = field(default_factory=time.monotonic)
+    timeline: dict[str, dict[str, Counter[int]]] = field(default_factory=dict)
 
 
 @dataclass
@@ -856,6 +864,10 @@ class FakeRekognition:
                 "billed": dict(s.billed),
                 "in_flight": s.in_flight,
                 "max_in_flight": s.max_in_flight,
+                "timeline": {
+                    api: {outcome: _per_second(c) for outcome, c in by.items()}
+                    for api, by in s.timeline.items()
+                },
             }
 
     def reset_stats(self) -> None:
@@ -901,6 +913,9 @@ class FakeRekognition:
     def _finish(self, api: str, code: str | None, billed: str | None) -> None:
         with self._lock:
             s = self._stats
+            second = int(time.monotonic() - s.since)
+            outcome = "ok" if code is None else "throttled" if code in THROTTLE_CODES else "error"
+            s.timeline.setdefault(api, {}).setdefault(outcome, Counter())[second] += 1
             if code is None:
                 s.ok[api] += 1
                 if billed is not None:
