@@ -90,14 +90,21 @@ def run_rekbatch(
 ) -> list[float]:
     out = work / f"rekbatch-{scenario.quota}-{scenario.ceiling}-{len(scenario.schedule)}"
     config = write_job(
-        str(out) + ".toml", bucket=BUCKET, out=str(out), s3_url=s3_url, rek_url=rek_url,
+        str(out) + ".toml",
+        bucket=BUCKET,
+        out=str(out),
+        s3_url=s3_url,
+        rek_url=rek_url,
         operations='[[operations]]\ntype = "detect_faces"\n',
         limits=f"concurrency = {concurrency}\nmax_tps = {scenario.ceiling}\nmax_attempts = 8",
         source_extra="sniff = false",
     )
     proc = subprocess.Popen(
         [sys.executable, "-m", "rekbatch", "run", config, "--log-format", "json"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=bench_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=bench_env(),
     )
     time.sleep(seconds)
     proc.send_signal(signal.SIGINT)
@@ -113,18 +120,17 @@ def run_rekbatch(
     return latencies
 
 
-async def _baseline(
-    s3_url: str, rek_url: str, seconds: float, concurrency: int
-) -> list[float]:
+async def _baseline(s3_url: str, rek_url: str, seconds: float, concurrency: int) -> list[float]:
     session = aioboto3.Session(region_name=REGION)
     rek_cfg = AioConfig(
         max_pool_connections=concurrency + 8, retries={"mode": "adaptive", "max_attempts": 8}
     )
     latencies: list[float] = []
     sem = asyncio.Semaphore(concurrency)
-    async with session.client("s3", endpoint_url=s3_url) as s3, session.client(
-        "rekognition", endpoint_url=rek_url, config=rek_cfg
-    ) as rek:
+    async with (
+        session.client("s3", endpoint_url=s3_url) as s3,
+        session.client("rekognition", endpoint_url=rek_url, config=rek_cfg) as rek,
+    ):
 
         async def one(key: str) -> None:
             async with sem:
@@ -182,9 +188,13 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.update(CREDENTIALS)
     rows: list[dict[str, Any]] = []
-    with moto_s3() as s3_url, fake_rekognition(
-        s3_url, "--s3-cache", "--latency-ms", "150", "--latency-sigma", "0.5"
-    ) as rek_url, tempfile.TemporaryDirectory() as tmp:
+    with (
+        moto_s3() as s3_url,
+        fake_rekognition(
+            s3_url, "--s3-cache", "--latency-ms", "150", "--latency-sigma", "0.5"
+        ) as rek_url,
+        tempfile.TemporaryDirectory() as tmp,
+    ):
         fill_bucket(s3_url, BUCKET, args.images)
         for scenario in SCENARIOS:
             if args.only and args.only not in scenario.name:

@@ -70,11 +70,12 @@ def rekbatch_run(
     concurrency: int,
     sniff: bool,
     work: Path,
-    checkpoint_label: str,
+    label: str,
+    checkpoint: bool = True,
 ) -> dict[str, Any]:
-    out = work / f"out-{checkpoint_label}"
+    out = work / f"out-{label}"
     config = write_job(
-        str(work / f"{checkpoint_label}.toml"),
+        str(work / f"{label}.toml"),
         bucket=bucket,
         out=str(out),
         s3_url=s3_url,
@@ -83,7 +84,8 @@ def rekbatch_run(
         limits=f"concurrency = {concurrency}\nmax_tps = 100000",
         source_extra=f"sniff = {'true' if sniff else 'false'}",
     )
-    proc = run_cli("run", config, "--log-format", "json")
+    env = {} if checkpoint else {"REKBATCH_BENCH_NO_CHECKPOINT": "1"}
+    proc = run_cli("run", config, "--log-format", "json", env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"rekbatch exited {proc.returncode}: {proc.stderr[-2000:]}")
     summary = json.loads((out / "summary.json").read_text())
@@ -120,6 +122,12 @@ def main() -> None:
                 "rekbatch, sniff off",
                 lambda: rekbatch_run(
                     s3_url, rek_url, bucket, args.concurrency, False, work, "nosniff"
+                ),
+            ),
+            (
+                "rekbatch, sniff off, checkpointing off",
+                lambda: rekbatch_run(
+                    s3_url, rek_url, bucket, args.concurrency, False, work, "nockpt", False
                 ),
             ),
             (

@@ -152,12 +152,14 @@ def write_job(
     return path
 
 
-def run_cli(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, timeout: float = 900, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "rekbatch", *args],
         capture_output=True,
         text=True,
-        env=bench_env(),
+        env={**bench_env(), **(env or {})},
         timeout=timeout,
         check=False,
     )

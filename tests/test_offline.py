@@ -20,9 +20,22 @@ def test_readme_quickstart_answers_wheres_ric_offline(tmp_path: Path) -> None:
     assert "rekbatch run configs/wheres-ric-local.toml" in readme
     out = tmp_path / "quickstart"
     proc = subprocess.run(
-        [sys.executable, "-m", "rekbatch", "run", "configs/wheres-ric-local.toml",
-         "--output", str(out), "--log-format", "json"],
-        cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
+        [
+            sys.executable,
+            "-m",
+            "rekbatch",
+            "run",
+            "configs/wheres-ric-local.toml",
+            "--output",
+            str(out),
+            "--log-format",
+            "json",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "compare_faces: reference face found in 3 of 7 images" in proc.stdout

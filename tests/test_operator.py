@@ -39,16 +39,17 @@ OPS = (
 )
 
 
-def test_plan_counts_exactly_and_calls_nothing(
-    s3: Any, moto_endpoint: str, tmp_path: Path
-) -> None:
+def test_plan_counts_exactly_and_calls_nothing(s3: Any, moto_endpoint: str, tmp_path: Path) -> None:
     _mixed(s3, "plan-bucket")
     with FakeRekognition(FakeConfig(s3_endpoint_url=moto_endpoint)) as fake:
         config = write_config(
             tmp_path / "job.toml",
             base_config(
-                uris=["s3://plan-bucket/"], output_dir=tmp_path / "out",
-                s3_endpoint=moto_endpoint, rek_endpoint=fake.url, operations=OPS,
+                uris=["s3://plan-bucket/"],
+                output_dir=tmp_path / "out",
+                s3_endpoint=moto_endpoint,
+                rek_endpoint=fake.url,
+                operations=OPS,
                 extra="[limits]\nmax_tps = 10\n",
             ),
         )
@@ -80,8 +81,11 @@ def test_cost_cap_stops_with_4_and_resumes_with_a_larger_one(
         config = write_config(
             tmp_path / "job.toml",
             base_config(
-                uris=["s3://cost-bucket/"], output_dir=tmp_path / "out",
-                s3_endpoint=moto_endpoint, rek_endpoint=fake.url, operations=OPS,
+                uris=["s3://cost-bucket/"],
+                output_dir=tmp_path / "out",
+                s3_endpoint=moto_endpoint,
+                rek_endpoint=fake.url,
+                operations=OPS,
                 extra=f"[limits]\nconcurrency = 4\nmax_cost_usd = {per_image * 20.5}\n",
             ),
         )
@@ -113,8 +117,11 @@ def test_parquet_outputs_answer_the_readme_queries(
         config = write_config(
             tmp_path / "job.toml",
             base_config(
-                uris=[f"s3://{bucket}/"], output_dir=out, s3_endpoint=moto_endpoint,
-                rek_endpoint=fake.url, operations=ops,
+                uris=[f"s3://{bucket}/"],
+                output_dir=out,
+                s3_endpoint=moto_endpoint,
+                rek_endpoint=fake.url,
+                operations=ops,
                 extra=f'[output]\nupload_uri = "s3://{upload}/wheres-ric/"\n',
             ),
         )
@@ -126,8 +133,10 @@ def test_parquet_outputs_answer_the_readme_queries(
     assert {key for _, key, _ in matched} == {"ric_harvey.jpeg", "ric.jpg", "ric_crowd1.jpg"}
     crowded = con.execute(EXAMPLE_QUERIES["crowded_images"].format(dir=out)).fetchall()
     expected_crowded = {
-        r["key"] for r in rows
-        if r["operation"] == "detect_faces" and r["status"] == "ok"
+        r["key"]
+        for r in rows
+        if r["operation"] == "detect_faces"
+        and r["status"] == "ok"
         and len(r["result"]["FaceDetails"]) > 3
     }
     assert {key for _, key, _ in crowded} == expected_crowded
@@ -163,8 +172,10 @@ def test_progress_only_on_a_terminal_with_console_logs(
         config = write_config(
             tmp_path / "job.toml",
             base_config(
-                uris=[f"s3://{bucket}/"], output_dir=tmp_path / "out",
-                s3_endpoint=moto_endpoint, rek_endpoint=fake.url,
+                uris=[f"s3://{bucket}/"],
+                output_dir=tmp_path / "out",
+                s3_endpoint=moto_endpoint,
+                rek_endpoint=fake.url,
             ),
         )
         result = invoke("run", str(config), "--log-format", "console")
@@ -174,9 +185,13 @@ def test_progress_only_on_a_terminal_with_console_logs(
 
 def test_progress_view_renders_counts_rates_and_eta() -> None:
     stats = SimpleNamespace(
-        calls=Counter({"DetectFaces": 100}), listed=200, objects_done=100,
-        records=Counter({"ok": 90, "failed": 4, "skipped": 6}), deduplicated=3,
-        throttles=Counter({"DetectFaces": 2}), retries=Counter({"DetectFaces": 5}),
+        calls=Counter({"DetectFaces": 100}),
+        listed=200,
+        objects_done=100,
+        records=Counter({"ok": 90, "failed": 4, "skipped": 6}),
+        deduplicated=3,
+        throttles=Counter({"DetectFaces": 2}),
+        retries=Counter({"DetectFaces": 5}),
     )
     limiter = SimpleNamespace(rate=50.0, in_flight=7)
     job: Any = SimpleNamespace(
@@ -201,8 +216,10 @@ def test_unexpected_error_exits_1(s3: Any, moto_endpoint: str, tmp_path: Path) -
         config = write_config(
             tmp_path / "job.toml",
             base_config(
-                uris=[f"s3://{bucket}/"], output_dir=tmp_path / "out",
-                s3_endpoint=moto_endpoint, rek_endpoint=fake.url,
+                uris=[f"s3://{bucket}/"],
+                output_dir=tmp_path / "out",
+                s3_endpoint=moto_endpoint,
+                rek_endpoint=fake.url,
             ),
         )
         assert invoke("run", str(config)).exit_code == 0

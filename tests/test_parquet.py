@@ -93,8 +93,10 @@ def label(
         "Name": name,
         "Confidence": confidence,
         "Instances": [
-            {"BoundingBox": {"Width": 0.1, "Height": 0.3, "Left": 0.1 * i, "Top": 0.2},
-             "Confidence": 90.0}
+            {
+                "BoundingBox": {"Width": 0.1, "Height": 0.3, "Left": 0.1 * i, "Top": 0.2},
+                "Confidence": 90.0,
+            }
             for i in range(instances)
         ],
         "Parents": [{"Name": p} for p in parents],
@@ -139,44 +141,78 @@ def row(
 
 def sample_rows() -> list[dict[str, Any]]:
     crowd = [face_detail(0.05 + 0.15 * i) for i in range(5)]
-    crowd[2] = face_detail(0.35, age=(22, 30), emotion="SAD", smile=False, glasses=True,
-                           gender="Female")
+    crowd[2] = face_detail(
+        0.35, age=(22, 30), emotion="SAD", smile=False, glasses=True, gender="Female"
+    )
     return [
         row("crowd.jpg", "detect_faces", result={"FaceDetails": crowd}),
         row("ric.jpg", "detect_faces", result={"FaceDetails": [face_detail(0.4)]}),
-        row("group.jpg", "detect_faces",
-            result={"FaceDetails": [face_detail(0.1 + 0.2 * i) for i in range(4)]}),
+        row(
+            "group.jpg",
+            "detect_faces",
+            result={"FaceDetails": [face_detail(0.1 + 0.2 * i) for i in range(4)]},
+        ),
         row("empty.jpg", "detect_faces", result={"FaceDetails": []}),
-        row("broken.jpg", "detect_faces", "failed", attempts=3,
+        row(
+            "broken.jpg",
+            "detect_faces",
+            "failed",
+            attempts=3,
             error_code="InvalidImageFormatException",
-            error_message="Request has invalid image format"),
+            error_message="Request has invalid image format",
+        ),
         row("notes.txt", "detect_faces", "skipped", reason="not_image"),
-        row("crowd.jpg", "detect_labels", result={
-            "Labels": [
-                label("Person", 99.8, parents=[], categories=["Person Description"], instances=5),
-                label("Crowd", 97.0, parents=["Person"], categories=["Person Description"],
-                      instances=0),
-                ADULT,
-            ],
-            "LabelModelVersion": "3.0",
-        }),
-        row("ric.jpg", "detect_labels", result={
-            "Labels": [
-                PERSON,
-                label("Face", 96.0, parents=["Person", "Head"],
-                      categories=["Person Description"], instances=0),
-            ],
-            "LabelModelVersion": "3.0",
-        }),
+        row(
+            "crowd.jpg",
+            "detect_labels",
+            result={
+                "Labels": [
+                    label(
+                        "Person", 99.8, parents=[], categories=["Person Description"], instances=5
+                    ),
+                    label(
+                        "Crowd",
+                        97.0,
+                        parents=["Person"],
+                        categories=["Person Description"],
+                        instances=0,
+                    ),
+                    ADULT,
+                ],
+                "LabelModelVersion": "3.0",
+            },
+        ),
+        row(
+            "ric.jpg",
+            "detect_labels",
+            result={
+                "Labels": [
+                    PERSON,
+                    label(
+                        "Face",
+                        96.0,
+                        parents=["Person", "Head"],
+                        categories=["Person Description"],
+                        instances=0,
+                    ),
+                ],
+                "LabelModelVersion": "3.0",
+            },
+        ),
         row("group.jpg", "detect_labels", result={"Labels": [PERSON, ADULT]}),
         row("notes.txt", "detect_labels", "skipped", reason="not_image"),
         row("photos/a.jpg", "detect_labels", bucket=None, result={"Labels": [PERSON]}),
         row("crowd.jpg", "compare_faces", result=compare_result([99.1], 4)),
         row("ric.jpg", "compare_faces", result=compare_result([99.9], 0)),
         row("group.jpg", "compare_faces", result=compare_result([], 4)),
-        row("empty.jpg", "compare_faces", "failed", attempts=1,
+        row(
+            "empty.jpg",
+            "compare_faces",
+            "failed",
+            attempts=1,
             error_code="InvalidParameterException",
-            error_message="Request has invalid parameters"),
+            error_message="Request has invalid parameters",
+        ),
         row("notes.txt", "compare_faces", "skipped", reason="not_image"),
     ]
 
@@ -351,8 +387,9 @@ def test_a_bad_line_in_the_middle_is_an_error(tmp_path: Path) -> None:
 
 
 def test_pipeline_extras_fill_their_columns(tmp_path: Path) -> None:
-    extra = row("x.jpg", "search_faces", result={"people": ["ric"]}, people="ric;andrew",
-                dedup_of="y.jpg")
+    extra = row(
+        "x.jpg", "search_faces", result={"people": ["ric"]}, people="ric;andrew", dedup_of="y.jpg"
+    )
     write_jsonl(tmp_path, [extra])
     write_parquet(tmp_path)
     (written,) = pq.read_table(tmp_path / "results.parquet").to_pylist()

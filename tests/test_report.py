@@ -101,8 +101,20 @@ def parse_page(path: Path) -> PageParser:
     parser.close()
     assert parser.problems == []
     assert parser.stack == [], f"unclosed: {parser.stack}"
-    for tag in ("html", "head", "title", "style", "body", "header", "h1", "main", "section",
-                "figure", "figcaption", "footer"):
+    for tag in (
+        "html",
+        "head",
+        "title",
+        "style",
+        "body",
+        "header",
+        "h1",
+        "main",
+        "section",
+        "figure",
+        "figcaption",
+        "footer",
+    ):
         assert tag in parser.seen, tag
     assert parser.external == [], "the report must not load anything from outside"
     assert "<script" not in text
@@ -181,8 +193,9 @@ def check_compare_page(parser: PageParser, text: str) -> None:
     assert "wheres-ric" in text and "80" in text and "UTC" in text
     assert len(parser.captions) == 3
     assert REFERENCE in parser.captions[0] and "reference" in parser.captions[0]
-    for (name, sim, box), caption, image in zip(MATCHES, parser.captions[1:], images[1:],
-                                                strict=True):
+    for (name, sim, box), caption, image in zip(
+        MATCHES, parser.captions[1:], images[1:], strict=True
+    ):
         assert name in caption
         assert f"{sim:.1f}%" in caption
         assert box_colour_near(image, box), f"no box drawn on {name}"
@@ -258,16 +271,31 @@ async def test_search_faces_people_escaping_and_placeholders(tmp_path: Path) -> 
                     "images_matched": 4,
                     "matches": [
                         {"bucket": None, "key": odd, "similarity": 99.0, "bounding_box": box},
-                        {"bucket": None, "key": "sub/crowd.jpg", "similarity": 93.35,
-                         "bounding_box": MATCHES[1][2]},
-                        {"bucket": None, "key": "gone.jpg", "similarity": 90.0,
-                         "bounding_box": box},
-                        {"bucket": None, "key": "broken.jpg", "similarity": 85.0,
-                         "bounding_box": None},
+                        {
+                            "bucket": None,
+                            "key": "sub/crowd.jpg",
+                            "similarity": 93.35,
+                            "bounding_box": MATCHES[1][2],
+                        },
+                        {
+                            "bucket": None,
+                            "key": "gone.jpg",
+                            "similarity": 90.0,
+                            "bounding_box": box,
+                        },
+                        {
+                            "bucket": None,
+                            "key": "broken.jpg",
+                            "similarity": 85.0,
+                            "bounding_box": None,
+                        },
                     ],
                 },
-                "andrew": {"references": [str(tmp_path / "missing-ref.jpg")],
-                           "images_matched": 0, "matches": []},
+                "andrew": {
+                    "references": [str(tmp_path / "missing-ref.jpg")],
+                    "images_matched": 0,
+                    "matches": [],
+                },
             },
         },
     }
@@ -276,9 +304,16 @@ async def test_search_faces_people_escaping_and_placeholders(tmp_path: Path) -> 
         {
             "source": {"uris": [str(first), "s3://elsewhere/x/", str(second)]},
             "backend": {"kind": "local"},
-            "operations": [{"type": "search_faces", "similarity_threshold": 90,
-                            "people": {"ric": [str(SAMPLES / REFERENCE)],
-                                       "andrew": [str(tmp_path / "missing-ref.jpg")]}}],
+            "operations": [
+                {
+                    "type": "search_faces",
+                    "similarity_threshold": 90,
+                    "people": {
+                        "ric": [str(SAMPLES / REFERENCE)],
+                        "andrew": [str(tmp_path / "missing-ref.jpg")],
+                    },
+                }
+            ],
         }
     )
     path = await build_report(out, cfg)
@@ -319,8 +354,9 @@ async def test_boxes_follow_exif_orientation(tmp_path: Path) -> None:
             "images_compared": 1,
             "images_matched": 1,
             "matched_keys": ["sideways.jpg"],
-            "matches": [{"bucket": None, "key": "sideways.jpg", "similarity": 99.0,
-                         "bounding_box": box}],
+            "matches": [
+                {"bucket": None, "key": "sideways.jpg", "similarity": 99.0, "bounding_box": box}
+            ],
         },
     }
     (out / "summary.json").write_text(json.dumps(summary), encoding="utf-8")
@@ -368,13 +404,26 @@ def test_report_renders_in_headless_chromium(tmp_path: Path) -> None:
     profile = tmp_path / "chromium-profile"
     shot = tmp_path / "shot.png"
     command = [
-        CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-        "--no-first-run", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync", f"--user-data-dir={profile}", f"--screenshot={shot}",
-        "--window-size=1200,900", report.resolve().as_uri(),
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={profile}",
+        f"--screenshot={shot}",
+        "--window-size=1200,900",
+        report.resolve().as_uri(),
     ]
     result = subprocess.run(
-        command, capture_output=True, text=True, timeout=120, check=False,
+        command,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
         env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
     )
     assert shot.exists(), f"no screenshot (exit {result.returncode}): {result.stderr[-2000:]}"

@@ -74,7 +74,10 @@ def _run(tmp_path: Path, moto: str, fake: FakeRekognition, uris: list[str], ops:
     config = write_config(
         tmp_path / "job.toml",
         base_config(
-            uris=uris, output_dir=tmp_path / "out", s3_endpoint=moto, rek_endpoint=fake.url,
+            uris=uris,
+            output_dir=tmp_path / "out",
+            s3_endpoint=moto,
+            rek_endpoint=fake.url,
             operations=ops,
         ),
     )
@@ -95,7 +98,9 @@ def test_compare_faces_answer_and_reference_checked_once(
         answer = json.loads((tmp_path / "out" / "summary.json").read_text())["compare_faces"]
         assert answer["faces"] == 1 and answer["face_used"]
         assert {m["key"]: m["similarity"] >= 95 for m in answer["matches"]} == {
-            "ric.jpg": True, "ric_crowd1.jpg": True, "ric_harvey.jpeg": True,
+            "ric.jpg": True,
+            "ric_crowd1.jpg": True,
+            "ric_harvey.jpeg": True,
         }
         # The group selfie's match box is the second face, not the first.
         crowd = next(m for m in answer["matches"] if m["key"] == "ric_crowd1.jpg")
@@ -162,10 +167,16 @@ def test_several_people_by_either_strategy(
         answer = json.loads((tmp_path / "out" / "summary.json").read_text())["search_faces"]
         ric = set(answer["people"]["ric"]["matched_keys"])
         assert ric == {
-            "ric_harvey.jpeg", "ric.jpg", "ric_crowd1.jpg",
-            "team photos/ric at the desk (2).jpg", "ünï/ric+1%.jpg",
+            "ric_harvey.jpeg",
+            "ric.jpg",
+            "ric_crowd1.jpg",
+            "team photos/ric at the desk (2).jpg",
+            "ünï/ric+1%.jpg",
         }
-        assert set(answer["people"]["andrew"]["matched_keys"]) == {"sample-image0.jpeg", "demo0.png"}
+        assert set(answer["people"]["andrew"]["matched_keys"]) == {
+            "sample-image0.jpeg",
+            "demo0.png",
+        }
         calls = fake.stats()["ok"]
         if strategy == "auto":
             assert answer["strategy"] == "collection"
@@ -200,9 +211,10 @@ def test_same_content_is_called_once_and_copies_recorded_with_dedup_of(
         assert len(copies) == 4
         assert {r["dedup_of"] for r in copies} == {f"s3://{bucket}/a/original.jpg"}
         by_key = {(r["key"], r["operation"]): r for r in rows}
-        assert by_key[("b/copy.jpg", "detect_faces")]["result"] == by_key[
-            ("a/original.jpg", "detect_faces")
-        ]["result"]
+        assert (
+            by_key[("b/copy.jpg", "detect_faces")]["result"]
+            == by_key[("a/original.jpg", "detect_faces")]["result"]
+        )
         csv_copies = [r for r in read_csv(tmp_path / "out" / "results.csv") if r["dedup_of"]]
         assert len(csv_copies) == 4
         summary = json.loads((tmp_path / "out" / "summary.json").read_text())

@@ -80,6 +80,10 @@ def _check_backend(cfg: Any) -> None:
 def _run_job(cfg: Any, options: Any) -> int:
     from rekbatch.pipeline import run_job
 
+    if os.environ.get("REKBATCH_BENCH_NO_CHECKPOINT") == "1":
+        options.checkpoint = False
+        typer.echo("rekbatch: checkpointing off (benchmarks only); a crash loses results", err=True)
+
     async def main() -> Any:
         loop = asyncio.get_running_loop()
         signals = 0
@@ -204,22 +208,11 @@ def resume(
 ) -> None:
     """Continue the job whose output directory is DIRECTORY."""
     fmt = configure_logging(log_format)
-    from rekbatch.checkpoint.ledger import Ledger
-    from rekbatch.config import Config
-    from rekbatch.pipeline import RunOptions, state_dir
+    from rekbatch.checkpoint.jobdir import job_config
+    from rekbatch.pipeline import RunOptions
 
     try:
-        ledger_path = state_dir(directory) / "ledger.sqlite"
-        if not ledger_path.exists():
-            raise SetupError(f"{directory}: no rekbatch job here (no {ledger_path})")
-        ledger = Ledger(ledger_path, readonly=True)
-        try:
-            raw = ledger.get_meta("config")
-        finally:
-            ledger.close()
-        if raw is None:
-            raise SetupError(f"{directory}: the job's ledger holds no config")
-        cfg = Config.model_validate_json(raw)
+        cfg = job_config(directory)
         _check_backend(cfg)
         options = RunOptions(
             output_dir=directory,
@@ -298,7 +291,8 @@ def report(
     ] = None,
 ) -> None:
     """Write DIRECTORY/report.html: each person's matched images with the face boxed."""
-    from rekbatch.report import build_report, job_config
+    from rekbatch.checkpoint.jobdir import job_config
+    from rekbatch.report import build_report
 
     try:
         cfg = job_config(directory)

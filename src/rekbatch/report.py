@@ -187,7 +187,7 @@ def _answers(summary: dict[str, Any], cfg: Config) -> list[_Answer]:
         images = int(search.get("images_searched") or 0)
         people: list[_Person] = []
         raw_people = search.get("people")
-        for name, value in (raw_people.items() if isinstance(raw_people, dict) else []):
+        for name, value in raw_people.items() if isinstance(raw_people, dict) else []:
             raw: dict[str, Any] = value if isinstance(value, dict) else {}
             refs = raw.get("references")
             matches = _matches(raw.get("matches"))
@@ -195,7 +195,8 @@ def _answers(summary: dict[str, Any], cfg: Config) -> list[_Answer]:
                 _Person(
                     name=str(name),
                     references=[
-                        _reference_location(r) for r in (refs if isinstance(refs, list) else [])
+                        _reference_location(r)
+                        for r in (refs if isinstance(refs, list) else [])
                         if isinstance(r, str) and r
                     ],
                     matched=int(raw.get("images_matched", len(matches)) or 0),
@@ -506,7 +507,7 @@ def _page(
 ) -> str:
     stamp = generated.strftime("%Y-%m-%d %H:%M:%S UTC")
     out = [
-        "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
         '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
         '<meta name="generator" content="rekbatch">\n'
         f"<title>{_e(job)}: rekbatch face report</title>\n<style>{_CSS}</style>\n</head>\n"
@@ -539,9 +540,7 @@ def _page(
 # -- entry point ----------------------------------------------------------------------------
 
 
-async def build_report(
-    output_dir: Path, cfg: Config, *, max_per_person: int | None = None
-) -> Path:
+async def build_report(output_dir: Path, cfg: Config, *, max_per_person: int | None = None) -> Path:
     """Write ``output_dir/report.html`` from the job's ``summary.json``; return its path.
 
     ``max_per_person`` caps the thumbnails per person (best similarity first); None shows all.
@@ -581,21 +580,3 @@ async def build_report(
     await asyncio.to_thread(tmp.write_text, page, encoding="utf-8")
     os.replace(tmp, target)
     return target
-
-
-def job_config(output_dir: Path) -> Config:
-    """The config a job ran with, as its ledger recorded it (for ``rekbatch report DIR``)."""
-    from rekbatch.checkpoint.ledger import Ledger
-    from rekbatch.pipeline import state_dir
-
-    ledger_path = state_dir(output_dir) / "ledger.sqlite"
-    if not ledger_path.exists():
-        raise SetupError(f"{output_dir}: no rekbatch job here (no {ledger_path})")
-    ledger = Ledger(ledger_path, readonly=True)
-    try:
-        raw = ledger.get_meta("config")
-    finally:
-        ledger.close()
-    if raw is None:
-        raise SetupError(f"{output_dir}: the job's ledger holds no config")
-    return Config.model_validate_json(raw)

@@ -7,18 +7,13 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from rekbatch.checkpoint.jobdir import existing_ledger, state_dir
 from rekbatch.checkpoint.ledger import Ledger
 from rekbatch.checkpoint.lock import JobLock
-from rekbatch.errors import SetupError
-
-STATE_DIR = ".rekbatch"
 
 
 def job_status(directory: Path, *, now: float) -> dict[str, Any]:
-    path = directory / STATE_DIR / "ledger.sqlite"
-    if not path.exists():
-        raise SetupError(f"{directory}: no rekbatch job here (no {path})")
-    ledger = Ledger(path, readonly=True)
+    ledger = Ledger(existing_ledger(directory), readonly=True)
     try:
         by_status: Counter[str] = Counter()
         by_operation: dict[str, dict[str, int]] = {}
@@ -48,7 +43,7 @@ def job_status(directory: Path, *, now: float) -> dict[str, Any]:
         config = json.loads(ledger.get_meta("config") or "{}")
     finally:
         ledger.close()
-    active = JobLock.is_held(directory / STATE_DIR / "lock")
+    active = JobLock.is_held(state_dir(directory) / "lock")
     last = runs[-1] if runs else None
     stats = json.loads(last["stats"]) if last else {}
     rate = float(stats.get("calls_per_second", 0.0))

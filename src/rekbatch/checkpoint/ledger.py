@@ -280,9 +280,7 @@ class Ledger:
             )
 
     def person_matches(self) -> list[sqlite3.Row]:
-        return list(
-            self._db.execute("SELECT * FROM person_matches ORDER BY person, source, key")
-        )
+        return list(self._db.execute("SELECT * FROM person_matches ORDER BY person, source, key"))
 
     # -- runs -------------------------------------------------------------------------------
 

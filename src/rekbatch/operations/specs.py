@@ -107,7 +107,10 @@ def build_spec(op: Operation) -> OperationSpec:
                 op.type, "DetectFaces", "Image", {"Attributes": list(op.attributes)}, _faces
             )
         case DetectLabelsOp():
-            params: dict[str, Any] = {"MaxLabels": op.max_labels, "MinConfidence": op.min_confidence}
+            params: dict[str, Any] = {
+                "MaxLabels": op.max_labels,
+                "MinConfidence": op.min_confidence,
+            }
             return OperationSpec(op.type, "DetectLabels", "Image", params, _labels)
         case CompareFacesOp():
             params = {"SimilarityThreshold": op.similarity_threshold}

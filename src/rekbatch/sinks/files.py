@@ -42,12 +42,13 @@ class DurableFile:
         self._file = await aiofiles.open(self.path, "ab")
         self.size = committed_size
 
-    async def append(self, data: bytes) -> int:
+    async def append(self, data: bytes, *, sync: bool = True) -> int:
         """Write, flush and fsync; return the new committed-to-be size."""
         if data:
             await self._file.write(data)
             await self._file.flush()
-            await asyncio.to_thread(os.fsync, self._file.fileno())
+            if sync:
+                await asyncio.to_thread(os.fsync, self._file.fileno())
             self.size += len(data)
         return self.size
 
