@@ -127,13 +127,15 @@ async def _baseline(s3_url: str, rek_url: str, seconds: float, concurrency: int)
     )
     latencies: list[float] = []
     sem = asyncio.Semaphore(concurrency)
-    async with (
-        session.client("s3", endpoint_url=s3_url) as s3,
-        session.client("rekognition", endpoint_url=rek_url, config=rek_cfg) as rek,
-    ):
+    stopped = False
+    async with session.client("s3", endpoint_url=s3_url) as s3, session.client(
+        "rekognition", endpoint_url=rek_url, config=rek_cfg
+    ) as rek:
 
         async def one(key: str) -> None:
             async with sem:
+                if stopped:
+                    return
                 started = time.monotonic()
                 try:
                     await rek.detect_faces(Image={"S3Object": {"Bucket": BUCKET, "Name": key}})
@@ -149,8 +151,10 @@ async def _baseline(s3_url: str, rek_url: str, seconds: float, concurrency: int)
 
         driver = asyncio.create_task(drive())
         await asyncio.sleep(seconds)
-        driver.cancel()
-        await asyncio.gather(driver, return_exceptions=True)
+        # Stop taking work and let calls in flight finish: botocore's adaptive mode does not
+        # take cancellation well.
+        stopped = True
+        await asyncio.wait_for(driver, timeout=300)
     return latencies
 
 

@@ -847,8 +847,9 @@ class Job:
         return paths + [str(p) for p in written]
 
     async def _finish(self, ledger: Ledger) -> RunOutcome:
+        live = self._live_stats()  # the rate of the calls, before the output files are made
         outputs = await self._outputs()
-        summary = build_summary(ledger, self.cfg, self._live_stats())
+        summary = build_summary(ledger, self.cfg, live)
         summary["outputs"] = [*outputs, str(self.out / "summary.json")]
         if "compare_faces" in summary:
             summary["compare_faces"].update(self._reference_info.get("compare_faces", {}))
@@ -869,7 +870,7 @@ class Job:
             code = EXIT_BUDGET
         else:
             code = EXIT_INTERRUPTED
-        ledger.end_run(self.run_id, code, self._live_stats())
+        ledger.end_run(self.run_id, code, live)
         log.info(
             "run_finished",
             exit_code=code,
