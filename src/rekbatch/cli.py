@@ -8,6 +8,8 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -34,6 +36,13 @@ def _fail(exc: BaseException) -> typer.Exit:
         return typer.Exit(exc.exit_code)
     typer.echo(f"rekbatch: unexpected error: {type(exc).__name__}: {exc}", err=True)
     return typer.Exit(EXIT_UNEXPECTED)
+
+
+@contextmanager
+def _one_line_errors() -> Iterator[None]:
+    """Any failure below a command becomes one line on stderr and its exit code."""
+    with _one_line_errors():
+        yield
 
 
 def _version(value: bool) -> None:
@@ -173,7 +182,7 @@ def run(
         "job": {"output_dir": str(output) if output else None},
         "limits": {"concurrency": concurrency, "max_tps": max_tps},
     }
-    try:
+    with _one_line_errors():
         cfg = _load(config, overrides)
         _check_backend(cfg)
         if dry_run:
@@ -185,10 +194,6 @@ def run(
             progress=_progress(fmt),
         )
         code = _run_job(cfg, options)
-    except typer.Exit:
-        raise
-    except Exception as exc:
-        raise _fail(exc) from None
     raise typer.Exit(code)
 
 
@@ -211,7 +216,7 @@ def resume(
     from rekbatch.checkpoint.jobdir import job_config
     from rekbatch.pipeline import RunOptions
 
-    try:
+    with _one_line_errors():
         cfg = job_config(directory)
         _check_backend(cfg)
         options = RunOptions(
@@ -221,10 +226,6 @@ def resume(
             progress=_progress(fmt),
         )
         code = _run_job(cfg, options)
-    except typer.Exit:
-        raise
-    except Exception as exc:
-        raise _fail(exc) from None
     raise typer.Exit(code)
 
 
@@ -233,11 +234,9 @@ def validate(
     config: Annotated[Path, typer.Argument(help="The config file to check.")],
 ) -> None:
     """Check a config and exit: 0 when valid, 2 with the field at fault otherwise."""
-    try:
+    with _one_line_errors():
         cfg = _load(config)
         _check_backend(cfg)
-    except Exception as exc:
-        raise _fail(exc) from None
     ops = ", ".join(op.type for op in cfg.operations)
     typer.echo(f"{config}: valid ({len(cfg.source.uris)} source(s); operations: {ops})")
 
@@ -257,14 +256,10 @@ def plan(
 ) -> None:
     """The dry run: list and filter, then print counts, calls, estimated cost and time."""
     configure_logging("json" if as_json else None, level=30)
-    try:
+    with _one_line_errors():
         cfg = _load(config)
         _check_backend(cfg)
         code = _plan(cfg, as_json=as_json)
-    except typer.Exit:
-        raise
-    except Exception as exc:
-        raise _fail(exc) from None
     raise typer.Exit(code)
 
 
@@ -276,10 +271,8 @@ def status(
     """Counts, rate and errors of a job, also while it runs."""
     from rekbatch.status import job_status, render_status
 
-    try:
+    with _one_line_errors():
         report = job_status(directory, now=time.time())
-    except Exception as exc:
-        raise _fail(exc) from None
     typer.echo(json.dumps(report, indent=2) if as_json else render_status(report))
 
 
@@ -294,11 +287,9 @@ def report(
     from rekbatch.checkpoint.jobdir import job_config
     from rekbatch.report import build_report
 
-    try:
+    with _one_line_errors():
         cfg = job_config(directory)
         path = asyncio.run(build_report(directory, cfg, max_per_person=max_per_person))
-    except Exception as exc:
-        raise _fail(exc) from None
     typer.echo(f"report: {path}")
 
 
