@@ -41,8 +41,12 @@ def _fail(exc: BaseException) -> typer.Exit:
 @contextmanager
 def _one_line_errors() -> Iterator[None]:
     """Any failure below a command becomes one line on stderr and its exit code."""
-    with _one_line_errors():
+    try:
         yield
+    except typer.Exit:
+        raise
+    except Exception as exc:
+        raise _fail(exc) from None
 
 
 def _version(value: bool) -> None:
