@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -106,9 +107,12 @@ class Ledger:
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(SCHEMA)
         self._db.row_factory = sqlite3.Row
+        self._write_lock = threading.Lock()
         # The producer looks keys up from a worker thread while the writer commits from
         # another: each gets its own connection (WAL lets readers and the writer overlap).
-        self._reader = sqlite3.connect(path, check_same_thread=False, timeout=10)
+        self._reader = sqlite3.connect(
+            f"file:{path}?mode=ro", uri=True, check_same_thread=False, timeout=10
+        )
 
     def close(self) -> None:
         self._reader.close()
@@ -116,7 +120,9 @@ class Ledger:
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
-        with self._db:
+        # Writes come from worker threads (the writer's commits, the heartbeat): one at a
+        # time, so no statement ever lands inside another's transaction.
+        with self._write_lock, self._db:
             yield self._db
 
     # -- job identity and files -------------------------------------------------------------
