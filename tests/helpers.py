@@ -13,6 +13,7 @@ from typing import Any
 from typer.testing import CliRunner
 
 from rekbatch.cli import app
+from tests.conftest import REPO, SAMPLES, make_bucket
 
 
 def tiny_png(seed: int = 0) -> bytes:
@@ -81,3 +82,17 @@ def base_config(
         f'rekognition_endpoint_url = "{rek_endpoint}"\n\n'
         f"{extra}\n{operations}"
     )
+
+
+def upload_samples(s3: Any, bucket: str, prefix: str = "") -> str:
+    """The Where's Ric sample photos (and the non-images among them) in a new bucket."""
+    make_bucket(s3, bucket)
+    for path in sorted(SAMPLES.iterdir()):
+        s3.put_object(Bucket=bucket, Key=prefix + path.name, Body=path.read_bytes())
+    return bucket
+
+
+def sample_people() -> dict[str, list[str]]:
+    """Who the fake sees in each sample photo: the project's ``configs/fake-people.json``."""
+    people: dict[str, list[str]] = json.loads((REPO / "configs" / "fake-people.json").read_text())
+    return people

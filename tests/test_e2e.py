@@ -11,15 +11,16 @@ from typing import Any
 import pytest
 
 from rekbatch.testing.fake_rekognition import FakeConfig, FakeRekognition
-from tests.conftest import SAMPLES, make_bucket
+from tests.conftest import make_bucket
 from tests.helpers import (
     base_config,
     fake_jpeg,
     invoke,
     read_csv,
     read_jsonl,
-    sha256,
+    sample_people,
     tiny_png,
+    upload_samples,
     write_config,
 )
 
@@ -167,13 +168,9 @@ def test_files_load_in_duckdb(
 
 
 def test_wheres_ric_samples_answer(s3: Any, moto_endpoint: str, tmp_path: Path) -> None:
-    bucket = make_bucket(s3, "image-demo-lab")
-    for path in sorted(SAMPLES.iterdir()):
-        s3.put_object(Bucket=bucket, Key=path.name, Body=path.read_bytes())
+    upload_samples(s3, "image-demo-lab")
     shows_ric = {"ric_harvey.jpeg", "ric.jpg", "ric_crowd1.jpg"}
-    people = {sha256((SAMPLES / name).read_bytes()): ["ric"] for name in shows_ric}
-    people[sha256((SAMPLES / "ric_crowd1.jpg").read_bytes())] = ["a", "ric", "b", "c", "d"]
-    server = FakeRekognition(FakeConfig(s3_endpoint_url=moto_endpoint, people=people))
+    server = FakeRekognition(FakeConfig(s3_endpoint_url=moto_endpoint, people=sample_people()))
     server.start()
     try:
         out = tmp_path / "ric"

@@ -8,8 +8,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import REPO, SAMPLES, make_bucket
-from tests.helpers import invoke, read_jsonl, write_config
+from tests.conftest import REPO, SAMPLES
+from tests.helpers import (
+    invoke,
+    read_jsonl,
+    upload_samples,
+    write_config,
+)
 
 SHOWS_RIC = {"ric_harvey.jpeg", "ric.jpg", "ric_crowd1.jpg"}
 
@@ -55,9 +60,7 @@ def test_readme_quickstart_answers_wheres_ric_offline(tmp_path: Path) -> None:
 def test_offline_backend_reads_s3_sources_as_bytes(
     s3: Any, moto_endpoint: str, tmp_path: Path
 ) -> None:
-    bucket = make_bucket(s3, "offline-ric")
-    for path in sorted(SAMPLES.iterdir()):
-        s3.put_object(Bucket=bucket, Key=f"photos/{path.name}", Body=path.read_bytes())
+    bucket = upload_samples(s3, "offline-ric", prefix="photos/")
     config = write_config(
         tmp_path / "job.toml",
         f'[job]\nname = "offline-s3"\noutput_dir = "{tmp_path / "out"}"\n'

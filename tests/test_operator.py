@@ -17,8 +17,17 @@ from rekbatch.pricing import estimate_cost
 from rekbatch.progress import ProgressView, progress_wanted
 from rekbatch.sinks.parquet import EXAMPLE_QUERIES
 from rekbatch.testing.fake_rekognition import FakeConfig, FakeRekognition
-from tests.conftest import SAMPLES, make_bucket
-from tests.helpers import base_config, fake_jpeg, invoke, read_jsonl, sha256, tiny_png, write_config
+from tests.conftest import make_bucket
+from tests.helpers import (
+    base_config,
+    fake_jpeg,
+    invoke,
+    read_jsonl,
+    sample_people,
+    tiny_png,
+    upload_samples,
+    write_config,
+)
 
 
 def _mixed(s3: Any, bucket: str) -> None:
@@ -103,11 +112,8 @@ def test_cost_cap_stops_with_4_and_resumes_with_a_larger_one(
 def test_parquet_outputs_answer_the_readme_queries(
     s3: Any, moto_endpoint: str, tmp_path: Path
 ) -> None:
-    bucket = make_bucket(s3, "duck-ric")
-    for path in sorted(SAMPLES.iterdir()):
-        s3.put_object(Bucket=bucket, Key=path.name, Body=path.read_bytes())
-    people = {sha256((SAMPLES / n).read_bytes()): ["ric"] for n in ("ric_harvey.jpeg", "ric.jpg")}
-    people[sha256((SAMPLES / "ric_crowd1.jpg").read_bytes())] = ["a", "ric", "b", "c", "d"]
+    bucket = upload_samples(s3, "duck-ric")
+    people = sample_people()
     ops = OPS + (
         '\n[[operations]]\ntype = "compare_faces"\nreference = "s3://duck-ric/ric_harvey.jpeg"\n'
     )

@@ -19,7 +19,17 @@ from rekbatch.operations.search import (
 )
 from rekbatch.testing.fake_rekognition import FakeConfig, FakeRekognition
 from tests.conftest import SAMPLES, make_bucket
-from tests.helpers import base_config, fake_jpeg, invoke, read_csv, read_jsonl, sha256, write_config
+from tests.helpers import (
+    base_config,
+    fake_jpeg,
+    invoke,
+    read_csv,
+    read_jsonl,
+    sample_people,
+    sha256,
+    upload_samples,
+    write_config,
+)
 
 EXTERNAL_ID = re.compile(r"^[a-zA-Z0-9_.\-:]+$")
 
@@ -56,15 +66,9 @@ def test_auto_strategy_picks_fewer_calls() -> None:
     assert strategy_calls(1000, 3) == {"compare": 3000, "collection": 1005}
 
 
-def _upload_samples(s3: Any, bucket: str) -> None:
-    make_bucket(s3, bucket)
-    for path in sorted(SAMPLES.iterdir()):
-        s3.put_object(Bucket=bucket, Key=path.name, Body=path.read_bytes())
-
-
 def _people_for_samples() -> dict[str, list[str]]:
-    people = {sha256((SAMPLES / n).read_bytes()): ["ric"] for n in ("ric_harvey.jpeg", "ric.jpg")}
-    people[sha256((SAMPLES / "ric_crowd1.jpg").read_bytes())] = ["a", "ric", "b", "c", "d"]
+    """The shipped identities, with the guitarist of two samples cast as Andrew."""
+    people = sample_people()
     people[sha256((SAMPLES / "sample-image0.jpeg").read_bytes())] = ["andrew"]
     people[sha256((SAMPLES / "demo0.png").read_bytes())] = ["andrew", "e"]
     return people
@@ -87,7 +91,7 @@ def _run(tmp_path: Path, moto: str, fake: FakeRekognition, uris: list[str], ops:
 def test_compare_faces_answer_and_reference_checked_once(
     s3: Any, moto_endpoint: str, tmp_path: Path
 ) -> None:
-    _upload_samples(s3, "ric-one")
+    upload_samples(s3, "ric-one")
     with FakeRekognition(
         FakeConfig(s3_endpoint_url=moto_endpoint, people=_people_for_samples())
     ) as fake:
@@ -113,7 +117,7 @@ def test_compare_faces_answer_and_reference_checked_once(
 def test_reference_without_a_face_stops_before_any_image_is_paid(
     s3: Any, moto_endpoint: str, tmp_path: Path
 ) -> None:
-    _upload_samples(s3, "ric-noface")
+    upload_samples(s3, "ric-noface")
     people = {sha256((SAMPLES / "ric_harvey.jpeg").read_bytes()): []}
     with FakeRekognition(FakeConfig(s3_endpoint_url=moto_endpoint, people=people)) as fake:
         ops = (
@@ -146,7 +150,7 @@ def test_several_people_by_either_strategy(
     s3: Any, moto_endpoint: str, tmp_path: Path, strategy: str
 ) -> None:
     bucket = f"people-{strategy}"
-    _upload_samples(s3, bucket)
+    upload_samples(s3, bucket)
     people = _awkward_ric_copies(s3, bucket)
     refs = tmp_path / "refs"
     refs.mkdir()
