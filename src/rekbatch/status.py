@@ -3,24 +3,20 @@
 from __future__ import annotations
 
 import json
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from rekbatch.checkpoint.jobdir import existing_ledger, state_dir
 from rekbatch.checkpoint.ledger import Ledger
 from rekbatch.checkpoint.lock import JobLock
+from rekbatch.sinks.summary import record_counts
 
 
 def job_status(directory: Path, *, now: float) -> dict[str, Any]:
     ledger = Ledger(existing_ledger(directory), readonly=True)
     try:
-        by_status: Counter[str] = Counter()
-        by_operation: dict[str, dict[str, int]] = {}
-        for row in ledger.counts():
-            by_status[row["status"]] += row["n"]
-            ops = by_operation.setdefault(row["operation"], {})
-            ops[row["status"]] = ops.get(row["status"], 0) + row["n"]
+        counts = record_counts(ledger)
+        by_status, by_operation = counts["by_status"], counts["by_operation"]
         sources = [
             {
                 "uri": s["uri"],
@@ -59,7 +55,7 @@ def job_status(directory: Path, *, now: float) -> dict[str, Any]:
         "directory": str(directory),
         "job": config.get("job", {}).get("name"),
         "active": active,
-        "by_status": dict(by_status),
+        "by_status": by_status,
         "by_operation": by_operation,
         "sources": sources,
         "objects_listed": listed,

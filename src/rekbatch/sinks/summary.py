@@ -10,10 +10,10 @@ from rekbatch.config import CompareFacesOp, Config, SearchFacesOp
 from rekbatch.operations.search import Strategy, strategy_calls
 from rekbatch.pricing import estimate_cost
 
-# -- summary --------------------------------------------------------------------------------
 
-
-def build_summary(ledger: Ledger, cfg: Config, live: dict[str, Any]) -> dict[str, Any]:
+def record_counts(ledger: Ledger) -> dict[str, dict[str, Any]]:
+    """The ledger's records by status, by operation and status, by skip reason, and the
+    images billed per operation (for summary.json and ``rekbatch status``)."""
     by_status: Counter[str] = Counter()
     by_reason: Counter[str] = Counter()
     by_operation: dict[str, Counter[str]] = {}
@@ -24,15 +24,22 @@ def build_summary(ledger: Ledger, cfg: Config, live: dict[str, Any]) -> dict[str
         if row["reason"]:
             by_reason[row["reason"]] += row["n"]
         billed[row["operation"]] += row["billed"] or 0
+    return {
+        "by_status": dict(by_status),
+        "by_operation": {op: dict(c) for op, c in by_operation.items()},
+        "by_reason": dict(by_reason),
+        "billed": dict(billed),
+    }
+
+
+def build_summary(ledger: Ledger, cfg: Config, live: dict[str, Any]) -> dict[str, Any]:
+    counts = record_counts(ledger)
+    billed = counts.pop("billed")
     elapsed = live.get("elapsed_seconds", 0.0)
     calls = sum(live["calls"].values())
     summary: dict[str, Any] = {
         "job": cfg.job.name,
-        "counts": {
-            "by_status": dict(by_status),
-            "by_operation": {op: dict(c) for op, c in by_operation.items()},
-            "by_reason": dict(by_reason),
-        },
+        "counts": counts,
         "calls": {
             "total": calls,
             "by_api": live["calls"],
@@ -44,7 +51,7 @@ def build_summary(ledger: Ledger, cfg: Config, live: dict[str, Any]) -> dict[str
         "limiters": live.get("limiters", {}),
         # The offline backend calls no service: nothing is billed.
         "estimated_cost_usd": (
-            estimate_cost(dict(billed), region=cfg.aws.region) if cfg.backend.kind == "aws" else 0.0
+            estimate_cost(billed, region=cfg.aws.region) if cfg.backend.kind == "aws" else 0.0
         ),
         "errors": [
             {"operation": r["operation"], "error_code": r["error_code"], "count": r["n"]}
