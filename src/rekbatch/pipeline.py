@@ -37,7 +37,7 @@ from rekbatch.clock import MONOTONIC, Clock
 from rekbatch.config import CompareFacesOp, Config, SearchFacesOp, parse_s3_uri
 from rekbatch.errors import BackendError, SetupError
 from rekbatch.operations.search import PeopleSearch, choose_strategy
-from rekbatch.operations.specs import OperationSpec, build_spec
+from rekbatch.operations.specs import OperationSpec, box_text, build_spec
 from rekbatch.pricing import estimate_cost
 from rekbatch.ratelimit.limiter import AdaptiveLimiter
 from rekbatch.ratelimit.quotas import resolve_ceilings
@@ -807,14 +807,28 @@ class Job:
             for row in ledger.operation_rows("search_faces"):
                 for person, (similarity, box) in json.loads(row["detail"] or "{}").items():
                     rows.append(
-                        (person, row["source"], row["key"], row["bucket"], similarity, _box(box))
+                        (
+                            person,
+                            row["source"],
+                            row["key"],
+                            row["bucket"],
+                            similarity,
+                            box_text(box),
+                        )
                     )
         elif self._stop_reason is None:
             found = await search.search(self.invoke)
             for person, external_id, similarity, box in found:
                 for obj in ledger.objects_with_detail("search_faces", external_id):
                     rows.append(
-                        (person, obj["source"], obj["key"], obj["bucket"], similarity, _box(box))
+                        (
+                            person,
+                            obj["source"],
+                            obj["key"],
+                            obj["bucket"],
+                            similarity,
+                            box_text(box),
+                        )
                     )
             await search.cleanup(self.invoke)
         else:
@@ -999,12 +1013,6 @@ def _ledger_row(record: Record, summary: dict[str, Any]) -> LedgerRow:
         dedup_of=record.extra.get("dedup_of"),
         processed_at=record.processed_at,
     )
-
-
-def _box(box: dict[str, Any] | None) -> str | None:
-    if not box:
-        return None
-    return ",".join(f"{float(box.get(k, 0.0)):.4f}" for k in ("Left", "Top", "Width", "Height"))
 
 
 def _read_prefix(path: Path, nbytes: int) -> bytes:

@@ -48,7 +48,8 @@ def _labels(result: dict[str, Any]) -> dict[str, Any]:
     return {"labels": _names(result.get("Labels", []))}
 
 
-def _box(box: dict[str, Any] | None) -> str | None:
+def box_text(box: dict[str, Any] | None) -> str | None:
+    """A BoundingBox as the ledger and CSV keep it: ``left,top,width,height``."""
     if not box:
         return None
     return ",".join(f"{float(box.get(k, 0.0)):.4f}" for k in ("Left", "Top", "Width", "Height"))
@@ -62,7 +63,7 @@ def compare_summary(result: dict[str, Any]) -> dict[str, Any]:
         "face_count": len(matches) + len(unmatched),
         "best_similarity": round(float(best["Similarity"]), 3) if best else None,
         "matched": bool(matches),
-        "match_box": _box(best.get("Face", {}).get("BoundingBox")) if best else None,
+        "match_box": box_text(best.get("Face", {}).get("BoundingBox")) if best else None,
     }
 
 
