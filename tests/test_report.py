@@ -6,6 +6,7 @@ import asyncio
 import base64
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -28,7 +29,8 @@ MATCHES = [
     ("ric.jpg", 99.87, {"Left": 0.26, "Top": 0.15, "Width": 0.52, "Height": 0.64}),
     ("ric_crowd1.jpg", 97.21, {"Left": 0.275, "Top": 0.355, "Width": 0.19, "Height": 0.34}),
 ]
-CHROMIUM = "/usr/bin/chromium"
+# scripts/test installs Debian's Chromium there when it is missing, or names another one.
+CHROMIUM = os.environ.get("REKBATCH_CHROMIUM", "/usr/bin/chromium")
 
 
 class PageParser(HTMLParser):
@@ -397,7 +399,7 @@ def test_report_renders_in_headless_chromium(tmp_path: Path) -> None:
     if not Path(CHROMIUM).exists():
         pytest.fail(
             f"{CHROMIUM} is missing; this test renders the report in a real browser. "
-            "Install it with: apt-get install -y chromium"
+            "Run the tests with ./scripts/test, which installs it"
         )
     out, cfg = local_job(tmp_path)
     report = asyncio.run(build_report(out, cfg))
