@@ -1,4 +1,4 @@
-"""Benchmark the offline face backend (``rekbatch.backends.local_faces``).
+"""Benchmark the offline face backend (``rekbatch.backends.local.faces``).
 
 For a photo with faces (the 5-person group selfie ``samples/wheres-ric/ric_crowd1.jpg``,
 8 MP) resized to 0.1, 2, 8 and 16 MP and re-encoded as JPEG, measure:
@@ -34,8 +34,8 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO / "src"))
 
-from rekbatch.backends import local_faces  # noqa: E402
-from rekbatch.backends.local import default_workers  # noqa: E402
+from rekbatch.backends.local import faces as local_faces  # noqa: E402
+from rekbatch.backends.local.backend import default_workers  # noqa: E402
 
 PHOTO = REPO / "samples" / "wheres-ric" / "ric_crowd1.jpg"
 SIZES_MP = (0.1, 2.0, 8.0, 16.0)

@@ -74,7 +74,7 @@ def fake_rekognition(s3_url: str, *args: str) -> Iterator[str]:
         [
             sys.executable,
             "-m",
-            "rekbatch.testing.fake_rekognition",
+            "tests.support.fake_rekognition",
             "--port",
             str(port),
             "--s3-endpoint-url",

@@ -10,7 +10,6 @@ from typing import Any
 
 import pytest
 
-from rekbatch.testing.fake_rekognition import FakeConfig, FakeRekognition
 from tests.conftest import make_bucket
 from tests.helpers import (
     base_config,
@@ -23,6 +22,7 @@ from tests.helpers import (
     upload_samples,
     write_config,
 )
+from tests.support.fake_rekognition import FakeConfig, FakeRekognition
 
 OPS = (
     '[[operations]]\ntype = "detect_faces"\nattributes = ["ALL"]\n\n'

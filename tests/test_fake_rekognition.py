@@ -27,7 +27,8 @@ import pytest
 from aiobotocore.config import AioConfig
 from botocore.exceptions import ClientError
 
-from rekbatch.testing.fake_rekognition import (
+from tests.conftest import REGION, SAMPLES, make_bucket
+from tests.support.fake_rekognition import (
     JPEG_MAGIC,
     MAX_BYTES_IMAGE,
     MAX_S3_IMAGE,
@@ -36,7 +37,6 @@ from rekbatch.testing.fake_rekognition import (
     _TokenBucket,
     image_digest,
 )
-from tests.conftest import REGION, SAMPLES, make_bucket
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -564,7 +564,7 @@ def test_cli_serves_and_stops_on_sigterm(moto_endpoint: str, tmp_path: Path) -> 
         [
             sys.executable,
             "-m",
-            "rekbatch.testing.fake_rekognition",
+            "tests.support.fake_rekognition",
             "--port",
             "0",
             "--s3-endpoint-url",

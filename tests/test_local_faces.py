@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from rekbatch.backends.base import ImageInput
-from rekbatch.backends.local import (
+from rekbatch.backends.local.backend import (
     FACE_MODEL_VERSION,
     LOCAL_SUPPORTED_OPERATIONS,
     LocalBackend,
@@ -34,7 +34,7 @@ if _MISSING is not None:
 
 from PIL import Image  # noqa: E402
 
-from rekbatch.backends import local_faces  # noqa: E402
+from rekbatch.backends.local import faces as local_faces  # noqa: E402
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples" / "wheres-ric"
 REFERENCE = "ric_harvey.jpeg"

@@ -13,10 +13,9 @@ import duckdb
 import pytest
 from rich.console import Console
 
+from rekbatch.commands.progress import ProgressView, progress_wanted
 from rekbatch.pricing import estimate_cost
-from rekbatch.progress import ProgressView, progress_wanted
 from rekbatch.sinks.parquet import EXAMPLE_QUERIES
-from rekbatch.testing.fake_rekognition import FakeConfig, FakeRekognition
 from tests.conftest import make_bucket
 from tests.helpers import (
     base_config,
@@ -28,6 +27,7 @@ from tests.helpers import (
     upload_samples,
     write_config,
 )
+from tests.support.fake_rekognition import FakeConfig, FakeRekognition
 
 
 def _mixed(s3: Any, bucket: str) -> None:

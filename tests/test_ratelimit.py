@@ -20,11 +20,11 @@ from typing import Any
 
 import pytest
 
-from rekbatch.clock import FakeClock, VirtualClock
+from rekbatch.calls.limiter import AdaptiveLimiter, Permit
+from rekbatch.calls.quotas import api_name, default_tps, resolve_ceilings
+from rekbatch.calls.retry import RetryPolicy, classify
 from rekbatch.errors import BackendError, ConfigError
-from rekbatch.ratelimit.limiter import AdaptiveLimiter, Permit
-from rekbatch.ratelimit.quotas import api_name, default_tps, resolve_ceilings
-from rekbatch.ratelimit.retry import RetryPolicy, classify
+from tests.support.virtual_clock import FakeClock, VirtualClock
 
 # --------------------------------------------------------------------------- virtual clock
 
@@ -382,7 +382,7 @@ def test_simulation_shared_quota_halves_and_comes_back(q: float) -> None:
 
 @pytest.mark.parametrize("q", QUOTAS)
 def test_simulation_unknown_and_shared_quota_with_fast_refusals(q: float) -> None:
-    # rekbatch.testing.fake_rekognition answers throttles in 2 ms, accepted calls later.
+    # tests.support.fake_rekognition answers throttles in 2 ms, accepted calls later.
     result = simulate(q, ceiling=2 * q, halve=True, throttle_latency=0.002)
     assert result.ratio >= 0.92
     assert result.share <= 0.01

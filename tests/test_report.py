@@ -17,9 +17,9 @@ from typing import Any, cast
 import pytest
 from PIL import Image
 
+from rekbatch.commands.report import REPORT_FILE, THUMB_PX, build_report
 from rekbatch.config import Config
 from rekbatch.errors import SetupError
-from rekbatch.report import REPORT_FILE, THUMB_PX, build_report
 from tests.conftest import REGION, SAMPLES, make_bucket
 
 DATA_URI = "data:image/jpeg;base64,"

@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 
 from rekbatch.pipeline import BATCH_SECONDS
-from rekbatch.testing.fake_rekognition import FakeConfig, FakeRekognition
 from tests.conftest import make_bucket
 from tests.helpers import base_config, fake_jpeg, invoke, read_csv, read_jsonl, write_config
+from tests.support.fake_rekognition import FakeConfig, FakeRekognition
 
 OPS = '[[operations]]\ntype = "detect_faces"\n\n[[operations]]\ntype = "detect_labels"\n'
 

@@ -17,7 +17,6 @@ from rekbatch.operations.search import (
     external_image_id,
     strategy_calls,
 )
-from rekbatch.testing.fake_rekognition import FakeConfig, FakeRekognition
 from tests.conftest import SAMPLES, make_bucket
 from tests.helpers import (
     base_config,
@@ -30,6 +29,7 @@ from tests.helpers import (
     upload_samples,
     write_config,
 )
+from tests.support.fake_rekognition import FakeConfig, FakeRekognition
 
 EXTERNAL_ID = re.compile(r"^[a-zA-Z0-9_.\-:]+$")
 

@@ -8,7 +8,6 @@ import json
 
 import pytest
 
-from rekbatch.checkpoint.watermark import WatermarkTracker
 from rekbatch.operations.specs import compare_summary
 from rekbatch.records import ObjectRef, Record
 from rekbatch.sinks.rows import CSV_COLUMNS, csv_header, csv_rows, jsonl_line
@@ -18,6 +17,7 @@ from rekbatch.sources.filters import (
     classify_listing,
     sniff_kind,
 )
+from rekbatch.store.watermark import WatermarkTracker
 from tests.helpers import fake_jpeg, tiny_png
 
 INCLUDE = ["*.jpg", "*.jpeg", "*.png"]

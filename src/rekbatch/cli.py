@@ -75,7 +75,10 @@ def _check_backend(cfg: Any) -> None:
     if cfg.backend.kind != "local":
         return
     try:
-        from rekbatch.backends.local import LOCAL_SUPPORTED_OPERATIONS, local_backend_available
+        from rekbatch.backends.local.backend import (
+            LOCAL_SUPPORTED_OPERATIONS,
+            local_backend_available,
+        )
     except ImportError:  # pragma: no cover - the module ships with the package
         raise ConfigError("backend.kind: the local backend is not available") from None
     for index, op in enumerate(cfg.operations):
@@ -151,7 +154,7 @@ def render_summary(summary: dict[str, Any]) -> str:
 
 
 def _progress(fmt: str) -> bool:
-    from rekbatch.progress import progress_wanted
+    from rekbatch.commands.progress import progress_wanted
 
     return progress_wanted(fmt, sys.stderr)
 
@@ -217,8 +220,8 @@ def resume(
 ) -> None:
     """Continue the job whose output directory is DIRECTORY."""
     fmt = configure_logging(log_format)
-    from rekbatch.checkpoint.jobdir import job_config
     from rekbatch.pipeline import RunOptions
+    from rekbatch.store.jobdir import job_config
 
     with _one_line_errors():
         cfg = job_config(directory)
@@ -246,7 +249,7 @@ def validate(
 
 
 def _plan(cfg: Any, *, as_json: bool) -> int:
-    from rekbatch.planning import plan_job, render_plan
+    from rekbatch.commands.plan import plan_job, render_plan
 
     plan = asyncio.run(plan_job(cfg))
     typer.echo(json.dumps(plan, indent=2) if as_json else render_plan(plan))
@@ -273,7 +276,7 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="Print the status as JSON.")] = False,
 ) -> None:
     """Counts, rate and errors of a job, also while it runs."""
-    from rekbatch.status import job_status, render_status
+    from rekbatch.commands.status import job_status, render_status
 
     with _one_line_errors():
         report = job_status(directory, now=time.time())
@@ -288,8 +291,8 @@ def report(
     ] = None,
 ) -> None:
     """Write DIRECTORY/report.html: each person's matched images with the face boxed."""
-    from rekbatch.checkpoint.jobdir import job_config
-    from rekbatch.report import build_report
+    from rekbatch.commands.report import build_report
+    from rekbatch.store.jobdir import job_config
 
     with _one_line_errors():
         cfg = job_config(directory)

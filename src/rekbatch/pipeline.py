@@ -29,19 +29,15 @@ import structlog
 
 from rekbatch.backends.aws import AwsBackend, AwsClients, describe_setup_error
 from rekbatch.backends.base import Backend, ImageInput
-from rekbatch.checkpoint.jobdir import ledger_path, state_dir
-from rekbatch.checkpoint.ledger import Ledger, LedgerRow
-from rekbatch.checkpoint.lock import JobLock
-from rekbatch.checkpoint.watermark import WatermarkTracker
+from rekbatch.calls.limiter import AdaptiveLimiter
+from rekbatch.calls.quotas import resolve_ceilings
+from rekbatch.calls.retry import RetryPolicy
 from rekbatch.clock import MONOTONIC, Clock
 from rekbatch.config import CompareFacesOp, Config, SearchFacesOp, parse_s3_uri
 from rekbatch.errors import BackendError, SetupError
 from rekbatch.operations.search import PeopleSearch, choose_strategy
 from rekbatch.operations.specs import OperationSpec, box_text, build_spec
 from rekbatch.pricing import estimate_cost
-from rekbatch.ratelimit.limiter import AdaptiveLimiter
-from rekbatch.ratelimit.quotas import resolve_ceilings
-from rekbatch.ratelimit.retry import RetryPolicy
 from rekbatch.records import ObjectRef, Record, SkipReason
 from rekbatch.sinks.files import DurableFile
 from rekbatch.sinks.rows import csv_header, csv_rows, jsonl_line
@@ -55,6 +51,10 @@ from rekbatch.sources.filters import (
     classify_listing,
     sniff_kind,
 )
+from rekbatch.store.jobdir import ledger_path, state_dir
+from rekbatch.store.ledger import Ledger, LedgerRow
+from rekbatch.store.lock import JobLock
+from rekbatch.store.watermark import WatermarkTracker
 
 log = structlog.get_logger("rekbatch")
 
@@ -378,7 +378,7 @@ class Job:
     def _make_backend(self, clients: AwsClients) -> Backend:
         if self.cfg.backend.kind == "aws":
             return AwsBackend(clients.rekognition)
-        from rekbatch.backends.local import LocalBackend  # optional extra
+        from rekbatch.backends.local.backend import LocalBackend  # optional extra
 
         backend: Backend = LocalBackend(state_dir(self.out) / "collections")
         return backend
@@ -435,7 +435,7 @@ class Job:
         producer = asyncio.create_task(self._produce(queue, writer, trackers), name="producer")
         side_tasks = [asyncio.create_task(self._heartbeat(ledger), name="heartbeat")]
         if self.options.progress:
-            from rekbatch.progress import show_progress
+            from rekbatch.commands.progress import show_progress
 
             side_tasks.append(asyncio.create_task(show_progress(self), name="progress"))
         if self.cfg.output.upload_uri:

@@ -18,8 +18,8 @@ import botocore.exceptions as bexc
 from aiobotocore.config import AioConfig
 
 from rekbatch.backends.base import ImageInput
+from rekbatch.calls.retry import classify
 from rekbatch.errors import BackendError, SetupError
-from rekbatch.ratelimit.retry import classify
 
 # Network failures that say nothing about the request itself: worth another attempt.
 _TRANSIENT_NETWORK = (

@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from rekbatch.checkpoint.ledger import Ledger
 from rekbatch.config import CompareFacesOp, Config, SearchFacesOp
 from rekbatch.operations.search import Strategy, strategy_calls
 from rekbatch.pricing import estimate_cost
+from rekbatch.store.ledger import Ledger
 
 
 def record_counts(ledger: Ledger) -> dict[str, dict[str, Any]]:

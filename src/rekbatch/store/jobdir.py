@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rekbatch.checkpoint.ledger import Ledger
 from rekbatch.config import Config
 from rekbatch.errors import SetupError
+from rekbatch.store.ledger import Ledger
 
 STATE_DIR = ".rekbatch"
 

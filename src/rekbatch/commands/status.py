@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from rekbatch.checkpoint.jobdir import existing_ledger, state_dir
-from rekbatch.checkpoint.ledger import Ledger
-from rekbatch.checkpoint.lock import JobLock
 from rekbatch.sinks.summary import record_counts
+from rekbatch.store.jobdir import existing_ledger, state_dir
+from rekbatch.store.ledger import Ledger
+from rekbatch.store.lock import JobLock
 
 
 def job_status(directory: Path, *, now: float) -> dict[str, Any]:

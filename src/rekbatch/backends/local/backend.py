@@ -4,7 +4,7 @@
 ``CompareFaces`` and a face collection kept on disk (``CreateCollection``,
 ``DescribeCollection``, ``ListCollections``, ``DeleteCollection``, ``IndexFaces``,
 ``ListFaces``, ``DeleteFaces``, ``SearchFaces``, ``SearchFacesByImage``). The image work runs in
-``rekbatch.backends.local_faces`` inside a process pool (one worker per available core, models
+``rekbatch.backends.local.faces`` inside a process pool (one worker per available core, models
 loaded once per worker), so the event loop never waits on the CPU; collection files are read
 and written in threads.
 
@@ -81,7 +81,7 @@ def local_backend_available() -> str | None:
         except (ImportError, OSError, ValueError):
             missing.append(package)
     if "numpy" not in missing and "Pillow" not in missing:
-        from rekbatch.backends import local_faces
+        from rekbatch.backends.local import faces as local_faces
 
         if local_faces.models_dir() is None:
             missing.append("face_recognition_models")
@@ -103,7 +103,7 @@ def default_workers() -> int:
 def _init_worker() -> None:
     """Process-pool initializer: load the models once per worker. A failure here is left for
     the first task to report as a ``BackendError`` instead of breaking the pool."""
-    from rekbatch.backends import local_faces
+    from rekbatch.backends.local import faces as local_faces
 
     with contextlib.suppress(Exception):
         local_faces.warm_up()
@@ -386,7 +386,7 @@ class _CollectionStore:
     ) -> list[dict[str, Any]]:
         import numpy as np
 
-        from rekbatch.backends.local_faces import similarity_from_distance
+        from rekbatch.backends.local.faces import similarity_from_distance
 
         loaded = self.load(collection_id)
         if not loaded.faces:
@@ -462,7 +462,7 @@ class LocalBackend:
         return self._pool
 
     async def _run(self, task: str, *args: Any) -> Any:
-        from rekbatch.backends import local_faces
+        from rekbatch.backends.local import faces as local_faces
 
         executor = self._executor()
         loop = asyncio.get_running_loop()

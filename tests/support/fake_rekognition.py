@@ -17,7 +17,7 @@ Answers are deterministic functions of the image's sha256 (see ``FakeConfig.peop
 same image always gets the same faces, labels and similarities. S3Object images are read from
 a (moto) S3 server at ``FakeConfig.s3_endpoint_url``.
 
-Run it standalone with ``python -m rekbatch.testing.fake_rekognition --port 9001 ...``.
+Run it standalone with ``python -m tests.support.fake_rekognition --port 9001 ...``.
 """
 
 from __future__ import annotations
@@ -1423,7 +1423,7 @@ def _parse_quota(text: str) -> tuple[str, float]:
 
 def _build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m rekbatch.testing.fake_rekognition",
+        prog="python -m tests.support.fake_rekognition",
         description="Serve a fake Amazon Rekognition endpoint until SIGINT/SIGTERM.",
     )
     p.add_argument("--host", default="127.0.0.1")

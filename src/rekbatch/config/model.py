@@ -1,24 +1,13 @@
-"""The job config: TOML or YAML, environment overrides, CLI overrides, validation.
-
-Precedence: command-line flags over ``REKBATCH_<SECTION>__<KEY>`` environment variables over
-the file. Every validation failure becomes one ``ConfigError`` line naming the file and field.
-"""
+"""The job config as pydantic models: sections, operations, and what identifies a job."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import tomllib
-from collections.abc import Mapping
-from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-
-from rekbatch.errors import ConfigError
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 OperationType = Literal[
     "detect_faces",
@@ -228,108 +217,3 @@ class Config(_Section):
         }
         blob = json.dumps(identity, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
-
-
-def _read_file(path: Path) -> dict[str, Any]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read: {exc}") from None
-    if path.suffix.lower() in {".yaml", ".yml"}:
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" (line {mark.line + 1})" if mark is not None else ""
-            problem = getattr(exc, "problem", None) or "invalid YAML"
-            raise ConfigError(f"{path}: invalid YAML{where}: {problem}") from None
-    else:
-        try:
-            data = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path}: invalid TOML: {exc}") from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the config must be a table of sections")
-    return data
-
-
-def _parse_env_value(raw: str) -> Any:
-    """Environment values are TOML values when they parse as one (numbers, booleans,
-    arrays), plain strings otherwise."""
-    try:
-        return tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        return raw
-
-
-def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> None:
-    for name, raw in environ.items():
-        if not name.startswith("REKBATCH_") or "__" not in name:
-            continue
-        section, _, key = name[len("REKBATCH_") :].partition("__")
-        section, key = section.lower(), key.lower()
-        if not section or not key:
-            continue
-        table = data.setdefault(section, {})
-        if not isinstance(table, dict):
-            raise ConfigError(f"environment {name}: [{section}] is not a table")
-        table[key] = _parse_env_value(raw)
-
-
-def _field_path(loc: tuple[int | str, ...], data: dict[str, Any]) -> str:
-    parts: list[str] = []
-    node: Any = data
-    for item in loc:
-        if isinstance(item, int):
-            parts.append(f"[{item}]")
-            node = node[item] if isinstance(node, list) and item < len(node) else None
-            continue
-        if isinstance(node, dict) and item not in node and parts and parts[-1].startswith("["):
-            # A tag of the discriminated union (the operation type), not a key of the file.
-            continue
-        parts.append(("." if parts else "") + str(item))
-        node = node.get(item) if isinstance(node, dict) else None
-    return "".join(parts) or "(top level)"
-
-
-def _one_line(err: Mapping[str, Any], data: dict[str, Any]) -> str:
-    loc = tuple(err.get("loc", ()))
-    kind = err.get("type", "")
-    message = str(err.get("msg", "invalid"))
-    if message.startswith("Value error, "):
-        message = message[len("Value error, ") :]
-    if kind == "extra_forbidden":
-        message = "unknown key"
-    elif kind == "missing":
-        message = "required but missing"
-    elif kind == "union_tag_invalid":
-        allowed = ", ".join(get_args(OperationType))
-        message = f"unknown operation type; expected one of: {allowed}"
-    if not loc:
-        return message
-    return f"{_field_path(loc, data)}: {message}"
-
-
-def load_config(
-    path: str | Path,
-    *,
-    environ: Mapping[str, str] | None = None,
-    overrides: Mapping[str, Mapping[str, Any]] | None = None,
-) -> Config:
-    """Read, merge and validate a config. ``overrides`` are the CLI flags, by section."""
-    path = Path(path)
-    data = _read_file(path)
-    _apply_env(data, os.environ if environ is None else environ)
-    for section, values in (overrides or {}).items():
-        table = data.setdefault(section, {})
-        if isinstance(table, dict):
-            table.update({k: v for k, v in values.items() if v is not None})
-    try:
-        return Config.model_validate(data)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        raise ConfigError(f"{path}: {_one_line(first, data)}") from None

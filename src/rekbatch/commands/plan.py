@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Any
 
 from rekbatch.backends.aws import AwsClients
+from rekbatch.calls.quotas import resolve_ceilings
 from rekbatch.config import CompareFacesOp, Config, SearchFacesOp, parse_s3_uri
 from rekbatch.operations.search import choose_strategy
 from rekbatch.operations.specs import build_spec
 from rekbatch.pricing import PRICES_AS_OF, PRICES_REGION, estimate_cost
-from rekbatch.ratelimit.quotas import resolve_ceilings
 from rekbatch.records import ObjectRef
 from rekbatch.sources import open_listing
 from rekbatch.sources.filters import (

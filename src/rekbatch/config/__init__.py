@@ -1,0 +1,34 @@
+"""The job config: pydantic models (``model``) and reading them from file, environment and
+flags (``loading``)."""
+
+from rekbatch.config.loading import load_config
+from rekbatch.config.model import (
+    CompareFacesOp,
+    Config,
+    DetectFacesOp,
+    DetectLabelsOp,
+    DetectModerationLabelsOp,
+    DetectProtectiveEquipmentOp,
+    DetectTextOp,
+    Operation,
+    OperationType,
+    RecognizeCelebritiesOp,
+    SearchFacesOp,
+    parse_s3_uri,
+)
+
+__all__ = [
+    "CompareFacesOp",
+    "Config",
+    "DetectFacesOp",
+    "DetectLabelsOp",
+    "DetectModerationLabelsOp",
+    "DetectProtectiveEquipmentOp",
+    "DetectTextOp",
+    "Operation",
+    "OperationType",
+    "RecognizeCelebritiesOp",
+    "SearchFacesOp",
+    "load_config",
+    "parse_s3_uri",
+]
