@@ -6,7 +6,6 @@ import io
 import json
 from collections import Counter
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import duckdb
@@ -189,29 +188,38 @@ def test_progress_only_on_a_terminal_with_console_logs(
         assert "calls/s" not in result.stderr and "ETA" not in result.stderr
 
 
-def test_progress_view_renders_counts_rates_and_eta() -> None:
-    stats = SimpleNamespace(
-        calls=Counter({"DetectFaces": 100}),
-        listed=200,
-        objects_done=100,
-        records=Counter({"ok": 90, "failed": 4, "skipped": 6}),
-        deduplicated=3,
-        throttles=Counter({"DetectFaces": 2}),
-        retries=Counter({"DetectFaces": 5}),
-    )
-    limiter = SimpleNamespace(rate=50.0, in_flight=7)
-    job: Any = SimpleNamespace(
-        stats=stats, limiters={"DetectFaces": limiter}, listing_complete=True
-    )
-    view = ProgressView()
-    view.render(job, now=0.0)
-    stats.objects_done, stats.calls = 150, Counter({"DetectFaces": 150})
-    console = Console(file=io.StringIO(), width=120, color_system=None)
-    console.print(view.render(job, now=1.0))
-    text = console.file.getvalue()  # type: ignore[attr-defined]
-    assert "listed 200" in text and "ok 90" in text and "failed 4" in text
+def test_progress_view_counts_objects_and_records_apart_and_waits_before_an_eta() -> None:
+    stats: dict[str, Any] = {
+        "calls": {"DetectFaces": 100},
+        "listed": 200,
+        "listing_complete": True,
+        "objects_done": 100,
+        "records": {"ok": 90, "failed": 4, "skipped": 6},
+        "deduplicated": 3,
+        "throttles": {"DetectFaces": 2},
+        "retries": {"DetectFaces": 5},
+        "limiters": {"DetectFaces": {"rate": 50.0, "in_flight": 7}},
+    }
+    view = ProgressView(warmup=3.0)
+
+    def shown(now: float) -> str:
+        console = Console(file=io.StringIO(), width=120, color_system=None)
+        console.print(view.render(stats, now=now))
+        return console.file.getvalue()  # type: ignore[attr-defined,no-any-return]
+
+    shown(0.0)
+    stats["objects_done"], stats["calls"] = 110, {"DetectFaces": 110}
+    early = shown(1.0)
+    assert "ETA estimating" in early  # one second of work says little about the rest
+    stats["objects_done"], stats["calls"] = 150, {"DetectFaces": 150}
+    text = shown(4.0)
+    assert "listed 200" in text and "done 150" in text and "copies 3" in text
+    assert "ok 90" in text and "failed 4" in text and "skipped 6" in text
     assert "DetectFaces" in text and "50.0" in text
-    assert "ETA 0:00:01" in text  # 50 objects left at 50 objects/s
+    # 50 objects in 4 s: 12.5 objects/s, and 50 left.
+    assert "12.5 objects/s" in text and "ETA 0:00:04" in text
+    stats["listing_complete"] = False
+    assert "after listing" in shown(5.0)
 
 
 def test_unexpected_error_exits_1(s3: Any, moto_endpoint: str, tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from rekbatch.pipeline import BATCH_SECONDS
+from rekbatch.sinks.writer import BATCH_SECONDS
 from tests.conftest import make_bucket
 from tests.helpers import base_config, fake_jpeg, invoke, read_csv, read_jsonl, write_config
 from tests.support.fake_rekognition import FakeConfig, FakeRekognition
@@ -206,9 +206,16 @@ def test_lock_refuses_a_second_runner_and_is_taken_over_after_a_crash(
     first = _start("run", str(config))
     _wait_for_rows(out / "results.jsonl", 0, first, timeout=60)
 
-    status = invoke("status", str(out), "--json")
-    assert status.exit_code == 0, status.stderr
-    report = json.loads(status.stdout)
+    # Rows reach results.jsonl the moment they are answered; the ledger commits them in
+    # batches a fraction of a second later.
+    deadline = time.monotonic() + 10
+    while True:
+        status = invoke("status", str(out), "--json")
+        assert status.exit_code == 0, status.stderr
+        report = json.loads(status.stdout)
+        if sum(report["by_status"].values()) > 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     assert report["active"] is True
     assert sum(report["by_status"].values()) > 0
 

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from rekbatch.config import SearchFacesOp
-from rekbatch.operations.search import (
+from rekbatch.operations.search_faces import (
     choose_strategy,
     decode_external_image_id,
     external_image_id,

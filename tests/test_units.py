@@ -8,9 +8,9 @@ import json
 
 import pytest
 
-from rekbatch.operations.specs import compare_summary
+from rekbatch.operations.summaries import compare_summary
 from rekbatch.records import ObjectRef, Record
-from rekbatch.sinks.rows import CSV_COLUMNS, csv_header, csv_rows, jsonl_line
+from rekbatch.sinks.rows import CSV_COLUMNS, CsvRows, csv_header, encode_result, jsonl_line
 from rekbatch.sources.filters import (
     MAX_IMAGE_BYTES,
     MAX_S3_OBJECT_BYTES,
@@ -95,7 +95,6 @@ def test_compare_summary_picks_the_best_match() -> None:
 def test_rows_render_awkward_keys_losslessly() -> None:
     key = 'dir/with space/ünïcødé+%2F"quote",comma\nnewline.jpg'
     record = Record(
-        run_id="r1",
         obj=obj(key),
         operation="compare_faces",
         status="ok",
@@ -103,10 +102,14 @@ def test_rows_render_awkward_keys_losslessly() -> None:
         processed_at="2026-01-01T00:00:00Z",
         result={"FaceMatches": []},
     )
-    line = jsonl_line(record)
+    result_json = encode_result(record.result)
+    line = jsonl_line(record, "r1", "s3://b/", result_json)
     assert line.endswith(b"\n") and line.count(b"\n") == 1
-    assert json.loads(line)["key"] == key
-    text = (csv_header() + csv_rows([record], [{"matched": False, "face_count": 0}])).decode()
+    parsed = json.loads(line)
+    assert parsed["key"] == key and parsed["source"] == "s3://b/" and parsed["run_id"] == "r1"
+    assert parsed["result"] == {"FaceMatches": []}
+    summary = {"matched": False, "face_count": 0}
+    text = (csv_header() + CsvRows().row(record, "r1", "s3://b/", summary, result_json)).decode()
     rows = list(csv.DictReader(io.StringIO(text, newline="")))
     assert len(rows) == 1
     assert list(rows[0]) == list(CSV_COLUMNS)

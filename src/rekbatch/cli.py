@@ -1,4 +1,5 @@
-"""The command line: a thin layer that builds settings and hands them to the pipeline."""
+"""The command line: a thin layer that builds settings, hands them to the engine, and turns
+the outcome into an exit code."""
 
 from __future__ import annotations
 
@@ -94,7 +95,7 @@ def _check_backend(cfg: Any) -> None:
 
 
 def _run_job(cfg: Any, options: Any) -> int:
-    from rekbatch.pipeline import run_job
+    from rekbatch.engine import run_job
 
     if os.environ.get("REKBATCH_BENCH_NO_CHECKPOINT") == "1":
         options.checkpoint = False
@@ -123,7 +124,16 @@ def _run_job(cfg: Any, options: Any) -> int:
 
     outcome = asyncio.run(main())
     out = options.output_dir
+    if outcome.failure is not None:
+        typer.echo(
+            f"rekbatch: {outcome.failure}; what finished is kept, resume with: "
+            f"rekbatch resume {out}",
+            err=True,
+        )
+        return int(outcome.exit_code)
     typer.echo(render_summary(outcome.summary))
+    for note in outcome.notes:
+        typer.echo(f"rekbatch: {note}", err=True)
     for line in outcome.answers:
         typer.echo(line)
     if outcome.exit_code == 130:
@@ -183,7 +193,7 @@ def run(
 ) -> None:
     """Run a job; resumes by itself when the output directory holds the same job."""
     fmt = configure_logging(log_format)
-    from rekbatch.pipeline import RunOptions
+    from rekbatch.engine import RunOptions
 
     overrides: dict[str, dict[str, Any]] = {
         "job": {"output_dir": str(output) if output else None},
@@ -220,7 +230,7 @@ def resume(
 ) -> None:
     """Continue the job whose output directory is DIRECTORY."""
     fmt = configure_logging(log_format)
-    from rekbatch.pipeline import RunOptions
+    from rekbatch.engine import RunOptions
     from rekbatch.store.jobdir import job_config
 
     with _one_line_errors():

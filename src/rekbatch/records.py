@@ -1,12 +1,18 @@
-"""The values that flow through the pipeline: listed objects and result records."""
+"""The values that flow through a run: listed objects and result records."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 Status = Literal["ok", "failed", "skipped"]
-SkipReason = Literal["excluded", "not_image", "too_large", "too_small", "empty"]
+SkipReason = Literal["excluded", "not_image", "too_large", "too_small", "empty", "no_face_local"]
+
+
+def utc_now() -> str:
+    """Now as ISO 8601 UTC with milliseconds, the form of ``processed_at``."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,7 +29,7 @@ class ObjectRef:
     etag: str
     last_modified: str  # ISO 8601 UTC
     root: str | None = None
-    source_index: int = 0  # which configured source URI listed it
+    source_index: int = 0  # which configured source listed it
 
     @property
     def uri(self) -> str:
@@ -36,7 +42,6 @@ class ObjectRef:
 class Record:
     """One (object, operation) outcome: a row of results.jsonl and results.csv."""
 
-    run_id: str
     obj: ObjectRef
     operation: str
     status: Status
@@ -47,25 +52,6 @@ class Record:
     latency_ms: float | None = None
     processed_at: str = ""
     result: dict[str, Any] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def to_json_dict(self) -> dict[str, Any]:
-        row: dict[str, Any] = {
-            "run_id": self.run_id,
-            "bucket": self.obj.bucket,
-            "key": self.obj.key,
-            "etag": self.obj.etag,
-            "size": self.obj.size,
-            "last_modified": self.obj.last_modified,
-            "operation": self.operation,
-            "status": self.status,
-            "reason": self.reason,
-            "error_code": self.error_code,
-            "error_message": self.error_message,
-            "attempts": self.attempts,
-            "latency_ms": self.latency_ms,
-            "processed_at": self.processed_at,
-            "result": self.result,
-        }
-        row.update(self.extra)
-        return row
+    dedup_of: str | None = None
+    # Fields an image's preparation adds to its records (dimensions, conversion).
+    extra: dict[str, Any] | None = None

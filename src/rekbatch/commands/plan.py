@@ -7,18 +7,16 @@ from S3 (ranged GETs), exactly as the run would before paying for a call.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
-from rekbatch.backends.aws import AwsClients
 from rekbatch.calls.quotas import resolve_ceilings
-from rekbatch.config import CompareFacesOp, Config, SearchFacesOp, parse_s3_uri
-from rekbatch.operations.search import choose_strategy
-from rekbatch.operations.specs import build_spec
+from rekbatch.config import Config, parse_s3_uri
+from rekbatch.operations import build_operations
 from rekbatch.pricing import PRICES_AS_OF, PRICES_REGION, estimate_cost
 from rekbatch.records import ObjectRef
-from rekbatch.sources import open_listing
+from rekbatch.sources import S3, LocalSource, Source, open_source
 from rekbatch.sources.filters import (
     MAX_IMAGE_BYTES,
     MAX_S3_OBJECT_BYTES,
@@ -29,13 +27,6 @@ from rekbatch.sources.filters import (
 )
 
 
-async def _head(clients: AwsClients, obj: ObjectRef) -> bytes:
-    if obj.bucket is None:
-        path = Path(obj.root or ".") / obj.key
-        return await asyncio.to_thread(lambda: path.open("rb").read(SNIFF_BYTES))
-    return await clients.read_head(obj.bucket, obj.key, SNIFF_BYTES)
-
-
 async def plan_job(cfg: Config) -> dict[str, Any]:
     listed = 0
     skipped: Counter[str] = Counter()
@@ -43,12 +34,12 @@ async def plan_job(cfg: Config) -> dict[str, Any]:
     eligible_bytes = 0
     sem = asyncio.Semaphore(cfg.limits.concurrency)
 
-    async def sniff(clients: AwsClients, obj: ObjectRef) -> None:
+    async def sniff(source: Source, obj: ObjectRef) -> None:
         nonlocal eligible_bytes
         kind: str | None = "unsniffed"
         if cfg.source.sniff:
             async with sem:
-                head = await _head(clients, obj)
+                head = await source.read_head(obj, SNIFF_BYTES)
             reason = classify_head(obj, head)
             if reason is not None:
                 skipped[reason] += 1
@@ -57,22 +48,26 @@ async def plan_job(cfg: Config) -> dict[str, Any]:
         kinds[kind or "unsniffed"] += 1
         eligible_bytes += obj.size
 
-    async with AwsClients(
-        region=cfg.aws.region,
-        profile=cfg.aws.profile,
-        s3_endpoint_url=cfg.aws.s3_endpoint_url,
-        rekognition_endpoint_url=None,
-        concurrency=cfg.limits.concurrency,
-        with_rekognition=False,
-    ) as clients:
+    async with contextlib.AsyncExitStack() as stack:
+        s3: S3 | None = None
+        if any(parse_s3_uri(uri) for uri in cfg.source.uris):
+            import aioboto3
+
+            session = aioboto3.Session(profile_name=cfg.aws.profile, region_name=cfg.aws.region)
+            s3 = await stack.enter_async_context(
+                S3(session, endpoint_url=cfg.aws.s3_endpoint_url, pool=cfg.limits.concurrency + 16)
+            )
         for index, uri in enumerate(cfg.source.uris):
+            source = open_source(uri, index, s3)
             parsed = parse_s3_uri(uri)
-            if parsed is not None:
-                await clients.check_bucket(parsed[0])
-            by_ref = parsed is not None and cfg.aws.image_mode == "s3"
+            if isinstance(source, LocalSource):
+                await asyncio.to_thread(source.check)
+            elif s3 is not None and parsed is not None:
+                await s3.check_bucket(parsed[0])
+            by_ref = parsed is not None and cfg.aws.image_mode == "s3" and cfg.backend.kind == "aws"
             max_bytes = MAX_S3_OBJECT_BYTES if by_ref else MAX_IMAGE_BYTES
             pending: set[asyncio.Task[None]] = set()
-            async for obj in open_listing(uri, index, clients.s3):
+            async for obj in source.list(None):
                 listed += 1
                 reason = classify_listing(
                     obj, cfg.source.include, cfg.source.exclude, max_bytes, sniff=cfg.source.sniff
@@ -80,7 +75,7 @@ async def plan_job(cfg: Config) -> dict[str, Any]:
                 if reason is not None:
                     skipped[reason] += 1
                     continue
-                pending.add(asyncio.create_task(sniff(clients, obj)))
+                pending.add(asyncio.create_task(sniff(source, obj)))
                 if len(pending) >= cfg.limits.concurrency * 4:
                     done, pending = await asyncio.wait(pending, return_when="FIRST_COMPLETED")
                     for task in done:
@@ -111,19 +106,10 @@ def planned_calls(cfg: Config, images: int) -> dict[str, int]:
     """Rekognition calls a run of ``cfg`` makes over ``images`` eligible images, by API
     (before deduplication of identical objects, which can only lower them)."""
     calls: Counter[str] = Counter()
-    for op in cfg.operations:
-        if isinstance(op, SearchFacesOp):
-            references = sum(len(refs) for refs in op.people.values())
-            calls["DetectFaces"] += references  # each reference is checked for a face
-            if choose_strategy(op) == "collection":
-                calls["IndexFaces"] += images
-                calls["SearchFacesByImage"] += references
-            else:
-                calls["CompareFaces"] += images * references
-            continue
-        if isinstance(op, CompareFacesOp):
-            calls["DetectFaces"] += 1
-        calls[build_spec(op).api] += images
+    for op in build_operations(cfg):
+        calls.update(op.setup_calls())
+        for api, n in op.calls_per_image().items():
+            calls[api] += images * n
     return dict(calls)
 
 

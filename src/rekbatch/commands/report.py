@@ -560,17 +560,14 @@ async def build_report(output_dir: Path, cfg: Config, *, max_per_person: int | N
     wanted = _wanted(answers, max_per_person)
     needs_s3 = any(where.kind == "s3" for where in wanted)
     if needs_s3:
-        from rekbatch.backends.aws import AwsClients
+        import aioboto3
 
-        async with AwsClients(
-            region=cfg.aws.region,
-            profile=cfg.aws.profile,
-            s3_endpoint_url=cfg.aws.s3_endpoint_url,
-            rekognition_endpoint_url=None,
-            concurrency=min(cfg.limits.concurrency, MAX_FETCH_CONCURRENCY),
-            with_rekognition=False,
-        ) as clients:
-            thumbs = await _Fetcher(cfg, clients.read_object).all(wanted)
+        from rekbatch.sources import S3
+
+        session = aioboto3.Session(profile_name=cfg.aws.profile, region_name=cfg.aws.region)
+        pool = min(cfg.limits.concurrency, MAX_FETCH_CONCURRENCY) + 4
+        async with S3(session, endpoint_url=cfg.aws.s3_endpoint_url, pool=pool) as s3:
+            thumbs = await _Fetcher(cfg, s3.read).all(wanted)
     else:
         thumbs = await _Fetcher(cfg, None).all(wanted)
     job = str(summary.get("job") or cfg.job.name)

@@ -8,12 +8,12 @@ from typing import Any
 
 from rekbatch.sinks.summary import record_counts
 from rekbatch.store.jobdir import existing_ledger, state_dir
-from rekbatch.store.ledger import Ledger
+from rekbatch.store.ledger import LedgerDB
 from rekbatch.store.lock import JobLock
 
 
 def job_status(directory: Path, *, now: float) -> dict[str, Any]:
-    ledger = Ledger(existing_ledger(directory), readonly=True)
+    ledger = LedgerDB(existing_ledger(directory), readonly=True)
     try:
         counts = record_counts(ledger)
         by_status, by_operation = counts["by_status"], counts["by_operation"]

@@ -176,6 +176,15 @@ class LimitsSection(_Section):
 
 class OutputSection(_Section):
     upload_uri: str | None = None
+    # Parquet beside the JSONL and CSV: "auto" writes it when pyarrow is installed.
+    parquet: bool | Literal["auto"] = "auto"
+
+    def parquet_enabled(self) -> bool:
+        if self.parquet != "auto":
+            return bool(self.parquet)
+        import importlib.util
+
+        return importlib.util.find_spec("pyarrow") is not None
 
     @field_validator("upload_uri")
     @classmethod

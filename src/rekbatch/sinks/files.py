@@ -1,35 +1,36 @@
-"""Append-only result files that are cut back to the last committed size on resume.
+"""Append-only result files, cut back to the last committed size on resume.
 
-A batch is written, flushed and fsynced before the ledger records the new size, so after any
-crash the ledger's size is a prefix of the file made only of whole records: truncating to it
-removes a torn line and anything not yet committed.
+``append`` is one ``write()`` straight to the kernel: once it returns, the bytes survive the
+death of the process (not of the machine: that is what ``sync`` is for). After any crash the
+ledger's committed size is a prefix of the file made of whole rows; what lies beyond it is
+replayed (results.jsonl) or cut (results.csv) when the job next opens.
 """
 
 from __future__ import annotations
 
-import asyncio
 import os
 from pathlib import Path
-from typing import Any
-
-import aiofiles
 
 
-class DurableFile:
+class AppendFile:
     def __init__(self, path: Path, header: bytes = b"") -> None:
         self.path = path
         self.header = header
         self.size = 0
-        self._file: Any = None
+        self._fd: int | None = None
 
-    async def open(self, committed_size: int | None) -> None:
-        """Open for appending, cut back to ``committed_size`` (None: a new job's file)."""
+    def open(self, committed_size: int | None) -> None:
+        """Open for appending; a new job's file (None) starts with the header. The file may
+        be longer than ``committed_size`` (rows written after the last commit); it is left
+        as it is for the caller to replay or ``truncate``."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if committed_size is None or not self.path.exists():
-            async with aiofiles.open(self.path, "wb") as fresh:
-                await fresh.write(self.header)
-                await fresh.flush()
-                await asyncio.to_thread(os.fsync, fresh.fileno())
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                os.write(fd, self.header)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
             committed_size = len(self.header)
         current = self.path.stat().st_size
         if current < committed_size:
@@ -37,22 +38,34 @@ class DurableFile:
                 f"{self.path} is shorter ({current} bytes) than the job's ledger recorded "
                 f"({committed_size}); it was changed outside rekbatch"
             )
-        if current > committed_size:
-            await asyncio.to_thread(os.truncate, self.path, committed_size)
-        self._file = await aiofiles.open(self.path, "ab")
-        self.size = committed_size
+        self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND)
+        self.size = current
 
-    async def append(self, data: bytes, *, sync: bool = True) -> int:
-        """Write, flush and fsync; return the new committed-to-be size."""
-        if data:
-            await self._file.write(data)
-            await self._file.flush()
-            if sync:
-                await asyncio.to_thread(os.fsync, self._file.fileno())
-            self.size += len(data)
-        return self.size
+    def truncate(self, size: int) -> None:
+        assert self._fd is not None
+        os.ftruncate(self._fd, size)
+        self.size = size
 
-    async def close(self) -> None:
-        if self._file is not None:
-            await self._file.close()
-            self._file = None
+    def append(self, data: bytes) -> int:
+        """Write ``data`` at the end; returns the offset it starts at."""
+        assert self._fd is not None
+        offset = self.size
+        view = memoryview(data)
+        while view:
+            written = os.write(self._fd, view)
+            view = view[written:]
+        self.size += len(data)
+        return offset
+
+    def sync(self) -> None:
+        if self._fd is not None:
+            os.fsync(self._fd)
+
+    def pread(self, offset: int, length: int) -> bytes:
+        assert self._fd is not None
+        return os.pread(self._fd, length, offset)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None

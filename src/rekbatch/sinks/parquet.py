@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from rekbatch.errors import SetupError
-from rekbatch.operations.specs import SUMMARY_COLUMNS, summarize_result
+from rekbatch.operations.summaries import SUMMARY_COLUMNS, summarize
 from rekbatch.sinks.rows import BASE_COLUMNS, CSV_COLUMNS
 
 RESULTS_FILE = "results.parquet"
@@ -227,7 +227,7 @@ def results_row(row: dict[str, Any]) -> dict[str, Any]:
     result = row.get("result")
     summary: dict[str, Any] = {}
     if row.get("status") == "ok" and isinstance(result, dict):
-        summary = dict(summarize_result(str(row.get("operation")), result))
+        summary = dict(summarize(str(row.get("operation")), result))
     # Columns the pipeline wrote itself (search_faces' people, dedup_of) win, as in the CSV.
     summary.update({k: row[k] for k in SUMMARY_COLUMNS if row.get(k) is not None})
     out = {c: _coerce(c, row.get(c)) for c in BASE_COLUMNS}

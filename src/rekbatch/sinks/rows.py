@@ -1,4 +1,8 @@
-"""Rendering records as JSONL lines and CSV rows. Pure."""
+"""Rendering records as results.jsonl lines and results.csv rows. Pure.
+
+A record's result is JSON-encoded once: the JSONL line is built around that text, and the
+CSV's ``result_json`` column reuses it.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +11,12 @@ import io
 import json
 from typing import Any
 
-from rekbatch.operations.specs import SUMMARY_COLUMNS
+from rekbatch.operations.summaries import SUMMARY_COLUMNS, Summary
 from rekbatch.records import Record
 
 BASE_COLUMNS: tuple[str, ...] = (
     "run_id",
+    "source",
     "bucket",
     "key",
     "etag",
@@ -28,10 +33,39 @@ BASE_COLUMNS: tuple[str, ...] = (
 )
 CSV_COLUMNS: tuple[str, ...] = (*BASE_COLUMNS, *SUMMARY_COLUMNS, "result_json")
 
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
-def jsonl_line(record: Record) -> bytes:
-    row = record.to_json_dict()
-    return (json.dumps(row, ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8")
+
+def encode_result(result: dict[str, Any] | None) -> str:
+    return "null" if result is None else _dumps(result)
+
+
+def jsonl_line(record: Record, run_id: str, source: str, result_json: str) -> bytes:
+    """The record's results.jsonl line; ``result_json`` is ``encode_result(record.result)``."""
+    obj = record.obj
+    row: dict[str, Any] = {
+        "run_id": run_id,
+        "source": source,
+        "bucket": obj.bucket,
+        "key": obj.key,
+        "etag": obj.etag,
+        "size": obj.size,
+        "last_modified": obj.last_modified,
+        "operation": record.operation,
+        "status": record.status,
+        "reason": record.reason,
+        "error_code": record.error_code,
+        "error_message": record.error_message,
+        "attempts": record.attempts,
+        "latency_ms": record.latency_ms,
+        "processed_at": record.processed_at,
+    }
+    if record.dedup_of is not None:
+        row["dedup_of"] = record.dedup_of
+    if record.extra:
+        row.update(record.extra)
+    head = _dumps(row)
+    return f'{head[:-1]},"result":{result_json}}}\n'.encode()
 
 
 def _cell(value: Any) -> Any:
@@ -44,21 +78,43 @@ def _cell(value: Any) -> Any:
     return value
 
 
-def csv_rows(records: list[Record], summaries: list[dict[str, Any]]) -> bytes:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    for record, summary in zip(records, summaries, strict=True):
-        row = record.to_json_dict()
-        cells = [_cell(row.get(c)) for c in BASE_COLUMNS]
-        merged = {**summary, **{k: v for k, v in record.extra.items() if k in SUMMARY_COLUMNS}}
-        cells += [_cell(merged.get(c)) for c in SUMMARY_COLUMNS]
-        cells.append(
-            json.dumps(record.result, ensure_ascii=False, separators=(",", ":"))
-            if record.result is not None
-            else ""
-        )
-        writer.writerow(cells)
-    return buffer.getvalue().encode("utf-8")
+class CsvRows:
+    """Renders results.csv rows, one at a time (each row's size is its place in the file)."""
+
+    def __init__(self) -> None:
+        self._buffer = io.StringIO()
+        self._writer = csv.writer(self._buffer, lineterminator="\n")
+
+    def row(
+        self, record: Record, run_id: str, source: str, summary: Summary, result_json: str
+    ) -> bytes:
+        obj = record.obj
+        cells = [
+            run_id,
+            source,
+            _cell(obj.bucket),
+            obj.key,
+            obj.etag,
+            obj.size,
+            obj.last_modified,
+            record.operation,
+            record.status,
+            _cell(record.reason),
+            _cell(record.error_code),
+            _cell(record.error_message),
+            record.attempts,
+            _cell(record.latency_ms),
+            record.processed_at,
+        ]
+        for column in SUMMARY_COLUMNS:
+            value = record.dedup_of if column == "dedup_of" else summary.get(column)
+            cells.append(_cell(value))
+        cells.append("" if record.result is None else result_json)
+        buffer = self._buffer
+        buffer.seek(0)
+        buffer.truncate()
+        self._writer.writerow(cells)
+        return buffer.getvalue().encode("utf-8")
 
 
 def csv_header() -> bytes:

@@ -1,24 +1,30 @@
-"""summary.json and the printed answers, built from the ledger."""
+"""summary.json and the printed answers, built from the ledger's aggregates."""
 
 from __future__ import annotations
 
+import json
+import os
 from collections import Counter
-from typing import Any
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from rekbatch.config import CompareFacesOp, Config, SearchFacesOp
-from rekbatch.operations.search import Strategy, strategy_calls
+from rekbatch.config import Config
 from rekbatch.pricing import estimate_cost
-from rekbatch.store.ledger import Ledger
+from rekbatch.store.ledger import LedgerDB
+
+if TYPE_CHECKING:
+    from rekbatch.operations import Operation
 
 
-def record_counts(ledger: Ledger) -> dict[str, dict[str, Any]]:
+def record_counts(db: LedgerDB) -> dict[str, dict[str, Any]]:
     """The ledger's records by status, by operation and status, by skip reason, and the
     images billed per operation (for summary.json and ``rekbatch status``)."""
     by_status: Counter[str] = Counter()
     by_reason: Counter[str] = Counter()
     by_operation: dict[str, Counter[str]] = {}
     billed: Counter[str] = Counter()
-    for row in ledger.counts():
+    for row in db.counts():
         by_status[row["status"]] += row["n"]
         by_operation.setdefault(row["operation"], Counter())[row["status"]] += row["n"]
         if row["reason"]:
@@ -32,64 +38,55 @@ def record_counts(ledger: Ledger) -> dict[str, dict[str, Any]]:
     }
 
 
-def build_summary(ledger: Ledger, cfg: Config, live: dict[str, Any]) -> dict[str, Any]:
-    counts = record_counts(ledger)
+def build_summary(
+    db: LedgerDB,
+    cfg: Config,
+    operations: Sequence[Operation],
+    live: dict[str, Any],
+    failures: dict[str, str],
+) -> dict[str, Any]:
+    counts = record_counts(db)
     billed = counts.pop("billed")
-    elapsed = live.get("elapsed_seconds", 0.0)
-    calls = sum(live["calls"].values())
+    calls = live.get("calls", {})
+    aws = cfg.backend.kind == "aws"
     summary: dict[str, Any] = {
         "job": cfg.job.name,
         "counts": counts,
         "calls": {
-            "total": calls,
-            "by_api": live["calls"],
-            "throttles": sum(live["throttles"].values()),
-            "retries": sum(live["retries"].values()),
+            "total": sum(calls.values()),
+            "by_api": calls,
+            "throttles": sum(live.get("throttles", {}).values()),
+            "retries": sum(live.get("retries", {}).values()),
         },
-        "elapsed_seconds": elapsed,
+        "elapsed_seconds": live.get("elapsed_seconds", 0.0),
         "calls_per_second": live.get("calls_per_second", 0.0),
         "limiters": live.get("limiters", {}),
         # The offline backend calls no service: nothing is billed.
-        "estimated_cost_usd": (
-            estimate_cost(billed, region=cfg.aws.region) if cfg.backend.kind == "aws" else 0.0
-        ),
+        "estimated_cost_usd": estimate_cost(live.get("ok", {}), region=cfg.aws.region)
+        if aws
+        else 0.0,
+        "job_estimated_cost_usd": estimate_cost(billed, region=cfg.aws.region) if aws else 0.0,
         "errors": [
             {"operation": r["operation"], "error_code": r["error_code"], "count": r["n"]}
-            for r in ledger.top_errors()
+            for r in db.top_errors()
         ],
     }
-    for op in cfg.operations:
-        if isinstance(op, CompareFacesOp):
-            summary["compare_faces"] = compare_answer(ledger, op)
+    for op in operations:
+        answer = op.answer(db)
+        if answer is not None:
+            if op.type in failures:
+                answer["complete"] = False
+                answer["error"] = failures[op.type]
+            summary[op.type] = answer
     return summary
 
 
-def compare_answer(ledger: Ledger, op: CompareFacesOp) -> dict[str, Any]:
-    rows = ledger.operation_rows("compare_faces")
-    matched = [r for r in rows if r["matched"]]
-    return {
-        "reference": op.reference,
-        "similarity_threshold": op.similarity_threshold,
-        "images_compared": len(rows),
-        "images_matched": len(matched),
-        "matched_keys": [r["key"] for r in matched],
-        "matches": [
-            {
-                "bucket": r["bucket"],
-                "key": r["key"],
-                "similarity": r["similarity"],
-                "bounding_box": _box_dict(r["match_box"]),
-            }
-            for r in matched
-        ],
-    }
-
-
-def _box_dict(text: str | None) -> dict[str, float] | None:
-    if not text:
-        return None
-    left, top, width, height = (float(v) for v in text.split(","))
-    return {"Left": left, "Top": top, "Width": width, "Height": height}
+def write_summary(out: Path, summary: dict[str, Any]) -> None:
+    """Write summary.json whole or not at all."""
+    path = out / "summary.json"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def answer_lines(summary: dict[str, Any]) -> list[str]:
@@ -108,35 +105,3 @@ def answer_lines(summary: dict[str, Any]) -> list[str]:
                 f"{search['images_searched']} images"
             )
     return lines
-
-
-def search_answer(ledger: Ledger, op: SearchFacesOp, strategy: Strategy) -> dict[str, Any]:
-    searched = len(ledger.operation_rows("search_faces"))
-    by_person: dict[str, list[dict[str, Any]]] = {person: [] for person in op.people}
-    for row in ledger.person_matches():
-        if row["person"] in by_person:
-            by_person[row["person"]].append(
-                {
-                    "bucket": row["bucket"],
-                    "key": row["key"],
-                    "similarity": round(row["similarity"], 3),
-                    "bounding_box": _box_dict(row["box"]),
-                }
-            )
-    references = sum(len(refs) for refs in op.people.values())
-    return {
-        "strategy": strategy,
-        "collection_id": op.collection_id if strategy == "collection" else None,
-        "similarity_threshold": op.similarity_threshold,
-        "images_searched": searched,
-        "calls_by_strategy": strategy_calls(searched, references),
-        "people": {
-            person: {
-                "references": op.people[person],
-                "images_matched": len(matches),
-                "matched_keys": [m["key"] for m in matches],
-                "matches": matches,
-            }
-            for person, matches in by_person.items()
-        },
-    }

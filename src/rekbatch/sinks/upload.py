@@ -179,9 +179,9 @@ async def upload_results(
         try:
             await _put(s3, path, size, bucket, key, content_type, settings)
         except Exception as exc:
-            from rekbatch.backends.aws import describe_setup_error  # botocore-heavy; on failure
+            from rekbatch.errors import setup_error_from  # botocore-heavy; on failure
 
-            setup = describe_setup_error(exc, f"upload to s3://{bucket}/{key}")
+            setup = setup_error_from(exc, f"upload to s3://{bucket}/{key}")
             if setup is None:
                 raise
             raise setup from exc

@@ -1,24 +1,33 @@
-"""Where objects come from: S3 prefixes and local folders, listed in key order."""
+"""Where objects come from: S3 prefixes and local folders (or single files), in key order."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
 from pathlib import Path
-from typing import Any
 
 from rekbatch.config import parse_s3_uri
-from rekbatch.records import ObjectRef
-from rekbatch.sources.local import list_local
-from rekbatch.sources.s3 import list_s3
+from rekbatch.sources.base import Source
+from rekbatch.sources.local import LocalSource
+from rekbatch.sources.s3 import S3, S3Source
+
+__all__ = ["S3", "LocalSource", "S3Source", "Source", "open_source", "read_location"]
 
 
-def open_listing(
-    uri: str, index: int, s3: Any, start_after: str | None = None
-) -> AsyncIterator[ObjectRef]:
-    """The objects of one configured source, after ``start_after``, in key order."""
+def open_source(uri: str, index: int, s3: S3 | None) -> Source:
+    """The source a configured URI stands for."""
     parsed = parse_s3_uri(uri)
     if parsed is None:
-        root = Path(uri).expanduser().resolve()
-        return list_local(root, start_after=start_after, source_index=index)
-    bucket, prefix = parsed
-    return list_s3(s3, bucket, prefix, start_after=start_after, source_index=index)
+        return LocalSource(uri, index)
+    if s3 is None:
+        raise ValueError(f"{uri}: an S3 source needs the run's S3 client")
+    return S3Source(uri, index, s3, *parsed)
+
+
+async def read_location(location: str, s3: S3 | None) -> bytes:
+    """The bytes of an ``s3://bucket/key`` or a local path (a reference image)."""
+    parsed = parse_s3_uri(location)
+    if parsed is None:
+        return await asyncio.to_thread(Path(location).expanduser().read_bytes)
+    if s3 is None:
+        raise ValueError(f"{location}: reading S3 needs the run's S3 client")
+    return await s3.read(*parsed)

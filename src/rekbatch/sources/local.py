@@ -45,11 +45,20 @@ def _ref(root: Path, key: str, stat: os.stat_result, source_index: int) -> Objec
 
 
 async def list_local(
-    root: Path, *, start_after: str | None = None, source_index: int = 0, chunk: int = 500
+    root: Path,
+    *,
+    start_after: str | None = None,
+    source_index: int = 0,
+    chunk: int = 500,
+    only: str | None = None,
 ) -> AsyncIterator[ObjectRef]:
     """Yield the files under ``root`` after ``start_after``, walking in a worker thread a
-    chunk at a time so a large folder never blocks the event loop."""
-    walker = _walk_sorted(root)
+    chunk at a time so a large folder never blocks the event loop. ``only``: the one file
+    of ``root`` a single-file source stands for."""
+    if only is not None:
+        walker: Iterator[tuple[str, os.stat_result]] = iter([(only, (root / only).stat())])
+    else:
+        walker = _walk_sorted(root)
     after = start_after.encode("utf-8", "surrogateescape") if start_after else None
 
     def next_chunk() -> list[ObjectRef]:
@@ -68,3 +77,41 @@ async def list_local(
             return
         for ref in refs:
             yield ref
+
+
+def _read_prefix(path: Path, nbytes: int) -> bytes:
+    with path.open("rb") as handle:
+        return handle.read(nbytes)
+
+
+class LocalSource:
+    """A configured local folder, or a single image file (listed as its one object)."""
+
+    def __init__(self, uri: str, index: int) -> None:
+        self.uri = uri
+        self.index = index
+        path = Path(uri).expanduser().resolve()
+        self._only: str | None
+        if path.is_file():
+            self.root, self._only = path.parent, path.name
+        else:
+            self.root, self._only = path, None
+
+    def check(self) -> None:
+        """A clear one-line error when the path is neither a folder nor a file."""
+        from rekbatch.errors import SetupError
+
+        only = self._only
+        if not self.root.is_dir() or (only is not None and not (self.root / only).is_file()):
+            raise SetupError(f"source.uris: {self.uri} is not a directory or a file")
+
+    def list(self, start_after: str | None) -> AsyncIterator[ObjectRef]:
+        return list_local(
+            self.root, start_after=start_after, source_index=self.index, only=self._only
+        )
+
+    async def read_head(self, obj: ObjectRef, nbytes: int) -> bytes:
+        return await asyncio.to_thread(_read_prefix, self.root / obj.key, nbytes)
+
+    async def read(self, obj: ObjectRef) -> bytes:
+        return await asyncio.to_thread((self.root / obj.key).read_bytes)

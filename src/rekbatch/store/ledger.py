@@ -1,22 +1,30 @@
 """The job's durable memory: SQLite in WAL mode inside the output directory.
 
-It holds the state of every (object, operation), the committed size of each result file, and
-per source the listing watermark: the last key below which every object is finished. Each
-batch of results is committed in one transaction together with the new file sizes and
-watermarks, after the files themselves were fsynced.
+It holds the state of every (object, operation) with where its row sits in the result files,
+the committed size of each result file, per source the listing watermark (the last key below
+which every object is finished), and the runs. Each batch of results is committed in one
+transaction with the new file sizes and watermarks, after the files were fsynced.
+
+``LedgerDB`` is the SQL, on one connection, synchronous. ``Ledger`` is what a run uses: its
+writes (commits, heartbeats) run on one dedicated thread and its reads (lookups while listing)
+on another, each with its own connection, so no SQLite call runs on the event loop and a
+lookup never waits behind a commit's fsync. ``status``, ``merge`` and the summary read
+through a ``LedgerDB`` opened read-only.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
-import threading
 import time
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -40,16 +48,22 @@ CREATE TABLE IF NOT EXISTS records (
     error_message TEXT,
     attempts INTEGER NOT NULL,
     billed INTEGER NOT NULL,
+    face_count INTEGER,
     matched INTEGER,
     similarity REAL,
     match_box TEXT,
     detail TEXT,
     dedup_of TEXT,
     processed_at TEXT NOT NULL,
+    jsonl_offset INTEGER,
+    jsonl_length INTEGER,
+    csv_offset INTEGER,
+    csv_length INTEGER,
     PRIMARY KEY (source, key, operation)
 );
 CREATE INDEX IF NOT EXISTS records_status ON records (status, operation);
 CREATE INDEX IF NOT EXISTS records_detail ON records (operation, detail);
+CREATE INDEX IF NOT EXISTS records_etag ON records (etag);
 CREATE TABLE IF NOT EXISTS person_matches (
     person TEXT NOT NULL,
     source INTEGER NOT NULL,
@@ -70,60 +84,83 @@ CREATE TABLE IF NOT EXISTS runs (
 );
 """
 
+RECORD_COLUMNS = (
+    "source",
+    "key",
+    "operation",
+    "bucket",
+    "etag",
+    "size",
+    "status",
+    "reason",
+    "error_code",
+    "error_message",
+    "attempts",
+    "billed",
+    "face_count",
+    "matched",
+    "similarity",
+    "match_box",
+    "detail",
+    "dedup_of",
+    "processed_at",
+    "jsonl_offset",
+    "jsonl_length",
+    "csv_offset",
+    "csv_length",
+)
+_INSERT = (
+    f"INSERT OR REPLACE INTO records ({', '.join(RECORD_COLUMNS)}) "
+    f"VALUES ({', '.join('?' * len(RECORD_COLUMNS))})"
+)
+LOOKUP_CHUNK = 500  # SQLite's default limit on host parameters is far above this
+
+# A ledger row: the values of RECORD_COLUMNS, in order.
+LedgerRow = tuple[Any, ...]
+
 
 @dataclass(frozen=True, slots=True)
-class LedgerRow:
-    source: int
-    key: str
+class Location:
+    """Where a committed ok record's row sits in results.jsonl (for copies of its content)."""
+
     operation: str
-    bucket: str | None
-    etag: str
-    size: int
-    status: str
-    reason: str | None
-    error_code: str | None
-    error_message: str | None
-    attempts: int
-    billed: int
-    matched: bool | None
-    similarity: float | None
-    match_box: str | None
-    detail: str | None
-    dedup_of: str | None
-    processed_at: str
+    offset: int
+    length: int
 
 
-class Ledger:
-    def __init__(self, path: Path, *, readonly: bool = False) -> None:
+class LedgerDB:
+    """The ledger's SQL on one connection. Not thread-safe: one thread uses it."""
+
+    def __init__(self, path: Path, *, readonly: bool = False, durable: bool = True) -> None:
         self.path = path
         if readonly:
-            uri = f"file:{path}?mode=ro"
-            self._db = sqlite3.connect(uri, uri=True, check_same_thread=False, timeout=10)
+            self._db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
         else:
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(path, check_same_thread=False, timeout=10)
+            self._db = sqlite3.connect(path, timeout=10)
             self._db.execute("PRAGMA journal_mode=WAL")
             # FULL: a committed batch survives power loss, not only a process crash.
-            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'OFF'}")
             self._db.executescript(SCHEMA)
+            self._migrate()
         self._db.row_factory = sqlite3.Row
-        self._write_lock = threading.Lock()
-        # The producer looks keys up from a worker thread while the writer commits from
-        # another: each gets its own connection (WAL lets readers and the writer overlap).
-        self._reader = sqlite3.connect(
-            f"file:{path}?mode=ro", uri=True, check_same_thread=False, timeout=10
-        )
+
+    def _migrate(self) -> None:
+        """Columns added since the first release, for jobs it started."""
+        have = {row[1] for row in self._db.execute("PRAGMA table_info(records)")}
+        with self._db:
+            for name, kind in (
+                ("face_count", "INTEGER"),
+                ("jsonl_offset", "INTEGER"),
+                ("jsonl_length", "INTEGER"),
+                ("csv_offset", "INTEGER"),
+                ("csv_length", "INTEGER"),
+            ):
+                if name not in have:
+                    self._db.execute(f"ALTER TABLE records ADD COLUMN {name} {kind}")
 
     def close(self) -> None:
-        self._reader.close()
         self._db.close()
-
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        # Writes come from worker threads (the writer's commits, the heartbeat): one at a
-        # time, so no statement ever lands inside another's transaction.
-        with self._write_lock, self._db:
-            yield self._db
 
     # -- job identity and files -------------------------------------------------------------
 
@@ -132,21 +169,28 @@ class Ledger:
         return None if row is None else str(row[0])
 
     def set_meta(self, values: dict[str, str]) -> None:
-        with self._tx() as db:
-            db.executemany(
-                "INSERT INTO meta (key, value) VALUES (?, ?) "
-                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                list(values.items()),
-            )
+        with self._db:
+            self._set_meta(values)
+
+    def _set_meta(self, values: dict[str, str]) -> None:
+        self._db.executemany(
+            "INSERT INTO meta (key, value) VALUES (?, ?) "
+            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            list(values.items()),
+        )
+
+    def delete_meta(self, key: str) -> None:
+        with self._db:
+            self._db.execute("DELETE FROM meta WHERE key = ?", (key,))
 
     def sink_sizes(self) -> dict[str, int] | None:
         raw = self.get_meta("sink_sizes")
         return None if raw is None else {k: int(v) for k, v in json.loads(raw).items()}
 
     def register_sources(self, uris: list[str]) -> None:
-        with self._tx() as db:
+        with self._db:
             for idx, uri in enumerate(uris):
-                db.execute(
+                self._db.execute(
                     "INSERT INTO sources (idx, uri) VALUES (?, ?) ON CONFLICT (idx) DO NOTHING",
                     (idx, uri),
                 )
@@ -158,13 +202,18 @@ class Ledger:
         row = self._db.execute("SELECT watermark FROM sources WHERE idx = ?", (source,)).fetchone()
         return None if row is None else row[0]
 
+    def has_records(self) -> bool:
+        return self._db.execute("SELECT 1 FROM records LIMIT 1").fetchone() is not None
+
+    # -- lookups while listing --------------------------------------------------------------
+
     def lookup(self, source: int, keys: list[str]) -> dict[str, dict[str, str]]:
         """Per key of ``keys`` already recorded, its operations and the ETag they saw."""
         done: dict[str, dict[str, str]] = {}
-        for start in range(0, len(keys), 500):
-            part = keys[start : start + 500]
+        for start in range(0, len(keys), LOOKUP_CHUNK):
+            part = keys[start : start + LOOKUP_CHUNK]
             marks = ",".join("?" * len(part))
-            rows = self._reader.execute(
+            rows = self._db.execute(
                 f"SELECT key, operation, etag FROM records WHERE source = ? AND key IN ({marks})",
                 (source, *part),
             )
@@ -172,98 +221,98 @@ class Ledger:
                 done.setdefault(key, {})[op] = etag
         return done
 
+    def lookup_contents(
+        self, contents: list[tuple[str, int]]
+    ) -> dict[tuple[str, int], list[Location]]:
+        """Committed ok originals (not copies) with the same content (ETag and size) as
+        each of ``contents``: where their rows are, per operation."""
+        found: dict[tuple[str, int], list[Location]] = {}
+        etags = sorted({etag for etag, _ in contents})
+        wanted = set(contents)
+        for start in range(0, len(etags), LOOKUP_CHUNK):
+            part = etags[start : start + LOOKUP_CHUNK]
+            marks = ",".join("?" * len(part))
+            rows = self._db.execute(
+                "SELECT etag, size, operation, jsonl_offset, jsonl_length, source, key "
+                f"FROM records WHERE etag IN ({marks}) AND status = 'ok' "
+                "AND dedup_of IS NULL AND jsonl_offset IS NOT NULL ORDER BY source, key",
+                part,
+            )
+            first: dict[tuple[str, int], tuple[int, str]] = {}
+            for etag, size, op, offset, length, source, key in rows:
+                content = (etag, size)
+                if content not in wanted:
+                    continue
+                # One original per content: the first object holding it.
+                holder = first.setdefault(content, (source, key))
+                if holder == (source, key):
+                    found.setdefault(content, []).append(Location(op, offset, length))
+        return found
+
     def rebase_listed(self, source: int, watermark: str | None) -> None:
         """Before listing after ``watermark``: count as listed only the objects below it, so
         keys listed by an interrupted run and listed again are not counted twice."""
-        with self._tx() as db:
-            db.execute(
+        with self._db:
+            self._db.execute(
                 "UPDATE sources SET listed = (SELECT COUNT(DISTINCT key) FROM records "
                 "WHERE source = ? AND key <= ?) WHERE idx = ?",
                 (source, watermark or "", source),
             )
 
-    def has_records(self) -> bool:
-        return self._db.execute("SELECT 1 FROM records LIMIT 1").fetchone() is not None
-
-    def images_sent(self) -> int:
-        """Objects that reached Rekognition (not skipped), for budget caps across runs."""
-        row = self._db.execute(
-            "SELECT COUNT(*) FROM (SELECT DISTINCT source, key FROM records "
-            "WHERE status != 'skipped')"
-        ).fetchone()
-        return int(row[0])
-
-    # -- the commit of a batch --------------------------------------------------------------
-
-    def commit(
-        self,
-        rows: Iterable[LedgerRow],
-        sink_sizes: dict[str, int],
-        watermarks: dict[int, str],
-        listed: dict[int, int],
-        listing_done: Iterable[int],
-    ) -> None:
-        with self._tx() as db:
-            db.executemany(
-                "INSERT OR REPLACE INTO records VALUES "
-                "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [
-                    (
-                        r.source,
-                        r.key,
-                        r.operation,
-                        r.bucket,
-                        r.etag,
-                        r.size,
-                        r.status,
-                        r.reason,
-                        r.error_code,
-                        r.error_message,
-                        r.attempts,
-                        r.billed,
-                        None if r.matched is None else int(r.matched),
-                        r.similarity,
-                        r.match_box,
-                        r.detail,
-                        r.dedup_of,
-                        r.processed_at,
-                    )
-                    for r in rows
-                ],
-            )
-            db.execute(
-                "INSERT INTO meta (key, value) VALUES ('sink_sizes', ?) "
-                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                (json.dumps(sink_sizes),),
-            )
-            for source, key in watermarks.items():
-                db.execute("UPDATE sources SET watermark = ? WHERE idx = ?", (key, source))
-            for source, count in listed.items():
-                db.execute("UPDATE sources SET listed = listed + ? WHERE idx = ?", (count, source))
-            for source in listing_done:
-                db.execute("UPDATE sources SET listing_done = 1 WHERE idx = ?", (source,))
-
-    def forget(self, keys: Iterable[tuple[int, str, str]]) -> None:
-        """Drop records so that they are processed again (``resume --retry-failed``)."""
-        with self._tx() as db:
-            db.executemany(
-                "DELETE FROM records WHERE source = ? AND key = ? AND operation = ?", list(keys)
-            )
-
     def reset_listing(self, sources: Iterable[int]) -> None:
-        with self._tx() as db:
+        with self._db:
             for source in sources:
-                db.execute(
+                self._db.execute(
                     "UPDATE sources SET watermark = NULL, listing_done = 0, listed = 0 "
                     "WHERE idx = ?",
                     (source,),
                 )
 
-    # -- search_faces answers ---------------------------------------------------------------
+    # -- the commit of a batch --------------------------------------------------------------
+
+    def commit(
+        self,
+        rows: list[LedgerRow],
+        sink_sizes: dict[str, int],
+        watermarks: dict[int, str],
+        listed: dict[int, int],
+        listing_done: Iterable[int],
+    ) -> None:
+        with self._db:
+            self._db.executemany(_INSERT, rows)
+            self._set_meta({"sink_sizes": json.dumps(sink_sizes)})
+            for source, key in watermarks.items():
+                self._db.execute("UPDATE sources SET watermark = ? WHERE idx = ?", (key, source))
+            for source, count in listed.items():
+                if count:
+                    self._db.execute(
+                        "UPDATE sources SET listed = listed + ? WHERE idx = ?", (count, source)
+                    )
+            for source in listing_done:
+                self._db.execute("UPDATE sources SET listing_done = 1 WHERE idx = ?", (source,))
+
+    # -- budgets ----------------------------------------------------------------------------
+
+    def images_sent(self) -> int:
+        """Objects that reached the service (not skipped), for budget caps across runs."""
+        row = self._db.execute(
+            "SELECT COUNT(*) FROM (SELECT DISTINCT source, key FROM records "
+            "WHERE status != 'skipped' AND dedup_of IS NULL)"
+        ).fetchone()
+        return int(row[0])
+
+    def billed_by_operation(self) -> dict[str, int]:
+        return {
+            row[0]: int(row[1])
+            for row in self._db.execute(
+                "SELECT operation, SUM(billed) FROM records GROUP BY operation"
+            )
+        }
+
+    # -- search_faces -----------------------------------------------------------------------
 
     def objects_with_detail(self, operation: str, detail: str) -> list[sqlite3.Row]:
-        """The objects whose record of ``operation`` carries ``detail`` (an ExternalImageId:
-        the indexed object and its copies recorded with dedup_of)."""
+        """The objects whose ok record of ``operation`` carries ``detail``."""
         return list(
             self._db.execute(
                 "SELECT source, key, bucket FROM records "
@@ -272,12 +321,30 @@ class Ledger:
             )
         )
 
+    def faces_by_detail_prefix(self, operation: str) -> dict[str, int]:
+        """Faces indexed per collection (``detail`` is ``collection/external id``)."""
+        rows = self._db.execute(
+            "SELECT substr(detail, 1, instr(detail, '/') - 1) AS collection, "
+            "SUM(coalesce(face_count, 0)) FROM records "
+            "WHERE operation = ? AND status = 'ok' AND detail LIKE '%/%' GROUP BY collection",
+            (operation,),
+        )
+        return {row[0]: int(row[1]) for row in rows}
+
+    def compare_rows(self, operation: str) -> Iterator[sqlite3.Row]:
+        """The ok records of a search_faces compare strategy with a match, streamed."""
+        yield from self._db.execute(
+            "SELECT source, key, bucket, detail FROM records "
+            "WHERE operation = ? AND status = 'ok' AND matched = 1 ORDER BY source, key",
+            (operation,),
+        )
+
     def save_person_matches(
         self, rows: list[tuple[str, int, str, str | None, float, str | None]]
     ) -> None:
         """Upsert (person, source, key, bucket, similarity, box) keeping the best similarity."""
-        with self._tx() as db:
-            db.executemany(
+        with self._db:
+            self._db.executemany(
                 "INSERT INTO person_matches VALUES (?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT (person, source, key) DO UPDATE SET "
                 "similarity = excluded.similarity, box = excluded.box "
@@ -292,23 +359,23 @@ class Ledger:
 
     def start_run(self, run_id: str, pid: int) -> None:
         now = time.time()
-        with self._tx() as db:
-            db.execute(
+        with self._db:
+            self._db.execute(
                 "INSERT INTO runs (run_id, pid, started_at, heartbeat_at) VALUES (?, ?, ?, ?)",
                 (run_id, pid, now, now),
             )
 
     def heartbeat(self, run_id: str, stats: dict[str, Any]) -> None:
-        with self._tx() as db:
-            db.execute(
+        with self._db:
+            self._db.execute(
                 "UPDATE runs SET heartbeat_at = ?, stats = ? WHERE run_id = ?",
                 (time.time(), json.dumps(stats), run_id),
             )
 
     def end_run(self, run_id: str, exit_code: int, stats: dict[str, Any]) -> None:
-        with self._tx() as db:
-            now = time.time()
-            db.execute(
+        now = time.time()
+        with self._db:
+            self._db.execute(
                 "UPDATE runs SET heartbeat_at = ?, ended_at = ?, exit_code = ?, stats = ? "
                 "WHERE run_id = ?",
                 (now, now, exit_code, json.dumps(stats), run_id),
@@ -317,7 +384,7 @@ class Ledger:
     def runs(self) -> list[sqlite3.Row]:
         return list(self._db.execute("SELECT * FROM runs ORDER BY started_at"))
 
-    # -- reading for status and summary -----------------------------------------------------
+    # -- aggregates for status and summary --------------------------------------------------
 
     def counts(self) -> list[sqlite3.Row]:
         return list(
@@ -337,16 +404,113 @@ class Ledger:
             )
         )
 
-    def failed(self, codes: set[str] | None) -> list[tuple[int, str, str]]:
-        rows = self._db.execute(
-            "SELECT source, key, operation, error_code FROM records WHERE status = 'failed'"
-        )
-        return [(r[0], r[1], r[2]) for r in rows if not codes or r[3] in codes]
+    def operation_totals(self, operation: str) -> tuple[int, int]:
+        """(ok records, matched records) of ``operation``."""
+        row = self._db.execute(
+            "SELECT COUNT(*), coalesce(SUM(matched = 1), 0) FROM records "
+            "WHERE operation = ? AND status = 'ok'",
+            (operation,),
+        ).fetchone()
+        return int(row[0]), int(row[1])
 
-    def operation_rows(self, operation: str, status: str = "ok") -> list[sqlite3.Row]:
-        return list(
-            self._db.execute(
-                "SELECT * FROM records WHERE operation = ? AND status = ? ORDER BY source, key",
-                (operation, status),
-            )
+    def matched_rows(self, operation: str) -> Iterator[sqlite3.Row]:
+        yield from self._db.execute(
+            "SELECT bucket, key, similarity, match_box FROM records "
+            "WHERE operation = ? AND status = 'ok' AND matched = 1 ORDER BY source, key",
+            (operation,),
         )
+
+    # -- rewriting (resume --retry-failed) --------------------------------------------------
+
+    def failed_count(self, codes: set[str] | None) -> int:
+        query, args = _failed_filter(codes)
+        row = self._db.execute(f"SELECT COUNT(*) FROM records WHERE {query}", args).fetchone()
+        return int(row[0])
+
+    def rows_in_file_order(self, file: str) -> Iterator[sqlite3.Row]:
+        """Every record with its row's place in ``file`` (``jsonl`` or ``csv``), in file
+        order, streamed."""
+        yield from self._db.execute(
+            f"SELECT rowid, status, error_code, {file}_offset AS offset, {file}_length AS length "
+            f"FROM records WHERE {file}_offset IS NOT NULL ORDER BY {file}_offset"
+        )
+
+    def execute_many(self, sql: str, rows: Iterable[tuple[Any, ...]]) -> None:
+        self._db.executemany(sql, rows)
+
+    @property
+    def connection(self) -> sqlite3.Connection:
+        return self._db
+
+
+def _failed_filter(codes: set[str] | None) -> tuple[str, tuple[Any, ...]]:
+    if not codes:
+        return "status = 'failed'", ()
+    marks = ",".join("?" * len(codes))
+    return f"status = 'failed' AND error_code IN ({marks})", tuple(sorted(codes))
+
+
+class Ledger:
+    """A run's ledger: writes on one thread, reads on another, never on the event loop."""
+
+    def __init__(self, path: Path, *, durable: bool = True) -> None:
+        self.path = path
+        self._durable = durable
+        self._writes = ThreadPoolExecutor(1, thread_name_prefix="ledger-write")
+        self._reads = ThreadPoolExecutor(1, thread_name_prefix="ledger-read")
+        self._writer: LedgerDB | None = None
+        self._reader: LedgerDB | None = None
+
+    def _on_writer(self, fn: Callable[..., T], *a: Any) -> T:
+        if self._writer is None:
+            self._writer = LedgerDB(self.path, durable=self._durable)
+        return fn(self._writer, *a)
+
+    def _on_reader(self, fn: Callable[..., T], *a: Any) -> T:
+        if self._reader is None:
+            self._reader = LedgerDB(self.path, readonly=True)
+        return fn(self._reader, *a)
+
+    async def write(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(db, *args)`` on the write thread (commits, meta, runs); ``fn`` is
+        typically an unbound ``LedgerDB`` method."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._writes, self._on_writer, fn, *args)
+
+    async def read(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(db, *args)`` on the read thread (lookups, aggregates)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._reads, self._on_reader, fn, *args)
+
+    def submit_write(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        """``fn(*args)`` on the write thread, as a future (the writer's batch: file syncs and
+        the commit, in order with every other write)."""
+        loop = asyncio.get_running_loop()
+        return loop.run_in_executor(self._writes, fn, *args)
+
+    def writer_db(self) -> LedgerDB:
+        """The write connection, for functions already running on the write thread."""
+        if self._writer is None:
+            self._writer = LedgerDB(self.path, durable=self._durable)
+        return self._writer
+
+    async def close(self) -> None:
+        loop = asyncio.get_running_loop()
+
+        def close_writer() -> None:
+            if self._writer is not None:
+                self._writer.close()
+                self._writer = None
+
+        def close_reader() -> None:
+            if self._reader is not None:
+                self._reader.close()
+                self._reader = None
+
+        await asyncio.gather(
+            loop.run_in_executor(self._writes, close_writer),
+            loop.run_in_executor(self._reads, close_reader),
+            return_exceptions=True,
+        )
+        self._writes.shutdown(wait=False)
+        self._reads.shutdown(wait=False)

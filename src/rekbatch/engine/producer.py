@@ -1,0 +1,146 @@
+"""The producer: lists every source after its watermark and hands out the work.
+
+Listed objects go through a bounded queue to the workers, so memory does not grow with the
+bucket. Per chunk of listed keys the ledger says which (object, operation) pairs are done
+(same ETag: nothing to do; another ETag: the object changed and is done again) and which
+contents already have an original; objects the listing alone rules out (globs, sizes) are
+recorded as skipped here, without a worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import structlog
+
+from rekbatch.config import Config
+from rekbatch.engine.dedup import Content, Dedup, content_of
+from rekbatch.operations import Operation
+from rekbatch.records import ObjectRef, Record, SkipReason, utc_now
+from rekbatch.sinks.writer import Writer
+from rekbatch.sources import Source
+from rekbatch.sources.filters import classify_listing
+from rekbatch.store.ledger import Ledger, LedgerDB, Location
+
+log = structlog.get_logger("rekbatch")
+
+CHUNK = 500
+
+
+@dataclass(slots=True)
+class WorkItem:
+    """One object for a worker: the operations it still needs, and, for a copy of content
+    already processed or in flight, where the original's rows are (or will be)."""
+
+    obj: ObjectRef
+    seq: int
+    ops: list[Operation]
+    copy_of: list[Location] | asyncio.Future[list[Location] | None] | None = None
+    content: Content | None = None  # set on an original whose copies wait for it
+
+
+class Producer:
+    def __init__(
+        self,
+        cfg: Config,
+        sources: Sequence[Source],
+        operations: Sequence[Operation],
+        ledger: Ledger,
+        writer: Writer,
+        dedup: Dedup,
+        stopping: asyncio.Event,
+        max_bytes: Sequence[int],
+    ) -> None:
+        self.cfg = cfg
+        self.sources = sources
+        self.operations = list(operations)
+        self.ledger = ledger
+        self.writer = writer
+        self.dedup = dedup
+        self.stopping = stopping
+        self.max_bytes = max_bytes  # per source: the largest object Rekognition takes
+
+    async def run(self, queue: asyncio.Queue[WorkItem | None], workers: int) -> None:
+        try:
+            rows = await self.ledger.read(LedgerDB.sources)
+            if rows and all(row["listing_done"] for row in rows):
+                # A finished job run again: list everything once more to pick up new and
+                # changed objects; unchanged ones are recognised in the ledger and cost
+                # nothing.
+                await self.ledger.write(LedgerDB.reset_listing, range(len(rows)))
+            for source in self.sources:
+                if self.stopping.is_set():
+                    break
+                await self._list(source, queue)
+        finally:
+            for _ in range(workers):
+                await queue.put(None)
+
+    async def _list(self, source: Source, queue: asyncio.Queue[WorkItem | None]) -> None:
+        index = source.index
+        mark = await self.ledger.read(LedgerDB.watermark, index)
+        await self.ledger.write(LedgerDB.rebase_listed, index, mark)
+        self.writer.start_source(index, mark)
+        log.info("listing", source=source.uri, start_after=mark)
+        chunk: list[ObjectRef] = []
+        async for obj in source.list(mark):
+            chunk.append(obj)
+            if len(chunk) >= CHUNK:
+                await self._dispatch(chunk, queue)
+                chunk = []
+                if self.stopping.is_set():
+                    return
+        await self._dispatch(chunk, queue)
+        if not self.stopping.is_set():
+            self.writer.listing_done(index)
+            log.info("listed", source=source.uri, objects=self.writer.listed[index])
+
+    async def _dispatch(
+        self, chunk: list[ObjectRef], queue: asyncio.Queue[WorkItem | None]
+    ) -> None:
+        if not chunk:
+            return
+        index = chunk[0].source_index
+        writer, dedup = self.writer, self.dedup
+        visible = writer.committed
+        done = await self.ledger.read(LedgerDB.lookup, index, [o.key for o in chunk])
+        contents = sorted({c for o in chunk if (c := content_of(o)) is not None})
+        originals = await self.ledger.read(LedgerDB.lookup_contents, contents) if contents else {}
+        dedup.evict(visible)
+        include, exclude = self.cfg.source.include, self.cfg.source.exclude
+        sniff = self.cfg.source.sniff
+        max_bytes = self.max_bytes[index]
+        for obj in chunk:
+            if self.stopping.is_set():
+                return  # the rest stays above the watermark and is listed again
+            seq = writer.push(index, obj.key)
+            before = done.get(obj.key)
+            todo = (
+                [op for op in self.operations if before.get(op.type) != obj.etag]
+                if before
+                else self.operations
+            )
+            if not todo:
+                writer.finish(index, seq)
+                continue
+            reason = classify_listing(obj, include, exclude, max_bytes, sniff=sniff)
+            if reason is not None:
+                self._skip(obj, seq, todo, reason)
+                continue
+            item = WorkItem(obj, seq, todo)
+            content = content_of(obj)
+            if content is not None:
+                claim = dedup.claim(content, [op.type for op in todo], originals.get(content))
+                if claim is None:
+                    item.content = content
+                else:
+                    item.copy_of = claim
+            await queue.put(item)
+
+    def _skip(self, obj: ObjectRef, seq: int, ops: list[Operation], reason: SkipReason) -> None:
+        now = utc_now()
+        for op in ops:
+            self.writer.accept(Record(obj, op.type, "skipped", reason, processed_at=now))
+        self.writer.finish(obj.source_index, seq)

@@ -1,0 +1,537 @@
+"""One run of a job, supervised.
+
+``Job.run`` takes the job directory's lock, opens the ledger and the services, prepares the
+operations, then runs every task of the run under one ``asyncio.TaskGroup``: the producer,
+the workers, the writer, the heartbeat, the periodic upload and the progress display. The
+first unexpected failure of any of them cancels the others; what is finished is committed
+and the run ends with exit 1 and one line naming the task. Stopping (a signal or a budget
+cap) instead closes the producer: in-flight objects finish, everything is committed.
+
+Then the operations finish (search a face collection), and summary.json, Parquet and the
+upload are written from the ledger.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import os
+import shutil
+import uuid
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from rekbatch.backends.base import Backend
+from rekbatch.calls.caller import Caller
+from rekbatch.calls.limiter import AdaptiveLimiter
+from rekbatch.calls.retry import RetryPolicy
+from rekbatch.clock import MONOTONIC, Clock
+from rekbatch.config import Config, parse_s3_uri
+from rekbatch.engine.budget import Budget
+from rekbatch.engine.dedup import Dedup
+from rekbatch.engine.producer import Producer, WorkItem
+from rekbatch.engine.worker import Worker, WorkerStats
+from rekbatch.errors import (
+    EXIT_BUDGET,
+    EXIT_FAILED_RECORDS,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_UNEXPECTED,
+    BackendError,
+    RekbatchError,
+    TaskFailed,
+)
+from rekbatch.operations import Operation, OperationContext, build_operations
+from rekbatch.records import ObjectRef
+from rekbatch.sinks.summary import answer_lines, build_summary, write_summary
+from rekbatch.sinks.writer import Writer
+from rekbatch.sources import S3, LocalSource, Source, open_source
+from rekbatch.sources.filters import MAX_IMAGE_BYTES, MAX_S3_OBJECT_BYTES
+from rekbatch.store import jobdir, retry_failed
+from rekbatch.store.ledger import Ledger, LedgerDB
+from rekbatch.store.lock import JobLock
+
+log = structlog.get_logger("rekbatch")
+
+UPLOAD_EVERY_SECONDS = 900.0
+HEARTBEAT_SECONDS = 1.0
+
+
+@dataclass
+class RunOptions:
+    output_dir: Path
+    fresh: bool = False
+    retry_failed: bool = False
+    retry_codes: set[str] | None = None
+    config_path: str = ""
+    progress: bool = False
+    # Benchmarks only: no fsync and no synchronous SQLite commits, to measure what
+    # checkpointing costs. A machine crash then loses results; a process crash does not.
+    checkpoint: bool = True
+
+
+@dataclass
+class RunOutcome:
+    exit_code: int
+    summary: dict[str, Any]
+    answers: list[str]
+    stop_reason: str | None
+    failure: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+async def _named(name: str, work: Awaitable[None]) -> None:
+    """Run a task of the run; an unexpected failure says which task it was."""
+    try:
+        await work
+    except Exception as exc:
+        raise TaskFailed(name, exc) from exc
+
+
+class Job:
+    """A job bound to its output directory; ``run()`` is one run of it.
+
+    ``backend`` replaces the configured one (tests hand the engine an in-process fake)."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        options: RunOptions,
+        *,
+        backend: Backend | None = None,
+        clock: Clock = MONOTONIC,
+    ) -> None:
+        self.cfg = cfg
+        self.options = options
+        self.out = options.output_dir
+        self.clock = clock
+        self.run_id = uuid.uuid4().hex[:12]
+        self.stop_reason: str | None = None
+        self.stopping = asyncio.Event()
+        self._given_backend = backend
+        self.caller: Caller | None = None
+        self.writer: Writer | None = None
+        self.worker_stats = WorkerStats()
+        self._started = 0.0
+
+    # -- control ----------------------------------------------------------------------------
+
+    def request_stop(self, reason: str) -> None:
+        if self.stop_reason is None:
+            self.stop_reason = reason
+            log.warning("stopping", reason=reason, hint="in-flight calls finish, then commit")
+        self.stopping.set()
+
+    @property
+    def limiters(self) -> dict[str, AdaptiveLimiter]:
+        return {} if self.caller is None else self.caller.limiters
+
+    @property
+    def listing_complete(self) -> bool:
+        return self.writer is not None and self.writer.listing_complete
+
+    def live_stats(self) -> dict[str, Any]:
+        """The run's counters as they stand (heartbeat, progress, summary)."""
+        elapsed = max(self.clock.now() - self._started, 1e-9)
+        calls = self.caller.stats.as_dict() if self.caller else {}
+        writer = self.writer
+        total = sum(calls.get("calls", {}).values())
+        return {
+            **calls,
+            "listed": sum(writer.listed.values()) if writer else 0,
+            "listing_complete": self.listing_complete,
+            "objects_done": writer.objects_done if writer else 0,
+            "records": dict(writer.records) if writer else {},
+            "images_sent": self.worker_stats.images_sent,
+            "deduplicated": self.worker_stats.deduplicated,
+            "elapsed_seconds": round(elapsed, 3),
+            "calls_per_second": round(total / elapsed, 2),
+            "limiters": {api: lim.snapshot() for api, lim in self.limiters.items()},
+        }
+
+    # -- the run ----------------------------------------------------------------------------
+
+    async def run(self) -> RunOutcome:
+        created = not self.out.exists()
+        self.out.mkdir(parents=True, exist_ok=True)
+        lock = JobLock(jobdir.state_dir(self.out) / "lock")
+        lock.acquire()
+        worked = False
+        try:
+            worked = await asyncio.to_thread(
+                jobdir.claim,
+                self.out,
+                self.cfg,
+                fresh=self.options.fresh,
+                config_path=self.options.config_path,
+            )
+            return await self._run_claimed()
+        except RekbatchError:
+            if created and not worked and self.writer is None:
+                # Nothing was done: leave no job behind for a config that never ran.
+                lock.release()
+                shutil.rmtree(self.out, ignore_errors=True)
+            raise
+        finally:
+            lock.release()
+
+    async def _run_claimed(self) -> RunOutcome:
+        cfg = self.cfg
+        ledger = Ledger(jobdir.ledger_path(self.out), durable=self.options.checkpoint)
+        try:
+            await ledger.write(retry_failed.recover, self.out)
+            async with contextlib.AsyncExitStack() as stack:
+                s3 = await self._open_s3(stack)
+                sources = [open_source(uri, i, s3) for i, uri in enumerate(cfg.source.uris)]
+                await self._check_sources(sources, s3)
+                backend = self._given_backend or await self._open_backend(stack)
+                operations = build_operations(cfg)
+                self.caller = Caller(
+                    backend,
+                    max_tps=cfg.limits.max_tps,
+                    region=cfg.aws.region,
+                    retry=RetryPolicy(max_attempts=cfg.limits.max_attempts),
+                    apis=[api for op in operations for api in op.calls_per_image()],
+                    clock=self.clock,
+                )
+                ctx = OperationContext(self.caller, ledger, s3)
+                for op in operations:
+                    await op.prepare(ctx)
+                writer = Writer(
+                    self.out, ledger, self.run_id, cfg.source.uris, durable=self.options.checkpoint
+                )
+                await writer.open()
+                if self.options.retry_failed:
+                    await writer.close()
+                    dropped = await ledger.write(
+                        retry_failed.rewrite, self.out, self.options.retry_codes
+                    )
+                    log.info("retrying_failed", records=dropped)
+                    writer = Writer(
+                        self.out,
+                        ledger,
+                        self.run_id,
+                        cfg.source.uris,
+                        durable=self.options.checkpoint,
+                    )
+                    await writer.open()
+                self.writer = writer
+                return await self._execute(ledger, sources, operations, ctx, s3)
+        finally:
+            await ledger.close()
+
+    async def _open_s3(self, stack: contextlib.AsyncExitStack) -> S3 | None:
+        cfg = self.cfg
+        locations = [*cfg.source.uris, *_reference_locations(cfg)]
+        if cfg.output.upload_uri:
+            locations.append(cfg.output.upload_uri)
+        if not any(parse_s3_uri(uri) for uri in locations):
+            return None
+        s3 = S3(
+            self._session(),
+            endpoint_url=cfg.aws.s3_endpoint_url,
+            pool=cfg.limits.concurrency + 16,  # listing, sniffing and downloads share it
+        )
+        return await stack.enter_async_context(s3)
+
+    def _session(self) -> Any:
+        import aioboto3
+        import botocore.exceptions as bexc
+
+        from rekbatch.errors import SetupError
+
+        if not hasattr(self, "_aws_session"):
+            try:
+                self._aws_session = aioboto3.Session(
+                    profile_name=self.cfg.aws.profile, region_name=self.cfg.aws.region
+                )
+            except bexc.ProfileNotFound as exc:
+                raise SetupError(f"aws.profile: {exc}") from None
+        return self._aws_session
+
+    async def _check_sources(self, sources: list[Source], s3: S3 | None) -> None:
+        for source in sources:
+            if isinstance(source, LocalSource):
+                await asyncio.to_thread(source.check)
+        if s3 is not None:
+            for bucket in sorted({p[0] for p in map(parse_s3_uri, self.cfg.source.uris) if p}):
+                await s3.check_bucket(bucket)
+
+    async def _open_backend(self, stack: contextlib.AsyncExitStack) -> Backend:
+        cfg = self.cfg
+        if cfg.backend.kind == "aws":
+            from rekbatch.backends.aws import AwsBackend
+
+            aws = AwsBackend(
+                self._session(),
+                endpoint_url=cfg.aws.rekognition_endpoint_url,
+                pool=cfg.limits.concurrency + 16,
+            )
+            return await stack.enter_async_context(aws)
+        from rekbatch.backends.local.backend import LocalBackend  # optional extra
+
+        local = LocalBackend(jobdir.state_dir(self.out) / "collections")
+        stack.push_async_callback(local.aclose)
+        return local
+
+    def _needs_bytes(self, obj: ObjectRef) -> bool:
+        """Rekognition reads S3 objects itself; local files, ``image_mode = "bytes"`` and
+        the offline backend need the bytes here."""
+        return (
+            obj.bucket is None
+            or self.cfg.aws.image_mode == "bytes"
+            or self.cfg.backend.kind == "local"
+        )
+
+    def _max_bytes(self, uri: str) -> int:
+        by_reference = (
+            parse_s3_uri(uri) is not None
+            and self.cfg.aws.image_mode == "s3"
+            and self.cfg.backend.kind == "aws"
+        )
+        return MAX_S3_OBJECT_BYTES if by_reference else MAX_IMAGE_BYTES
+
+    async def _execute(
+        self,
+        ledger: Ledger,
+        sources: list[Source],
+        operations: list[Operation],
+        ctx: OperationContext,
+        s3: S3 | None,
+    ) -> RunOutcome:
+        cfg = self.cfg
+        writer = self.writer
+        caller = self.caller
+        assert writer is not None and caller is not None
+        per_image: dict[str, int] = {}
+        for op in operations:
+            for api, n in op.calls_per_image().items():
+                per_image[api] = per_image.get(api, 0) + n
+        budget = Budget(
+            max_images=cfg.limits.max_images,
+            max_cost_usd=cfg.limits.max_cost_usd,
+            region=cfg.aws.region,
+            calls_per_image=per_image,
+            images_before=await ledger.read(LedgerDB.images_sent),
+        )
+        dedup = Dedup()
+        queue: asyncio.Queue[WorkItem | None] = asyncio.Queue(maxsize=cfg.limits.concurrency * 2)
+        producer = Producer(
+            cfg,
+            sources,
+            operations,
+            ledger,
+            writer,
+            dedup,
+            self.stopping,
+            [self._max_bytes(uri) for uri in cfg.source.uris],
+        )
+        worker = Worker(
+            sources,
+            caller,
+            writer,
+            budget,
+            dedup,
+            self.worker_stats,
+            sniff=cfg.source.sniff,
+            needs_bytes=self._needs_bytes,
+            stopping=self.stopping,
+            request_stop=self.request_stop,
+        )
+        await ledger.write(LedgerDB.start_run, self.run_id, os.getpid())
+        self._started = self.clock.now()
+        log.info(
+            "run_started",
+            run_id=self.run_id,
+            job=cfg.job.name,
+            output=str(self.out),
+            operations=[op.type for op in operations],
+            ceilings={api: lim.ceiling for api, lim in caller.limiters.items()},
+            concurrency=cfg.limits.concurrency,
+        )
+        side: list[tuple[str, Coroutine[Any, Any, None]]] = [("heartbeat", self._heartbeat(ledger))]
+        if self.options.progress:
+            from rekbatch.commands.progress import show_progress
+
+            side.append(("progress", show_progress(self)))
+        if cfg.output.upload_uri and s3 is not None:
+            side.append(("upload", self._upload_parts(ledger, s3)))
+        # Objects in flight are few and short-lived; the collector need not walk them often.
+        gc.freeze()
+        failure: TaskFailed | None = None
+        try:
+            await self._supervise(producer, worker, queue, writer, side)
+        except* TaskFailed as group:
+            first = group.exceptions[0]
+            assert isinstance(first, TaskFailed)
+            failure = first
+            log.error("run_failed", task=first.task, error=str(first.cause))
+        finally:
+            gc.unfreeze()
+            try:
+                await writer.close()
+            except Exception as exc:  # the writer itself failed: its rows are in the journal
+                if failure is None:
+                    failure = TaskFailed("writer", exc)
+        if failure is not None:
+            return await self._failed(ledger, operations, failure)
+        if self.stop_reason is None:
+            for op in operations:
+                try:
+                    await op.finish(ctx)
+                except BackendError as exc:
+                    ctx.failures[op.type] = f"{exc.code}: {exc.message}"
+                    log.error("finish_failed", operation=op.type, error=str(exc))
+        return await self._finish(ledger, operations, ctx, s3)
+
+    async def _supervise(
+        self,
+        producer: Producer,
+        worker: Worker,
+        queue: asyncio.Queue[WorkItem | None],
+        writer: Writer,
+        side: list[tuple[str, Coroutine[Any, Any, None]]],
+    ) -> None:
+        workers = self.cfg.limits.concurrency
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(_named("writer", writer.run()), name="writer")
+            services = [tg.create_task(_named(name, coro), name=name) for name, coro in side]
+            work = [tg.create_task(_named("producer", producer.run(queue, workers)))]
+            work += [
+                tg.create_task(_named(f"worker-{i}", worker.run(queue)), name=f"worker-{i}")
+                for i in range(workers)
+            ]
+
+            async def close() -> None:
+                await asyncio.wait(work)
+                writer.stop()
+                for task in services:
+                    task.cancel()
+
+            tg.create_task(close(), name="closer")
+
+    async def _heartbeat(self, ledger: Ledger) -> None:
+        while True:
+            await asyncio.sleep(HEARTBEAT_SECONDS)
+            await ledger.write(LedgerDB.heartbeat, self.run_id, self.live_stats())
+
+    async def _upload_parts(self, ledger: Ledger, s3: S3) -> None:
+        """Long runs: a snapshot of the results goes to S3 every ``UPLOAD_EVERY_SECONDS``."""
+        from rekbatch.sinks.upload import upload_results
+
+        uri = self.cfg.output.upload_uri
+        assert uri
+        while True:
+            await asyncio.sleep(UPLOAD_EVERY_SECONDS)
+            part = int(await ledger.read(LedgerDB.get_meta, "upload_parts") or 0) + 1
+            await upload_results(s3.client, self.out, uri, part=part)
+            await ledger.write(LedgerDB.set_meta, {"upload_parts": str(part)})
+            log.info("uploaded_part", part=part, uri=uri)
+
+    # -- the end ----------------------------------------------------------------------------
+
+    async def _outputs(self) -> list[str]:
+        """The analytics files beside the JSONL and CSV: Parquet when pyarrow is installed."""
+        paths = [str(self.out / "results.jsonl"), str(self.out / "results.csv")]
+        if not self.cfg.output.parquet_enabled():
+            return paths
+        from rekbatch.sinks.parquet import write_parquet
+
+        written = await asyncio.to_thread(write_parquet, self.out)
+        return paths + [str(p) for p in written]
+
+    async def _summary(
+        self,
+        ledger: Ledger,
+        operations: list[Operation],
+        ctx: OperationContext,
+        live: dict[str, Any],
+    ) -> dict[str, Any]:
+        summary = await ledger.read(build_summary, self.cfg, operations, live, ctx.failures)
+        summary["run_id"] = self.run_id
+        summary["stopped"] = self.stop_reason
+        return summary
+
+    async def _finish(
+        self, ledger: Ledger, operations: list[Operation], ctx: OperationContext, s3: S3 | None
+    ) -> RunOutcome:
+        live = self.live_stats()  # the rate of the calls, before the output files are made
+        outputs = await self._outputs()
+        summary = await self._summary(ledger, operations, ctx, live)
+        summary["outputs"] = [*outputs, str(self.out / "summary.json")]
+        await asyncio.to_thread(write_summary, self.out, summary)
+        if self.cfg.output.upload_uri and s3 is not None:
+            from rekbatch.sinks.upload import upload_results
+
+            uploaded = await upload_results(s3.client, self.out, self.cfg.output.upload_uri)
+            log.info("uploaded", files=len(uploaded), uri=self.cfg.output.upload_uri)
+        if self.stop_reason is None:
+            failed = summary["counts"]["by_status"].get("failed") or ctx.failures
+            code = EXIT_FAILED_RECORDS if failed else EXIT_OK
+        elif self.stop_reason.startswith("budget"):
+            code = EXIT_BUDGET
+        else:
+            code = EXIT_INTERRUPTED
+        await ledger.write(LedgerDB.end_run, self.run_id, code, live)
+        log.info(
+            "run_finished",
+            exit_code=code,
+            stopped=self.stop_reason,
+            by_status=summary["counts"]["by_status"],
+            calls=summary["calls"]["total"],
+            throttles=summary["calls"]["throttles"],
+            retries=summary["calls"]["retries"],
+        )
+        notes = [f"{op}: {error}; resume to try it again" for op, error in ctx.failures.items()]
+        return RunOutcome(code, summary, answer_lines(summary), self.stop_reason, notes=notes)
+
+    async def _failed(
+        self, ledger: Ledger, operations: list[Operation], failure: TaskFailed
+    ) -> RunOutcome:
+        """A task failed: keep what is finished, say what failed, stay resumable."""
+        live = self.live_stats()
+        summary: dict[str, Any] = {}
+        with contextlib.suppress(Exception):
+            assert self.caller is not None
+            ctx = OperationContext(self.caller, ledger, None)
+            summary = await self._summary(ledger, operations, ctx, live)
+            summary["failed"] = str(failure)
+            await asyncio.to_thread(write_summary, self.out, summary)
+        with contextlib.suppress(Exception):
+            await ledger.write(LedgerDB.end_run, self.run_id, EXIT_UNEXPECTED, live)
+        return RunOutcome(EXIT_UNEXPECTED, summary, [], self.stop_reason, failure=str(failure))
+
+
+def _reference_locations(cfg: Config) -> list[str]:
+    from rekbatch.config import CompareFacesOp, SearchFacesOp
+
+    found: list[str] = []
+    for op in cfg.operations:
+        if isinstance(op, CompareFacesOp):
+            found.append(op.reference)
+        elif isinstance(op, SearchFacesOp):
+            found.extend(ref for refs in op.people.values() for ref in refs)
+    return found
+
+
+async def run_job(
+    cfg: Config,
+    options: RunOptions,
+    *,
+    on_job: Callable[[Job], Awaitable[None] | None] | None = None,
+    backend: Backend | None = None,
+) -> RunOutcome:
+    job = Job(cfg, options, backend=backend)
+    if on_job is not None:
+        maybe = on_job(job)
+        if maybe is not None:
+            await maybe
+    return await job.run()
+
+
+__all__ = ["Job", "RunOptions", "RunOutcome", "run_job"]

@@ -1,0 +1,351 @@
+"""The writer: the only owner of the result files, the listing watermarks and their commits.
+
+A record is durable the moment it arrives: ``accept`` encodes it once and appends its line to
+results.jsonl with one ``write()``, before anything else happens to it, so a process that dies
+after that loses nothing it paid for. Then, in batches (``BATCH_RECORDS`` records or
+``BATCH_SECONDS``), the writer renders the batch's CSV rows, appends them, fsyncs both files
+and commits the batch to the ledger with the files' new sizes and the watermarks, all on the
+ledger's write thread.
+
+When a job opens, results.csv is cut back to its committed size, and the lines of
+results.jsonl past its committed size (written, not yet committed, when the last run died)
+are replayed into the CSV and the ledger; a torn last line is cut.
+
+Windows: after a process kill nothing already answered is lost; after a machine loss, at most
+the rows of the last ``BATCH_SECONDS``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from rekbatch.operations.summaries import summarize
+from rekbatch.records import ObjectRef, Record
+from rekbatch.sinks.files import AppendFile
+from rekbatch.sinks.rows import CsvRows, csv_header, encode_result, jsonl_line
+from rekbatch.store.ledger import Ledger, LedgerDB, LedgerRow
+from rekbatch.store.watermark import WatermarkTracker
+
+log = structlog.get_logger("rekbatch")
+
+BATCH_RECORDS = 256
+BATCH_SECONDS = 0.25
+JSONL = "results.jsonl"
+CSV = "results.csv"
+
+_BASE_FIELDS = frozenset(
+    {
+        "run_id",
+        "source",
+        "bucket",
+        "key",
+        "etag",
+        "size",
+        "last_modified",
+        "operation",
+        "status",
+        "reason",
+        "error_code",
+        "error_message",
+        "attempts",
+        "latency_ms",
+        "processed_at",
+        "dedup_of",
+        "result",
+    }
+)
+
+
+@dataclass(slots=True)
+class _Row:
+    """An accepted record waiting for its batch."""
+
+    record: Record
+    run_id: str
+    result_json: str
+    offset: int
+    length: int
+
+
+class Writer:
+    def __init__(
+        self,
+        out: Path,
+        ledger: Ledger,
+        run_id: str,
+        sources: Sequence[str],
+        *,
+        durable: bool = True,
+    ) -> None:
+        self.out = out
+        self.ledger = ledger
+        self.run_id = run_id
+        self.sources = list(sources)
+        self.durable = durable
+        self.jsonl = AppendFile(out / JSONL)
+        self.csv = AppendFile(out / CSV, csv_header())
+        self.trackers: dict[int, WatermarkTracker] = {}
+        self.listed: Counter[int] = Counter()
+        self.listing_finished: set[int] = set()
+        self.records: Counter[str] = Counter()
+        self.objects_done = 0
+        # Commits are numbered: rows accepted before commit N is cut are in the ledger
+        # once ``committed`` reaches N.
+        self.committed = 0
+        self._rows: list[_Row] = []
+        self._csv_rows = CsvRows()
+        self._committed_listed: Counter[int] = Counter()
+        self._done_sources: set[int] = set()
+        self._wake = asyncio.Event()
+        self._full = asyncio.Event()
+        self._stopping = False
+        self._inflight: asyncio.Future[None] | None = None
+
+    # -- opening ----------------------------------------------------------------------------
+
+    async def open(self) -> int:
+        """Open the files, cut the CSV back, replay the uncommitted tail of results.jsonl;
+        returns the number of rows replayed."""
+        sizes = await self.ledger.read(LedgerDB.sink_sizes)
+        return await self.ledger.write(self._open, sizes)
+
+    def _open(self, db: LedgerDB, sizes: dict[str, int] | None) -> int:
+        self.jsonl.open(None if sizes is None else sizes.get(JSONL))
+        self.csv.open(None if sizes is None else sizes.get(CSV))
+        if sizes is None:
+            db.commit([], self._sizes(), {}, {}, [])
+            return 0
+        self.csv.truncate(sizes[CSV])
+        committed = sizes[JSONL]
+        tail = self.jsonl.pread(committed, self.jsonl.size - committed)
+        rows: list[_Row] = []
+        offset = committed
+        for line in tail.splitlines(keepends=True):
+            row = self._parse(line, offset)
+            if row is None:
+                break  # a torn line: it and anything after it were never whole
+            rows.append(row)
+            offset += len(line)
+        if offset < self.jsonl.size:
+            log.warning("cut_torn_tail", file=JSONL, bytes=self.jsonl.size - offset)
+            self.jsonl.truncate(offset)
+        ledger_rows, csv_data = self._render(rows)
+        self.csv.append(csv_data)
+        self.jsonl.sync()
+        self.csv.sync()
+        db.commit(ledger_rows, self._sizes(), {}, {}, [])
+        if rows:
+            log.info("replayed", rows=len(rows), hint="results written before the last stop")
+        return len(rows)
+
+    def _parse(self, line: bytes, offset: int) -> _Row | None:
+        if not line.endswith(b"\n"):
+            return None
+        try:
+            row: dict[str, Any] = json.loads(line)
+            source = self.sources.index(row["source"])
+            obj = ObjectRef(
+                row["bucket"],
+                row["key"],
+                int(row["size"]),
+                row["etag"],
+                row["last_modified"],
+                None,
+                source,
+            )
+            extra = {k: v for k, v in row.items() if k not in _BASE_FIELDS}
+            record = Record(
+                obj,
+                row["operation"],
+                row["status"],
+                row["reason"],
+                row["error_code"],
+                row["error_message"],
+                int(row["attempts"]),
+                row["latency_ms"],
+                row["processed_at"],
+                row["result"],
+                row.get("dedup_of"),
+                extra or None,
+            )
+        except (ValueError, KeyError, TypeError):
+            return None
+        return _Row(record, str(row["run_id"]), encode_result(record.result), offset, len(line))
+
+    # -- what the producer and workers tell it ----------------------------------------------
+
+    def start_source(self, index: int, watermark: str | None) -> None:
+        self.trackers[index] = WatermarkTracker(watermark)
+
+    def push(self, index: int, key: str) -> int:
+        """A listed object, in listing order: its place for the watermark."""
+        self.listed[index] += 1
+        return self.trackers[index].push(key)
+
+    def accept(self, record: Record) -> tuple[int, int]:
+        """Write ``record`` down now; returns where its line is (offset, length)."""
+        result_json = encode_result(record.result)
+        source = self.sources[record.obj.source_index]
+        line = jsonl_line(record, self.run_id, source, result_json)
+        offset = self.jsonl.append(line)
+        self._rows.append(_Row(record, self.run_id, result_json, offset, len(line)))
+        self.records[record.status] += 1
+        if len(self._rows) >= BATCH_RECORDS:
+            self._full.set()
+        self._wake.set()
+        return offset, len(line)
+
+    def finish(self, index: int, seq: int) -> None:
+        """Every record of the object at ``seq`` is accepted (or none was needed)."""
+        self.trackers[index].complete(seq)
+        self.objects_done += 1
+        self._wake.set()
+
+    def listing_done(self, index: int) -> None:
+        self.listing_finished.add(index)
+        self._wake.set()
+
+    def read_line(self, offset: int, length: int) -> dict[str, Any]:
+        """A row of results.jsonl, parsed (the result a copy of the same content reuses)."""
+        parsed: dict[str, Any] = json.loads(self.jsonl.pread(offset, length))
+        return parsed
+
+    @property
+    def next_commit(self) -> int:
+        """The number of the commit that will hold the rows accepted from now on."""
+        return self.committed + (2 if self._inflight is not None else 1)
+
+    @property
+    def listing_complete(self) -> bool:
+        return len(self.listing_finished) == len(self.sources)
+
+    # -- batches ----------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Commit batches until ``stop``; the last one is committed by ``close``."""
+        while not self._stopping:
+            await self._wake.wait()
+            if self._stopping:
+                break
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(BATCH_SECONDS):
+                    await self._full.wait()
+            if not self._stopping:
+                await self._flush()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        self._full.set()
+
+    async def close(self) -> None:
+        """Commit what is left, then close the files. Safe to call after a failure."""
+        self.stop()
+        try:
+            if self._inflight is not None:
+                with contextlib.suppress(Exception):
+                    await self._inflight
+                self._inflight = None
+            await self._flush()
+        finally:
+            await self.ledger.write(_close_files, self.jsonl, self.csv)
+
+    async def _flush(self) -> None:
+        self._wake.clear()
+        self._full.clear()
+        rows, self._rows = self._rows, []
+        marks: dict[int, str] = {}
+        for index, tracker in self.trackers.items():
+            if tracker.moved and tracker.mark is not None:
+                marks[index] = tracker.mark
+                tracker.moved = False
+        listed = {i: n - self._committed_listed[i] for i, n in self.listed.items()}
+        self._committed_listed = Counter(self.listed)
+        done = [
+            i
+            for i in self.listing_finished - self._done_sources
+            if i in self.trackers and not self.trackers[i].outstanding
+        ]
+        if not rows and not marks and not any(listed.values()) and not done:
+            return
+        ledger_rows, csv_data = self._render(rows)
+        jsonl_end = self.jsonl.size  # the end of the batch's last row: rows are in order
+        number = self.committed + 1
+
+        def commit() -> None:
+            self.csv.append(csv_data)
+            if self.durable:
+                self.jsonl.sync()
+                self.csv.sync()
+            sizes = {JSONL: jsonl_end, CSV: self.csv.size}
+            self.ledger.writer_db().commit(ledger_rows, sizes, marks, listed, done)
+
+        self._inflight = self.ledger.submit_write(commit)
+        await asyncio.shield(self._inflight)
+        self._inflight = None
+        self.committed = number
+        self._done_sources.update(done)
+
+    def _render(self, rows: list[_Row]) -> tuple[list[LedgerRow], bytes]:
+        """Each row's CSV line and ledger row; the CSV lines' offsets follow the file."""
+        ledger_rows: list[LedgerRow] = []
+        parts: list[bytes] = []
+        csv_at = self.csv.size
+        render = self._csv_rows.row
+        for row in rows:
+            record = row.record
+            obj = record.obj
+            summary = summarize(record.operation, record.result) if record.status == "ok" else {}
+            source = self.sources[obj.source_index]
+            line = render(record, row.run_id, source, summary, row.result_json)
+            parts.append(line)
+            billed = 0
+            if record.status == "ok" and record.dedup_of is None:
+                billed = int(summary.get("billed", 1))
+            matched = summary.get("matched")
+            ledger_rows.append(
+                (
+                    obj.source_index,
+                    obj.key,
+                    record.operation,
+                    obj.bucket,
+                    obj.etag,
+                    obj.size,
+                    record.status,
+                    record.reason,
+                    record.error_code,
+                    record.error_message,
+                    record.attempts,
+                    billed,
+                    summary.get("face_count"),
+                    None if matched is None else int(matched),
+                    summary.get("best_similarity"),
+                    summary.get("match_box"),
+                    summary.get("detail"),
+                    record.dedup_of,
+                    record.processed_at,
+                    row.offset,
+                    row.length,
+                    csv_at,
+                    len(line),
+                )
+            )
+            csv_at += len(line)
+        return ledger_rows, b"".join(parts)
+
+    def _sizes(self) -> dict[str, int]:
+        return {JSONL: self.jsonl.size, CSV: self.csv.size}
+
+
+def _close_files(_db: LedgerDB, *files: AppendFile) -> None:
+    for file in files:
+        file.close()

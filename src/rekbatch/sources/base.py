@@ -1,0 +1,31 @@
+"""What a source is: something that lists objects in key order and reads them.
+
+A source lists its objects in S3's key order (UTF-8 binary), after a watermark when resuming,
+and reads an object's first bytes (to sniff it) or all of it (to send it as bytes). S3
+prefixes and local folders implement it; the engine knows nothing else about where objects
+come from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Protocol
+
+from rekbatch.records import ObjectRef
+
+
+class Source(Protocol):
+    uri: str
+    index: int
+
+    def list(self, start_after: str | None) -> AsyncIterator[ObjectRef]:
+        """The source's objects after ``start_after`` (all when None), in key order."""
+        ...
+
+    async def read_head(self, obj: ObjectRef, nbytes: int) -> bytes:
+        """The first ``nbytes`` of ``obj`` (fewer when it is shorter)."""
+        ...
+
+    async def read(self, obj: ObjectRef) -> bytes:
+        """All of ``obj``."""
+        ...
