@@ -96,3 +96,33 @@ def sample_people() -> dict[str, list[str]]:
     """Who the fake sees in each sample photo: the project's ``configs/fake-people.json``."""
     people: dict[str, list[str]] = json.loads((REPO / "configs" / "fake-people.json").read_text())
     return people
+
+
+def sized_png(seed: int, width: int = 96, height: int = 96) -> bytes:
+    """A real RGB PNG of ``width`` x ``height`` whose pixels depend on ``seed``."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    colour = bytes([seed % 251, (seed * 7) % 253, (seed * 13) % 255])
+    raw = b"".join(b"\x00" + colour * width for _ in range(height))
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(raw))
+        + chunk(b"IEND", b"")
+    )
+
+
+def local_images(folder: Path, count: int, *, start: int = 0, prefix: str = "img") -> list[str]:
+    """``count`` distinct PNG files in ``folder``; their keys."""
+    folder.mkdir(parents=True, exist_ok=True)
+    keys = []
+    for i in range(start, start + count):
+        key = f"{prefix}{i:05d}.png"
+        (folder / key).write_bytes(sized_png(i))
+        keys.append(key)
+    return keys

@@ -63,20 +63,19 @@ class Producer:
         self.max_bytes = max_bytes  # per source: the largest object Rekognition takes
 
     async def run(self, queue: asyncio.Queue[WorkItem | None], workers: int) -> None:
-        try:
-            rows = await self.ledger.read(LedgerDB.sources)
-            if rows and all(row["listing_done"] for row in rows):
-                # A finished job run again: list everything once more to pick up new and
-                # changed objects; unchanged ones are recognised in the ledger and cost
-                # nothing.
-                await self.ledger.write(LedgerDB.reset_listing, range(len(rows)))
-            for source in self.sources:
-                if self.stopping.is_set():
-                    break
-                await self._list(source, queue)
-        finally:
-            for _ in range(workers):
-                await queue.put(None)
+        rows = await self.ledger.read(LedgerDB.sources)
+        if rows and all(row["listing_done"] for row in rows):
+            # A finished job run again: list everything once more to pick up new and
+            # changed objects; unchanged ones are recognised in the ledger and cost nothing.
+            await self.ledger.write(LedgerDB.reset_listing, range(len(rows)))
+        for source in self.sources:
+            if self.stopping.is_set():
+                break
+            await self._list(source, queue)
+        # The end of the work: one for each worker. (Not on a failure: the supervisor
+        # cancels the workers then.)
+        for _ in range(workers):
+            await queue.put(None)
 
     async def _list(self, source: Source, queue: asyncio.Queue[WorkItem | None]) -> None:
         index = source.index
