@@ -783,9 +783,12 @@ async def _deliver(
 def _hold_port(address: Any) -> socket.socket:
     """A socket bound to ``address`` that does not listen: the port stays ours, connections
     to it are refused. SO_REUSEADDR lets it bind beside the accepted connections."""
-    sock = socket.socket(socket.AF_INET6 if len(address) == 4 else socket.AF_INET)
+    ipv6 = len(address) == 4
+    sock = socket.socket(socket.AF_INET6 if ipv6 else socket.AF_INET)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if ipv6:  # as asyncio's create_server: the IPv4 address has a socket of its own
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind(address)
     except OSError:
         sock.close()
@@ -1143,6 +1146,8 @@ class FakeRekognition:
                 "down": dict(s.down),
                 "undelivered": dict(s.undelivered),
                 "call_number": s.call_number,
+                # False from a down window's start until the fake listens again
+                "listening": not self._down_until,
                 "down_seconds_left": round(down_left, 3),
                 "in_flight": s.in_flight,
                 "max_in_flight": s.max_in_flight,
