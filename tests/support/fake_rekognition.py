@@ -639,8 +639,9 @@ class _Stats:
     call_number: int = 0
     in_flight: int = 0
     max_in_flight: int = 0
-    #: when the counters started, and per API the replies of each whole second since then
-    #: ("ok" and "throttled"), so benchmarks can see a rate over time
+    #: when the counters started, and per API the outcomes of each whole second since then
+    #: ("ok", "throttled", "error", and the fault counters' names), so benchmarks can see a
+    #: rate over time
     since: float = field(default_factory=time.monotonic)
     timeline: dict[str, dict[str, Counter[int]]] = field(default_factory=dict)
 
