@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import errno
 import io
 import json
 import selectors
 import signal
+import socket
 import subprocess
 import sys
 import time
 import urllib.request
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -22,19 +25,28 @@ from typing import Any
 import aioboto3
 import aiohttp
 import boto3
+import botocore.parsers
 import botocore.session
 import pytest
 from aiobotocore.config import AioConfig
-from botocore.exceptions import ClientError
+from botocore.exceptions import (
+    ClientError,
+    ConnectionClosedError,
+    EndpointConnectionError,
+    ReadTimeoutError,
+)
 
 from tests.conftest import REGION, SAMPLES, make_bucket
 from tests.support.fake_rekognition import (
+    CALL_FAULTS,
     JPEG_MAGIC,
     MAX_BYTES_IMAGE,
     MAX_S3_IMAGE,
     FakeConfig,
     FakeRekognition,
+    _malformed,
     _TokenBucket,
+    config_from_args,
     image_digest,
 )
 
@@ -412,6 +424,328 @@ async def test_latency_and_fast_throttles(fake: FakeRekognition, rek: Any) -> No
     assert time.monotonic() - started < slow
 
 
+# ---------------------------------------------------------------- faults: what a client sees
+
+FAULT_IMAGE = {"Bytes": JPEG_MAGIC + b" a small image for fault tests"}
+FAULT_IDENTITY = f"sha256:{image_digest(FAULT_IMAGE['Bytes'])}"
+#: the calls that end in exactly one of these, once none is in flight (FakeRekognition.stats)
+OUTCOMES = ("ok", "throttled", "errors", "dropped", "reset", "malformed", "garbage", "abandoned")
+
+
+@contextlib.asynccontextmanager
+async def client(url: str, read_timeout: float = 5.0) -> AsyncIterator[Any]:
+    """A real aioboto3 client with one attempt per call, so every fault reaches the test."""
+    config = AioConfig(
+        retries={"total_max_attempts": 1}, read_timeout=read_timeout, connect_timeout=2
+    )
+    async with aioboto3.Session().client(
+        "rekognition", endpoint_url=url, region_name=REGION, config=config, **CREDS
+    ) as rek:
+        yield rek
+
+
+async def wait_until(check: Callable[[], bool], within: float = 5.0) -> None:
+    deadline = time.monotonic() + within
+    while not check():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.02)
+
+
+def outcome_total(stats: dict[str, Any], api: str) -> int:
+    return sum(stats[name].get(api, 0) for name in OUTCOMES)
+
+
+def raw_exchange(url: str, op: str, *, close: bool = False) -> bytes:
+    """One request on a plain socket; everything the server sent until it closed."""
+    host, port = url.removeprefix("http://").split(":")
+    body = json.dumps({"Image": {"Bytes": base64.b64encode(FAULT_IMAGE["Bytes"]).decode()}})
+    head = (
+        f"POST / HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/x-amz-json-1.1\r\n"
+        f"X-Amz-Target: RekognitionService.{op}\r\nContent-Length: {len(body)}\r\n"
+        + ("Connection: close\r\n" if close else "")
+        + "\r\n"
+    )
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall(head.encode() + body.encode())
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    return received
+
+
+@pytest.fixture
+def bare() -> Iterator[FakeRekognition]:
+    """A fake without S3: the fault tests send image bytes."""
+    with FakeRekognition(FakeConfig()) as server:
+        yield server
+
+
+def test_raw_socket_drop_and_reset_send_nothing(bare: FakeRekognition) -> None:
+    assert raw_exchange(bare.url, "DetectLabels", close=True).startswith(b"HTTP/1.1 200 ")
+    bare.configure(fail_calls={2: "drop", 3: "reset"})
+    assert raw_exchange(bare.url, "DetectLabels") == b""  # a clean close, not a byte of HTTP
+    with pytest.raises(ConnectionResetError):
+        raw_exchange(bare.url, "DetectLabels")
+    stats = bare.stats()
+    assert stats["dropped"] == {"DetectLabels": 1} and stats["reset"] == {"DetectLabels": 1}
+
+
+@pytest.mark.parametrize("op", ["detect_labels", "detect_faces"])
+@pytest.mark.parametrize("kind", ["drop", "reset", "malformed", "garbage"])
+async def test_fault_as_aiobotocore_sees_it(bare: FakeRekognition, kind: str, op: str) -> None:
+    api = {"detect_labels": "DetectLabels", "detect_faces": "DetectFaces"}[op]
+    bare.configure(fail_calls={1: kind})
+    async with client(bare.url) as rek:
+        call = getattr(rek, op)
+        if kind == "drop":
+            with pytest.raises(ConnectionClosedError) as closed:
+                await call(Image=FAULT_IMAGE)
+            assert isinstance(closed.value.kwargs["error"], aiohttp.ServerDisconnectedError)
+        elif kind == "reset":
+            with pytest.raises(EndpointConnectionError) as refused:
+                await call(Image=FAULT_IMAGE)
+            cause = refused.value.kwargs["error"]
+            assert isinstance(cause, aiohttp.ClientOSError) and cause.errno == errno.ECONNRESET
+        elif kind == "malformed":
+            with pytest.raises(AttributeError, match="'int' object has no attribute 'get'"):
+                await call(Image=FAULT_IMAGE)
+        else:  # botocore swallows a body it cannot parse: the answer lacks every member
+            answer = await call(Image=FAULT_IMAGE)
+            assert set(answer) == {"ResponseMetadata"}
+            assert answer["ResponseMetadata"]["HTTPStatusCode"] == 200
+        assert "ResponseMetadata" in await call(Image=FAULT_IMAGE)  # the next call is fine
+    counter = {"drop": "dropped"}.get(kind, kind)
+    stats = bare.stats()
+    assert stats["calls"] == {api: 2} and stats["ok"] == {api: 1}
+    assert stats[counter] == {api: 1}
+    assert outcome_total(stats, api) == 2
+    # billed: delivered valid answers only; undelivered: what AWS may have billed on top
+    assert stats["billed"] == {(api, FAULT_IDENTITY): 1}
+    assert stats["undelivered"] == {(api, FAULT_IDENTITY): 1}
+
+
+async def test_stall_times_out_the_client_and_is_abandoned(bare: FakeRekognition) -> None:
+    bare.configure(fail_calls={1: "stall"}, stall_seconds=0)  # held until the client leaves
+    async with client(bare.url, read_timeout=0.3) as rek:
+        started = time.monotonic()
+        with pytest.raises(ReadTimeoutError):
+            await rek.detect_labels(Image=FAULT_IMAGE)
+        assert time.monotonic() - started < 2
+        # the client closed its connection on the timeout; the held answer notices
+        await wait_until(lambda: bare.stats()["in_flight"] == 0)
+        await rek.detect_labels(Image=FAULT_IMAGE)
+    stats = bare.stats()
+    assert stats["stalled"] == {"DetectLabels": 1}
+    assert stats["abandoned"] == {"DetectLabels": 1}
+    assert stats["billed"] == {("DetectLabels", FAULT_IDENTITY): 1}
+    assert stats["undelivered"] == {("DetectLabels", FAULT_IDENTITY): 1}
+    assert outcome_total(stats, "DetectLabels") == stats["calls"]["DetectLabels"] == 2
+
+
+async def test_a_stall_that_ends_is_answered_and_billed(bare: FakeRekognition) -> None:
+    bare.configure(stall_rate=1.0, stall_seconds=0.3)
+    async with client(bare.url, read_timeout=5) as rek:
+        started = time.monotonic()
+        answer = await rek.detect_labels(Image=FAULT_IMAGE)
+        assert time.monotonic() - started >= 0.3
+    assert "Labels" in answer
+    stats = bare.stats()
+    assert stats["stalled"] == {"DetectLabels": 1} and stats["ok"] == {"DetectLabels": 1}
+    assert stats["abandoned"] == {} and stats["undelivered"] == {}
+    assert stats["billed"] == {("DetectLabels", FAULT_IDENTITY): 1}
+
+
+async def test_stop_is_prompt_while_a_stall_is_pending() -> None:
+    fake = FakeRekognition(FakeConfig(stall_rate=1.0, stall_seconds=0))
+    fake.start()
+    try:
+        async with client(fake.url, read_timeout=30) as rek:
+            pending = asyncio.create_task(rek.detect_labels(Image=FAULT_IMAGE))
+            await wait_until(lambda: fake.stats()["stalled"] == {"DetectLabels": 1})
+            started = time.monotonic()
+            await asyncio.to_thread(fake.stop)
+            assert time.monotonic() - started < 2
+            with pytest.raises(ConnectionClosedError):
+                await asyncio.wait_for(pending, 5)
+    finally:
+        fake.stop()
+    stats = fake.stats()
+    assert stats["abandoned"] == {"DetectLabels": 1} and stats["in_flight"] == 0
+
+
+async def test_drop_rate_is_exact_for_a_seed() -> None:
+    with FakeRekognition(FakeConfig(drop_rate=0.5, seed=7)) as fake:
+        async with client(fake.url) as rek:
+            results = await asyncio.gather(
+                *(rek.detect_labels(Image=FAULT_IMAGE) for _ in range(100)),
+                return_exceptions=True,
+            )
+        stats = fake.stats()
+    dropped = sum(isinstance(r, ConnectionClosedError) for r in results)
+    ok = sum(isinstance(r, dict) and "Labels" in r for r in results)
+    assert dropped + ok == 100
+    # drawn from (seed, call number), so the same at any concurrency; about half
+    assert dropped == 57
+    assert 35 <= dropped <= 65  # what any seed should give: within 3 sigma of 50
+    assert stats["dropped"] == {"DetectLabels": dropped}
+    assert stats["ok"] == {"DetectLabels": ok}
+    assert stats["billed"] == {("DetectLabels", FAULT_IDENTITY): ok}
+
+
+async def test_a_mix_of_faults_client_and_counters_agree() -> None:
+    config = FakeConfig(seed=3, drop_rate=0.1, reset_rate=0.1, malformed_rate=0.1, garbage_rate=0.1)
+    with FakeRekognition(config) as fake:
+        async with client(fake.url) as rek:
+            results = await asyncio.gather(
+                *(rek.detect_faces(Image=FAULT_IMAGE) for _ in range(100)),
+                return_exceptions=True,
+            )
+        stats = fake.stats()
+
+    def seen(result: object) -> str:
+        if isinstance(result, dict):
+            return "ok" if "FaceDetails" in result else "garbage"
+        return {
+            ConnectionClosedError: "dropped",
+            EndpointConnectionError: "reset",
+            AttributeError: "malformed",
+        }[type(result)]
+
+    by_client = Counter(seen(r) for r in results)
+    assert by_client == {"ok": 54, "dropped": 14, "reset": 14, "malformed": 7, "garbage": 11}
+    for outcome, n in by_client.items():
+        assert stats[outcome] == {"DetectFaces": n}, outcome
+    assert outcome_total(stats, "DetectFaces") == stats["calls"]["DetectFaces"] == 100
+    assert sum(stats["undelivered"].values()) == 100 - by_client["ok"]
+
+
+async def test_call_schedule_and_its_admin_form(bare: FakeRekognition) -> None:
+    async with aiohttp.ClientSession() as http:
+        schedule = {"2": "throttle", "3": "error", "4": "quota", "6": "malformed"}
+        async with http.post(bare.url + "/_fake/config", json={"fail_calls": schedule}) as resp:
+            assert resp.status == 200
+            assert (await resp.json())["fail_calls"] == schedule  # JSON keys are strings
+        for bad in (
+            {"fail_calls": {"2": "explode"}},
+            {"fail_calls": {"0": "drop"}},
+            {"drop_rate": 0.6, "stall_rate": 0.6},  # shares of one draw: at most 1 in all
+            {"stall_seconds": -1},
+            {"garbage_rate": 2},
+        ):
+            async with http.post(bare.url + "/_fake/config", json=bad) as resp:
+                assert resp.status == 400, bad
+    assert bare.config.fail_calls == {2: "throttle", 3: "error", 4: "quota", 6: "malformed"}
+    assert bare.config.drop_rate == bare.config.stall_rate == 0.0  # nothing half-applied
+
+    codes: list[str] = []
+    async with client(bare.url) as rek:
+        for _ in range(7):
+            try:
+                await rek.detect_labels(Image=FAULT_IMAGE)
+                codes.append("ok")
+            except ClientError as exc:
+                codes.append(code_of(exc))
+            except AttributeError:
+                codes.append("malformed")
+    assert codes == [
+        "ok",
+        "ThrottlingException",
+        "InternalServerError",
+        "ProvisionedThroughputExceededException",
+        "ok",
+        "malformed",
+        "ok",
+    ]
+    stats = bare.stats()
+    assert stats["call_number"] == 7
+    bare.reset_stats()  # call numbers start again: the schedule applies anew
+    bare.configure(fail_calls={1: "error"})
+    async with client(bare.url) as rek:
+        with pytest.raises(ClientError) as info:
+            await rek.detect_labels(Image=FAULT_IMAGE)
+    assert code_of(info.value) == "InternalServerError"
+    assert set(CALL_FAULTS) == {
+        "drop", "reset", "stall", "malformed", "garbage", "throttle", "error", "quota"
+    }  # fmt: skip
+
+
+async def test_down_window_refuses_connections_then_comes_back(bare: FakeRekognition) -> None:
+    host, port = bare.url.removeprefix("http://").split(":")
+    async with client(bare.url) as rek:
+        await rek.detect_labels(Image=FAULT_IMAGE)  # leaves a pooled connection open
+        bare.configure(down_for_seconds=0.6)
+        await asyncio.sleep(0.05)  # the client sees its pooled connection closed
+        with pytest.raises(EndpointConnectionError) as info:
+            await rek.detect_labels(Image=FAULT_IMAGE)
+        cause = info.value.kwargs["error"]
+        assert isinstance(cause, aiohttp.ClientConnectorError)
+        assert isinstance(cause.os_error, ConnectionRefusedError)
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection((host, int(port)), timeout=2).close()
+        stats = bare.stats()
+        assert not stats["listening"] and stats["down_seconds_left"] <= 0.6
+        await wait_until(lambda: bare.stats()["listening"], within=3)
+        assert bare.stats()["down_seconds_left"] == 0
+        assert "Labels" in await rek.detect_labels(Image=FAULT_IMAGE)  # same URL, same port
+    assert bare.config.down_for_seconds == 0
+
+    async with aiohttp.ClientSession() as http:
+        # asked over HTTP: the answer still gets out, then the endpoint is down
+        async with http.post(bare.url + "/_fake/config", json={"down_for_seconds": 30}) as resp:
+            assert resp.status == 200
+        with pytest.raises(aiohttp.ClientConnectorError):
+            await http.get(bare.url + "/_fake/stats")
+    bare.configure(down_for_seconds=0)  # back at once
+    async with client(bare.url) as rek:
+        await rek.detect_labels(Image=FAULT_IMAGE)
+    bare.configure(down_for_seconds=30)
+    started = time.monotonic()
+    bare.stop()  # while down
+    assert time.monotonic() - started < 2
+    stats = bare.stats()
+    assert stats["ok"] == {"DetectLabels": 3} and stats["calls"] == {"DetectLabels": 3}
+
+
+def test_malformed_and_garbage_bodies_against_botocores_parser() -> None:
+    """For every operation the fake serves, not only the two the client tests call."""
+    parser = botocore.parsers.create_parser("json")
+    for op in FakeRekognition()._handlers:
+        shape = _MODEL.operation_model(op).output_shape
+        malformed = json.dumps(_malformed(op, {})).encode()
+        with pytest.raises(AttributeError):
+            parser.parse({"body": malformed, "headers": {}, "status_code": 200}, shape)
+        whole = json.dumps({"FaceModelVersion": "7.0"})
+        half = whole[: len(whole) // 2].encode()
+        parsed = parser.parse({"body": half, "headers": {}, "status_code": 200}, shape)
+        assert set(parsed) <= {"ResponseMetadata"}, op
+
+
+def test_cli_fault_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    config, _ = config_from_args(
+        [
+            *("--drop-rate", "0.1", "--reset-rate", "0.05", "--stall-rate", "0.02"),
+            *("--stall-seconds", "0", "--malformed-rate", "0.01", "--garbage-rate", "0.03"),
+            *("--fail-call", "5=drop", "--fail-call", "9=stall", "--down-for-seconds", "2"),
+        ]
+    )
+    assert (config.drop_rate, config.reset_rate, config.stall_rate) == (0.1, 0.05, 0.02)
+    assert (config.stall_seconds, config.malformed_rate, config.garbage_rate) == (0, 0.01, 0.03)
+    assert config.fail_calls == {5: "drop", 9: "stall"}
+    assert config.down_for_seconds == 2
+    default, _ = config_from_args([])
+    assert default.stall_seconds == 30 and default.fail_calls == {} and default.drop_rate == 0
+    for bad in (
+        ["--fail-call", "5=explode"],
+        ["--fail-call", "five=drop"],
+        ["--drop-rate", "0.7", "--stall-rate", "0.7"],
+        ["--stall-seconds", "-1"],
+    ):
+        with pytest.raises(SystemExit) as info:
+            config_from_args(bad)
+        assert info.value.code == 2, bad
+    assert "error:" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------- faces: compare, collections
 
 
@@ -538,6 +872,14 @@ async def test_admin_endpoints(fake: FakeRekognition, rek: Any) -> None:
             stats = await resp.json()
         assert stats["ok"] == {"DetectFaces": 1}
         assert stats["billed"] == {f"DetectFaces sha256:{image_digest(data)}": 1}
+        assert stats["call_number"] == 1 and stats["listening"] is True
+        fake.configure(fail_calls={2: "malformed"})
+        with pytest.raises(AttributeError):
+            await rek.detect_faces(Image={"Bytes": data})
+        async with http.get(fake.url + "/_fake/stats") as resp:
+            stats = await resp.json()
+        assert stats["malformed"] == {"DetectFaces": 1}
+        assert stats["undelivered"] == {f"DetectFaces sha256:{image_digest(data)}": 1}
 
         async with http.post(
             fake.url + "/_fake/config", json={"quotas": {"DetectFaces": 0}, "latency_sigma": 0.2}
@@ -573,6 +915,7 @@ def test_cli_serves_and_stops_on_sigterm(moto_endpoint: str, tmp_path: Path) -> 
             "DetectFaces=50",
             "--people",
             str(people_file),
+            *("--stall-seconds", "7", "--fail-call", "99=drop", "--garbage-rate", "0"),
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -593,6 +936,9 @@ def test_cli_serves_and_stops_on_sigterm(moto_endpoint: str, tmp_path: Path) -> 
         assert len(answer["FaceDetails"]) == 2
         with urllib.request.urlopen(url + "/_fake/stats", timeout=5) as resp:
             assert json.load(resp)["ok"] == {"DetectFaces": 1}
+        with urllib.request.urlopen(url + "/_fake/config", data=b"{}", timeout=5) as resp:
+            config = json.load(resp)
+        assert config["stall_seconds"] == 7 and config["fail_calls"] == {"99": "drop"}
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == 0
     finally:

@@ -17,6 +17,29 @@ Answers are deterministic functions of the image's sha256 (see ``FakeConfig.peop
 same image always gets the same faces, labels and similarities. S3Object images are read from
 a (moto) S3 server at ``FakeConfig.s3_endpoint_url``.
 
+Faults beyond error answers, for testing a client's fault handling (``FakeConfig``'s ``*_rate``
+fields, or ``fail_calls`` to pick them by call number). What aiobotocore 2.25 raises for each:
+
+- ``drop``: the request is read and processed, then the connection is closed (FIN) with no
+  response: ``botocore.exceptions.ConnectionClosedError`` (its ``error`` is aiohttp's
+  ``ServerDisconnectedError``).
+- ``reset``: the same, but closed with a TCP RST: ``EndpointConnectionError`` (its ``error``
+  is ``ClientOSError(104, 'Connection reset by peer')``).
+- ``stall``: the answer is held for ``stall_seconds`` (0: until the client gives up or the
+  server stops): ``ReadTimeoutError`` once the client's read timeout passes.
+- ``malformed``: HTTP 200 whose members have the wrong type for the output shape; botocore's
+  parser raises a bare ``AttributeError`` (``'int' object has no attribute 'get'``).
+- ``garbage``: HTTP 200 with half a JSON document. botocore raises nothing: its JSON parser
+  turns an unparsable body into ``{"message": ...}``, so the caller gets a dict holding only
+  ``ResponseMetadata`` (no ``Labels``, no ``FaceDetails``).
+- ``down_for_seconds``: the endpoint stops listening (connections are refused, open ones are
+  closed): ``EndpointConnectionError`` (``ClientConnectorError``, errno 111).
+
+``billed`` counts only answers delivered as HTTP 200 with a valid result; ``undelivered``
+counts, per object too, the answers the fake computed as billable but never delivered intact
+(dropped, reset, malformed, garbage, or abandoned by the client), which real AWS may well
+have billed. ``billed + undelivered`` is the upper bound of what the service could charge.
+
 Run it standalone with ``python -m tests.support.fake_rekognition --port 9001 ...``.
 """
 
@@ -35,12 +58,14 @@ import math
 import random
 import re
 import signal
+import socket
+import struct
 import sys
 import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType, TracebackType
@@ -49,12 +74,15 @@ from typing import Any, Self, TypeVar
 from aiohttp import web
 
 __all__ = [
+    "CALL_FAULTS",
+    "FAULT_RATES",
     "JPEG_MAGIC",
     "MAX_BYTES_IMAGE",
     "MAX_S3_IMAGE",
     "PNG_MAGIC",
     "FakeConfig",
     "FakeRekognition",
+    "config_from_args",
     "image_digest",
     "main",
 ]
@@ -63,6 +91,7 @@ logger = logging.getLogger(__name__)
 
 JSON = dict[str, Any]
 _T = TypeVar("_T")
+_K = TypeVar("_K")
 
 TARGET_PREFIX = "RekognitionService."
 CONTENT_TYPE = "application/x-amz-json-1.1"
@@ -76,6 +105,18 @@ THROTTLE_CODES = frozenset({"ProvisionedThroughputExceededException", "Throttlin
 _OFFLOAD_BYTES = 512 * 1024  # parse/hash bigger payloads off the event loop
 _COLLECTION_ID_RE = re.compile(r"[a-zA-Z0-9_.\-]+")
 _EXTERNAL_IMAGE_ID_RE = re.compile(r"[a-zA-Z0-9_.\-:]+")
+#: faults that replace the answer or the connection, with their FakeConfig rate fields
+FAULT_RATES: dict[str, str] = {
+    "drop": "drop_rate",
+    "reset": "reset_rate",
+    "stall": "stall_rate",
+    "malformed": "malformed_rate",
+    "garbage": "garbage_rate",
+}
+#: what ``FakeConfig.fail_calls`` may name: the faults above, plus the error answers
+CALL_FAULTS = frozenset({*FAULT_RATES, "throttle", "error", "quota"})
+#: how often a held (stalled) answer checks whether its client or the server has gone
+_HOLD_POLL_SECONDS = 0.05
 _NO_FACE = "There are no faces in the image. Should be at least 1."
 _BAD_S3 = (
     "Unable to get object metadata from S3. Check object key, region and/or access permissions."
@@ -108,6 +149,27 @@ class FakeConfig:
     #: keep fetched S3 objects in memory (benchmarks whose objects never change), so the
     #: fake measures the client rather than the S3 stand-in behind it
     s3_cache: bool = False
+    # Faults (see the module docstring for what a client sees). Each call draws at most one
+    # of them, from (seed, call number), so a seed gives the same faults on the same calls
+    # whatever the concurrency; the rates are shares of one draw and add up to at most 1.
+    #: probability that the connection is closed (FIN) after the request, with no answer
+    drop_rate: float = 0.0
+    #: probability that the connection is reset (RST) after the request, with no answer
+    reset_rate: float = 0.0
+    #: probability that the answer is held for ``stall_seconds``
+    stall_rate: float = 0.0
+    #: how long a stalled answer is held; 0 = until the client gives up or the server stops
+    stall_seconds: float = 30.0
+    #: probability of an HTTP 200 whose members have the wrong type (botocore raises)
+    malformed_rate: float = 0.0
+    #: probability of an HTTP 200 whose body is half a JSON document
+    garbage_rate: float = 0.0
+    #: call number (1-based, counted since start or the last ``reset_stats``) -> one of
+    #: ``CALL_FAULTS``: that call gets that fault, whatever the rates draw
+    fail_calls: dict[int, str] = field(default_factory=dict)
+    #: setting it > 0 takes the endpoint down for that many seconds from then (it stops
+    #: listening and closes open connections); 0 brings it back. Reads 0 again once it is up.
+    down_for_seconds: float = 0.0
 
 
 def image_digest(data: bytes) -> str:
@@ -542,6 +604,12 @@ class _TokenBucket:
         return False
 
 
+def _bump(counter: Counter[_K], key: _K, delta: int) -> None:
+    counter[key] += delta
+    if counter[key] <= 0:  # a count taken back leaves no zero entry behind
+        del counter[key]
+
+
 def _per_second(counts: Counter[int]) -> list[int]:
     return [counts.get(i, 0) for i in range(max(counts, default=-1) + 1)]
 
@@ -554,10 +622,26 @@ class _Stats:
     errors: Counter[str] = field(default_factory=Counter)
     error_codes: dict[str, Counter[str]] = field(default_factory=dict)
     billed: Counter[tuple[str, str]] = field(default_factory=Counter)
+    #: injected faults per API; "stalled" counts holds begun, whatever became of them
+    dropped: Counter[str] = field(default_factory=Counter)
+    reset: Counter[str] = field(default_factory=Counter)
+    stalled: Counter[str] = field(default_factory=Counter)
+    malformed: Counter[str] = field(default_factory=Counter)
+    garbage: Counter[str] = field(default_factory=Counter)
+    #: answers that never left: the client had gone (a stall it gave up on, a slow call it
+    #: timed out) or the server stopped first
+    abandoned: Counter[str] = field(default_factory=Counter)
+    #: requests that reached an open connection while the endpoint was down (closed unanswered)
+    down: Counter[str] = field(default_factory=Counter)
+    #: billable answers (API, object) computed but not delivered intact (see module docstring)
+    undelivered: Counter[tuple[str, str]] = field(default_factory=Counter)
+    #: API calls received; the number of the latest one, as ``FakeConfig.fail_calls`` counts
+    call_number: int = 0
     in_flight: int = 0
     max_in_flight: int = 0
-    #: when the counters started, and per API the replies of each whole second since then
-    #: ("ok" and "throttled"), so benchmarks can see a rate over time
+    #: when the counters started, and per API the outcomes of each whole second since then
+    #: ("ok", "throttled", "error", and the fault counters' names), so benchmarks can see a
+    #: rate over time
     since: float = field(default_factory=time.monotonic)
     timeline: dict[str, dict[str, Counter[int]]] = field(default_factory=dict)
 
@@ -626,6 +710,156 @@ def _parse_body(raw: bytes) -> JSON:
     return body
 
 
+# --------------------------------------------------------------------------- faults
+
+#: per operation, a member of its output whose wrong type makes botocore's parser raise
+#: (a list of structures given integers: ``AttributeError: 'int' object has no attribute
+#: 'get'``); operations without such a member get a JSON array as the whole body, which
+#: fails the same way on the output structure itself
+_MALFORMED_MEMBER = {
+    "DetectFaces": "FaceDetails",
+    "DetectLabels": "Labels",
+    "CompareFaces": "FaceMatches",
+    "DetectText": "TextDetections",
+    "DetectModerationLabels": "ModerationLabels",
+    "RecognizeCelebrities": "CelebrityFaces",
+    "DetectProtectiveEquipment": "Persons",
+    "IndexFaces": "FaceRecords",
+    "ListFaces": "Faces",
+    "SearchFaces": "FaceMatches",
+    "SearchFacesByImage": "FaceMatches",
+}
+
+
+def _malformed(op: str, answer: JSON) -> Any:
+    """The answer with one member of the wrong type; the rest stays as the service sent it."""
+    member = _MALFORMED_MEMBER.get(op)
+    if member is None:
+        return [1, 2]
+    return {**answer, member: [1, 2]}
+
+
+def _client_gone(request: web.BaseRequest) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
+def _cut(request: web.BaseRequest, *, reset: bool) -> web.Response:
+    """Close the connection without an answer: FIN, or RST with ``reset``.
+
+    The returned response is never sent: aiohttp finds the transport gone when it writes
+    and drops the connection quietly ("premature client disconnection").
+    """
+    transport = request.transport
+    if transport is not None:
+        if reset:
+            sock = transport.get_extra_info("socket")
+            if sock is not None:  # linger 0: close() sends RST instead of FIN
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        transport.abort()
+    request.protocol.force_close()  # also forgets the transport, so nothing is written
+    return web.Response(status=204)
+
+
+async def _deliver(
+    request: web.BaseRequest, status: int, data: bytes, request_id: str
+) -> tuple[web.StreamResponse, bool]:
+    """Write the answer here rather than leave it to aiohttp, to learn whether it got out."""
+    response = web.Response(
+        status=status,
+        body=data,
+        content_type=CONTENT_TYPE,
+        headers={"x-amzn-RequestId": request_id},
+    )
+    if _client_gone(request):
+        return response, False
+    try:
+        await response.prepare(request)
+        await response.write_eof()
+    except ConnectionError:
+        return response, False
+    return response, True
+
+
+def _hold_port(address: Any) -> socket.socket:
+    """A socket bound to ``address`` that does not listen: the port stays ours, connections
+    to it are refused. SO_REUSEADDR lets it bind beside the accepted connections."""
+    ipv6 = len(address) == 4
+    sock = socket.socket(socket.AF_INET6 if ipv6 else socket.AF_INET)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if ipv6:  # as asyncio's create_server: the IPv4 address has a socket of its own
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(address)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _listening_socket(address: Any) -> socket.socket:
+    """A listening socket on ``address``; Linux lets it bind beside a placeholder that
+    does not listen (both with SO_REUSEADDR)."""
+    sock = _hold_port(address)
+    try:
+        sock.listen(1024)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _fail_calls(value: Any) -> dict[int, str]:
+    """``fail_calls`` from Python or JSON (string keys): call number -> fault kind."""
+    if not isinstance(value, Mapping):
+        raise ValueError("fail_calls must map call numbers to fault kinds")
+    out: dict[int, str] = {}
+    for key, kind in value.items():
+        try:
+            number = int(key)
+        except (TypeError, ValueError):
+            raise ValueError(f"fail_calls: {key!r} is not a call number") from None
+        if number < 1:
+            raise ValueError(f"fail_calls: call numbers start at 1, got {number}")
+        if kind not in CALL_FAULTS:
+            kinds = ", ".join(sorted(CALL_FAULTS))
+            raise ValueError(f"fail_calls: unknown fault {kind!r} (one of {kinds})")
+        out[number] = str(kind)
+    return out
+
+
+def _check_faults(config: FakeConfig) -> None:
+    rates = {name: float(getattr(config, name)) for name in FAULT_RATES.values()}
+    for name, rate in rates.items():
+        if not 0.0 <= rate <= 1.0:
+            raise ValueError(f"{name} must be between 0 and 1, got {rate}")
+    if sum(rates.values()) > 1.0 + 1e-9:
+        raise ValueError(f"the fault rates add up to more than 1: {rates}")
+    for name in ("stall_seconds", "down_for_seconds"):
+        if float(getattr(config, name)) < 0:
+            raise ValueError(f"{name} must not be negative")
+
+
+def _coerce_field(name: str, value: Any) -> Any:
+    """A FakeConfig field's value from Python or JSON, in the field's own type."""
+    if name == "quotas":
+        return {str(k): float(v) for k, v in dict(value).items() if v is not None}
+    if name == "people":
+        return {str(k).lower(): [str(p) for p in v] for k, v in dict(value).items()}
+    if name == "fail_calls":
+        return _fail_calls(value)
+    if name == "s3_endpoint_url":
+        return None if value is None else str(value)
+    if name == "region":
+        return str(value)
+    if name == "seed":
+        return int(value)
+    if name == "s3_cache":
+        return bool(value)
+    return float(value)
+
+
 _Handler = Callable[[JSON], Awaitable[tuple[JSON, str | None]]]
 
 
@@ -644,7 +878,9 @@ class FakeRekognition:
             config,
             quotas={str(k): float(v) for k, v in config.quotas.items()},
             people={str(k).lower(): [str(p) for p in v] for k, v in config.people.items()},
+            fail_calls=_fail_calls(config.fail_calls),
         )
+        _check_faults(self._config)
         self._host = host
         self._port = port
         self._lock = threading.RLock()
@@ -660,6 +896,14 @@ class FakeRekognition:
         self._url: str | None = None
         self._s3: Any = None
         self._s3_cache: dict[tuple[str, str, str | None], bytes] = {}
+        # the listening side, kept so that a down window can stop and resume it (loop thread)
+        self._runner: web.AppRunner | None = None
+        self._sites: list[web.BaseSite] = []
+        self._bound: list[Any] = []  # socket addresses the site listens on
+        self._placeholders: list[socket.socket] = []  # hold the port while down
+        self._down_until = 0.0  # time.monotonic() deadline; 0 = up
+        self._up_timer: asyncio.TimerHandle | None = None
+        self._background: set[asyncio.Task[None]] = set()
         self._handlers: dict[str, _Handler] = {
             "DetectFaces": self._detect_faces,
             "DetectLabels": self._detect_labels,
@@ -696,6 +940,7 @@ class FakeRekognition:
                 self._config,
                 quotas=dict(self._config.quotas),
                 people={k: list(v) for k, v in self._config.people.items()},
+                fail_calls=dict(self._config.fail_calls),
             )
 
     def start(self) -> str:
@@ -785,10 +1030,18 @@ class FakeRekognition:
             runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1)
             await runner.setup()
             stack.push_async_callback(runner.cleanup)
+            stack.callback(self._release_listening)
+            self._runner = runner
             site = web.TCPSite(runner, self._host, self._port, backlog=1024)
             await site.start()
-            port = runner.addresses[0][1]
+            self._sites = [site]
+            self._bound = list(runner.addresses)
+            port = self._bound[0][1]
             self._url = f"http://{self._host}:{port}"
+            with self._lock:
+                down_for = self._config.down_for_seconds
+            if down_for > 0:
+                await self._set_down(down_for)
             ready.set()
             await self._stop_event.wait()
 
@@ -804,39 +1057,53 @@ class FakeRekognition:
             self._sync_buckets()
 
     def configure(self, **fields: Any) -> None:
-        """Change FakeConfig fields at runtime (``quotas`` and ``people`` replace the whole map).
+        """Change FakeConfig fields at runtime (``quotas``, ``people`` and ``fail_calls``
+        replace the whole map). Nothing changes if any value is invalid (``ValueError``).
 
-        ``s3_endpoint_url`` can only change while the server is stopped.
+        ``s3_endpoint_url`` can only change while the server is stopped. ``down_for_seconds``
+        takes the endpoint down (or back up) before this returns.
         """
+        down_for = self._apply(fields)
+        if down_for is not None:
+            self._run_on_loop(self._set_down(down_for))
+
+    def _apply(self, fields: Mapping[str, Any]) -> float | None:
+        """Validate and apply ``fields``; the down window to set now, if one was given."""
         names = {f.name for f in dataclasses.fields(FakeConfig)}
         unknown = set(fields) - names
         if unknown:
             raise ValueError(f"unknown FakeConfig field(s): {', '.join(sorted(unknown))}")
+        coerced = {name: _coerce_field(name, value) for name, value in fields.items()}
         with self._lock:
             if (
-                "s3_endpoint_url" in fields
+                "s3_endpoint_url" in coerced
                 and self._thread is not None
-                and fields["s3_endpoint_url"] != self._config.s3_endpoint_url
+                and coerced["s3_endpoint_url"] != self._config.s3_endpoint_url
             ):
                 raise ValueError("s3_endpoint_url cannot change while the server runs")
-            for name, value in fields.items():
-                if name == "quotas":
-                    value = {str(k): float(v) for k, v in dict(value).items() if v is not None}
-                elif name == "people":
-                    value = {str(k).lower(): [str(p) for p in v] for k, v in dict(value).items()}
-                elif name in ("s3_endpoint_url",):
-                    value = None if value is None else str(value)
-                elif name == "region":
-                    value = str(value)
-                elif name == "seed":
-                    value = int(value)
-                else:
-                    value = float(value)
+            _check_faults(dataclasses.replace(self._config, **coerced))
+            for name, value in coerced.items():
                 setattr(self._config, name, value)
-            if "seed" in fields:
+            if "seed" in coerced:
                 self._rng.seed(self._config.seed)
-            if "quotas" in fields or "burst_seconds" in fields:
+            if "quotas" in coerced or "burst_seconds" in coerced:
                 self._sync_buckets()
+            running = self._thread is not None
+        # before start, the server opens the window itself when it starts listening
+        return coerced["down_for_seconds"] if running and "down_for_seconds" in coerced else None
+
+    def _run_on_loop(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run ``coro`` on the server's loop; from another thread, wait for it (bounded)."""
+        loop = self._loop
+        if loop is None or self._thread is None or loop.is_closed():
+            coro.close()
+            return
+        if threading.current_thread() is self._thread:
+            task = loop.create_task(coro)
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+            return
+        asyncio.run_coroutine_threadsafe(coro, loop).result(timeout=10)
 
     def _sync_buckets(self) -> None:
         now = time.monotonic()
@@ -852,9 +1119,18 @@ class FakeRekognition:
                 bucket.reconfigure(tps, burst, now)
 
     def stats(self) -> dict[str, Any]:
-        """Counters since start/reset; ``calls == ok + throttled + errors`` per API."""
+        """Counters since start/reset, per API unless said otherwise.
+
+        Every call that is no longer in flight ended in exactly one of ``ok``, ``throttled``,
+        ``errors`` (answers as asked), ``dropped``, ``reset``, ``malformed``, ``garbage``
+        (injected faults), ``abandoned`` (never answered: client gone or server stopping) and
+        ``down`` (closed while the endpoint was down). ``stalled`` counts holds begun: a held
+        call also ends in one of the others (``ok`` etc. if its client was still there).
+        ``billed`` and ``undelivered`` are per (API, object).
+        """
         with self._lock:
             s = self._stats
+            down_left = max(self._down_until - time.monotonic(), 0.0) if self._down_until else 0.0
             return {
                 "calls": dict(s.calls),
                 "ok": dict(s.ok),
@@ -862,6 +1138,18 @@ class FakeRekognition:
                 "errors": dict(s.errors),
                 "error_codes": {api: dict(c) for api, c in s.error_codes.items()},
                 "billed": dict(s.billed),
+                "dropped": dict(s.dropped),
+                "reset": dict(s.reset),
+                "stalled": dict(s.stalled),
+                "malformed": dict(s.malformed),
+                "garbage": dict(s.garbage),
+                "abandoned": dict(s.abandoned),
+                "down": dict(s.down),
+                "undelivered": dict(s.undelivered),
+                "call_number": s.call_number,
+                # False from a down window's start until the fake listens again
+                "listening": not self._down_until,
+                "down_seconds_left": round(down_left, 3),
                 "in_flight": s.in_flight,
                 "max_in_flight": s.max_in_flight,
                 "timeline": {
@@ -871,6 +1159,7 @@ class FakeRekognition:
             }
 
     def reset_stats(self) -> None:
+        """Zero the counters; call numbers (``fail_calls``) count from 1 again."""
         with self._lock:
             in_flight = self._stats.in_flight
             self._stats = _Stats(in_flight=in_flight, max_in_flight=in_flight)
@@ -879,7 +1168,8 @@ class FakeRekognition:
 
     def _stats_json(self) -> JSON:
         stats = self.stats()
-        stats["billed"] = {f"{api} {ident}": n for (api, ident), n in stats["billed"].items()}
+        for name in ("billed", "undelivered"):
+            stats[name] = {f"{api} {ident}": n for (api, ident), n in stats[name].items()}
         return stats
 
     async def _handle_stats(self, request: web.Request) -> web.Response:
@@ -890,39 +1180,155 @@ class FakeRekognition:
             body = json.loads(await request.read() or b"{}")
             if not isinstance(body, dict):
                 raise ValueError("body must be a JSON object")
-            self.configure(**body)
+            down_for = self._apply(body)
         except (ValueError, TypeError) as exc:
             return web.json_response({"error": str(exc)}, status=400)
-        return web.json_response(dataclasses.asdict(self.config))
+        response = web.json_response(dataclasses.asdict(self.config))
+        if down_for is not None:
+            # this connection is spared so the answer gets out, then closed with it
+            await self._set_down(down_for, spare=request.protocol)
+            if down_for > 0:
+                response.force_close()
+        return response
 
     async def _handle_reset(self, request: web.Request) -> web.Response:
         self.reset_stats()
         return web.json_response({"ok": True})
 
+    # ------------------------------------------------------------------ down windows
+
+    async def _set_down(self, seconds: float, spare: object = None) -> None:
+        """Stop listening for ``seconds`` (then resume), or with 0 resume now. Loop thread.
+
+        While down, the port is held by a bound socket that does not listen, so connections
+        are refused (ECONNREFUSED) and nobody else can take the port; open connections are
+        closed, except ``spare`` (the admin request that asked for this).
+        """
+        if self._up_timer is not None:
+            self._up_timer.cancel()
+            self._up_timer = None
+        if seconds <= 0:
+            await self._listen_again()
+            return
+        with self._lock:
+            self._down_until = time.monotonic() + seconds
+        if self._sites:
+            # no await between closing the listener and binding the placeholder: the port
+            # is free only for that instant
+            for site in self._sites:
+                await site.stop()  # BaseSite.stop closes the listening socket synchronously
+            self._sites = []
+            self._placeholders = [_hold_port(address) for address in self._bound]
+        runner = self._runner
+        server = runner.server if runner is not None else None
+        for conn in server.connections if server is not None else []:
+            if conn is not spare:
+                conn.force_close()
+        self._up_timer = asyncio.get_running_loop().call_later(seconds, self._come_back)
+
+    def _come_back(self) -> None:
+        self._up_timer = None
+        task = asyncio.get_running_loop().create_task(self._listen_again())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _listen_again(self) -> None:
+        """Listen again on the same addresses, bound beside the placeholders before they go."""
+        try:
+            if not self._sites and self._runner is not None:
+                socks = [_listening_socket(address) for address in self._bound]
+                for placeholder in self._placeholders:
+                    placeholder.close()
+                self._placeholders = []
+                for sock in socks:
+                    site = web.SockSite(self._runner, sock, backlog=1024)
+                    await site.start()
+                    self._sites.append(site)
+        except OSError as exc:  # the port was ours all along, so this is a bug: report it
+            logger.exception("fake rekognition could not listen again")
+            self._failures.append(exc)
+        finally:
+            with self._lock:
+                self._down_until = 0.0
+                self._config.down_for_seconds = 0.0
+
+    def _release_listening(self) -> None:
+        if self._up_timer is not None:
+            self._up_timer.cancel()
+            self._up_timer = None
+        for placeholder in self._placeholders:
+            placeholder.close()
+        self._placeholders = []
+        self._sites = []
+        self._runner = None
+        with self._lock:
+            self._down_until = 0.0
+
+    def _is_down(self) -> bool:
+        with self._lock:
+            return self._down_until > 0.0
+
     # ------------------------------------------------------------------ the API
 
-    def _begin(self, api: str) -> str:
+    def _begin(self, api: str) -> tuple[str, str | None]:
+        """Count a new call; its request id and the fault it gets (None for none)."""
         with self._lock:
             self._request_counter += 1
             s = self._stats
             s.calls[api] += 1
             s.in_flight += 1
             s.max_in_flight = max(s.max_in_flight, s.in_flight)
-            return _uuid_from("request", self._config.seed, self._request_counter)
+            s.call_number += 1
+            request_id = _uuid_from("request", self._config.seed, self._request_counter)
+            return request_id, self._fault_for(s.call_number)
 
-    def _finish(self, api: str, code: str | None, billed: str | None) -> None:
+    def _fault_for(self, number: int) -> str | None:
+        """The schedule's fault for this call number, else one drawn from (seed, number)."""
+        cfg = self._config
+        scheduled = cfg.fail_calls.get(number)
+        if scheduled is not None:
+            return scheduled
+        rates = [(kind, float(getattr(cfg, name))) for kind, name in FAULT_RATES.items()]
+        if not any(rate > 0 for _, rate in rates):
+            return None
+        # not self._rng: that one is shared with latency and throttle draws, whose order
+        # depends on the interleaving of concurrent calls
+        draw = _unit(cfg.seed, "fault", number)
+        for kind, rate in rates:
+            if draw < rate:
+                return kind
+            draw -= rate
+        return None
+
+    def _finish(self, api: str, code: str | None, billed: str | None, delta: int = 1) -> None:
+        """Count an answer; ``delta=-1`` takes it back (it could not be delivered)."""
         with self._lock:
             s = self._stats
             second = int(time.monotonic() - s.since)
             outcome = "ok" if code is None else "throttled" if code in THROTTLE_CODES else "error"
-            s.timeline.setdefault(api, {}).setdefault(outcome, Counter())[second] += 1
+            _bump(s.timeline.setdefault(api, {}).setdefault(outcome, Counter()), second, delta)
             if code is None:
-                s.ok[api] += 1
+                _bump(s.ok, api, delta)
                 if billed is not None:
-                    s.billed[(api, billed)] += 1
+                    _bump(s.billed, (api, billed), delta)
             else:
-                (s.throttled if code in THROTTLE_CODES else s.errors)[api] += 1
-                s.error_codes.setdefault(api, Counter())[code] += 1
+                _bump(s.throttled if code in THROTTLE_CODES else s.errors, api, delta)
+                _bump(s.error_codes.setdefault(api, Counter()), code, delta)
+
+    def _finish_unanswered(self, api: str, outcome: str, billable: str | None) -> None:
+        """A call that ended without a valid answer: ``outcome`` names its counter."""
+        with self._lock:
+            s = self._stats
+            second = int(time.monotonic() - s.since)
+            s.timeline.setdefault(api, {}).setdefault(outcome, Counter())[second] += 1
+            counter: Counter[str] = getattr(s, outcome)
+            counter[api] += 1
+            if billable is not None:
+                s.undelivered[(api, billable)] += 1
+
+    def _count_stall(self, api: str) -> None:
+        with self._lock:
+            self._stats.stalled[api] += 1
 
     def _end(self) -> None:
         with self._lock:
@@ -953,38 +1359,93 @@ class FakeRekognition:
             return await asyncio.to_thread(fn, *args)
         return fn(*args)
 
-    @staticmethod
-    def _response(status: int, body: JSON, request_id: str) -> web.Response:
-        return web.Response(
-            status=status,
-            body=json.dumps(body).encode(),
-            content_type=CONTENT_TYPE,
-            headers={"x-amzn-RequestId": request_id},
-        )
-
-    async def _handle_api(self, request: web.Request) -> web.Response:
+    async def _handle_api(self, request: web.Request) -> web.StreamResponse:
         target = request.headers.get("X-Amz-Target", "")
         op = target[len(TARGET_PREFIX) :] if target.startswith(TARGET_PREFIX) else ""
         api = op or "<unknown>"
-        request_id = self._begin(api)
+        request_id, fault = self._begin(api)
+        ended = False  # True once the call is in exactly one outcome counter
         try:
-            try:
-                body, billed = await self._dispatch(api, op, request)
-            except _ApiError as err:
-                error = err
-            except Exception as exc:  # a bug in the fake; still answer on the wire
-                logger.exception("fake rekognition failed on %s", api)
-                error = _ApiError("InternalServerError", f"fake failure: {exc!r}", 500)
+            if self._is_down():  # a request that slipped in on a connection still open
+                with contextlib.suppress(web.HTTPException):
+                    await request.read()
+                self._finish_unanswered(api, "down", None)
+                ended = True
+                return _cut(request, reset=False)
+            status, answer, code, billed = await self._answer(api, op, request, fault)
+            billable = billed if status == 200 else None
+            if fault in ("drop", "reset"):
+                self._finish_unanswered(api, "dropped" if fault == "drop" else "reset", billable)
+                ended = True
+                return _cut(request, reset=fault == "reset")
+            if fault == "malformed":
+                self._finish_unanswered(api, "malformed", billable)
+                ended = True
+                status, data = 200, json.dumps(_malformed(op, answer if status == 200 else {}))
+            elif fault == "garbage":
+                self._finish_unanswered(api, "garbage", billable)
+                ended = True
+                whole = json.dumps(answer)
+                status, data = 200, whole[: len(whole) // 2]  # a JSON object's prefix never parses
             else:
-                self._finish(api, None, billed)
-                return self._response(200, body, request_id)
-            self._finish(api, error.code, None)
-            payload = {"__type": error.code, "Message": error.message}
-            return self._response(error.status, payload, request_id)
+                if fault == "stall":
+                    self._count_stall(api)
+                    if not await self._hold(request):
+                        self._finish_unanswered(api, "abandoned", billable)
+                        ended = True
+                        return _cut(request, reset=False)
+                data = json.dumps(answer)
+            # counted before it is written, so that a client that has its answer finds it in
+            # the stats; taken back if it cannot be written
+            counted = not ended
+            if counted:
+                self._finish(api, code, billed)
+                ended = True
+            response, delivered = await _deliver(request, status, data.encode(), request_id)
+            if counted and not delivered:
+                self._finish(api, code, billed, delta=-1)
+                self._finish_unanswered(api, "abandoned", billable)
+            return response
         finally:
+            if not ended:  # cancelled (server stopping) or the client left mid-request
+                self._finish_unanswered(api, "abandoned", None)
             self._end()
 
-    async def _dispatch(self, api: str, op: str, request: web.Request) -> tuple[JSON, str | None]:
+    async def _answer(
+        self, api: str, op: str, request: web.Request, fault: str | None
+    ) -> tuple[int, JSON, str | None, str | None]:
+        """What the service answers: status, body, error code, billing identity."""
+        try:
+            body, billed = await self._dispatch(api, op, request, fault)
+        except _ApiError as err:
+            return err.status, {"__type": err.code, "Message": err.message}, err.code, None
+        except ConnectionError:
+            raise  # the client went away while its request was read: nobody to answer
+        except Exception as exc:  # a bug in the fake; still answer on the wire
+            logger.exception("fake rekognition failed on %s", api)
+            code = "InternalServerError"
+            return 500, {"__type": code, "Message": f"fake failure: {exc!r}"}, code, None
+        return 200, body, None, billed
+
+    async def _hold(self, request: web.Request) -> bool:
+        """Hold a stalled answer; True if its client is still there when the time is up."""
+        with self._lock:
+            seconds = self._config.stall_seconds
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds if seconds > 0 else math.inf
+        stop = self._stop_event
+        while True:
+            # polled, not awaited: aiohttp has no "client disconnected" event to wait on
+            if (stop is not None and stop.is_set()) or _client_gone(request):
+                return False
+            left = deadline - loop.time()
+            if left <= 0:
+                return True
+            await asyncio.sleep(min(left, _HOLD_POLL_SECONDS))
+
+    async def _dispatch(
+        self, api: str, op: str, request: web.Request, fault: str | None = None
+    ) -> tuple[JSON, str | None]:
         try:
             raw = await request.read()
         except web.HTTPRequestEntityTooLarge as exc:
@@ -994,10 +1455,10 @@ class FakeRekognition:
             raise _ApiError(
                 "UnknownOperationException", f"Unknown or unsupported operation: {_target_of(op)}"
             )
-        if not self._take_token(api):
+        if fault == "quota" or not self._take_token(api):
             await asyncio.sleep(self._config.throttle_latency_ms / 1000.0)
             raise _ApiError("ProvisionedThroughputExceededException", "Provisioned rate exceeded.")
-        if self._roll(self._config.throttle_rate):
+        if fault == "throttle" or self._roll(self._config.throttle_rate):
             await asyncio.sleep(self._config.throttle_latency_ms / 1000.0)
             raise _ApiError(
                 "ThrottlingException", "Slow down; sudden increase in rate of requests.", 500
@@ -1005,7 +1466,7 @@ class FakeRekognition:
         latency = self._draw_latency()
         if latency > 0:
             await asyncio.sleep(latency)
-        if self._roll(self._config.error_rate):
+        if fault == "error" or self._roll(self._config.error_rate):
             raise _ApiError("InternalServerError", "Internal server error", 500)
         body = await self._offload(len(raw), _parse_body, raw)
         return await handler(body)
@@ -1421,6 +1882,17 @@ def _parse_quota(text: str) -> tuple[str, float]:
         raise argparse.ArgumentTypeError(f"expected API=TPS, got {text!r}") from None
 
 
+def _parse_fail_call(text: str) -> tuple[int, str]:
+    number, sep, kind = text.partition("=")
+    try:
+        if not sep:
+            raise ValueError
+        ((n, k),) = _fail_calls({number: kind}).items()
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N=KIND, got {text!r}") from None
+    return n, k
+
+
 def _build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m tests.support.fake_rekognition",
@@ -1437,20 +1909,41 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--throttle-latency-ms", type=float, default=2.0)
     p.add_argument("--error-rate", type=float, default=0.0)
     p.add_argument("--throttle-rate", type=float, default=0.0)
+    faults = p.add_argument_group("faults", "shares of calls; together at most 1")
+    faults.add_argument("--drop-rate", type=float, default=0.0, help="close (FIN), no answer")
+    faults.add_argument("--reset-rate", type=float, default=0.0, help="reset (RST), no answer")
+    faults.add_argument("--stall-rate", type=float, default=0.0, help="hold the answer")
+    faults.add_argument(
+        "--stall-seconds", type=float, default=30.0, help="how long; 0 = until the client leaves"
+    )
+    faults.add_argument("--malformed-rate", type=float, default=0.0, help="200, wrong types")
+    faults.add_argument("--garbage-rate", type=float, default=0.0, help="200, half a JSON body")
+    faults.add_argument(
+        "--fail-call",
+        action="append",
+        type=_parse_fail_call,
+        default=[],
+        metavar="N=KIND",
+        help=f"call number N gets KIND ({', '.join(sorted(CALL_FAULTS))}); repeatable",
+    )
+    faults.add_argument(
+        "--down-for-seconds", type=float, default=0.0, help="refuse connections from the start"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--s3-cache", action="store_true", help="cache S3 objects (benchmarks)")
     p.add_argument("--people", type=Path, default=None, help="JSON: sha256 -> [identities]")
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _build_parser().parse_args(argv)
+def config_from_args(argv: Sequence[str] | None = None) -> tuple[FakeConfig, argparse.Namespace]:
+    """The FakeConfig that ``main`` would serve with (argparse exits 2 on a bad flag)."""
+    parser = _build_parser()
+    args = parser.parse_args(argv)
     people: dict[str, list[str]] = {}
     if args.people is not None:
         loaded = json.loads(args.people.read_text())
         if not isinstance(loaded, dict):
-            print("--people must hold a JSON object", file=sys.stderr)
-            return 2
+            parser.error("--people must hold a JSON object")
         people = {str(k): [str(x) for x in v] for k, v in loaded.items()}
     config = FakeConfig(
         s3_endpoint_url=args.s3_endpoint_url,
@@ -1465,7 +1958,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         seed=args.seed,
         s3_cache=args.s3_cache,
         people=people,
+        drop_rate=args.drop_rate,
+        reset_rate=args.reset_rate,
+        stall_rate=args.stall_rate,
+        stall_seconds=args.stall_seconds,
+        malformed_rate=args.malformed_rate,
+        garbage_rate=args.garbage_rate,
+        fail_calls=dict(args.fail_call),
+        down_for_seconds=args.down_for_seconds,
     )
+    try:
+        _check_faults(config)
+    except ValueError as exc:
+        parser.error(str(exc))
+    return config, args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    config, args = config_from_args(argv)
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
