@@ -29,13 +29,19 @@ BOUND = 30.0
 
 
 def make_config(
-    tmp_path: Path, uris: list[str], ops: str = TWO_OPS, extra: str = "", name: str = "job"
+    tmp_path: Path,
+    uris: list[str],
+    ops: str = TWO_OPS,
+    extra: str = "",
+    name: str = "job",
+    concurrency: int = 8,
 ) -> Config:
     uri_list = ", ".join(json.dumps(u) for u in uris)
     path = tmp_path / f"{name}.toml"
     path.write_text(
         f'[job]\nname = "{name}"\noutput_dir = "{tmp_path / "out"}"\n\n'
-        f"[source]\nuris = [{uri_list}]\n\n[limits]\nconcurrency = 8\nmax_tps = 10000\n{extra}\n{ops}",
+        f"[source]\nuris = [{uri_list}]\n\n"
+        f"[limits]\nconcurrency = {concurrency}\nmax_tps = 10000\n{extra}\n{ops}",
         encoding="utf-8",
     )
     return load_config(path, environ={})
@@ -50,7 +56,9 @@ async def run(cfg: Config, backend: FakeBackend, **options: Any) -> RunOutcome:
 
 def pairs(out: Path) -> Counter[tuple[str, str, str]]:
     """(source, key, operation) of every row, counted, after checking JSONL and CSV agree."""
-    rows = Counter((r["source"], r["key"], r["operation"]) for r in read_jsonl(out / "results.jsonl"))
+    rows = Counter(
+        (r["source"], r["key"], r["operation"]) for r in read_jsonl(out / "results.jsonl")
+    )
     csv = Counter((r["source"], r["key"], r["operation"]) for r in read_csv(out / "results.csv"))
     assert rows == csv
     return rows
@@ -67,7 +75,9 @@ def assert_exactly_once(out: Path, expected: set[tuple[str, str, str]]) -> None:
         db.close()
 
 
-def expected_pairs(source: Path, keys: list[str], ops: tuple[str, ...] = ("detect_faces", "detect_labels")) -> set[tuple[str, str, str]]:
+def expected_pairs(
+    source: Path, keys: list[str], ops: tuple[str, ...] = ("detect_faces", "detect_labels")
+) -> set[tuple[str, str, str]]:
     return {(str(source), k, op) for k in keys for op in ops}
 
 
@@ -81,7 +91,10 @@ async def test_a_backend_raising_an_unexpected_exception_ends_the_run_and_it_res
     outcome = await run(cfg, broken)
     assert outcome.exit_code == 1
     assert outcome.failure is not None
-    assert outcome.failure.startswith("worker-") and "RuntimeError: the backend broke" in outcome.failure
+    assert (
+        outcome.failure.startswith("worker-")
+        and "RuntimeError: the backend broke" in outcome.failure
+    )
     done_before = sum(pairs(tmp_path / "out").values())
     assert 0 < done_before < 120
 
@@ -135,12 +148,13 @@ async def test_a_failing_heartbeat_ends_the_run(
     def broken(self: LedgerDB, run_id: str, stats: dict[str, Any]) -> None:
         raise RuntimeError("heartbeat lost its disk")
 
-    monkeypatch.setattr(LedgerDB, "heartbeat", broken)
     monkeypatch.setattr("rekbatch.engine.run.HEARTBEAT_SECONDS", 0.01)
+    real = LedgerDB.heartbeat
+    monkeypatch.setattr(LedgerDB, "heartbeat", broken)
     outcome = await run(cfg, FakeBackend(latency=0.05))
     assert outcome.exit_code == 1
     assert outcome.failure is not None and outcome.failure.startswith("heartbeat failed")
-    monkeypatch.undo()
+    monkeypatch.setattr(LedgerDB, "heartbeat", real)
     assert (await run(cfg, FakeBackend())).exit_code == 0
     assert_exactly_once(tmp_path / "out", expected_pairs(photos, keys))
 
@@ -154,7 +168,9 @@ async def test_a_malformed_answer_is_retried_then_recorded_as_failed(tmp_path: P
 
     def malformed(number: int, api: str, ident: str) -> BaseException | None:
         if ident == bad_ident and api == "DetectLabels":
-            return BackendError("InvalidResponse", "AttributeError: 'str' has no 'get'", "transient")
+            return BackendError(
+                "InvalidResponse", "AttributeError: 'str' has no 'get'", "transient"
+            )
         return None
 
     backend = FakeBackend(hook=malformed)
@@ -211,3 +227,251 @@ def test_the_cost_cap_counts_every_call_of_an_image() -> None:
     while budget.reserve() is None:
         taken += 1
     assert taken == 10
+
+
+def _ident(path: Path) -> str:
+    import hashlib
+
+    return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+async def test_a_failing_upload_ends_the_run_and_it_resumes(
+    tmp_path: Path, s3: Any, monkeypatch: pytest.MonkeyPatch, moto_endpoint: str
+) -> None:
+    from tests.conftest import make_bucket
+
+    make_bucket(s3, "uploads-fail")
+    photos = tmp_path / "photos"
+    keys = local_images(photos, 60)
+    extra = f'\n[aws]\ns3_endpoint_url = "{moto_endpoint}"\n\n[output]\nupload_uri = "s3://uploads-fail/job/"\n'
+    cfg = make_config(tmp_path, [str(photos)], extra="", ops=extra + TWO_OPS)
+
+    async def broken(*args: Any, **kwargs: Any) -> list[str]:
+        raise ConnectionError("S3 went away")
+
+    import rekbatch.sinks.upload
+
+    real = rekbatch.sinks.upload.upload_results
+    monkeypatch.setattr(rekbatch.sinks.upload, "upload_results", broken)
+    monkeypatch.setattr("rekbatch.engine.run.UPLOAD_EVERY_SECONDS", 0.05)
+    outcome = await run(cfg, FakeBackend(latency=0.02))
+    assert outcome.exit_code == 1
+    assert outcome.failure is not None and outcome.failure.startswith("upload failed")
+    monkeypatch.setattr(rekbatch.sinks.upload, "upload_results", real)
+    assert (await run(cfg, FakeBackend())).exit_code == 0
+    assert_exactly_once(tmp_path / "out", expected_pairs(photos, keys))
+    assert s3.get_object(Bucket="uploads-fail", Key="job/summary.json")["Body"].read()
+
+
+async def test_copies_are_recognised_across_runs(
+    tmp_path: Path, s3: Any, moto_endpoint: str
+) -> None:
+    from tests.conftest import make_bucket
+    from tests.helpers import sized_png
+
+    bucket = make_bucket(s3, "dedup-runs")
+    s3.put_object(Bucket=bucket, Key="a/original.png", Body=sized_png(1))
+    s3.put_object(Bucket=bucket, Key="a/other.png", Body=sized_png(2))
+    ops = f'[aws]\ns3_endpoint_url = "{moto_endpoint}"\n\n' + TWO_OPS
+    cfg = make_config(tmp_path, [f"s3://{bucket}/"], ops=ops)
+    first = FakeBackend()
+    assert (await run(cfg, first)).exit_code == 0
+    assert sum(first.calls.values()) == 4
+    s3.put_object(Bucket=bucket, Key="b/copy.png", Body=sized_png(1))
+    second = FakeBackend()
+    assert (await run(cfg, second)).exit_code == 0
+    assert sum(second.calls.values()) == 0  # the copy's content was answered by the first run
+    rows = {(r["key"], r["operation"]): r for r in read_jsonl(tmp_path / "out" / "results.jsonl")}
+    for op in ("detect_faces", "detect_labels"):
+        copy = rows[("b/copy.png", op)]
+        assert copy["dedup_of"] == f"s3://{bucket}/a/original.png"
+        assert copy["result"] == rows[("a/original.png", op)]["result"]
+    assert len(rows) == 6
+
+
+def _search_setup(tmp_path: Path) -> tuple[Path, dict[str, list[str]], set[str], str]:
+    photos = tmp_path / "photos"
+    keys = local_images(photos, 30)
+    refs = tmp_path / "refs"
+    local_images(refs, 2, start=900, prefix="ref")
+    people = {_ident(refs / "ref00900.png"): ["ric"], _ident(refs / "ref00901.png"): ["al"]}
+    ric = {k for i, k in enumerate(keys) if i % 3 == 0}
+    for i, key in enumerate(keys):
+        who = ["ric"] if key in ric else ["al", "someone"] if i % 3 == 1 else ["someone"]
+        people[_ident(photos / key)] = who
+    ops = (
+        '[[operations]]\ntype = "search_faces"\n'
+        f'people = {{ ric = ["{refs / "ref00900.png"}"], al = ["{refs / "ref00901.png"}"] }}\n'
+        'collection_id = "people"\n'
+    )
+    return photos, people, ric, ops
+
+
+async def test_search_shards_the_collection_so_no_answer_is_cut(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("rekbatch.operations.search_faces.SHARD_FACES", 4)
+    monkeypatch.setattr("rekbatch.operations.search_faces.MAX_SEARCH_FACES", 4)
+    photos, people, ric, ops = _search_setup(tmp_path)
+    cfg = make_config(tmp_path, [str(photos)], ops=ops, concurrency=2)
+    backend = FakeBackend(people=people)
+    outcome = await run(cfg, backend)
+    assert outcome.exit_code == 0, outcome
+    answer = outcome.summary["search_faces"]
+    assert len(answer["collections"]) > 3  # 30 images with 1-2 faces, 4 faces a shard
+    # Each search returns at most 4 faces, yet every one of the 10 photos of ric is found.
+    assert set(answer["people"]["ric"]["matched_keys"]) == ric
+    assert answer["people"]["al"]["images_matched"] == 10
+    assert backend.collections == {}  # every shard deleted at the end
+    assert "search_faces: ric found in 10 of 30 images" in outcome.answers
+
+
+async def test_a_failed_search_step_keeps_what_it_found_and_resumes(tmp_path: Path) -> None:
+    photos, people, ric, ops = _search_setup(tmp_path)
+    ops += "keep_collection = true\n"
+    cfg = make_config(tmp_path, [str(photos)], ops=ops)
+    searches = 0
+
+    def second_search_fails(number: int, api: str, ident: str) -> BaseException | None:
+        nonlocal searches
+        if api == "SearchFacesByImage":
+            searches += 1
+            if searches == 2:
+                return BackendError("AccessDeniedException", "not allowed", "permanent")
+        return None
+
+    backend = FakeBackend(people=people, hook=second_search_fails)
+    outcome = await run(cfg, backend)
+    assert outcome.exit_code == 3
+    answer = outcome.summary["search_faces"]
+    assert answer["complete"] is False and "AccessDeniedException" in answer["error"]
+    assert set(answer["people"]["ric"]["matched_keys"]) == ric  # searched before the failure
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["search_faces"]["complete"] is False
+    paid = sum(backend.billed.values())
+
+    backend.hook = None
+    outcome = await run(cfg, backend)
+    assert outcome.exit_code == 0
+    answer = outcome.summary["search_faces"]
+    assert "complete" not in answer
+    assert answer["people"]["al"]["images_matched"] == 10
+    # Only the searches were made again: no image and no reference check paid twice.
+    assert sum(backend.billed.values()) - paid == 2
+
+
+def _two_sources_with_a_failure(tmp_path: Path) -> tuple[Config, Path, Path, list[str], str]:
+    """Two folders holding the same file names; one file of the second fails to label."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    keys = local_images(first, 12)
+    local_images(second, 12, start=100)
+    for i, key in enumerate(keys):  # same names, other contents
+        (second / f"img{100 + i:05d}.png").rename(second / key)
+    cfg = make_config(tmp_path, [str(first), str(second)])
+    return cfg, first, second, keys, _ident(second / keys[4])
+
+
+def _failing_on(ident_to_fail: str) -> FakeBackend:
+    def hook(number: int, api: str, ident: str) -> BaseException | None:
+        if ident == ident_to_fail and api == "DetectLabels":
+            return BackendError("InvalidImageFormatException", "bad image", "permanent")
+        return None
+
+    return FakeBackend(hook=hook)
+
+
+async def test_retry_failed_keys_on_the_source_so_the_same_key_elsewhere_stays(
+    tmp_path: Path,
+) -> None:
+    cfg, first, second, keys, bad = _two_sources_with_a_failure(tmp_path)
+    out = tmp_path / "out"
+    assert (await run(cfg, _failing_on(bad))).exit_code == 3
+    before = {(r["source"], r["key"], r["operation"]): r for r in read_jsonl(out / "results.jsonl")}
+    assert before[(str(second), keys[4], "detect_labels")]["status"] == "failed"
+    assert before[(str(first), keys[4], "detect_labels")]["status"] == "ok"
+
+    healthy = FakeBackend()
+    assert (await run(cfg, healthy, retry_failed=True)).exit_code == 0
+    assert sum(healthy.calls.values()) == 1  # only the failed record is tried again
+    expected = expected_pairs(first, keys) | expected_pairs(second, keys)
+    assert_exactly_once(out, expected)
+    after = {(r["source"], r["key"], r["operation"]): r for r in read_jsonl(out / "results.jsonl")}
+    assert all(r["status"] == "ok" for r in after.values())
+    # The row of the same key in the other source is the very same row as before.
+    kept = (str(first), keys[4], "detect_labels")
+    assert after[kept] == before[kept]
+
+
+CRASHER = """
+import asyncio, os, sys
+sys.path.insert(0, {repo!r})
+from pathlib import Path
+import rekbatch.store.retry_failed as rf
+from rekbatch.config import load_config
+from rekbatch.engine import Job, RunOptions
+from tests.support.fake_backend import FakeBackend
+
+def crash(name):
+    if name == {step!r}:
+        os._exit(137)
+
+rf._step = crash
+cfg = load_config({config!r}, environ={{}})
+job = Job(cfg, RunOptions(output_dir=Path(cfg.job.output_dir), retry_failed=True),
+          backend=FakeBackend())
+asyncio.run(job.run())
+"""
+
+
+@pytest.mark.parametrize(
+    "step", ["files_written", "committed", "renamed:results.jsonl", "renamed:results.csv"]
+)
+def test_retry_failed_survives_a_kill_at_each_step(tmp_path: Path, step: str) -> None:
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    cfg, first, second, keys, bad = _two_sources_with_a_failure(tmp_path)
+    out = tmp_path / "out"
+    assert asyncio.run(run(cfg, _failing_on(bad))).exit_code == 3
+    script = CRASHER.format(repo=str(REPO), step=step, config=str(tmp_path / "job.toml"))
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert proc.returncode == 137, proc.stderr
+
+    # Whatever step the kill hit, the job opens, resumes, and every row is there once.
+    assert asyncio.run(run(cfg, FakeBackend(), retry_failed=True)).exit_code == 0
+    assert_exactly_once(out, expected_pairs(first, keys) | expected_pairs(second, keys))
+    assert all(r["status"] == "ok" for r in read_jsonl(out / "results.jsonl"))
+    assert not list(out.glob("*.retry"))
+
+
+async def test_a_budget_cap_stops_with_4_and_the_resume_lists_only_what_is_left(
+    tmp_path: Path,
+) -> None:
+    photos = tmp_path / "photos"
+    keys = local_images(photos, 1200)
+    cfg = make_config(tmp_path, [str(photos)], extra="max_images = 900\n")
+    out = tmp_path / "out"
+    first = FakeBackend()
+    outcome = await run(cfg, first)
+    assert outcome.exit_code == 4 and outcome.stop_reason == "budget: limits.max_images reached"
+    done = {r["key"] for r in read_jsonl(out / "results.jsonl")}
+    assert len(done) == 900
+    assert max(first.billed.values()) == 1
+
+    raised = cfg.model_copy(update={"limits": cfg.limits.model_copy(update={"max_images": 5000})})
+    job = Job(raised, RunOptions(output_dir=out), backend=(second := FakeBackend()))
+    async with asyncio.timeout(BOUND):
+        outcome = await job.run()
+    assert outcome.exit_code == 0
+    assert_exactly_once(out, expected_pairs(photos, keys))
+    assert job.writer is not None
+    # The watermark holds: only the unfinished tail is listed again, not the 900 done.
+    listed = job.writer.listed[0]
+    assert listed <= 1200 - 900 + 2 * 8 + 500, listed
+    # Nothing finished was paid for twice.
+    assert not set(first.billed) & set(second.billed)
+    assert sum(second.billed.values()) == 2 * 300

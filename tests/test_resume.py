@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
 import subprocess
@@ -161,40 +160,6 @@ def test_sigint_stops_cleanly_with_130_and_resumes(
     code, _, err = _finish(_start("resume", str(out)))
     assert code == 0, err
     _assert_exactly_once(out, keys)
-
-
-def test_budget_cap_stops_with_4_and_resume_does_not_relist_finished_work(
-    s3: Any, moto_endpoint: str, slow_fake: FakeRekognition, tmp_path: Path
-) -> None:
-    keys = _fill(s3, "budget-bucket", 1200)
-    config = _config(tmp_path, "budget-bucket", moto_endpoint, slow_fake.url, "max_images = 900")
-    out = tmp_path / "out"
-    code, _, err = _finish(_start("run", str(config)))
-    assert code == 4, err
-    first = read_jsonl(out / "results.jsonl")
-    assert {r["key"] for r in first} and len({r["key"] for r in first}) == 900
-
-    # A larger cap through the environment, and the job resumes where it stopped.
-    env = {**os.environ, "REKBATCH_LIMITS__MAX_IMAGES": "5000"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "rekbatch", "run", str(config), "--log-format", "json"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
-    code, _, err = _finish(proc)
-    assert code == 0, err
-    _assert_exactly_once(out, keys)
-    events = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
-    listing = next(e for e in events if e["event"] == "listing")
-    listed = next(e for e in events if e["event"] == "listed")
-    assert listing["start_after"] is not None
-    # Only the unfinished tail is listed again, not the 900 finished objects.
-    assert listed["objects"] <= 1200 - 900 + 8 * 2 + 500
-    assert listed["objects"] < 1200 - 300
-    # Nothing finished was paid for twice.
-    assert max(slow_fake.stats()["billed"].values()) == 1
 
 
 def test_lock_refuses_a_second_runner_and_is_taken_over_after_a_crash(

@@ -92,7 +92,9 @@ class FakeBackend:
                 for i, who in enumerate(faces)
                 if who in wanted
             ]
-            unmatched = [{"BoundingBox": _box(i)} for i, who in enumerate(faces) if who not in wanted]
+            unmatched = [
+                {"BoundingBox": _box(i)} for i, who in enumerate(faces) if who not in wanted
+            ]
             return {"FaceMatches": matches, "UnmatchedFaces": unmatched}
         if api == "CreateCollection":
             collection = params["CollectionId"]
@@ -110,16 +112,21 @@ class FakeBackend:
             for i, who in enumerate(faces):
                 face_id = f"face-{len(stored):06d}"
                 stored.append((face_id, params["ExternalImageId"], who))
-                face = {"FaceId": face_id, "ExternalImageId": params["ExternalImageId"],
-                        "BoundingBox": _box(i)}
+                face = {
+                    "FaceId": face_id,
+                    "ExternalImageId": params["ExternalImageId"],
+                    "BoundingBox": _box(i),
+                }
                 records.append({"Face": face})
             return {"FaceRecords": records, "UnindexedFaces": []}
         if api == "SearchFacesByImage":
             stored = self._collection(params["CollectionId"])
             wanted = faces[:1]
             matches = [
-                {"Similarity": 98.0, "Face": {"FaceId": fid, "ExternalImageId": ext,
-                                              "BoundingBox": _box(0)}}
+                {
+                    "Similarity": 98.0,
+                    "Face": {"FaceId": fid, "ExternalImageId": ext, "BoundingBox": _box(0)},
+                }
                 for fid, ext, who in stored
                 if who in wanted
             ][: int(params.get("MaxFaces", 4096))]

@@ -18,6 +18,20 @@ from aiobotocore.config import AioConfig
 from rekbatch.backends.base import ImageInput
 from rekbatch.errors import BackendError, call_error_from
 
+# The member every real answer of these APIs carries (an empty list when nothing was
+# found). botocore turns a body it cannot parse into a dict without it, and says nothing.
+EXPECTED_MEMBER = {
+    "DetectFaces": "FaceDetails",
+    "DetectLabels": "Labels",
+    "CompareFaces": "FaceMatches",
+    "DetectText": "TextDetections",
+    "DetectModerationLabels": "ModerationLabels",
+    "RecognizeCelebrities": "CelebrityFaces",
+    "DetectProtectiveEquipment": "Persons",
+    "IndexFaces": "FaceRecords",
+    "SearchFacesByImage": "FaceMatches",
+}
+
 
 def _snake(api: str) -> str:
     return re.sub(r"(?<!^)(?=[A-Z])", "_", api).lower()
@@ -76,6 +90,13 @@ class AwsBackend:
                 ) from None
             raise classified from None
         response.pop("ResponseMetadata", None)
+        expected = EXPECTED_MEMBER.get(api)
+        if expected is not None and expected not in response:
+            raise BackendError(
+                "InvalidResponse",
+                f"the answer has no {expected}: {str(response)[:200]}",
+                "transient",
+            )
         return response
 
     async def aclose(self) -> None:
