@@ -138,7 +138,9 @@ async def test_request_context_settles_the_permit_once() -> None:
     with pytest.raises(BackendError):
         async with limiter.request() as permit:
             raise BackendError("ThrottlingException", "slow down", "throttle")
-    assert permit.outcome == "throttle" and limiter.throttles == 1
+    # Refused, and counted; one refusal among no other answers does not cut the rate yet.
+    assert permit.refused and limiter.throttles == 1 and limiter.in_flight == 0
+    assert limiter.cuts == 0 and limiter.rate == 5.0
 
     with pytest.raises(BackendError):
         async with limiter.request() as permit:
@@ -245,8 +247,10 @@ class SimulatedService:
         median: float = 0.15,
         sigma: float = 0.5,
         throttle_latency: float | None = None,
+        noise: float = 0.0,
     ) -> None:
         self.clock = clock
+        self.noise = noise
         self.quota = quota
         self.changes = changes
         self.burst = burst
@@ -270,8 +274,12 @@ class SimulatedService:
         return False
 
     async def call(self) -> None:
-        ok = self._take(self.clock.now())
+        busy = self.noise > 0 and self.rng.random() < self.noise
+        ok = not busy and self._take(self.clock.now())
         self.log.append((self.clock.now(), ok))
+        if busy:
+            await self.clock.sleep(self.throttle_latency or 0.002)
+            raise BackendError("ThrottlingException", "busy", "throttle")
         latency = self.rng.lognormvariate(self.mu, self.sigma)
         if not ok and self.throttle_latency is not None:
             latency = self.throttle_latency
@@ -289,6 +297,7 @@ def simulate(
     consumers: int = 64,
     duration: float = 60.0,
     throttle_latency: float | None = None,
+    noise: float = 0.0,
 ) -> SimResult:
     clock = VirtualClock()
     changes = [20.0, 40.0] if halve else []
@@ -296,7 +305,9 @@ def simulate(
     def quota(t: float) -> float:
         return q / 2 if halve and 20.0 <= t < 40.0 else q
 
-    service = SimulatedService(clock, quota, changes, seed=seed, throttle_latency=throttle_latency)
+    service = SimulatedService(
+        clock, quota, changes, seed=seed, throttle_latency=throttle_latency, noise=noise
+    )
     limiter = AdaptiveLimiter(ceiling or q, clock=clock, name="sim")
     policy = RetryPolicy()
     rng = random.Random(seed + 1)
@@ -387,6 +398,37 @@ def test_simulation_unknown_and_shared_quota_with_fast_refusals(q: float) -> Non
     assert result.ratio >= 0.92
     assert result.share <= 0.01
     assert result.recovery is not None and result.recovery <= 5.0
+
+
+@pytest.mark.parametrize(("ceiling", "noise"), [(400.0, 0.1), (100.0, 0.1), (400.0, 0.2)])
+def test_simulation_random_throttles_far_from_the_quota_keep_the_rate(
+    ceiling: float, noise: float
+) -> None:
+    # The service refuses a steady share whatever the rate (its own load); the quota is
+    # far away. Cutting would only lose time: the limiter learns the background and stays.
+    result = simulate(1000.0, ceiling=ceiling, noise=noise)
+    accepted_per_second = result.accepted / 60.0
+    best = ceiling * (1.0 - noise)  # what a client sending at the ceiling gets accepted
+    assert accepted_per_second >= 0.9 * best
+    assert result.limiter["background_share"] == pytest.approx(noise, abs=0.03)
+    assert result.limiter["rate"] == ceiling
+    assert result.limiter["cuts"] <= 2
+
+
+@pytest.mark.parametrize("q", [20.0, 50.0])
+def test_simulation_a_quota_far_below_the_ceiling_is_not_taken_for_background(q: float) -> None:
+    result = simulate(q, ceiling=400.0)
+    assert result.limiter["background_share"] == 0.0
+    assert result.steady_ratio >= 0.97
+    assert result.limiter["quota_estimate"] == pytest.approx(q, rel=0.05)
+
+
+def test_simulation_random_throttles_and_a_quota_that_halves() -> None:
+    # Both kinds at once: the background is learned, and the quota still rules the rate.
+    result = simulate(100.0, halve=True, noise=0.1)
+    assert result.limiter["background_share"] == pytest.approx(0.1, abs=0.03)
+    assert result.ratio >= 0.75
+    assert result.recovery is not None and result.recovery <= 10.0
 
 
 def test_simulation_is_deterministic() -> None:

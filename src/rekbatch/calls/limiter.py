@@ -58,6 +58,17 @@ How it works:
   divided by the time between them. If all pass: back to the earlier good rate at once
   (undone by the first refusal if the other job is still there), or, with none, a measuring
   probe that speeds up (doubling every ``probe_double`` seconds) until the service refuses.
+- Throttles that are not the quota: a service under load (or noisy neighbours) refuses a
+  steady share of requests whatever the rate, where the quota refuses more the faster one
+  sends and nothing below it. After a cut, while the limiter keeps finding refusals and
+  cutting further, the answers at the first lower rate are compared with those once the rate
+  is a third of it: refused at the same share, with the accepted rate fallen in proportion,
+  the refusals were not about the rate. The cuts are undone, that share is remembered as the
+  background, and from then on a refusal counts for the rate only when the recent refused
+  share rises clearly above the background (``background_margin`` plus three standard
+  errors). Refusals within it are retried with backoff by the caller and leave the rate
+  alone; the background is followed down as the refusals fade. Without background refusals
+  nothing of the above changes what the limiter does.
 """
 
 from __future__ import annotations
@@ -93,6 +104,9 @@ class Permit:
     """Sent past the point where the model says the service's bucket is empty."""
     outcome: Outcome | None = None
     settled_at: float | None = None
+    refused: bool = False
+    """Throttled, whether or not it counted for the rate (the background share is computed
+    from these; ``outcome`` is "error" for a throttle within the background)."""
 
 
 class AdaptiveLimiter:
@@ -120,6 +134,10 @@ class AdaptiveLimiter:
     - ``server_burst``: the service's bucket depth, in seconds of quota.
     - ``concurrency_margin``/``min_concurrency``: the in-flight bound; ``initial_latency``:
       the round trip assumed before the first answer.
+    - ``background_window``: seconds of requests the refused share is measured over;
+      ``background_margin``: how far above the background share (plus three standard
+      errors) refusals count for the rate; ``test_requests``: the least answers a share is
+      measured from.
     """
 
     def __init__(
@@ -148,6 +166,9 @@ class AdaptiveLimiter:
         concurrency_margin: float = 2.0,
         min_concurrency: int = 4,
         initial_latency: float = 1.0,
+        background_window: float = 2.0,
+        background_margin: float = 0.02,
+        test_requests: int = 20,
     ) -> None:
         if ceiling <= 0:
             raise ValueError("ceiling must be positive")
@@ -173,6 +194,9 @@ class AdaptiveLimiter:
         self.memory = memory
         self.concurrency_margin = concurrency_margin
         self.min_concurrency = min_concurrency
+        self.background_window = background_window
+        self.background_margin = background_margin
+        self.test_requests = test_requests
 
         now = clock.now()
         # Pacing.
@@ -224,6 +248,13 @@ class AdaptiveLimiter:
         self.cuts = 0
         self.probes = 0
         self.probes_passed = 0
+        self.background_throttles = 0
+        # Refusals that are not about the rate.
+        self._tally = _Tally()
+        self._background = 0.0
+        self._background_at = now
+        self._drop: _Drop | None = None
+        self._started_at = now
 
     # -- observability ---------------------------------------------------------------------
 
@@ -277,6 +308,8 @@ class AdaptiveLimiter:
             "cuts": self.cuts,
             "probes": self.probes,
             "probes_passed": self.probes_passed,
+            "background_share": round(self._background, 4),
+            "background_throttles": self.background_throttles,
         }
 
     # -- the request side ------------------------------------------------------------------
@@ -317,10 +350,16 @@ class AdaptiveLimiter:
         else:
             self.on_success(permit)
 
+    @property
+    def background_share(self) -> float:
+        """The share of requests the service refuses whatever the rate, as learned."""
+        return self._background
+
     def on_success(self, permit: Permit) -> None:
         now = self._clock.now()
         if not self._settle(permit, "ok", now):
             return
+        self._tally.add(permit, ok=True, refused=False)
         self.successes += 1
         if self.successes == 1:
             self._latency = now - permit.sent_at
@@ -338,7 +377,16 @@ class AdaptiveLimiter:
         now = self._clock.now()
         if not self._settle(permit, "throttle", now):
             return
+        permit.refused = True
+        self._tally.add(permit, ok=False, refused=True)
         self.throttles += 1
+        if self._within_background(now):
+            # Not about the rate: the caller retries it with backoff; the rate stays.
+            permit.outcome = "error"
+            self.background_throttles += 1
+            self._unbook(permit)
+            self._progress(now)
+            return
         self._unbook(permit)
         if self._fallback is not None and permit.sent_at >= self._jump_at:
             self._jump_failed(permit, now)
@@ -372,6 +420,7 @@ class AdaptiveLimiter:
         now = self._clock.now()
         if not self._settle(permit, "error", now):
             return
+        self._tally.add(permit, ok=False, refused=False)
         self.errors += 1
         self._unbook(permit)
         if permit.probe and self._phase == "pause":
@@ -440,7 +489,14 @@ class AdaptiveLimiter:
                 rate = quota * (1.0 - self.margin)
             if self._quota is None:
                 rate = self._ceiling
-        return min(self._ceiling, max(self.min_rate, rate))
+        rate = min(self._ceiling, max(self.min_rate, rate))
+        drop = self._drop
+        if drop is not None:
+            # A drop under judgement holds the rate at its level until the answers there
+            # decide (a quota measured from refusals that were not about the rate would be
+            # far too low).
+            rate = drop.level_rate
+        return rate
 
     def _probe_rate(self, quota: float, now: float) -> float:
         self._bank_update(now)
@@ -583,7 +639,11 @@ class AdaptiveLimiter:
         self._measuring = None
 
     def _progress(self, now: float) -> None:
-        """Finish what waited on answers: a drop's measure, a quota measure."""
+        """Finish what waited on answers: a cut's test, a drop's measure, a quota measure."""
+        if self._drop is not None:
+            self._judge_drop(now)
+        if self._background > 0 and now - self._background_at >= self.background_window:
+            self._track_background(now)
         if self._phase == "measure":
             self._check_drop(now)
         if self._measuring is not None:
@@ -666,6 +726,8 @@ class AdaptiveLimiter:
         """A surprise throttle: the quota went down. Cut blind, measure over the next trip."""
         self.cuts += 1
         self._fallback = None
+        first = self._phase != "measure"
+        current = self._rate(now)
         if self._phase == "measure":
             # Still refused: halve again, or lower to what the service accepted meanwhile.
             blind = self._blind_rate * self.blind_cut
@@ -679,7 +741,6 @@ class AdaptiveLimiter:
                 blind = min(blind, max(measured, blind * self.blind_cut))
             self._blind_rate = max(self.min_rate, blind)
         else:
-            current = self._rate(now)
             self._remember_good(permit.sent_at, now)
             self._drop_start = permit.sent_at
             self._drop_from = permit.rate
@@ -690,6 +751,7 @@ class AdaptiveLimiter:
         self._drop_end = now
         self._slow_hold = self.hold
         self._new_epoch(now)
+        self._note_cut(first, current, now)
 
     def _remember_good(self, refused_at: float, now: float) -> None:
         """Before a drop: keep the rate the service took until then, to go back to it when
@@ -743,6 +805,12 @@ class AdaptiveLimiter:
         err = max(0.05 * accepted / span, 1.0 / span)
         # Lean low: a rate still too high costs throttles and a second cut.
         floor = self._blind_rate if all(p.outcome != "throttle" for p in after) else 0.0
+        if self._background > 0:
+            # Refusals of the background among the quota's make the measure short: the
+            # service took at least what it accepted lately.
+            _, _, recent_ok, seconds = self._answered(now)
+            if seconds > 0:
+                floor = max(floor, 0.9 * recent_ok / seconds)
         measured = min(self._drop_from, max(floor, accepted / span - err / 2))
         self._quota = min(self._ceiling, max(self.min_rate, measured))
         self._quota_err = err
@@ -756,3 +824,241 @@ class AdaptiveLimiter:
         if self._good is not None and self._good <= self._quota * (1.0 + 2 * self.margin):
             self._good = None
         self._new_epoch(now)
+
+    # -- internals: refusals that are not about the rate ------------------------------------
+
+    def _answered(self, now: float) -> tuple[int, int, int, float]:
+        """(sent, refused, ok, seconds) of the requests sent over the last
+        ``background_window`` that have all answered. Refusals come back faster than
+        answers, so the newest are left out."""
+        end = now - 4.0 * self._latency
+        return self._tally.window(max(self._started_at, end - self.background_window), end)
+
+    def _overwhelming(self, now: float) -> bool:
+        """A third of the requests refused or more (four at least): more than a background
+        refuses (a busy service refuses a tenth or so)."""
+        sent, refused, _, _ = self._answered(now)
+        if sent == 0:
+            # Nothing answered long enough ago: every answer so far, against every request
+            # sent (refusals come back first).
+            sent, refused, _, _ = self._tally.window(now - self.background_window, now + 1.0)
+            sent += self._in_flight
+        return refused >= 4 and refused >= 0.35 * sent
+
+    def _within_background(self, now: float) -> bool:
+        """Is the recent refused share within the learned background? (And while a drop is
+        judged at a third of its first rate, no further cut: the answers there decide.)"""
+        if self._drop is not None:
+            return True
+        if self.cuts == 0:
+            # The first refusals of a run.
+            answered, _, _, _ = self._tally.window(now - self.background_window, now + 1.0)
+            if answered < self.test_requests and not self._overwhelming(now):
+                # Too few answers at this rate yet to tell a cut's effect by: a refusal
+                # among mostly accepted requests waits for more of them.
+                return True
+        background = self._background
+        if background <= 0.0:
+            return False
+        sent, refused, _, _ = self._answered(now)
+        if sent < self.test_requests:
+            return True  # too few answers to see more than the background in them
+        spread = 3.0 * math.sqrt(background * (1.0 - background) / sent)
+        return refused / sent <= background + self.background_margin + spread
+
+    def _note_cut(self, first: bool, before: float, now: float) -> None:
+        """The first cut of a drop starts its judgement at the rate it cut to, unless the
+        service refused next to nothing before it, or most of all (then the quota went
+        down, plainly)."""
+        if not first or self._drop is not None or self._background > 0:
+            return  # with a background known, refusals above it are the quota's
+        sent, refused, _, _ = self._answered(now)
+        if sent >= self.test_requests and refused < 0.02 * sent:
+            return
+        if self._overwhelming(now):
+            return  # most requests refused: no background refuses that many
+        after = self._rate(now)
+        self._drop = _Drop(start=now, before=before, level_rate=after, level_start=now)
+
+    def _judge_drop(self, now: float) -> None:
+        """Were a drop's refusals about the rate? Held at the first cut's rate: if the
+        refusals stop, it was the quota (between the two rates). If they go on, the rate is
+        halved once more and held: below the quota the refusals stop; under a quota below
+        both rates as many are accepted as before; under the background the same share is
+        refused and half as many accepted."""
+        drop = self._drop
+        assert drop is not None
+        # Refusals come back faster than answers: judge by requests that have all answered.
+        settled_by = now - 4.0 * self._latency
+        sent, refused, ok, seconds = self._tally.window(drop.level_start, settled_by)
+        if drop.level == 2:
+            share_first = drop.first_level[1] / drop.first_level[0]
+        else:
+            # The share refused before the drop, at the rate it cut from.
+            back = self._tally.span_at(drop.start, drop.before, self.background_window)
+            before_sent, before_refused, _, _ = self._tally.window(drop.start - back, drop.start)
+            share_first = before_refused / before_sent if before_sent else 0.0
+        # Enough answers to expect ten refusals, were the share the same.
+        need = self.test_requests
+        if share_first > 0:
+            need = min(10 * self.test_requests, max(need, math.ceil(10.0 / share_first)))
+        if (sent < need or seconds < 0.3) and now - drop.level_start < 5.0:
+            return
+        share = refused / sent if sent else 0.0
+        # Below a quota its refusals stop altogether; the background's go on.
+        least = 2 if drop.level == 1 else 1
+        refusing = sent >= self.test_requests and refused >= least and share >= 0.01
+        if drop.level == 1:
+            if not refusing:
+                self._drop = None  # the refusals stopped at the lower rate: the quota
+                return
+            drop.first_level = (sent, refused, ok, seconds)
+            drop.level = 2
+            drop.level_rate = max(self.min_rate, drop.level_rate / 2.0)
+            drop.level_start = now
+            self._new_epoch(now)
+            return
+        self._drop = None
+        _, _, first_ok, first_seconds = drop.first_level
+        ok_first = first_ok / first_seconds
+        ok_second = ok / max(seconds, 1e-9)
+        if refusing and ok_second <= 0.75 * ok_first:
+            # The background's share: from the second level, pooled with the first and with
+            # the answers before the drop where they agree with it (more answers, a truer
+            # share; where they do not, they held the quota's refusals too).
+            back = self._tally.span_at(drop.start, drop.before, self.background_window)
+            before = self._tally.window(drop.start - back, drop.start)
+            total_sent, total_refused = sent, refused
+            for other_sent, other_refused in (drop.first_level[:2], before[:2]):
+                if not other_sent:
+                    continue
+                pooled = (total_refused + other_refused) / (total_sent + other_sent)
+                spread = 3.0 * math.sqrt(total_sent * pooled * (1.0 - pooled)) + 1.0
+                if abs(total_refused - total_sent * pooled) <= spread:
+                    total_sent += other_sent
+                    total_refused += other_refused
+            self._background = total_refused / total_sent
+            self._background_at = now
+            self._undo_cut(drop.before, now)
+        elif refusing:
+            self._quota_measured(ok_second, now)  # as many accepted: a quota below both
+        else:
+            self._quota_measured(ok_first, now)  # refused at the first level only
+
+    def _track_background(self, now: float) -> None:
+        """Follow the background share: down as the service's refusals fade, slowly up."""
+        self._background_at = now
+        sent, refused, _, _ = self._answered(now)
+        if sent < self.test_requests:
+            return
+        share = refused / sent
+        if share < self._background:
+            self._background = 0.7 * self._background + 0.3 * share
+            if self._background < 0.005:
+                self._background = 0.0
+        elif self._within_background(now):
+            # Slowly up: refusals just above the background may be the quota's.
+            self._background = 0.9 * self._background + 0.1 * share
+
+    def _quota_measured(self, accepted: float, now: float) -> None:
+        """A drop judged to be the quota, refusing while held at one rate: the accepted
+        rate there is the quota (its bucket was empty throughout)."""
+        self._set_quota(accepted, now)
+        self._quota_err = 0.05 * accepted
+        self._bank = 0.0
+        self._bank_at = now
+        self._basis = now
+        self._unanchor()
+        self._set_phase("hold", now)
+        self._stable_since = now
+        self._new_epoch(now)
+
+    def _undo_cut(self, rate: float, now: float) -> None:
+        """Back to the rate before a cut whose refusals turned out not to be about it (or
+        before the cuts just before it, for the same reason)."""
+        horizon = now - 10.0
+        rate = max([rate, *(p.rate for p in self._recent if p.sent_at >= horizon)])
+        self._fallback = None
+        self._good = None
+        self._unanchor()
+        self._calibrated = False
+        if rate >= self._ceiling * (1.0 - 2 * self.margin):
+            self._quota = None
+            self._set_phase("ceiling", now)
+        else:
+            self._set_quota(rate / (1.0 - self.margin), now)
+            self._bank = 0.0
+            self._bank_at = now
+            self._basis = now
+            self._set_phase("hold", now)
+        self._stable_since = now
+        self._new_epoch(now)
+
+
+@dataclass(slots=True)
+class _Drop:
+    """A drop being judged: when it started and the rate before it; the level it holds
+    (1: the first cut's rate, 2: half of that) and since when; the answers at level 1
+    (sent, refused, ok, seconds)."""
+
+    start: float
+    before: float
+    level_rate: float
+    level_start: float
+    level: int = 1
+    first_level: tuple[int, int, int, float] = (0, 0, 0, 1.0)
+
+
+class _Tally:
+    """Answers counted by the tenth of a second they were sent in: (sent, refused, ok)
+    over any recent window in O(window) time, whatever the rate."""
+
+    STEP = 0.1
+    HORIZON = 120  # tenths kept
+
+    def __init__(self) -> None:
+        self._base = 0
+        self._slots: deque[list[float]] = deque()
+
+    def add(self, permit: Permit, *, ok: bool, refused: bool) -> None:
+        index = int(permit.sent_at / self.STEP)
+        if not self._slots:
+            self._base = index
+        if index < self._base:
+            return  # older than the horizon
+        while index >= self._base + len(self._slots):
+            self._slots.append([0, 0, 0, 0.0])
+        slot = self._slots[index - self._base]
+        slot[0] += 1
+        slot[1] += refused
+        slot[2] += ok
+        slot[3] += permit.rate
+        while len(self._slots) > self.HORIZON:
+            self._slots.popleft()
+            self._base += 1
+
+    def span_at(self, end: float, rate: float, longest: float) -> float:
+        """How far back from ``end`` (at most ``longest`` seconds) requests were sent at
+        ``rate`` or faster: the window the answers at that rate can be read from."""
+        last = min(int(end / self.STEP) - self._base, len(self._slots)) - 1
+        first = max(int((end - longest) / self.STEP) - self._base, 0)
+        i = last
+        while i >= first:
+            slot = self._slots[i]
+            if slot[0] and slot[3] / slot[0] < 0.9 * rate:
+                break
+            i -= 1
+        return (last - i) * self.STEP
+
+    def window(self, start: float, end: float) -> tuple[int, int, int, float]:
+        """(sent, refused, ok, seconds) of the requests sent from ``start`` to ``end``, in
+        the whole tenths between them (``seconds`` is the span the tenths cover)."""
+        first = max(math.ceil(start / self.STEP) - self._base, 0)
+        last = min(int(end / self.STEP) - self._base, len(self._slots))
+        sent = refused = ok = 0.0
+        for i in range(first, last):
+            slot = self._slots[i]
+            sent += slot[0]
+            refused += slot[1]
+            ok += slot[2]
+        return int(sent), int(refused), int(ok), max(0, last - first) * self.STEP
