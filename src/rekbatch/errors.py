@@ -8,6 +8,8 @@ code the CLI turns it into:
   a reference image without a face, a job directory holding another job or locked by a run.
 - ``TaskFailed`` (1): a task of a run (producer, worker, writer, heartbeat, upload) failed
   unexpectedly; the run stopped, what was finished is kept, and the job resumes.
+- ``EndpointUnreachable`` (1): an endpoint (Rekognition, S3) has answered nothing for the
+  stated time; the run stops, resumable, rather than fail the rest record by record.
 - ``BackendError``: one Rekognition (or offline backend) call failed. ``kind`` says whether
   it is retried (``throttle``, ``transient``) or recorded at once (``permanent``). It never
   reaches the CLI: the engine records it against the image.
@@ -50,6 +52,20 @@ class TaskFailed(RekbatchError):
         super().__init__(f"{task} failed: {type(cause).__name__}: {cause}")
         self.task = task
         self.cause = cause
+
+
+class EndpointUnreachable(RekbatchError):
+    """No call to an endpoint succeeded for the stated time: the run stops (resumable)
+    instead of failing the rest of the bucket record by record."""
+
+    exit_code = EXIT_UNEXPECTED
+
+    def __init__(self, endpoint: str, seconds: float, last_error: str) -> None:
+        super().__init__(
+            f"{endpoint} unreachable for {seconds:.0f} s (last: {last_error}); the run "
+            "stopped, resume it when the endpoint answers again"
+        )
+        self.endpoint = endpoint
 
 
 class BackendError(RekbatchError):
@@ -127,6 +143,8 @@ def call_error_from(exc: BaseException) -> BackendError | None:
         bexc.ConnectTimeoutError,
         bexc.ReadTimeoutError,
         bexc.HTTPClientError,
+        bexc.ResponseStreamingError,
+        bexc.IncompleteReadError,
         TimeoutError,
         ConnectionError,
     )

@@ -40,6 +40,9 @@ def _snake(api: str) -> str:
 class AwsBackend:
     """Rekognition through one aiobotocore client; use as an async context manager."""
 
+    network = True  # calls cross a network: the caller gives each a deadline
+    endpoint_name = "the Rekognition endpoint"
+
     def __init__(self, session: Any, *, endpoint_url: str | None, pool: int) -> None:
         self._session = session
         self._endpoint = endpoint_url

@@ -5,21 +5,36 @@ permit with what happened. A retryable failure waits a jittered backoff and trie
 to ``max_attempts``; the outcome is the response or the last error, never an exception: a
 failed call is a property of one image. Anything else a backend raises is a bug in it, and
 propagates to the run's supervisor.
+
+Over a network (``backend.network``) every request has a deadline that fits the service's
+observed latency: ``TIMEOUT_FACTOR`` times the p99 of recent answers, within
+``TIMEOUT_FLOOR`` and ``TIMEOUT_CEILING`` seconds, so a connection that dies without an
+answer costs seconds. A failure of the connection itself (no answer, a reset, that
+deadline) is retried without using up attempts, for as long as the endpoint is not down:
+no call succeeding for ``unreachable_seconds`` raises ``EndpointUnreachable``, which stops
+the run (resumable) instead of failing the rest of the bucket record by record.
 """
 
 from __future__ import annotations
 
+import asyncio
 import random
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
 
 from rekbatch.backends.base import Backend, ImageInput
 from rekbatch.calls.limiter import AdaptiveLimiter
 from rekbatch.calls.quotas import resolve_ceilings
-from rekbatch.calls.retry import RetryPolicy
+from rekbatch.calls.retry import Reachability, RetryPolicy, is_connection_failure
 from rekbatch.clock import MONOTONIC, Clock
 from rekbatch.errors import BackendError
+
+TIMEOUT_FACTOR = 5.0
+TIMEOUT_FLOOR = 3.0
+TIMEOUT_CEILING = 60.0
+TIMEOUT_UNKNOWN = 30.0  # before enough answers to know the latency
+UNREACHABLE_SECONDS = 120.0
 
 
 @dataclass(slots=True)
@@ -40,6 +55,7 @@ class CallStats:
     throttles: Counter[str] = field(default_factory=Counter)
     retries: Counter[str] = field(default_factory=Counter)
     failures: Counter[str] = field(default_factory=Counter)
+    connection_errors: Counter[str] = field(default_factory=Counter)
 
     def as_dict(self) -> dict[str, dict[str, int]]:
         return {
@@ -48,7 +64,30 @@ class CallStats:
             "throttles": dict(self.throttles),
             "retries": dict(self.retries),
             "failures": dict(self.failures),
+            "connection_errors": dict(self.connection_errors),
         }
+
+
+class LatencyWindow:
+    """The p99 of an API's recent answers, recomputed every ``every`` answers."""
+
+    def __init__(self, size: int = 512, every: int = 64) -> None:
+        self._samples: deque[float] = deque(maxlen=size)
+        self._every = every
+        self._count = 0
+        self.p99: float | None = None
+
+    def add(self, seconds: float) -> None:
+        self._samples.append(seconds)
+        self._count += 1
+        if self._count % self._every == 0 or (self.p99 is None and self._count >= 20):
+            ordered = sorted(self._samples)
+            self.p99 = ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
+
+    def deadline(self) -> float:
+        if self.p99 is None:
+            return TIMEOUT_UNKNOWN
+        return min(TIMEOUT_CEILING, max(TIMEOUT_FLOOR, TIMEOUT_FACTOR * self.p99))
 
 
 class Caller:
@@ -62,10 +101,16 @@ class Caller:
         apis: list[str] | None = None,
         clock: Clock = MONOTONIC,
         rng: random.Random | None = None,
+        unreachable_seconds: float = UNREACHABLE_SECONDS,
     ) -> None:
         self.backend = backend
         self.retry = retry
         self.stats = CallStats()
+        self.network = bool(getattr(backend, "network", False))
+        self.reach = Reachability(
+            getattr(backend, "endpoint_name", "the backend"), unreachable_seconds, clock
+        )
+        self.latency: dict[str, LatencyWindow] = {}
         self._max_tps = max_tps
         self._region = region
         self._clock = clock
@@ -86,36 +131,60 @@ class Caller:
         self, api: str, params: dict[str, Any], images: dict[str, ImageInput]
     ) -> CallOutcome:
         limiter = self.limiters.get(api) or self.limiter(api)
+        latency = self.latency.get(api)
+        if latency is None:
+            latency = self.latency[api] = LatencyWindow()
         stats = self.stats
         clock = self._clock
-        attempts = 0
+        attempts = 0  # attempts that count towards max_attempts
+        tries = 0
         seconds = 0.0
         while True:
-            attempts += 1
+            tries += 1
             permit = await limiter.acquire()
             stats.calls[api] += 1
             sent = clock.now()
             try:
-                result = await self.backend.call(api, params, images)
-            except BackendError as error:
+                if self.network:
+                    async with asyncio.timeout(latency.deadline()):
+                        result = await self.backend.call(api, params, images)
+                else:
+                    result = await self.backend.call(api, params, images)
+            except (BackendError, TimeoutError) as exc:
+                error = exc if isinstance(exc, BackendError) else _deadline(latency)
                 seconds += clock.now() - sent
                 if error.kind == "throttle":
                     limiter.on_throttle(permit)
                     stats.throttles[api] += 1
                 else:
                     limiter.on_error(permit)
+                connection = is_connection_failure(error.code)
+                if connection:
+                    stats.connection_errors[api] += 1
+                    self.reach.failed(f"{error.code}: {error.message}")
+                else:
+                    attempts += 1
                 if not error.retryable or attempts >= self.retry.max_attempts:
                     stats.failures[api] += 1
-                    return CallOutcome(None, error, attempts, seconds)
+                    return CallOutcome(None, error, tries, seconds)
                 stats.retries[api] += 1
-                pause = self.retry.delay(attempts, self._rng)
+                pause = self.retry.delay(min(tries, 8), self._rng)
                 seconds += pause
                 await clock.sleep(pause)
                 continue
             except BaseException:
                 limiter.on_error(permit)
                 raise
-            seconds += clock.now() - sent
+            elapsed = clock.now() - sent
+            seconds += elapsed
+            latency.add(elapsed)
+            self.reach.ok()
             limiter.on_success(permit)
             stats.ok[api] += 1
-            return CallOutcome(result, None, attempts, seconds)
+            return CallOutcome(result, None, tries, seconds)
+
+
+def _deadline(latency: LatencyWindow) -> BackendError:
+    return BackendError(
+        "Timeout", f"no answer within {latency.deadline():.1f} s (5x the recent p99)", "transient"
+    )

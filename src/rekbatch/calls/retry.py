@@ -28,7 +28,8 @@ import random
 from dataclasses import dataclass
 from typing import Literal
 
-from rekbatch.errors import ErrorKind
+from rekbatch.clock import Clock
+from rekbatch.errors import EndpointUnreachable, ErrorKind
 
 THROTTLE_CODES = frozenset(
     {
@@ -169,3 +170,59 @@ class RetryPolicy:
     def should_retry(self, kind: ErrorKind, attempt: int) -> bool:
         """Whether to make another attempt after the ``attempt``-th one failed with ``kind``."""
         return kind != "permanent" and attempt < self.max_attempts
+
+
+# Failures of the connection itself (no answer came back): they say nothing about the request
+# and are retried for as long as the endpoint is not down, without using up attempts.
+CONNECTION_CODES = frozenset(
+    {
+        "EndpointConnectionError",
+        "ConnectionClosedError",
+        "ConnectTimeoutError",
+        "ReadTimeoutError",
+        "HTTPClientError",
+        "ResponseStreamingError",
+        "IncompleteReadError",
+        "ConnectionError",
+        "ConnectionResetError",
+        "ConnectionRefusedError",
+        "ServerDisconnectedError",
+        "ClientOSError",
+        "TimeoutError",
+        "Timeout",
+    }
+)
+
+
+def is_connection_failure(code: str) -> bool:
+    return code in CONNECTION_CODES
+
+
+class Reachability:
+    """Is an endpoint down? Down means no call has succeeded for ``limit`` seconds while
+    calls kept failing on the connection; one success anywhere ends it. Pure, on a clock."""
+
+    def __init__(self, name: str, limit: float, clock: Clock) -> None:
+        self.name = name
+        self.limit = limit
+        self._clock = clock
+        self._failing_since: float | None = None
+        self.failures = 0
+
+    def ok(self) -> None:
+        self._failing_since = None
+
+    def failed(self, error: str) -> None:
+        """A connection failure; raises ``EndpointUnreachable`` once the endpoint has been
+        down for ``limit`` seconds."""
+        now = self._clock.now()
+        self.failures += 1
+        if self._failing_since is None:
+            self._failing_since = now
+        elif now - self._failing_since >= self.limit:
+            raise EndpointUnreachable(self.name, now - self._failing_since, error)
+
+    @property
+    def down_for(self) -> float:
+        since = self._failing_since
+        return 0.0 if since is None else self._clock.now() - since

@@ -163,6 +163,8 @@ class LimitsSection(_Section):
     max_attempts: int = Field(default=8, ge=1, le=100)
     max_images: int | None = Field(default=None, ge=1)
     max_cost_usd: float | None = Field(default=None, gt=0)
+    # An endpoint answering nothing for this long stops the run (resumable).
+    unreachable_seconds: float = Field(default=120.0, ge=1, le=86400)
 
     @field_validator("max_tps")
     @classmethod

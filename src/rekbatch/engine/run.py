@@ -198,6 +198,7 @@ class Job:
                     retry=RetryPolicy(max_attempts=cfg.limits.max_attempts),
                     apis=[api for op in operations for api in op.calls_per_image()],
                     clock=self.clock,
+                    unreachable_seconds=cfg.limits.unreachable_seconds,
                 )
                 ctx = OperationContext(self.caller, ledger, s3)
                 for op in operations:
@@ -236,6 +237,8 @@ class Job:
             self._session(),
             endpoint_url=cfg.aws.s3_endpoint_url,
             pool=cfg.limits.concurrency + 16,  # listing, sniffing and downloads share it
+            unreachable_seconds=cfg.limits.unreachable_seconds,
+            clock=self.clock,
         )
         return await stack.enter_async_context(s3)
 
@@ -500,11 +503,13 @@ class Job:
             assert self.caller is not None
             ctx = OperationContext(self.caller, ledger, None)
             summary = await self._summary(ledger, operations, ctx, live)
-            summary["failed"] = str(failure)
+            summary["failed"] = str(failure.cause)
             await asyncio.to_thread(write_summary, self.out, summary)
         with contextlib.suppress(Exception):
             await ledger.write(LedgerDB.end_run, self.run_id, EXIT_UNEXPECTED, live)
-        return RunOutcome(EXIT_UNEXPECTED, summary, [], self.stop_reason, failure=str(failure))
+        cause = failure.cause
+        line = str(cause) if isinstance(cause, RekbatchError) else str(failure)
+        return RunOutcome(EXIT_UNEXPECTED, summary, [], self.stop_reason, failure=line)
 
 
 def _reference_locations(cfg: Config) -> list[str]:

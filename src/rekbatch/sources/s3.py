@@ -1,23 +1,32 @@
 """S3: the run's one S3 client, and prefixes of buckets as sources.
 
 ``S3`` opens the client once for the whole run (listing, sniffing, downloads, references and
-uploads share its connection pool). ``S3Source`` lists one ``s3://bucket/prefix`` page by
-page, in key order, resuming after a watermark; pages are fetched as the consumer pulls, so
-memory stays at one page whatever the size of the bucket.
+uploads share its connection pool). Every request goes through ``S3.call``: a failure of the
+connection itself is retried (after botocore's own retries) for as long as S3 is not down
+(``Reachability``), so a network problem that lasts seconds costs no object. ``S3Source``
+lists one ``s3://bucket/prefix`` page by page, in key order, resuming after a watermark;
+pages are fetched as the consumer pulls, so memory stays at one page whatever the size of
+the bucket.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 from aiobotocore.config import AioConfig
 
-from rekbatch.errors import setup_error_from
+from rekbatch.calls.retry import Reachability, RetryPolicy, is_connection_failure
+from rekbatch.clock import MONOTONIC, Clock
+from rekbatch.errors import call_error_from, setup_error_from
 from rekbatch.records import ObjectRef
+
+T = TypeVar("T")
 
 
 def _iso(value: Any) -> str:
@@ -27,7 +36,15 @@ def _iso(value: Any) -> str:
 class S3:
     """The run's S3 client, opened once and closed with the run."""
 
-    def __init__(self, session: Any, *, endpoint_url: str | None, pool: int) -> None:
+    def __init__(
+        self,
+        session: Any,
+        *,
+        endpoint_url: str | None,
+        pool: int,
+        unreachable_seconds: float = 120.0,
+        clock: Clock = MONOTONIC,
+    ) -> None:
         self._session = session
         self._endpoint = endpoint_url
         self._config = AioConfig(
@@ -38,6 +55,9 @@ class S3:
         )
         self._stack = contextlib.AsyncExitStack()
         self.client: Any = None
+        self.reach = Reachability("the S3 endpoint", unreachable_seconds, clock)
+        self._retry = RetryPolicy()
+        self._rng = random.Random()
 
     async def __aenter__(self) -> S3:
         self.client = await self._stack.enter_async_context(
@@ -53,6 +73,23 @@ class S3:
     ) -> None:
         await self._stack.aclose()
 
+    async def call(self, request: Callable[[], Awaitable[T]]) -> T:
+        """``request()``, again after a failure of the connection until S3 is down."""
+        tries = 0
+        while True:
+            tries += 1
+            try:
+                result = await request()
+            except Exception as exc:
+                classified = call_error_from(exc)
+                if classified is None or not is_connection_failure(classified.code):
+                    raise
+                self.reach.failed(f"{classified.code}: {classified.message}")
+                await asyncio.sleep(self._retry.delay(min(tries, 8), self._rng))
+                continue
+            self.reach.ok()
+            return result
+
     async def check_bucket(self, bucket: str) -> None:
         """Fail early, with one clear line, when a source bucket cannot be listed."""
         try:
@@ -63,19 +100,23 @@ class S3:
                 raise
             raise setup from None
 
-    async def read_head(self, bucket: str, key: str, nbytes: int) -> bytes:
-        response = await self.client.get_object(
-            Bucket=bucket, Key=key, Range=f"bytes=0-{nbytes - 1}"
-        )
+    async def _get(self, **kwargs: Any) -> bytes:
+        response = await self.client.get_object(**kwargs)
         async with response["Body"] as body:
             data: bytes = await body.read()
         return data
 
+    async def read_head(self, bucket: str, key: str, nbytes: int) -> bytes:
+        return await self.call(
+            lambda: self._get(Bucket=bucket, Key=key, Range=f"bytes=0-{nbytes - 1}")
+        )
+
     async def read(self, bucket: str, key: str) -> bytes:
-        response = await self.client.get_object(Bucket=bucket, Key=key)
-        async with response["Body"] as body:
-            data: bytes = await body.read()
-        return data
+        return await self.call(lambda: self._get(Bucket=bucket, Key=key))
+
+    async def list_page(self, **kwargs: Any) -> dict[str, Any]:
+        page: dict[str, Any] = await self.call(lambda: self.client.list_objects_v2(**kwargs))
+        return page
 
 
 class S3Source:
@@ -94,13 +135,13 @@ class S3Source:
         kwargs: dict[str, Any] = {
             "Bucket": self.bucket,
             "Prefix": self.prefix,
-            "PaginationConfig": {"PageSize": page_size},
+            "MaxKeys": page_size,
         }
         if start_after:
             kwargs["StartAfter"] = start_after
         bucket, index = self.bucket, self.index
-        paginator = self._s3.client.get_paginator("list_objects_v2")
-        async for page in paginator.paginate(**kwargs):
+        while True:
+            page = await self._s3.list_page(**kwargs)
             for item in page.get("Contents", ()):
                 key = item["Key"]
                 size = int(item.get("Size", 0))
@@ -115,6 +156,11 @@ class S3Source:
                     None,
                     index,
                 )
+            token = page.get("NextContinuationToken")
+            if not page.get("IsTruncated") or not token:
+                return
+            kwargs.pop("StartAfter", None)
+            kwargs["ContinuationToken"] = token
 
     async def read_head(self, obj: ObjectRef, nbytes: int) -> bytes:
         return await self._s3.read_head(self.bucket, obj.key, nbytes)
