@@ -68,7 +68,7 @@ LOCAL_SUPPORTED_OPERATIONS: frozenset[str] = frozenset(
 
 INSTALL_HINT = "pip install 'rekbatch[local]'"
 FACE_MODEL_VERSION = "local-dlib-resnet-v1"  # == local_faces.FACE_MODEL_VERSION
-DEFAULT_DETECT_MEGAPIXELS = 1.2  # == local_faces.DETECT_MEGAPIXELS
+DEFAULT_DETECT_MEGAPIXELS = 1.5  # == local_faces.DETECT_MEGAPIXELS
 
 _EXTERNAL_IMAGE_ID_RE = re.compile(r"[a-zA-Z0-9_.\-:]{1,255}")
 _FACE_ID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
@@ -94,8 +94,12 @@ def local_backend_available() -> str | None:
             if importlib.util.find_spec(module) is None:
                 missing.append(package)
                 continue
-            if module in ("dlib", "yuface"):
+            if module == "dlib":
                 importlib.import_module(module)  # a wheel for the wrong platform fails here
+            elif module == "yuface":
+                from rekbatch.backends.local.detector import load_yuface
+
+                load_yuface()
         except (ImportError, OSError, ValueError):
             missing.append(package)
     if "numpy" not in missing and "Pillow" not in missing:
@@ -233,10 +237,10 @@ class LocalBackend:
         self._external_executor = executor
         self._pool: ProcessPoolExecutor | None = None
         self._closed = False
-        self._reference_done: OrderedDict[str, Any] = OrderedDict()
-        self._reference_pending: dict[str, asyncio.Task[Any]] = {}
-        # How many reference images were sent to a worker to be analysed (tests read it).
-        self.reference_analyses = 0
+        # CompareFaces sources by content hash: (SourceImageFace, embedding) or their error.
+        self._references: OrderedDict[str, Any] = OrderedDict()
+        # How many CompareFaces calls carried their source's bytes to a worker (tests read it).
+        self.reference_uploads = 0
 
     # -- plumbing
 
@@ -261,15 +265,16 @@ class LocalBackend:
             self._pool = pool
         return self._pool
 
-    async def start(self) -> list[int]:
-        """Start the pool and wait until every worker has loaded its models; returns the
-        workers' process ids (a worker may answer for more than one slot)."""
-        executor = self._executor()
-        loop = asyncio.get_running_loop()
-        pids = await asyncio.gather(
-            *(loop.run_in_executor(executor, _ready) for _ in range(self.workers))
-        )
-        return list(pids)
+    async def start(self) -> None:
+        """Start the pool now (every worker at once) and wait until the workers have loaded
+        their models, instead of on the first image."""
+        await asyncio.gather(*(self._run("stats") for _ in range(self.workers)))
+
+    async def worker_stats(self) -> dict[str, Any]:
+        """One worker's counters (``faces._stats``: pid, images analysed, references
+        analysed); which worker answers is up to the pool."""
+        stats: dict[str, Any] = await self._run("stats")
+        return stats
 
     def worker_pids(self) -> list[int]:
         """The process ids of the pool's workers (empty before the pool starts)."""
@@ -303,45 +308,40 @@ class LocalBackend:
             raise BackendError(code, message, kind)
         return payload
 
-    async def _reference(self, data: bytes) -> Any:
-        """The reference face of a CompareFaces source, analysed once per content: concurrent
-        first calls share one analysis, later ones reuse its answer (or its permanent error,
-        such as no face in the source)."""
-        key = hashlib.sha256(data).hexdigest()
-        known = self._reference_done.get(key)
+    async def _compare(self, source: bytes, target: bytes, threshold: float) -> Any:
+        """CompareFaces with the source analysed at most once per worker: until this backend
+        holds the source's embedding the bytes go along (a worker analyses them once and keeps
+        the answer by content hash), and the first answer brings the embedding back; from then
+        on only its 128 floats travel, and a compare costs the target's analysis alone."""
+        key = hashlib.sha256(source).hexdigest()
+        known = self._references.get(key)
+        if isinstance(known, BackendError):  # the source has no face: every compare fails
+            raise BackendError(known.code, known.message, known.kind)
         if known is not None:
-            self._reference_done.move_to_end(key)
-            if isinstance(known, BackendError):
-                raise BackendError(known.code, known.message, known.kind)
-            return known
-        loop = asyncio.get_running_loop()
-        pending = self._reference_pending.get(key)
-        if pending is None or pending.get_loop() is not loop:
-            pending = loop.create_task(self._analyse_reference(key, data))
-            # Retrieve the outcome even if every waiter was cancelled meanwhile.
-            pending.add_done_callback(lambda t: t.cancelled() or t.exception())
-            self._reference_pending[key] = pending
-        return await asyncio.shield(pending)
-
-    async def _analyse_reference(self, key: str, data: bytes) -> Any:
-        self.reference_analyses += 1
-        try:
-            reference = await self._run(
-                "reference_face", data, megapixels=self.detect_megapixels
+            self._references.move_to_end(key)
+            return await self._run(
+                "compare_with_reference",
+                known,
+                target,
+                threshold,
+                megapixels=self.detect_megapixels,
             )
-        except BackendError as exc:
-            if exc.kind == "permanent":
-                self._remember(key, exc)
-            raise
-        finally:
-            self._reference_pending.pop(key, None)
-        self._remember(key, reference)
-        return reference
+        self.reference_uploads += 1
+        outcome = await self._run(
+            "compare_and_reference", source, target, threshold, megapixels=self.detect_megapixels
+        )
+        if "reference_error" in outcome:
+            error = BackendError(*outcome["reference_error"])
+            if error.kind == "permanent":
+                self._remember(key, error)
+            raise error
+        self._remember(key, outcome["reference"])
+        return outcome["result"]
 
     def _remember(self, key: str, outcome: Any) -> None:
-        self._reference_done[key] = outcome
-        while len(self._reference_done) > _REFERENCES_KEPT:
-            self._reference_done.popitem(last=False)
+        self._references[key] = outcome
+        while len(self._references) > _REFERENCES_KEPT:
+            self._references.popitem(last=False)
 
     def _collections(self) -> CollectionStore:
         if self._store is None:
@@ -422,14 +422,7 @@ class LocalBackend:
         source = self._bytes("CompareFaces", images, "SourceImage")
         target = self._bytes("CompareFaces", images, "TargetImage")
         threshold = _float_param(params, "SimilarityThreshold", 80.0)
-        reference = await self._reference(source)
-        result: dict[str, Any] = await self._run(
-            "compare_with_reference",
-            reference,
-            target,
-            threshold,
-            megapixels=self.detect_megapixels,
-        )
+        result: dict[str, Any] = await self._compare(source, target, threshold)
         return result
 
     async def _create_collection(
@@ -481,7 +474,7 @@ class LocalBackend:
         max_faces = _int_param(params, "MaxFaces", _MAX_FACES_PER_IMAGE, 1, 4096)
         data = self._bytes("IndexFaces", images, "Image")
         await asyncio.to_thread(store.check, collection_id)  # before paying for the models
-        found: list[tuple[dict[str, Any], list[float] | None]] = await self._run(
+        found: list[tuple[dict[str, Any], list[float] | None, str | None]] = await self._run(
             "face_embeddings", data, _MAX_FACES_PER_IMAGE, megapixels=self.detect_megapixels
         )
         from rekbatch.backends.local.collections import StoredFace
@@ -490,9 +483,9 @@ class LocalBackend:
         stored: list[StoredFace] = []
         records: list[dict[str, Any]] = []
         unindexed: list[dict[str, Any]] = []
-        for detail, embedding in found:
-            if embedding is None:  # too small to recognise, as Rekognition's quality filter
-                unindexed.append({"Reasons": ["SMALL_BOUNDING_BOX"], "FaceDetail": detail})
+        for detail, embedding, reason in found:
+            if embedding is None:  # too small or soft to recognise: Rekognition's reasons
+                unindexed.append({"Reasons": [reason], "FaceDetail": detail})
                 continue
             if len(stored) >= max_faces:
                 unindexed.append({"Reasons": ["EXCEEDS_MAX_FACES"], "FaceDetail": detail})

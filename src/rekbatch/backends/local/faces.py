@@ -81,6 +81,7 @@ __all__ = [
     "FACE_MODEL_VERSION",
     "MODEL_FILES",
     "analysis_count",
+    "compare_and_reference",
     "compare_faces",
     "compare_with_reference",
     "count_faces",
@@ -109,14 +110,16 @@ MAX_FACES = 100
 MAX_IMAGE_PIXELS = 100_000_000
 
 # Detection canvas: this many megapixels (at most CANVAS_MAX_UPSCALE times the image).
-DETECT_MEGAPIXELS = 1.2
+DETECT_MEGAPIXELS = 1.5
 CANVAS_MAX_UPSCALE = 2.0
 # First-pass hits from CANDIDATE_SCORE up are examined (at most MAX_CANDIDATES, largest
 # first); a face needs ACCEPT_SCORE in the first pass or CONFIRM_SCORE on its upright cut-out.
-# Faces narrower than this (source pixels) are found but not recognised: their embeddings
-# drift towards everyone's (measured: unrelated 10-20 px faces reach 60-70 similarity to
-# the reference, against at most 61 from 26 px up), so they are never matched or indexed.
+# Faces too small or too soft to recognise are found but never matched or indexed: with
+# little detail dlib's embedding drifts towards everyone's. Measured on the samples and the
+# synthetic crowd: unrelated faces of 10-20 px, or blurred (an enlarged photo: Sharpness
+# 1-3), reach 60-79 similarity to the reference; every true match has Sharpness 10 or more.
 MIN_RECOGNISE_PX = 20.0
+MIN_RECOGNISE_SHARPNESS = 4.0
 CANDIDATE_SCORE = 45.0
 ACCEPT_SCORE = 85.0
 CONFIRM_SCORE = 75.0
@@ -159,8 +162,10 @@ class _Models:
 
 
 _MODELS: _Models | None = None
-# Per process: how many images were analysed (tests and benchmarks read it).
+# Per process: how many images were analysed, and how many of them as CompareFaces sources
+# (tests and benchmarks read them through the "stats" task).
 _ANALYSES = 0
+_REFERENCE_ANALYSES = 0
 
 
 def models_dir() -> Path | None:
@@ -194,7 +199,8 @@ def _models() -> _Models:
     if _MODELS is None:
         try:
             import dlib
-            import yuface  # noqa: F401  (fail here, not on the first image)
+
+            detector.load_yuface()  # fail here, not on the first image
         except ImportError as exc:
             raise _unavailable(f"{exc.name or 'a model package'} is not installed") from exc
         directory = models_dir()
@@ -584,9 +590,18 @@ def _embed(models: _Models, picture: _Picture, faces: list[_Face]) -> None:
         face.embedding = descriptor
 
 
-def _analyse(data: bytes, embed_limit: int, megapixels: float, min_embed: float) -> _Analysis:
+def _too_poor(face: _Face) -> str | None:
+    """Why a face cannot be recognised (Rekognition's quality-filter reasons), or None."""
+    if face.width < MIN_RECOGNISE_PX:
+        return "SMALL_BOUNDING_BOX"
+    if face.sharpness < MIN_RECOGNISE_SHARPNESS:
+        return "LOW_SHARPNESS"
+    return None
+
+
+def _analyse(data: bytes, embed_limit: int, megapixels: float, filtered: bool) -> _Analysis:
     """Find faces (the MAX_FACES largest), with embeddings for the ``embed_limit`` largest
-    that are at least ``min_embed`` source pixels wide."""
+    (``filtered``: only those good enough to recognise, see ``_too_poor``)."""
     global _ANALYSES
     picture = _decode(data, megapixels, full=True)  # refuse a bad image before the models
     models = _models()
@@ -600,7 +615,8 @@ def _analyse(data: bytes, embed_limit: int, megapixels: float, min_embed: float)
                 break
     faces.sort(key=lambda f: f.width, reverse=True)
     if embed_limit > 0:
-        _embed(models, picture, [f for f in faces[:embed_limit] if f.width >= min_embed])
+        chosen = faces[:embed_limit]
+        _embed(models, picture, [f for f in chosen if not (filtered and _too_poor(f))])
     return _Analysis(width=picture.width, height=picture.height, faces=faces)
 
 
@@ -666,7 +682,7 @@ def similarity_from_distance(distance: float) -> float:
 
 def detect_faces(data: bytes, megapixels: float = DETECT_MEGAPIXELS) -> dict[str, Any]:
     """DetectFaces: the faces in a JPEG/PNG image (up to the 100 largest)."""
-    analysis = _analyse(data, 0, megapixels, 0.0)
+    analysis = _analyse(data, 0, megapixels, False)
     return {
         "FaceDetails": [
             _face_detail(face, analysis.width, analysis.height) for face in analysis.faces
@@ -674,9 +690,7 @@ def detect_faces(data: bytes, megapixels: float = DETECT_MEGAPIXELS) -> dict[str
     }
 
 
-def count_faces(
-    data: bytes, megapixels: float = DETECT_MEGAPIXELS, limit: int = MAX_FACES
-) -> int:
+def count_faces(data: bytes, megapixels: float = DETECT_MEGAPIXELS, limit: int = MAX_FACES) -> int:
     """How many faces ``detect_faces`` would find (at most ``limit``): detection only, no
     landmarks or embeddings, and only the doubtful hits are looked at twice. The local
     pre-filter's test."""
@@ -723,12 +737,14 @@ def content_key(data: bytes) -> str:
 def reference_face(data: bytes, megapixels: float = DETECT_MEGAPIXELS) -> Reference:
     """The largest face of a CompareFaces source image, as SourceImageFace and embedding.
     Analysed once per process per content: later calls with the same bytes hit a cache."""
+    global _REFERENCE_ANALYSES
     key = content_key(data)
     cached = _REFERENCES.get(key)
     if cached is not None:
         _REFERENCES.move_to_end(key)
         return cached
-    analysis = _analyse(data, 1, megapixels, 0.0)
+    _REFERENCE_ANALYSES += 1
+    analysis = _analyse(data, 1, megapixels, False)
     if not analysis.faces:
         raise _no_face()
     face = analysis.faces[0]
@@ -756,11 +772,11 @@ def compare_with_reference(
     image is looked at."""
     source_face, embedding = reference
     query = np.asarray(embedding, dtype=np.float64)
-    tgt = _analyse(target, MAX_FACES, megapixels, MIN_RECOGNISE_PX)
+    tgt = _analyse(target, MAX_FACES, megapixels, True)
     matches: list[dict[str, Any]] = []
     unmatched: list[dict[str, Any]] = []
     for face in tgt.faces:
-        if face.embedding is None:  # too small to recognise
+        if face.embedding is None:  # too small or soft to recognise
             unmatched.append(_face_detail(face, tgt.width, tgt.height))
             continue
         distance = float(np.linalg.norm(face.embedding - query))
@@ -791,24 +807,42 @@ def compare_faces(
     )
 
 
-def face_embeddings(
-    data: bytes,
-    max_faces: int = MAX_FACES,
+def compare_and_reference(
+    source: bytes,
+    target: bytes,
+    similarity_threshold: float = 80.0,
     megapixels: float = DETECT_MEGAPIXELS,
-    min_width: float = MIN_RECOGNISE_PX,
-) -> list[tuple[dict[str, Any], list[float] | None]]:
-    """Every face (largest first, at most ``max_faces``) as (FaceDetail, 128-d embedding);
-    the embedding is None for a face narrower than ``min_width`` pixels (too small to
-    recognise: IndexFaces leaves it out as SMALL_BOUNDING_BOX).
+) -> dict[str, Any]:
+    """CompareFaces for a caller that does not hold the source's embedding yet: the answer
+    (``result``) and the reference (``reference``) to send instead of the bytes next time;
+    a source without a face gives ``reference_error`` (code, message, kind) instead."""
+    try:
+        reference = reference_face(source, megapixels)
+    except BackendError as exc:
+        return {"reference_error": (exc.code, exc.message, exc.kind)}
+    return {
+        "reference": reference,
+        "result": compare_with_reference(reference, target, similarity_threshold, megapixels),
+    }
+
+
+def face_embeddings(
+    data: bytes, max_faces: int = MAX_FACES, megapixels: float = DETECT_MEGAPIXELS
+) -> list[tuple[dict[str, Any], list[float] | None, str | None]]:
+    """Every face (largest first, at most ``max_faces``) as (FaceDetail, 128-d embedding,
+    None), or (FaceDetail, None, reason) for a face too small or soft to recognise (reason
+    ``SMALL_BOUNDING_BOX`` or ``LOW_SHARPNESS``, as Rekognition's IndexFaces quality filter
+    says it).
 
     The FaceDetail holds BoundingBox, Landmarks, Pose, Quality and Confidence, as DetectFaces
     returns them; embeddings compare with Euclidean distance and ``similarity_from_distance``.
     """
-    analysis = _analyse(data, max_faces, megapixels, min_width)
+    analysis = _analyse(data, max_faces, megapixels, True)
     return [
         (
             _face_detail(face, analysis.width, analysis.height),
             None if face.embedding is None else face.embedding.tolist(),
+            None if face.embedding is not None else (_too_poor(face) or "LOW_QUALITY"),
         )
         for face in analysis.faces[:max_faces]
     ]
@@ -817,20 +851,25 @@ def face_embeddings(
 def largest_face_embedding(
     data: bytes, megapixels: float = DETECT_MEGAPIXELS
 ) -> tuple[dict[str, Any], list[float]]:
-    """The largest face as (FaceDetail, embedding), whatever its size (the caller chose this
-    image to search with); no face -> InvalidParameterException."""
-    faces = face_embeddings(data, 1, megapixels, 0.0)
-    if not faces:
+    """The largest face as (FaceDetail, embedding), however small or soft (the caller chose
+    this image to search with); no face -> InvalidParameterException."""
+    analysis = _analyse(data, 1, megapixels, False)
+    if not analysis.faces:
         raise _no_face()
-    detail, embedding = faces[0]
-    assert embedding is not None
-    return detail, embedding
+    face = analysis.faces[0]
+    assert face.embedding is not None
+    return _face_detail(face, analysis.width, analysis.height), face.embedding.tolist()
 
 
 def _stats() -> dict[str, int]:
     import os
 
-    return {"pid": os.getpid(), "analyses": _ANALYSES, "references": len(_REFERENCES)}
+    return {
+        "pid": os.getpid(),
+        "analyses": _ANALYSES,
+        "reference_analyses": _REFERENCE_ANALYSES,
+        "references_kept": len(_REFERENCES),
+    }
 
 
 _TASKS: dict[str, Callable[..., Any]] = {
@@ -838,6 +877,7 @@ _TASKS: dict[str, Callable[..., Any]] = {
     "count_faces": count_faces,
     "compare_faces": compare_faces,
     "compare_with_reference": compare_with_reference,
+    "compare_and_reference": compare_and_reference,
     "reference_face": reference_face,
     "face_embeddings": face_embeddings,
     "largest_face_embedding": largest_face_embedding,
