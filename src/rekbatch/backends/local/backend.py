@@ -128,7 +128,8 @@ def _init_worker() -> None:
     A failure to load is left for the first task to report as a ``BackendError`` instead of
     breaking the pool."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    if hasattr(signal, "pthread_sigmask"):  # POSIX
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     for name, value in _WORKER_ENV.items():
         os.environ.setdefault(name, value)
     from rekbatch.backends.local import faces as local_faces
@@ -154,11 +155,12 @@ def _spawn_guard() -> Iterator[None]:
     with _ENV_LOCK:
         added = {k: v for k, v in _WORKER_ENV.items() if k not in os.environ}
         os.environ.update(added)
-        previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        masking = hasattr(signal, "pthread_sigmask")  # POSIX; elsewhere the initializer only
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT}) if masking else set()
         try:
             yield
         finally:
-            if signal.SIGINT not in previous:
+            if masking and signal.SIGINT not in previous:
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
             for name in added:
                 os.environ.pop(name, None)
