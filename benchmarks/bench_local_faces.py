@@ -5,12 +5,21 @@ For a photo with faces (the 5-person group selfie ``samples/wheres-ric/ric_crowd
 
 - the median wall time (and CPU time, which other load on the machine disturbs less) per photo
   on one core of detect + embed every face, which is what ``compare_faces`` does for a target
-  image (``face_embeddings``);
-- images per second through a process pool with one worker per available core, over a batch.
+  image (``face_embeddings``), and of ``count_faces`` (the detection-only pre-filter) where
+  the code has it;
+- images per second through a process pool with one worker per available core, over a batch;
+- with ``--readme``: the README's first command (``rekbatch run
+  configs/wheres-ric-local.toml``, 7 sample photos) as a subprocess, its own
+  ``elapsed_seconds`` from summary.json and the whole process's wall time.
 
-Prints a markdown table and writes ``benchmarks/results/local_faces.json``.
+``--src`` picks the code to measure, so the same script measures the code before a change
+from another checkout (for example ``git archive f22294f | tar -x -C /tmp/before`` and
+``--src /tmp/before/src``; the README command then runs from that checkout too). Workers and
+this process run single-threaded (OMP/OpenBLAS), as the backend's pool runs them.
 
-    python benchmarks/bench_local_faces.py [--repeats 5] [--batch-per-worker 6]
+Prints a markdown table and writes ``benchmarks/results/local_faces.json`` (or ``--output``).
+
+    python benchmarks/bench_local_faces.py [--repeats 5] [--batch-per-worker 6] [--readme 3]
 """
 
 from __future__ import annotations
@@ -21,25 +30,41 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
-
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-sys.path.insert(0, str(REPO / "src"))
-
-from rekbatch.backends.local import faces as local_faces  # noqa: E402
-from rekbatch.backends.local.backend import default_workers  # noqa: E402
-
 PHOTO = REPO / "samples" / "wheres-ric" / "ric_crowd1.jpg"
 SIZES_MP = (0.1, 2.0, 8.0, 16.0)
 RESULTS = HERE / "results" / "local_faces.json"
+for _name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_name, "1")
+
+
+def _src_from_argv() -> Path:
+    # --src must take effect before rekbatch is imported (and in the spawned workers).
+    for index, arg in enumerate(sys.argv):
+        if arg == "--src" and index + 1 < len(sys.argv):
+            return Path(sys.argv[index + 1]).resolve()
+        if arg.startswith("--src="):
+            return Path(arg.split("=", 1)[1]).resolve()
+    return REPO / "src"
+
+
+SRC = _src_from_argv()
+sys.path.insert(0, str(SRC))
+os.environ["PYTHONPATH"] = os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])
+
+from PIL import Image  # noqa: E402
+
+from rekbatch.backends.local import faces as local_faces  # noqa: E402
 
 
 def photo_at(megapixels: float) -> bytes:
@@ -59,12 +84,17 @@ def _task(data: bytes) -> int:
     return len(local_faces.face_embeddings(data))
 
 
-def single_core(data: bytes, repeats: int) -> dict[str, Any]:
-    faces = _task(data)  # warm-up (and models loaded)
+def _count(data: bytes) -> int:
+    count: int = local_faces.count_faces(data)  # type: ignore[attr-defined]
+    return count
+
+
+def single_core(task: Any, data: bytes, repeats: int) -> dict[str, Any]:
+    faces = task(data)  # warm-up (and models loaded)
     times, cpu = [], []
     for _ in range(repeats):
         start, start_cpu = time.perf_counter(), time.process_time()
-        _task(data)
+        task(data)
         times.append(time.perf_counter() - start)
         cpu.append(time.process_time() - start_cpu)
     return {
@@ -88,13 +118,45 @@ def pool_throughput(data: bytes, workers: int, batch: int) -> float:
     return batch / elapsed
 
 
+def readme_run(runs: int) -> dict[str, Any]:
+    """The README's first command, from the checkout that holds ``--src``."""
+    root = SRC.parent
+    elapsed, wall = [], []
+    for _ in range(runs):
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "out"
+            start = time.perf_counter()
+            command = ["run", "configs/wheres-ric-local.toml", "--output", str(out)]
+            subprocess.run(
+                [sys.executable, "-m", "rekbatch", *command],
+                cwd=root,
+                check=True,
+                capture_output=True,
+            )
+            wall.append(time.perf_counter() - start)
+            summary = json.loads((out / "summary.json").read_text())
+            elapsed.append(float(summary["elapsed_seconds"]))
+            assert len(summary["compare_faces"]["matched_keys"]) == 3, summary
+    return {
+        "runs": runs,
+        "elapsed_seconds": elapsed,
+        "wall_seconds": [round(w, 2) for w in wall],
+        "median_elapsed_s": statistics.median(elapsed),
+        "median_wall_s": statistics.median(wall),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--src", type=Path, default=REPO / "src", help="the code to measure")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch-per-worker", type=int, default=6)
+    parser.add_argument("--readme", type=int, default=0, help="README command runs (0: none)")
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
+    from rekbatch.backends.local.backend import default_workers
 
+    has_count = hasattr(local_faces, "count_faces")
     workers = default_workers()
     local_faces.warm_up()
     rows = []
@@ -102,25 +164,28 @@ def main() -> None:
         data = photo_at(megapixels)
         with Image.open(io.BytesIO(data)) as image:
             width, height = image.size
-        one = single_core(data, args.repeats)
+        one = single_core(_task, data, args.repeats)
         rate = pool_throughput(data, workers, args.batch_per_worker * workers)
-        rows.append(
-            {
-                "megapixels": megapixels,
-                "width": width,
-                "height": height,
-                "faces": one["faces"],
-                "median_s_per_photo_1_core": round(one["median_s"], 3),
-                "min_s_per_photo_1_core": round(one["min_s"], 3),
-                "median_cpu_s_per_photo": round(one["median_cpu_s"], 3),
-                "pool_images_per_s": round(rate, 2),
-            }
-        )
+        row = {
+            "megapixels": megapixels,
+            "width": width,
+            "height": height,
+            "faces": one["faces"],
+            "median_s_per_photo_1_core": round(one["median_s"], 3),
+            "min_s_per_photo_1_core": round(one["min_s"], 3),
+            "median_cpu_s_per_photo": round(one["median_cpu_s"], 3),
+            "pool_images_per_s": round(rate, 2),
+        }
+        if has_count:
+            count = single_core(_count, data, args.repeats)
+            row["count_faces_median_cpu_s"] = round(count["median_cpu_s"], 3)
+        rows.append(row)
         print(f"{megapixels} MP done", file=sys.stderr)
 
     import dlib
 
-    result = {
+    result: dict[str, Any] = {
+        "src": str(SRC),
         "photo": str(PHOTO.relative_to(REPO)),
         "task": "face_embeddings (detect + landmarks + embedding of every face)",
         "workers": workers,
@@ -130,22 +195,33 @@ def main() -> None:
         "machine": platform.machine(),
         "processor": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
+        "load_average": os.getloadavg(),
         "dlib": dlib.__version__,
         "rows": rows,
     }
+    if args.readme:
+        result["readme"] = readme_run(args.readme)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
 
+    count_head = " count_faces CPU s |" if has_count else ""
     print(
-        f"| MP | size | faces | median s/photo (1 core) | median CPU s/photo "
-        f"| images/s ({workers} workers) |"
+        f"| MP | size | faces | median s/photo (1 core) | median CPU s/photo |{count_head} "
+        f"images/s ({workers} workers) |"
     )
-    print("|---:|---|---:|---:|---:|---:|")
+    print("|---:|---|---:|---:|---:|" + ("---:|" if has_count else "") + "---:|")
     for row in rows:
+        count_cell = f" {row['count_faces_median_cpu_s']:.3f} |" if has_count else ""
         print(
             f"| {row['megapixels']} | {row['width']}x{row['height']} | {row['faces']} "
             f"| {row['median_s_per_photo_1_core']:.3f} | {row['median_cpu_s_per_photo']:.3f} "
-            f"| {row['pool_images_per_s']:.2f} |"
+            f"|{count_cell} {row['pool_images_per_s']:.2f} |"
+        )
+    if args.readme:
+        readme = result["readme"]
+        print(
+            f"\nREADME command, {readme['runs']} runs: elapsed_seconds {readme['elapsed_seconds']}"
+            f", process wall {readme['wall_seconds']} s"
         )
     print(f"\nwritten to {args.output}")
 

