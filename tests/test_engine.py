@@ -475,3 +475,57 @@ async def test_a_budget_cap_stops_with_4_and_the_resume_lists_only_what_is_left(
     # Nothing finished was paid for twice.
     assert not set(first.billed) & set(second.billed)
     assert sum(second.billed.values()) == 2 * 300
+
+
+KILL_BETWEEN_OPERATIONS = """
+import asyncio, hashlib, os, sys
+sys.path.insert(0, {repo!r})
+from pathlib import Path
+from rekbatch.config import load_config
+from rekbatch.engine import Job, RunOptions
+from tests.support.fake_backend import FakeBackend
+
+victim = "sha256:" + hashlib.sha256(Path({victim!r}).read_bytes()).hexdigest()
+
+def hook(number, api, ident):
+    if api == "DetectLabels" and ident == victim:
+        os._exit(137)  # killed after the object's first result, before its second
+
+cfg = load_config({config!r}, environ={{}})
+job = Job(cfg, RunOptions(output_dir=Path(cfg.job.output_dir)), backend=FakeBackend(hook=hook))
+asyncio.run(job.run())
+"""
+
+
+def test_a_kill_between_two_operations_keeps_the_first_result(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    photos = tmp_path / "photos"
+    keys = local_images(photos, 12)
+    cfg = make_config(tmp_path, [str(photos)], concurrency=1)
+    victim = photos / keys[5]
+    script = KILL_BETWEEN_OPERATIONS.format(
+        repo=str(REPO), victim=str(victim), config=str(tmp_path / "job.toml")
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert proc.returncode == 137, proc.stderr
+    out = tmp_path / "out"
+    before = {(r["key"], r["operation"]): r for r in read_jsonl(out / "results.jsonl")}
+    assert before[(keys[5], "detect_faces")]["status"] == "ok"
+    assert (keys[5], "detect_labels") not in before
+
+    again = FakeBackend()
+    assert asyncio.run(run(cfg, again)).exit_code == 0
+    assert_exactly_once(out, expected_pairs(photos, keys))
+    # The first result of the object was kept and not asked for again; only what the
+    # kill lost is.
+    ident = _ident(victim)
+    assert ("DetectFaces", ident) not in again.billed
+    assert again.billed[("DetectLabels", ident)] == 1
+    after = {(r["key"], r["operation"]): r for r in read_jsonl(out / "results.jsonl")}
+    assert after[(keys[5], "detect_faces")] == before[(keys[5], "detect_faces")]

@@ -87,3 +87,60 @@ def test_operations_the_offline_backend_cannot_do_are_refused(tmp_path: Path) ->
         assert result.exit_code == 2
         assert "operations[1].type" in result.stderr and "detect_labels" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_ctrl_c_on_a_terminal_stops_like_kill_int_and_resumes(tmp_path: Path) -> None:
+    """A terminal's Ctrl-C sends SIGINT to the whole foreground process group, the pool's
+    workers included: the run must stop exactly as with ``kill -INT`` on rekbatch alone."""
+    import os
+    import shutil
+    import signal
+    import time
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(8):
+        for name in ("ric.jpg", "ric_crowd1.jpg", "sample-image1.jpeg"):
+            shutil.copy(SAMPLES / name, photos / f"{i}-{name}")
+    out = tmp_path / "out"
+    config = write_config(
+        tmp_path / "job.toml",
+        f'[job]\nname = "ctrl-c"\noutput_dir = "{out}"\n\n[source]\nuris = ["{photos}"]\n\n'
+        '[backend]\nkind = "local"\n\n[limits]\nconcurrency = 4\n\n'
+        f'[[operations]]\ntype = "compare_faces"\nreference = "{SAMPLES / "ric_harvey.jpeg"}"\n',
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rekbatch", "run", str(config), "--log-format", "json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, as a terminal's foreground job
+    )
+    try:
+        deadline = time.monotonic() + 120
+        results = out / "results.jsonl"
+        while not (results.exists() and results.stat().st_size > 0):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "no result in time"
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    assert f"rekbatch resume {out}" in err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stopped"].startswith("interrupted")
+    first = {r["key"]: r for r in read_jsonl(out / "results.jsonl")}
+    assert 0 < len(first) < 24  # the images in flight finished and were written
+
+    resumed = invoke("resume", str(out))
+    assert resumed.exit_code == 0, resumed.stderr
+    rows = read_jsonl(out / "results.jsonl")
+    assert sorted(r["key"] for r in rows) == sorted(p.name for p in photos.iterdir())
+    again = {r["key"]: r for r in rows}
+    # What the interrupted run finished is kept as it was, not analysed again.
+    assert all(again[key] == row for key, row in first.items())
