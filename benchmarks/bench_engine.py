@@ -285,8 +285,14 @@ def rekbatch_commit() -> dict[str, Any]:
     info: dict[str, Any] = {"path": str(where), "version": getattr(rekbatch, "__version__", "")}
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         git = ["git", "-C", str(where)]
-        info["commit"] = subprocess.run(
+        info["head"] = subprocess.run(
             [*git, "rev-parse", "--short", "HEAD"],
+            capture_output=True, text=True, timeout=10, check=True,
+        ).stdout.strip()  # fmt: skip
+        # The last commit that changed the package: the engine measured, whatever else the
+        # checkout's HEAD holds (benchmarks, docs).
+        info["commit"] = subprocess.run(
+            [*git, "log", "-1", "--format=%h", "--", "."],
             capture_output=True, text=True, timeout=10, check=True,
         ).stdout.strip()  # fmt: skip
         dirty = subprocess.run(
@@ -340,6 +346,25 @@ def fake_calls(fake: RunningServer) -> dict[str, int]:
 
 def load_average() -> float:
     return round(os.getloadavg()[0], 2)
+
+
+def now_utc() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def phases(run: ProcessRun) -> dict[str, Any]:
+    """Start-up and wind-down around the logged run: seconds from spawn to the first JSON log
+    line and from the last one to exit, and when each event was first logged."""
+    if not run.events:
+        return {}
+    first: dict[str, float] = {}
+    for t, event in run.events:
+        first.setdefault(event, t)
+    return {
+        "first_log_line_at": run.events[0][0],
+        "after_last_log_line": round(run.wall_seconds - run.events[-1][0], 2),
+        "first_logged": first,
+    }
 
 
 # --------------------------------------------------------------------------- memory
@@ -404,6 +429,7 @@ def measure_memory(
             calls = int(summary.get("calls", {}).get("total", 0))
             row = {
                 "objects": n,
+                "measured_at": now_utc(),
                 **run.as_dict(),
                 "calls": calls,
                 "by_status": summary.get("counts", {}).get("by_status", {}),
@@ -425,19 +451,40 @@ def measure_memory(
             )
             if not keep:
                 shutil.rmtree(out, ignore_errors=True)
-    by_size = {row["objects"]: row["max_rss_mb"] for row in rows}
+    return {"fake": fake_mode, "concurrency": concurrency, "rows": rows}
+
+
+def memory_section(
+    measured: dict[str, Any], previous: dict[str, Any] | None, commit: dict[str, Any]
+) -> dict[str, Any]:
+    """The memory section of the results: rows of sizes measured now, plus rows of other
+    sizes kept from ``previous`` when it measured the same rekbatch commit and variant (so
+    ``--sizes 1000000`` can be run on its own later); the peak-RSS ratio over them all."""
+    rows = {row["objects"]: row for row in measured["rows"]}
+    same = ("commit", "src_dirty", "variant")
+    before = (previous or {}).get("rekbatch") or {}
+    if (
+        previous
+        and all(before.get(k) == commit.get(k) for k in same)
+        and previous.get("fake") == measured["fake"]
+        and previous.get("concurrency") == measured["concurrency"]
+    ):
+        for row in previous.get("rows", []):
+            rows.setdefault(row["objects"], row)
+    ordered = [rows[n] for n in sorted(rows)]
+    by_size = {row["objects"]: row["max_rss_mb"] for row in ordered}
     smallest, largest = min(by_size), max(by_size)
     ratio = by_size[largest] / by_size[smallest] if by_size[smallest] else None
     return {
-        "fake": fake_mode,
-        "concurrency": concurrency,
-        "rows": rows,
+        **measured,
+        "rekbatch": commit,
+        "rows": ordered,
         "ratio": {
             "from": smallest,
             "to": largest,
             "value": round(ratio, 3) if ratio is not None else None,
         },
-        "targets": {"max_rss_mb": MEMORY_TARGET_MB, "ratio_smallest_to_1M": MEMORY_RATIO_TARGET},
+        "targets": {"max_rss_mb": MEMORY_TARGET_MB, "ratio_20k_to_1M": MEMORY_RATIO_TARGET},
     }
 
 
@@ -523,6 +570,7 @@ def measure_throughput(
                     ),
                     "fake_cpu_seconds": round(fake.cpu_seconds() - fake_cpu, 2),
                     "load_average_before": load,
+                    "phases": phases(run),
                 }
                 if contender == "rekbatch":
                     summary = read_summary(out)
@@ -631,9 +679,10 @@ def main() -> None:
     payload: dict[str, Any] = {}
     with contextlib.suppress(OSError, ValueError):
         payload = json.loads(path.read_text())
+    commit = {**rekbatch_commit(), "variant": dataclasses.asdict(variant)}
     payload.update(
         {
-            "rekbatch": rekbatch_commit(),
+            "rekbatch": commit,
             "variant": {"label": args.label, **dataclasses.asdict(variant)},
             "machine": {
                 "cores": os.cpu_count(),
@@ -651,8 +700,10 @@ def main() -> None:
         print(f"work dir: {work}", flush=True)
         tables: list[str] = []
         if args.only in ("memory", "both"):
-            memory = measure_memory(args.sizes, args.concurrency, variant, work, args.keep_outputs)
-            memory["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            measured = measure_memory(
+                args.sizes, args.concurrency, variant, work, args.keep_outputs
+            )
+            memory = memory_section(measured, payload.get("memory"), commit)
             payload["memory"] = memory
             path.write_text(json.dumps(payload, indent=2) + "\n")
             tables.append("### Peak memory\n\n" + memory_table(memory))
@@ -660,7 +711,8 @@ def main() -> None:
             throughput = measure_throughput(
                 args.images, args.rounds, args.concurrency, variant, work, args.keep_outputs
             )
-            throughput["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            throughput["measured_at"] = now_utc()
+            throughput["rekbatch"] = commit
             payload["throughput"] = throughput
             path.write_text(json.dumps(payload, indent=2) + "\n")
             tables.append("### Whole-process throughput\n\n" + throughput_table(throughput))
