@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import datetime
 import json
 import os
 import platform
@@ -38,6 +39,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -127,70 +129,107 @@ def _rss_kb(pid: int) -> int | None:
 
 
 class _EventReader:
-    """The ``event`` of each whole JSON line appended to a log file, as it grows."""
+    """The ``event`` of each whole JSON line appended to a log file, as it grows, timed by
+    the line's own ISO ``timestamp`` when it has one, else by when it was read."""
 
-    def __init__(self, path: Path, since: float) -> None:
+    def __init__(self, path: Path, since: float, since_wall: float) -> None:
         self._handle = open(path, "rb")  # noqa: SIM115 - closed by close()
         self._partial = b""
         self._since = since
+        self._since_wall = since_wall
         self.events: list[tuple[float, str]] = []
+
+    def _when(self, line: dict[str, Any]) -> float:
+        stamp = line.get("timestamp")
+        if isinstance(stamp, str):
+            with contextlib.suppress(ValueError):
+                moment = datetime.datetime.fromisoformat(stamp)
+                if moment.tzinfo is not None:
+                    return round(moment.timestamp() - self._since_wall, 3)
+        return round(time.monotonic() - self._since, 3)
 
     def poll(self) -> None:
         data = self._partial + self._handle.read()
         *lines, self._partial = data.split(b"\n")
-        for line in lines:
+        for raw in lines:
             if len(self.events) >= MAX_EVENTS:
                 return
-            with contextlib.suppress(ValueError, AttributeError):
-                event = json.loads(line).get("event")
-                if isinstance(event, str):
-                    self.events.append((round(time.monotonic() - self._since, 2), event))
+            with contextlib.suppress(ValueError):
+                line = json.loads(raw)
+                if isinstance(line, dict) and isinstance(line.get("event"), str):
+                    self.events.append((self._when(line), line["event"]))
 
     def close(self) -> None:
         self._handle.close()
 
 
+def _sample(
+    proc_pid: int,
+    use_time: bool,
+    started: float,
+    reader: _EventReader,
+    samples: list[tuple[float, int]],
+    stop: threading.Event,
+) -> None:
+    """Every SAMPLE_SECONDS until ``stop``: the measured process's RSS and new log lines."""
+    target: int | None = None if use_time else proc_pid
+    while not stop.wait(SAMPLE_SECONDS):
+        if target is None:
+            target = _child_of(proc_pid)  # /usr/bin/time's child: the measured process
+        rss = _rss_kb(target) if target is not None else None
+        if rss is not None:
+            samples.append((round(time.monotonic() - started, 2), rss))
+        reader.poll()
+
+
 def timed_process(
     argv: list[str], *, env: dict[str, str], timeout: float, log_dir: Path, label: str
 ) -> ProcessRun:
-    """Run ``argv`` under ``/usr/bin/time -v`` (or wait4 without it), sampling its RSS and
-    reading its JSON log lines as they come; kill its process group past ``timeout``."""
+    """Run ``argv`` under ``/usr/bin/time -v`` (or wait4 without it) and wait for it, while
+    a thread samples its RSS and reads its JSON log lines; past ``timeout`` its process group
+    is killed. Wall time is from spawn to the parent's wait4 returning."""
     use_time = os.access(TIME_BIN, os.X_OK)
     time_file = log_dir / f"{label}.time"
     out_path, err_path = log_dir / f"{label}.stdout", log_dir / f"{label}.stderr"
     command = [TIME_BIN, "-v", "-o", str(time_file), *argv] if use_time else argv
     samples: list[tuple[float, int]] = []
+    timed_out = threading.Event()
+    stop = threading.Event()
     with open(out_path, "wb") as out, open(err_path, "wb") as err:
-        started = time.monotonic()
-        reader = _EventReader(err_path, started)
+        started, started_wall = time.monotonic(), time.time()
         proc = subprocess.Popen(
             command, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env,
             start_new_session=True,
         )  # fmt: skip
-        status, rusage = 0, None
-        target: int | None = None if use_time else proc.pid
+        reader = _EventReader(err_path, started, started_wall)
+
+        def kill() -> None:
+            timed_out.set()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+
+        timer = threading.Timer(timeout, kill)
+        sampler = threading.Thread(
+            target=_sample, args=(proc.pid, use_time, started, reader, samples, stop), daemon=True
+        )
+        timer.start()
+        sampler.start()
         try:
-            while True:
-                pid, status, rusage = os.wait4(proc.pid, os.WNOHANG)
-                if pid == proc.pid:
-                    break
-                elapsed = time.monotonic() - started
-                if elapsed > timeout:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    os.wait4(proc.pid, 0)
-                    raise TimeoutError(f"{label}: still running after {timeout:.0f} s, killed")
-                if target is None:
-                    target = _child_of(proc.pid)
-                rss = _rss_kb(target) if target is not None else None
-                if rss is not None:
-                    samples.append((round(elapsed, 2), rss))
-                reader.poll()
-                time.sleep(SAMPLE_SECONDS)
-        finally:
-            proc.returncode = 0  # reaped above with wait4: keep Popen from waiting again
+            _, status, rusage = os.wait4(proc.pid, 0)
             wall = time.monotonic() - started
+        except BaseException:  # interrupted: leave nothing running
+            kill()
+            os.wait4(proc.pid, 0)
+            raise
+        finally:
+            proc.returncode = 0  # reaped here with wait4: keep Popen from waiting again
+            timer.cancel()
+            stop.set()
+            sampler.join(timeout=10)
             reader.poll()
             reader.close()
+    if timed_out.is_set():
+        raise TimeoutError(f"{label}: still running after {timeout:.0f} s, killed")
     exit_code = os.waitstatus_to_exitcode(status)
     if use_time:
         fields = _time_fields(time_file)
@@ -199,7 +238,6 @@ def timed_process(
         system = float(fields.get("System time (seconds)", "0"))
         exit_code = int(fields.get("Exit status", str(exit_code)))
     else:
-        assert rusage is not None
         max_rss, user, system = rusage.ru_maxrss, rusage.ru_utime, rusage.ru_stime
     return ProcessRun(
         label=label,
@@ -344,6 +382,11 @@ def fake_calls(fake: RunningServer) -> dict[str, int]:
     }
 
 
+def _last_line(text: str) -> str:
+    lines = [line for line in text.splitlines() if line.strip()]
+    return lines[-1][:300] if lines else "(no output on stderr)"
+
+
 def load_average() -> float:
     return round(os.getloadavg()[0], 2)
 
@@ -443,6 +486,7 @@ def measure_memory(
             }
             if run.exit_code != 0:
                 row["stderr_tail"] = run.stderr_tail
+                print(f"FAILED memory-{n}: {_last_line(run.stderr_tail)}", flush=True)
             rows.append(row)
             print(
                 f"memory {n}: {row['max_rss_mb']:.1f} MiB, {row['wall_seconds']:.1f} s, "
@@ -587,6 +631,7 @@ def measure_throughput(
                         row["bare_seconds"] = json.loads(run.stdout.splitlines()[-1])["seconds"]
                 if run.exit_code != 0:
                     row["stderr_tail"] = run.stderr_tail
+                    print(f"FAILED {label}: {_last_line(run.stderr_tail)}", flush=True)
                 runs.append(row)
                 print(
                     f"{label}: {counted['calls']} calls in {run.wall_seconds:.2f} s = "
