@@ -62,6 +62,7 @@ MEMORY_RATIO_TARGET = 1.15
 THROUGHPUT_RATIO_TARGET = 0.9
 SAMPLE_SECONDS = 0.5
 MAX_EVENTS = 200
+MAX_SAMPLES_KEPT = 300  # RSS samples written per run
 
 
 # --------------------------------------------------------------------------- one process
@@ -418,6 +419,15 @@ def _rss_at(samples: list[tuple[float, int]], moment: float) -> float | None:
     return round(before[-1] / 1024.0, 1) if before else None
 
 
+def _thin(samples: list[tuple[float, int]], most: int) -> list[tuple[float, int]]:
+    """At most about ``most`` evenly spaced samples, the highest always among them."""
+    if len(samples) <= most:
+        return samples
+    step = -(-len(samples) // most)
+    peak = max(range(len(samples)), key=lambda i: samples[i][1])
+    return [s for i, s in enumerate(samples) if i % step == 0 or i == peak]
+
+
 def _timeline(run: ProcessRun) -> dict[str, Any]:
     """Where the memory went: RSS at tenths of the run and at each first log event."""
     samples = run.samples
@@ -433,7 +443,7 @@ def _timeline(run: ProcessRun) -> dict[str, Any]:
         "peak_at_fraction_of_run": round(peak_t / wall, 3) if wall else None,
         "rss_mb_at_tenths": [_rss_at(samples, wall * k / 10) for k in range(1, 11)],
         "rss_mb_at_events": {e: [t, _rss_at(samples, t)] for e, t in first.items()},
-        "samples": [[t, round(kb / 1024.0, 1)] for t, kb in samples],
+        "samples": [[t, round(kb / 1024.0, 1)] for t, kb in _thin(samples, MAX_SAMPLES_KEPT)],
     }
 
 
