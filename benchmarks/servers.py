@@ -4,8 +4,10 @@ benchmark's interpreter: moto's S3 server and the project's fake Rekognition ser
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
+import select
 import socket
 import subprocess
 import sys
@@ -92,6 +94,71 @@ def fake_rekognition(s3_url: str, *args: str) -> Iterator[str]:
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunningServer:
+    url: str
+    pid: int
+
+    def cpu_seconds(self) -> float:
+        """User plus system CPU time the server's process has used so far (Linux)."""
+        with open(f"/proc/{self.pid}/stat", encoding="ascii") as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@contextlib.contextmanager
+def url_server(
+    argv: list[str], *, timeout: float = 30.0, log_path: str | None = None
+) -> Iterator[RunningServer]:
+    """Run ``argv`` (a server that prints its URL as the first line of stdout) in a process
+    of its own; yield it; stop it (SIGTERM, then SIGKILL) on the way out."""
+    log = open(log_path, "ab") if log_path else None  # noqa: SIM115 - closed in finally
+    proc = subprocess.Popen(
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=log if log is not None else subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL,
+        env=bench_env(),
+    )
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        line = b""
+        while not line.endswith(b"\n"):
+            left = deadline - time.monotonic()
+            if left <= 0 or proc.poll() is not None:
+                raise RuntimeError(f"{argv[:4]} printed no URL within {timeout} s")
+            ready, _, _ = select.select([proc.stdout], [], [], min(left, 0.5))
+            if ready:
+                chunk = os.read(proc.stdout.fileno(), 4096)
+                if not chunk:
+                    continue
+                line += chunk
+        url = line.decode().splitlines()[0].strip()
+        if not url.startswith("http://"):
+            raise RuntimeError(f"{argv[:4]} printed {url!r}, not a URL")
+        yield RunningServer(url, proc.pid)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+        if log is not None:
+            log.close()
+
+
+def synthetic_s3(
+    buckets: dict[str, int], log_path: str | None = None
+) -> contextlib.AbstractContextManager[RunningServer]:
+    """``benchmarks.synthetic_s3`` serving ``buckets`` (name -> object count)."""
+    argv = [sys.executable, "-m", "benchmarks.synthetic_s3", "--port", "0", "--region", REGION]
+    for name, count in buckets.items():
+        argv += ["--bucket", f"{name}={count}"]
+    return url_server(argv, log_path=log_path)
 
 
 def fake_admin(url: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
