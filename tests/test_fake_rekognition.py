@@ -6,16 +6,20 @@ import asyncio
 import base64
 import contextlib
 import errno
+import gc
 import io
 import json
+import re
 import selectors
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 import uuid
+import warnings
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from functools import cache
@@ -704,6 +708,107 @@ async def test_down_window_refuses_connections_then_comes_back(bare: FakeRekogni
     assert time.monotonic() - started < 2
     stats = bare.stats()
     assert stats["ok"] == {"DetectLabels": 3} and stats["calls"] == {"DetectLabels": 3}
+
+
+def keep_alive_request(sock: socket.socket, host: str) -> bytes:
+    """One DetectLabels on ``sock``, read to the end of its answer; the connection stays open."""
+    body = json.dumps({"Image": {"Bytes": base64.b64encode(FAULT_IMAGE["Bytes"]).decode()}})
+    sock.sendall(
+        (
+            f"POST / HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/x-amz-json-1.1\r\n"
+            f"X-Amz-Target: RekognitionService.DetectLabels\r\nContent-Length: {len(body)}\r\n"
+            f"\r\n{body}"
+        ).encode()
+    )
+    received = b""
+    while b"\r\n\r\n" not in received:
+        received += sock.recv(65536)
+    head, _, rest = received.partition(b"\r\n\r\n")
+    length = re.search(rb"(?i)content-length: *(\d+)", head)
+    assert length is not None, head
+    while len(rest) < int(length[1]):
+        rest += sock.recv(65536)
+    return head
+
+
+def test_down_windows_leave_no_connection_open_after_stop() -> None:
+    """Keep-alive connections, and connections arriving as the listener closes: each is
+    closed by the window (ended early or by time) or by ``stop()``, none left to the GC.
+
+    asyncio's own Server lost the connections it had accepted but not yet set up when it was
+    closed: their transports never closed, a ResourceWarning at some later collection.
+    """
+    fake = FakeRekognition(FakeConfig())
+    fake.start()
+    host, port = fake.url.removeprefix("http://").split(":")
+    address = (host, int(port))
+    held: list[socket.socket] = []
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def connect_all_the_time() -> None:
+        mine: list[socket.socket] = []
+        try:
+            while not stop.is_set():
+                try:
+                    mine.append(socket.create_connection(address, timeout=2))
+                except OSError:  # refused while down
+                    time.sleep(0.001)
+                if len(mine) > 25:  # a bounded number of descriptors
+                    mine.pop(0).close()
+        finally:
+            with lock:
+                held.extend(mine)
+
+    def wait_for(check: Callable[[], bool], within: float = 3.0) -> None:
+        deadline = time.monotonic() + within
+        while not check():
+            assert time.monotonic() < deadline, "condition not reached in time"
+            time.sleep(0.01)
+
+    try:
+        keep_alive = [socket.create_connection(address, timeout=2) for _ in range(4)]
+        held.extend(keep_alive)
+        for sock in keep_alive:
+            assert keep_alive_request(sock, host).startswith(b"HTTP/1.1 200 ")
+        assert fake.stats()["connections"] == 4
+        threads = [threading.Thread(target=connect_all_the_time) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        try:
+            for _ in range(20):  # windows ended early, connections coming in all along
+                time.sleep(0.01)
+                fake.configure(down_for_seconds=30)
+                fake.configure(down_for_seconds=0)
+            fake.configure(down_for_seconds=0.2)  # and one ended by time
+            wait_for(lambda: fake.stats()["listening"])
+            time.sleep(0.02)
+            fake.configure(down_for_seconds=30)
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join(timeout=5)
+        for sock in keep_alive:  # the server closed them: EOF, not an answer
+            assert sock.recv(65536) == b""
+        # all that the fake accepted before the window, set up before it or after, are closed
+        wait_for(lambda: fake.stats()["connections"] == 0)
+        fake.configure(down_for_seconds=0)
+        late = socket.create_connection(address, timeout=2)
+        held.append(late)
+        assert keep_alive_request(late, host).startswith(b"HTTP/1.1 200 ")
+        wait_for(lambda: fake.stats()["connections"] == 1)
+        fake.configure(down_for_seconds=30)
+        fake.stop()  # while down, with the last connection being closed by the window
+    finally:
+        stop.set()
+        fake.stop()
+        for sock in held:
+            sock.close()
+    assert fake.stats()["connections"] == 0
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        gc.collect()
+    assert [str(w.message) for w in seen if issubclass(w.category, ResourceWarning)] == []
 
 
 def test_malformed_and_garbage_bodies_against_botocores_parser() -> None:

@@ -51,6 +51,7 @@ import base64
 import binascii
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import logging
@@ -117,6 +118,12 @@ FAULT_RATES: dict[str, str] = {
 CALL_FAULTS = frozenset({*FAULT_RATES, "throttle", "error", "quota"})
 #: how often a held (stalled) answer checks whether its client or the server has gone
 _HOLD_POLL_SECONDS = 0.05
+#: connections taken per readiness of a listening socket, and the pause after running out of
+#: descriptors (as asyncio's own accept loop)
+_ACCEPT_BATCH = 1024
+_ACCEPT_RETRY_SECONDS = 1.0
+#: loop iterations that ``stop()`` lets closing connections take before it closes them itself
+_CLOSE_ITERATIONS = 100
 _NO_FACE = "There are no faces in the image. Should be at least 1."
 _BAD_S3 = (
     "Unable to get object metadata from S3. Check object key, region and/or access permissions."
@@ -810,6 +817,23 @@ def _listening_socket(address: Any) -> socket.socket:
     return sock
 
 
+def _listening_sockets(host: str, port: int) -> list[socket.socket]:
+    """Listening sockets on every address of ``host``, all on one port (port 0: a free one,
+    the same for every address, since the URL names one)."""
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    socks: list[socket.socket] = []
+    try:
+        for address in dict.fromkeys(info[4] for info in infos):
+            if socks and port == 0:
+                address = (address[0], socks[0].getsockname()[1], *address[2:])
+            socks.append(_listening_socket(address))
+    except OSError:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks
+
+
 def _fail_calls(value: Any) -> dict[int, str]:
     """``fail_calls`` from Python or JSON (string keys): call number -> fault kind."""
     if not isinstance(value, Mapping):
@@ -896,10 +920,17 @@ class FakeRekognition:
         self._url: str | None = None
         self._s3: Any = None
         self._s3_cache: dict[tuple[str, str, str | None], bytes] = {}
-        # the listening side, kept so that a down window can stop and resume it (loop thread)
+        # the listening side, kept so that a down window can stop and resume it (loop thread).
+        # The fake accepts connections itself rather than through asyncio's Server: that
+        # one forgets the connections it has accepted but not yet set up when it is closed
+        # (their transports fail to attach, and their sockets are never closed).
         self._runner: web.AppRunner | None = None
-        self._sites: list[web.BaseSite] = []
-        self._bound: list[Any] = []  # socket addresses the site listens on
+        self._listeners: list[socket.socket] = []
+        self._bound: list[Any] = []  # socket addresses the listeners are bound to
+        #: every accepted connection until its socket is closed -> its transport (None until
+        #: it is set up); changed on the loop thread, under the lock for ``stats()``
+        self._accepted: dict[socket.socket, asyncio.Transport | None] = {}
+        self._connecting: set[asyncio.Task[None]] = set()  # accepted, being set up
         self._placeholders: list[socket.socket] = []  # hold the port while down
         self._down_until = 0.0  # time.monotonic() deadline; 0 = up
         self._up_timer: asyncio.TimerHandle | None = None
@@ -1029,13 +1060,15 @@ class FakeRekognition:
             app.router.add_post("/_fake/reset", self._handle_reset)
             runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1)
             await runner.setup()
+            # in this order on the way out: stop listening and setting connections up,
+            # aiohttp closes the connections it serves, then whatever is left is closed
+            stack.push_async_callback(self._close_accepted)
             stack.push_async_callback(runner.cleanup)
             stack.callback(self._release_listening)
             self._runner = runner
-            site = web.TCPSite(runner, self._host, self._port, backlog=1024)
-            await site.start()
-            self._sites = [site]
-            self._bound = list(runner.addresses)
+            for sock in _listening_sockets(self._host, self._port):
+                self._listen(sock)
+            self._bound = [sock.getsockname() for sock in self._listeners]
             port = self._bound[0][1]
             self._url = f"http://{self._host}:{port}"
             with self._lock:
@@ -1126,7 +1159,8 @@ class FakeRekognition:
         (injected faults), ``abandoned`` (never answered: client gone or server stopping) and
         ``down`` (closed while the endpoint was down). ``stalled`` counts holds begun: a held
         call also ends in one of the others (``ok`` etc. if its client was still there).
-        ``billed`` and ``undelivered`` are per (API, object).
+        ``billed`` and ``undelivered`` are per (API, object). ``connections`` counts the
+        accepted connections whose socket the fake has not closed yet (0 once it stopped).
         """
         with self._lock:
             s = self._stats
@@ -1152,6 +1186,8 @@ class FakeRekognition:
                 "down_seconds_left": round(down_left, 3),
                 "in_flight": s.in_flight,
                 "max_in_flight": s.max_in_flight,
+                # accepted connections whose socket is still open
+                "connections": sum(1 for sock in self._accepted if sock.fileno() != -1),
                 "timeline": {
                     api: {outcome: _per_second(c) for outcome, c in by.items()}
                     for api, by in s.timeline.items()
@@ -1202,22 +1238,21 @@ class FakeRekognition:
 
         While down, the port is held by a bound socket that does not listen, so connections
         are refused (ECONNREFUSED) and nobody else can take the port; open connections are
-        closed, except ``spare`` (the admin request that asked for this).
+        closed, except ``spare`` (the admin request that asked for this), and so are those
+        accepted before the window but set up after it began (``_connect``).
         """
         if self._up_timer is not None:
             self._up_timer.cancel()
             self._up_timer = None
         if seconds <= 0:
-            await self._listen_again()
+            self._listen_again()
             return
         with self._lock:
             self._down_until = time.monotonic() + seconds
-        if self._sites:
-            # no await between closing the listener and binding the placeholder: the port
+        if self._listeners:
+            # nothing between closing the listeners and binding the placeholders: the port
             # is free only for that instant
-            for site in self._sites:
-                await site.stop()  # BaseSite.stop closes the listening socket synchronously
-            self._sites = []
+            self._stop_listening()
             self._placeholders = [_hold_port(address) for address in self._bound]
         runner = self._runner
         server = runner.server if runner is not None else None
@@ -1228,22 +1263,18 @@ class FakeRekognition:
 
     def _come_back(self) -> None:
         self._up_timer = None
-        task = asyncio.get_running_loop().create_task(self._listen_again())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._listen_again()
 
-    async def _listen_again(self) -> None:
+    def _listen_again(self) -> None:
         """Listen again on the same addresses, bound beside the placeholders before they go."""
         try:
-            if not self._sites and self._runner is not None:
+            if not self._listeners and self._runner is not None:
                 socks = [_listening_socket(address) for address in self._bound]
                 for placeholder in self._placeholders:
                     placeholder.close()
                 self._placeholders = []
                 for sock in socks:
-                    site = web.SockSite(self._runner, sock, backlog=1024)
-                    await site.start()
-                    self._sites.append(site)
+                    self._listen(sock)
         except OSError as exc:  # the port was ours all along, so this is a bug: report it
             logger.exception("fake rekognition could not listen again")
             self._failures.append(exc)
@@ -1252,17 +1283,108 @@ class FakeRekognition:
                 self._down_until = 0.0
                 self._config.down_for_seconds = 0.0
 
+    # ------------------------------------------------------------------ connections
+
+    def _listen(self, sock: socket.socket) -> None:
+        asyncio.get_running_loop().add_reader(sock.fileno(), self._accept, sock)
+        self._listeners.append(sock)
+
+    def _stop_listening(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sock in self._listeners:
+            loop.remove_reader(sock.fileno())
+            sock.close()
+        self._listeners = []
+
+    def _accept(self, sock: socket.socket) -> None:
+        """Take the connections waiting on ``sock``; from here on each is in ``_accepted``
+        until its socket is closed, whatever happens to it."""
+        loop = asyncio.get_running_loop()
+        server = self._runner.server if self._runner is not None else None
+        if server is None:  # stopping (the listeners are closed first, so not expected)
+            loop.remove_reader(sock.fileno())
+            return
+        with self._lock:  # forget the connections that have been closed
+            for closed in [conn for conn in self._accepted if conn.fileno() == -1]:
+                del self._accepted[closed]
+        for _ in range(_ACCEPT_BATCH):
+            try:
+                conn, _address = sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionAbortedError:
+                continue
+            except OSError as exc:
+                if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    raise  # the loop logs it and carries on
+                logger.warning("fake rekognition: accept() out of resources: %s", exc)
+                loop.remove_reader(sock.fileno())
+                loop.call_later(_ACCEPT_RETRY_SECONDS, self._accept_again, sock)
+                return
+            with self._lock:
+                self._accepted[conn] = None
+            task = loop.create_task(self._connect(conn, server))
+            self._connecting.add(task)
+            task.add_done_callback(self._connecting.discard)
+
+    def _accept_again(self, sock: socket.socket) -> None:
+        if sock in self._listeners:
+            asyncio.get_running_loop().add_reader(sock.fileno(), self._accept, sock)
+
+    async def _connect(self, conn: socket.socket, server: web.Server) -> None:
+        """Hand an accepted connection to aiohttp (``stop()`` closes it if this never runs)."""
+        try:
+            transport, protocol = await asyncio.get_running_loop().connect_accepted_socket(
+                server, conn
+            )
+        except BaseException as exc:
+            # a transport that was made has been closed; this closes the socket if none was
+            conn.close()
+            if not isinstance(exc, Exception):
+                raise
+            logger.debug("fake rekognition: could not set a connection up", exc_info=exc)
+            return
+        with self._lock:
+            if conn in self._accepted:
+                self._accepted[conn] = transport
+        if self._is_down():  # accepted before the window began: closed like the others
+            protocol.force_close()
+
     def _release_listening(self) -> None:
         if self._up_timer is not None:
             self._up_timer.cancel()
             self._up_timer = None
+        self._stop_listening()
         for placeholder in self._placeholders:
             placeholder.close()
         self._placeholders = []
-        self._sites = []
+        for task in self._connecting:
+            task.cancel()
         self._runner = None
         with self._lock:
             self._down_until = 0.0
+
+    async def _close_accepted(self) -> None:
+        """After aiohttp has closed the connections it knew: close every accepted one left
+        (set up too late for aiohttp's shutdown, or closing with unsent data), and let the
+        loop finish closing them before it ends."""
+        await asyncio.gather(*self._connecting, return_exceptions=True)
+        with self._lock:
+            accepted = list(self._accepted.items())
+        for conn, transport in accepted:
+            if transport is not None:
+                # drops unsent data of one still closing; no-op for one closed already
+                transport.abort()
+            else:
+                conn.close()  # never set up: no transport owns it
+        for _ in range(_CLOSE_ITERATIONS):
+            if all(conn.fileno() == -1 for conn, _ in accepted):
+                break
+            await asyncio.sleep(0)
+        else:
+            logger.warning("fake rekognition: connections still open after stopping")
+        with self._lock:
+            self._accepted.clear()
 
     def _is_down(self) -> bool:
         with self._lock:
