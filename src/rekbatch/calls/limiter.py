@@ -870,8 +870,8 @@ class AdaptiveLimiter:
         """The first cut of a drop starts its judgement at the rate it cut to, unless the
         service refused next to nothing before it, or most of all (then the quota went
         down, plainly)."""
-        if not first or self._drop is not None or self._background > 0:
-            return  # with a background known, refusals above it are the quota's
+        if not first or self._drop is not None:
+            return
         sent, refused, _, _ = self._answered(now)
         if sent >= self.test_requests and refused < 0.02 * sent:
             return
@@ -891,6 +891,7 @@ class AdaptiveLimiter:
         # Refusals come back faster than answers: judge by requests that have all answered.
         settled_by = now - 4.0 * self._latency
         sent, refused, ok, seconds = self._tally.window(drop.level_start, settled_by)
+        known_before = True
         if drop.level == 2:
             share_first = drop.first_level[1] / drop.first_level[0]
         else:
@@ -898,6 +899,7 @@ class AdaptiveLimiter:
             back = self._tally.span_at(drop.start, drop.before, self.background_window)
             before_sent, before_refused, _, _ = self._tally.window(drop.start - back, drop.start)
             share_first = before_refused / before_sent if before_sent else 0.0
+            known_before = before_sent >= self.test_requests
         # Enough answers to expect ten refusals, were the share the same.
         need = self.test_requests
         if share_first > 0:
@@ -912,6 +914,21 @@ class AdaptiveLimiter:
             if not refusing:
                 self._drop = None  # the refusals stopped at the lower rate: the quota
                 return
+            if self._background > 0:
+                # A background is known and the refusals rose above it. Still as high at
+                # half the rate: the background is heavier than thought. Down towards it:
+                # the quota's were on top; the limiter goes on from the cut.
+                self._drop = None
+                if known_before and _agree(refused, sent, share_first):
+                    self._learn_background(drop, sent, refused, now)
+                return
+            if share < 0.15 and (not known_before or _agree(refused, sent, share_first)):
+                # A light share refused as much at half the rate (or, at the very start of
+                # a run, at all). A quota refusing this little at half the rate refused a
+                # third or more before, and a drop is not judged then: the background.
+                self._drop = None
+                self._learn_background(drop, sent, refused, now)
+                return
             drop.first_level = (sent, refused, ok, seconds)
             drop.level = 2
             drop.level_rate = max(self.min_rate, drop.level_rate / 2.0)
@@ -923,27 +940,28 @@ class AdaptiveLimiter:
         ok_first = first_ok / first_seconds
         ok_second = ok / max(seconds, 1e-9)
         if refusing and ok_second <= 0.75 * ok_first:
-            # The background's share: from the second level, pooled with the first and with
-            # the answers before the drop where they agree with it (more answers, a truer
-            # share; where they do not, they held the quota's refusals too).
-            back = self._tally.span_at(drop.start, drop.before, self.background_window)
-            before = self._tally.window(drop.start - back, drop.start)
-            total_sent, total_refused = sent, refused
-            for other_sent, other_refused in (drop.first_level[:2], before[:2]):
-                if not other_sent:
-                    continue
-                pooled = (total_refused + other_refused) / (total_sent + other_sent)
-                spread = 3.0 * math.sqrt(total_sent * pooled * (1.0 - pooled)) + 1.0
-                if abs(total_refused - total_sent * pooled) <= spread:
-                    total_sent += other_sent
-                    total_refused += other_refused
-            self._background = total_refused / total_sent
-            self._background_at = now
-            self._undo_cut(drop.before, now)
+            self._learn_background(drop, sent, refused, now)
         elif refusing:
             self._quota_measured(ok_second, now)  # as many accepted: a quota below both
         else:
             self._quota_measured(ok_first, now)  # refused at the first level only
+
+    def _learn_background(self, drop: _Drop, sent: int, refused: int, now: float) -> None:
+        """The drop's refusals were the background's: its share from the level judged,
+        pooled with the first level and with the answers before the drop where they agree
+        (more answers, a truer share; where they do not, they held the quota's refusals
+        too). Then back to the rate before the drop."""
+        back = self._tally.span_at(drop.start, drop.before, self.background_window)
+        before = self._tally.window(drop.start - back, drop.start)
+        total_sent, total_refused = sent, refused
+        others = (drop.first_level[:2], before[:2]) if drop.level == 2 else (before[:2],)
+        for other_sent, other_refused in others:
+            if other_sent and _agree(total_refused, total_sent, other_refused / other_sent):
+                total_sent += other_sent
+                total_refused += other_refused
+        self._background = total_refused / total_sent
+        self._background_at = now
+        self._undo_cut(drop.before, now)
 
     def _track_background(self, now: float) -> None:
         """Follow the background share: down as the service's refusals fade, slowly up."""
@@ -993,6 +1011,12 @@ class AdaptiveLimiter:
             self._set_phase("hold", now)
         self._stable_since = now
         self._new_epoch(now)
+
+
+def _agree(refused: int, sent: int, share: float) -> bool:
+    """Could ``refused`` of ``sent`` have come from ``share``? (Three standard errors.)"""
+    spread = 3.0 * math.sqrt(sent * share * (1.0 - share)) + 1.0
+    return abs(refused - sent * share) <= spread
 
 
 @dataclass(slots=True)

@@ -1,0 +1,243 @@
+"""Throughput through faults: ok calls per second under each fault mix, as a share of the
+fault-free rate at the same ceiling, rekbatch beside aiobotocore's adaptive retry mode.
+
+DetectLabels over ``--images`` objects against the fake Rekognition (median latency
+``--latency-ms``) with the faults of each mix injected at random: 10% ThrottlingException
+(the service's load, not the quota, which is far away), 20% InternalServerError, 2%
+dropped connections (closed without an answer), and all three at once. Both contenders
+send at most ``--ceiling`` calls a second with ``--concurrency`` in flight:
+
+- rekbatch through its CLI (``max_tps`` = the ceiling); ok calls/s = objects answered ok
+  over the run's own elapsed seconds (summary.json);
+- the baseline, what a user would write: one aioboto3 client with
+  ``retries={"mode": "adaptive", "max_attempts": 8}``, ``--concurrency`` tasks and a pacer
+  at the ceiling; ok calls/s = objects answered over its elapsed seconds (it stops taking
+  objects after ``--budget`` seconds).
+
+Rounds alternate the contenders; the table shows medians.
+
+    python -m benchmarks.bench_faults [--images 2000] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aioboto3
+from aiobotocore.config import AioConfig
+
+from benchmarks.servers import (
+    CREDENTIALS,
+    REGION,
+    fake_admin,
+    fake_rekognition,
+    fill_bucket,
+    moto_s3,
+    run_cli,
+    write_job,
+)
+
+RESULTS = Path(__file__).parent / "results"
+MIXES: dict[str, dict[str, float]] = {
+    "no faults": {},
+    "10% throttles": {"throttle_rate": 0.10},
+    "20% 500s": {"error_rate": 0.20},
+    "2% dropped connections": {"drop_rate": 0.02},
+    "all three": {"throttle_rate": 0.10, "error_rate": 0.20, "drop_rate": 0.02},
+}
+NO_FAULTS = {"throttle_rate": 0.0, "error_rate": 0.0, "drop_rate": 0.0}
+
+
+async def baseline(
+    rek_url: str, s3_url: str, bucket: str, concurrency: int, ceiling: float, budget: float
+) -> dict[str, Any]:
+    session = aioboto3.Session(region_name=REGION)
+    cfg = AioConfig(
+        max_pool_connections=concurrency + 8,
+        retries={"mode": "adaptive", "max_attempts": 8},
+        read_timeout=60,
+    )
+    ok = failed = 0
+    next_at = time.monotonic()
+    lock = asyncio.Lock()
+
+    async def pace() -> None:
+        nonlocal next_at
+        async with lock:
+            now = time.monotonic()
+            wait = next_at - now
+            next_at = max(now, next_at) + 1.0 / ceiling
+        if wait > 0:
+            await asyncio.sleep(wait)
+
+    async with (
+        session.client("s3", endpoint_url=s3_url, config=cfg) as s3,
+        session.client("rekognition", endpoint_url=rek_url, config=cfg) as rek,
+    ):
+        keys: list[str] = []
+        async for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+            keys.extend(item["Key"] for item in page.get("Contents", []))
+        started = time.monotonic()
+        todo = iter(keys)
+
+        async def worker() -> None:
+            # Stops taking keys once the time allowed is up: the rate so far is the answer.
+            nonlocal ok, failed
+            for key in todo:
+                if time.monotonic() - started > budget:
+                    return
+                await pace()
+                try:
+                    await rek.detect_labels(Image={"S3Object": {"Bucket": bucket, "Name": key}})
+                    ok += 1
+                except Exception:
+                    failed += 1
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed = time.monotonic() - started
+    return {
+        "ok": ok,
+        "failed": failed,
+        "seconds": round(elapsed, 2),
+        "ok_per_second": round(ok / elapsed, 1),
+        "finished": ok + failed == len(keys),
+    }
+
+
+def rekbatch_run(
+    rek_url: str, s3_url: str, bucket: str, concurrency: int, ceiling: float, work: Path, n: int
+) -> dict[str, Any]:
+    out = work / f"out-{n}"
+    config = write_job(
+        str(work / f"job-{n}.toml"),
+        bucket=bucket,
+        out=str(out),
+        s3_url=s3_url,
+        rek_url=rek_url,
+        operations='[[operations]]\ntype = "detect_labels"\n',
+        limits=f"concurrency = {concurrency}\nmax_tps = {ceiling}",
+        source_extra="sniff = false",
+    )
+    proc = run_cli("run", config, "--log-format", "json", timeout=1800)
+    summary = json.loads((out / "summary.json").read_text())
+    statuses = summary["counts"]["by_status"]
+    elapsed = summary["elapsed_seconds"]
+    return {
+        "ok": statuses.get("ok", 0),
+        "failed": statuses.get("failed", 0),
+        "exit_code": proc.returncode,
+        "seconds": round(elapsed, 2),
+        "ok_per_second": round(statuses.get("ok", 0) / elapsed, 1),
+        "background_share": {
+            api: lim.get("background_share") for api, lim in summary["limiters"].items()
+        },
+        "finished": proc.returncode in (0, 3),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--images", type=int, default=2000)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--ceiling", type=float, default=400.0)
+    parser.add_argument("--latency-ms", type=float, default=20.0)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--budget", type=float, default=120.0, help="seconds per baseline run")
+    args = parser.parse_args()
+    os.environ.update(CREDENTIALS)
+    runs: list[dict[str, Any]] = []
+    with (
+        moto_s3() as s3_url,
+        fake_rekognition(
+            s3_url, "--s3-cache", "--latency-ms", str(args.latency_ms), "--seed", "5"
+        ) as rek_url,
+        tempfile.TemporaryDirectory() as tmp,
+    ):
+        bucket = "bench-faults"
+        fill_bucket(s3_url, bucket, args.images)
+        work = Path(tmp)
+        # Warm the fake's object cache first, so the first timed run is like the others.
+        asyncio.run(baseline(rek_url, s3_url, bucket, args.concurrency, 10_000.0, args.budget))
+        n = 0
+        for round_ in range(args.rounds):
+            for mix, faults in MIXES.items():
+                for contender in (
+                    ("rekbatch", "baseline")
+                    if round_ % 2 == 0
+                    else (
+                        "baseline",
+                        "rekbatch",
+                    )
+                ):
+                    fake_admin(rek_url, "/_fake/config", {**NO_FAULTS, **faults})
+                    fake_admin(rek_url, "/_fake/reset", {})
+                    n += 1
+                    if contender == "rekbatch":
+                        result = rekbatch_run(
+                            rek_url, s3_url, bucket, args.concurrency, args.ceiling, work, n
+                        )
+                    else:
+                        result = asyncio.run(
+                            baseline(
+                                rek_url,
+                                s3_url,
+                                bucket,
+                                args.concurrency,
+                                args.ceiling,
+                                args.budget,
+                            )
+                        )
+                    result.update(round=round_, mix=mix, contender=contender)
+                    runs.append(result)
+                    print(json.dumps(result), flush=True)
+    table: list[dict[str, Any]] = []
+    for contender in ("rekbatch", "baseline"):
+        free = statistics.median(
+            r["ok_per_second"]
+            for r in runs
+            if r["contender"] == contender and r["mix"] == "no faults"
+        )
+        for mix in MIXES:
+            rates = [
+                r["ok_per_second"] for r in runs if r["contender"] == contender and r["mix"] == mix
+            ]
+            failed = [r["failed"] for r in runs if r["contender"] == contender and r["mix"] == mix]
+            finished = all(
+                r["finished"] for r in runs if r["contender"] == contender and r["mix"] == mix
+            )
+            median = statistics.median(rates)
+            table.append(
+                {
+                    "contender": contender,
+                    "mix": mix,
+                    "ok_per_second": median,
+                    "share_of_fault_free": round(median / free, 3),
+                    "failed_records": max(failed),
+                    "all_finished": finished,
+                }
+            )
+    payload = {"args": vars(args), "runs": runs, "table": table, "cores": os.cpu_count()}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "faults.json").write_text(json.dumps(payload, indent=2) + "\n")
+    print(
+        "\n| contender | fault mix | ok calls/s (median) | share of fault-free "
+        "| failed records | finished |"
+    )
+    print("|---|---|---|---|---|---|")
+    for row in table:
+        print(
+            f"| {row['contender']} | {row['mix']} | {row['ok_per_second']} | "
+            f"{row['share_of_fault_free']} | {row['failed_records']} | {row['all_finished']} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
