@@ -195,7 +195,9 @@ class Job:
                     backend,
                     max_tps=cfg.limits.max_tps,
                     region=cfg.aws.region,
-                    retry=RetryPolicy(max_attempts=cfg.limits.max_attempts),
+                    # The limiter sets the rate; backoff only spreads the retries, so it
+                    # need not grow for long (a 20 s pause holds an object for nothing).
+                    retry=RetryPolicy(max_attempts=cfg.limits.max_attempts, cap=2.0),
                     apis=[api for op in operations for api in op.calls_per_image()],
                     clock=self.clock,
                     unreachable_seconds=cfg.limits.unreachable_seconds,
