@@ -12,6 +12,7 @@ from collections import Counter
 from typing import Any
 
 from rekbatch.calls.quotas import resolve_ceilings
+from rekbatch.commands import prefilter_estimate
 from rekbatch.config import Config, parse_s3_uri
 from rekbatch.operations import build_operations
 from rekbatch.pricing import PRICES_AS_OF, PRICES_REGION, estimate_cost
@@ -33,6 +34,8 @@ async def plan_job(cfg: Config) -> dict[str, Any]:
     kinds: Counter[str] = Counter()
     eligible_bytes = 0
     sem = asyncio.Semaphore(cfg.limits.concurrency)
+    filtered = [op for op in build_operations(cfg) if op.prefilter]
+    sample = prefilter_estimate.Reservoir()
 
     async def sniff(source: Source, obj: ObjectRef) -> None:
         nonlocal eligible_bytes
@@ -47,6 +50,8 @@ async def plan_job(cfg: Config) -> dict[str, Any]:
             kind = sniff_kind(head)
         kinds[kind or "unsniffed"] += 1
         eligible_bytes += obj.size
+        if filtered:
+            sample.offer(source, obj)
 
     async with contextlib.AsyncExitStack() as stack:
         s3: S3 | None = None
@@ -82,8 +87,15 @@ async def plan_job(cfg: Config) -> dict[str, Any]:
                         task.result()
             for finished in asyncio.as_completed(pending):
                 await finished
+        prefilter = await prefilter_estimate.estimate(sample.items) if filtered else None
     images = sum(kinds.values())
     calls = planned_calls(cfg, images)
+    saved: dict[str, int] = {}
+    if prefilter is not None:
+        for op in filtered:
+            for api, n in op.calls_per_image().items():
+                saved[api] = saved.get(api, 0) + round(images * n * prefilter.share)
+        calls = {api: n - saved.get(api, 0) for api, n in calls.items()}
     ceilings = resolve_ceilings(cfg.limits.max_tps, cfg.aws.region, list(calls))
     seconds = max((n / ceilings[api] for api, n in calls.items()), default=0.0)
     return {
@@ -98,6 +110,14 @@ async def plan_job(cfg: Config) -> dict[str, Any]:
         "estimated_cost_usd": estimate_cost(calls, region=cfg.aws.region),
         "prices": {"as_of": PRICES_AS_OF, "region": PRICES_REGION},
         "estimated_seconds": round(seconds, 1),
+        "prefilter": None
+        if prefilter is None
+        else {
+            **prefilter.as_dict(),
+            "operations": [op.type for op in filtered],
+            "calls_saved": saved,
+            "cost_saved_usd": estimate_cost(saved, region=cfg.aws.region),
+        },
         "note": "estimates: cost from published list prices, time at the configured rates",
     }
 
@@ -131,4 +151,13 @@ def render_plan(plan: dict[str, Any]) -> str:
         f"as of {prices['as_of']})"
     )
     lines.append(f"estimated time:   {plan['estimated_seconds']:.0f} s")
+    prefilter = plan.get("prefilter")
+    if prefilter:
+        lines.append(
+            f"prefilter faces:  {prefilter['no_face']} of {prefilter['sampled']} sampled images "
+            f"have no face found locally ({100 * prefilter['share_no_face']:.0f}% "
+            f"± {100 * prefilter['margin']:.0f}%); saves about "
+            f"{sum(prefilter['calls_saved'].values())} calls "
+            f"(${prefilter['cost_saved_usd']:.2f}), already taken off the figures above"
+        )
     return "\n".join(lines)

@@ -86,7 +86,12 @@ class _Operation(_Section):
     pass
 
 
-class DetectFacesOp(_Operation):
+class _FaceOperation(_Operation):
+    # "faces": photos in which the offline detector finds no face are skipped (no_face_local).
+    prefilter: Literal["faces"] | None = None
+
+
+class DetectFacesOp(_FaceOperation):
     type: Literal["detect_faces"]
     attributes: list[Literal["ALL", "DEFAULT"]] = ["DEFAULT"]
 
@@ -97,7 +102,7 @@ class DetectLabelsOp(_Operation):
     min_confidence: float = Field(default=55.0, ge=0, le=100)
 
 
-class CompareFacesOp(_Operation):
+class CompareFacesOp(_FaceOperation):
     type: Literal["compare_faces"]
     reference: Annotated[str, Field(min_length=1)]
     similarity_threshold: float = Field(default=80.0, ge=0, le=100)
@@ -125,7 +130,7 @@ class DetectProtectiveEquipmentOp(_Operation):
     required_equipment: list[Literal["FACE_COVER", "HAND_COVER", "HEAD_COVER"]] = []
 
 
-class SearchFacesOp(_Operation):
+class SearchFacesOp(_FaceOperation):
     type: Literal["search_faces"]
     people: dict[str, list[str]] = Field(min_length=1)
     strategy: Literal["auto", "compare", "collection"] = "auto"

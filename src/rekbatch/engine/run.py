@@ -44,6 +44,7 @@ from rekbatch.errors import (
     EXIT_UNEXPECTED,
     BackendError,
     RekbatchError,
+    SetupError,
     TaskFailed,
 )
 from rekbatch.operations import Operation, OperationContext, build_operations
@@ -117,6 +118,7 @@ class Job:
         self.caller: Caller | None = None
         self.writer: Writer | None = None
         self.worker_stats = WorkerStats()
+        self._faces: Callable[[bytes], Awaitable[bool]] | None = None
         self._started = 0.0
 
     # -- control ----------------------------------------------------------------------------
@@ -149,6 +151,7 @@ class Job:
             "records": dict(writer.records) if writer else {},
             "images_sent": self.worker_stats.images_sent,
             "deduplicated": self.worker_stats.deduplicated,
+            "no_face_local": self.worker_stats.no_face_local,
             "elapsed_seconds": round(elapsed, 3),
             "calls_per_second": round(total / elapsed, 2),
             "limiters": {api: lim.snapshot() for api, lim in self.limiters.items()},
@@ -191,6 +194,7 @@ class Job:
                 await self._check_sources(sources, s3)
                 backend = self._given_backend or await self._open_backend(stack)
                 operations = build_operations(cfg)
+                self._faces = await self._open_prefilter(stack, backend, operations)
                 self.caller = Caller(
                     backend,
                     max_tps=cfg.limits.max_tps,
@@ -248,8 +252,6 @@ class Job:
         import aioboto3
         import botocore.exceptions as bexc
 
-        from rekbatch.errors import SetupError
-
         if not hasattr(self, "_aws_session"):
             try:
                 self._aws_session = aioboto3.Session(
@@ -283,6 +285,28 @@ class Job:
         local = LocalBackend(jobdir.state_dir(self.out) / "collections")
         stack.push_async_callback(local.aclose)
         return local
+
+    async def _open_prefilter(
+        self, stack: contextlib.AsyncExitStack, backend: Backend, operations: list[Operation]
+    ) -> Callable[[bytes], Awaitable[bool]] | None:
+        """The local face detector for operations with ``prefilter = "faces"``: the offline
+        backend's own pool when that is the backend, else a pool of its own."""
+        filtered = [op.type for op in operations if op.prefilter]
+        if not filtered:
+            return None
+        from rekbatch.backends.local.backend import local_backend_available
+
+        missing = local_backend_available()
+        if missing is not None:
+            raise SetupError(f"operations.{filtered[0]}.prefilter: {missing}")
+        from rekbatch.backends.local.backend import FaceFinder, LocalBackend
+
+        if isinstance(backend, LocalBackend):
+            return backend.has_face
+        finder = FaceFinder()
+        stack.push_async_callback(finder.aclose)
+        log.info("prefilter_started", operations=filtered)
+        return finder.has_face
 
     def _needs_bytes(self, obj: ObjectRef) -> bool:
         """Rekognition reads S3 objects itself; local files, ``image_mode = "bytes"`` and
@@ -347,6 +371,7 @@ class Job:
             needs_bytes=self._needs_bytes,
             stopping=self.stopping,
             request_stop=self.request_stop,
+            faces=self._faces,
         )
         await ledger.write(LedgerDB.start_run, self.run_id, os.getpid())
         self._started = self.clock.now()

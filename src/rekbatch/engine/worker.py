@@ -1,16 +1,18 @@
 """A worker: takes one object at a time from the queue to its records.
 
 Per object: take it from the budget, sniff its first bytes (names lie), read it when the
-image goes as bytes, run each operation through the caller, and hand each record to the
-writer as soon as it exists (durable from then on). A copy of content already processed is
-written from the original's rows instead, without a call.
+image goes as bytes (or the local face pre-filter needs it), run each operation through the
+caller, and hand each record to the writer as soon as it exists (durable from then on). A copy
+of content already processed is written from the original's rows instead, without a call.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+
+import structlog
 
 from rekbatch.backends.base import ImageInput
 from rekbatch.calls.caller import Caller
@@ -24,11 +26,14 @@ from rekbatch.sources import Source
 from rekbatch.sources.filters import SNIFF_BYTES, classify_head
 from rekbatch.store.ledger import Location
 
+log = structlog.get_logger("rekbatch")
+
 
 @dataclass
 class WorkerStats:
     images_sent: int = 0
     deduplicated: int = 0
+    no_face_local: int = 0  # images the face pre-filter kept from at least one call
 
 
 class Worker:
@@ -45,6 +50,7 @@ class Worker:
         needs_bytes: Callable[[ObjectRef], bool],
         stopping: asyncio.Event,
         request_stop: Callable[[str], None],
+        faces: Callable[[bytes], Awaitable[bool]] | None = None,
     ) -> None:
         self.sources = sources
         self.caller = caller
@@ -56,6 +62,7 @@ class Worker:
         self.needs_bytes = needs_bytes
         self.stopping = stopping
         self.request_stop = request_stop
+        self.faces = faces  # the local face detector, when an operation has prefilter = "faces"
 
     async def run(self, queue: asyncio.Queue[WorkItem | None]) -> None:
         while (item := await queue.get()) is not None:
@@ -84,10 +91,12 @@ class Worker:
             return
         obj = item.obj
         source = self.sources[obj.source_index]
+        send_bytes = self.needs_bytes(obj)
+        prefilter = self.faces is not None and any(op.prefilter for op in item.ops)
         try:
             data: bytes | None = None
             skip = None
-            if self.needs_bytes(obj):
+            if send_bytes or prefilter:
                 data = await source.read(obj)
                 skip = classify_head(obj, data[:SNIFF_BYTES])
             elif self.sniff:
@@ -120,16 +129,35 @@ class Worker:
                 ],
             )
             return
+        no_face = prefilter and data is not None and not await self._face_found(data, obj)
+        if no_face:
+            self.stats.no_face_local += 1
+            if all(op.prefilter for op in item.ops):
+                self.budget.release()
+                now = utc_now()
+                self._done(
+                    item,
+                    [
+                        Record(obj, op.type, "skipped", "no_face_local", processed_at=now)
+                        for op in item.ops
+                    ],
+                )
+                return
         image = (
             ImageInput(data=data)
-            if data is not None
+            if send_bytes and data is not None
             else ImageInput(bucket=obj.bucket, key=obj.key)
         )
         self.stats.images_sent += 1
         rows: list[Location] = []
-        all_ok = True
+        all_ok = not no_face  # a copy of a pre-filtered image is looked at again, not copied
         writer = self.writer
         for op in item.ops:
+            if no_face and op.prefilter:
+                skipped = Record(obj, op.type, "skipped", "no_face_local", processed_at=utc_now())
+                offset, length = writer.accept(skipped)
+                rows.append(Location(op.type, offset, length))
+                continue
             outcome = await op.process(image, obj, self.caller)
             error = outcome.error
             record = Record(
@@ -150,6 +178,17 @@ class Worker:
         writer.finish(obj.source_index, item.seq)
         if item.content is not None:
             self.dedup.settle(item.content, rows if all_ok else None, writer.next_commit)
+
+    async def _face_found(self, data: bytes, obj: ObjectRef) -> bool:
+        """The pre-filter's verdict. When the local detector cannot tell (it could not decode
+        the image, its pool failed), the image is sent: the pre-filter only ever saves calls,
+        it does not decide failures."""
+        assert self.faces is not None
+        try:
+            return await self.faces(data)
+        except Exception as exc:
+            log.warning("prefilter_failed", key=obj.key, error=f"{type(exc).__name__}: {exc}")
+            return True
 
     def _done(self, item: WorkItem, records: list[Record]) -> None:
         for record in records:

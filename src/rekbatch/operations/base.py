@@ -52,6 +52,8 @@ class Operation:
 
     type: str
     api: str  # the API called once per image (more for search_faces' compare strategy)
+    # prefilter = "faces": not called for photos in which the offline detector finds no face.
+    prefilter: bool = False
 
     def calls_per_image(self) -> dict[str, int]:
         """The most calls one image can cost, by API (budget caps and plans)."""

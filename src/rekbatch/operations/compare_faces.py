@@ -26,6 +26,7 @@ class CompareFacesOperation(Operation):
     def __init__(self, op: CompareFacesOp) -> None:
         self.op = op
         self.params = {"SimilarityThreshold": op.similarity_threshold}
+        self.prefilter = op.prefilter == "faces"
         self.reference: Reference | None = None
         self._source: ImageInput | None = None
 
@@ -46,6 +47,7 @@ class CompareFacesOperation(Operation):
 
     def answer(self, db: LedgerDB) -> dict[str, Any]:
         compared, matched = db.operation_totals(self.type)
+        no_face = db.skipped_count(self.type, "no_face_local")
         matches = [
             {
                 "bucket": row["bucket"],
@@ -60,6 +62,7 @@ class CompareFacesOperation(Operation):
             "similarity_threshold": self.op.similarity_threshold,
             "images_compared": compared,
             "images_matched": matched,
+            "images_no_face_local": no_face,
             "matched_keys": [m["key"] for m in matches],
             "matches": matches,
         }

@@ -62,6 +62,7 @@ class DetectOperation(Operation):
     def __init__(self, op: SingleCallOp) -> None:
         self.type = op.type
         self.api, self.params = request_params(op)
+        self.prefilter = getattr(op, "prefilter", None) == "faces"
 
     async def process(self, image: ImageInput, obj: ObjectRef, caller: Caller) -> CallOutcome:
         return await caller.call(self.api, self.params, {"Image": image})

@@ -97,6 +97,7 @@ class SearchFacesOperation(Operation):
 
     def __init__(self, op: SearchFacesOp) -> None:
         self.op = op
+        self.prefilter = op.prefilter == "faces"
         self.strategy = choose_strategy(op)
         self.api = "IndexFaces" if self.strategy == "collection" else "CompareFaces"
         self.references: dict[str, list[Reference]] = {}
@@ -316,6 +317,7 @@ class SearchFacesOperation(Operation):
             "collections": list(self._shards) if self.strategy == "collection" else None,
             "similarity_threshold": self.op.similarity_threshold,
             "images_searched": searched,
+            "images_no_face_local": db.skipped_count(self.type, "no_face_local"),
             "calls_by_strategy": strategy_calls(searched, self._refs),
             "people": {
                 person: {

@@ -93,15 +93,24 @@ def answer_lines(summary: dict[str, Any]) -> list[str]:
     lines = []
     answer = summary.get("compare_faces")
     if answer:
+        no_face = answer.get("images_no_face_local", 0)
         lines.append(
             f"compare_faces: reference face found in {answer['images_matched']} of "
-            f"{answer['images_compared']} images"
+            f"{answer['images_compared'] + no_face} images{_prefiltered(no_face)}"
         )
     search = summary.get("search_faces")
     if search:
+        no_face = search.get("images_no_face_local", 0)
         for person, found in search["people"].items():
             lines.append(
                 f"search_faces: {person} found in {found['images_matched']} of "
-                f"{search['images_searched']} images"
+                f"{search['images_searched'] + no_face} images{_prefiltered(no_face)}"
             )
     return lines
+
+
+def _prefiltered(no_face: int) -> str:
+    """What prefilter = "faces" left out of the count's calls."""
+    if not no_face:
+        return ""
+    return f" ({no_face} with no face found locally, not sent)"

@@ -413,6 +413,15 @@ class LedgerDB:
         ).fetchone()
         return int(row[0]), int(row[1])
 
+    def skipped_count(self, operation: str, reason: str) -> int:
+        """Records of ``operation`` skipped for ``reason``."""
+        row = self._db.execute(
+            "SELECT COUNT(*) FROM records WHERE operation = ? AND status = 'skipped' "
+            "AND reason = ?",
+            (operation, reason),
+        ).fetchone()
+        return int(row[0])
+
     def matched_rows(self, operation: str) -> Iterator[sqlite3.Row]:
         yield from self._db.execute(
             "SELECT bucket, key, similarity, match_box FROM records "
