@@ -93,8 +93,9 @@ LABEL_COLUMNS: tuple[str, ...] = (
     "instance_count",
 )
 
-DEFAULT_BATCH_ROWS = 5_000
-_BATCH_BYTES = 64 * 1024 * 1024  # flush earlier when the JSON read so far is this large
+DEFAULT_BATCH_ROWS = 1_000  # rows turned from Python objects into Arrow at a time
+ROW_GROUP_ROWS = 10_000  # rows of Arrow kept before one row group is written
+_BATCH_BYTES = 8 * 1024 * 1024  # convert earlier when the JSON read so far is this large
 
 
 def _pyarrow() -> tuple[Any, Any]:
@@ -364,19 +365,26 @@ def write_parquet(output_dir: Path, *, batch_rows: int = DEFAULT_BATCH_ROWS) -> 
     schemas = parquet_schemas()
     finals = [output_dir / name for name in PARQUET_FILES]
     temps = [path.with_name(path.name + ".tmp") for path in finals]
+    # Rows as Python dicts cost about ten times their Arrow form: they are turned into Arrow
+    # every ``batch_rows``, and the Arrow tables written as one row group every
+    # ROW_GROUP_ROWS, so memory stays flat and row groups stay large enough for readers.
     buffers: list[list[dict[str, Any]]] = [[], [], []]
+    tables: list[list[Any]] = [[], [], []]
     with contextlib.ExitStack() as stack:
         writers = [
             stack.enter_context(pq.ParquetWriter(str(temp), schemas[final.name]))
             for temp, final in zip(temps, finals, strict=True)
         ]
 
-        def flush() -> None:
-            for writer, final, rows in zip(writers, finals, buffers, strict=True):
+        def flush(*, write: bool = False) -> None:
+            for index, (writer, final) in enumerate(zip(writers, finals, strict=True)):
+                rows, held = buffers[index], tables[index]
                 if rows:
-                    schema = schemas[final.name]
-                    writer.write_table(pa.Table.from_pylist(rows, schema=schema))
+                    held.append(pa.Table.from_pylist(rows, schema=schemas[final.name]))
                     rows.clear()
+                if held and (write or sum(t.num_rows for t in held) >= ROW_GROUP_ROWS):
+                    writer.write_table(pa.concat_tables(held))
+                    held.clear()
 
         try:
             pending_bytes = 0
@@ -388,7 +396,7 @@ def write_parquet(output_dir: Path, *, batch_rows: int = DEFAULT_BATCH_ROWS) -> 
                 if len(buffers[0]) >= batch_rows or pending_bytes >= _BATCH_BYTES:
                     flush()
                     pending_bytes = 0
-            flush()
+            flush(write=True)
         except BaseException:
             stack.close()
             for temp in temps:
