@@ -94,7 +94,7 @@ LABEL_COLUMNS: tuple[str, ...] = (
 )
 
 DEFAULT_BATCH_ROWS = 1_000  # rows turned from Python objects into Arrow at a time
-ROW_GROUP_ROWS = 10_000  # rows of Arrow kept before one row group is written
+ROW_GROUP_ROWS = 5_000  # rows of Arrow kept before one row group is written
 _BATCH_BYTES = 8 * 1024 * 1024  # convert earlier when the JSON read so far is this large
 
 
