@@ -17,7 +17,7 @@ from typing import Annotated, Any
 import typer
 
 from rekbatch import __version__
-from rekbatch.errors import ConfigError, RekbatchError, SetupError
+from rekbatch.errors import ConfigErrors, RekbatchError, SetupError
 from rekbatch.logs import LogFormat, configure_logging
 
 app = typer.Typer(
@@ -33,7 +33,8 @@ EXIT_UNEXPECTED = 1
 
 def _fail(exc: BaseException) -> typer.Exit:
     if isinstance(exc, RekbatchError):
-        typer.echo(f"rekbatch: {exc}", err=True)
+        for line in str(exc).splitlines() or [type(exc).__name__]:
+            typer.echo(f"rekbatch: {line}", err=True)
         return typer.Exit(exc.exit_code)
     typer.echo(f"rekbatch: unexpected error: {type(exc).__name__}: {exc}", err=True)
     return typer.Exit(EXIT_UNEXPECTED)
@@ -67,28 +68,24 @@ def _main(
 
 
 def _load(config: Path, overrides: dict[str, dict[str, Any]] | None = None) -> Any:
+    """The config, checked as far as it can be without the network: every problem found is
+    one line of the ``ConfigErrors`` raised."""
     from rekbatch.config import load_config
+    from rekbatch.config.checks import local_problems
 
-    return load_config(config, overrides=overrides)
+    cfg = load_config(config, overrides=overrides)
+    problems = local_problems(cfg)
+    if problems:
+        raise ConfigErrors([f"{config}: {line}" for line in problems])
+    return cfg
 
 
 def _check_backend(cfg: Any) -> None:
+    """The offline backend's packages are installed (``pip install 'rekbatch[local]'``)."""
     if cfg.backend.kind != "local":
         return
-    try:
-        from rekbatch.backends.local.backend import (
-            LOCAL_SUPPORTED_OPERATIONS,
-            local_backend_available,
-        )
-    except ImportError:  # pragma: no cover - the module ships with the package
-        raise ConfigError("backend.kind: the local backend is not available") from None
-    for index, op in enumerate(cfg.operations):
-        if op.type not in LOCAL_SUPPORTED_OPERATIONS:
-            supported = ", ".join(sorted(LOCAL_SUPPORTED_OPERATIONS))
-            raise ConfigError(
-                f"operations[{index}].type: {op.type!r} is not available with backend.kind = "
-                f"'local' (it supports {supported})"
-            )
+    from rekbatch.backends.local.backend import local_backend_available
+
     missing = local_backend_available()
     if missing:
         raise SetupError(f"backend.kind = 'local': {missing}")
@@ -249,13 +246,29 @@ def resume(
 @app.command()
 def validate(
     config: Annotated[Path, typer.Argument(help="The config file to check.")],
+    online: Annotated[
+        bool,
+        typer.Option(
+            "--online",
+            help="Also check buckets, S3 references and credentials (no billed call).",
+        ),
+    ] = False,
 ) -> None:
-    """Check a config and exit: 0 when valid, 2 with the field at fault otherwise."""
+    """Check a config and exit: 0 when valid, 2 with every problem found, one line each."""
     with _one_line_errors():
         cfg = _load(config)
         _check_backend(cfg)
+        if online:
+            from rekbatch.config.checks import online_problems
+
+            problems = asyncio.run(online_problems(cfg))
+            if problems:
+                raise ConfigErrors([f"{config}: {line}" for line in problems])
     ops = ", ".join(op.type for op in cfg.operations)
-    typer.echo(f"{config}: valid ({len(cfg.source.uris)} source(s); operations: {ops})")
+    checked = "; buckets and credentials checked" if online else ""
+    typer.echo(
+        f"{config}: valid ({len(cfg.source.uris)} source(s); operations: {ops}{checked})"
+    )
 
 
 def _plan(cfg: Any, *, as_json: bool) -> int:
