@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import SAMPLES, make_bucket
-from tests.helpers import invoke, write_config
+from tests.helpers import invoke, sample_people, write_config
 from tests.support.fake_rekognition import FakeConfig, FakeRekognition
 
 REFERENCE = SAMPLES / "ric_harvey.jpeg"
@@ -18,7 +19,9 @@ REFERENCE = SAMPLES / "ric_harvey.jpeg"
 
 @pytest.fixture
 def fake(moto_endpoint: str) -> Iterator[FakeRekognition]:
-    server = FakeRekognition(FakeConfig(s3_endpoint_url=moto_endpoint, region="eu-west-1"))
+    server = FakeRekognition(
+        FakeConfig(s3_endpoint_url=moto_endpoint, region="eu-west-1", people=sample_people())
+    )
     server.start()
     try:
         yield server
@@ -167,3 +170,159 @@ def test_plan_and_validate_on_a_single_file_source(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.stderr
     plan = json.loads(result.stdout)
     assert plan["objects_listed"] == 1 and plan["images_eligible"] == 1
+
+
+# -- init and scan ----------------------------------------------------------------------------
+
+
+def _in_a_clone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A working directory laid out as a clone: the sample photos under samples/."""
+    home = tmp_path / "clone"
+    shutil.copytree(SAMPLES, home / "samples" / "wheres-ric")
+    monkeypatch.chdir(home)
+    return home
+
+
+def test_init_offline_writes_a_config_that_validates_runs_and_reruns_as_nothing_new(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    home = _in_a_clone(tmp_path, monkeypatch)
+    made = invoke("init", "--offline")
+    assert made.exit_code == 0, made.stderr
+    config = home / "rekbatch.toml"
+    text = config.read_text()
+    assert text.count("\n#") >= 5 and 'kind = "local"' in text  # commented, offline
+    assert invoke("init", "--offline").exit_code == 2  # never overwrites silently
+    checked = invoke("validate", "rekbatch.toml")
+    assert checked.exit_code == 0, checked.stderr
+    first = invoke("run", "rekbatch.toml", "--log-format", "json")
+    assert first.exit_code == 0, first.stderr
+    assert "compare_faces: reference face found in 3 of 7 images" in first.stdout
+    out = home / "out" / "my-offline-job"
+    assert (out / "results.jsonl").is_file() and (out / "summary.json").is_file()
+    again = invoke("run", "rekbatch.toml", "--log-format", "json")
+    assert again.exit_code == 0, again.stderr
+    assert "nothing new: 9 records already done" in again.stdout
+    assert "cost: $0.0000 this run" in again.stdout
+
+
+def test_init_for_aws_is_valid_and_names_a_placeholder_bucket(tmp_path: Path) -> None:
+    path = tmp_path / "sub" / "aws.toml"
+    made = invoke("init", str(path))
+    assert made.exit_code == 0, made.stderr
+    text = path.read_text()
+    assert 'kind = "aws"' in text and "s3://my-bucket/photos/" in text
+    assert "max_cost_usd" in text
+    checked = invoke("validate", str(path))
+    assert checked.exit_code == 0, checked.stderr
+
+
+def test_scan_runs_from_flags_and_writes_the_config_it_used(
+    tmp_path: Path, fake: FakeRekognition, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("REKBATCH_AWS__REKOGNITION_ENDPOINT_URL", fake.url)
+    out = tmp_path / "scan-out"
+    args = ["scan", str(SAMPLES), "--op", "detect_labels", "--op", f"compare_faces={REFERENCE}"]
+    result = invoke(*args, "--output", str(out), "--log-format", "json")
+    assert result.exit_code == 0, result.stderr
+    assert "compare_faces: reference face found in" in result.stdout
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == 9 * 2  # every object times both operations
+    assert {r["operation"] for r in rows} == {"detect_labels", "compare_faces"}
+    written = out / "rekbatch.toml"
+    assert written.is_file()
+    assert invoke("validate", str(written)).exit_code == 0
+    # The written config records the endpoint taken from the environment, so resume (and
+    # run on that file) find the same job without it.
+    monkeypatch.delenv("REKBATCH_AWS__REKOGNITION_ENDPOINT_URL")
+    assert fake.url in written.read_text()
+    resumed = invoke("resume", str(out), "--log-format", "json")
+    assert resumed.exit_code == 0, resumed.stderr
+    assert "nothing new: 18 records already done" in resumed.stdout
+    rerun = invoke("run", str(written), "--log-format", "json")
+    assert rerun.exit_code == 0, rerun.stderr
+    assert "nothing new" in rerun.stdout
+
+
+def test_scan_refuses_bad_flags_in_one_line(tmp_path: Path) -> None:
+    unknown = invoke("scan", str(SAMPLES), "--op", "detect_lables", "-o", str(tmp_path / "x"))
+    assert unknown.exit_code == 2
+    assert "did you mean 'detect_labels'?" in unknown.stderr
+    bare = invoke("scan", str(SAMPLES), "--op", "compare_faces", "-o", str(tmp_path / "x"))
+    assert bare.exit_code == 2 and "needs a reference image" in bare.stderr
+    missing = invoke("scan", str(tmp_path / "nowhere"), "--op", "detect_faces", "--offline")
+    assert missing.exit_code == 2 and "scan: source.uris[0]:" in missing.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_single_image_file_as_a_source_runs(tmp_path: Path) -> None:
+    out = tmp_path / "single"
+    result = invoke(
+        "scan", str(SAMPLES / "ric.jpg"), "--op", "detect_faces", "--offline", "-o", str(out)
+    )
+    assert result.exit_code == 0, result.stderr
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [(r["key"], r["status"]) for r in rows] == [("ric.jpg", "ok")]
+    assert rows[0]["result"]["FaceDetails"]
+
+
+# -- honest endings ---------------------------------------------------------------------------
+
+
+def test_a_source_without_images_warns_and_exits_0(tmp_path: Path) -> None:
+    folder = tmp_path / "no-images"
+    folder.mkdir()
+    (folder / "readme.txt").write_text("no pictures here")
+    (folder / "fake.jpg").write_text("not a picture either")
+    config = _local_config(
+        tmp_path,
+        folder,
+        ops=f'[[operations]]\ntype = "compare_faces"\nreference = "{SAMPLES / "ric.jpg"}"\n',
+    )
+    result = invoke("run", str(config), "--log-format", "json")
+    assert result.exit_code == 0, result.stderr
+    assert "reference face found" not in result.stdout  # not presented as an answer
+    warnings = [line for line in result.stderr.splitlines() if "warning:" in line]
+    assert any("no image to analyse: every record was skipped" in w for w in warnings)
+    assert any("compare_faces: reference face found in 0 of 0 images" in w for w in warnings)
+
+
+def test_an_empty_folder_warns_that_nothing_was_listed(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    config = _local_config(tmp_path, tmp_path / "empty")
+    result = invoke("run", str(config), "--log-format", "json")
+    assert result.exit_code == 0, result.stderr
+    assert "rekbatch: warning: the sources listed no objects" in result.stderr
+
+
+def test_a_run_failing_before_any_work_removes_only_the_folder_it_created(
+    tmp_path: Path, fake: FakeRekognition
+) -> None:
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes((SAMPLES / "ric.jpg").read_bytes())
+    faceless = tmp_path / "faceless.png"
+    from tests.helpers import sha256, sized_png
+
+    # The fake sees as many faces in an unknown image as its digest says: take one with none.
+    seed = next(i for i in range(100) if int(sha256(sized_png(i))[:2], 16) % 4 == 0)
+    faceless.write_bytes(sized_png(seed))
+
+    def config(out: Path) -> Path:
+        return write_config(
+            tmp_path / "job.toml",
+            f'[job]\noutput_dir = "{out}"\n[source]\nuris = ["{folder}"]\n'
+            f'[aws]\nrekognition_endpoint_url = "{fake.url}"\n'
+            f'[[operations]]\ntype = "compare_faces"\nreference = "{faceless}"\n',
+        )
+
+    new = tmp_path / "new-out"
+    result = invoke("run", str(config(new)), "--log-format", "json")
+    assert result.exit_code == 2 and "no face found" in result.stderr
+    assert not new.exists()
+    kept = tmp_path / "kept-out"
+    kept.mkdir()
+    (kept / "mine.txt").write_text("the user's own file")
+    result = invoke("run", str(config(kept)), "--log-format", "json")
+    assert result.exit_code == 2
+    assert (kept / "mine.txt").read_text() == "the user's own file"
