@@ -204,6 +204,11 @@ def test_init_offline_writes_a_config_that_validates_runs_and_reruns_as_nothing_
     assert again.exit_code == 0, again.stderr
     assert "nothing new: 9 records already done" in again.stdout
     assert "cost: $0.0000 this run" in again.stdout
+    # What the output folder holds is not planned again.
+    plan = invoke("plan", "rekbatch.toml")
+    assert plan.exit_code == 0, plan.stderr
+    assert "already done:     9" in plan.stdout and "images eligible:  0" in plan.stdout
+    assert "calls " not in plan.stdout
 
 
 def test_init_for_aws_is_valid_and_names_a_placeholder_bucket(tmp_path: Path) -> None:
@@ -326,3 +331,45 @@ def test_a_run_failing_before_any_work_removes_only_the_folder_it_created(
     result = invoke("run", str(config(kept)), "--log-format", "json")
     assert result.exit_code == 2
     assert (kept / "mine.txt").read_text() == "the user's own file"
+
+
+# -- plan's numbers ---------------------------------------------------------------------------
+
+
+def test_plan_offline_is_free_and_timed_on_this_machine(tmp_path: Path) -> None:
+    config = _local_config(
+        tmp_path,
+        SAMPLES,
+        ops=f'[[operations]]\ntype = "compare_faces"\nreference = "{REFERENCE}"\n',
+    )
+    text = invoke("plan", str(config))
+    assert text.exit_code == 0, text.stderr
+    assert "estimated cost:   $0 (offline backend: nothing is billed)" in text.stdout
+    assert "measured on 3 image(s)" in text.stdout
+    plan = json.loads(invoke("plan", "--json", str(config)).stdout)
+    assert plan["estimated_cost_usd"] == 0
+    timing = plan["offline_timing"]
+    assert timing["images"] == 3 and timing["seconds_per_image"] > 0
+    expected = timing["startup_seconds"] + 8 * timing["seconds_per_image"] / timing["workers"]
+    assert plan["estimated_seconds"] == pytest.approx(expected, abs=0.1)  # 1 + 7 calls
+
+
+@pytest.mark.parametrize(
+    ("region", "line"),
+    [
+        ("eu-west-1", "(list prices for eu-west-1 as of"),
+        ("ap-south-1", "no price table for ap-south-1; showing us-east-1"),
+    ],
+)
+def test_plan_prices_the_configured_region_or_says_which_it_shows(
+    tmp_path: Path, region: str, line: str
+) -> None:
+    config = write_config(
+        tmp_path / "aws.toml",
+        f'[job]\noutput_dir = "{tmp_path / "out"}"\n[source]\nuris = ["{SAMPLES}"]\n'
+        f'[aws]\nregion = "{region}"\n[[operations]]\ntype = "detect_labels"\n',
+    )
+    result = invoke("plan", str(config))
+    assert result.exit_code == 0, result.stderr
+    assert line in result.stdout
+    assert "estimated cost:   $0.01" in result.stdout  # 7 images at $0.001

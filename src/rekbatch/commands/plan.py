@@ -2,19 +2,25 @@
 
 No Rekognition call is made; with ``source.sniff`` the first bytes of each candidate are read
 from S3 (ranged GETs), exactly as the run would before paying for a call.
+
+What the output directory already holds (the same job, with the same ETags) is not counted
+again. The offline backend costs nothing; its time comes from a few of the eligible images
+analysed on this machine (``TIMED_IMAGES``), since its speed depends on the machine alone.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 from rekbatch.calls.quotas import resolve_ceilings
 from rekbatch.config import Config, parse_s3_uri
 from rekbatch.operations import build_operations
-from rekbatch.pricing import PRICES_AS_OF, PRICES_REGION, estimate_cost
+from rekbatch.pricing import PRICE_TABLES, PRICES_AS_OF, PRICES_REGION, estimate_cost
 from rekbatch.records import ObjectRef
 from rekbatch.sources import S3, LocalSource, Source, open_source
 from rekbatch.sources.filters import (
@@ -26,15 +32,53 @@ from rekbatch.sources.filters import (
     sniff_kind,
 )
 
+# Images the offline backend analyses to time this machine, and pool start-up included.
+TIMED_IMAGES = 3
 
-async def plan_job(cfg: Config) -> dict[str, Any]:
+
+class _Done:
+    """What the output directory already holds of this job: (source, key) -> operation ->
+    ETag, read from its ledger; empty for a new directory or another job."""
+
+    def __init__(self, cfg: Config) -> None:
+        from rekbatch.store.jobdir import ledger_path
+        from rekbatch.store.ledger import LedgerDB
+
+        self.started = False
+        self._db: LedgerDB | None = None
+        path = ledger_path(Path(cfg.job.output_dir))
+        if not path.exists():
+            return
+        db = LedgerDB(path, readonly=True)
+        if db.get_meta("fingerprint") != cfg.fingerprint() or not db.has_records():
+            db.close()
+            return
+        self._db, self.started = db, True
+
+    def todo(self, obj: ObjectRef, ops: list[str]) -> list[str]:
+        if self._db is None:
+            return ops
+        before = self._db.lookup(obj.source_index, [obj.key]).get(obj.key, {})
+        return [op for op in ops if before.get(op) != obj.etag]
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+
+
+async def plan_job(cfg: Config, *, time_offline: bool = True) -> dict[str, Any]:
     listed = 0
     skipped: Counter[str] = Counter()
     kinds: Counter[str] = Counter()
     eligible_bytes = 0
     sem = asyncio.Semaphore(cfg.limits.concurrency)
+    op_types: list[str] = [op.type for op in cfg.operations]
+    ledger_done = _Done(cfg)
+    already = 0
+    images_by_op: Counter[str] = Counter()
+    samples: list[tuple[Source, ObjectRef]] = []
 
-    async def sniff(source: Source, obj: ObjectRef) -> None:
+    async def sniff(source: Source, obj: ObjectRef, todo: list[str]) -> None:
         nonlocal eligible_bytes
         kind: str | None = "unsniffed"
         if cfg.source.sniff:
@@ -47,8 +91,12 @@ async def plan_job(cfg: Config) -> dict[str, Any]:
             kind = sniff_kind(head)
         kinds[kind or "unsniffed"] += 1
         eligible_bytes += obj.size
+        images_by_op.update(todo)
+        if len(samples) < TIMED_IMAGES:
+            samples.append((source, obj))
 
     async with contextlib.AsyncExitStack() as stack:
+        stack.callback(ledger_done.close)
         s3: S3 | None = None
         if any(parse_s3_uri(uri) for uri in cfg.source.uris):
             import aioboto3
@@ -69,54 +117,134 @@ async def plan_job(cfg: Config) -> dict[str, Any]:
             pending: set[asyncio.Task[None]] = set()
             async for obj in source.list(None):
                 listed += 1
+                todo = ledger_done.todo(obj, op_types)
+                if not todo:
+                    already += 1
+                    continue
                 reason = classify_listing(
                     obj, cfg.source.include, cfg.source.exclude, max_bytes, sniff=cfg.source.sniff
                 )
                 if reason is not None:
                     skipped[reason] += 1
                     continue
-                pending.add(asyncio.create_task(sniff(source, obj)))
+                pending.add(asyncio.create_task(sniff(source, obj, todo)))
                 if len(pending) >= cfg.limits.concurrency * 4:
                     done, pending = await asyncio.wait(pending, return_when="FIRST_COMPLETED")
                     for task in done:
                         task.result()
             for finished in asyncio.as_completed(pending):
                 await finished
+        timing = None
+        if cfg.backend.kind == "local" and samples and time_offline:
+            timing = await time_local_backend(cfg, samples)
     images = sum(kinds.values())
-    calls = planned_calls(cfg, images)
+    calls = planned_calls(cfg, images_by_op, setup=not ledger_done.started)
     ceilings = resolve_ceilings(cfg.limits.max_tps, cfg.aws.region, list(calls))
-    seconds = max((n / ceilings[api] for api, n in calls.items()), default=0.0)
+    priced_region = cfg.aws.region if cfg.aws.region in PRICE_TABLES else PRICES_REGION
+    if cfg.backend.kind == "local":
+        cost = 0.0
+        image_calls = sum(calls.values())  # the reference check analyses an image too
+        seconds = 0.0
+        if timing is not None and image_calls:
+            seconds = timing["startup_seconds"] + (
+                image_calls * timing["seconds_per_image"] / timing["workers"]
+            )
+        basis = (
+            f"time from {timing['images']} image(s) analysed on this machine"
+            if timing
+            else "no image to time"
+        )
+        note = f"offline backend: nothing is billed; {basis}"
+    else:
+        cost = estimate_cost(calls, region=cfg.aws.region)
+        seconds = max((n / ceilings[api] for api, n in calls.items()), default=0.0)
+        timing = None
+        note = "estimates: cost from published list prices, time at the configured rates"
     return {
         "job": cfg.job.name,
+        "backend": cfg.backend.kind,
         "objects_listed": listed,
+        "objects_already_done": already,
         "images_eligible": images,
         "eligible_by_type": dict(kinds),
         "eligible_bytes": eligible_bytes,
         "skipped_by_reason": dict(skipped),
         "calls_by_api": calls,
         "ceilings_tps": ceilings,
-        "estimated_cost_usd": estimate_cost(calls, region=cfg.aws.region),
-        "prices": {"as_of": PRICES_AS_OF, "region": PRICES_REGION},
+        "estimated_cost_usd": cost,
+        "prices": {
+            "as_of": PRICES_AS_OF,
+            "region": priced_region,
+            "configured_region": cfg.aws.region,
+        },
+        "offline_timing": timing,
         "estimated_seconds": round(seconds, 1),
-        "note": "estimates: cost from published list prices, time at the configured rates",
+        "note": note,
     }
 
 
-def planned_calls(cfg: Config, images: int) -> dict[str, int]:
-    """Rekognition calls a run of ``cfg`` makes over ``images`` eligible images, by API
-    (before deduplication of identical objects, which can only lower them)."""
+def planned_calls(
+    cfg: Config, images: int | Counter[str], *, setup: bool = True
+) -> dict[str, int]:
+    """Rekognition calls a run of ``cfg`` makes over the eligible images (a number, or a
+    count per operation type of the images it has still to do), by API, before
+    deduplication of identical objects, which can only lower them. ``setup``: the calls made
+    once per job (a reference's face check), which a started job has made already."""
     calls: Counter[str] = Counter()
     for op in build_operations(cfg):
-        calls.update(op.setup_calls())
+        if setup:
+            calls.update(op.setup_calls())
+        count = images if isinstance(images, int) else images.get(op.type, 0)
         for api, n in op.calls_per_image().items():
-            calls[api] += images * n
-    return dict(calls)
+            calls[api] += count * n
+    return {api: n for api, n in calls.items() if n or setup}
+
+
+async def time_local_backend(
+    cfg: Config, samples: list[tuple[Source, ObjectRef]]
+) -> dict[str, Any]:
+    """Analyse ``samples`` with the offline backend on one worker: the seconds to start it
+    (models loaded) and per image, and the workers a run would use."""
+    from rekbatch.backends.base import ImageInput
+    from rekbatch.backends.local.backend import LocalBackend, default_workers
+    from rekbatch.errors import BackendError
+
+    backend = LocalBackend(workers=1)
+    try:
+        started = time.perf_counter()
+        await backend.start()
+        startup = time.perf_counter() - started
+        timed: list[float] = []
+        for source, obj in samples:
+            data = await source.read(obj)
+            began = time.perf_counter()
+            try:
+                await backend.call("DetectFaces", {}, {"Image": ImageInput(data=data)})
+            except BackendError:
+                continue  # an image it refuses says nothing about the speed
+            timed.append(time.perf_counter() - began)
+    finally:
+        await backend.aclose()
+    per_image = sorted(timed)[len(timed) // 2] if timed else 0.0
+    return {
+        "images": len(timed),
+        "startup_seconds": round(startup, 2),
+        "seconds_per_image": round(per_image, 3),
+        "workers": max(1, min(default_workers(), cfg.limits.concurrency)),
+    }
 
 
 def render_plan(plan: dict[str, Any]) -> str:
     lines = [
         f"plan for {plan['job']} (an estimate; no Rekognition call was made)",
         f"objects listed:   {plan['objects_listed']}",
+    ]
+    if plan.get("objects_already_done"):
+        lines.append(
+            f"already done:     {plan['objects_already_done']} (in the output directory; "
+            "not counted again)"
+        )
+    lines += [
         f"images eligible:  {plan['images_eligible']} "
         + " ".join(f"{k}={v}" for k, v in sorted(plan["eligible_by_type"].items())),
         f"bytes eligible:   {plan['eligible_bytes']}",
@@ -126,9 +254,37 @@ def render_plan(plan: dict[str, Any]) -> str:
     for api, n in plan["calls_by_api"].items():
         lines.append(f"calls {api}: {n} at up to {plan['ceilings_tps'][api]:g}/s")
     prices = plan["prices"]
+    if plan.get("backend") == "local":
+        lines.append("estimated cost:   $0 (offline backend: nothing is billed)")
+        timing = plan.get("offline_timing")
+        if timing:
+            basis = (
+                f"{timing['seconds_per_image']:.2f} s an image measured on {timing['images']} "
+                f"image(s), {timing['workers']} worker(s), {timing['startup_seconds']:.1f} s "
+                "to start"
+            )
+        else:
+            basis = "nothing to analyse"
+        lines.append(f"estimated time:   {_duration(plan['estimated_seconds'])} ({basis})")
+        return "\n".join(lines)
+    configured = prices.get("configured_region", prices["region"])
+    if configured != prices["region"]:
+        lines.append(f"no price table for {configured}; showing {prices['region']}")
     lines.append(
         f"estimated cost:   ${plan['estimated_cost_usd']:.2f} (list prices for {prices['region']} "
         f"as of {prices['as_of']})"
     )
-    lines.append(f"estimated time:   {plan['estimated_seconds']:.0f} s")
+    lines.append(
+        f"estimated time:   {_duration(plan['estimated_seconds'])} (at the configured rates)"
+    )
     return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.0f} s" if seconds >= 1 or seconds == 0 else "under 1 s"
+    minutes, secs = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes} min {secs:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"
