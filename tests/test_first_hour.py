@@ -373,3 +373,52 @@ def test_plan_prices_the_configured_region_or_says_which_it_shows(
     assert result.exit_code == 0, result.stderr
     assert line in result.stdout
     assert "estimated cost:   $0.01" in result.stdout  # 7 images at $0.001
+
+
+# -- status -----------------------------------------------------------------------------------
+
+
+def test_status_shows_the_listing_state_and_no_rate_without_calls(
+    tmp_path: Path, fake: FakeRekognition
+) -> None:
+    from rekbatch.store.jobdir import ledger_path, state_dir
+    from rekbatch.store.ledger import LedgerDB
+    from rekbatch.store.lock import JobLock
+    from tests.helpers import sized_png
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(sized_png(1))
+    out = tmp_path / "out"
+    config = write_config(
+        tmp_path / "job.toml",
+        f'[job]\noutput_dir = "{out}"\n[source]\nuris = ["{folder}"]\n'
+        f'[aws]\nrekognition_endpoint_url = "{fake.url}"\n'
+        '[[operations]]\ntype = "detect_labels"\n',
+    )
+    assert invoke("run", str(config), "--log-format", "json").exit_code == 0
+    ran = invoke("status", str(out)).stdout
+    assert "(listing complete)" in ran and "rate: " in ran and "(last run, 1 calls)" in ran
+    assert invoke("run", str(config), "--log-format", "json").exit_code == 0
+    idle = invoke("status", str(out))
+    assert "rate: no calls made (last run)" in idle.stdout
+    assert json.loads(invoke("status", "--json", str(out)).stdout)["calls_per_second"] is None
+
+    # A run in progress whose listing has ended, before its last objects are finished: the
+    # ledger has not marked the source done yet, the run's heartbeat says the listing ended.
+    db = LedgerDB(ledger_path(out))
+    db.reset_listing([0])
+    db.start_run("live", 1)
+    lock = JobLock(state_dir(out) / "lock")
+    lock.acquire()
+    try:
+        db.heartbeat("live", {"listing_complete": False, "calls": {}})
+        assert "(listing in progress)" in invoke("status", str(out)).stdout
+        db.heartbeat("live", {"listing_complete": True, "calls": {}})
+        live = invoke("status", str(out)).stdout
+        assert "running" in live and "(listing complete)" in live
+        assert "rate: no calls made (this run)" in live
+    finally:
+        lock.release()
+        db.close()
+    assert "(listing unfinished; resume to go on)" in invoke("status", str(out)).stdout
