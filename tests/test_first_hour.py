@@ -422,3 +422,47 @@ def test_status_shows_the_listing_state_and_no_rate_without_calls(
         lock.release()
         db.close()
     assert "(listing unfinished; resume to go on)" in invoke("status", str(out)).stdout
+
+
+# -- help and logs ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("command", "usage"),
+    [
+        ("run", "run [OPTIONS] CONFIG"),
+        ("validate", "validate [OPTIONS] CONFIG"),
+        ("plan", "plan [OPTIONS] CONFIG"),
+        ("scan", "scan [OPTIONS] URIS..."),
+        ("init", "init [OPTIONS] [PATH]"),
+        ("report", "report [OPTIONS] DIRECTORY"),
+    ],
+)
+def test_help_reads_normally(command: str, usage: str) -> None:
+    result = invoke(command, "--help")
+    assert result.exit_code == 0
+    text = " ".join(result.stdout.split())
+    assert usage in text
+    assert "<bool>" not in text and "{" not in text.split("Usage:")[1].split("\n")[0]
+
+
+def test_console_logs_are_key_value_pairs(tmp_path: Path, fake: FakeRekognition) -> None:
+    from tests.helpers import sized_png
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(sized_png(1))
+    config = write_config(
+        tmp_path / "job.toml",
+        f'[job]\noutput_dir = "{tmp_path / "out"}"\n[source]\nuris = ["{folder}"]\n'
+        f'[aws]\nrekognition_endpoint_url = "{fake.url}"\n'
+        '[[operations]]\ntype = "detect_labels"\n[[operations]]\ntype = "detect_faces"\n',
+    )
+    result = invoke("run", str(config), "--log-format", "console")
+    assert result.exit_code == 0, result.stderr
+    logs = [line for line in result.stderr.splitlines() if "[info" in line]
+    finished = next(line for line in logs if "run_finished" in line)
+    assert "by_status.ok=2" in finished
+    started = next(line for line in logs if "run_started" in line)
+    assert "operations=detect_labels,detect_faces" in started
+    assert not any("{'" in line or "['" in line for line in logs), logs
