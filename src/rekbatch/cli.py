@@ -435,7 +435,8 @@ def report(
         int | None, typer.Option("--max-per-person", min=1, help="Best N matches per person.")
     ] = None,
 ) -> None:
-    """Write DIRECTORY/report.html: each person's matched images with the face boxed."""
+    """Write DIRECTORY/report.html: matched images per person, faces, labels, text and
+    moderation counts, with thumbnails boxed."""
     from rekbatch.commands.report import build_report
     from rekbatch.store.jobdir import job_config
 
