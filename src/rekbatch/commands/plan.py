@@ -32,8 +32,9 @@ from rekbatch.sources.filters import (
     sniff_kind,
 )
 
-# Images the offline backend analyses to time this machine, and pool start-up included.
-TIMED_IMAGES = 3
+# Images the offline backend analyses per worker to time this machine (pool start-up and
+# the first call of each worker, which analyses a reference, timed apart).
+TIMED_PER_WORKER = 2
 
 
 class _Done:
@@ -92,7 +93,7 @@ async def plan_job(cfg: Config, *, time_offline: bool = True) -> dict[str, Any]:
         kinds[kind or "unsniffed"] += 1
         eligible_bytes += obj.size
         images_by_op.update(todo)
-        if len(samples) < TIMED_IMAGES:
+        if len(samples) < TIMED_PER_WORKER * _local_workers(cfg):
             samples.append((source, obj))
 
     async with contextlib.AsyncExitStack() as stack:
@@ -136,19 +137,17 @@ async def plan_job(cfg: Config, *, time_offline: bool = True) -> dict[str, Any]:
                 await finished
         timing = None
         if cfg.backend.kind == "local" and samples and time_offline:
-            timing = await time_local_backend(cfg, samples)
+            timing = await time_local_backend(cfg, samples, s3)
     images = sum(kinds.values())
     calls = planned_calls(cfg, images_by_op, setup=not ledger_done.started)
     ceilings = resolve_ceilings(cfg.limits.max_tps, cfg.aws.region, list(calls))
     priced_region = cfg.aws.region if cfg.aws.region in PRICE_TABLES else PRICES_REGION
     if cfg.backend.kind == "local":
         cost = 0.0
-        image_calls = sum(calls.values())  # the reference check analyses an image too
+        units = sum(images_by_op.values())  # (image, operation) pairs to do
         seconds = 0.0
-        if timing is not None and image_calls:
-            seconds = timing["startup_seconds"] + (
-                image_calls * timing["seconds_per_image"] / timing["workers"]
-            )
+        if timing is not None and units:
+            seconds = timing["startup_seconds"] + units / timing["units_per_second"]
         basis = (
             f"time from {timing['images']} image(s) analysed on this machine"
             if timing
@@ -183,9 +182,7 @@ async def plan_job(cfg: Config, *, time_offline: bool = True) -> dict[str, Any]:
     }
 
 
-def planned_calls(
-    cfg: Config, images: int | Counter[str], *, setup: bool = True
-) -> dict[str, int]:
+def planned_calls(cfg: Config, images: int | Counter[str], *, setup: bool = True) -> dict[str, int]:
     """Rekognition calls a run of ``cfg`` makes over the eligible images (a number, or a
     count per operation type of the images it has still to do), by API, before
     deduplication of identical objects, which can only lower them. ``setup``: the calls made
@@ -200,37 +197,79 @@ def planned_calls(
     return {api: n for api, n in calls.items() if n or setup}
 
 
-async def time_local_backend(
-    cfg: Config, samples: list[tuple[Source, ObjectRef]]
-) -> dict[str, Any]:
-    """Analyse ``samples`` with the offline backend on one worker: the seconds to start it
-    (models loaded) and per image, and the workers a run would use."""
-    from rekbatch.backends.base import ImageInput
-    from rekbatch.backends.local.backend import LocalBackend, default_workers
-    from rekbatch.errors import BackendError
+def _local_workers(cfg: Config) -> int:
+    from rekbatch.backends.local.backend import default_workers
 
-    backend = LocalBackend(workers=1)
+    return max(1, min(default_workers(), cfg.limits.concurrency))
+
+
+async def time_local_backend(
+    cfg: Config, samples: list[tuple[Source, ObjectRef]], s3: S3 | None
+) -> dict[str, Any] | None:
+    """Run the job's operations on ``samples`` with the offline backend, on as many workers
+    as a run would use and as concurrently: the seconds to start the pool, to make each
+    worker's first calls (which analyse the references), and the rate of the rest in
+    (image, operation) pairs a second. None when no image could be timed."""
+    from rekbatch.backends.base import ImageInput
+    from rekbatch.backends.local.backend import LocalBackend
+    from rekbatch.config import CompareFacesOp, SearchFacesOp
+    from rekbatch.errors import BackendError
+    from rekbatch.sources import read_location
+
+    # The offline backend's work per image and operation: a detection, or a detection and
+    # an embedding to compare (search_faces compares with its first reference, close to
+    # what indexing or searching a collection costs per image).
+    steps: list[tuple[str, bytes | None]] = []
+    for op in cfg.operations:
+        if isinstance(op, CompareFacesOp):
+            steps.append(("CompareFaces", await read_location(op.reference, s3)))
+        elif isinstance(op, SearchFacesOp):
+            one = next(iter(op.people.values()))[0]
+            steps.append(("CompareFaces", await read_location(one, s3)))
+        else:
+            steps.append(("DetectFaces", None))
+    workers = _local_workers(cfg)
+    images = [await source.read(obj) for source, obj in samples]
+
+    async def analyse(data: bytes) -> int:
+        done = 0
+        for api, reference in steps:
+            fields = (
+                {"Image": ImageInput(data=data)}
+                if reference is None
+                else {
+                    "SourceImage": ImageInput(data=reference),
+                    "TargetImage": ImageInput(data=data),
+                }
+            )
+            params = {} if reference is None else {"SimilarityThreshold": 80.0}
+            try:
+                await backend.call(api, params, fields)
+                done += 1
+            except BackendError:
+                pass  # an image it refuses says nothing about the speed
+        return done
+
+    backend = LocalBackend(workers=workers)
     try:
         started = time.perf_counter()
         await backend.start()
-        startup = time.perf_counter() - started
-        timed: list[float] = []
-        for source, obj in samples:
-            data = await source.read(obj)
-            began = time.perf_counter()
-            try:
-                await backend.call("DetectFaces", {}, {"Image": ImageInput(data=data)})
-            except BackendError:
-                continue  # an image it refuses says nothing about the speed
-            timed.append(time.perf_counter() - began)
+        ready = time.perf_counter()
+        first, rest = images[:workers], images[workers:]
+        await asyncio.gather(*(analyse(data) for data in first))
+        warmed = time.perf_counter()
+        units = sum(await asyncio.gather(*(analyse(data) for data in rest)))
+        ended = time.perf_counter()
     finally:
         await backend.aclose()
-    per_image = sorted(timed)[len(timed) // 2] if timed else 0.0
+    if units == 0 or ended <= warmed:
+        return None
     return {
-        "images": len(timed),
-        "startup_seconds": round(startup, 2),
-        "seconds_per_image": round(per_image, 3),
-        "workers": max(1, min(default_workers(), cfg.limits.concurrency)),
+        "images": len(images),
+        "workers": workers,
+        "startup_seconds": round(warmed - started, 2),
+        "pool_start_seconds": round(ready - started, 2),
+        "units_per_second": round(units / (ended - warmed), 3),
     }
 
 
@@ -259,9 +298,9 @@ def render_plan(plan: dict[str, Any]) -> str:
         timing = plan.get("offline_timing")
         if timing:
             basis = (
-                f"{timing['seconds_per_image']:.2f} s an image measured on {timing['images']} "
-                f"image(s), {timing['workers']} worker(s), {timing['startup_seconds']:.1f} s "
-                "to start"
+                f"measured on {timing['images']} image(s) with {timing['workers']} worker(s): "
+                f"{timing['startup_seconds']:.1f} s to start, then "
+                f"{timing['units_per_second']:.2f} images a second per operation"
             )
         else:
             basis = "nothing to analyse"
