@@ -165,7 +165,11 @@ def test_plan_on_a_missing_folder_is_one_line_exit_2(tmp_path: Path) -> None:
 
 
 def test_plan_and_validate_on_a_single_file_source(tmp_path: Path) -> None:
-    config = _local_config(tmp_path, SAMPLES / "ric.jpg")
+    config = write_config(
+        tmp_path / "job.toml",
+        f'[job]\noutput_dir = "{tmp_path / "out"}"\n[source]\nuris = ["{SAMPLES / "ric.jpg"}"]\n'
+        '[[operations]]\ntype = "detect_labels"\n',
+    )
     result = invoke("plan", "--json", str(config))
     assert result.exit_code == 0, result.stderr
     plan = json.loads(result.stdout)
@@ -260,11 +264,12 @@ def test_scan_refuses_bad_flags_in_one_line(tmp_path: Path) -> None:
     assert not (tmp_path / "x").exists()
 
 
-def test_single_image_file_as_a_source_runs(tmp_path: Path) -> None:
+def test_single_image_file_as_a_source_runs(
+    tmp_path: Path, fake: FakeRekognition, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("REKBATCH_AWS__REKOGNITION_ENDPOINT_URL", fake.url)
     out = tmp_path / "single"
-    result = invoke(
-        "scan", str(SAMPLES / "ric.jpg"), "--op", "detect_faces", "--offline", "-o", str(out)
-    )
+    result = invoke("scan", str(SAMPLES / "ric.jpg"), "--op", "detect_faces", "-o", str(out))
     assert result.exit_code == 0, result.stderr
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert [(r["key"], r["status"]) for r in rows] == [("ric.jpg", "ok")]
@@ -274,15 +279,16 @@ def test_single_image_file_as_a_source_runs(tmp_path: Path) -> None:
 # -- honest endings ---------------------------------------------------------------------------
 
 
-def test_a_source_without_images_warns_and_exits_0(tmp_path: Path) -> None:
+def test_a_source_without_images_warns_and_exits_0(tmp_path: Path, fake: FakeRekognition) -> None:
     folder = tmp_path / "no-images"
     folder.mkdir()
     (folder / "readme.txt").write_text("no pictures here")
     (folder / "fake.jpg").write_text("not a picture either")
-    config = _local_config(
-        tmp_path,
-        folder,
-        ops=f'[[operations]]\ntype = "compare_faces"\nreference = "{SAMPLES / "ric.jpg"}"\n',
+    config = write_config(
+        tmp_path / "job.toml",
+        f'[job]\noutput_dir = "{tmp_path / "out"}"\n[source]\nuris = ["{folder}"]\n'
+        f'[aws]\nrekognition_endpoint_url = "{fake.url}"\n'
+        f'[[operations]]\ntype = "compare_faces"\nreference = "{SAMPLES / "ric.jpg"}"\n',
     )
     result = invoke("run", str(config), "--log-format", "json")
     assert result.exit_code == 0, result.stderr
@@ -337,10 +343,14 @@ def test_a_run_failing_before_any_work_removes_only_the_folder_it_created(
 
 
 def test_plan_offline_is_free_and_timed_on_this_machine(tmp_path: Path) -> None:
+    folder = tmp_path / "small"  # the smaller sample photos: the timing analyses them
+    folder.mkdir()
+    for name in ("ric.jpg", "ric_crowd0.jpg", "sample-image0.jpeg", "sample-image1.jpeg"):
+        shutil.copy(SAMPLES / name, folder / name)
     config = _local_config(
         tmp_path,
-        SAMPLES,
-        ops=f'[[operations]]\ntype = "compare_faces"\nreference = "{REFERENCE}"\n',
+        folder,
+        ops=f'[[operations]]\ntype = "compare_faces"\nreference = "{SAMPLES / "ric.jpg"}"\n',
     )
     from rekbatch.commands.plan import render_plan
 
@@ -354,10 +364,10 @@ def test_plan_offline_is_free_and_timed_on_this_machine(tmp_path: Path) -> None:
     timing = plan["offline_timing"]
     # Two images per worker a run would use: the first of each worker (with the reference's
     # analysis) counts as start-up, the rest give the rate.
-    assert timing["images"] == min(7, 2 * timing["workers"])
+    assert timing["images"] == min(4, 2 * timing["workers"])
     assert timing["startup_seconds"] >= timing["pool_start_seconds"] > 0
     assert timing["units_per_second"] > 0
-    expected = timing["startup_seconds"] + 7 / timing["units_per_second"]
+    expected = timing["startup_seconds"] + 4 / timing["units_per_second"]
     assert plan["estimated_seconds"] == pytest.approx(expected, abs=0.1)
 
 
