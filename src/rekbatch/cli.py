@@ -435,8 +435,7 @@ def report(
         int | None, typer.Option("--max-per-person", min=1, help="Best N matches per person.")
     ] = None,
 ) -> None:
-    """Write DIRECTORY/report.html: matched images per person, faces, labels, text and
-    moderation counts, with thumbnails boxed."""
+    """Write DIRECTORY/report.html: people found, faces, labels, text, moderation."""
     from rekbatch.commands.report import build_report
     from rekbatch.store.jobdir import job_config
 
