@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections import Counter
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any, cast
@@ -388,21 +389,20 @@ async def test_missing_pillow_is_a_setup_error(
 async def test_no_face_answer_is_a_setup_error(tmp_path: Path) -> None:
     out, cfg = local_job(tmp_path)
     (out / "summary.json").write_text(json.dumps({"job": "x"}), encoding="utf-8")
-    with pytest.raises(SetupError, match="no compare_faces or search_faces answer"):
+    with pytest.raises(SetupError, match="no results to show"):
         await build_report(out, cfg)
     (out / "summary.json").unlink()
     with pytest.raises(SetupError, match=r"no summary\.json"):
         await build_report(out, cfg)
 
 
-def test_report_renders_in_headless_chromium(tmp_path: Path) -> None:
+def screenshot(page: Path, tmp_path: Path) -> Image.Image:
+    """``page`` as headless Chromium draws it in a 1200x900 window."""
     if not Path(CHROMIUM).exists():
         pytest.fail(
             f"{CHROMIUM} is missing; this test renders the report in a real browser. "
             "Run the tests with ./scripts/test, which installs it"
         )
-    out, cfg = local_job(tmp_path)
-    report = asyncio.run(build_report(out, cfg))
     profile = tmp_path / "chromium-profile"
     shot = tmp_path / "shot.png"
     command = [
@@ -418,7 +418,7 @@ def test_report_renders_in_headless_chromium(tmp_path: Path) -> None:
         f"--user-data-dir={profile}",
         f"--screenshot={shot}",
         "--window-size=1200,900",
-        report.resolve().as_uri(),
+        page.resolve().as_uri(),
     ]
     result = subprocess.run(
         command,
@@ -429,14 +429,90 @@ def test_report_renders_in_headless_chromium(tmp_path: Path) -> None:
         env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
     )
     assert shot.exists(), f"no screenshot (exit {result.returncode}): {result.stderr[-2000:]}"
-    # A text-only rendering of this page is about 60 kB; with the photos, over 300 kB.
+    # A text-only rendering of these pages is about 60 kB; with the photos, over 300 kB.
     assert shot.stat().st_size > 150_000, "the screenshot is too small to hold photos"
     with Image.open(shot) as image:
         rgb = image.convert("RGB")
     assert rgb.size == (1200, 900)
     extrema = cast(tuple[tuple[int, int], ...], rgb.getextrema())
     assert any(low != high for low, high in extrema), "a blank, single-colour page"
+    return rgb
+
+
+def distinct_colours(rgb: Image.Image) -> int:
     colours = rgb.getcolors(maxcolors=1 << 18)
-    distinct = len(colours) if colours is not None else 1 << 18
+    return len(colours) if colours is not None else 1 << 18
+
+
+def test_report_renders_in_headless_chromium(tmp_path: Path) -> None:
+    out, cfg = local_job(tmp_path)
+    report = asyncio.run(build_report(out, cfg))
+    rgb = screenshot(report, tmp_path)
+    distinct = distinct_colours(rgb)
     # Text and flat CSS give about 1,400 colours; with the photographs, about 85,000.
     assert distinct > 20_000, f"only {distinct} colours: were the thumbnails drawn?"
+
+
+def test_report_of_a_detect_labels_job_through_the_cli_renders_in_chromium(
+    tmp_path: Path, moto_endpoint: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.helpers import invoke, read_jsonl, sample_people
+    from tests.support.fake_rekognition import FakeConfig, FakeRekognition
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("ric.jpg", "ric_crowd0.jpg", "sample-image0.jpeg", "sample-image1.jpeg"):
+        shutil.copy(SAMPLES / name, photos / name)
+    (photos / "notes.txt").write_text("not a picture")
+    out = tmp_path / "out"
+    fake = FakeRekognition(FakeConfig(s3_endpoint_url=moto_endpoint, people=sample_people()))
+    fake.start()
+    try:
+        monkeypatch.setenv("REKBATCH_AWS__REKOGNITION_ENDPOINT_URL", fake.url)
+        ops = ["detect_labels", "detect_faces", "detect_text", "detect_moderation_labels"]
+        args = [arg for op in ops for arg in ("--op", op)]
+        ran = invoke("scan", str(photos), *args, "-o", str(out), "--log-format", "json")
+        assert ran.exit_code == 0, ran.stderr
+    finally:
+        fake.stop()
+    made = invoke("report", str(out))
+    assert made.exit_code == 0, made.stderr
+    page = out / REPORT_FILE
+    assert f"report: {page}" in made.stdout
+    text = page.read_text(encoding="utf-8")
+    parser = PageParser()
+    parser.feed(text)
+    parser.close()
+    assert parser.problems == [] and parser.stack == []
+    assert parser.external == [] and "<script" not in text
+
+    rows = [r for r in read_jsonl(out / "results.jsonl") if r["status"] == "ok"]
+    per_label: Counter[str] = Counter()
+    faces = 0
+    for row in rows:
+        if row["operation"] == "detect_labels":
+            per_label.update({label["Name"] for label in row["result"]["Labels"]})
+        if row["operation"] == "detect_faces":
+            faces += len(row["result"]["FaceDetails"])
+    assert per_label and faces
+    # The headline and the bar chart count images per label, most frequent first.
+    assert f"<strong>{len(per_label)}</strong> labels in" in text
+    assert f"<strong>{faces}</strong> faces in" in text
+    top, count = sorted(per_label.items(), key=lambda kv: (-kv[1], kv[0]))[0]
+    assert f'<span class="name">{top}</span>' in text
+    assert f"{top} <span class='count'>in {count} images" in text
+    assert 'class="bar"' in text and 'id="detect_text"' in text
+    assert 'id="detect_moderation_labels"' in text and 'id="records"' in text
+    images = decode_images(parser)
+    assert len(images) >= 4 and parser.placeholders == []
+    # Every face of the image with the most faces is boxed on its thumbnail.
+    best = max(
+        (r for r in rows if r["operation"] == "detect_faces"),
+        key=lambda r: (len(r["result"]["FaceDetails"]), r["key"]),
+    )
+    assert parser.captions[0].startswith(best["key"])
+    assert all(
+        box_colour_near(images[0], face["BoundingBox"]) for face in best["result"]["FaceDetails"]
+    )
+    rgb = screenshot(page, tmp_path)
+    assert distinct_colours(rgb) > 20_000, "were the thumbnails drawn?"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -17,7 +18,7 @@ from typing import Annotated, Any
 import typer
 
 from rekbatch import __version__
-from rekbatch.errors import ConfigError, RekbatchError, SetupError
+from rekbatch.errors import ConfigErrors, RekbatchError, SetupError
 from rekbatch.logs import LogFormat, configure_logging
 
 app = typer.Typer(
@@ -33,7 +34,8 @@ EXIT_UNEXPECTED = 1
 
 def _fail(exc: BaseException) -> typer.Exit:
     if isinstance(exc, RekbatchError):
-        typer.echo(f"rekbatch: {exc}", err=True)
+        for line in str(exc).splitlines() or [type(exc).__name__]:
+            typer.echo(f"rekbatch: {line}", err=True)
         return typer.Exit(exc.exit_code)
     typer.echo(f"rekbatch: unexpected error: {type(exc).__name__}: {exc}", err=True)
     return typer.Exit(EXIT_UNEXPECTED)
@@ -67,28 +69,24 @@ def _main(
 
 
 def _load(config: Path, overrides: dict[str, dict[str, Any]] | None = None) -> Any:
+    """The config, checked as far as it can be without the network: every problem found is
+    one line of the ``ConfigErrors`` raised."""
     from rekbatch.config import load_config
+    from rekbatch.config.checks import local_problems
 
-    return load_config(config, overrides=overrides)
+    cfg = load_config(config, overrides=overrides)
+    problems = local_problems(cfg)
+    if problems:
+        raise ConfigErrors([f"{config}: {line}" for line in problems])
+    return cfg
 
 
 def _check_backend(cfg: Any) -> None:
+    """The offline backend's packages are installed (``pip install 'rekbatch[local]'``)."""
     if cfg.backend.kind != "local":
         return
-    try:
-        from rekbatch.backends.local.backend import (
-            LOCAL_SUPPORTED_OPERATIONS,
-            local_backend_available,
-        )
-    except ImportError:  # pragma: no cover - the module ships with the package
-        raise ConfigError("backend.kind: the local backend is not available") from None
-    for index, op in enumerate(cfg.operations):
-        if op.type not in LOCAL_SUPPORTED_OPERATIONS:
-            supported = ", ".join(sorted(LOCAL_SUPPORTED_OPERATIONS))
-            raise ConfigError(
-                f"operations[{index}].type: {op.type!r} is not available with backend.kind = "
-                f"'local' (it supports {supported})"
-            )
+    from rekbatch.backends.local.backend import local_backend_available
+
     missing = local_backend_available()
     if missing:
         raise SetupError(f"backend.kind = 'local': {missing}")
@@ -134,8 +132,13 @@ def _run_job(cfg: Any, options: Any) -> int:
     typer.echo(render_summary(outcome.summary))
     for note in outcome.notes:
         typer.echo(f"rekbatch: {note}", err=True)
+    for warning in summary_warnings(outcome.summary):
+        typer.echo(f"rekbatch: warning: {warning}", err=True)
     for line in outcome.answers:
-        typer.echo(line)
+        if _EMPTY_ANSWER.search(line):
+            typer.echo(f"rekbatch: warning: {line} (no image was analysed)", err=True)
+        else:
+            typer.echo(line)
     if outcome.exit_code == 130:
         typer.echo(f"interrupted; resume with: rekbatch resume {out}", err=True)
     elif outcome.exit_code == 4:
@@ -147,20 +150,44 @@ def _run_job(cfg: Any, options: Any) -> int:
     return int(outcome.exit_code)
 
 
+_EMPTY_ANSWER = re.compile(r" in 0 of 0 images$")
+
+
 def render_summary(summary: dict[str, Any]) -> str:
     """The end-of-run summary printed on stdout (summary.json holds the same and more)."""
     statuses = summary["counts"]["by_status"]
     calls = summary["calls"]
     counts = ", ".join(f"{k} {statuses.get(k, 0)}" for k in ("ok", "failed", "skipped"))
-    lines = [
-        f"records: {counts}",
+    lines = [f"records: {counts}"]
+    done = sum(statuses.values())
+    if done and not sum(summary.get("records_this_run", {}).values()):
+        lines.append(f"nothing new: {done} records already done")
+    lines.append(
         f"calls: {calls['total']} in {summary['elapsed_seconds']:.1f} s "
         f"({summary['calls_per_second']:.1f}/s); throttled {calls['throttles']}, "
-        f"retried {calls['retries']}",
-        f"estimated cost: ${summary['estimated_cost_usd']:.4f} (list prices; an estimate)",
-        "outputs: " + ", ".join(summary.get("outputs", [])),
-    ]
+        f"retried {calls['retries']}"
+    )
+    cost = f"cost: ${summary['estimated_cost_usd']:.4f} this run"
+    if summary.get("backend") == "local":
+        cost += " (offline backend: nothing is billed)"
+    else:
+        job_cost = float(summary.get("job_estimated_cost_usd", 0.0))
+        cost += f", ${job_cost:.4f} for the whole job (list prices; an estimate)"
+    lines.append(cost)
+    lines.append("outputs: " + ", ".join(summary.get("outputs", [])))
     return "\n".join(lines)
+
+
+def summary_warnings(summary: dict[str, Any]) -> list[str]:
+    """What a run that exits 0 should not leave unsaid: sources without images."""
+    statuses = summary["counts"]["by_status"]
+    if not sum(statuses.values()):
+        return ["the sources listed no objects; check source.uris (and source.include)"]
+    if not statuses.get("ok") and not statuses.get("failed"):
+        reasons = summary["counts"].get("by_reason", {})
+        why = ", ".join(f"{k} {v}" for k, v in sorted(reasons.items()))
+        return [f"no image to analyse: every record was skipped ({why})"]
+    return []
 
 
 def _progress(fmt: str) -> bool:
@@ -215,6 +242,98 @@ def run(
 
 
 @app.command()
+def init(
+    path: Annotated[
+        Path, typer.Argument(help="Where to write the config.", show_default=True)
+    ] = Path("rekbatch.toml"),
+    offline: Annotated[
+        bool, typer.Option("--offline", help="The offline backend (local face models, no AWS).")
+    ] = False,
+    source: Annotated[
+        list[str] | None,
+        typer.Option("--source", help="A source URI or folder (repeatable)."),
+    ] = None,
+    reference: Annotated[
+        str | None,
+        typer.Option("--reference", help="A photo of a person to find (compare_faces)."),
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite PATH.")] = False,
+) -> None:
+    """Write a commented starter config (offline or AWS) to PATH."""
+    from rekbatch.commands.init import starter_config
+
+    with _one_line_errors():
+        if path.exists() and not force:
+            raise SetupError(f"{path}: already exists; choose another PATH, or --force")
+        text = starter_config(offline=offline, sources=source, reference=reference)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    typer.echo(f"wrote {path}; next: rekbatch validate {path} && rekbatch plan {path}")
+
+
+@app.command()
+def scan(
+    uris: Annotated[
+        list[str], typer.Argument(help="S3 prefixes (s3://bucket/prefix), folders or images.")
+    ],
+    op: Annotated[list[str], typer.Option("--op", help="OP[=ARG], repeatable (see below).")],
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Output directory (default out/scan).")
+    ] = None,
+    offline: Annotated[
+        bool, typer.Option("--offline", help="The offline backend (local face models, no AWS).")
+    ] = False,
+    region: Annotated[str | None, typer.Option("--region", help="AWS region.")] = None,
+    concurrency: Annotated[
+        int | None, typer.Option("--concurrency", min=1, help="Consumers (limits.concurrency).")
+    ] = None,
+    max_tps: Annotated[
+        float | None, typer.Option("--max-tps", min=0.001, help="Rate ceiling per operation.")
+    ] = None,
+    log_format: Annotated[
+        LogFormat | None, typer.Option("--log-format", help="console or json.")
+    ] = None,
+    fresh: Annotated[
+        bool, typer.Option("--fresh", help="Discard the job already in the output directory.")
+    ] = False,
+) -> None:
+    """Run a job from flags alone; the config it used is written to DIR/rekbatch.toml.
+
+    --op: compare_faces=REF, search_faces=NAME:REF[,NAME:REF], detect_faces[=ALL],
+    detect_labels[=MAX_LABELS], detect_text[=MIN_CONFIDENCE],
+    detect_moderation_labels[=MIN_CONFIDENCE], recognize_celebrities,
+    detect_protective_equipment[=MIN_CONFIDENCE].
+    """
+    fmt = configure_logging(log_format)
+    from rekbatch.commands.scan import CONFIG_FILE, scan_data, to_toml
+    from rekbatch.config import config_from_data
+    from rekbatch.config.checks import local_problems
+    from rekbatch.engine import RunOptions
+
+    with _one_line_errors():
+        out = str(output) if output else "out/scan"
+        data = scan_data(uris, op, output_dir=out, offline=offline, region=region)
+        overrides = {"limits": {"concurrency": concurrency, "max_tps": max_tps}}
+        cfg = config_from_data(data, "scan", overrides=overrides)
+        problems = local_problems(cfg)
+        if problems:
+            raise ConfigErrors([f"scan: {line}" for line in problems])
+        _check_backend(cfg)
+        command = "rekbatch scan " + " ".join([*uris, *(f"--op {spec}" for spec in op)])
+        written = cfg.model_dump(mode="json", exclude_none=True)
+        options = RunOptions(
+            output_dir=Path(cfg.job.output_dir),
+            fresh=fresh,
+            config_path=str(Path(cfg.job.output_dir) / CONFIG_FILE),
+            progress=_progress(fmt),
+            config_text=to_toml(written, command=command),
+            config_file=CONFIG_FILE,
+        )
+        code = _run_job(cfg, options)
+    raise typer.Exit(code)
+
+
+@app.command()
 def resume(
     directory: Annotated[Path, typer.Argument(help="The job's output directory.")],
     retry_failed: Annotated[
@@ -249,13 +368,29 @@ def resume(
 @app.command()
 def validate(
     config: Annotated[Path, typer.Argument(help="The config file to check.")],
+    online: Annotated[
+        bool,
+        typer.Option(
+            "--online",
+            help="Also check buckets, S3 references and credentials (no billed call).",
+        ),
+    ] = False,
 ) -> None:
-    """Check a config and exit: 0 when valid, 2 with the field at fault otherwise."""
+    """Check a config and exit: 0 when valid, 2 with every problem found, one line each."""
     with _one_line_errors():
         cfg = _load(config)
         _check_backend(cfg)
+        if online:
+            from rekbatch.config.checks import online_problems
+
+            problems = asyncio.run(online_problems(cfg))
+            if problems:
+                raise ConfigErrors([f"{config}: {line}" for line in problems])
     ops = ", ".join(op.type for op in cfg.operations)
-    typer.echo(f"{config}: valid ({len(cfg.source.uris)} source(s); operations: {ops})")
+    checked = "; buckets and credentials checked" if online else ""
+    typer.echo(
+        f"{config}: valid ({len(cfg.source.uris)} source(s); operations: {ops}{checked})"
+    )
 
 
 def _plan(cfg: Any, *, as_json: bool) -> int:
@@ -300,7 +435,7 @@ def report(
         int | None, typer.Option("--max-per-person", min=1, help="Best N matches per person.")
     ] = None,
 ) -> None:
-    """Write DIRECTORY/report.html: each person's matched images with the face boxed."""
+    """Write DIRECTORY/report.html: people found, faces, labels, text, moderation."""
     from rekbatch.commands.report import build_report
     from rekbatch.store.jobdir import job_config
 

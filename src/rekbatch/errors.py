@@ -39,6 +39,14 @@ class ConfigError(RekbatchError):
     exit_code = EXIT_USAGE
 
 
+class ConfigErrors(ConfigError):
+    """Several problems of one config, each a line naming the file (or variable) and field."""
+
+    def __init__(self, lines: list[str]) -> None:
+        super().__init__("\n".join(lines))
+        self.lines = lines
+
+
 class SetupError(RekbatchError):
     exit_code = EXIT_USAGE
 

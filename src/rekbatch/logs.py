@@ -37,6 +37,32 @@ def redact_secrets(
     return event
 
 
+def _flat(key: str, value: Any, into: dict[str, Any]) -> None:
+    if isinstance(value, dict):
+        if not value:
+            into[key] = "-"
+        for sub, inner in value.items():
+            _flat(f"{key}.{sub}", inner, into)
+    elif isinstance(value, list | tuple | set | frozenset):
+        into[key] = ",".join(str(v) for v in value) or "-"
+    else:
+        into[key] = value
+
+
+def flatten_for_console(
+    _logger: Any, _method: str, event: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """Nested values as ``key.sub=value`` and lists as ``a,b``: a terminal shows
+    ``by_status.ok=7 operations=detect_faces,detect_labels``, never a Python repr."""
+    flat: dict[str, Any] = {}
+    for key, value in event.items():
+        if key in ("event", "level", "timestamp"):
+            flat[key] = value
+        else:
+            _flat(key, value, flat)
+    return flat
+
+
 class _StderrLogger:
     """Writes each line to whatever ``sys.stderr`` is at that moment, so a live progress
     display that redirects stderr can print log lines above itself."""
@@ -54,18 +80,19 @@ def _stderr_logger(*_args: Any) -> _StderrLogger:
 def configure_logging(fmt: LogFormat | None = None, level: int = logging.INFO) -> LogFormat:
     if fmt is None:
         fmt = "console" if sys.stderr.isatty() else "json"
-    renderer: Any
+    renderers: list[Any]
     if fmt == "json":
-        renderer = structlog.processors.JSONRenderer()
+        renderers = [structlog.processors.JSONRenderer()]
     else:
-        renderer = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+        colors = sys.stderr.isatty()
+        renderers = [flatten_for_console, structlog.dev.ConsoleRenderer(colors=colors)]
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             redact_secrets,
-            renderer,
+            *renderers,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
         logger_factory=_stderr_logger,

@@ -21,11 +21,14 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from rekbatch import __version__
 from rekbatch.config import CompareFacesOp, Config, SearchFacesOp, parse_s3_uri
 from rekbatch.errors import SetupError
+
+if TYPE_CHECKING:
+    from rekbatch.commands.report_results import Sections
 
 REPORT_FILE = "report.html"
 THUMB_PX = 320  # the longest side of a thumbnail
@@ -35,6 +38,7 @@ _BOX_SHADOW = (0, 0, 0)
 _ERROR_CHARS = 300
 
 Box = tuple[float, float, float, float]  # Left, Top, Width, Height: ratios of the image
+View = tuple[Box, ...]  # the boxes drawn on one thumbnail
 
 
 @dataclass(frozen=True)
@@ -87,9 +91,16 @@ class _Thumb:
     error: str | None = None
 
 
+Thumbs = dict[tuple["_Location", View], "_Thumb"]
+
+
 @dataclass
 class _Wanted:
-    boxes: list[Box | None] = field(default_factory=list)
+    views: list[View] = field(default_factory=list)
+
+
+def _view(box: Box | None) -> View:
+    return () if box is None else (box,)
 
 
 def _require_pillow() -> None:
@@ -234,7 +245,9 @@ def _read_summary(output_dir: Path) -> dict[str, Any]:
 
 
 def _local_roots(cfg: Config) -> list[Path]:
-    return [Path(uri).expanduser() for uri in cfg.source.uris if parse_s3_uri(uri) is None]
+    roots = [Path(uri).expanduser() for uri in cfg.source.uris if parse_s3_uri(uri) is None]
+    # A single-file source lists its file by name, under the file's folder.
+    return [root.parent if root.is_file() else root for root in roots]
 
 
 def _read_path(path: str) -> bytes:
@@ -272,8 +285,8 @@ def _describe(exc: BaseException) -> str:
     return text if len(text) <= _ERROR_CHARS else text[: _ERROR_CHARS - 1] + "…"
 
 
-def _render(data: bytes, boxes: list[Box | None]) -> list[_Thumb]:
-    """One thumbnail per box, drawn on the orientation-corrected image (the frame
+def _render(data: bytes, views: list[View]) -> list[_Thumb]:
+    """One thumbnail per view (its boxes drawn), drawn on the orientation-corrected image (the frame
     Rekognition's bounding boxes refer to)."""
     from PIL import Image, ImageDraw, ImageOps
 
@@ -293,9 +306,9 @@ def _render(data: bytes, boxes: list[Box | None]) -> list[_Thumb]:
         image.thumbnail((THUMB_PX, THUMB_PX), Image.Resampling.LANCZOS)
     width, height = image.size
     thumbs: list[_Thumb] = []
-    for box in boxes:
+    for view in views:
         canvas = image.copy()
-        if box is not None:
+        for box in view:
             left, top, box_w, box_h = box
             x0 = min(max(round(left * width), 0), width - 1)
             y0 = min(max(round(top * height), 0), height - 1)
@@ -329,41 +342,39 @@ class _Fetcher:
             return await asyncio.to_thread(_read_path, where.key)
         return await asyncio.to_thread(_read_under_roots, self._roots, where.key)
 
-    async def thumbs(self, where: _Location, boxes: list[Box | None]) -> list[_Thumb]:
+    async def thumbs(self, where: _Location, views: list[View]) -> list[_Thumb]:
         async with self._sem:
             try:
                 data = await self._read(where)
-                return await asyncio.to_thread(_render, data, boxes)
+                return await asyncio.to_thread(_render, data, views)
             except Exception as exc:  # shown on the page in place of the image
                 message = _describe(exc)
-                return [_Thumb(error=message) for _ in boxes]
+                return [_Thumb(error=message) for _ in views]
 
-    async def all(
-        self, wanted: dict[_Location, _Wanted]
-    ) -> dict[tuple[_Location, Box | None], _Thumb]:
+    async def all(self, wanted: dict[_Location, _Wanted]) -> Thumbs:
         items = list(wanted.items())
-        results = await asyncio.gather(*(self.thumbs(where, w.boxes) for where, w in items))
-        out: dict[tuple[_Location, Box | None], _Thumb] = {}
+        results = await asyncio.gather(*(self.thumbs(where, w.views) for where, w in items))
+        out: Thumbs = {}
         for (where, w), thumbs in zip(items, results, strict=True):
-            for box, thumb in zip(w.boxes, thumbs, strict=True):
-                out[(where, box)] = thumb
+            for view, thumb in zip(w.views, thumbs, strict=True):
+                out[(where, view)] = thumb
         return out
+
+
+def want(wanted: dict[_Location, _Wanted], where: _Location, view: View) -> None:
+    entry = wanted.setdefault(where, _Wanted())
+    if view not in entry.views:
+        entry.views.append(view)
 
 
 def _wanted(answers: Iterable[_Answer], max_per_person: int | None) -> dict[_Location, _Wanted]:
     wanted: dict[_Location, _Wanted] = {}
-
-    def want(where: _Location, box: Box | None) -> None:
-        entry = wanted.setdefault(where, _Wanted())
-        if box not in entry.boxes:
-            entry.boxes.append(box)
-
     for answer in answers:
         for person in answer.people:
             for ref in person.references:
-                want(ref, None)
+                want(wanted, ref, ())
             for match in person.matches[:max_per_person]:
-                want(match.where, match.box)
+                want(wanted, match.where, _view(match.box))
     return wanted
 
 
@@ -448,7 +459,7 @@ def _frame(thumb: _Thumb | None, alt: str) -> str:
 def _person_html(
     person: _Person,
     index: int,
-    thumbs: dict[tuple[_Location, Box | None], _Thumb],
+    thumbs: Thumbs,
     max_per_person: int | None,
 ) -> str:
     parts = [f'<section class="person" id="person-{index}">']
@@ -462,7 +473,7 @@ def _person_html(
     for ref in person.references:
         parts.append(
             f'<figure class="card ref" title="{_e(ref.label)}">'
-            f"{_frame(thumbs.get((ref, None)), f'reference image of {person.name}')}"
+            f"{_frame(thumbs.get((ref, ())), f'reference image of {person.name}')}"
             '<figcaption><span class="tag">reference</span>'
             f'<span class="key">{_e(ref.label)}</span></figcaption></figure>'
         )
@@ -472,7 +483,7 @@ def _person_html(
         alt = f"{person.name} in {match.where.label}"
         parts.append(
             f'<figure class="card match" title="{_e(match.where.label)}">'
-            f"{_frame(thumbs.get((match.where, match.box)), alt)}"
+            f"{_frame(thumbs.get((match.where, _view(match.box))), alt)}"
             f'<figcaption><span class="key">{_e(match.where.label)}</span>'
             f'<span class="sim">{_e(similarity)}</span></figcaption></figure>'
         )
@@ -501,25 +512,35 @@ def _headline(answer: _Answer) -> str:
 def _page(
     job: str,
     answers: list[_Answer],
-    thumbs: dict[tuple[_Location, Box | None], _Thumb],
+    thumbs: Thumbs,
     generated: datetime,
     max_per_person: int | None,
+    sections: Sections | None = None,
 ) -> str:
+    from rekbatch.commands.report_results import EXTRA_CSS
+
     stamp = generated.strftime("%Y-%m-%d %H:%M:%S UTC")
+    kind = "rekbatch face report" if sections is None else "rekbatch report"
     out = [
         '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
         '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
         '<meta name="generator" content="rekbatch">\n'
-        f"<title>{_e(job)}: rekbatch face report</title>\n<style>{_CSS}</style>\n</head>\n"
+        f"<title>{_e(job)}: {kind}</title>\n<style>{_CSS}{EXTRA_CSS}</style>\n</head>\n"
         '<body>\n<header class="top">'
-        '<p class="kind">rekbatch face report</p>'
+        f'<p class="kind">{kind}</p>'
         f"<h1>{_e(job)}</h1>"
     ]
+    for line in sections.headlines() if sections is not None else []:
+        out.append(f'<p class="answer">{line}</p>')
     for answer in answers:
         facts = [("Operation", answer.operation)]
         if answer.strategy:
             facts.append(("Strategy", answer.strategy))
         facts.append(("Similarity threshold", _number(answer.threshold)))
+        if answer.operation == "compare_faces" and answer.people:
+            matched = answer.people[0].matched
+            facts.append(("Matched", str(matched)))
+            facts.append(("Not matched", str(max(0, answer.images - matched))))
         facts.append(("Generated", stamp))
         facts_html = "".join(f"<div><dt>{_e(k)}</dt><dd>{_e(v)}</dd></div>" for k, v in facts)
         out.append(f'<p class="answer">{_headline(answer)}</p><dl class="facts">{facts_html}</dl>')
@@ -529,9 +550,12 @@ def _page(
         for person in answer.people:
             index += 1
             out.append(_person_html(person, index, thumbs, max_per_person) + "\n")
+    if sections is not None:
+        out.append(sections.html(thumbs) + "\n")
     out.append(
         f"</main>\n<footer>Generated by rekbatch {_e(__version__)} on {_e(stamp)}. "
-        "Boxes mark the face that matched; similarity is on Rekognition's 0-100 scale.</footer>\n"
+        "Boxes mark what was found (the face that matched, faces, label instances, lines of "
+        "text); similarity and confidence are on Rekognition's 0-100 scale.</footer>\n"
         "</body>\n</html>\n"
     )
     return "".join(out)
@@ -546,18 +570,27 @@ async def build_report(output_dir: Path, cfg: Config, *, max_per_person: int | N
     ``max_per_person`` caps the thumbnails per person (best similarity first); None shows all.
     Raises ``SetupError`` when Pillow is missing or the directory holds no face answer.
     """
+    from rekbatch.commands.report_results import Sections, read_results
+
     _require_pillow()
     output_dir = Path(output_dir)
     summary = _read_summary(output_dir)
     answers = _answers(summary, cfg)
-    if not answers:
-        raise SetupError(
-            f"{output_dir / 'summary.json'}: no compare_faces or search_faces answer; "
-            "the report shows face matches"
-        )
+    results_path = output_dir / "results.jsonl"
+    sections = None
+    if results_path.exists():
+        sections = Sections(await asyncio.to_thread(read_results, results_path))
+        if not sections.results.records:
+            sections = None
+    if not answers and sections is None:
+        raise SetupError(f"{output_dir}: no results to show (results.jsonl holds no record)")
     if max_per_person is not None and max_per_person < 1:
         raise ValueError("max_per_person must be at least 1")
     wanted = _wanted(answers, max_per_person)
+    if sections is not None:
+        for where, entry in sections.wanted().items():
+            for view in entry.views:
+                want(wanted, where, view)
     needs_s3 = any(where.kind == "s3" for where in wanted)
     if needs_s3:
         import aioboto3
@@ -571,7 +604,7 @@ async def build_report(output_dir: Path, cfg: Config, *, max_per_person: int | N
     else:
         thumbs = await _Fetcher(cfg, None).all(wanted)
     job = str(summary.get("job") or cfg.job.name)
-    page = _page(job, answers, thumbs, datetime.now(UTC), max_per_person)
+    page = _page(job, answers, thumbs, datetime.now(UTC), max_per_person, sections)
     target = output_dir / REPORT_FILE
     tmp = target.with_name(f".{REPORT_FILE}.{os.getpid()}.tmp")
     await asyncio.to_thread(tmp.write_text, page, encoding="utf-8")

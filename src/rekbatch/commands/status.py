@@ -42,15 +42,28 @@ def job_status(directory: Path, *, now: float) -> dict[str, Any]:
     active = JobLock.is_held(state_dir(directory) / "lock")
     last = runs[-1] if runs else None
     stats = json.loads(last["stats"]) if last else {}
-    rate = float(stats.get("calls_per_second", 0.0))
+    calls_made = sum(stats.get("calls", {}).values())
+    # No rate without calls: elapsed time alone says nothing about the speed.
+    rate = float(stats.get("calls_per_second", 0.0)) if calls_made else None
     throttles = sum(stats.get("throttles", {}).values())
     n_ops = max(1, len(config.get("operations", [])))
     listed = sum(s["listed"] for s in sources)
     done_objects = sum(by_status.values()) // n_ops
+    # The ledger marks a source done once every object it listed is finished; while a run
+    # is active its heartbeat says when the listing itself has ended.
+    finished = bool(sources) and all(s["listing_done"] for s in sources)
+    if finished or (active and stats.get("listing_complete")):
+        listing = "complete"
+    elif active:
+        listing = "in progress"
+    else:
+        listing = "unfinished; resume to go on" if last else "not started"
     eta = None
-    if sources and all(s["listing_done"] for s in sources):
+    if listing == "complete" and rate is not None:
         remaining = max(0, listed - done_objects)
         eta = 0.0 if remaining == 0 else (remaining * n_ops / rate if rate > 0 else None)
+    elif listing == "complete" and listed <= done_objects:
+        eta = 0.0
     return {
         "directory": str(directory),
         "job": config.get("job", {}).get("name"),
@@ -60,6 +73,8 @@ def job_status(directory: Path, *, now: float) -> dict[str, Any]:
         "sources": sources,
         "objects_listed": listed,
         "objects_done": done_objects,
+        "listing": listing,
+        "calls_last_run": calls_made,
         "calls_per_second": rate,
         "throttles_last_run": throttles,
         "errors": errors,
@@ -73,18 +88,21 @@ def job_status(directory: Path, *, now: float) -> dict[str, Any]:
 def render_status(report: dict[str, Any]) -> str:
     state = "running" if report["active"] else "not running"
     lines = [f"job {report['job']} in {report['directory']}: {state}"]
-    listing = "complete" if all(s["listing_done"] for s in report["sources"]) else "in progress"
     lines.append(
         f"objects: {report['objects_done']} done of {report['objects_listed']} listed "
-        f"(listing {listing})"
+        f"(listing {report['listing']})"
     )
     for op, counts in sorted(report["by_operation"].items()):
         parts = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
         lines.append(f"  {op}: {parts}")
-    lines.append(
-        f"rate: {report['calls_per_second']:.1f} calls/s; throttles (last run): "
-        f"{report['throttles_last_run']}"
-    )
+    run = "this run" if report["active"] else "last run"
+    if report["calls_per_second"] is None:
+        lines.append(f"rate: no calls made ({run})")
+    else:
+        lines.append(
+            f"rate: {report['calls_per_second']:.1f} calls/s ({run}, {report['calls_last_run']} "
+            f"calls); throttles: {report['throttles_last_run']}"
+        )
     if report["eta_seconds"] is not None:
         lines.append(f"estimated time left: {report['eta_seconds']:.0f} s")
     for err in report["errors"]:

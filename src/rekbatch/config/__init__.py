@@ -1,7 +1,7 @@
 """The job config: pydantic models (``model``) and reading them from file, environment and
 flags (``loading``)."""
 
-from rekbatch.config.loading import load_config
+from rekbatch.config.loading import config_from_data, load_config
 from rekbatch.config.model import (
     CompareFacesOp,
     Config,
@@ -29,6 +29,7 @@ __all__ = [
     "OperationType",
     "RecognizeCelebritiesOp",
     "SearchFacesOp",
+    "config_from_data",
     "load_config",
     "parse_s3_uri",
 ]

@@ -6,6 +6,7 @@ the file. Every validation failure becomes one ``ConfigError`` line naming the f
 
 from __future__ import annotations
 
+import difflib
 import os
 import tomllib
 from collections.abc import Mapping
@@ -13,10 +14,10 @@ from pathlib import Path
 from typing import Any, get_args
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
-from rekbatch.config.model import Config, OperationType
-from rekbatch.errors import ConfigError
+from rekbatch.config.model import OPERATION_MODELS, Config, OperationType
+from rekbatch.errors import ConfigError, ConfigErrors
 
 
 def _read_file(path: Path) -> dict[str, Any]:
@@ -55,8 +56,14 @@ def _parse_env_value(raw: str) -> Any:
         return raw
 
 
-def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> None:
-    for name, raw in environ.items():
+EnvOrigins = dict[tuple[str, str], str]
+
+
+def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> EnvOrigins:
+    """Set the ``REKBATCH_<SECTION>__<KEY>`` values; returns which variable set which key,
+    so that an invalid value is blamed on the variable, not on the file."""
+    origins: EnvOrigins = {}
+    for name, raw in sorted(environ.items()):
         if not name.startswith("REKBATCH_") or "__" not in name:
             continue
         section, _, key = name[len("REKBATCH_") :].partition("__")
@@ -67,6 +74,8 @@ def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> None:
         if not isinstance(table, dict):
             raise ConfigError(f"environment {name}: [{section}] is not a table")
         table[key] = _parse_env_value(raw)
+        origins[(section, key)] = name
+    return origins
 
 
 def _field_path(loc: tuple[int | str, ...], data: dict[str, Any]) -> str:
@@ -85,7 +94,27 @@ def _field_path(loc: tuple[int | str, ...], data: dict[str, Any]) -> str:
     return "".join(parts) or "(top level)"
 
 
-def _one_line(err: Mapping[str, Any], data: dict[str, Any]) -> str:
+def _known_keys(loc: tuple[int | str, ...], data: dict[str, Any]) -> list[str]:
+    """The keys allowed where the unknown key at ``loc`` sits, for "did you mean"."""
+    parent = loc[:-1]
+    if not parent:
+        return list(Config.model_fields)
+    if parent[0] == "operations" and len(parent) in (2, 3) and isinstance(parent[1], int):
+        ops = data.get("operations")
+        entry = ops[parent[1]] if isinstance(ops, list) and parent[1] < len(ops) else None
+        model = OPERATION_MODELS.get(str(entry.get("type"))) if isinstance(entry, dict) else None
+        return list(model.model_fields) if model is not None else []
+    if len(parent) == 1:
+        field = Config.model_fields.get(str(parent[0]))
+        annotation = field.annotation if field is not None else None
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            return list(annotation.model_fields)
+    return []
+
+
+def _one_line(
+    err: Mapping[str, Any], data: dict[str, Any], path: Path, origins: EnvOrigins
+) -> str:
     loc = tuple(err.get("loc", ()))
     kind = err.get("type", "")
     message = str(err.get("msg", "invalid"))
@@ -93,14 +122,21 @@ def _one_line(err: Mapping[str, Any], data: dict[str, Any]) -> str:
         message = message[len("Value error, ") :]
     if kind == "extra_forbidden":
         message = "unknown key"
+        if loc:
+            close = difflib.get_close_matches(str(loc[-1]), _known_keys(loc, data), n=1)
+            if close:
+                message += f"; did you mean {close[0]!r}?"
     elif kind == "missing":
         message = "required but missing"
     elif kind == "union_tag_invalid":
         allowed = ", ".join(get_args(OperationType))
         message = f"unknown operation type; expected one of: {allowed}"
+    where = str(path)
+    if len(loc) >= 2 and (str(loc[0]), str(loc[1])) in origins:
+        where = f"environment {origins[(str(loc[0]), str(loc[1]))]}"
     if not loc:
-        return message
-    return f"{_field_path(loc, data)}: {message}"
+        return f"{where}: {message}"
+    return f"{where}: {_field_path(loc, data)}: {message}"
 
 
 def load_config(
@@ -111,14 +147,29 @@ def load_config(
 ) -> Config:
     """Read, merge and validate a config. ``overrides`` are the CLI flags, by section."""
     path = Path(path)
-    data = _read_file(path)
-    _apply_env(data, os.environ if environ is None else environ)
+    return config_from_data(_read_file(path), path, environ=environ, overrides=overrides)
+
+
+def config_from_data(
+    data: dict[str, Any],
+    where: str | Path,
+    *,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+) -> Config:
+    """Validate a config given as data (``rekbatch scan`` builds one from flags); ``where``
+    names it in the error lines. Environment and ``overrides`` apply as for a file."""
+    data = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    origins = _apply_env(data, os.environ if environ is None else environ)
     for section, values in (overrides or {}).items():
         table = data.setdefault(section, {})
         if isinstance(table, dict):
-            table.update({k: v for k, v in values.items() if v is not None})
+            given = {k: v for k, v in values.items() if v is not None}
+            table.update(given)
+            for key in given:  # a flag's value is checked by the flag's own parser
+                origins.pop((section, key), None)
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        raise ConfigError(f"{path}: {_one_line(first, data)}") from None
+        lines = [_one_line(err, data, Path(where), origins) for err in exc.errors()]
+        raise ConfigErrors(list(dict.fromkeys(lines))) from None

@@ -6,6 +6,7 @@ import hashlib
 import json
 import re
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -70,12 +71,29 @@ class SourceSection(_Section):
         return uris
 
 
+def _check_endpoint(value: str | None) -> str | None:
+    if value is None:
+        return None
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"not an http(s)://host[:port] URL: {value!r}")
+    try:
+        parts.port  # noqa: B018 - raises on a port that is not a number
+    except ValueError:
+        raise ValueError(f"the port is not a number: {value!r}") from None
+    return value
+
+
 class AwsSection(_Section):
-    region: str = "us-east-1"
+    region: str = Field(default="us-east-1", pattern=r"^[a-z]{2}(-[a-z]+)+-\d+$")
     profile: str | None = None
     s3_endpoint_url: str | None = None
     rekognition_endpoint_url: str | None = None
     image_mode: Literal["s3", "bytes"] = "s3"
+
+    _endpoints = field_validator("s3_endpoint_url", "rekognition_endpoint_url")(
+        classmethod(lambda cls, v: _check_endpoint(v))
+    )
 
 
 class BackendSection(_Section):
@@ -160,6 +178,21 @@ Operation = Annotated[
     | SearchFacesOp,
     Field(discriminator="type"),
 ]
+
+
+OPERATION_MODELS: dict[str, type[_Operation]] = {
+    model.model_fields["type"].annotation.__args__[0]: model  # type: ignore[union-attr]
+    for model in (
+        DetectFacesOp,
+        DetectLabelsOp,
+        CompareFacesOp,
+        DetectTextOp,
+        DetectModerationLabelsOp,
+        RecognizeCelebritiesOp,
+        DetectProtectiveEquipmentOp,
+        SearchFacesOp,
+    )
+}
 
 
 class LimitsSection(_Section):

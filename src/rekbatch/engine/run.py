@@ -74,6 +74,10 @@ class RunOptions:
     # Benchmarks only: no fsync and no synchronous SQLite commits, to measure what
     # checkpointing costs. A machine crash then loses results; a process crash does not.
     checkpoint: bool = True
+    # ``rekbatch scan``: the config built from its flags, written into the job directory
+    # (as ``config_file``) once the directory holds the job.
+    config_text: str | None = None
+    config_file: str = "rekbatch.toml"
 
 
 @dataclass
@@ -173,6 +177,9 @@ class Job:
                 fresh=self.options.fresh,
                 config_path=self.options.config_path,
             )
+            if self.options.config_text is not None:
+                path = self.out / self.options.config_file
+                await asyncio.to_thread(path.write_text, self.options.config_text, "utf-8")
             return await self._run_claimed()
         except RekbatchError:
             if created and not worked and self.writer is None:

@@ -51,7 +51,10 @@ def build_summary(
     aws = cfg.backend.kind == "aws"
     summary: dict[str, Any] = {
         "job": cfg.job.name,
+        "backend": cfg.backend.kind,
         "counts": counts,
+        # Records this run wrote (the rest of ``counts`` was done by earlier runs).
+        "records_this_run": dict(live.get("records", {})),
         "calls": {
             "total": sum(calls.values()),
             "by_api": calls,
