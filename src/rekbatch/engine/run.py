@@ -35,6 +35,7 @@ from rekbatch.config import Config, parse_s3_uri
 from rekbatch.engine.budget import Budget
 from rekbatch.engine.dedup import Dedup
 from rekbatch.engine.producer import Producer, WorkItem
+from rekbatch.engine.shards import Shard, write_job_file
 from rekbatch.engine.worker import Worker, WorkerStats
 from rekbatch.errors import (
     EXIT_BUDGET,
@@ -73,6 +74,10 @@ class RunOptions:
     # Benchmarks only: no fsync and no synchronous SQLite commits, to measure what
     # checkpointing costs. A machine crash then loses results; a process crash does not.
     checkpoint: bool = True
+    # One shard of a sharded job: only its objects, 1/N of the ceilings, and ``job_config``
+    # (the whole job's config) in job.json for ``merge``.
+    shard: Shard | None = None
+    job_config: Config | None = None
 
 
 @dataclass
@@ -170,6 +175,11 @@ class Job:
                 fresh=self.options.fresh,
                 config_path=self.options.config_path,
             )
+            shard = self.options.shard
+            if shard is not None:
+                await asyncio.to_thread(
+                    write_job_file, self.out, self.options.job_config or self.cfg, shard
+                )
             return await self._run_claimed()
         except RekbatchError:
             if created and not worked and self.writer is None:
@@ -201,6 +211,7 @@ class Job:
                     apis=[api for op in operations for api in op.calls_per_image()],
                     clock=self.clock,
                     unreachable_seconds=cfg.limits.unreachable_seconds,
+                    share=1.0 / self.options.shard.count if self.options.shard else 1.0,
                 )
                 ctx = OperationContext(self.caller, ledger, s3)
                 for op in operations:
@@ -335,6 +346,7 @@ class Job:
             dedup,
             self.stopping,
             [self._max_bytes(uri) for uri in cfg.source.uris],
+            shard=self.options.shard,
         )
         worker = Worker(
             sources,
