@@ -291,7 +291,13 @@ class Job:
             return await stack.enter_async_context(aws)
         from rekbatch.backends.local.backend import LocalBackend  # optional extra
 
-        local = LocalBackend(jobdir.state_dir(self.out) / "collections")
+        executor = None
+        if cfg.backend.executor == "ray":
+            from rekbatch.engine.ray_shards import RayActorExecutor
+
+            executor = RayActorExecutor(address=cfg.backend.ray_address)
+            stack.callback(executor.shutdown)
+        local = LocalBackend(jobdir.state_dir(self.out) / "collections", executor=executor)
         stack.push_async_callback(local.aclose)
         return local
 
