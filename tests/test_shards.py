@@ -254,6 +254,14 @@ def test_a_single_shard_equals_a_plain_run(s3: Any, moto_endpoint: str, tmp_path
     assert invoke("merge", str(tmp_path / "out")).exit_code == 0
     merged = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert merged["counts"] == json.loads((folder / "summary.json").read_text())["counts"]
+    # A shard's folder resumes as any job's does (it knows it is shard 0 of 1).
+    resumed = invoke("resume", str(folder))
+    assert resumed.exit_code == 0, resumed.stderr
+    assert _records(folder / "results.jsonl") == _records(tmp_path / "plain" / "results.jsonl")
+    # A directory with a job of its own is not merged over.
+    (tmp_path / "plain" / "shard-0000-of-0001").symlink_to(folder)
+    refused = invoke("merge", str(tmp_path / "plain"))
+    assert refused.exit_code == 2 and "holds a job of its own" in refused.stderr
     # The merged directory is not a job to run into.
     again = invoke("run", str(config))
     assert again.exit_code == 2 and "holds the merge of 1 shards" in again.stderr

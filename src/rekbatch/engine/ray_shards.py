@@ -92,7 +92,8 @@ def run_shards_on_ray(
         try:
             codes[k] = int(ray.get(ref))
         except Exception as exc:  # a task that failed after its retries
-            codes[k] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1:]}"
+            last = (str(exc).strip().splitlines() or [""])[-1]
+            codes[k] = f"{type(exc).__name__}: {last}"
     bad = {k: c for k, c in codes.items() if c not in (0, 3)}
     if bad:
         detail = "; ".join(f"shard {k}/{count}: {c}" for k, c in sorted(bad.items()))

@@ -123,6 +123,23 @@ def check_complete(where: object, shards: Sequence[ShardFiles]) -> list[ShardFil
     return sorted(shards, key=lambda s: s.shard.index)
 
 
+def _refuse_own_job(directory: Path) -> None:
+    """A directory that holds a job of its own (not an earlier merge) is not overwritten."""
+    path = jobdir.ledger_path(directory)
+    if not path.exists():
+        return
+    db = LedgerDB(path, readonly=True)
+    try:
+        own = db.get_meta(jobdir.MERGED) is None and db.has_records()
+    finally:
+        db.close()
+    if own:
+        raise SetupError(
+            f"{directory}: holds a job of its own beside the shards; merge into another "
+            "directory (or move the shard folders)"
+        )
+
+
 def _lines(path: Path) -> Iterator[bytes]:
     """The whole lines of a shard's results.jsonl (a finished shard has no torn tail)."""
     if not path.exists():
@@ -149,6 +166,7 @@ def merge_shards(directory: Path, shards: Sequence[ShardFiles]) -> MergeOutcome:
 
 def _merge_locked(directory: Path, cfg: Config, shards: Sequence[ShardFiles]) -> MergeOutcome:
     state = jobdir.state_dir(directory)
+    _refuse_own_job(directory)
     for child in state.iterdir():
         if child.name != "lock":
             shutil.rmtree(child) if child.is_dir() else child.unlink()
