@@ -54,7 +54,9 @@ def connect(address: str | None) -> Any:
     return ray
 
 
-def run_shard(job: dict[str, Any], index: int, count: int, config_path: str) -> int:
+def run_shard(
+    job: dict[str, Any], index: int, count: int, config_path: str, local_workers: int | None
+) -> int:
     """One shard, start to end, in this process (the body of a Ray task); its exit code."""
     from rekbatch.engine.run import RunOptions, run_job
 
@@ -66,6 +68,7 @@ def run_shard(job: dict[str, Any], index: int, count: int, config_path: str) -> 
         config_path=config_path,
         shard=shard,
         job_config=cfg,
+        local_workers=local_workers,
     )
     outcome = asyncio.run(run_job(own, options))
     return int(outcome.exit_code)
@@ -84,9 +87,16 @@ def run_shards_on_ray(
         for folder in shard_folders(out).values():
             shutil.rmtree(folder)
     ray = connect(address)
-    task = ray.remote(max_retries=SHARD_RETRIES, retry_exceptions=False, num_cpus=1)(run_shard)
+    cpus, workers = 1, None
+    if cfg.backend.kind == "local":
+        if cfg.backend.executor == "ray":
+            # The task only lists and writes; its actors hold the CPUs, shared by the shards.
+            cpus, workers = 0, max(1, int(ray.cluster_resources().get("CPU", 1)) // count)
+        else:
+            workers = 1  # the task's one CPU: one worker process, not one per core of the node
+    task = ray.remote(max_retries=SHARD_RETRIES, retry_exceptions=False, num_cpus=cpus)(run_shard)
     job = cfg.model_dump(mode="json")
-    refs = [task.remote(job, k, count, config_path) for k in range(count)]
+    refs = [task.remote(job, k, count, config_path, workers) for k in range(count)]
     codes: dict[int, int | str] = {}
     for k, ref in enumerate(refs):
         try:

@@ -78,6 +78,9 @@ class RunOptions:
     # (the whole job's config) in job.json for ``merge``.
     shard: Shard | None = None
     job_config: Config | None = None
+    # The offline backend's workers (processes or Ray actors); None: one per core (pool) or
+    # per free CPU of the cluster (Ray). A shard run as a Ray task sets its share.
+    local_workers: int | None = None
 
 
 @dataclass
@@ -295,9 +298,13 @@ class Job:
         if cfg.backend.executor == "ray":
             from rekbatch.engine.ray_shards import RayActorExecutor
 
-            executor = RayActorExecutor(address=cfg.backend.ray_address)
+            executor = RayActorExecutor(self.options.local_workers, address=cfg.backend.ray_address)
             stack.callback(executor.shutdown)
-        local = LocalBackend(jobdir.state_dir(self.out) / "collections", executor=executor)
+        local = LocalBackend(
+            jobdir.state_dir(self.out) / "collections",
+            executor=executor,
+            workers=self.options.local_workers,
+        )
         stack.push_async_callback(local.aclose)
         return local
 
