@@ -128,9 +128,10 @@ async def _baseline(s3_url: str, rek_url: str, seconds: float, concurrency: int)
     latencies: list[float] = []
     sem = asyncio.Semaphore(concurrency)
     stopped = False
-    async with session.client("s3", endpoint_url=s3_url) as s3, session.client(
-        "rekognition", endpoint_url=rek_url, config=rek_cfg
-    ) as rek:
+    async with (
+        session.client("s3", endpoint_url=s3_url) as s3,
+        session.client("rekognition", endpoint_url=rek_url, config=rek_cfg) as rek,
+    ):
 
         async def one(key: str) -> None:
             async with sem:

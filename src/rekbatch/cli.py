@@ -12,13 +12,14 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from rekbatch import __version__
-from rekbatch.errors import ConfigErrors, RekbatchError, SetupError
+from rekbatch.errors import ConfigError, ConfigErrors, RekbatchError, SetupError
 from rekbatch.logs import LogFormat, configure_logging
 
 app = typer.Typer(
@@ -30,6 +31,11 @@ app = typer.Typer(
 )
 
 EXIT_UNEXPECTED = 1
+
+
+class Engine(StrEnum):
+    process = "process"
+    ray = "ray"
 
 
 def _fail(exc: BaseException) -> typer.Exit:
@@ -217,6 +223,31 @@ def run(
     fresh: Annotated[
         bool, typer.Option("--fresh", help="Discard the job already in the output directory.")
     ] = False,
+    shard: Annotated[
+        str | None,
+        typer.Option("--shard", help="Run shard K (from 0) of N only: K/N, e.g. 3/16."),
+    ] = None,
+    shards: Annotated[
+        int | None,
+        typer.Option(
+            "--shards", help="The job's number of shards (with --shard-index-env or --engine ray)."
+        ),
+    ] = None,
+    shard_index_env: Annotated[
+        str | None,
+        typer.Option(
+            "--shard-index-env",
+            help="Read K from this environment variable (JOB_COMPLETION_INDEX, "
+            "AWS_BATCH_JOB_ARRAY_INDEX).",
+        ),
+    ] = None,
+    engine: Annotated[
+        Engine,
+        typer.Option("--engine", help="process: this process; ray: the shards as Ray tasks."),
+    ] = Engine.process,
+    ray_address: Annotated[
+        str | None, typer.Option("--ray-address", help="Ray cluster to join (e.g. auto).")
+    ] = None,
 ) -> None:
     """Run a job; resumes by itself when the output directory holds the same job."""
     fmt = configure_logging(log_format)
@@ -227,17 +258,100 @@ def run(
         "limits": {"concurrency": concurrency, "max_tps": max_tps},
     }
     with _one_line_errors():
+        which = _shard_choice(shard, shards, shard_index_env, engine, ray_address)
         cfg = _load(config, overrides)
         _check_backend(cfg)
         if dry_run:
             raise typer.Exit(_plan(cfg, as_json=False))
+        if engine is Engine.ray:
+            assert shards is not None
+            code = _run_ray(cfg, shards, ray_address, fresh=fresh, config_path=str(config))
+            raise typer.Exit(code)
+        job_cfg = cfg
+        if which is not None:
+            from rekbatch.engine.shards import shard_config
+
+            cfg = shard_config(cfg, which)
         options = RunOptions(
             output_dir=Path(cfg.job.output_dir),
             fresh=fresh,
             config_path=str(config),
             progress=_progress(fmt),
+            shard=which,
+            job_config=job_cfg if which is not None else None,
         )
         code = _run_job(cfg, options)
+    raise typer.Exit(code)
+
+
+def _shard_choice(
+    shard: str | None,
+    shards: int | None,
+    index_env: str | None,
+    engine: Engine,
+    ray_address: str | None,
+) -> Any:
+    """The shard this process runs (None: the whole job); a ``ConfigError`` for flags that
+    do not go together."""
+    from rekbatch.engine.shards import parse_shard, shard_from_env
+
+    if ray_address is not None and engine is not Engine.ray:
+        raise ConfigError("--ray-address: only with --engine ray")
+    if engine is Engine.ray:
+        if shard is not None or index_env is not None:
+            raise ConfigError("--engine ray: runs all shards; give --shards N, not --shard")
+        if shards is None:
+            raise ConfigError("--engine ray: needs --shards N")
+        if shards < 1:
+            raise ConfigError(f"--shards: must be at least 1, got {shards}")
+        return None
+    if shard is not None:
+        if index_env is not None:
+            raise ConfigError("--shard: give --shard K/N or --shards N --shard-index-env VAR")
+        which = parse_shard(shard)
+        if shards is not None and shards != which.count:
+            raise ConfigError(f"--shards {shards} disagrees with --shard {shard}")
+        return which
+    if index_env is not None:
+        if shards is None:
+            raise ConfigError("--shard-index-env: needs --shards N")
+        return shard_from_env(index_env, shards)
+    if shards is not None:
+        raise ConfigError("--shards: needs --shard-index-env VAR (or --engine ray)")
+    return None
+
+
+def _run_ray(cfg: Any, shards: int, address: str | None, *, fresh: bool, config_path: str) -> int:
+    from rekbatch.engine.ray_shards import run_shards_on_ray
+
+    outcome = run_shards_on_ray(cfg, shards, address=address, fresh=fresh, config_path=config_path)
+    return _print_merge(outcome)
+
+
+def _print_merge(outcome: Any) -> int:
+    typer.echo(render_summary(outcome.summary))
+    for line in outcome.answers:
+        typer.echo(line)
+    return int(outcome.exit_code)
+
+
+@app.command()
+def merge(
+    directory: Annotated[
+        str, typer.Argument(help="The job's output directory, or the s3:// upload_uri.")
+    ],
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="Where to write the merge of an s3:// job."),
+    ] = None,
+) -> None:
+    """Merge the shards of a job into one set of results, one summary and one answer."""
+    configure_logging(None, level=30)
+    from rekbatch.commands.merge import merge_job
+
+    with _one_line_errors():
+        outcome = merge_job(directory, output)
+        code = _print_merge(outcome)
     raise typer.Exit(code)
 
 
@@ -350,13 +464,17 @@ def resume(
     """Continue the job whose output directory is DIRECTORY."""
     fmt = configure_logging(log_format)
     from rekbatch.engine import RunOptions
+    from rekbatch.engine.shards import read_job_file
     from rekbatch.store.jobdir import job_config
 
     with _one_line_errors():
         cfg = job_config(directory)
         _check_backend(cfg)
+        sharded = read_job_file(directory)
         options = RunOptions(
             output_dir=directory,
+            shard=sharded[1] if sharded else None,
+            job_config=sharded[0] if sharded else None,
             retry_failed=retry_failed,
             retry_codes={c.strip() for c in codes.split(",") if c.strip()} if codes else None,
             progress=_progress(fmt),
@@ -421,10 +539,10 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="Print the status as JSON.")] = False,
 ) -> None:
     """Counts, rate and errors of a job, also while it runs."""
-    from rekbatch.commands.status import job_status, render_status
+    from rekbatch.commands.status import any_status, render_status
 
     with _one_line_errors():
-        report = job_status(directory, now=time.time())
+        report = any_status(directory, now=time.time())
     typer.echo(json.dumps(report, indent=2) if as_json else render_status(report))
 
 
@@ -437,9 +555,14 @@ def report(
 ) -> None:
     """Write DIRECTORY/report.html: people found, faces, labels, text, moderation."""
     from rekbatch.commands.report import build_report
+    from rekbatch.engine.shards import shard_folders
     from rekbatch.store.jobdir import job_config
 
     with _one_line_errors():
+        if shard_folders(directory):
+            from rekbatch.commands.merge import merge_job
+
+            merge_job(str(directory), None)  # the report is of the whole job
         cfg = job_config(directory)
         path = asyncio.run(build_report(directory, cfg, max_per_person=max_per_person))
     typer.echo(f"report: {path}")

@@ -102,8 +102,11 @@ class Caller:
         clock: Clock = MONOTONIC,
         rng: random.Random | None = None,
         unreachable_seconds: float = UNREACHABLE_SECONDS,
+        share: float = 1.0,
     ) -> None:
+        # ``share``: this process's part of the ceilings (1/N for one of N shards).
         self.backend = backend
+        self._share = share
         self.retry = retry
         self.stats = CallStats()
         self.network = bool(getattr(backend, "network", False))
@@ -117,14 +120,16 @@ class Caller:
         self._rng = rng or random.Random()
         self.limiters: dict[str, AdaptiveLimiter] = {}
         for api, rate in resolve_ceilings(max_tps, region, apis or []).items():
-            self.limiters[api] = AdaptiveLimiter(rate, clock=clock, name=api)
+            self.limiters[api] = AdaptiveLimiter(rate * share, clock=clock, name=api)
 
     def limiter(self, api: str) -> AdaptiveLimiter:
         limiter = self.limiters.get(api)
         if limiter is None:
             # An API no operation declared up front (collections): its default ceiling.
             (rate,) = resolve_ceilings(self._max_tps, self._region, [api]).values()
-            limiter = self.limiters[api] = AdaptiveLimiter(rate, clock=self._clock, name=api)
+            limiter = self.limiters[api] = AdaptiveLimiter(
+                rate * self._share, clock=self._clock, name=api
+            )
         return limiter
 
     async def call(

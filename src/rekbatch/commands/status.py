@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from rekbatch.sinks.summary import record_counts
 from rekbatch.store.jobdir import existing_ledger, state_dir
+from rekbatch.store.jobdir import ledger_path as jobdir_ledger
 from rekbatch.store.ledger import LedgerDB
 from rekbatch.store.lock import JobLock
 
@@ -87,6 +89,12 @@ def job_status(directory: Path, *, now: float) -> dict[str, Any]:
 
 def render_status(report: dict[str, Any]) -> str:
     state = "running" if report["active"] else "not running"
+    if "shards" in report:
+        state = (
+            f"{report['shard_count']} shards: {report['shards_running']} running, "
+            f"{report['shards_finished']} finished, "
+            f"{len(report['shards_not_started'])} not started"
+        )
     lines = [f"job {report['job']} in {report['directory']}: {state}"]
     lines.append(
         f"objects: {report['objects_done']} done of {report['objects_listed']} listed "
@@ -108,3 +116,76 @@ def render_status(report: dict[str, Any]) -> str:
     for err in report["errors"]:
         lines.append(f"  error {err['operation']} {err['error_code']}: {err['count']}")
     return "\n".join(lines)
+
+
+def any_status(directory: Path, *, now: float) -> dict[str, Any]:
+    """The status of a job's directory: one job, or the shards of one (added up)."""
+    from rekbatch.engine.shards import shard_folders
+
+    folders = shard_folders(directory)
+    if not folders:
+        return job_status(directory, now=now)
+    counts = {shard.count for shard in folders}
+    count = max(counts)
+    shards: list[dict[str, Any]] = []
+    by_status: Counter[str] = Counter()
+    by_operation: dict[str, Counter[str]] = {}
+    errors: Counter[tuple[str, str]] = Counter()
+    total = {"objects_listed": 0, "objects_done": 0, "calls_per_second": 0.0, "throttles": 0}
+    job = None
+    listing_done = True
+    for shard, folder in folders.items():
+        if not jobdir_ledger(folder).exists():
+            continue
+        one = job_status(folder, now=now)
+        job = job or one["job"]
+        shards.append(
+            {
+                "shard": shard.index,
+                "of": shard.count,
+                "active": one["active"],
+                "objects_done": one["objects_done"],
+                "objects_listed": one["objects_listed"],
+                "last_exit_code": one["last_exit_code"],
+            }
+        )
+        by_status.update(one["by_status"])
+        for op, c in one["by_operation"].items():
+            by_operation.setdefault(op, Counter()).update(c)
+        for err in one["errors"]:
+            errors[(err["operation"], err["error_code"])] += err["count"]
+        total["objects_listed"] += one["objects_listed"]
+        total["objects_done"] += one["objects_done"]
+        total["throttles"] += one["throttles_last_run"]
+        if one["active"]:
+            total["calls_per_second"] += one["calls_per_second"]
+        listing_done = listing_done and all(s["listing_done"] for s in one["sources"])
+    started = {s["shard"] for s in shards if s["of"] == count}
+    finished = [s for s in shards if s["last_exit_code"] in (0, 3) and not s["active"]]
+    return {
+        "directory": str(directory),
+        "job": job,
+        "active": any(s["active"] for s in shards),
+        "shards": shards,
+        "shard_count": count,
+        "shards_running": sum(1 for s in shards if s["active"]),
+        "shards_finished": len(finished),
+        "shards_not_started": [k for k in range(count) if k not in started],
+        "by_status": dict(by_status),
+        "by_operation": {op: dict(c) for op, c in by_operation.items()},
+        "sources": [
+            {"listing_done": listing_done and not [k for k in range(count) if k not in started]}
+        ],
+        "objects_listed": total["objects_listed"],
+        "objects_done": total["objects_done"],
+        "calls_per_second": round(float(total["calls_per_second"]), 2),
+        "throttles_last_run": total["throttles"],
+        "errors": [
+            {"operation": op, "error_code": code, "count": n, "example": None}
+            for (op, code), n in errors.most_common(5)
+        ],
+        "eta_seconds": None,
+        "runs": None,
+        "last_heartbeat_age_seconds": None,
+        "last_exit_code": None,
+    }

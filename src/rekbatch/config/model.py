@@ -98,6 +98,10 @@ class AwsSection(_Section):
 
 class BackendSection(_Section):
     kind: Literal["aws", "local"] = "aws"
+    # Where the offline backend's analysis runs: this machine's process pool, or Ray actors
+    # (models loaded once per actor) anywhere in the cluster at ``ray_address``.
+    executor: Literal["pool", "ray"] = "pool"
+    ray_address: str | None = None
 
 
 class _Operation(_Section):

@@ -17,6 +17,7 @@ import structlog
 
 from rekbatch.config import Config
 from rekbatch.engine.dedup import Content, Dedup, content_of
+from rekbatch.engine.shards import Shard
 from rekbatch.operations import Operation
 from rekbatch.records import ObjectRef, Record, SkipReason, utc_now
 from rekbatch.sinks.writer import Writer
@@ -52,6 +53,8 @@ class Producer:
         dedup: Dedup,
         stopping: asyncio.Event,
         max_bytes: Sequence[int],
+        *,
+        shard: Shard | None = None,
     ) -> None:
         self.cfg = cfg
         self.sources = sources
@@ -61,6 +64,7 @@ class Producer:
         self.dedup = dedup
         self.stopping = stopping
         self.max_bytes = max_bytes  # per source: the largest object Rekognition takes
+        self.shard = shard  # only this shard's objects; the others are not even counted
 
     async def run(self, queue: asyncio.Queue[WorkItem | None], workers: int) -> None:
         rows = await self.ledger.read(LedgerDB.sources)
@@ -84,7 +88,10 @@ class Producer:
         self.writer.start_source(index, mark)
         log.info("listing", source=source.uri, start_after=mark)
         chunk: list[ObjectRef] = []
+        shard = self.shard
         async for obj in source.list(mark):
+            if shard is not None and not shard.owns(obj.bucket, obj.key):
+                continue
             chunk.append(obj)
             if len(chunk) >= CHUNK:
                 await self._dispatch(chunk, queue)

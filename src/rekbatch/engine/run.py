@@ -35,6 +35,7 @@ from rekbatch.config import Config, parse_s3_uri
 from rekbatch.engine.budget import Budget
 from rekbatch.engine.dedup import Dedup
 from rekbatch.engine.producer import Producer, WorkItem
+from rekbatch.engine.shards import Shard, write_job_file
 from rekbatch.engine.worker import Worker, WorkerStats
 from rekbatch.errors import (
     EXIT_BUDGET,
@@ -78,6 +79,13 @@ class RunOptions:
     # (as ``config_file``) once the directory holds the job.
     config_text: str | None = None
     config_file: str = "rekbatch.toml"
+    # One shard of a sharded job: only its objects, 1/N of the ceilings, and ``job_config``
+    # (the whole job's config) in job.json for ``merge``.
+    shard: Shard | None = None
+    job_config: Config | None = None
+    # The offline backend's workers (processes or Ray actors); None: one per core (pool) or
+    # per free CPU of the cluster (Ray). A shard run as a Ray task sets its share.
+    local_workers: int | None = None
 
 
 @dataclass
@@ -180,6 +188,11 @@ class Job:
             if self.options.config_text is not None:
                 path = self.out / self.options.config_file
                 await asyncio.to_thread(path.write_text, self.options.config_text, "utf-8")
+            shard = self.options.shard
+            if shard is not None:
+                await asyncio.to_thread(
+                    write_job_file, self.out, self.options.job_config or self.cfg, shard
+                )
             return await self._run_claimed()
         except RekbatchError:
             if created and not worked and self.writer is None:
@@ -212,6 +225,7 @@ class Job:
                     apis=[api for op in operations for api in op.calls_per_image()],
                     clock=self.clock,
                     unreachable_seconds=cfg.limits.unreachable_seconds,
+                    share=1.0 / self.options.shard.count if self.options.shard else 1.0,
                 )
                 ctx = OperationContext(self.caller, ledger, s3)
                 for op in operations:
@@ -289,7 +303,17 @@ class Job:
             return await stack.enter_async_context(aws)
         from rekbatch.backends.local.backend import LocalBackend  # optional extra
 
-        local = LocalBackend(jobdir.state_dir(self.out) / "collections")
+        executor = None
+        if cfg.backend.executor == "ray":
+            from rekbatch.engine.ray_shards import RayActorExecutor
+
+            executor = RayActorExecutor(self.options.local_workers, address=cfg.backend.ray_address)
+            stack.callback(executor.shutdown)
+        local = LocalBackend(
+            jobdir.state_dir(self.out) / "collections",
+            executor=executor,
+            workers=self.options.local_workers,
+        )
         stack.push_async_callback(local.aclose)
         return local
 
@@ -366,6 +390,7 @@ class Job:
             dedup,
             self.stopping,
             [self._max_bytes(uri) for uri in cfg.source.uris],
+            shard=self.options.shard,
         )
         worker = Worker(
             sources,

@@ -10,6 +10,7 @@ a folder of its own, and the final upload of ``s3://bucket/prefix/`` looks like:
     prefix/results_jsonl/results.jsonl   table (JSON SerDe): the raw records
     prefix/results_csv/results.csv       table (CSV, one header line)
     prefix/summary.json                  the run's summary (not a table)
+    prefix/job.json                      a shard's identity and job config (shards only)
 
 A checkpoint upload (``part=N``) is a snapshot of the files as they stand, written under
 ``prefix/parts/part-00000N/`` with the same folders inside. Snapshots repeat the rows of the
@@ -38,6 +39,7 @@ LAYOUT: dict[str, tuple[str, str]] = {
     "results.jsonl": ("results_jsonl", "application/x-ndjson"),
     "results.csv": ("results_csv", "text/csv; charset=utf-8"),
     "summary.json": ("", "application/json"),
+    "job.json": ("", "application/json"),  # a shard's: which shard, the job's config
 }
 # Appended to while a job runs: a snapshot stops at the last whole line.
 _LINE_FILES = frozenset({"results.jsonl", "results.csv"})

@@ -148,38 +148,7 @@ class Writer:
         return len(rows)
 
     def _parse(self, line: bytes, offset: int) -> _Row | None:
-        if not line.endswith(b"\n"):
-            return None
-        try:
-            row: dict[str, Any] = json.loads(line)
-            source = self.sources.index(row["source"])
-            obj = ObjectRef(
-                row["bucket"],
-                row["key"],
-                int(row["size"]),
-                row["etag"],
-                row["last_modified"],
-                None,
-                source,
-            )
-            extra = {k: v for k, v in row.items() if k not in _BASE_FIELDS}
-            record = Record(
-                obj,
-                row["operation"],
-                row["status"],
-                row["reason"],
-                row["error_code"],
-                row["error_message"],
-                int(row["attempts"]),
-                row["latency_ms"],
-                row["processed_at"],
-                row["result"],
-                row.get("dedup_of"),
-                extra or None,
-            )
-        except (ValueError, KeyError, TypeError):
-            return None
-        return _Row(record, str(row["run_id"]), encode_result(record.result), offset, len(line))
+        return parse_line(line, offset, self.sources)
 
     # -- what the producer and workers tell it ----------------------------------------------
 
@@ -296,51 +265,7 @@ class Writer:
         self._done_sources.update(done)
 
     def _render(self, rows: list[_Row]) -> tuple[list[LedgerRow], bytes]:
-        """Each row's CSV line and ledger row; the CSV lines' offsets follow the file."""
-        ledger_rows: list[LedgerRow] = []
-        parts: list[bytes] = []
-        csv_at = self.csv.size
-        render = self._csv_rows.row
-        for row in rows:
-            record = row.record
-            obj = record.obj
-            summary = summarize(record.operation, record.result) if record.status == "ok" else {}
-            source = self.sources[obj.source_index]
-            line = render(record, row.run_id, source, summary, row.result_json)
-            parts.append(line)
-            billed = 0
-            if record.status == "ok" and record.dedup_of is None:
-                billed = int(summary.get("billed", 1))
-            matched = summary.get("matched")
-            ledger_rows.append(
-                (
-                    obj.source_index,
-                    obj.key,
-                    record.operation,
-                    obj.bucket,
-                    obj.etag,
-                    obj.size,
-                    record.status,
-                    record.reason,
-                    record.error_code,
-                    record.error_message,
-                    record.attempts,
-                    billed,
-                    summary.get("face_count"),
-                    None if matched is None else int(matched),
-                    summary.get("best_similarity"),
-                    summary.get("match_box"),
-                    summary.get("detail"),
-                    record.dedup_of,
-                    record.processed_at,
-                    row.offset,
-                    row.length,
-                    csv_at,
-                    len(line),
-                )
-            )
-            csv_at += len(line)
-        return ledger_rows, b"".join(parts)
+        return render_rows(rows, self.sources, self._csv_rows, self.csv.size)
 
     def _sizes(self) -> dict[str, int]:
         return {JSONL: self.jsonl.size, CSV: self.csv.size}
@@ -349,3 +274,88 @@ class Writer:
 def _close_files(_db: LedgerDB, *files: AppendFile) -> None:
     for file in files:
         file.close()
+
+
+def parse_line(line: bytes, offset: int, sources: Sequence[str]) -> _Row | None:
+    """A results.jsonl line at ``offset`` back into its record (None for a torn line)."""
+    if not line.endswith(b"\n"):
+        return None
+    try:
+        row: dict[str, Any] = json.loads(line)
+        source = list(sources).index(row["source"])
+        obj = ObjectRef(
+            row["bucket"],
+            row["key"],
+            int(row["size"]),
+            row["etag"],
+            row["last_modified"],
+            None,
+            source,
+        )
+        extra = {k: v for k, v in row.items() if k not in _BASE_FIELDS}
+        record = Record(
+            obj,
+            row["operation"],
+            row["status"],
+            row["reason"],
+            row["error_code"],
+            row["error_message"],
+            int(row["attempts"]),
+            row["latency_ms"],
+            row["processed_at"],
+            row["result"],
+            row.get("dedup_of"),
+            extra or None,
+        )
+    except (ValueError, KeyError, TypeError):
+        return None
+    return _Row(record, str(row["run_id"]), encode_result(record.result), offset, len(line))
+
+
+def render_rows(
+    rows: Sequence[_Row], sources: Sequence[str], csv_rows: CsvRows, csv_at: int
+) -> tuple[list[LedgerRow], bytes]:
+    """Each row's CSV line and ledger row; the CSV lines' offsets follow from ``csv_at``."""
+    ledger_rows: list[LedgerRow] = []
+    parts: list[bytes] = []
+    render = csv_rows.row
+    for row in rows:
+        record = row.record
+        obj = record.obj
+        summary = summarize(record.operation, record.result) if record.status == "ok" else {}
+        source = sources[obj.source_index]
+        line = render(record, row.run_id, source, summary, row.result_json)
+        parts.append(line)
+        billed = 0
+        if record.status == "ok" and record.dedup_of is None:
+            billed = int(summary.get("billed", 1))
+        matched = summary.get("matched")
+        ledger_rows.append(
+            (
+                obj.source_index,
+                obj.key,
+                record.operation,
+                obj.bucket,
+                obj.etag,
+                obj.size,
+                record.status,
+                record.reason,
+                record.error_code,
+                record.error_message,
+                record.attempts,
+                billed,
+                summary.get("face_count"),
+                None if matched is None else int(matched),
+                summary.get("best_similarity"),
+                summary.get("match_box"),
+                summary.get("detail"),
+                record.dedup_of,
+                record.processed_at,
+                row.offset,
+                row.length,
+                csv_at,
+                len(line),
+            )
+        )
+        csv_at += len(line)
+    return ledger_rows, b"".join(parts)

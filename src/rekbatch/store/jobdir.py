@@ -13,6 +13,7 @@ from rekbatch.store.ledger import LedgerDB
 
 STATE_DIR = ".rekbatch"
 RESULT_FILES = ("results.jsonl", "results.csv", "summary.json")
+MERGED = "merged_shards"  # in a merged job's ledger: how many shards it was made of
 
 
 def state_dir(output_dir: Path) -> Path:
@@ -50,6 +51,12 @@ def claim(output_dir: Path, cfg: Config, *, fresh: bool, config_path: str) -> bo
     path = ledger_path(output_dir)
     db = LedgerDB(path)
     try:
+        merged = db.get_meta(MERGED)
+        if merged is not None and not fresh:
+            raise SetupError(
+                f"{output_dir}: holds the merge of {merged} shards; run a shard with "
+                f"--shard K/{merged}, or --fresh to discard the merged results"
+            )
         fingerprint = cfg.fingerprint()
         existing = db.get_meta("fingerprint")
         if existing is not None and existing != fingerprint and not db.has_records():
