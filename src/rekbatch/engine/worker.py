@@ -1,7 +1,8 @@
 """A worker: takes one object at a time from the queue to its records.
 
-Per object: take it from the budget, sniff its first bytes (names lie), read it when the
-image goes as bytes, run each operation through the caller, and hand each record to the
+Per object: take it from the budget, prepare it (sniff its header, since names lie; read
+it when the image goes as bytes; convert it when Rekognition would refuse it; see
+``prepare.py``), run each operation through the caller, and hand each record to the
 writer as soon as it exists (durable from then on). A copy of content already processed is
 written from the original's rows instead, without a call.
 """
@@ -16,12 +17,12 @@ from rekbatch.backends.base import ImageInput
 from rekbatch.calls.caller import Caller
 from rekbatch.engine.budget import Budget
 from rekbatch.engine.dedup import Dedup, covers
+from rekbatch.engine.prepare import Failure, ImagePreparer
 from rekbatch.engine.producer import WorkItem
 from rekbatch.errors import BackendError, call_error_from
-from rekbatch.records import ObjectRef, Record, utc_now
+from rekbatch.records import IMAGE_FIELDS, Record, utc_now
 from rekbatch.sinks.writer import Writer
 from rekbatch.sources import Source
-from rekbatch.sources.filters import SNIFF_BYTES, classify_head
 from rekbatch.store.ledger import Location
 
 
@@ -41,8 +42,7 @@ class Worker:
         dedup: Dedup,
         stats: WorkerStats,
         *,
-        sniff: bool,
-        needs_bytes: Callable[[ObjectRef], bool],
+        preparer: ImagePreparer,
         stopping: asyncio.Event,
         request_stop: Callable[[str], None],
     ) -> None:
@@ -52,8 +52,7 @@ class Worker:
         self.budget = budget
         self.dedup = dedup
         self.stats = stats
-        self.sniff = sniff
-        self.needs_bytes = needs_bytes
+        self.preparer = preparer
         self.stopping = stopping
         self.request_stop = request_stop
 
@@ -83,23 +82,8 @@ class Worker:
             self._drop(item)
             return
         obj = item.obj
-        source = self.sources[obj.source_index]
         try:
-            data: bytes | None = None
-            skip = None
-            if self.needs_bytes(obj):
-                data = await source.read(obj)
-                skip = classify_head(obj, data[:SNIFF_BYTES])
-            elif self.sniff:
-                skip = classify_head(obj, await source.read_head(obj, SNIFF_BYTES))
-            if skip is not None:
-                self.budget.release()
-                now = utc_now()
-                self._done(
-                    item,
-                    [Record(obj, op.type, "skipped", skip, processed_at=now) for op in item.ops],
-                )
-                return
+            prepared = await self.preparer.prepare(obj, [op.type for op in item.ops])
         except Exception as exc:
             failure = _read_error(exc)
             now = utc_now()
@@ -120,33 +104,49 @@ class Worker:
                 ],
             )
             return
-        image = (
-            ImageInput(data=data)
-            if data is not None
-            else ImageInput(bucket=obj.bucket, key=obj.key)
-        )
-        self.stats.images_sent += 1
+        if prepared.sends:
+            self.stats.images_sent += 1
+        elif prepared.skipped:
+            self.budget.release()  # the ledger does not count an object only skipped
         rows: list[Location] = []
         all_ok = True
         writer = self.writer
         for op in item.ops:
-            outcome = await op.process(image, obj, self.caller)
-            error = outcome.error
-            record = Record(
-                obj,
-                op.type,
-                "ok" if error is None else "failed",
-                None,
-                None if error is None else error.code,
-                None if error is None else error.message,
-                outcome.attempts,
-                round(outcome.seconds * 1000, 1),
-                utc_now(),
-                outcome.result,
-            )
+            got = prepared.outcomes[op.type]
+            extra = prepared.extra[op.type]
+            if isinstance(got, Failure):
+                record = Record(
+                    obj,
+                    op.type,
+                    "failed",
+                    None,
+                    got.code,
+                    got.message,
+                    1,
+                    processed_at=utc_now(),
+                    extra=extra,
+                )
+            elif not isinstance(got, ImageInput):
+                record = Record(obj, op.type, "skipped", got, processed_at=utc_now(), extra=extra)
+            else:
+                outcome = await op.process(got, obj, self.caller)
+                error = outcome.error
+                record = Record(
+                    obj,
+                    op.type,
+                    "ok" if error is None else "failed",
+                    None,
+                    None if error is None else error.code,
+                    None if error is None else error.message,
+                    outcome.attempts,
+                    round(outcome.seconds * 1000, 1),
+                    utc_now(),
+                    outcome.result,
+                    extra=extra,
+                )
             offset, length = writer.accept(record)
             rows.append(Location(op.type, offset, length))
-            all_ok = all_ok and error is None
+            all_ok = all_ok and record.status == "ok"
         writer.finish(obj.source_index, item.seq)
         if item.content is not None:
             self.dedup.settle(item.content, rows if all_ok else None, writer.next_commit)
@@ -165,6 +165,7 @@ class Worker:
             row = by_op[op.type]
             original = self.writer.read_line(row.offset, row.length)
             bucket, key = original["bucket"], original["key"]
+            image = {k: original[k] for k in IMAGE_FIELDS if k in original}
             self.writer.accept(
                 Record(
                     item.obj,
@@ -175,6 +176,7 @@ class Worker:
                     processed_at=now,
                     result=original["result"],
                     dedup_of=f"s3://{bucket}/{key}",
+                    extra=image or None,
                 )
             )
         self.writer.finish(item.obj.source_index, item.seq)

@@ -100,6 +100,27 @@ class S3:
                 raise
             raise setup from None
 
+    async def bucket_region(self, bucket: str) -> str | None:
+        """The region ``bucket`` lives in (GetBucketLocation, else HeadBucket's
+        ``x-amz-bucket-region`` header); None when neither says."""
+        try:
+            answer = await self.call(lambda: self.client.get_bucket_location(Bucket=bucket))
+            # An empty constraint is us-east-1; "EU" is the old name of eu-west-1.
+            constraint = answer.get("LocationConstraint") or "us-east-1"
+            return "eu-west-1" if constraint == "EU" else str(constraint)
+        except Exception as exc:
+            if call_error_from(exc) is None:
+                raise
+        try:
+            head = await self.call(lambda: self.client.head_bucket(Bucket=bucket))
+        except Exception as exc:
+            if call_error_from(exc) is None:
+                raise
+            return None
+        headers = head.get("ResponseMetadata", {}).get("HTTPHeaders", {})
+        region = headers.get("x-amz-bucket-region") or head.get("BucketRegion")
+        return str(region) if region else None
+
     async def _get(self, **kwargs: Any) -> bytes:
         response = await self.client.get_object(**kwargs)
         async with response["Body"] as body:
