@@ -168,7 +168,7 @@ def _converted_outcome(
     fields = {
         "width": done.width,
         "height": done.height,
-        "converted_from": done.converted_from,
+        "converted_from": info.format if info else done.converted_from,
         "sent_width": done.sent_width,
         "sent_height": done.sent_height,
         "exif_orientation": done.orientation,

@@ -191,7 +191,8 @@ def _boxes(data: bytes, start: int, end: int) -> list[tuple[bytes, int, int]]:
 
 def _isobmff(head: bytes) -> ImageInfo | None:
     """HEIF and AVIF: the brand from ``ftyp``; the size from the largest ``ispe`` (the
-    primary image; the others are thumbnails and grid tiles), turned by ``irot``."""
+    primary image; the others are thumbnails and grid tiles), cropped by its ``clap`` and
+    turned by ``irot``."""
     boxes = _boxes(head, 0, len(head))
     if not boxes or boxes[0][0] != b"ftyp":
         return None
@@ -206,6 +207,7 @@ def _isobmff(head: bytes) -> ImageInfo | None:
     else:
         return None  # an MP4 or another ISO BMFF file
     best: tuple[int, int] | None = None
+    crops: list[tuple[int, int]] = []
     turned = False
     for kind, s, e in boxes[1:]:
         if kind != b"meta":
@@ -221,9 +223,15 @@ def _isobmff(head: bytes) -> ImageInfo | None:
                         width, height = struct.unpack_from(">II", head, s4 + 4)
                         if best is None or width * height > best[0] * best[1]:
                             best = (width, height)
+                    elif prop == b"clap" and e4 - s4 >= 16:
+                        wn, wd, hn, hd = struct.unpack_from(">IIII", head, s4)
+                        if wd and hd:
+                            crops.append((wn // wd, hn // hd))
                     elif prop == b"irot" and e4 > s4:
                         turned = turned or bool(head[s4] & 1)
     if best is None:
         return ImageInfo(fmt)
-    width, height = best
+    # The clean aperture crops the coded size (even, for chroma subsampling) to the picture.
+    inside = [c for c in crops if 0 < c[0] <= best[0] and 0 < c[1] <= best[1]]
+    width, height = max(inside, key=lambda c: c[0] * c[1]) if inside else best
     return ImageInfo(fmt, height, width) if turned else ImageInfo(fmt, width, height)
