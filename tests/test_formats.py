@@ -161,33 +161,92 @@ def test_sniff_the_bomb_declares_its_size() -> None:
         (ImageInfo("jpeg", 60, 60), 2_000, "detect_faces", MAX_S3_OBJECT_BYTES, True, "too_small"),
         (ImageInfo("png", 79, 500), 2_000, "detect_labels", MAX_IMAGE_BYTES, True, "too_small"),
         # PPE takes 64 px, but at most 4,096
-        (ImageInfo("png", 70, 70), 2_000, "detect_protective_equipment", MAX_IMAGE_BYTES, True,
-         AS_IS),
-        (ImageInfo("jpeg", 5000, 3000), 10**6, "detect_protective_equipment",
-         MAX_S3_OBJECT_BYTES, True, Convert(4096)),
-        (ImageInfo("jpeg", 12000, 3000), 10**6, "detect_labels", MAX_S3_OBJECT_BYTES, True,
-         Convert(10_000)),
-        (ImageInfo("jpeg", 12000, 3000), 10**6, "detect_labels", MAX_S3_OBJECT_BYTES, False,
-         "too_large"),
-        (ImageInfo("jpeg", 6000, 4000), 20 * 2**20, "detect_faces", MAX_S3_OBJECT_BYTES, True,
-         Convert(10_000)),
+        (
+            ImageInfo("png", 70, 70),
+            2_000,
+            "detect_protective_equipment",
+            MAX_IMAGE_BYTES,
+            True,
+            AS_IS,
+        ),
+        (
+            ImageInfo("jpeg", 5000, 3000),
+            10**6,
+            "detect_protective_equipment",
+            MAX_S3_OBJECT_BYTES,
+            True,
+            Convert(4096),
+        ),
+        (
+            ImageInfo("jpeg", 12000, 3000),
+            10**6,
+            "detect_labels",
+            MAX_S3_OBJECT_BYTES,
+            True,
+            Convert(10_000),
+        ),
+        (
+            ImageInfo("jpeg", 12000, 3000),
+            10**6,
+            "detect_labels",
+            MAX_S3_OBJECT_BYTES,
+            False,
+            "too_large",
+        ),
+        (
+            ImageInfo("jpeg", 6000, 4000),
+            20 * 2**20,
+            "detect_faces",
+            MAX_S3_OBJECT_BYTES,
+            True,
+            Convert(10_000),
+        ),
         # 6 MB is fine by S3 reference, too much as bytes
-        (ImageInfo("jpeg", 6000, 4000), 6 * 2**20, "detect_faces", MAX_S3_OBJECT_BYTES, True,
-         AS_IS),
-        (ImageInfo("jpeg", 6000, 4000), 6 * 2**20, "detect_faces", MAX_IMAGE_BYTES, True,
-         Convert(10_000)),
-        (ImageInfo("heic", 4032, 3024), 2 * 2**20, "detect_faces", MAX_S3_OBJECT_BYTES, True,
-         Convert(10_000)),
-        (ImageInfo("heic", 4032, 3024), 2 * 2**20, "detect_faces", MAX_S3_OBJECT_BYTES, False,
-         "not_image"),
+        (
+            ImageInfo("jpeg", 6000, 4000),
+            6 * 2**20,
+            "detect_faces",
+            MAX_S3_OBJECT_BYTES,
+            True,
+            AS_IS,
+        ),
+        (
+            ImageInfo("jpeg", 6000, 4000),
+            6 * 2**20,
+            "detect_faces",
+            MAX_IMAGE_BYTES,
+            True,
+            Convert(10_000),
+        ),
+        (
+            ImageInfo("heic", 4032, 3024),
+            2 * 2**20,
+            "detect_faces",
+            MAX_S3_OBJECT_BYTES,
+            True,
+            Convert(10_000),
+        ),
+        (
+            ImageInfo("heic", 4032, 3024),
+            2 * 2**20,
+            "detect_faces",
+            MAX_S3_OBJECT_BYTES,
+            False,
+            "not_image",
+        ),
         (ImageInfo("webp"), 50_000, "detect_faces", MAX_S3_OBJECT_BYTES, True, Convert(10_000)),
         (ImageInfo("jpeg"), 50_000, "detect_faces", MAX_S3_OBJECT_BYTES, True, AS_IS),
-        (ImageInfo("png", 100_000, 100_000), 500, "detect_faces", MAX_S3_OBJECT_BYTES, True,
-         "too_large"),
+        (
+            ImageInfo("png", 100_000, 100_000),
+            500,
+            "detect_faces",
+            MAX_S3_OBJECT_BYTES,
+            True,
+            "too_large",
+        ),
         (ImageInfo("gif", 0, 0), 500, "detect_faces", MAX_S3_OBJECT_BYTES, True, "not_image"),
         (None, 500, "detect_faces", MAX_S3_OBJECT_BYTES, True, "not_image"),
-        (ImageInfo("jpeg", 800, 600), 30, "detect_faces", MAX_S3_OBJECT_BYTES, True,
-         "too_small"),
+        (ImageInfo("jpeg", 800, 600), 30, "detect_faces", MAX_S3_OBJECT_BYTES, True, "too_small"),
     ],
 )
 def test_decide(
@@ -440,9 +499,7 @@ def _other_region_bucket(s3: Any, name: str) -> str:
         aws_access_key_id="testing",
         aws_secret_access_key="testing",
     )
-    oregon.create_bucket(
-        Bucket=name, CreateBucketConfiguration={"LocationConstraint": "us-west-2"}
-    )
+    oregon.create_bucket(Bucket=name, CreateBucketConfiguration={"LocationConstraint": "us-west-2"})
     s3.put_object(Bucket=name, Key="a.jpg", Body=oriented_jpeg(300, 200, 1))
     s3.put_object(Bucket=name, Key="b.png", Body=encode(picture(120, 90), "PNG"))
     return name
@@ -518,3 +575,53 @@ def test_offline_backend_matches_a_converted_heic(tmp_path: Path) -> None:
     assert rows["other.webp"]["converted_from"] == "webp"
     answer = json.loads((out / "summary.json").read_text())["compare_faces"]
     assert answer["matched_keys"] == ["ric.heic"]
+
+
+def test_plan_counts_conversions_and_notes_the_region(
+    s3: Any, moto_endpoint: str, fake: FakeRekognition, files: dict[str, bytes], tmp_path: Path
+) -> None:
+    bucket = make_bucket(s3, "plan-formats")
+    for key, body in files.items():
+        s3.put_object(Bucket=bucket, Key=key, Body=body)
+    config = write_config(
+        tmp_path / "job.toml",
+        base_config(
+            uris=[f"s3://{bucket}/"],
+            output_dir=tmp_path / "out",
+            s3_endpoint=moto_endpoint,
+            rek_endpoint=fake.url,
+            operations='[[operations]]\ntype = "detect_labels"\n',
+        ),
+    )
+    result = invoke("plan", str(config), "--json")
+    assert result.exit_code == 0, result.stderr
+    plan = json.loads(result.stdout)
+    converting = [*CONVERTED, "camera/big.jpg", "broken/truncated.jpg"]
+    assert plan["images_converted"] == len(converting)
+    assert plan["converted_bytes"] == sum(len(files[k]) for k in converting)
+    assert plan["converted_by_type"] == {
+        "heic": 1,
+        "avif": 1,
+        "webp": 1,
+        "tiff": 1,
+        "bmp": 1,
+        "gif": 1,
+        "jpeg": 3,
+    }
+    assert plan["images_eligible"] == len(converting) + 2
+    assert plan["skipped_by_reason"] == {
+        "too_small": 1,
+        "too_large": 1,
+        "not_image": 1,
+        "excluded": 1,
+    }
+    assert plan["calls_by_api"] == {"DetectLabels": len(converting) + 2}
+    assert plan["notes"] == []
+    assert sum(fake.stats()["calls"].values()) == 0
+
+    oregon = _other_region_bucket(s3, "plan-oregon")
+    text = (tmp_path / "job.toml").read_text().replace(f"s3://{bucket}/", f"s3://{oregon}/")
+    other = write_config(tmp_path / "oregon.toml", text)
+    result = invoke("plan", str(other))
+    assert result.exit_code == 0, result.stderr
+    assert "s3://plan-oregon is in us-west-2" in result.stdout and "bytes" in result.stdout

@@ -13,18 +13,22 @@ from typing import Any
 
 from rekbatch.calls.quotas import resolve_ceilings
 from rekbatch.config import Config, parse_s3_uri
+from rekbatch.errors import SetupError
 from rekbatch.operations import build_operations
 from rekbatch.pricing import PRICES_AS_OF, PRICES_REGION, estimate_cost
 from rekbatch.records import ObjectRef
 from rekbatch.sources import S3, LocalSource, Source, open_source
 from rekbatch.sources.filters import (
+    AS_IS,
+    MAX_CONVERT_BYTES,
     MAX_IMAGE_BYTES,
     MAX_S3_OBJECT_BYTES,
-    SNIFF_BYTES,
-    classify_head,
+    Convert,
     classify_listing,
-    sniff_kind,
+    decide,
 )
+from rekbatch.sources.s3 import buckets_elsewhere, region_error
+from rekbatch.sources.sniff import HEAD_BYTES, sniff
 
 
 async def plan_job(cfg: Config) -> dict[str, Any]:
@@ -32,20 +36,42 @@ async def plan_job(cfg: Config) -> dict[str, Any]:
     skipped: Counter[str] = Counter()
     kinds: Counter[str] = Counter()
     eligible_bytes = 0
+    # Converted images are downloaded (and decoded) here before they are sent as bytes.
+    converted: Counter[str] = Counter()
+    converted_bytes = 0
     sem = asyncio.Semaphore(cfg.limits.concurrency)
+    op_types = [op.type for op in cfg.operations]
+    convert = cfg.source.convert and cfg.source.sniff
+    notes: list[str] = []
 
-    async def sniff(source: Source, obj: ObjectRef) -> None:
-        nonlocal eligible_bytes
-        kind: str | None = "unsniffed"
+    async def examine(source: Source, obj: ObjectRef, by_ref: bool) -> None:
+        nonlocal eligible_bytes, converted_bytes
+        kind: str = "unsniffed"
         if cfg.source.sniff:
             async with sem:
-                head = await source.read_head(obj, SNIFF_BYTES)
-            reason = classify_head(obj, head)
-            if reason is not None:
-                skipped[reason] += 1
+                head = await source.read_head(obj, HEAD_BYTES)
+            info = sniff(head)
+            max_bytes = MAX_S3_OBJECT_BYTES if by_ref else MAX_IMAGE_BYTES
+            decisions = [
+                decide(
+                    obj,
+                    info,
+                    op,
+                    max_bytes=max_bytes,
+                    convert=convert,
+                    max_pixels=cfg.source.max_pixels,
+                )
+                for op in op_types
+            ]
+            if not any(d == AS_IS or isinstance(d, Convert) for d in decisions):
+                skipped[str(decisions[0])] += 1
                 return
-            kind = sniff_kind(head)
-        kinds[kind or "unsniffed"] += 1
+            assert info is not None
+            kind = info.format
+            if any(isinstance(d, Convert) for d in decisions):
+                converted[kind] += 1
+                converted_bytes += obj.size
+        kinds[kind] += 1
         eligible_bytes += obj.size
 
     async with contextlib.AsyncExitStack() as stack:
@@ -64,8 +90,23 @@ async def plan_job(cfg: Config) -> dict[str, Any]:
                 await asyncio.to_thread(source.check)
             elif s3 is not None and parsed is not None:
                 await s3.check_bucket(parsed[0])
-            by_ref = parsed is not None and cfg.aws.image_mode == "s3" and cfg.backend.kind == "aws"
-            max_bytes = MAX_S3_OBJECT_BYTES if by_ref else MAX_IMAGE_BYTES
+            by_ref = (
+                parsed is not None and cfg.aws.image_mode != "bytes" and cfg.backend.kind == "aws"
+            )
+            if by_ref and s3 is not None and parsed is not None:
+                elsewhere = await buckets_elsewhere(s3, [parsed[0]], cfg.aws.region)
+                for bucket, region in elsewhere.items():
+                    if cfg.aws.image_mode == "s3":
+                        raise SetupError(region_error(bucket, region, cfg.aws.region))
+                    by_ref = False
+                    notes.append(
+                        f"s3://{bucket} is in {region}, Rekognition in {cfg.aws.region}: "
+                        "its images are sent as bytes (image_mode auto)"
+                    )
+            if convert:
+                max_bytes = MAX_CONVERT_BYTES
+            else:
+                max_bytes = MAX_S3_OBJECT_BYTES if by_ref else MAX_IMAGE_BYTES
             pending: set[asyncio.Task[None]] = set()
             async for obj in source.list(None):
                 listed += 1
@@ -75,7 +116,7 @@ async def plan_job(cfg: Config) -> dict[str, Any]:
                 if reason is not None:
                     skipped[reason] += 1
                     continue
-                pending.add(asyncio.create_task(sniff(source, obj)))
+                pending.add(asyncio.create_task(examine(source, obj, by_ref)))
                 if len(pending) >= cfg.limits.concurrency * 4:
                     done, pending = await asyncio.wait(pending, return_when="FIRST_COMPLETED")
                     for task in done:
@@ -92,6 +133,9 @@ async def plan_job(cfg: Config) -> dict[str, Any]:
         "images_eligible": images,
         "eligible_by_type": dict(kinds),
         "eligible_bytes": eligible_bytes,
+        "images_converted": sum(converted.values()),
+        "converted_by_type": dict(converted),
+        "converted_bytes": converted_bytes,
         "skipped_by_reason": dict(skipped),
         "calls_by_api": calls,
         "ceilings_tps": ceilings,
@@ -99,6 +143,7 @@ async def plan_job(cfg: Config) -> dict[str, Any]:
         "prices": {"as_of": PRICES_AS_OF, "region": PRICES_REGION},
         "estimated_seconds": round(seconds, 1),
         "note": "estimates: cost from published list prices, time at the configured rates",
+        "notes": notes,
     }
 
 
@@ -120,6 +165,9 @@ def render_plan(plan: dict[str, Any]) -> str:
         f"images eligible:  {plan['images_eligible']} "
         + " ".join(f"{k}={v}" for k, v in sorted(plan["eligible_by_type"].items())),
         f"bytes eligible:   {plan['eligible_bytes']}",
+        f"converted:        {plan['images_converted']} "
+        + " ".join(f"{k}={v}" for k, v in sorted(plan["converted_by_type"].items()))
+        + f" ({plan['converted_bytes']} bytes downloaded to convert)",
         "skipped:          "
         + (", ".join(f"{k}={v}" for k, v in sorted(plan["skipped_by_reason"].items())) or "none"),
     ]
@@ -131,4 +179,5 @@ def render_plan(plan: dict[str, Any]) -> str:
         f"as of {prices['as_of']})"
     )
     lines.append(f"estimated time:   {plan['estimated_seconds']:.0f} s")
+    lines.extend(f"note: {note}" for note in plan.get("notes", []))
     return "\n".join(lines)

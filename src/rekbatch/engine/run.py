@@ -318,25 +318,20 @@ class Job:
         cfg = self.cfg
         if cfg.backend.kind != "aws" or cfg.aws.image_mode == "bytes":
             return
-        wanted = cfg.aws.region
-        for bucket in sorted({p[0] for p in map(parse_s3_uri, cfg.source.uris) if p}):
-            region = await s3.bucket_region(bucket)
-            if region is None or region == wanted:
-                continue
-            if cfg.aws.image_mode == "s3":
-                from rekbatch.errors import SetupError
+        from rekbatch.errors import SetupError
+        from rekbatch.sources.s3 import buckets_elsewhere, region_error
 
-                raise SetupError(
-                    f"aws.image_mode: bucket {bucket} is in {region} but Rekognition is called "
-                    f'in {wanted}; set aws.image_mode = "auto" to send its images as bytes, '
-                    f'or aws.region = "{region}"'
-                )
+        buckets = [p[0] for p in map(parse_s3_uri, cfg.source.uris) if p]
+        elsewhere = await buckets_elsewhere(s3, buckets, cfg.aws.region)
+        for bucket, region in elsewhere.items():
+            if cfg.aws.image_mode == "s3":
+                raise SetupError(region_error(bucket, region, cfg.aws.region))
             self._bytes_buckets.add(bucket)
             log.warning(
                 "bucket_in_other_region",
                 bucket=bucket,
                 bucket_region=region,
-                rekognition_region=wanted,
+                rekognition_region=cfg.aws.region,
                 action="sending its images as bytes (image_mode auto)",
             )
 

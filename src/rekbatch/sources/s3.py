@@ -140,6 +140,25 @@ class S3:
         return page
 
 
+async def buckets_elsewhere(s3: S3, buckets: list[str], region: str) -> dict[str, str]:
+    """The buckets among ``buckets`` that live outside ``region``, with their region (a
+    bucket whose region cannot be found is taken to be in ``region``)."""
+    found: dict[str, str] = {}
+    for bucket in sorted(set(buckets)):
+        where = await s3.bucket_region(bucket)
+        if where is not None and where != region:
+            found[bucket] = where
+    return found
+
+
+def region_error(bucket: str, where: str, region: str) -> str:
+    """The one line for ``image_mode = "s3"`` with a bucket outside Rekognition's region."""
+    return (
+        f"aws.image_mode: bucket {bucket} is in {where} but Rekognition is called in {region}; "
+        f'set aws.image_mode = "auto" to send its images as bytes, or aws.region = "{where}"'
+    )
+
+
 class S3Source:
     """One configured ``s3://bucket/prefix``."""
 
