@@ -625,3 +625,38 @@ def test_plan_counts_conversions_and_notes_the_region(
     result = invoke("plan", str(other))
     assert result.exit_code == 0, result.stderr
     assert "s3://plan-oregon is in us-west-2" in result.stdout and "bytes" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("line", "field"),
+    [
+        ('convert = "sometimes"', "source.convert"),
+        ("max_pixels = 10", "source.max_pixels"),
+    ],
+)
+def test_bad_format_settings_are_one_line_naming_the_field(
+    tmp_path: Path, line: str, field: str
+) -> None:
+    path = write_config(
+        tmp_path / "job.toml",
+        f'[source]\nuris = ["s3://photos/"]\n{line}\n[[operations]]\ntype = "detect_faces"\n',
+    )
+    result = invoke("validate", str(path))
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and field in lines[0], result.stderr
+
+
+def test_default_config_includes_every_convertible_extension(tmp_path: Path) -> None:
+    from rekbatch.config import load_config
+    from rekbatch.sources.filters import classify_listing
+
+    path = write_config(
+        tmp_path / "job.toml",
+        '[source]\nuris = ["s3://photos/"]\n[[operations]]\ntype = "detect_faces"\n',
+    )
+    cfg = load_config(path)
+    assert cfg.aws.image_mode == "auto" and cfg.source.convert
+    for key in ("a.HEIC", "b.heif", "c.Avif", "d.webp", "e.TIF", "f.tiff", "g.bmp", "h.GIF"):
+        assert classify_listing(obj(key), cfg.source.include, [], 2**30) is None, key
+    assert classify_listing(obj("notes.txt"), cfg.source.include, [], 2**30) == "excluded"
