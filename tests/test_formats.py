@@ -458,6 +458,7 @@ def test_every_format_is_answered_from_the_cli(
     assert csv_rows["camera/panorama.jpg"]["sent_width"] == "10000"
     summary = json.loads((out / "summary.json").read_text())
     assert summary["counts"]["by_status"] == {"ok": 10, "skipped": 4, "failed": 1}
+    assert summary["images_converted"] == len(CONVERTED) + 1  # + big.jpg
 
 
 def test_convert_off_skips_what_rekognition_refuses(
