@@ -80,6 +80,17 @@ def noise_jpeg(width: int, height: int) -> bytes:
     return encode(img, "JPEG", quality=95)
 
 
+def padded(jpeg: bytes, nbytes: int) -> bytes:
+    """``jpeg`` with APP15 segments of ``nbytes`` in all before its SOF, as large maker notes
+    or ICC profiles put it far into the file."""
+    segments = b""
+    while nbytes > 0:
+        chunk = min(nbytes, 65_000)
+        segments += b"\xff\xef" + (chunk + 2).to_bytes(2, "big") + b"\x00" * chunk
+        nbytes -= chunk
+    return jpeg[:2] + segments + jpeg[2:]
+
+
 def obj(key: str = "k.jpg", size: int = 10_000) -> ObjectRef:
     return ObjectRef("b", key, size, "etag", "2024-01-01T00:00:00Z")
 
@@ -355,6 +366,7 @@ def files() -> dict[str, bytes]:
         "camera/big.jpg": noise_jpeg(4800, 3600),
         "camera/panorama.jpg": panorama,
         "small/thumb.jpg": encode(picture(60, 60), "JPEG"),
+        "small/thumb-big-header.jpg": padded(encode(picture(60, 50), "JPEG"), 100_000),
         "misnamed/really-a-png.jpg": encode(picture(200, 150), "PNG"),
         "camera/rotated.jpg": oriented_jpeg(300, 200, 6),
         "broken/truncated.jpg": long_strip[: len(long_strip) // 2],
@@ -437,6 +449,9 @@ def test_every_format_is_answered_from_the_cli(
         return rows[key]["status"], rows[key]["reason"]
 
     assert skipped("small/thumb.jpg") == ("skipped", "too_small")
+    # its SOF is 100 KB in: found by the second, longer read of the header
+    assert skipped("small/thumb-big-header.jpg") == ("skipped", "too_small")
+    assert rows["small/thumb-big-header.jpg"]["width"] == 60
     assert rows["small/thumb.jpg"]["width"] == 60
     assert skipped("broken/bomb.png") == ("skipped", "too_large")
     assert rows["broken/bomb.png"]["width"] == 100_000
@@ -457,7 +472,7 @@ def test_every_format_is_answered_from_the_cli(
     assert csv_rows["phone/IMG_0001.HEIC"]["converted_from"] == "heic"
     assert csv_rows["camera/panorama.jpg"]["sent_width"] == "10000"
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["counts"]["by_status"] == {"ok": 10, "skipped": 4, "failed": 1}
+    assert summary["counts"]["by_status"] == {"ok": 10, "skipped": 5, "failed": 1}
     assert summary["images_converted"] == len(CONVERTED) + 1  # + big.jpg
 
 
@@ -611,7 +626,7 @@ def test_plan_counts_conversions_and_notes_the_region(
     }
     assert plan["images_eligible"] == len(converting) + 2
     assert plan["skipped_by_reason"] == {
-        "too_small": 1,
+        "too_small": 2,
         "too_large": 1,
         "not_image": 1,
         "excluded": 1,
@@ -661,3 +676,18 @@ def test_default_config_includes_every_convertible_extension(tmp_path: Path) -> 
     for key in ("a.HEIC", "b.heif", "c.Avif", "d.webp", "e.TIF", "f.tiff", "g.bmp", "h.GIF"):
         assert classify_listing(obj(key), cfg.source.include, [], 2**30) is None, key
     assert classify_listing(obj("notes.txt"), cfg.source.include, [], 2**30) == "excluded"
+
+
+def test_a_long_header_is_read_a_second_time() -> None:
+    from rekbatch.sources.sniff import MAX_HEAD_BYTES, needs_more
+
+    data = padded(encode(picture(300, 200), "JPEG"), 100_000)
+    head = data[:HEAD_BYTES]
+    info = sniff(head)
+    assert info == ImageInfo("jpeg") and needs_more(info, head, len(data))
+    assert sniff(data[:MAX_HEAD_BYTES]) == ImageInfo("jpeg", 300, 200)
+    small = encode(picture(300, 200), "JPEG")
+    assert not needs_more(sniff(small), small, len(small))  # found in the first read
+    assert not needs_more(None, b"text", 10_000)  # no image: nothing more to learn
+    cut = small[:100]
+    assert not needs_more(sniff(cut), cut, len(cut))  # the whole object was read

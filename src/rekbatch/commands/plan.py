@@ -13,6 +13,7 @@ from typing import Any
 
 from rekbatch.calls.quotas import resolve_ceilings
 from rekbatch.config import Config, parse_s3_uri
+from rekbatch.engine.prepare import read_header
 from rekbatch.errors import SetupError
 from rekbatch.operations import build_operations
 from rekbatch.pricing import PRICES_AS_OF, PRICES_REGION, estimate_cost
@@ -28,7 +29,6 @@ from rekbatch.sources.filters import (
     decide,
 )
 from rekbatch.sources.s3 import buckets_elsewhere, region_error
-from rekbatch.sources.sniff import HEAD_BYTES, sniff
 
 
 async def plan_job(cfg: Config) -> dict[str, Any]:
@@ -49,8 +49,7 @@ async def plan_job(cfg: Config) -> dict[str, Any]:
         kind: str = "unsniffed"
         if cfg.source.sniff:
             async with sem:
-                head = await source.read_head(obj, HEAD_BYTES)
-            info = sniff(head)
+                _, info = await read_header(source, obj)
             max_bytes = MAX_S3_OBJECT_BYTES if by_ref else MAX_IMAGE_BYTES
             decisions = [
                 decide(

@@ -1,11 +1,11 @@
 """One object made ready for its operations: sniffed, and sent as it is, converted or skipped.
 
-Per object the header is read once (a ranged read of ``HEAD_BYTES``, or the bytes already
-downloaded), the format and dimensions sniffed from it, and each operation gets what
-``filters.decide`` says: the image unchanged (an S3Object reference or the bytes), a JPEG
-converted by the ``Converter`` (once per size limit: PPE takes smaller images than the
-others), or a skip reason. Every record of a sniffed object carries what was found and done
-(``IMAGE_FIELDS``).
+Per object the header is read once (a ranged read of ``HEAD_BYTES``, rarely a longer
+second one, or the bytes already downloaded), the format and dimensions sniffed from it,
+and each operation gets what ``filters.decide`` says: the image unchanged (an S3Object
+reference or the bytes), a JPEG converted by the ``Converter`` (once per size limit: PPE
+takes smaller images than the others), or a skip reason. Every record of a sniffed object
+carries what was found and done (``IMAGE_FIELDS``).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from rekbatch.sources.filters import (
     decide,
     side_limits,
 )
-from rekbatch.sources.sniff import HEAD_BYTES, ImageInfo, sniff
+from rekbatch.sources.sniff import HEAD_BYTES, MAX_HEAD_BYTES, ImageInfo, needs_more, sniff
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +67,17 @@ def _fields(info: ImageInfo | None, sent: tuple[int | None, int | None]) -> dict
     return dict(zip(IMAGE_FIELDS, values, strict=True))
 
 
+async def read_header(source: Source, obj: ObjectRef) -> tuple[bytes, ImageInfo | None]:
+    """The object's first bytes and what they say: one ranged read, a second (longer) one
+    only when the first held the format but not the dimensions."""
+    head = await source.read_head(obj, HEAD_BYTES)
+    info = sniff(head)
+    if needs_more(info, head, obj.size):
+        head = await source.read_head(obj, MAX_HEAD_BYTES)
+        info = sniff(head)
+    return head, info
+
+
 class ImagePreparer:
     def __init__(
         self,
@@ -97,11 +108,11 @@ class ImagePreparer:
             return Prepared(dict.fromkeys(operations, image), dict.fromkeys(operations))
         data: bytes | None = None
         if by_ref or obj.size > MAX_IMAGE_BYTES:
-            head = await source.read_head(obj, HEAD_BYTES)
+            head, info = await read_header(source, obj)
         else:
             data = await source.read(obj)
-            head = data[:HEAD_BYTES]
-        info = sniff(head)
+            head = data[:MAX_HEAD_BYTES]
+            info = sniff(head)
         if data is None and len(head) >= obj.size:
             data = head  # the whole object came with its head
         max_bytes = MAX_S3_OBJECT_BYTES if by_ref else MAX_IMAGE_BYTES

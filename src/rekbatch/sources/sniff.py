@@ -3,8 +3,9 @@
 Names lie, so the format comes from the magic bytes; the dimensions come from the header
 (JPEG's SOF segment, PNG's IHDR, GIF's screen descriptor, BMP's DIB header, WebP's VP8/VP8L/
 VP8X chunk, TIFF's first IFD, HEIF/AVIF's ``ispe`` property), all within the first
-``HEAD_BYTES`` of the file, so an image is judged from one small ranged read and not a
-download. Pure functions of bytes, no I/O and no decoder.
+``HEAD_BYTES`` of the file (``MAX_HEAD_BYTES`` for the few whose header is longer), so an
+image is judged from one small ranged read and not a download. Pure functions of bytes, no
+I/O and no decoder.
 
 A header that is cut off or malformed before the dimensions gives ``width = height = None``:
 the format is known, the size is decided later (by the decoder, or by Rekognition).
@@ -15,8 +16,11 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-# JPEG's APP1 (EXIF, with its thumbnail) may fill 64 KiB before the SOF segment.
-HEAD_BYTES = 64 * 1024
+# The first read: a phone's EXIF (with its thumbnail) puts JPEG's SOF about 16 KiB in.
+HEAD_BYTES = 32 * 1024
+# A second read, only when the first held the format but not the size (large APP
+# segments: maker notes, ICC profiles; a HEIF's metadata for many tiles).
+MAX_HEAD_BYTES = 256 * 1024
 
 # Formats Rekognition takes as they are; the others are converted.
 NATIVE_FORMATS = frozenset({"jpeg", "png"})
@@ -46,6 +50,11 @@ class ImageInfo:
         if self.width is None or self.height is None:
             return None
         return self.width * self.height
+
+
+def needs_more(info: ImageInfo | None, head: bytes, size: int) -> bool:
+    """Whether a longer head may hold the dimensions ``head`` did not."""
+    return info is not None and info.width is None and len(head) < min(size, MAX_HEAD_BYTES)
 
 
 def sniff(head: bytes) -> ImageInfo | None:
@@ -197,9 +206,7 @@ def _isobmff(head: bytes) -> ImageInfo | None:
     if not boxes or boxes[0][0] != b"ftyp":
         return None
     _, start, end = boxes[0]
-    brands = {head[start : start + 4]} | {
-        head[j : j + 4] for j in range(start + 8, end - 3, 4)
-    }
+    brands = {head[start : start + 4]} | {head[j : j + 4] for j in range(start + 8, end - 3, 4)}
     if brands & _AVIF_BRANDS:
         fmt = "avif"
     elif brands & _HEIF_BRANDS:
