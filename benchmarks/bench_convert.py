@@ -3,7 +3,8 @@
 1. convert: images per second of ``rekbatch.sources.convert.convert_image`` on a 12 MP HEIC
    (4032 x 3024, a phone's) and a 24 MP JPEG (6000 x 4000 at quality 95 with a little
    grain, over 5 MB, so it is re-encoded to go as bytes), on 1 thread and on one thread per
-   core through the run's ``Converter``; per core = images/s over threads. The pictures
+   core through the run's ``Converter``; per core = images/s over threads, and images per
+   CPU second of the process (which a shared machine does not distort). The pictures
    are the sample photo ``ric_crowd1.jpg`` scaled up, so they hold a photo's detail.
 2. plain: a bucket of plain JPEGs (real 800 x 600 photos with EXIF) through ``rekbatch run``
    (moto S3 and the fake Rekognition, each in its own process), three contenders alternating
@@ -80,6 +81,7 @@ async def _throughput(data: bytes, workers: int, seconds: float) -> dict[str, An
     sizes: tuple[int, int] = (0, 0)
     out_bytes = 0
     async with Converter(workers=workers) as converter:
+        cpu = time.process_time()
         start = time.perf_counter()
         deadline = start + seconds
 
@@ -93,6 +95,7 @@ async def _throughput(data: bytes, workers: int, seconds: float) -> dict[str, An
 
         await asyncio.gather(*(one() for _ in range(workers)))
         elapsed = time.perf_counter() - start
+        cpu_seconds = time.process_time() - cpu
     rate = done / elapsed
     return {
         "threads": workers,
@@ -100,6 +103,10 @@ async def _throughput(data: bytes, workers: int, seconds: float) -> dict[str, An
         "seconds": round(elapsed, 2),
         "images_per_second": round(rate, 3),
         "images_per_second_per_core": round(rate / workers, 3),
+        # CPU seconds of this process (all threads) per image: what a core does when it is
+        # not shared, whatever else the machine runs
+        "cpu_seconds_per_image": round(cpu_seconds / max(done, 1), 3),
+        "images_per_cpu_second": round(done / max(cpu_seconds, 1e-9), 3),
         "sent": list(sizes),
         "sent_bytes": out_bytes,
     }
@@ -116,7 +123,8 @@ def bench_convert(seconds: float) -> dict[str, Any]:
         for row in rows:
             print(
                 f"{name}: {row['threads']} thread(s) {row['images_per_second']:.2f} images/s, "
-                f"{row['images_per_second_per_core']:.2f} per core "
+                f"{row['images_per_second_per_core']:.2f} per core, "
+                f"{row['images_per_cpu_second']:.2f} per CPU second "
                 f"({len(data) / 1e6:.1f} MB in, {row['sent_bytes'] / 1e6:.1f} MB out)",
                 flush=True,
             )
