@@ -61,19 +61,19 @@ class Converted:
     orientation: int | None  # the EXIF orientation applied
 
 
-def _heif_available() -> bool:
-    try:
-        import pillow_heif
-    except ImportError:
-        return False
-    pillow_heif.register_heif_opener()
-    return True
-
-
-_HEIF = _heif_available()
+_HEIF: bool | None = None  # pillow-heif registered with Pillow; found on first use
 
 
 def heif_available() -> bool:
+    global _HEIF
+    if _HEIF is None:
+        try:
+            import pillow_heif
+        except ImportError:
+            _HEIF = False
+        else:
+            pillow_heif.register_heif_opener()
+            _HEIF = True
     return _HEIF
 
 
@@ -91,10 +91,11 @@ def convert_image(
     # Our own limit (``max_pixels``) is checked after the header is read and before any
     # pixel is decoded; Pillow's fixed 89 MP warning would only duplicate it.
     Image.MAX_IMAGE_PIXELS = None
+    heif = heif_available()
     try:
         img = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
-        if not _HEIF and data[4:8] == b"ftyp":
+        if not heif and data[4:8] == b"ftyp":
             raise ConversionError(
                 "ConverterMissing", f"HEIC/HEIF needs pillow-heif: {HEIF_HINT}"
             ) from None
