@@ -16,17 +16,18 @@ from rekbatch.cli import app
 from tests.conftest import REPO, SAMPLES, make_bucket
 
 
-def tiny_png(seed: int = 0) -> bytes:
-    """A real 2x2 PNG whose pixels depend on ``seed``, so contents (and ETags) differ."""
+def tiny_png(seed: int = 0, side: int = 80) -> bytes:
+    """A real PNG of ``side`` x ``side`` (80: the smallest Rekognition takes) whose pixels
+    depend on ``seed``, so contents (and ETags) differ; a few hundred bytes."""
 
     def chunk(kind: bytes, data: bytes) -> bytes:
         return (
             struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
         )
 
-    pixels = bytes([seed % 256, (seed // 256) % 256, 7]) * 2
-    raw = b"".join(b"\x00" + pixels for _ in range(2))
-    header = struct.pack(">IIBBBBB", 2, 2, 8, 2, 0, 0, 0)
+    pixels = bytes([seed % 256, (seed // 256) % 256, 7]) * side
+    raw = b"".join(b"\x00" + pixels for _ in range(side))
+    header = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
     return (
         b"\x89PNG\r\n\x1a\n"
         + chunk(b"IHDR", header)

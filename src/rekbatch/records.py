@@ -9,6 +9,18 @@ from typing import Any, Literal
 Status = Literal["ok", "failed", "skipped"]
 SkipReason = Literal["excluded", "not_image", "too_large", "too_small", "empty", "no_face_local"]
 
+# What a record says about its image once sniffed: the original's stored dimensions, the
+# format it was converted from (None when sent unchanged), the dimensions sent, and its EXIF
+# orientation (1-8, None without EXIF), so boxes can be mapped onto the original.
+IMAGE_FIELDS: tuple[str, ...] = (
+    "width",
+    "height",
+    "converted_from",
+    "sent_width",
+    "sent_height",
+    "exif_orientation",
+)
+
 
 def utc_now() -> str:
     """Now as ISO 8601 UTC with milliseconds, the form of ``processed_at``."""

@@ -156,6 +156,9 @@ class FakeConfig:
     #: keep fetched S3 objects in memory (benchmarks whose objects never change), so the
     #: fake measures the client rather than the S3 stand-in behind it
     s3_cache: bool = False
+    #: refuse S3Object images of buckets outside ``region`` with InvalidS3ObjectException,
+    #: as Rekognition does (it reads S3 only in its own region)
+    check_bucket_region: bool = False
     # Faults (see the module docstring for what a client sees). Each call draws at most one
     # of them, from (seed, call number), so a seed gives the same faults on the same calls
     # whatever the concurrency; the rates are shares of one draw and add up to at most 1.
@@ -879,7 +882,7 @@ def _coerce_field(name: str, value: Any) -> Any:
         return str(value)
     if name == "seed":
         return int(value)
-    if name == "s3_cache":
+    if name in ("s3_cache", "check_bucket_region"):
         return bool(value)
     return float(value)
 
@@ -1636,7 +1639,13 @@ class FakeRekognition:
         kwargs: JSON = {"Bucket": bucket, "Key": key}
         if version:
             kwargs["VersionId"] = version
+        with self._lock:
+            region, check_region = self._config.region, self._config.check_bucket_region
         try:
+            if check_region:
+                location = await s3.get_bucket_location(Bucket=bucket)
+                if (location.get("LocationConstraint") or "us-east-1") != region:
+                    raise _ApiError("InvalidS3ObjectException", _BAD_S3)
             resp = await s3.get_object(**kwargs)
             async with resp["Body"] as stream:
                 if int(resp.get("ContentLength") or 0) > MAX_S3_IMAGE:

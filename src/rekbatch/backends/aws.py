@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import warnings
 from types import TracebackType
 from typing import Any
 
@@ -59,6 +60,11 @@ class AwsBackend:
         self._methods: dict[str, Any] = {}
 
     async def __aenter__(self) -> AwsBackend:
+        # aiohttp warns about any body over 1 MiB passed as bytes; images sent as bytes
+        # (up to 5 MB, 6.7 MB as base64 JSON) are such bodies by design, written in one go.
+        warnings.filterwarnings(
+            "ignore", message="Sending a large body directly", category=ResourceWarning
+        )
         self._client = await self._stack.enter_async_context(
             self._session.client("rekognition", endpoint_url=self._endpoint, config=self._config)
         )

@@ -20,18 +20,22 @@ from typing import Any
 from rekbatch.calls.quotas import resolve_ceilings
 from rekbatch.commands import prefilter_estimate
 from rekbatch.config import Config, parse_s3_uri
+from rekbatch.engine.prepare import read_header
+from rekbatch.errors import SetupError
 from rekbatch.operations import build_operations
 from rekbatch.pricing import PRICE_TABLES, PRICES_AS_OF, PRICES_REGION, estimate_cost
 from rekbatch.records import ObjectRef
 from rekbatch.sources import S3, LocalSource, Source, open_source
 from rekbatch.sources.filters import (
+    AS_IS,
+    MAX_CONVERT_BYTES,
     MAX_IMAGE_BYTES,
     MAX_S3_OBJECT_BYTES,
-    SNIFF_BYTES,
-    classify_head,
+    Convert,
     classify_listing,
-    sniff_kind,
+    decide,
 )
+from rekbatch.sources.s3 import buckets_elsewhere, region_error
 
 # Images the offline backend analyses per worker to time this machine (pool start-up and
 # the first call of each worker, which analyses a reference, timed apart).
@@ -73,8 +77,13 @@ async def plan_job(cfg: Config, *, time_offline: bool = True) -> dict[str, Any]:
     skipped: Counter[str] = Counter()
     kinds: Counter[str] = Counter()
     eligible_bytes = 0
+    # Converted images are downloaded (and decoded) here before they are sent as bytes.
+    converted: Counter[str] = Counter()
+    converted_bytes = 0
     sem = asyncio.Semaphore(cfg.limits.concurrency)
     op_types: list[str] = [op.type for op in cfg.operations]
+    convert = cfg.source.convert and cfg.source.sniff
+    notes: list[str] = []
     ledger_done = _Done(cfg)
     already = 0
     images_by_op: Counter[str] = Counter()
@@ -82,18 +91,33 @@ async def plan_job(cfg: Config, *, time_offline: bool = True) -> dict[str, Any]:
     filtered = [op for op in build_operations(cfg) if op.prefilter]
     face_sample = prefilter_estimate.Reservoir()
 
-    async def sniff(source: Source, obj: ObjectRef, todo: list[str]) -> None:
-        nonlocal eligible_bytes
-        kind: str | None = "unsniffed"
+    async def examine(source: Source, obj: ObjectRef, by_ref: bool, todo: list[str]) -> None:
+        nonlocal eligible_bytes, converted_bytes
+        kind: str = "unsniffed"
         if cfg.source.sniff:
             async with sem:
-                head = await source.read_head(obj, SNIFF_BYTES)
-            reason = classify_head(obj, head)
-            if reason is not None:
-                skipped[reason] += 1
+                _, info = await read_header(source, obj)
+            max_bytes = MAX_S3_OBJECT_BYTES if by_ref else MAX_IMAGE_BYTES
+            decisions = [
+                decide(
+                    obj,
+                    info,
+                    op,
+                    max_bytes=max_bytes,
+                    convert=convert,
+                    max_pixels=cfg.source.max_pixels,
+                )
+                for op in op_types
+            ]
+            if not any(d == AS_IS or isinstance(d, Convert) for d in decisions):
+                skipped[str(decisions[0])] += 1
                 return
-            kind = sniff_kind(head)
-        kinds[kind or "unsniffed"] += 1
+            assert info is not None
+            kind = info.format
+            if any(isinstance(d, Convert) for d in decisions):
+                converted[kind] += 1
+                converted_bytes += obj.size
+        kinds[kind] += 1
         eligible_bytes += obj.size
         images_by_op.update(todo)
         if filtered:
@@ -118,8 +142,23 @@ async def plan_job(cfg: Config, *, time_offline: bool = True) -> dict[str, Any]:
                 await asyncio.to_thread(source.check)
             elif s3 is not None and parsed is not None:
                 await s3.check_bucket(parsed[0])
-            by_ref = parsed is not None and cfg.aws.image_mode == "s3" and cfg.backend.kind == "aws"
-            max_bytes = MAX_S3_OBJECT_BYTES if by_ref else MAX_IMAGE_BYTES
+            by_ref = (
+                parsed is not None and cfg.aws.image_mode != "bytes" and cfg.backend.kind == "aws"
+            )
+            if by_ref and s3 is not None and parsed is not None:
+                elsewhere = await buckets_elsewhere(s3, [parsed[0]], cfg.aws.region)
+                for bucket, region in elsewhere.items():
+                    if cfg.aws.image_mode == "s3":
+                        raise SetupError(region_error(bucket, region, cfg.aws.region))
+                    by_ref = False
+                    notes.append(
+                        f"s3://{bucket} is in {region}, Rekognition in {cfg.aws.region}: "
+                        "its images are sent as bytes (image_mode auto)"
+                    )
+            if convert:
+                max_bytes = MAX_CONVERT_BYTES
+            else:
+                max_bytes = MAX_S3_OBJECT_BYTES if by_ref else MAX_IMAGE_BYTES
             pending: set[asyncio.Task[None]] = set()
             async for obj in source.list(None):
                 listed += 1
@@ -133,7 +172,7 @@ async def plan_job(cfg: Config, *, time_offline: bool = True) -> dict[str, Any]:
                 if reason is not None:
                     skipped[reason] += 1
                     continue
-                pending.add(asyncio.create_task(sniff(source, obj, todo)))
+                pending.add(asyncio.create_task(examine(source, obj, by_ref, todo)))
                 if len(pending) >= cfg.limits.concurrency * 4:
                     done, pending = await asyncio.wait(pending, return_when="FIRST_COMPLETED")
                     for task in done:
@@ -180,6 +219,9 @@ async def plan_job(cfg: Config, *, time_offline: bool = True) -> dict[str, Any]:
         "images_eligible": images,
         "eligible_by_type": dict(kinds),
         "eligible_bytes": eligible_bytes,
+        "images_converted": sum(converted.values()),
+        "converted_by_type": dict(converted),
+        "converted_bytes": converted_bytes,
         "skipped_by_reason": dict(skipped),
         "calls_by_api": calls,
         "ceilings_tps": ceilings,
@@ -200,6 +242,7 @@ async def plan_job(cfg: Config, *, time_offline: bool = True) -> dict[str, Any]:
             "cost_saved_usd": estimate_cost(saved, region=cfg.aws.region),
         },
         "note": note,
+        "notes": notes,
     }
 
 
@@ -308,6 +351,9 @@ def render_plan(plan: dict[str, Any]) -> str:
         f"images eligible:  {plan['images_eligible']} "
         + " ".join(f"{k}={v}" for k, v in sorted(plan["eligible_by_type"].items())),
         f"bytes eligible:   {plan['eligible_bytes']}",
+        f"converted:        {plan['images_converted']} "
+        + " ".join(f"{k}={v}" for k, v in sorted(plan["converted_by_type"].items()))
+        + f" ({plan['converted_bytes']} bytes downloaded to convert)",
         "skipped:          "
         + (", ".join(f"{k}={v}" for k, v in sorted(plan["skipped_by_reason"].items())) or "none"),
     ]
@@ -346,6 +392,7 @@ def render_plan(plan: dict[str, Any]) -> str:
             f"{sum(prefilter['calls_saved'].values())} calls "
             f"(${prefilter['cost_saved_usd']:.2f}), already taken off the figures above"
         )
+    lines.extend(f"note: {note}" for note in plan.get("notes", []))
     return "\n".join(lines)
 
 

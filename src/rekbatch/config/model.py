@@ -51,11 +51,31 @@ class JobSection(_Section):
     output_dir: str = "out/rekbatch-job"
 
 
+# Rekognition's own formats and those rekbatch converts; sniffing decides the real format.
+DEFAULT_INCLUDE: list[str] = [
+    "*.jpg",
+    "*.jpeg",
+    "*.png",
+    "*.heic",
+    "*.heif",
+    "*.avif",
+    "*.webp",
+    "*.tif",
+    "*.tiff",
+    "*.bmp",
+    "*.gif",
+]
+
+
 class SourceSection(_Section):
     uris: list[str] = Field(min_length=1)
-    include: list[str] = ["*.jpg", "*.jpeg", "*.png"]
+    include: list[str] = DEFAULT_INCLUDE
     exclude: list[str] = []
     sniff: bool = True
+    # Convert what Rekognition refuses (formats, sizes) and send it as bytes; needs sniff.
+    convert: bool = True
+    # A header declaring more pixels than this is refused undecoded (a decompression bomb).
+    max_pixels: int = Field(default=150_000_000, ge=1_000_000, le=2_000_000_000)
 
     @field_validator("uris")
     @classmethod
@@ -89,7 +109,8 @@ class AwsSection(_Section):
     profile: str | None = None
     s3_endpoint_url: str | None = None
     rekognition_endpoint_url: str | None = None
-    image_mode: Literal["s3", "bytes"] = "s3"
+    # "auto": S3Object where the bucket is in Rekognition's region, bytes elsewhere.
+    image_mode: Literal["auto", "s3", "bytes"] = "auto"
 
     _endpoints = field_validator("s3_endpoint_url", "rekognition_endpoint_url")(
         classmethod(lambda cls, v: _check_endpoint(v))
@@ -262,10 +283,19 @@ class Config(_Section):
     def fingerprint(self) -> str:
         """What identifies the job: its sources and operations. Rates, concurrency, caps and
         endpoints may change between a run and its resume; these may not."""
+        source = self.source.model_dump()
+        # Keys added later leave the fingerprint of a job that keeps their defaults as it
+        # was, so a job started before them resumes.
+        for key, default in (("convert", True), ("max_pixels", 150_000_000)):
+            if source.get(key) == default:
+                del source[key]
+        if source.get("include") == DEFAULT_INCLUDE:
+            source["include"] = ["*.jpg", "*.jpeg", "*.png"]
         identity = {
-            "source": self.source.model_dump(),
+            "source": source,
             "operations": [op.model_dump() for op in self.operations],
-            "image_mode": self.aws.image_mode,
+            # "auto" is "s3" wherever a job of the old default could run at all.
+            "image_mode": "s3" if self.aws.image_mode == "auto" else self.aws.image_mode,
             "backend": self.backend.kind,
         }
         blob = json.dumps(identity, sort_keys=True).encode()

@@ -34,6 +34,7 @@ from rekbatch.clock import MONOTONIC, Clock
 from rekbatch.config import Config, parse_s3_uri
 from rekbatch.engine.budget import Budget
 from rekbatch.engine.dedup import Dedup
+from rekbatch.engine.prepare import ImagePreparer
 from rekbatch.engine.producer import Producer, WorkItem
 from rekbatch.engine.shards import Shard, write_job_file
 from rekbatch.engine.worker import Worker, WorkerStats
@@ -49,11 +50,11 @@ from rekbatch.errors import (
     TaskFailed,
 )
 from rekbatch.operations import Operation, OperationContext, build_operations
-from rekbatch.records import ObjectRef
 from rekbatch.sinks.summary import answer_lines, build_summary, write_summary
 from rekbatch.sinks.writer import Writer
 from rekbatch.sources import S3, LocalSource, Source, open_source
-from rekbatch.sources.filters import MAX_IMAGE_BYTES, MAX_S3_OBJECT_BYTES
+from rekbatch.sources.convert import Converter
+from rekbatch.sources.filters import MAX_CONVERT_BYTES, MAX_IMAGE_BYTES, MAX_S3_OBJECT_BYTES
 from rekbatch.store import jobdir, retry_failed
 from rekbatch.store.ledger import Ledger, LedgerDB
 from rekbatch.store.lock import JobLock
@@ -132,6 +133,8 @@ class Job:
         self.worker_stats = WorkerStats()
         self._faces: Callable[[bytes], Awaitable[bool]] | None = None
         self._started = 0.0
+        self._bytes_buckets: set[str] = set()  # sources in another region than Rekognition
+        self.converter: Converter | None = None
 
     # -- control ----------------------------------------------------------------------------
 
@@ -162,6 +165,7 @@ class Job:
             "objects_done": writer.objects_done if writer else 0,
             "records": dict(writer.records) if writer else {},
             "images_sent": self.worker_stats.images_sent,
+            "images_converted": self.converter.converted if self.converter else 0,
             "deduplicated": self.worker_stats.deduplicated,
             "no_face_local": self.worker_stats.no_face_local,
             "elapsed_seconds": round(elapsed, 3),
@@ -213,6 +217,10 @@ class Job:
                 sources = [open_source(uri, i, s3) for i, uri in enumerate(cfg.source.uris)]
                 await self._check_sources(sources, s3)
                 backend = self._given_backend or await self._open_backend(stack)
+                if cfg.source.convert and cfg.source.sniff:
+                    self.converter = await stack.enter_async_context(
+                        Converter(max_pixels=cfg.source.max_pixels)
+                    )
                 operations = build_operations(cfg)
                 self._faces = await self._open_prefilter(stack, backend, operations)
                 self.caller = Caller(
@@ -289,6 +297,7 @@ class Job:
         if s3 is not None:
             for bucket in sorted({p[0] for p in map(parse_s3_uri, self.cfg.source.uris) if p}):
                 await s3.check_bucket(bucket)
+            await self._check_regions(s3)
 
     async def _open_backend(self, stack: contextlib.AsyncExitStack) -> Backend:
         cfg = self.cfg
@@ -339,22 +348,47 @@ class Job:
         log.info("prefilter_started", operations=filtered)
         return finder.has_face
 
-    def _needs_bytes(self, obj: ObjectRef) -> bool:
-        """Rekognition reads S3 objects itself; local files, ``image_mode = "bytes"`` and
-        the offline backend need the bytes here."""
+    def _by_reference(self, bucket: str | None) -> bool:
+        """Rekognition reads S3 objects itself when the bucket is in its region; local
+        files, ``image_mode = "bytes"``, buckets elsewhere (``"auto"``) and the offline
+        backend need the bytes here."""
         return (
-            obj.bucket is None
-            or self.cfg.aws.image_mode == "bytes"
-            or self.cfg.backend.kind == "local"
+            bucket is not None
+            and self.cfg.aws.image_mode != "bytes"
+            and self.cfg.backend.kind == "aws"
+            and bucket not in self._bytes_buckets
         )
 
     def _max_bytes(self, uri: str) -> int:
-        by_reference = (
-            parse_s3_uri(uri) is not None
-            and self.cfg.aws.image_mode == "s3"
-            and self.cfg.backend.kind == "aws"
-        )
+        """The largest object a worker takes on; larger ones are skipped when listed."""
+        if self.cfg.source.convert and self.cfg.source.sniff:
+            return MAX_CONVERT_BYTES
+        parsed = parse_s3_uri(uri)
+        by_reference = parsed is not None and self._by_reference(parsed[0])
         return MAX_S3_OBJECT_BYTES if by_reference else MAX_IMAGE_BYTES
+
+    async def _check_regions(self, s3: S3) -> None:
+        """Each source bucket's region against Rekognition's: ``"auto"`` sends the images of
+        a bucket elsewhere as bytes, ``"s3"`` stops here, before any call."""
+        cfg = self.cfg
+        if cfg.backend.kind != "aws" or cfg.aws.image_mode == "bytes":
+            return
+        from rekbatch.errors import SetupError
+        from rekbatch.sources.s3 import buckets_elsewhere, region_error
+
+        buckets = [p[0] for p in map(parse_s3_uri, cfg.source.uris) if p]
+        elsewhere = await buckets_elsewhere(s3, buckets, cfg.aws.region)
+        for bucket, region in elsewhere.items():
+            if cfg.aws.image_mode == "s3":
+                raise SetupError(region_error(bucket, region, cfg.aws.region))
+            self._bytes_buckets.add(bucket)
+            log.warning(
+                "bucket_in_other_region",
+                bucket=bucket,
+                bucket_region=region,
+                rekognition_region=cfg.aws.region,
+                action="sending its images as bytes (image_mode auto)",
+            )
 
     async def _execute(
         self,
@@ -399,8 +433,13 @@ class Job:
             budget,
             dedup,
             self.worker_stats,
-            sniff=cfg.source.sniff,
-            needs_bytes=self._needs_bytes,
+            preparer=ImagePreparer(
+                sources,
+                sniff=cfg.source.sniff,
+                converter=self.converter,
+                by_reference=lambda obj: self._by_reference(obj.bucket),
+                max_pixels=cfg.source.max_pixels,
+            ),
             stopping=self.stopping,
             request_stop=self.request_stop,
             faces=self._faces,

@@ -1,9 +1,11 @@
 """A worker: takes one object at a time from the queue to its records.
 
-Per object: take it from the budget, sniff its first bytes (names lie), read it when the
-image goes as bytes (or the local face pre-filter needs it), run each operation through the
-caller, and hand each record to the writer as soon as it exists (durable from then on). A copy
-of content already processed is written from the original's rows instead, without a call.
+Per object: take it from the budget, prepare it (sniff its header, since names lie; read
+it when the image goes as bytes; convert it when Rekognition would refuse it; see
+``prepare.py``), look for a face locally where an operation asks (``prefilter = "faces"``),
+run each operation through the caller, and hand each record to the writer as soon as it
+exists (durable from then on). A copy of content already processed is written from the
+original's rows instead, without a call.
 """
 
 from __future__ import annotations
@@ -18,12 +20,12 @@ from rekbatch.backends.base import ImageInput
 from rekbatch.calls.caller import Caller
 from rekbatch.engine.budget import Budget
 from rekbatch.engine.dedup import Dedup, covers
+from rekbatch.engine.prepare import Failure, ImagePreparer, Prepared
 from rekbatch.engine.producer import WorkItem
 from rekbatch.errors import BackendError, call_error_from
-from rekbatch.records import ObjectRef, Record, utc_now
+from rekbatch.records import IMAGE_FIELDS, ObjectRef, Record, utc_now
 from rekbatch.sinks.writer import Writer
 from rekbatch.sources import Source
-from rekbatch.sources.filters import SNIFF_BYTES, classify_head
 from rekbatch.store.ledger import Location
 
 log = structlog.get_logger("rekbatch")
@@ -46,8 +48,7 @@ class Worker:
         dedup: Dedup,
         stats: WorkerStats,
         *,
-        sniff: bool,
-        needs_bytes: Callable[[ObjectRef], bool],
+        preparer: ImagePreparer,
         stopping: asyncio.Event,
         request_stop: Callable[[str], None],
         faces: Callable[[bytes], Awaitable[bool]] | None = None,
@@ -58,8 +59,7 @@ class Worker:
         self.budget = budget
         self.dedup = dedup
         self.stats = stats
-        self.sniff = sniff
-        self.needs_bytes = needs_bytes
+        self.preparer = preparer
         self.stopping = stopping
         self.request_stop = request_stop
         self.faces = faces  # the local face detector, when an operation has prefilter = "faces"
@@ -90,25 +90,10 @@ class Worker:
             self._drop(item)
             return
         obj = item.obj
-        source = self.sources[obj.source_index]
-        send_bytes = self.needs_bytes(obj)
-        prefilter = self.faces is not None and any(op.prefilter for op in item.ops)
         try:
-            data: bytes | None = None
-            skip = None
-            if send_bytes or prefilter:
-                data = await source.read(obj)
-                skip = classify_head(obj, data[:SNIFF_BYTES])
-            elif self.sniff:
-                skip = classify_head(obj, await source.read_head(obj, SNIFF_BYTES))
-            if skip is not None:
-                self.budget.release()
-                now = utc_now()
-                self._done(
-                    item,
-                    [Record(obj, op.type, "skipped", skip, processed_at=now) for op in item.ops],
-                )
-                return
+            prepared = await self.preparer.prepare(obj, [op.type for op in item.ops])
+            if self.faces is not None:
+                await self._prefilter(item, prepared)
         except Exception as exc:
             failure = _read_error(exc)
             now = utc_now()
@@ -129,55 +114,74 @@ class Worker:
                 ],
             )
             return
-        no_face = prefilter and data is not None and not await self._face_found(data, obj)
-        if no_face:
-            self.stats.no_face_local += 1
-            if all(op.prefilter for op in item.ops):
-                self.budget.release()
-                now = utc_now()
-                self._done(
-                    item,
-                    [
-                        Record(obj, op.type, "skipped", "no_face_local", processed_at=now)
-                        for op in item.ops
-                    ],
-                )
-                return
-        image = (
-            ImageInput(data=data)
-            if send_bytes and data is not None
-            else ImageInput(bucket=obj.bucket, key=obj.key)
-        )
-        self.stats.images_sent += 1
+        if prepared.sends:
+            self.stats.images_sent += 1
+        elif prepared.skipped:
+            self.budget.release()  # the ledger does not count an object only skipped
         rows: list[Location] = []
-        all_ok = not no_face  # a copy of a pre-filtered image is looked at again, not copied
+        all_ok = True
         writer = self.writer
         for op in item.ops:
-            if no_face and op.prefilter:
-                skipped = Record(obj, op.type, "skipped", "no_face_local", processed_at=utc_now())
-                offset, length = writer.accept(skipped)
-                rows.append(Location(op.type, offset, length))
-                continue
-            outcome = await op.process(image, obj, self.caller)
-            error = outcome.error
-            record = Record(
-                obj,
-                op.type,
-                "ok" if error is None else "failed",
-                None,
-                None if error is None else error.code,
-                None if error is None else error.message,
-                outcome.attempts,
-                round(outcome.seconds * 1000, 1),
-                utc_now(),
-                outcome.result,
-            )
+            got = prepared.outcomes[op.type]
+            extra = prepared.extra[op.type]
+            if isinstance(got, Failure):
+                record = Record(
+                    obj,
+                    op.type,
+                    "failed",
+                    None,
+                    got.code,
+                    got.message,
+                    1,
+                    processed_at=utc_now(),
+                    extra=extra,
+                )
+            elif not isinstance(got, ImageInput):
+                record = Record(obj, op.type, "skipped", got, processed_at=utc_now(), extra=extra)
+            else:
+                outcome = await op.process(got, obj, self.caller)
+                error = outcome.error
+                record = Record(
+                    obj,
+                    op.type,
+                    "ok" if error is None else "failed",
+                    None,
+                    None if error is None else error.code,
+                    None if error is None else error.message,
+                    outcome.attempts,
+                    round(outcome.seconds * 1000, 1),
+                    utc_now(),
+                    outcome.result,
+                    extra=extra,
+                )
             offset, length = writer.accept(record)
             rows.append(Location(op.type, offset, length))
-            all_ok = all_ok and error is None
+            all_ok = all_ok and record.status == "ok"
         writer.finish(obj.source_index, item.seq)
         if item.content is not None:
             self.dedup.settle(item.content, rows if all_ok else None, writer.next_commit)
+
+    async def _prefilter(self, item: WorkItem, prepared: Prepared) -> None:
+        """Operations with ``prefilter = "faces"`` whose image shows no face to the local
+        detector become ``no_face_local`` skips; the others keep what ``prepare`` gave."""
+        targets = [
+            op.type
+            for op in item.ops
+            if op.prefilter and isinstance(prepared.outcomes[op.type], ImageInput)
+        ]
+        if not targets:
+            return
+        image = prepared.outcomes[targets[0]]
+        assert isinstance(image, ImageInput)
+        obj = item.obj
+        data = image.data
+        if data is None:  # sent by reference: read here for the detector alone
+            data = await self.sources[obj.source_index].read(obj)
+        if await self._face_found(data, obj):
+            return
+        self.stats.no_face_local += 1
+        for op_type in targets:
+            prepared.outcomes[op_type] = "no_face_local"
 
     async def _face_found(self, data: bytes, obj: ObjectRef) -> bool:
         """The pre-filter's verdict. When the local detector cannot tell (it could not decode
@@ -204,6 +208,7 @@ class Worker:
             row = by_op[op.type]
             original = self.writer.read_line(row.offset, row.length)
             bucket, key = original["bucket"], original["key"]
+            image = {k: original[k] for k in IMAGE_FIELDS if k in original}
             self.writer.accept(
                 Record(
                     item.obj,
@@ -214,6 +219,7 @@ class Worker:
                     processed_at=now,
                     result=original["result"],
                     dedup_of=f"s3://{bucket}/{key}",
+                    extra=image or None,
                 )
             )
         self.writer.finish(item.obj.source_index, item.seq)

@@ -23,6 +23,7 @@ from typing import Any
 
 from rekbatch.errors import SetupError
 from rekbatch.operations.summaries import SUMMARY_COLUMNS, summarize
+from rekbatch.records import IMAGE_FIELDS
 from rekbatch.sinks.rows import BASE_COLUMNS, CSV_COLUMNS
 
 RESULTS_FILE = "results.parquet"
@@ -55,7 +56,9 @@ EXAMPLE_QUERIES: dict[str, str] = {
     ),
 }
 
-_INT_COLUMNS = frozenset({"size", "attempts", "face_count", "person_count"})
+_INT_COLUMNS = frozenset(
+    {"size", "attempts", "face_count", "person_count", *IMAGE_FIELDS} - {"converted_from"}
+)
 _FLOAT_COLUMNS = frozenset({"latency_ms", "best_similarity"})
 _BOOL_COLUMNS = frozenset({"matched"})
 _TIME_COLUMNS = frozenset({"last_modified", "processed_at"})
@@ -231,7 +234,7 @@ def results_row(row: dict[str, Any]) -> dict[str, Any]:
         summary = dict(summarize(str(row.get("operation")), result))
     # Columns the pipeline wrote itself (search_faces' people, dedup_of) win, as in the CSV.
     summary.update({k: row[k] for k in SUMMARY_COLUMNS if row.get(k) is not None})
-    out = {c: _coerce(c, row.get(c)) for c in BASE_COLUMNS}
+    out = {c: _coerce(c, row.get(c)) for c in (*BASE_COLUMNS, *IMAGE_FIELDS)}
     out.update({c: _coerce(c, summary.get(c)) for c in SUMMARY_COLUMNS})
     out["result_json"] = (
         json.dumps(result, ensure_ascii=False, separators=(",", ":"))

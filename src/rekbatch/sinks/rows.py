@@ -12,7 +12,7 @@ import json
 from typing import Any
 
 from rekbatch.operations.summaries import SUMMARY_COLUMNS, Summary
-from rekbatch.records import Record
+from rekbatch.records import IMAGE_FIELDS, Record
 
 BASE_COLUMNS: tuple[str, ...] = (
     "run_id",
@@ -31,7 +31,7 @@ BASE_COLUMNS: tuple[str, ...] = (
     "latency_ms",
     "processed_at",
 )
-CSV_COLUMNS: tuple[str, ...] = (*BASE_COLUMNS, *SUMMARY_COLUMNS, "result_json")
+CSV_COLUMNS: tuple[str, ...] = (*BASE_COLUMNS, *IMAGE_FIELDS, *SUMMARY_COLUMNS, "result_json")
 
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
@@ -62,6 +62,9 @@ def jsonl_line(record: Record, run_id: str, source: str, result_json: str) -> by
     }
     if record.dedup_of is not None:
         row["dedup_of"] = record.dedup_of
+    image = record.extra or {}
+    for column in IMAGE_FIELDS:  # in every line, null when the object was not sniffed
+        row[column] = image.get(column)
     if record.extra:
         row.update(record.extra)
     head = _dumps(row)
@@ -106,6 +109,8 @@ class CsvRows:
             _cell(record.latency_ms),
             record.processed_at,
         ]
+        image = record.extra or {}
+        cells.extend(_cell(image.get(column)) for column in IMAGE_FIELDS)
         for column in SUMMARY_COLUMNS:
             value = record.dedup_of if column == "dedup_of" else summary.get(column)
             cells.append(_cell(value))

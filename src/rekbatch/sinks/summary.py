@@ -63,6 +63,8 @@ def build_summary(
         },
         "elapsed_seconds": live.get("elapsed_seconds", 0.0),
         "calls_per_second": live.get("calls_per_second", 0.0),
+        # images this run converted before sending them (formats, sizes Rekognition refuses)
+        "images_converted": live.get("images_converted", 0),
         "limiters": live.get("limiters", {}),
         # The offline backend calls no service: nothing is billed.
         "estimated_cost_usd": estimate_cost(live.get("ok", {}), region=cfg.aws.region)

@@ -100,6 +100,27 @@ class S3:
                 raise
             raise setup from None
 
+    async def bucket_region(self, bucket: str) -> str | None:
+        """The region ``bucket`` lives in (GetBucketLocation, else HeadBucket's
+        ``x-amz-bucket-region`` header); None when neither says."""
+        try:
+            answer = await self.call(lambda: self.client.get_bucket_location(Bucket=bucket))
+            # An empty constraint is us-east-1; "EU" is the old name of eu-west-1.
+            constraint = answer.get("LocationConstraint") or "us-east-1"
+            return "eu-west-1" if constraint == "EU" else str(constraint)
+        except Exception as exc:
+            if call_error_from(exc) is None:
+                raise
+        try:
+            head = await self.call(lambda: self.client.head_bucket(Bucket=bucket))
+        except Exception as exc:
+            if call_error_from(exc) is None:
+                raise
+            return None
+        headers = head.get("ResponseMetadata", {}).get("HTTPHeaders", {})
+        region = headers.get("x-amz-bucket-region") or head.get("BucketRegion")
+        return str(region) if region else None
+
     async def _get(self, **kwargs: Any) -> bytes:
         response = await self.client.get_object(**kwargs)
         async with response["Body"] as body:
@@ -117,6 +138,25 @@ class S3:
     async def list_page(self, **kwargs: Any) -> dict[str, Any]:
         page: dict[str, Any] = await self.call(lambda: self.client.list_objects_v2(**kwargs))
         return page
+
+
+async def buckets_elsewhere(s3: S3, buckets: list[str], region: str) -> dict[str, str]:
+    """The buckets among ``buckets`` that live outside ``region``, with their region (a
+    bucket whose region cannot be found is taken to be in ``region``)."""
+    found: dict[str, str] = {}
+    for bucket in sorted(set(buckets)):
+        where = await s3.bucket_region(bucket)
+        if where is not None and where != region:
+            found[bucket] = where
+    return found
+
+
+def region_error(bucket: str, where: str, region: str) -> str:
+    """The one line for ``image_mode = "s3"`` with a bucket outside Rekognition's region."""
+    return (
+        f"aws.image_mode: bucket {bucket} is in {where} but Rekognition is called in {region}; "
+        f'set aws.image_mode = "auto" to send its images as bytes, or aws.region = "{where}"'
+    )
 
 
 class S3Source:
