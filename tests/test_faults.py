@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -114,9 +115,30 @@ def test_stalled_answers_cost_seconds_not_a_minute(
     assert sum(fake.stats()["stalled"].values()) == 3
 
 
-def _down_in(fake: FakeRekognition, after: float, seconds: float) -> threading.Timer:
-    """The endpoint refuses connections for ``seconds``, from ``after`` seconds on."""
-    timer = threading.Timer(after, lambda: fake.configure(down_for_seconds=seconds))
+class _DownAfterFirstCall(threading.Thread):
+    """Takes the endpoint down for ``seconds`` once the fake has seen its first call (however
+    long the run takes to start), polling for at most 60 s."""
+
+    def __init__(self, fake: FakeRekognition, seconds: float) -> None:
+        super().__init__(daemon=True)
+        self.fake, self.seconds = fake, seconds
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        deadline = time.monotonic() + 60
+        while not self.stopped.wait(0.005) and time.monotonic() < deadline:
+            if sum(self.fake.stats()["calls"].values()):
+                self.fake.configure(down_for_seconds=self.seconds)
+                return
+
+    def cancel(self) -> None:
+        self.stopped.set()
+        self.join(timeout=5)
+
+
+def _down_in(fake: FakeRekognition, seconds: float) -> _DownAfterFirstCall:
+    """The endpoint refuses connections for ``seconds``, from the run's first call on."""
+    timer = _DownAfterFirstCall(fake, seconds)
     timer.start()
     return timer
 
@@ -125,7 +147,7 @@ def test_an_endpoint_away_for_seconds_fails_nothing(
     tmp_path: Path, bucket: str, moto_endpoint: str, fake: FakeRekognition
 ) -> None:
     config = _config(tmp_path, bucket, moto_endpoint, fake.url, "unreachable_seconds = 30")
-    timer = _down_in(fake, 0.3, 2.0)
+    timer = _down_in(fake, 2.0)
     try:
         result = invoke("run", str(config))
     finally:
@@ -140,7 +162,7 @@ def test_an_endpoint_gone_for_good_stops_the_run_and_it_resumes(
     tmp_path: Path, bucket: str, moto_endpoint: str, fake: FakeRekognition
 ) -> None:
     config = _config(tmp_path, bucket, moto_endpoint, fake.url, "unreachable_seconds = 2")
-    timer = _down_in(fake, 0.3, 60.0)
+    timer = _down_in(fake, 60.0)
     try:
         result = invoke("run", str(config))
     finally:
