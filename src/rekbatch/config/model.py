@@ -55,6 +55,8 @@ class SourceSection(_Section):
     include: list[str] = ["*.jpg", "*.jpeg", "*.png"]
     exclude: list[str] = []
     sniff: bool = True
+    # Paginators listing one S3 prefix at once, over disjoint key ranges.
+    list_concurrency: int = Field(default=16, ge=1, le=256)
 
     @field_validator("uris")
     @classmethod
@@ -221,7 +223,8 @@ class Config(_Section):
         """What identifies the job: its sources and operations. Rates, concurrency, caps and
         endpoints may change between a run and its resume; these may not."""
         identity = {
-            "source": self.source.model_dump(),
+            # How fast it is listed does not change what the job is.
+            "source": self.source.model_dump(exclude={"list_concurrency"}),
             "operations": [op.model_dump() for op in self.operations],
             "image_mode": self.aws.image_mode,
             "backend": self.backend.kind,

@@ -238,7 +238,8 @@ class Job:
         s3 = S3(
             self._session(),
             endpoint_url=cfg.aws.s3_endpoint_url,
-            pool=cfg.limits.concurrency + 16,  # listing, sniffing and downloads share it
+            # Listing, sniffing and downloads share it.
+            pool=cfg.limits.concurrency + cfg.source.list_concurrency + 4,
             unreachable_seconds=cfg.limits.unreachable_seconds,
             clock=self.clock,
         )

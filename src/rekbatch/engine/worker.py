@@ -147,14 +147,14 @@ class Worker:
             offset, length = writer.accept(record)
             rows.append(Location(op.type, offset, length))
             all_ok = all_ok and error is None
-        writer.finish(obj.source_index, item.seq)
+        writer.finish(item.lane, item.seq)
         if item.content is not None:
             self.dedup.settle(item.content, rows if all_ok else None, writer.next_commit)
 
     def _done(self, item: WorkItem, records: list[Record]) -> None:
         for record in records:
             self.writer.accept(record)
-        self.writer.finish(item.obj.source_index, item.seq)
+        self.writer.finish(item.lane, item.seq)
         self._drop(item)
 
     def _copy(self, item: WorkItem, rows: list[Location]) -> None:
@@ -177,7 +177,7 @@ class Worker:
                     dedup_of=f"s3://{bucket}/{key}",
                 )
             )
-        self.writer.finish(item.obj.source_index, item.seq)
+        self.writer.finish(item.lane, item.seq)
         self.stats.deduplicated += 1
 
 

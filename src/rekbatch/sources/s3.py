@@ -6,7 +6,8 @@ connection itself is retried (after botocore's own retries) for as long as S3 is
 (``Reachability``), so a network problem that lasts seconds costs no object. ``S3Source``
 lists one ``s3://bucket/prefix`` page by page, in key order, resuming after a watermark;
 pages are fetched as the consumer pulls, so memory stays at one page whatever the size of
-the bucket.
+the bucket. It splits itself into disjoint key ranges (``sources/ranges.py``) so that
+several paginators list it at once, each bounded by ``StartAfter`` and its range's end.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from rekbatch.calls.retry import Reachability, RetryPolicy, is_connection_failur
 from rekbatch.clock import MONOTONIC, Clock
 from rekbatch.errors import call_error_from, setup_error_from
 from rekbatch.records import ObjectRef
+from rekbatch.sources.ranges import KeyRange, Splitter
 
 T = TypeVar("T")
 
@@ -129,21 +131,41 @@ class S3Source:
         self.prefix = prefix
         self._s3 = s3
 
-    async def list(
-        self, start_after: str | None, page_size: int = 1000
+    async def split(self, concurrency: int) -> list[KeyRange]:
+        if concurrency <= 1:
+            return [KeyRange(None, None)]
+        # More ranges than paginators: one that finishes early takes the next range.
+        splitter = Splitter(
+            self._s3.list_page,
+            self.bucket,
+            self.prefix,
+            want=concurrency * 4,
+            concurrency=concurrency,
+        )
+        return await splitter.split()
+
+    def list(self, start_after: str | None, page_size: int = 1000) -> AsyncIterator[ObjectRef]:
+        return self.list_range(KeyRange(None, None), start_after, page_size)
+
+    async def list_range(
+        self, rng: KeyRange, start_after: str | None, page_size: int = 1000
     ) -> AsyncIterator[ObjectRef]:
         kwargs: dict[str, Any] = {
             "Bucket": self.bucket,
             "Prefix": self.prefix,
             "MaxKeys": page_size,
         }
-        if start_after:
-            kwargs["StartAfter"] = start_after
+        after = max((a for a in (rng.after, start_after) if a), default=None)
+        if after:
+            kwargs["StartAfter"] = after
+        upto = rng.upto
         bucket, index = self.bucket, self.index
         while True:
             page = await self._s3.list_page(**kwargs)
             for item in page.get("Contents", ()):
                 key = item["Key"]
+                if upto is not None and key > upto:
+                    return  # the next range's
                 size = int(item.get("Size", 0))
                 if size == 0 and key.endswith("/"):
                     continue  # a "folder" placeholder, not an object anyone uploaded as data
