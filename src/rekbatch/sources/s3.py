@@ -26,7 +26,7 @@ from rekbatch.calls.retry import Reachability, RetryPolicy, is_connection_failur
 from rekbatch.clock import MONOTONIC, Clock
 from rekbatch.errors import call_error_from, setup_error_from
 from rekbatch.records import ObjectRef
-from rekbatch.sources.ranges import KeyRange, Splitter
+from rekbatch.sources.ranges import KeyRange, Splitter, common_prefix
 
 T = TypeVar("T")
 
@@ -134,12 +134,13 @@ class S3Source:
     async def split(self, concurrency: int) -> list[KeyRange]:
         if concurrency <= 1:
             return [KeyRange(None, None)]
-        # More ranges than paginators: one that finishes early takes the next range.
+        # Twice as many ranges as paginators: one that finishes early takes the next range;
+        # not more, as each range's last page runs past its end.
         splitter = Splitter(
             self._s3.list_page,
             self.bucket,
             self.prefix,
-            want=concurrency * 4,
+            want=concurrency * 2,
             concurrency=concurrency,
         )
         return await splitter.split()
@@ -150,11 +151,12 @@ class S3Source:
     async def list_range(
         self, rng: KeyRange, start_after: str | None, page_size: int = 1000
     ) -> AsyncIterator[ObjectRef]:
-        kwargs: dict[str, Any] = {
-            "Bucket": self.bucket,
-            "Prefix": self.prefix,
-            "MaxKeys": page_size,
-        }
+        prefix = self.prefix
+        if rng.after is not None and rng.upto is not None:
+            # Every key of the range starts with what its two ends share: a narrower Prefix
+            # keeps the range's last page from running far past its end.
+            prefix = max(prefix, common_prefix(rng.after, rng.upto), key=len)
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix, "MaxKeys": page_size}
         after = max((a for a in (rng.after, start_after) if a), default=None)
         if after:
             kwargs["StartAfter"] = after
