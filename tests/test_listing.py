@@ -177,9 +177,9 @@ async def test_a_stopped_run_resumes_its_ranges_and_lists_no_finished_range_agai
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(producer_module, "CHUNK", 50)  # memory: a chunk per lister
-    uri = f"s3://{BUCKET}/"
+    uri = f"s3://{BUCKET}/nested/"
     extra = (
-        f'max_images = 1500\n\n[aws]\nregion = "{REGION}"\ns3_endpoint_url = "{moto_endpoint}"\n\n'
+        f'max_images = 1000\n\n[aws]\nregion = "{REGION}"\ns3_endpoint_url = "{moto_endpoint}"\n\n'
     )
     cfg = make_config(tmp_path, [uri], ops='[[operations]]\ntype = "detect_labels"\n', extra=extra)
     cfg = cfg.model_copy(
@@ -294,7 +294,7 @@ def test_sigkill_mid_listing_then_resume_lists_only_the_rest_exactly_once(
 def test_list_concurrency_is_a_config_key_that_does_not_change_the_job(tmp_path: Path) -> None:
     from rekbatch.config import load_config
 
-    base = '[source]\nuris = ["s3://b/"]\n{extra}\n[[operations]]\ntype = "detect_labels"\n'
+    base = '[source]\nuris = ["s3://bkt/"]\n{extra}\n[[operations]]\ntype = "detect_labels"\n'
     one = load_config(write_config(tmp_path / "a.toml", base.format(extra="")), environ={})
     two = load_config(
         write_config(tmp_path / "b.toml", base.format(extra="list_concurrency = 64")), environ={}
