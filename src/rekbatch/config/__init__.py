@@ -15,6 +15,8 @@ from rekbatch.config.model import (
     RecognizeCelebritiesOp,
     SearchFacesOp,
     parse_s3_uri,
+    source_kind,
+    uses_s3,
 )
 
 __all__ = [
@@ -31,4 +33,6 @@ __all__ = [
     "SearchFacesOp",
     "load_config",
     "parse_s3_uri",
+    "source_kind",
+    "uses_s3",
 ]

@@ -97,13 +97,13 @@ class Producer:
                 ranges = [KeyRange(None, None)]  # a job listed before ranges: its one mark
             else:
                 ranges = await source.split(self.cfg.source.list_concurrency)
-            bounds = [(r.after, r.upto) for r in ranges]
+            bounds = [(r.after, r.upto, r.part) for r in ranges]
             await self.ledger.write(LedgerDB.save_ranges, index, bounds, legacy)
             rows = await self.ledger.read(LedgerDB.ranges, index)
         await self.ledger.write(LedgerDB.rebase_listed, index)
         self.ranges_total[index] = len(rows)
         return [
-            (row["idx"], KeyRange(row["after"], row["upto"]), row["watermark"])
+            (row["idx"], KeyRange(row["after"], row["upto"], row["part"]), row["watermark"])
             for row in rows
             if not row["done"]
         ]
@@ -175,7 +175,7 @@ class Producer:
             if not todo:
                 writer.finish(lane, seq)
                 continue
-            reason = classify_listing(obj, include, exclude, max_bytes, sniff=sniff)
+            reason = obj.skip or classify_listing(obj, include, exclude, max_bytes, sniff=sniff)
             if reason is not None:
                 self._skip(obj, lane, seq, todo, reason)
                 continue
@@ -194,5 +194,7 @@ class Producer:
     ) -> None:
         now = utc_now()
         for op in ops:
-            self.writer.accept(Record(obj, op.type, "skipped", reason, processed_at=now))
+            self.writer.accept(
+                Record(obj, op.type, "skipped", reason, error_message=obj.note, processed_at=now)
+            )
         self.writer.finish(lane, seq)

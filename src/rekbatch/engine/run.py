@@ -31,7 +31,7 @@ from rekbatch.calls.caller import Caller
 from rekbatch.calls.limiter import AdaptiveLimiter
 from rekbatch.calls.retry import RetryPolicy
 from rekbatch.clock import MONOTONIC, Clock
-from rekbatch.config import Config, parse_s3_uri
+from rekbatch.config import Config, parse_s3_uri, uses_s3
 from rekbatch.engine.budget import Budget
 from rekbatch.engine.dedup import Dedup
 from rekbatch.engine.producer import Producer, WorkItem
@@ -50,7 +50,7 @@ from rekbatch.operations import Operation, OperationContext, build_operations
 from rekbatch.records import ObjectRef
 from rekbatch.sinks.summary import answer_lines, build_summary, write_summary
 from rekbatch.sinks.writer import Writer
-from rekbatch.sources import S3, LocalSource, Source, open_source
+from rekbatch.sources import S3, InventorySource, KeyListSource, LocalSource, Source, open_source
 from rekbatch.sources.filters import MAX_IMAGE_BYTES, MAX_S3_OBJECT_BYTES
 from rekbatch.store import jobdir, retry_failed
 from rekbatch.store.ledger import Ledger, LedgerDB
@@ -233,7 +233,7 @@ class Job:
         locations = [*cfg.source.uris, *_reference_locations(cfg)]
         if cfg.output.upload_uri:
             locations.append(cfg.output.upload_uri)
-        if not any(parse_s3_uri(uri) for uri in locations):
+        if not any(parse_s3_uri(uri) or uses_s3(uri) for uri in locations):
             return None
         s3 = S3(
             self._session(),
@@ -264,6 +264,8 @@ class Job:
         for source in sources:
             if isinstance(source, LocalSource):
                 await asyncio.to_thread(source.check)
+            elif isinstance(source, InventorySource | KeyListSource):
+                await source.check()
         if s3 is not None:
             for bucket in sorted({p[0] for p in map(parse_s3_uri, self.cfg.source.uris) if p}):
                 await s3.check_bucket(bucket)
@@ -296,9 +298,7 @@ class Job:
 
     def _max_bytes(self, uri: str) -> int:
         by_reference = (
-            parse_s3_uri(uri) is not None
-            and self.cfg.aws.image_mode == "s3"
-            and self.cfg.backend.kind == "aws"
+            uses_s3(uri) and self.cfg.aws.image_mode == "s3" and self.cfg.backend.kind == "aws"
         )
         return MAX_S3_OBJECT_BYTES if by_reference else MAX_IMAGE_BYTES
 

@@ -36,10 +36,12 @@ TOP = "\U0010ffff"  # above every character a key can hold
 
 @dataclass(frozen=True, slots=True)
 class KeyRange:
-    """Keys ``k`` with ``after < k <= upto``; ``None`` is unbounded on that side."""
+    """Keys ``k`` with ``after < k <= upto``; ``None`` is unbounded on that side. ``part``:
+    instead, one file of a source that is a set of files (an inventory's data file)."""
 
     after: str | None
     upto: str | None
+    part: str | None = None
 
     def holds(self, key: str) -> bool:
         return (self.after is None or key > self.after) and (self.upto is None or key <= self.upto)

@@ -116,6 +116,12 @@ class S3:
     async def read(self, bucket: str, key: str) -> bytes:
         return await self.call(lambda: self._get(Bucket=bucket, Key=key))
 
+    async def head(self, bucket: str, key: str) -> dict[str, Any]:
+        response: dict[str, Any] = await self.call(
+            lambda: self.client.head_object(Bucket=bucket, Key=key)
+        )
+        return response
+
     async def list_page(self, **kwargs: Any) -> dict[str, Any]:
         page: dict[str, Any] = await self.call(lambda: self.client.list_objects_v2(**kwargs))
         return page

@@ -42,6 +42,7 @@ CREATE TABLE IF NOT EXISTS source_ranges (
     idx INTEGER NOT NULL,
     after TEXT,
     upto TEXT,
+    part TEXT,
     watermark TEXT,
     done INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (source, idx)
@@ -219,18 +220,21 @@ class LedgerDB:
         )
 
     def save_ranges(
-        self, source: int, ranges: list[tuple[str | None, str | None]], watermark: str | None
+        self,
+        source: int,
+        ranges: list[tuple[str | None, str | None, str | None]],
+        watermark: str | None,
     ) -> None:
         """The ranges a source is listed in, fixed for the job until its listing restarts;
         ``watermark``: a job started before ranges existed resumes its one range there."""
         with self._db:
             self._db.execute("DELETE FROM source_ranges WHERE source = ?", (source,))
             self._db.executemany(
-                "INSERT INTO source_ranges (source, idx, after, upto, watermark) "
-                "VALUES (?, ?, ?, ?, ?)",
+                "INSERT INTO source_ranges (source, idx, after, upto, part, watermark) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
                 [
-                    (source, i, after, upto, watermark if len(ranges) == 1 else None)
-                    for i, (after, upto) in enumerate(ranges)
+                    (source, i, after, upto, part, watermark if len(ranges) == 1 else None)
+                    for i, (after, upto, part) in enumerate(ranges)
                 ],
             )
 
@@ -289,7 +293,7 @@ class LedgerDB:
             self._db.execute(
                 "UPDATE sources SET listed = (SELECT COUNT(DISTINCT r.key) FROM records r "
                 "JOIN source_ranges g ON g.source = r.source WHERE r.source = ? "
-                "AND (g.after IS NULL OR r.key > g.after) AND CASE WHEN g.done "
+                "AND g.part IS NULL AND (g.after IS NULL OR r.key > g.after) AND CASE WHEN g.done "
                 "THEN (g.upto IS NULL OR r.key <= g.upto) "
                 "ELSE (g.watermark IS NOT NULL AND r.key <= g.watermark) END) WHERE idx = ?",
                 (source, source),
