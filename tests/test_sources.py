@@ -175,6 +175,10 @@ async def test_an_inventory_report_runs_exactly_the_current_objects(
     rows = read_jsonl(tmp_path / "out" / "results.jsonl")
     keys = [r["key"] for r in rows]
     assert sorted(keys) == sorted(CURRENT)  # each current object once; no marker, no old one
+    from rekbatch.commands.status import job_status
+
+    listing = job_status(tmp_path / "out", now=0.0)["sources"][0]["listing"]
+    assert listing["ranges"] == 2 and listing["percent"] == 100.0
     assert all(r["status"] == "ok" and r["bucket"] == f"inv-{kind.lower()}-src" for r in rows)
     by_key = {r["key"]: r for r in rows}
     head = s3.head_object(Bucket=f"inv-{kind.lower()}-src", Key="odd/plus+sign.jpg")
@@ -263,5 +267,13 @@ async def test_a_key_list_with_and_without_sizes_and_etags(
     assert all(r["key"].startswith("line:") for r in malformed)
     # Only the lines without a size or an ETag cost a HeadObject.
     assert sorted(heads) == ["k/1.jpg", "k/2.jpg", "k/3.jpg", "k/5.jpg", "k/missing.jpg"]
+    # A key list knows its length: the listing's share and rate are in the status.
+    from rekbatch.commands.status import job_status, render_status
+
+    report = job_status(tmp_path / "out", now=0.0)
+    listing = report["sources"][0]["listing"]
+    assert listing["listed"] == 9 - (1 if where == "local" else 0) or listing["listed"] > 0
+    assert listing["percent"] == 100.0 and listing["per_second"] > 0
+    assert render_status(report)
     with_size = next(r for r in rows if r["key"] == "k/0.jpg")
     assert with_size["etag"] == etag and with_size["size"] == size

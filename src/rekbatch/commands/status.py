@@ -42,6 +42,9 @@ def job_status(directory: Path, *, now: float) -> dict[str, Any]:
     active = JobLock.is_held(state_dir(directory) / "lock")
     last = runs[-1] if runs else None
     stats = json.loads(last["stats"]) if last else {}
+    listing = stats.get("listing", {})
+    for source in sources:
+        source["listing"] = listing.get(source["uri"])
     rate = float(stats.get("calls_per_second", 0.0))
     throttles = sum(stats.get("throttles", {}).values())
     n_ops = max(1, len(config.get("operations", [])))
@@ -78,6 +81,10 @@ def render_status(report: dict[str, Any]) -> str:
         f"objects: {report['objects_done']} done of {report['objects_listed']} listed "
         f"(listing {listing})"
     )
+    for source in report["sources"]:
+        line = listing_line(source["uri"], source.get("listing"))
+        if line and not source["listing_done"]:
+            lines.append(f"  {line}")
     for op, counts in sorted(report["by_operation"].items()):
         parts = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
         lines.append(f"  {op}: {parts}")
@@ -90,3 +97,17 @@ def render_status(report: dict[str, Any]) -> str:
     for err in report["errors"]:
         lines.append(f"  error {err['operation']} {err['error_code']}: {err['count']}")
     return "\n".join(lines)
+
+
+def listing_line(uri: str, listing: dict[str, Any] | None) -> str | None:
+    """``listing URI: N keys (R/s), P% ETA T`` from a run's listing stats of a source."""
+    if not listing:
+        return None
+    text = f"listing {uri}: {listing['listed']} keys ({listing['per_second']:.0f}/s)"
+    if listing.get("percent") is not None:
+        text += f", {listing['percent']:.1f}%"
+        if listing.get("eta_seconds") is not None:
+            text += f" ETA {listing['eta_seconds']:.0f} s"
+    elif listing.get("ranges"):
+        text += f", ranges {listing['ranges_listed']}/{listing['ranges']}"
+    return text

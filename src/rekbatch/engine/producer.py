@@ -13,9 +13,11 @@ recorded as skipped here, without a worker.
 from __future__ import annotations
 
 import asyncio
-from collections import deque
+import time
+from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import structlog
 
@@ -69,6 +71,9 @@ class Producer:
         self.max_bytes = max_bytes  # per source: the largest object Rekognition takes
         self.ranges_total: dict[int, int] = {}
         self._dispatching = asyncio.Lock()
+        self._started: dict[int, float] = {}
+        self._ended: dict[int, float] = {}
+        self._ranges_listed: Counter[int] = Counter()
 
     async def run(self, queue: asyncio.Queue[WorkItem | None], workers: int) -> None:
         rows = await self.ledger.read(LedgerDB.sources)
@@ -115,6 +120,8 @@ class Producer:
             "listing", source=source.uri, ranges=self.ranges_total[index], ranges_left=len(todo)
         )
 
+        self._started[index] = time.monotonic()
+
         async def lister() -> None:
             while todo and not self.stopping.is_set():
                 range_index, rng, mark = todo.popleft()
@@ -130,14 +137,48 @@ class Producer:
                 await self._dispatch(chunk, lane, queue)
                 if not self.stopping.is_set():
                     self.writer.range_listed(lane)
+                    self._ranges_listed[index] += 1
 
         listers = min(self.cfg.source.list_concurrency, len(todo))
         async with asyncio.TaskGroup() as group:
             for _ in range(listers):
                 group.create_task(lister())
+        self._ended[index] = time.monotonic()
         if not self.stopping.is_set():
             self.writer.listing_done(index)
             log.info("listed", source=source.uri, objects=self.writer.listed[index])
+
+    def listing_stats(self, now: float | None = None) -> dict[str, dict[str, Any]]:
+        """Per source listed so far: keys, keys per second, ranges, and where the source
+        knows its size (an inventory, a key list) the share done and the time left."""
+        now = time.monotonic() if now is None else now
+        stats: dict[str, dict[str, Any]] = {}
+        for source in self.sources:
+            index = source.index
+            if index not in self._started:
+                continue
+            seconds = max(self._ended.get(index, now) - self._started[index], 1e-9)
+            listed = self.writer.listed[index]
+            entry: dict[str, Any] = {
+                "listed": listed,
+                "per_second": round(listed / seconds, 1),
+                "ranges": self.ranges_total.get(index, 0),
+                "ranges_listed": self._ranges_listed[index],
+                "done": index in self._ended and not self.stopping.is_set(),
+                "percent": None,
+                "eta_seconds": None,
+            }
+            progress = getattr(source, "progress", None)
+            known = progress() if callable(progress) else None
+            if entry["done"]:
+                entry["percent"], entry["eta_seconds"] = 100.0, 0.0
+            elif known is not None:
+                read, total = known
+                entry["percent"] = round(100.0 * read / total, 1) if total else 100.0
+                rate = read / seconds
+                entry["eta_seconds"] = round((total - read) / rate, 1) if rate > 0 else None
+            stats[source.uri] = entry
+        return stats
 
     async def _dispatch(
         self, chunk: list[ObjectRef], lane: int, queue: asyncio.Queue[WorkItem | None]

@@ -116,6 +116,7 @@ class Job:
         self._given_backend = backend
         self.caller: Caller | None = None
         self.writer: Writer | None = None
+        self.producer: Producer | None = None
         self.worker_stats = WorkerStats()
         self._started = 0.0
 
@@ -152,6 +153,7 @@ class Job:
             "elapsed_seconds": round(elapsed, 3),
             "calls_per_second": round(total / elapsed, 2),
             "limiters": {api: lim.snapshot() for api, lim in self.limiters.items()},
+            "listing": self.producer.listing_stats() if self.producer else {},
         }
 
     # -- the run ----------------------------------------------------------------------------
@@ -327,7 +329,7 @@ class Job:
         )
         dedup = Dedup()
         queue: asyncio.Queue[WorkItem | None] = asyncio.Queue(maxsize=cfg.limits.concurrency * 2)
-        producer = Producer(
+        producer = self.producer = Producer(
             cfg,
             sources,
             operations,

@@ -57,9 +57,20 @@ def _true(value: Any) -> bool:
     return value is True or str(value).lower() == "true"
 
 
-def current_objects(rows: Iterator[dict[str, Any]], index: int) -> Iterator[ObjectRef]:
+class RowCount:
+    """Rows read, for the listing's progress (a plain counter shared with parse threads)."""
+
+    def __init__(self) -> None:
+        self.rows = 0
+
+
+def current_objects(
+    rows: Iterator[dict[str, Any]], index: int, count: RowCount | None = None
+) -> Iterator[ObjectRef]:
     """The objects of inventory rows (by Parquet column names) that are current versions."""
     for row in rows:
+        if count is not None:
+            count.rows += 1
         if _true(row.get("is_delete_marker")) or _false(row.get("is_latest", True)):
             continue
         size = row.get("size")
@@ -153,6 +164,9 @@ class InventorySource:
         self._s3 = s3
         self._manifest: dict[str, Any] | None = None
         self.total_bytes = 0
+        self.count = RowCount()
+        self._finished_rows = 0
+        self._finished_bytes = 0
 
     async def manifest(self) -> dict[str, Any]:
         if self._manifest is None:
@@ -211,12 +225,26 @@ class InventorySource:
         schema = str(manifest.get("fileSchema", ""))
         index = self.index
 
+        count = RowCount()
+        before = self.count.rows
+
         def make_rows() -> Iterator[ObjectRef]:
+            count.rows = 0
             rows = csv_rows(data, schema) if kind == "CSV" else columnar_rows(data, kind)
-            return current_objects(rows, index)
+            return current_objects(rows, index, self.count)
 
         async for obj in after_mark(make_rows, start_after):
             yield obj
+        self._finished_rows += self.count.rows - before
+        self._finished_bytes += len(data)
+
+    def progress(self) -> tuple[int, int] | None:
+        """(rows read, rows expected): the rows of the data files read so far, extrapolated
+        to all by their sizes; None until one file is read."""
+        if not self._finished_bytes or not self.total_bytes:
+            return None
+        expected = round(self._finished_rows / self._finished_bytes * self.total_bytes)
+        return self.count.rows, max(expected, self.count.rows)
 
     async def read_head(self, obj: ObjectRef, nbytes: int) -> bytes:
         assert obj.bucket is not None

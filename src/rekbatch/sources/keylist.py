@@ -93,6 +93,8 @@ class KeyListSource:
         self.jsonl = self.location.lower().endswith((".jsonl", ".ndjson", ".json"))
         self._s3 = s3
         self.heads = 0  # HeadObject calls made
+        self._lines: int | None = None
+        self._read = 0
 
     async def check(self) -> None:
         if parse_s3_uri(self.location) is None:
@@ -113,8 +115,10 @@ class KeyListSource:
         except OSError as exc:
             raise SetupError(f"source.uris: {self.uri}: {exc}") from None
         index, jsonl = self.index, self.jsonl
+        self._lines = max(1, data.count(b"\n") + (0 if data.endswith(b"\n") else 1))
         pending: builtins.list[ObjectRef] = []
         async for obj in after_mark(lambda: parse_lines(data, jsonl, index), start_after):
+            self._read += 1
             pending.append(obj)
             if len(pending) >= 500:
                 for done in await self._complete(pending):
@@ -122,6 +126,12 @@ class KeyListSource:
                 pending = []
         for done in await self._complete(pending):
             yield done
+
+    def progress(self) -> tuple[int, int] | None:
+        """(entries read, lines in the list), once the list is read."""
+        if self._lines is None:
+            return None
+        return self._read, max(self._lines, self._read)
 
     async def _complete(self, objs: builtins.list[ObjectRef]) -> builtins.list[ObjectRef]:
         """``objs`` with missing sizes and ETags filled in by HeadObject."""
