@@ -16,11 +16,12 @@ import asyncio
 import contextlib
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import UTC
+from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, TypeVar
 
 from aiobotocore.config import AioConfig
+from botocore.parsers import DEFAULT_TIMESTAMP_PARSER
 
 from rekbatch.calls.retry import Reachability, RetryPolicy, is_connection_failure
 from rekbatch.clock import MONOTONIC, Clock
@@ -29,6 +30,27 @@ from rekbatch.records import ObjectRef
 from rekbatch.sources.ranges import KeyRange, Splitter, common_prefix
 
 T = TypeVar("T")
+
+
+def fast_timestamp(value: Any) -> Any:
+    """botocore's timestamp parser, with ISO 8601 read by ``datetime.fromisoformat``: the
+    default (dateutil) took two thirds of the client's time listing pages of 1,000 keys."""
+    if isinstance(value, str):
+        try:
+            stamp = datetime.fromisoformat(value)
+        except ValueError:
+            pass
+        else:
+            return stamp if stamp.tzinfo else stamp.replace(tzinfo=UTC)
+    return DEFAULT_TIMESTAMP_PARSER(value)
+
+
+def use_fast_timestamps(session: Any) -> None:
+    """Make the clients ``session`` creates from now on parse timestamps fast."""
+    core = getattr(session, "_session", None)
+    get = getattr(core, "get_component", None)
+    if callable(get):
+        get("response_parser_factory").set_parser_defaults(timestamp_parser=fast_timestamp)
 
 
 def _iso(value: Any) -> str:
@@ -62,6 +84,7 @@ class S3:
         self._rng = random.Random()
 
     async def __aenter__(self) -> S3:
+        use_fast_timestamps(self._session)
         self.client = await self._stack.enter_async_context(
             self._session.client("s3", endpoint_url=self._endpoint, config=self._config)
         )
