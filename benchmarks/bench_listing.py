@@ -61,11 +61,7 @@ def _best_split(keys: int, n: int) -> list[KeyRange]:
     return [KeyRange(edges[i], edges[i + 1]) for i in range(n)]
 
 
-async def _contenders(url: str, keys: int, listers: int) -> dict[str, Callable[[], Awaitable[int]]]:
-    session = aioboto3.Session(
-        region_name=REGION, aws_access_key_id="bench", aws_secret_access_key="bench"
-    )
-    s3 = await S3(session, endpoint_url=url, pool=listers * 2 + 4).__aenter__()
+def _contenders(s3: S3, keys: int, listers: int) -> dict[str, Callable[[], Awaitable[int]]]:
     source = S3Source(f"s3://{BUCKET}/", 0, s3, BUCKET, "")
 
     async def sequential() -> int:
@@ -81,19 +77,23 @@ async def _contenders(url: str, keys: int, listers: int) -> dict[str, Callable[[
 
 
 async def _rounds(url: str, keys: int, listers: int, rounds: int) -> dict[str, list[float]]:
-    contenders = await _contenders(url, keys, listers)
-    seconds: dict[str, list[float]] = {name: [] for name in contenders}
-    for round_no in range(rounds):
-        order = list(contenders)
-        if round_no % 2:
-            order.reverse()  # alternate, so no contender always runs first
-        for name in order:
-            started = time.perf_counter()
-            listed = await contenders[name]()
-            seconds[name].append(time.perf_counter() - started)
-            if listed != keys:
-                raise AssertionError(f"{name} listed {listed} keys of {keys}")
-            print(f"round {round_no + 1} {name}: {seconds[name][-1]:.2f} s", file=sys.stderr)
+    session = aioboto3.Session(
+        region_name=REGION, aws_access_key_id="bench", aws_secret_access_key="bench"
+    )
+    async with S3(session, endpoint_url=url, pool=listers * 2 + 4) as s3:
+        contenders = _contenders(s3, keys, listers)
+        seconds: dict[str, list[float]] = {name: [] for name in contenders}
+        for round_no in range(rounds):
+            order = list(contenders)
+            if round_no % 2:
+                order.reverse()  # alternate, so no contender always runs first
+            for name in order:
+                started = time.perf_counter()
+                listed = await contenders[name]()
+                seconds[name].append(time.perf_counter() - started)
+                if listed != keys:
+                    raise AssertionError(f"{name} listed {listed} keys of {keys}")
+                print(f"round {round_no + 1} {name}: {seconds[name][-1]:.2f} s", file=sys.stderr)
     return seconds
 
 
