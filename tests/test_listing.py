@@ -303,3 +303,19 @@ def test_list_concurrency_is_a_config_key_that_does_not_change_the_job(tmp_path:
     assert one.fingerprint() == two.fingerprint()
     env = load_config(tmp_path / "a.toml", environ={"REKBATCH_SOURCE__LIST_CONCURRENCY": "4"})
     assert env.source.list_concurrency == 4
+
+
+async def test_a_store_that_refuses_a_probe_is_listed_by_one_paginator() -> None:
+    from botocore.exceptions import ClientError
+
+    page = _in_memory([f"k/{i:05d}" for i in range(3000)])
+
+    class NoDelimiter:
+        async def list_page(self, **kw: Any) -> dict[str, Any]:
+            if kw.get("Delimiter"):
+                error = {"Error": {"Code": "NotImplemented", "Message": "no delimiter"}}
+                raise ClientError(error, "ListObjectsV2")  # type: ignore[arg-type]
+            return dict(await page(**kw))
+
+    source = S3Source("s3://b/", 0, NoDelimiter(), "b", "")  # type: ignore[arg-type]
+    assert await source.split(16) == [KeyRange(None, None)]

@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, TypeVar
 
+import structlog
 from aiobotocore.config import AioConfig
 from botocore.parsers import DEFAULT_TIMESTAMP_PARSER
 
@@ -30,6 +31,7 @@ from rekbatch.records import ObjectRef
 from rekbatch.sources.ranges import KeyRange, Splitter, common_prefix
 
 T = TypeVar("T")
+log = structlog.get_logger("rekbatch")
 
 
 def fast_timestamp(value: Any) -> Any:
@@ -172,7 +174,15 @@ class S3Source:
             want=concurrency * 2,
             concurrency=concurrency,
         )
-        return await splitter.split()
+        try:
+            return await splitter.split()
+        except Exception as exc:
+            if call_error_from(exc) is None:
+                raise
+            # An S3-compatible store that refuses a probe (a Delimiter, say) is listed by
+            # one paginator: slower, and still every key once.
+            log.warning("split_failed", source=self.uri, error=str(exc), hint="one paginator")
+            return [KeyRange(None, None)]
 
     def list(self, start_after: str | None, page_size: int = 1000) -> AsyncIterator[ObjectRef]:
         return self.list_range(KeyRange(None, None), start_after, page_size)
