@@ -248,8 +248,8 @@ def test_sigkill_mid_listing_then_resume_lists_only_the_rest_exactly_once(
     s3: Any, moto_endpoint: str, slow_fake: FakeRekognition, tmp_path: Path
 ) -> None:
     make_bucket(s3, "kill-listing")
-    keys = [f"{a}/{i:04d}.jpg" for a in ("north", "south", "east", "west") for i in range(150)]
-    keys += [f"flat_{i:04d}.jpg" for i in range(300)]
+    keys = [f"{a}/{i:04d}.jpg" for a in ("north", "south", "east", "west") for i in range(200)]
+    keys += [f"flat_{i:04d}.jpg" for i in range(400)]
     put_objects("kill-listing", ((k, fake_jpeg(i)) for i, k in enumerate(keys)))
     text = base_config(
         uris=["s3://kill-listing/"],
