@@ -152,12 +152,13 @@ def url_server(
 
 
 def synthetic_s3(
-    buckets: dict[str, int], log_path: str | None = None
+    buckets: dict[str, int], log_path: str | None = None, page_latency_ms: str = "0-0"
 ) -> contextlib.AbstractContextManager[RunningServer]:
     """``benchmarks.synthetic_s3`` serving ``buckets`` (name -> object count)."""
     argv = [sys.executable, "-m", "benchmarks.synthetic_s3", "--port", "0", "--region", REGION]
     for name, count in buckets.items():
         argv += ["--bucket", f"{name}={count}"]
+    argv += ["--page-latency-ms", page_latency_ms]
     return url_server(argv, log_path=log_path)
 
 

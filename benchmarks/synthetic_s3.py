@@ -8,7 +8,9 @@ so listing 1M objects costs what 1,000 pages of XML cost and nothing is held per
 Served (path-style addressing, what botocore uses with an ``http://127.0.0.1`` endpoint):
 
 - ``GET /{bucket}?list-type=2`` with ``prefix``, ``start-after``, ``continuation-token``,
-  ``max-keys`` (at most 1000) and ``encoding-type=url``;
+  ``max-keys`` (at most 1000), ``delimiter`` and ``encoding-type=url``; with
+  ``--page-latency-ms LOW-HIGH`` each page is answered after a uniform delay in that range
+  (S3 takes about 0.3 s for a page of 1,000 keys), while other requests wait in parallel;
 - ``GET /{bucket}?location``; ``HEAD /{bucket}``;
 - ``GET /{bucket}/{key}`` (``Range: bytes=a-b`` too) and ``HEAD /{bucket}/{key}``.
 
@@ -27,6 +29,7 @@ import asyncio
 import base64
 import contextlib
 import hashlib
+import random
 import re
 import signal
 import sys
@@ -106,10 +109,17 @@ def _xml(body: str) -> web.Response:
 
 
 class SyntheticS3:
-    def __init__(self, buckets: dict[str, int], region: str) -> None:
+    def __init__(
+        self,
+        buckets: dict[str, int],
+        region: str,
+        page_latency: tuple[float, float] = (0.0, 0.0),
+    ) -> None:
         self.buckets = dict(buckets)
         self.region = region
         self.requests: dict[str, int] = {}
+        self.page_latency = page_latency
+        self._rng = random.Random(20261202)
 
     def _count(self, what: str) -> None:
         self.requests[what] = self.requests.get(what, 0) + 1
@@ -145,14 +155,27 @@ class SyntheticS3:
             )
         if query.get("list-type") == "2":
             self._count("ListObjectsV2")
+            low, high = self.page_latency
+            if high > 0:
+                await asyncio.sleep(self._rng.uniform(low, high))
             return self._list(bucket, count, query)
         self._count("Unsupported")
         return _error(501, "NotImplemented", "only ListObjectsV2 is served", bucket)
 
     def _list(self, bucket: str, count: int, query: Mapping[str, str]) -> web.Response:
-        if query.get("delimiter"):
-            return _error(501, "NotImplemented", "delimiter is not served", bucket)
         prefix = query.get("prefix", "")
+        delimiter = query.get("delimiter", "")
+        if delimiter and delimiter in KEY_PREFIX[len(prefix) :] and KEY_PREFIX.startswith(prefix):
+            # Every key sits in the one folder: it is the whole answer.
+            common = KEY_PREFIX[: KEY_PREFIX.index(delimiter, len(prefix)) + 1]
+            return _xml(
+                f'<ListBucketResult xmlns="{S3_NS}"><Name>{escape(bucket)}</Name>'
+                f"<Prefix>{escape(prefix)}</Prefix><KeyCount>1</KeyCount>"
+                f"<MaxKeys>{MAX_KEYS}</MaxKeys><IsTruncated>false</IsTruncated>"
+                f"<Delimiter>{escape(delimiter)}</Delimiter>"
+                f"<CommonPrefixes><Prefix>{escape(common)}</Prefix></CommonPrefixes>"
+                "</ListBucketResult>"
+            )
         start_after = query.get("start-after", "")
         token = query.get("continuation-token")
         url_encoded = query.get("encoding-type") == "url"
@@ -297,11 +320,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--bucket", action="append", type=_parse_bucket, default=[], metavar="NAME=COUNT"
     )
+    parser.add_argument("--page-latency-ms", default="0-0", metavar="LOW-HIGH")
     args = parser.parse_args(argv)
     if not args.bucket:
         parser.error("give at least one --bucket NAME=COUNT")
+    low, _, high = args.page_latency_ms.partition("-")
+    latency = (float(low) / 1000, float(high or low) / 1000)
+    server = SyntheticS3(dict(args.bucket), args.region, latency)
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_serve(SyntheticS3(dict(args.bucket), args.region), args.host, args.port))
+        asyncio.run(_serve(server, args.host, args.port))
     return 0
 
 

@@ -511,10 +511,10 @@ def validate(
     )
 
 
-def _plan(cfg: Any, *, as_json: bool) -> int:
+def _plan(cfg: Any, *, as_json: bool, sample: int | None = 2000) -> int:
     from rekbatch.commands.plan import plan_job, render_plan
 
-    plan = asyncio.run(plan_job(cfg))
+    plan = asyncio.run(plan_job(cfg, sample=sample))
     typer.echo(json.dumps(plan, indent=2) if as_json else render_plan(plan))
     return 0
 
@@ -523,14 +523,35 @@ def _plan(cfg: Any, *, as_json: bool) -> int:
 def plan(
     config: Annotated[Path, typer.Argument(help="The job's config file.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
+    sample: Annotated[
+        str,
+        typer.Option(
+            "--sample", help="Sniff a random sample of N objects (default 2000), or 'all'."
+        ),
+    ] = "2000",
 ) -> None:
     """The dry run: list and filter, then print counts, calls, estimated cost and time."""
     configure_logging("json" if as_json else None, level=30)
     with _one_line_errors():
+        size = _sample_size(sample)
         cfg = _load(config)
         _check_backend(cfg)
-        code = _plan(cfg, as_json=as_json)
+        code = _plan(cfg, as_json=as_json, sample=size)
     raise typer.Exit(code)
+
+
+def _sample_size(value: str) -> int | None:
+    from rekbatch.errors import ConfigError
+
+    if value.strip().lower() == "all":
+        return None
+    try:
+        size = int(value)
+    except ValueError:
+        size = 0
+    if size < 1:
+        raise ConfigError(f"--sample: a number of objects (at least 1) or 'all', not {value!r}")
+    return size
 
 
 @app.command()

@@ -7,7 +7,16 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 Status = Literal["ok", "failed", "skipped"]
-SkipReason = Literal["excluded", "not_image", "too_large", "too_small", "empty", "no_face_local"]
+SkipReason = Literal[
+    "excluded",
+    "not_image",
+    "too_large",
+    "too_small",
+    "empty",
+    "no_face_local",
+    "malformed_entry",  # a line of a key list that names no object
+    "not_found",  # a key list names an object that does not exist
+]
 
 # What a record says about its image once sniffed: the original's stored dimensions, the
 # format it was converted from (None when sent unchanged), the dimensions sent, and its EXIF
@@ -42,6 +51,10 @@ class ObjectRef:
     last_modified: str  # ISO 8601 UTC
     root: str | None = None
     source_index: int = 0  # which configured source listed it
+    # Set by a source for an entry it cannot hand out (a malformed line of a key list):
+    # recorded as skipped with this reason, ``note`` saying why.
+    skip: SkipReason | None = None
+    note: str | None = None
 
     @property
     def uri(self) -> str:

@@ -18,6 +18,8 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from rekbatch.commands.status import listing_line
+
 if TYPE_CHECKING:
     from rekbatch.engine import Job
 
@@ -64,6 +66,10 @@ class ProgressView:
             Text(f"failed {records.get('failed', 0)}", style="red"),
             Text(f"skipped {records.get('skipped', 0)}", style="yellow"),
         )
+        for uri, listing in stats.get("listing", {}).items():
+            line = listing_line(uri, listing)
+            if line and not listing.get("done"):
+                objects.add_row(Text("listing", style="bold"), Text(line.split(": ", 1)[1]))
         ops = Table(box=None, padding=(0, 2), show_edge=False)
         for column in ("API", "calls/s", "limit/s", "in flight", "throttles", "retries"):
             ops.add_column(column, justify="right" if column != "API" else "left")

@@ -44,6 +44,9 @@ def job_status(directory: Path, *, now: float) -> dict[str, Any]:
     active = JobLock.is_held(state_dir(directory) / "lock")
     last = runs[-1] if runs else None
     stats = json.loads(last["stats"]) if last else {}
+    listing = stats.get("listing", {})
+    for source in sources:
+        source["listing"] = listing.get(source["uri"])
     calls_made = sum(stats.get("calls", {}).values())
     # No rate without calls: elapsed time alone says nothing about the speed.
     rate = float(stats.get("calls_per_second", 0.0)) if calls_made else None
@@ -100,6 +103,10 @@ def render_status(report: dict[str, Any]) -> str:
         f"objects: {report['objects_done']} done of {report['objects_listed']} listed "
         f"(listing {report['listing']})"
     )
+    for source in report["sources"]:
+        line = listing_line(source["uri"], source.get("listing"))
+        if line and not source["listing_done"]:
+            lines.append(f"  {line}")
     for op, counts in sorted(report["by_operation"].items()):
         parts = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
         lines.append(f"  {op}: {parts}")
@@ -189,3 +196,17 @@ def any_status(directory: Path, *, now: float) -> dict[str, Any]:
         "last_heartbeat_age_seconds": None,
         "last_exit_code": None,
     }
+
+
+def listing_line(uri: str, listing: dict[str, Any] | None) -> str | None:
+    """``listing URI: N keys (R/s), P% ETA T`` from a run's listing stats of a source."""
+    if not listing:
+        return None
+    text = f"listing {uri}: {listing['listed']} keys ({listing['per_second']:.0f}/s)"
+    if listing.get("percent") is not None:
+        text += f", {listing['percent']:.1f}%"
+        if listing.get("eta_seconds") is not None:
+            text += f" ETA {listing['eta_seconds']:.0f} s"
+    elif listing.get("ranges"):
+        text += f", ranges {listing['ranges_listed']}/{listing['ranges']}"
+    return text

@@ -15,6 +15,8 @@ from rekbatch.config.model import (
     RecognizeCelebritiesOp,
     SearchFacesOp,
     parse_s3_uri,
+    source_kind,
+    uses_s3,
 )
 
 __all__ = [
@@ -32,4 +34,6 @@ __all__ = [
     "config_from_data",
     "load_config",
     "parse_s3_uri",
+    "source_kind",
+    "uses_s3",
 ]

@@ -32,6 +32,23 @@ def parse_s3_uri(uri: str) -> tuple[str, str] | None:
     return match["bucket"], match["prefix"] or ""
 
 
+SOURCE_KINDS = ("inventory:", "keys:")
+
+
+def source_kind(uri: str) -> str:
+    """``s3`` (a prefix), ``inventory`` (an S3 Inventory manifest), ``keys`` (a key list) or
+    ``local`` (a folder or a file)."""
+    for kind in SOURCE_KINDS:
+        if uri.startswith(kind):
+            return kind[:-1]
+    return "s3" if parse_s3_uri(uri) is not None else "local"
+
+
+def uses_s3(uri: str) -> bool:
+    """Whether a source's objects (or its list) are on S3: all but local folders."""
+    return source_kind(uri) != "local"
+
+
 def _check_image_location(value: str) -> str:
     if value.startswith("s3://") and parse_s3_uri(value) is None:
         raise ValueError(f"not a valid s3://bucket/key URI: {value!r}")
@@ -76,12 +93,25 @@ class SourceSection(_Section):
     convert: bool = True
     # A header declaring more pixels than this is refused undecoded (a decompression bomb).
     max_pixels: int = Field(default=150_000_000, ge=1_000_000, le=2_000_000_000)
+    # Paginators listing one S3 prefix at once, over disjoint key ranges.
+    list_concurrency: int = Field(default=16, ge=1, le=256)
 
     @field_validator("uris")
     @classmethod
     def _uris(cls, uris: list[str]) -> list[str]:
         for uri in uris:
-            if uri.startswith("s3://"):
+            if uri.startswith("inventory:"):
+                if parse_s3_uri(uri[len("inventory:") :]) is None or not uri.endswith(".json"):
+                    raise ValueError(
+                        f"an inventory source is inventory:s3://bucket/.../manifest.json: {uri!r}"
+                    )
+            elif uri.startswith("keys:"):
+                rest = uri[len("keys:") :]
+                if not rest or (rest.startswith("s3://") and not (parse_s3_uri(rest) or "")[1:]):
+                    raise ValueError(
+                        f"a key list source is keys:s3://bucket/list.csv or keys:/path: {uri!r}"
+                    )
+            elif uri.startswith("s3://"):
                 if parse_s3_uri(uri) is None:
                     raise ValueError(f"not a valid s3://bucket[/prefix] URI: {uri!r}")
             elif "://" in uri:
@@ -283,7 +313,8 @@ class Config(_Section):
     def fingerprint(self) -> str:
         """What identifies the job: its sources and operations. Rates, concurrency, caps and
         endpoints may change between a run and its resume; these may not."""
-        source = self.source.model_dump()
+        # How fast it is listed does not change what the job is.
+        source = self.source.model_dump(exclude={"list_concurrency"})
         # Keys added later leave the fingerprint of a job that keeps their defaults as it
         # was, so a job started before them resumes.
         for key, default in (("convert", True), ("max_pixels", 150_000_000)):

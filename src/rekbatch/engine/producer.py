@@ -1,4 +1,7 @@
-"""The producer: lists every source after its watermark and hands out the work.
+"""The producer: lists every source after its watermarks and hands out the work.
+
+A source is split into disjoint key ranges (kept in the ledger), listed by up to
+``source.list_concurrency`` paginators at once, each range after its own watermark.
 
 Listed objects go through a bounded queue to the workers, so memory does not grow with the
 bucket. Per chunk of listed keys the ledger says which (object, operation) pairs are done
@@ -10,8 +13,11 @@ recorded as skipped here, without a worker.
 from __future__ import annotations
 
 import asyncio
+import time
+from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import structlog
 
@@ -23,6 +29,7 @@ from rekbatch.records import ObjectRef, Record, SkipReason, utc_now
 from rekbatch.sinks.writer import Writer
 from rekbatch.sources import Source
 from rekbatch.sources.filters import classify_listing
+from rekbatch.sources.ranges import KeyRange
 from rekbatch.store.ledger import Ledger, LedgerDB, Location
 
 log = structlog.get_logger("rekbatch")
@@ -36,6 +43,7 @@ class WorkItem:
     already processed or in flight, where the original's rows are (or will be)."""
 
     obj: ObjectRef
+    lane: int  # the writer's lane of the object's key range
     seq: int
     ops: list[Operation]
     copy_of: list[Location] | asyncio.Future[list[Location] | None] | None = None
@@ -65,6 +73,11 @@ class Producer:
         self.stopping = stopping
         self.max_bytes = max_bytes  # per source: the largest object Rekognition takes
         self.shard = shard  # only this shard's objects; the others are not even counted
+        self.ranges_total: dict[int, int] = {}
+        self._dispatching = asyncio.Lock()
+        self._started: dict[int, float] = {}
+        self._ended: dict[int, float] = {}
+        self._ranges_listed: Counter[int] = Counter()
 
     async def run(self, queue: asyncio.Queue[WorkItem | None], workers: int) -> None:
         rows = await self.ledger.read(LedgerDB.sources)
@@ -81,33 +94,112 @@ class Producer:
         for _ in range(workers):
             await queue.put(None)
 
+    async def _ranges(self, source: Source) -> list[tuple[int, KeyRange, str | None]]:
+        """The source's ranges not yet done, with their watermarks. A source is split once
+        per listing and its ranges kept in the ledger, so a resume lists the same ranges,
+        whatever ``list_concurrency`` it runs with."""
+        index = source.index
+        rows = await self.ledger.read(LedgerDB.ranges, index)
+        if not rows:
+            legacy = await self.ledger.read(LedgerDB.watermark, index)
+            if legacy is not None:
+                ranges = [KeyRange(None, None)]  # a job listed before ranges: its one mark
+            else:
+                ranges = await source.split(self.cfg.source.list_concurrency)
+            bounds = [(r.after, r.upto, r.part) for r in ranges]
+            await self.ledger.write(LedgerDB.save_ranges, index, bounds, legacy)
+            rows = await self.ledger.read(LedgerDB.ranges, index)
+        await self.ledger.write(LedgerDB.rebase_listed, index)
+        self.ranges_total[index] = len(rows)
+        return [
+            (row["idx"], KeyRange(row["after"], row["upto"], row["part"]), row["watermark"])
+            for row in rows
+            if not row["done"]
+        ]
+
     async def _list(self, source: Source, queue: asyncio.Queue[WorkItem | None]) -> None:
         index = source.index
-        mark = await self.ledger.read(LedgerDB.watermark, index)
-        await self.ledger.write(LedgerDB.rebase_listed, index, mark)
-        self.writer.start_source(index, mark)
-        log.info("listing", source=source.uri, start_after=mark)
-        chunk: list[ObjectRef] = []
-        shard = self.shard
-        async for obj in source.list(mark):
-            if shard is not None and not shard.owns(obj.bucket, obj.key):
-                continue
-            chunk.append(obj)
-            if len(chunk) >= CHUNK:
-                await self._dispatch(chunk, queue)
-                chunk = []
-                if self.stopping.is_set():
-                    return
-        await self._dispatch(chunk, queue)
+        todo = deque(await self._ranges(source))
+        log.info(
+            "listing", source=source.uri, ranges=self.ranges_total[index], ranges_left=len(todo)
+        )
+
+        self._started[index] = time.monotonic()
+        shard = self.shard  # only this shard's objects; the others are not even counted
+
+        async def lister() -> None:
+            while todo and not self.stopping.is_set():
+                range_index, rng, mark = todo.popleft()
+                lane = self.writer.start_range(index, range_index, mark)
+                chunk: list[ObjectRef] = []
+                async for obj in source.list_range(rng, mark):
+                    if shard is not None and not shard.owns(obj.bucket, obj.key):
+                        continue
+                    chunk.append(obj)
+                    if len(chunk) >= CHUNK:
+                        await self._dispatch(chunk, lane, queue)
+                        chunk = []
+                        if self.stopping.is_set():
+                            return
+                await self._dispatch(chunk, lane, queue)
+                if not self.stopping.is_set():
+                    self.writer.range_listed(lane)
+                    self._ranges_listed[index] += 1
+
+        listers = min(self.cfg.source.list_concurrency, len(todo))
+        async with asyncio.TaskGroup() as group:
+            for _ in range(listers):
+                group.create_task(lister())
+        self._ended[index] = time.monotonic()
         if not self.stopping.is_set():
             self.writer.listing_done(index)
             log.info("listed", source=source.uri, objects=self.writer.listed[index])
 
+    def listing_stats(self, now: float | None = None) -> dict[str, dict[str, Any]]:
+        """Per source listed so far: keys, keys per second, ranges, and where the source
+        knows its size (an inventory, a key list) the share done and the time left."""
+        now = time.monotonic() if now is None else now
+        stats: dict[str, dict[str, Any]] = {}
+        for source in self.sources:
+            index = source.index
+            if index not in self._started:
+                continue
+            seconds = max(self._ended.get(index, now) - self._started[index], 1e-9)
+            listed = self.writer.listed[index]
+            entry: dict[str, Any] = {
+                "listed": listed,
+                "per_second": round(listed / seconds, 1),
+                "ranges": self.ranges_total.get(index, 0),
+                "ranges_listed": self._ranges_listed[index],
+                "done": index in self._ended and not self.stopping.is_set(),
+                "percent": None,
+                "eta_seconds": None,
+            }
+            progress = getattr(source, "progress", None)
+            known = progress() if callable(progress) else None
+            if entry["done"]:
+                entry["percent"], entry["eta_seconds"] = 100.0, 0.0
+            elif known is not None:
+                read, total = known
+                entry["percent"] = round(100.0 * read / total, 1) if total else 100.0
+                rate = read / seconds
+                entry["eta_seconds"] = round((total - read) / rate, 1) if rate > 0 else None
+            stats[source.uri] = entry
+        return stats
+
     async def _dispatch(
-        self, chunk: list[ObjectRef], queue: asyncio.Queue[WorkItem | None]
+        self, chunk: list[ObjectRef], lane: int, queue: asyncio.Queue[WorkItem | None]
     ) -> None:
         if not chunk:
             return
+        # One chunk at a time: the ledger lookups, the content claims and the queue see the
+        # chunks of all ranges one after the other, as with one paginator.
+        async with self._dispatching:
+            await self._dispatch_locked(chunk, lane, queue)
+
+    async def _dispatch_locked(
+        self, chunk: list[ObjectRef], lane: int, queue: asyncio.Queue[WorkItem | None]
+    ) -> None:
         index = chunk[0].source_index
         writer, dedup = self.writer, self.dedup
         visible = writer.committed
@@ -121,7 +213,7 @@ class Producer:
         for obj in chunk:
             if self.stopping.is_set():
                 return  # the rest stays above the watermark and is listed again
-            seq = writer.push(index, obj.key)
+            seq = writer.push(lane, obj.key)
             before = done.get(obj.key)
             todo = (
                 [op for op in self.operations if before.get(op.type) != obj.etag]
@@ -129,13 +221,13 @@ class Producer:
                 else self.operations
             )
             if not todo:
-                writer.finish(index, seq)
+                writer.finish(lane, seq)
                 continue
-            reason = classify_listing(obj, include, exclude, max_bytes, sniff=sniff)
+            reason = obj.skip or classify_listing(obj, include, exclude, max_bytes, sniff=sniff)
             if reason is not None:
-                self._skip(obj, seq, todo, reason)
+                self._skip(obj, lane, seq, todo, reason)
                 continue
-            item = WorkItem(obj, seq, todo)
+            item = WorkItem(obj, lane, seq, todo)
             content = content_of(obj)
             if content is not None:
                 claim = dedup.claim(content, [op.type for op in todo], originals.get(content))
@@ -145,8 +237,12 @@ class Producer:
                     item.copy_of = claim
             await queue.put(item)
 
-    def _skip(self, obj: ObjectRef, seq: int, ops: list[Operation], reason: SkipReason) -> None:
+    def _skip(
+        self, obj: ObjectRef, lane: int, seq: int, ops: list[Operation], reason: SkipReason
+    ) -> None:
         now = utc_now()
         for op in ops:
-            self.writer.accept(Record(obj, op.type, "skipped", reason, processed_at=now))
-        self.writer.finish(obj.source_index, seq)
+            self.writer.accept(
+                Record(obj, op.type, "skipped", reason, error_message=obj.note, processed_at=now)
+            )
+        self.writer.finish(lane, seq)

@@ -31,7 +31,7 @@ from rekbatch.calls.caller import Caller
 from rekbatch.calls.limiter import AdaptiveLimiter
 from rekbatch.calls.retry import RetryPolicy
 from rekbatch.clock import MONOTONIC, Clock
-from rekbatch.config import Config, parse_s3_uri
+from rekbatch.config import Config, parse_s3_uri, uses_s3
 from rekbatch.engine.budget import Budget
 from rekbatch.engine.dedup import Dedup
 from rekbatch.engine.prepare import ImagePreparer
@@ -52,7 +52,7 @@ from rekbatch.errors import (
 from rekbatch.operations import Operation, OperationContext, build_operations
 from rekbatch.sinks.summary import answer_lines, build_summary, write_summary
 from rekbatch.sinks.writer import Writer
-from rekbatch.sources import S3, LocalSource, Source, open_source
+from rekbatch.sources import S3, InventorySource, KeyListSource, LocalSource, Source, open_source
 from rekbatch.sources.convert import Converter
 from rekbatch.sources.filters import MAX_CONVERT_BYTES, MAX_IMAGE_BYTES, MAX_S3_OBJECT_BYTES
 from rekbatch.store import jobdir, retry_failed
@@ -130,6 +130,7 @@ class Job:
         self._given_backend = backend
         self.caller: Caller | None = None
         self.writer: Writer | None = None
+        self.producer: Producer | None = None
         self.worker_stats = WorkerStats()
         self._faces: Callable[[bytes], Awaitable[bool]] | None = None
         self._started = 0.0
@@ -171,6 +172,7 @@ class Job:
             "elapsed_seconds": round(elapsed, 3),
             "calls_per_second": round(total / elapsed, 2),
             "limiters": {api: lim.snapshot() for api, lim in self.limiters.items()},
+            "listing": self.producer.listing_stats() if self.producer else {},
         }
 
     # -- the run ----------------------------------------------------------------------------
@@ -266,12 +268,13 @@ class Job:
         locations = [*cfg.source.uris, *_reference_locations(cfg)]
         if cfg.output.upload_uri:
             locations.append(cfg.output.upload_uri)
-        if not any(parse_s3_uri(uri) for uri in locations):
+        if not any(parse_s3_uri(uri) or uses_s3(uri) for uri in locations):
             return None
         s3 = S3(
             self._session(),
             endpoint_url=cfg.aws.s3_endpoint_url,
-            pool=cfg.limits.concurrency + 16,  # listing, sniffing and downloads share it
+            # Listing, sniffing and downloads share it.
+            pool=cfg.limits.concurrency + cfg.source.list_concurrency + 4,
             unreachable_seconds=cfg.limits.unreachable_seconds,
             clock=self.clock,
         )
@@ -294,6 +297,8 @@ class Job:
         for source in sources:
             if isinstance(source, LocalSource):
                 await asyncio.to_thread(source.check)
+            elif isinstance(source, InventorySource | KeyListSource):
+                await source.check()
         if s3 is not None:
             for bucket in sorted({p[0] for p in map(parse_s3_uri, self.cfg.source.uris) if p}):
                 await s3.check_bucket(bucket)
@@ -363,8 +368,8 @@ class Job:
         """The largest object a worker takes on; larger ones are skipped when listed."""
         if self.cfg.source.convert and self.cfg.source.sniff:
             return MAX_CONVERT_BYTES
-        parsed = parse_s3_uri(uri)
-        by_reference = parsed is not None and self._by_reference(parsed[0])
+        parsed = parse_s3_uri(uri)  # inventories and key lists name their buckets per object
+        by_reference = uses_s3(uri) and self._by_reference(parsed[0] if parsed else "")
         return MAX_S3_OBJECT_BYTES if by_reference else MAX_IMAGE_BYTES
 
     async def _check_regions(self, s3: S3) -> None:
@@ -415,7 +420,7 @@ class Job:
         )
         dedup = Dedup()
         queue: asyncio.Queue[WorkItem | None] = asyncio.Queue(maxsize=cfg.limits.concurrency * 2)
-        producer = Producer(
+        producer = self.producer = Producer(
             cfg,
             sources,
             operations,

@@ -157,7 +157,7 @@ class Worker:
             offset, length = writer.accept(record)
             rows.append(Location(op.type, offset, length))
             all_ok = all_ok and record.status == "ok"
-        writer.finish(obj.source_index, item.seq)
+        writer.finish(item.lane, item.seq)
         if item.content is not None:
             self.dedup.settle(item.content, rows if all_ok else None, writer.next_commit)
 
@@ -197,7 +197,7 @@ class Worker:
     def _done(self, item: WorkItem, records: list[Record]) -> None:
         for record in records:
             self.writer.accept(record)
-        self.writer.finish(item.obj.source_index, item.seq)
+        self.writer.finish(item.lane, item.seq)
         self._drop(item)
 
     def _copy(self, item: WorkItem, rows: list[Location]) -> None:
@@ -222,7 +222,7 @@ class Worker:
                     extra=image or None,
                 )
             )
-        self.writer.finish(item.obj.source_index, item.seq)
+        self.writer.finish(item.lane, item.seq)
         self.stats.deduplicated += 1
 
 

@@ -93,7 +93,11 @@ class Writer:
         self.durable = durable
         self.jsonl = AppendFile(out / JSONL)
         self.csv = AppendFile(out / CSV, csv_header())
+        # One tracker per lane: a key range of a source, listed by one paginator.
         self.trackers: dict[int, WatermarkTracker] = {}
+        self._lanes: list[tuple[int, int]] = []  # lane -> (source, range)
+        self._lanes_listed: set[int] = set()
+        self._lanes_done: set[int] = set()
         self.listed: Counter[int] = Counter()
         self.listing_finished: set[int] = set()
         self.records: Counter[str] = Counter()
@@ -152,13 +156,21 @@ class Writer:
 
     # -- what the producer and workers tell it ----------------------------------------------
 
-    def start_source(self, index: int, watermark: str | None) -> None:
-        self.trackers[index] = WatermarkTracker(watermark)
+    def start_range(self, source: int, range_index: int, watermark: str | None) -> int:
+        """A key range of ``source`` about to be listed after ``watermark``: its lane."""
+        lane = len(self._lanes)
+        self._lanes.append((source, range_index))
+        self.trackers[lane] = WatermarkTracker(watermark)
+        return lane
 
-    def push(self, index: int, key: str) -> int:
-        """A listed object, in listing order: its place for the watermark."""
-        self.listed[index] += 1
-        return self.trackers[index].push(key)
+    def start_source(self, index: int, watermark: str | None) -> int:
+        """A source listed as one range (its range 0)."""
+        return self.start_range(index, 0, watermark)
+
+    def push(self, lane: int, key: str) -> int:
+        """A listed object, in its range's listing order: its place for the watermark."""
+        self.listed[self._lanes[lane][0]] += 1
+        return self.trackers[lane].push(key)
 
     def accept(self, record: Record) -> tuple[int, int]:
         """Write ``record`` down now; returns where its line is (offset, length)."""
@@ -173,10 +185,15 @@ class Writer:
         self._wake.set()
         return offset, len(line)
 
-    def finish(self, index: int, seq: int) -> None:
+    def finish(self, lane: int, seq: int) -> None:
         """Every record of the object at ``seq`` is accepted (or none was needed)."""
-        self.trackers[index].complete(seq)
+        self.trackers[lane].complete(seq)
         self.objects_done += 1
+        self._wake.set()
+
+    def range_listed(self, lane: int) -> None:
+        """The lane's range is listed to its end: done once its objects are finished."""
+        self._lanes_listed.add(lane)
         self._wake.set()
 
     def listing_done(self, index: int) -> None:
@@ -232,19 +249,22 @@ class Writer:
         self._wake.clear()
         self._full.clear()
         rows, self._rows = self._rows, []
-        marks: dict[int, str] = {}
-        for index, tracker in self.trackers.items():
+        marks: dict[tuple[int, int], str] = {}
+        for lane, tracker in self.trackers.items():
             if tracker.moved and tracker.mark is not None:
-                marks[index] = tracker.mark
+                marks[self._lanes[lane]] = tracker.mark
                 tracker.moved = False
         listed = {i: n - self._committed_listed[i] for i, n in self.listed.items()}
         self._committed_listed = Counter(self.listed)
-        done = [
-            i
-            for i in self.listing_finished - self._done_sources
-            if i in self.trackers and not self.trackers[i].outstanding
+        lanes_done = [
+            lane
+            for lane in self._lanes_listed - self._lanes_done
+            if not self.trackers[lane].outstanding
         ]
-        if not rows and not marks and not any(listed.values()) and not done:
+        ranges_done = [self._lanes[lane] for lane in lanes_done]
+        busy = {self._lanes[lane][0] for lane, t in self.trackers.items() if t.outstanding}
+        done = [i for i in self.listing_finished - self._done_sources if i not in busy]
+        if not rows and not marks and not any(listed.values()) and not done and not lanes_done:
             return
         ledger_rows, csv_data = self._render(rows)
         jsonl_end = self.jsonl.size  # the end of the batch's last row: rows are in order
@@ -256,13 +276,14 @@ class Writer:
                 self.jsonl.sync()
                 self.csv.sync()
             sizes = {JSONL: jsonl_end, CSV: self.csv.size}
-            self.ledger.writer_db().commit(ledger_rows, sizes, marks, listed, done)
+            self.ledger.writer_db().commit(ledger_rows, sizes, marks, listed, done, ranges_done)
 
         self._inflight = self.ledger.submit_write(commit)
         await asyncio.shield(self._inflight)
         self._inflight = None
         self.committed = number
         self._done_sources.update(done)
+        self._lanes_done.update(lanes_done)
 
     def _render(self, rows: list[_Row]) -> tuple[list[LedgerRow], bytes]:
         return render_rows(rows, self.sources, self._csv_rows, self.csv.size)

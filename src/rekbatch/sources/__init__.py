@@ -1,4 +1,5 @@
-"""Where objects come from: S3 prefixes and local folders (or single files), in key order."""
+"""Where objects come from: S3 prefixes, S3 Inventory reports, key lists and local folders
+(or single files)."""
 
 from __future__ import annotations
 
@@ -7,14 +8,31 @@ from pathlib import Path
 
 from rekbatch.config import parse_s3_uri
 from rekbatch.sources.base import Source
+from rekbatch.sources.inventory import InventorySource
+from rekbatch.sources.keylist import KeyListSource
 from rekbatch.sources.local import LocalSource
 from rekbatch.sources.s3 import S3, S3Source
 
-__all__ = ["S3", "LocalSource", "S3Source", "Source", "open_source", "read_location"]
+__all__ = [
+    "S3",
+    "InventorySource",
+    "KeyListSource",
+    "LocalSource",
+    "S3Source",
+    "Source",
+    "open_source",
+    "read_location",
+]
 
 
 def open_source(uri: str, index: int, s3: S3 | None) -> Source:
     """The source a configured URI stands for."""
+    if uri.startswith(("inventory:", "keys:")):
+        if s3 is None:
+            raise ValueError(f"{uri}: this source needs the run's S3 client")
+        if uri.startswith("inventory:"):
+            return InventorySource(uri, index, s3)
+        return KeyListSource(uri, index, s3)
     parsed = parse_s3_uri(uri)
     if parsed is None:
         return LocalSource(uri, index)

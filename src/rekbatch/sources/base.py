@@ -1,6 +1,7 @@
 """What a source is: something that lists objects in key order and reads them.
 
 A source lists its objects in S3's key order (UTF-8 binary), after a watermark when resuming,
+or splits itself into disjoint key ranges listed at once, each after its own watermark,
 and reads an object's first bytes (to sniff it) or all of it (to send it as bytes). S3
 prefixes and local folders implement it; the engine knows nothing else about where objects
 come from.
@@ -8,10 +9,12 @@ come from.
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import AsyncIterator
 from typing import Protocol
 
 from rekbatch.records import ObjectRef
+from rekbatch.sources.ranges import KeyRange
 
 
 class Source(Protocol):
@@ -20,6 +23,15 @@ class Source(Protocol):
 
     def list(self, start_after: str | None) -> AsyncIterator[ObjectRef]:
         """The source's objects after ``start_after`` (all when None), in key order."""
+        ...
+
+    async def split(self, concurrency: int) -> builtins.list[KeyRange]:
+        """Disjoint key ranges covering the source, to list ``concurrency`` at a time (one
+        range where the source cannot be listed in parallel)."""
+        ...
+
+    def list_range(self, rng: KeyRange, start_after: str | None) -> AsyncIterator[ObjectRef]:
+        """The objects of ``rng`` after ``start_after``, in key order."""
         ...
 
     async def read_head(self, obj: ObjectRef, nbytes: int) -> bytes:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import builtins
 import os
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
 from rekbatch.records import ObjectRef
+from rekbatch.sources.ranges import KeyRange
 
 
 def _walk_sorted(root: Path, prefix: str = "") -> Iterator[tuple[str, os.stat_result]]:
@@ -109,6 +111,12 @@ class LocalSource:
         return list_local(
             self.root, start_after=start_after, source_index=self.index, only=self._only
         )
+
+    async def split(self, concurrency: int) -> builtins.list[KeyRange]:
+        return [KeyRange(None, None)]  # a folder is walked by one thread
+
+    def list_range(self, rng: KeyRange, start_after: str | None) -> AsyncIterator[ObjectRef]:
+        return self.list(start_after)
 
     async def read_head(self, obj: ObjectRef, nbytes: int) -> bytes:
         return await asyncio.to_thread(_read_prefix, self.root / obj.key, nbytes)

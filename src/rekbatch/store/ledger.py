@@ -35,6 +35,18 @@ CREATE TABLE IF NOT EXISTS sources (
     listed INTEGER NOT NULL DEFAULT 0,
     listing_done INTEGER NOT NULL DEFAULT 0
 );
+-- A source is listed as disjoint key ranges (after < key <= upto), each with its own
+-- watermark; a range is done once every object in it is finished.
+CREATE TABLE IF NOT EXISTS source_ranges (
+    source INTEGER NOT NULL,
+    idx INTEGER NOT NULL,
+    after TEXT,
+    upto TEXT,
+    part TEXT,
+    watermark TEXT,
+    done INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (source, idx)
+);
 CREATE TABLE IF NOT EXISTS records (
     source INTEGER NOT NULL,
     key TEXT NOT NULL,
@@ -202,6 +214,30 @@ class LedgerDB:
         row = self._db.execute("SELECT watermark FROM sources WHERE idx = ?", (source,)).fetchone()
         return None if row is None else row[0]
 
+    def ranges(self, source: int) -> list[sqlite3.Row]:
+        return list(
+            self._db.execute("SELECT * FROM source_ranges WHERE source = ? ORDER BY idx", (source,))
+        )
+
+    def save_ranges(
+        self,
+        source: int,
+        ranges: list[tuple[str | None, str | None, str | None]],
+        watermark: str | None,
+    ) -> None:
+        """The ranges a source is listed in, fixed for the job until its listing restarts;
+        ``watermark``: a job started before ranges existed resumes its one range there."""
+        with self._db:
+            self._db.execute("DELETE FROM source_ranges WHERE source = ?", (source,))
+            self._db.executemany(
+                "INSERT INTO source_ranges (source, idx, after, upto, part, watermark) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                [
+                    (source, i, after, upto, part, watermark if len(ranges) == 1 else None)
+                    for i, (after, upto, part) in enumerate(ranges)
+                ],
+            )
+
     def has_records(self) -> bool:
         return self._db.execute("SELECT 1 FROM records LIMIT 1").fetchone() is not None
 
@@ -249,14 +285,18 @@ class LedgerDB:
                     found.setdefault(content, []).append(Location(op, offset, length))
         return found
 
-    def rebase_listed(self, source: int, watermark: str | None) -> None:
-        """Before listing after ``watermark``: count as listed only the objects below it, so
-        keys listed by an interrupted run and listed again are not counted twice."""
+    def rebase_listed(self, source: int) -> None:
+        """Before listing the rest of each range: count as listed only the objects below the
+        ranges' watermarks (all of a done range), so keys listed by an interrupted run and
+        listed again are not counted twice."""
         with self._db:
             self._db.execute(
-                "UPDATE sources SET listed = (SELECT COUNT(DISTINCT key) FROM records "
-                "WHERE source = ? AND key <= ?) WHERE idx = ?",
-                (source, watermark or "", source),
+                "UPDATE sources SET listed = (SELECT COUNT(DISTINCT r.key) FROM records r "
+                "JOIN source_ranges g ON g.source = r.source WHERE r.source = ? "
+                "AND g.part IS NULL AND (g.after IS NULL OR r.key > g.after) AND CASE WHEN g.done "
+                "THEN (g.upto IS NULL OR r.key <= g.upto) "
+                "ELSE (g.watermark IS NOT NULL AND r.key <= g.watermark) END) WHERE idx = ?",
+                (source, source),
             )
 
     def reset_listing(self, sources: Iterable[int]) -> None:
@@ -267,6 +307,7 @@ class LedgerDB:
                     "WHERE idx = ?",
                     (source,),
                 )
+                self._db.execute("DELETE FROM source_ranges WHERE source = ?", (source,))
 
     # -- the commit of a batch --------------------------------------------------------------
 
@@ -274,15 +315,23 @@ class LedgerDB:
         self,
         rows: list[LedgerRow],
         sink_sizes: dict[str, int],
-        watermarks: dict[int, str],
+        watermarks: dict[tuple[int, int], str],
         listed: dict[int, int],
         listing_done: Iterable[int],
+        ranges_done: Iterable[tuple[int, int]] = (),
     ) -> None:
+        """``watermarks`` and ``ranges_done`` are keyed by (source, range)."""
         with self._db:
             self._db.executemany(_INSERT, rows)
             self._set_meta({"sink_sizes": json.dumps(sink_sizes)})
-            for source, key in watermarks.items():
-                self._db.execute("UPDATE sources SET watermark = ? WHERE idx = ?", (key, source))
+            self._db.executemany(
+                "UPDATE source_ranges SET watermark = ? WHERE source = ? AND idx = ?",
+                [(key, source, idx) for (source, idx), key in watermarks.items()],
+            )
+            self._db.executemany(
+                "UPDATE source_ranges SET done = 1 WHERE source = ? AND idx = ?",
+                list(ranges_done),
+            )
             for source, count in listed.items():
                 if count:
                     self._db.execute(

@@ -77,6 +77,7 @@ def rewrite(db: LedgerDB, out: Path, codes: set[str] | None) -> int:
                 "UPDATE sources SET watermark = NULL, listing_done = 0, listed = 0 WHERE idx = ?",
                 (source,),
             )
+            tx.execute("DELETE FROM source_ranges WHERE source = ?", (source,))
         tx.executemany(
             "INSERT INTO meta (key, value) VALUES (?, ?) "
             "ON CONFLICT (key) DO UPDATE SET value = excluded.value",

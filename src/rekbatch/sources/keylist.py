@@ -1,0 +1,181 @@
+"""A key list as a source: ``keys:s3://bucket/list.csv`` or ``keys:/path/list.jsonl``.
+
+Each line names one S3 object: CSV ``bucket,key[,size[,etag]]`` or ``s3://bucket/key[,size
+[,etag]]`` (a header line starting ``bucket`` or ``uri`` is allowed), JSONL
+``{"bucket": ..., "key": ..., "size": ..., "etag": ...}`` or ``{"uri": "s3://..."}``. Size
+and ETag are optional: where one is missing, a HeadObject fills it in, for those lines only.
+A line that names no object is handed out as a skip (``malformed_entry``, the line number as
+its key), an object that does not exist as ``not_found``: recorded, never a crash. The list
+is one part, resumed after the last finished key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import csv
+import io
+import json
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+from rekbatch.config import parse_s3_uri
+from rekbatch.errors import SetupError, call_error_from
+from rekbatch.records import ObjectRef
+from rekbatch.sources.inventory import after_mark, read_location
+from rekbatch.sources.ranges import KeyRange
+from rekbatch.sources.s3 import S3, _iso
+
+HEADS = 16  # HeadObject calls at once for lines without size or ETag
+
+
+def _bad(line: int, why: str, index: int) -> ObjectRef:
+    return ObjectRef(None, f"line:{line}", 0, "", "", None, index, "malformed_entry", why)
+
+
+def _entry(line: int, fields: list[Any], index: int) -> ObjectRef:
+    """One line's fields (uri or bucket, key, then size and ETag) as an object to list."""
+    fields = [f.strip() if isinstance(f, str) else f for f in fields]
+    if fields and isinstance(fields[0], str) and fields[0].startswith("s3://"):
+        parsed = parse_s3_uri(fields[0])
+        if parsed is None or not parsed[1]:
+            return _bad(line, f"not an s3://bucket/key URI: {fields[0]!r}", index)
+        (bucket, key), rest = parsed, fields[1:]
+    elif len(fields) >= 2 and fields[0] and fields[1]:
+        bucket, key, rest = str(fields[0]), str(fields[1]), fields[2:]
+        if parse_s3_uri(f"s3://{bucket}") is None:
+            return _bad(line, f"not a bucket name: {bucket!r}", index)
+    else:
+        return _bad(line, "expected bucket,key or an s3:// URI", index)
+    size = rest[0] if rest and rest[0] not in ("", None) else None
+    etag = rest[1] if len(rest) > 1 and rest[1] not in ("", None) else None
+    try:
+        size_value = -1 if size is None else int(size)
+    except (TypeError, ValueError):
+        return _bad(line, f"size is not a number: {size!r}", index)
+    if size_value < -1:
+        return _bad(line, f"size is negative: {size!r}", index)
+    return ObjectRef(bucket, key, size_value, str(etag or "").strip('"'), "", None, index)
+
+
+def parse_lines(data: bytes, jsonl: bool, index: int) -> Iterator[ObjectRef]:
+    """Every line of a key list as an object (size -1 and/or ETag "" where not given)."""
+    text = data.decode("utf-8", errors="replace")
+    if jsonl:
+        for number, raw in enumerate(text.splitlines(), 1):
+            if not raw.strip():
+                continue
+            try:
+                row = json.loads(raw)
+                if not isinstance(row, dict):
+                    raise ValueError("not an object")
+            except ValueError as exc:
+                yield _bad(number, f"not a JSON object ({exc})", index)
+                continue
+            head = [row["uri"]] if "uri" in row else [row.get("bucket"), row.get("key")]
+            yield _entry(number, [*head, row.get("size"), row.get("etag")], index)
+        return
+    for number, fields in enumerate(csv.reader(io.StringIO(text)), 1):
+        if not fields or not any(f.strip() for f in fields):
+            continue
+        if number == 1 and fields[0].strip().lower() in ("bucket", "uri", "url"):
+            continue  # a header
+        yield _entry(number, fields, index)
+
+
+class KeyListSource:
+    """One configured ``keys:...`` list."""
+
+    def __init__(self, uri: str, index: int, s3: S3) -> None:
+        self.uri = uri
+        self.index = index
+        self.location = uri[len("keys:") :]
+        self.jsonl = self.location.lower().endswith((".jsonl", ".ndjson", ".json"))
+        self._s3 = s3
+        self.heads = 0  # HeadObject calls made
+        self._lines: int | None = None
+        self._read = 0
+
+    async def check(self) -> None:
+        if parse_s3_uri(self.location) is None:
+            from pathlib import Path
+
+            if not Path(self.location).expanduser().is_file():
+                raise SetupError(f"source.uris: {self.uri}: no such key list file")
+
+    async def split(self, concurrency: int) -> builtins.list[KeyRange]:
+        return [KeyRange(None, None, self.location)]
+
+    def list(self, start_after: str | None) -> AsyncIterator[ObjectRef]:
+        return self.list_range(KeyRange(None, None, self.location), start_after)
+
+    async def list_range(self, rng: KeyRange, start_after: str | None) -> AsyncIterator[ObjectRef]:
+        try:
+            data = await read_location(self.location, self._s3)
+        except OSError as exc:
+            raise SetupError(f"source.uris: {self.uri}: {exc}") from None
+        index, jsonl = self.index, self.jsonl
+        self._lines = max(1, data.count(b"\n") + (0 if data.endswith(b"\n") else 1))
+        pending: builtins.list[ObjectRef] = []
+        async for obj in after_mark(lambda: parse_lines(data, jsonl, index), start_after):
+            self._read += 1
+            pending.append(obj)
+            if len(pending) >= 500:
+                for done in await self._complete(pending):
+                    yield done
+                pending = []
+        for done in await self._complete(pending):
+            yield done
+
+    def progress(self) -> tuple[int, int] | None:
+        """(entries read, lines in the list), once the list is read."""
+        if self._lines is None:
+            return None
+        return self._read, max(self._lines, self._read)
+
+    async def _complete(self, objs: builtins.list[ObjectRef]) -> builtins.list[ObjectRef]:
+        """``objs`` with missing sizes and ETags filled in by HeadObject."""
+        sem = asyncio.Semaphore(HEADS)
+
+        async def one(obj: ObjectRef) -> ObjectRef:
+            if obj.skip is not None or (obj.size >= 0 and obj.etag):
+                return obj
+            assert obj.bucket is not None
+            async with sem:
+                self.heads += 1
+                try:
+                    head = await self._s3.head(obj.bucket, obj.key)
+                except Exception as exc:
+                    error = call_error_from(exc)
+                    if error is not None and error.code in ("404", "NoSuchKey", "NotFound"):
+                        return ObjectRef(
+                            obj.bucket,
+                            obj.key,
+                            0,
+                            "",
+                            "",
+                            None,
+                            obj.source_index,
+                            "not_found",
+                            f"s3://{obj.bucket}/{obj.key} does not exist",
+                        )
+                    raise
+            return ObjectRef(
+                obj.bucket,
+                obj.key,
+                obj.size if obj.size >= 0 else int(head.get("ContentLength", 0)),
+                obj.etag or str(head.get("ETag", "")).strip('"'),
+                _iso(head.get("LastModified")),
+                None,
+                obj.source_index,
+            )
+
+        return list(await asyncio.gather(*(one(o) for o in objs)))
+
+    async def read_head(self, obj: ObjectRef, nbytes: int) -> bytes:
+        assert obj.bucket is not None
+        return await self._s3.read_head(obj.bucket, obj.key, nbytes)
+
+    async def read(self, obj: ObjectRef) -> bytes:
+        assert obj.bucket is not None
+        return await self._s3.read(obj.bucket, obj.key)

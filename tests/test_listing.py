@@ -1,0 +1,321 @@
+"""Parallel listing of one S3 prefix: disjoint key ranges, every key once, resume per range."""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import json
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from random import Random
+from typing import Any
+
+import aioboto3
+import pytest
+
+from rekbatch.engine import Job, RunOptions
+from rekbatch.engine import producer as producer_module
+from rekbatch.sources import S3, S3Source
+from rekbatch.sources.ranges import KeyRange, KeySpace, Splitter, ranges_from_boundaries
+from rekbatch.store.jobdir import ledger_path
+from tests.conftest import REGION, make_bucket
+from tests.helpers import base_config, fake_jpeg, read_jsonl, write_config
+from tests.support.fake_backend import FakeBackend
+from tests.support.fake_rekognition import FakeConfig, FakeRekognition
+from tests.support.moto import put_objects
+from tests.test_engine import assert_exactly_once, make_config
+
+BUCKET = "listing-bucket"
+ODD = ["café/photo 1+2.jpg", "ünï cödé/ß+ẞ.jpg", "x y/+plus+.jpg", "a+b/ c.jpg", "日本/写真.jpg"]
+
+
+def _keys() -> list[str]:
+    nested = [f"nested/{a}/{b:02d}/{c:03d}.jpg" for a in "pqr" for b in range(8) for c in range(70)]
+    flat = [f"flat/img_{i:05d}.jpg" for i in range(1300)]
+    odd = [f"odd/{name}".replace(".jpg", f"-{i}.jpg") for name in ODD for i in range(40)]
+    return sorted(nested + flat + odd)
+
+
+@pytest.fixture(scope="module")
+def listing_bucket(moto_endpoint: str) -> list[str]:
+    """About 3,200 keys over nested prefixes, a flat one and keys with unicode, spaces, +."""
+    import boto3
+
+    client = boto3.client(
+        "s3",
+        endpoint_url=moto_endpoint,
+        region_name=REGION,
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
+    make_bucket(client, BUCKET)
+    keys = _keys()
+    put_objects(BUCKET, ((k, fake_jpeg(i)) for i, k in enumerate(keys)))
+    return keys
+
+
+def _in_memory(keys: list[str]) -> Any:
+    """ListObjectsV2 over sorted ``keys`` (Prefix, StartAfter, MaxKeys, Delimiter)."""
+    keys = sorted(keys)
+
+    async def page(**kw: Any) -> dict[str, Any]:
+        prefix, delimiter, limit = kw.get("Prefix", ""), kw.get("Delimiter"), kw["MaxKeys"]
+        at = bisect.bisect_right(keys, kw["StartAfter"]) if kw.get("StartAfter") else 0
+        at = max(at, bisect.bisect_left(keys, prefix))
+        contents: list[dict[str, Any]] = []
+        prefixes: list[str] = []
+        while (
+            at < len(keys) and keys[at].startswith(prefix) and len(contents) + len(prefixes) < limit
+        ):
+            rest = keys[at][len(prefix) :]
+            if delimiter and delimiter in rest:
+                sub = prefix + rest[: rest.index(delimiter) + 1]
+                prefixes.append(sub)
+                at = bisect.bisect_left(keys, sub + "\U0010ffff")
+                continue
+            contents.append({"Key": keys[at]})
+            at += 1
+        more = at < len(keys) and keys[at].startswith(prefix)
+        return {
+            "Contents": contents,
+            "CommonPrefixes": [{"Prefix": p} for p in prefixes],
+            "IsTruncated": more,
+        }
+
+    return page
+
+
+LAYOUTS = {
+    "numbered": [f"img_{i:06d}.jpg" for i in range(60_000)],
+    "nested": [
+        f"{a}/{b:03d}/{c}.jpg" for a in ("cats", "dogs") for b in range(40) for c in range(300)
+    ],
+    "one folder": [f"photos/{i}.jpg" for i in range(40_000)],
+    "uuids": [uuid.UUID(int=Random(i).getrandbits(128)).hex + ".png" for i in range(40_000)],
+}
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+async def test_the_splitter_cuts_any_layout_into_even_disjoint_ranges(layout: str) -> None:
+    keys = sorted(LAYOUTS[layout])
+    splitter = Splitter(_in_memory(keys), "b", "", want=64, concurrency=16)
+    ranges = await splitter.split()
+    counts = [sum(1 for k in keys if r.holds(k)) for r in ranges]
+    assert sum(counts) == len(keys)  # disjoint and complete
+    assert len(ranges) >= 32
+    # No hint about the layout, yet no range holds more than a few times its share.
+    assert max(counts) <= 0.08 * len(keys), sorted(counts)[-4:]
+    assert splitter.requests <= 120
+
+
+async def test_one_page_or_less_is_one_range() -> None:
+    splitter = Splitter(_in_memory([f"k{i}" for i in range(999)]), "b", "", want=64, concurrency=4)
+    assert await splitter.split() == [KeyRange(None, None)]
+
+
+def test_any_boundaries_cover_every_key_exactly_once() -> None:
+    rng = Random(7)
+    keys = ["".join(rng.choice("ab/+ é") for _ in range(rng.randint(1, 6))) for _ in range(2000)]
+    cuts = [*rng.sample(keys, 30), "", "zzz", "a", "a/"]
+    ranges = ranges_from_boundaries(cuts)
+    for key in keys:
+        assert sum(r.holds(key) for r in ranges) == 1
+
+
+def test_key_space_strings_keep_their_order() -> None:
+    space = KeySpace("img_", "0123456789.jpg")
+    spread = space.spread("img_000000.jpg", space.value("img_2"), 20)
+    assert spread == sorted(spread) and len(spread) == 19
+    assert spread[0] > "img_000000.jpg" and spread[-1] < "img_2"
+    assert spread[4].startswith("img_0") and spread[14].startswith("img_1")
+
+
+async def _list_all(moto: str, prefix: str, concurrency: int, page_size: int) -> list[str]:
+    session = aioboto3.Session(region_name=REGION)
+    async with S3(session, endpoint_url=moto, pool=32) as s3:
+        source = S3Source(f"s3://{BUCKET}/{prefix}", 0, s3, BUCKET, prefix)
+        ranges = await source.split(concurrency)
+
+        async def one(rng: KeyRange) -> list[str]:
+            return [o.key async for o in source.list_range(rng, None, page_size)]
+
+        parts = await asyncio.gather(*(one(r) for r in ranges))
+    assert len(ranges) > 1 or concurrency == 1
+    return [key for part in parts for key in part]
+
+
+@pytest.mark.parametrize(("prefix", "page_size"), [("", 97), ("flat/", 50)])
+async def test_parallel_listing_against_s3_lists_every_key_once(
+    listing_bucket: list[str], moto_endpoint: str, prefix: str, page_size: int
+) -> None:
+    listed = await _list_all(moto_endpoint, prefix, 16, page_size)
+    expected = [k for k in listing_bucket if k.startswith(prefix)]
+    counted = Counter(listed)
+    assert set(counted) == set(expected)
+    assert max(counted.values()) == 1
+
+
+def _ledger_ranges(out: Path) -> list[tuple[Any, ...]]:
+    db = sqlite3.connect(ledger_path(out))
+    try:
+        return db.execute("SELECT idx, after, upto, watermark, done FROM source_ranges").fetchall()
+    finally:
+        db.close()
+
+
+async def test_a_stopped_run_resumes_its_ranges_and_lists_no_finished_range_again(
+    listing_bucket: list[str],
+    moto_endpoint: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(producer_module, "CHUNK", 50)  # memory: a chunk per lister
+    uri = f"s3://{BUCKET}/nested/"
+    extra = (
+        f'max_images = 1000\n\n[aws]\nregion = "{REGION}"\ns3_endpoint_url = "{moto_endpoint}"\n\n'
+    )
+    cfg = make_config(tmp_path, [uri], ops='[[operations]]\ntype = "detect_labels"\n', extra=extra)
+    cfg = cfg.model_copy(
+        update={
+            "source": cfg.source.model_copy(
+                update={"include": ["*.jpg"], "sniff": False, "list_concurrency": 8}
+            )
+        }
+    )
+    out = tmp_path / "out"
+    outstanding: list[int] = []
+
+    def watch(job: Job) -> asyncio.Task[None]:
+        async def sample() -> None:
+            while True:
+                if job.writer is not None:
+                    outstanding.append(sum(t.outstanding for t in job.writer.trackers.values()))
+                await asyncio.sleep(0.005)
+
+        return asyncio.create_task(sample())
+
+    first = Job(cfg, RunOptions(output_dir=out), backend=FakeBackend(latency=0.002))
+    watcher = watch(first)
+    async with asyncio.timeout(60):
+        outcome = await first.run()
+    watcher.cancel()
+    assert outcome.exit_code == 4  # stopped at the cap: resumable
+    ranges = _ledger_ranges(out)
+    done = {(after, upto) for _, after, upto, _, is_done in ranges if is_done}
+    assert len(ranges) > 8 and 0 < len(done) < len(ranges)
+    # Memory is the work in flight, not the bucket: per lister a chunk, plus the queue.
+    assert max(outstanding) <= 8 * 50 + 2 * 8 + 8 + 50, max(outstanding)
+
+    listed_ranges: list[KeyRange] = []
+    original = S3Source.list_range
+
+    def spy(self: S3Source, rng: KeyRange, start_after: str | None, page_size: int = 1000) -> Any:
+        listed_ranges.append(rng)
+        return original(self, rng, start_after, page_size)
+
+    monkeypatch.setattr(S3Source, "list_range", spy)
+    raised = cfg.model_copy(update={"limits": cfg.limits.model_copy(update={"max_images": None})})
+    async with asyncio.timeout(60):
+        outcome = await Job(raised, RunOptions(output_dir=out), backend=FakeBackend()).run()
+    assert outcome.exit_code == 0
+    assert listed_ranges and not {(r.after, r.upto) for r in listed_ranges} & done
+    assert len(listed_ranges) == len(ranges) - len(done)
+    nested = {k for k in listing_bucket if k.startswith("nested/")}
+    assert_exactly_once(out, {(uri, k, "detect_labels") for k in nested})
+    assert all(is_done for *_, is_done in _ledger_ranges(out))
+
+
+@pytest.fixture
+def slow_fake(moto_endpoint: str) -> Iterator[FakeRekognition]:
+    server = FakeRekognition(
+        FakeConfig(s3_endpoint_url=moto_endpoint, latency_median_ms=5, quotas={"DetectLabels": 300})
+    )
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_sigkill_mid_listing_then_resume_lists_only_the_rest_exactly_once(
+    s3: Any, moto_endpoint: str, slow_fake: FakeRekognition, tmp_path: Path
+) -> None:
+    make_bucket(s3, "kill-listing")
+    keys = [f"{a}/{i:04d}.jpg" for a in ("north", "south", "east", "west") for i in range(200)]
+    keys += [f"flat_{i:04d}.jpg" for i in range(400)]
+    put_objects("kill-listing", ((k, fake_jpeg(i)) for i, k in enumerate(keys)))
+    text = base_config(
+        uris=["s3://kill-listing/"],
+        output_dir=tmp_path / "out",
+        s3_endpoint=moto_endpoint,
+        rek_endpoint=slow_fake.url,
+        operations='[[operations]]\ntype = "detect_labels"\n',
+        extra="[limits]\nconcurrency = 8\nmax_tps = 300\n",
+    )
+    config = write_config(
+        tmp_path / "job.toml", text.replace("[source]\n", "[source]\nlist_concurrency = 4\n")
+    )
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "rekbatch", "run", str(config), "--log-format", "json"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        path = out / "results.jsonl"
+        if path.exists() and path.stat().st_size > 150 * 300:  # a hundred rows or so
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=10)
+
+    ranges = _ledger_ranges(out)
+    done = sum(1 for *_, is_done in ranges if is_done)
+    assert len(ranges) > 4 and done < len(ranges)
+
+    resumed = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+    assert resumed.returncode == 0, resumed.stderr
+    events = [json.loads(line) for line in resumed.stderr.splitlines() if line.startswith("{")]
+    listing = next(e for e in events if e.get("event") == "listing")
+    assert listing["ranges"] == len(ranges) and listing["ranges_left"] == len(ranges) - done
+    rows = read_jsonl(out / "results.jsonl")
+    counted = Counter(r["key"] for r in rows)
+    assert set(counted) == set(keys) and max(counted.values()) == 1
+    billed = slow_fake.stats()["billed"]
+    assert {ident for _, ident in billed} == {f"s3://kill-listing/{k}" for k in keys}
+
+
+def test_list_concurrency_is_a_config_key_that_does_not_change_the_job(tmp_path: Path) -> None:
+    from rekbatch.config import load_config
+
+    base = '[source]\nuris = ["s3://bkt/"]\n{extra}\n[[operations]]\ntype = "detect_labels"\n'
+    one = load_config(write_config(tmp_path / "a.toml", base.format(extra="")), environ={})
+    two = load_config(
+        write_config(tmp_path / "b.toml", base.format(extra="list_concurrency = 64")), environ={}
+    )
+    assert one.source.list_concurrency == 16 and two.source.list_concurrency == 64
+    assert one.fingerprint() == two.fingerprint()
+    env = load_config(tmp_path / "a.toml", environ={"REKBATCH_SOURCE__LIST_CONCURRENCY": "4"})
+    assert env.source.list_concurrency == 4
+
+
+async def test_a_store_that_refuses_a_probe_is_listed_by_one_paginator() -> None:
+    from botocore.exceptions import ClientError
+
+    page = _in_memory([f"k/{i:05d}" for i in range(3000)])
+
+    class NoDelimiter:
+        async def list_page(self, **kw: Any) -> dict[str, Any]:
+            if kw.get("Delimiter"):
+                error = {"Error": {"Code": "NotImplemented", "Message": "no delimiter"}}
+                raise ClientError(error, "ListObjectsV2")  # type: ignore[arg-type]
+            return dict(await page(**kw))
+
+    source = S3Source("s3://b/", 0, NoDelimiter(), "b", "")  # type: ignore[arg-type]
+    assert await source.split(16) == [KeyRange(None, None)]
