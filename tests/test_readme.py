@@ -89,7 +89,7 @@ def test_the_second_command_is_the_test_script_that_sets_everything_up() -> None
     # It makes its own environment, installs the browser the report test needs, runs pytest.
     assert "python3 -m venv" in text and "pip install -q -e '.[test,local]'" in text
     assert "apt-get install" in text and "chromium" in text
-    assert re.search(r"^exec python -m pytest -q \"\$@\"$", text, re.M)
+    assert re.search(r"^exec python -m pytest -q( --durations=\d+)? \"\$@\"$", text, re.M)
     # CI runs the same command.
     ci = (REPO / ".ci" / "run").read_text(encoding="utf-8")
     assert re.search(r"^\./scripts/test\b", ci, re.M), ".ci/run must call ./scripts/test"
