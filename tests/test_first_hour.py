@@ -19,14 +19,10 @@ REFERENCE = SAMPLES / "ric_harvey.jpeg"
 
 @pytest.fixture
 def fake(moto_endpoint: str) -> Iterator[FakeRekognition]:
-    server = FakeRekognition(
+    with FakeRekognition(
         FakeConfig(s3_endpoint_url=moto_endpoint, region="eu-west-1", people=sample_people())
-    )
-    server.start()
-    try:
+    ) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def _local_config(tmp_path: Path, uri: str | Path, *, ops: str = "", extra: str = "") -> Path:

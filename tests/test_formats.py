@@ -378,14 +378,10 @@ def files() -> dict[str, bytes]:
 
 @pytest.fixture
 def fake(moto_endpoint: str) -> Iterator[FakeRekognition]:
-    server = FakeRekognition(
+    with FakeRekognition(
         FakeConfig(s3_endpoint_url=moto_endpoint, region="eu-west-1", check_bucket_region=True)
-    )
-    server.start()
-    try:
+    ) as server:
         yield server
-    finally:
-        server.stop()
 
 
 CONVERTED = {

@@ -234,14 +234,10 @@ async def test_a_stopped_run_resumes_its_ranges_and_lists_no_finished_range_agai
 
 @pytest.fixture
 def slow_fake(moto_endpoint: str) -> Iterator[FakeRekognition]:
-    server = FakeRekognition(
+    with FakeRekognition(
         FakeConfig(s3_endpoint_url=moto_endpoint, latency_median_ms=5, quotas={"DetectLabels": 300})
-    )
-    server.start()
-    try:
+    ) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def test_sigkill_mid_listing_then_resume_lists_only_the_rest_exactly_once(

@@ -27,7 +27,7 @@ SHOWS_RIC = {"ric_harvey.jpeg", "ric.jpg", "ric_crowd1.jpg"}
 
 @pytest.fixture
 def slow_fake(moto_endpoint: str) -> Iterator[FakeRekognition]:
-    server = FakeRekognition(
+    with FakeRekognition(
         FakeConfig(
             s3_endpoint_url=moto_endpoint,
             latency_median_ms=25,
@@ -35,12 +35,8 @@ def slow_fake(moto_endpoint: str) -> Iterator[FakeRekognition]:
             quotas={"DetectFaces": 200, "DetectLabels": 200},
             s3_cache=True,
         )
-    )
-    server.start()
-    try:
+    ) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def _running_pid(folder: Path) -> int | None:

@@ -94,7 +94,7 @@ def test_bad_shard_flags_are_one_line_and_exit_2(
 def slow_fake(moto_endpoint: str) -> Iterator[FakeRekognition]:
     """Real latency, so a shard lasts long enough to be killed; a quota high enough for
     four shards at once."""
-    server = FakeRekognition(
+    with FakeRekognition(
         FakeConfig(
             s3_endpoint_url=moto_endpoint,
             latency_median_ms=20,
@@ -102,12 +102,8 @@ def slow_fake(moto_endpoint: str) -> Iterator[FakeRekognition]:
             quotas={"DetectFaces": 400, "DetectLabels": 400},
             s3_cache=True,
         )
-    )
-    server.start()
-    try:
+    ) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def _fill(s3: Any, bucket: str, images: int) -> set[str]:
