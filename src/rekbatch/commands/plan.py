@@ -252,10 +252,12 @@ async def plan_job(
                     cfg, chosen[: TIMED_PER_WORKER * _local_workers(cfg)], s3
                 )
             if filtered:
-                faces = prefilter_estimate.Reservoir()
-                for source, obj in chosen:
-                    faces.offer(source, obj)
-                prefilter = await prefilter_estimate.estimate(faces.items)
+                # ``chosen`` is already a random sample of the candidates; the detector
+                # looks at a smaller one of it.
+                faces = chosen
+                if len(faces) > prefilter_estimate.SAMPLE:
+                    faces = random.Random(0).sample(faces, prefilter_estimate.SAMPLE)
+                prefilter = await prefilter_estimate.estimate(faces)
     finally:
         if ledger is not None:
             ledger.close()

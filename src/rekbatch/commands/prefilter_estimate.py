@@ -8,7 +8,6 @@ would for the pre-filter); the share with no face found stands for the whole lis
 from __future__ import annotations
 
 import math
-import random
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,25 +42,6 @@ class PrefilterEstimate:
             "share_no_face": round(self.share, 3),
             "margin": round(self.margin, 3),
         }
-
-
-class Reservoir:
-    """A uniform random sample of at most ``size`` items from a stream of unknown length."""
-
-    def __init__(self, size: int = SAMPLE, seed: int = 0) -> None:
-        self.size = size
-        self.items: list[tuple[Source, ObjectRef]] = []
-        self.seen = 0
-        self._random = random.Random(seed)
-
-    def offer(self, source: Source, obj: ObjectRef) -> None:
-        self.seen += 1
-        if len(self.items) < self.size:
-            self.items.append((source, obj))
-            return
-        slot = self._random.randrange(self.seen)
-        if slot < self.size:
-            self.items[slot] = (source, obj)
 
 
 async def estimate(sample: list[tuple[Source, ObjectRef]]) -> PrefilterEstimate:
