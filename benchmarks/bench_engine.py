@@ -263,6 +263,7 @@ class Variant:
 
     env: dict[str, str]
     output_settings: list[str]
+    memray: Path | None = None  # profile rekbatch's allocations into this file
 
 
 def write_config(
@@ -304,8 +305,14 @@ def write_config(
     return path
 
 
-def rekbatch_argv(config: Path) -> list[str]:
-    return [sys.executable, "-m", "rekbatch", "run", str(config), "--log-format", "json"]
+def rekbatch_argv(config: Path, variant: Variant | None = None) -> list[str]:
+    run = ["-m", "rekbatch", "run", str(config), "--log-format", "json"]
+    if variant is not None and variant.memray is not None:
+        # memray's own bookkeeping adds to the RSS measured: a profile, not a memory figure.
+        profile = variant.memray.with_name(f"{variant.memray.stem}-{config.stem}.bin")
+        profile.unlink(missing_ok=True)
+        return [sys.executable, "-m", "memray", "run", "-q", "-o", str(profile), *run]
+    return [sys.executable, *run]
 
 
 def read_summary(out: Path) -> dict[str, Any]:
@@ -472,7 +479,7 @@ def measure_memory(
             load = load_average()
             fake_cpu, s3_cpu = fake.cpu_seconds(), s3.cpu_seconds()
             run = timed_process(
-                rekbatch_argv(config),
+                rekbatch_argv(config, variant),
                 env=rekbatch_env(variant),
                 timeout=600 + n / 100,
                 log_dir=work,
@@ -607,7 +614,7 @@ def measure_throughput(
                         concurrency=concurrency,
                         variant=variant,
                     )
-                    argv, env = rekbatch_argv(config), rekbatch_env(variant)
+                    argv, env = rekbatch_argv(config, variant), rekbatch_env(variant)
                 fake_admin(fake.url, "/_fake/reset", {})
                 load = load_average()
                 fake_cpu = fake.cpu_seconds()
@@ -741,8 +748,14 @@ def main() -> None:
     parser.add_argument("--label", default="", help="a variant's name: engine-LABEL.json")
     parser.add_argument("--work-dir", type=Path, default=None, help="default: a temp dir")
     parser.add_argument("--keep-outputs", action="store_true", help="keep rekbatch's outputs")
+    parser.add_argument(
+        "--memray", type=Path, default=None, metavar="FILE",
+        help="run rekbatch under memray, one FILE-<config>.bin per run (a profile: RSS grows)",
+    )  # fmt: skip
     args = parser.parse_args()
-    variant = Variant(env=dict(args.rekbatch_env), output_settings=list(args.output_setting))
+    variant = Variant(
+        env=dict(args.rekbatch_env), output_settings=list(args.output_setting), memray=args.memray
+    )
     os.chdir(REPO)  # the servers are started as modules of this checkout
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / (f"engine-{args.label}.json" if args.label else "engine.json")
@@ -775,7 +788,7 @@ def main() -> None:
             )
             memory = memory_section(measured, payload.get("memory"), commit)
             payload["memory"] = memory
-            path.write_text(json.dumps(payload, indent=2) + "\n")
+            path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
             tables.append("### Peak memory\n\n" + memory_table(memory))
         if args.only in ("throughput", "both"):
             throughput = measure_throughput(
@@ -784,7 +797,7 @@ def main() -> None:
             throughput["measured_at"] = now_utc()
             throughput["rekbatch"] = commit
             payload["throughput"] = throughput
-            path.write_text(json.dumps(payload, indent=2) + "\n")
+            path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
             tables.append("### Whole-process throughput\n\n" + throughput_table(throughput))
     print(f"\nwrote {path}\n")
     print("\n\n".join(tables))

@@ -17,6 +17,7 @@ from rekbatch.sinks.parquet import (
     EXAMPLE_QUERIES,
     FACE_COLUMNS,
     LABEL_COLUMNS,
+    export_in_child,
     parquet_schemas,
     write_parquet,
 )
@@ -402,3 +403,21 @@ def test_missing_pyarrow_names_the_extra(tmp_path: Path, monkeypatch: pytest.Mon
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
     with pytest.raises(SetupError, match=r"pip install 'rekbatch\[parquet\]'"):
         write_parquet(tmp_path)
+
+
+async def test_the_export_in_its_own_process_writes_the_same_files(tmp_path: Path) -> None:
+    write_jsonl(tmp_path, sample_rows())
+    written = await export_in_child(tmp_path)
+    assert sorted(p.name for p in written) == ["faces.parquet", "labels.parquet", "results.parquet"]
+    assert pq.read_table(tmp_path / "results.parquet").num_rows == len(sample_rows())
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+async def test_a_failed_export_in_its_process_names_the_directory_and_the_cause(
+    tmp_path: Path,
+) -> None:
+    path = write_jsonl(tmp_path, sample_rows()[:1])
+    path.write_bytes(b"not json\n" + path.read_bytes())
+    with pytest.raises(SetupError, match=r"Parquet export of .*: error: .*results\.jsonl:1"):
+        await export_in_child(tmp_path)
+    assert not list(tmp_path.glob("*.parquet*"))

@@ -546,9 +546,9 @@ class Job:
         paths = [str(self.out / "results.jsonl"), str(self.out / "results.csv")]
         if not self.cfg.output.parquet_enabled():
             return paths
-        from rekbatch.sinks.parquet import write_parquet
+        from rekbatch.sinks.parquet import export_in_child
 
-        written = await asyncio.to_thread(write_parquet, self.out)
+        written = await export_in_child(self.out)
         return paths + [str(p) for p in written]
 
     async def _summary(

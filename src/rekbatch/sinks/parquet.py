@@ -408,3 +408,60 @@ def write_parquet(output_dir: Path, *, batch_rows: int = DEFAULT_BATCH_ROWS) -> 
     for temp, final in zip(temps, finals, strict=True):
         os.replace(temp, final)
     return finals
+
+
+# The export as its own process: ``python -m rekbatch.sinks.parquet OUTPUT_DIR``. The run
+# starts it once its files are complete, so pyarrow (about 40 MB once imported) and the Arrow
+# buffers never sit in the run's process, whose memory stays what the scan itself needs.
+EXPORT_TIMEOUT_SECONDS = 24 * 3600.0
+
+
+async def export_in_child(output_dir: Path) -> list[Path]:
+    """Run ``write_parquet(output_dir)`` in a child process; the files it wrote.
+
+    Raises ``SetupError`` with the child's last line when the export fails (pyarrow missing,
+    a broken results.jsonl, a full disk): the run's results stay in JSONL and CSV, and
+    ``rekbatch merge`` or the next run writes the Parquet files again.
+    """
+    import asyncio
+    import sys
+
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "rekbatch.sinks.parquet", str(output_dir),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        out, err = await asyncio.wait_for(child.communicate(), EXPORT_TIMEOUT_SECONDS)
+    except BaseException:  # cancelled or timed out: leave no exporter behind
+        with contextlib.suppress(ProcessLookupError):
+            child.kill()
+        await child.wait()
+        raise
+    if child.returncode != 0:
+        lines = err.decode(errors="replace").strip().splitlines()
+        reason = lines[-1] if lines else f"exit {child.returncode}"
+        raise SetupError(f"Parquet export of {output_dir}: {reason}")
+    return [Path(line) for line in out.decode().splitlines() if line.strip()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m rekbatch.sinks.parquet OUTPUT_DIR", file=sys.stderr)
+        return 2
+    try:
+        written = write_parquet(Path(args[0]))
+    except (SetupError, OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    for path in written:
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
