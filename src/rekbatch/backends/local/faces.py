@@ -18,22 +18,24 @@ them in a process pool). The models come from PyPI wheels, never from the networ
 
 How an image is searched:
 
-- Decoded (JPEG DCT-domain downscaling when it is far larger than needed), EXIF orientation
-  applied. The *detection canvas* is the image resampled to ``DETECT_MEGAPIXELS`` (1 MP by
-  default; small images are upsampled up to 2x). yuface's first pass scores faces from about
-  12 px wide on the canvas, and the second look below confirms them, so the smallest face
-  found is about 16 px in photos up to 1 MP, 23 px at 1920x1080, 46 px at 8 MP and 65 px at
-  16 MP, about 2% of the short side, upright or tilted 30 degrees (Rekognition documents
-  40 px at 1920x1080, proportionally more above). Detection time is nearly constant in the
-  photo's size; a larger canvas finds smaller faces at about 0.13 s per extra megapixel per
-  core.
-- Every hit from 25 up is examined on an upright cut-out of the face from the full-resolution
-  image: dlib's 5-point predictor gives the eye line (the roll; the cut is turned upright and
-  the predictor run again when it is tilted more than 8 degrees), and yuface is run again on
-  the upright face at a size it sees best. A hit is a face when the first pass scored at
-  least ``ACCEPT_SCORE`` or the second opinion at least ``CONFIRM_SCORE``; that removes the
-  detector's false positives (a clownfish, a blurred background) and admits small or tilted
-  faces that scored low in the first pass.
+- Decoded, EXIF orientation applied: a JPEG at the coarsest DCT-domain reduction (1/2, 1/4,
+  1/8) that still holds the detection canvas, which is several times cheaper than a full
+  decode; a finer reduction, or full resolution, is decoded later only when a face is too
+  small in the coarser ones for its cut-outs below. The *detection canvas* is the image
+  resampled to ``DETECT_MEGAPIXELS`` (1 MP by default; small images are upsampled up to
+  2x). yuface's first pass scores faces from about 12 px wide on the canvas, and the second
+  look below confirms them, so the smallest face found is about 16 px in photos up to 1 MP,
+  23 px at 1920x1080, 46 px at 8 MP and 65 px at 16 MP, about 2% of the short side, upright
+  or tilted 30 degrees (Rekognition documents 40 px at 1920x1080, proportionally more
+  above). Detection time is nearly constant in the photo's size; a larger canvas finds
+  smaller faces at about 0.13 s per extra megapixel per core.
+- Every hit from 25 up is examined on an upright cut-out of the face from the image at the
+  resolution it needs: dlib's 5-point predictor gives the eye line (the roll; the cut is
+  turned upright and the predictor run again when it is tilted more than 8 degrees), and
+  yuface is run again on the upright face at a size it sees best. A hit is a face when the
+  first pass scored at least ``ACCEPT_SCORE`` or the second opinion at least
+  ``CONFIRM_SCORE``; that removes the detector's false positives (a clownfish, a blurred
+  background) and admits small or tilted faces that scored low in the first pass.
 - For recognition the face is cut upright again at chip resolution, the 5-point predictor
   aligns it, and the 150x150 chip goes through the ResNet (all faces of an image in one batch).
 
@@ -233,33 +235,44 @@ def analysis_count() -> int:
 
 @dataclass
 class _Picture:
-    """The orientation-corrected image (``source``, at full resolution unless it is far larger
-    than needed) and the detection canvas. Faces are located in source pixels."""
+    """The orientation-corrected image as a pyramid of reductions of the full-resolution photo
+    (``levels``: factor 1, 2, 4, ... -> image), and the detection canvas. Faces are located in
+    full-resolution pixels (``width`` x ``height``), whatever level holds them.
 
-    source: Image.Image
+    A large JPEG is decoded only at the reduction its canvas needs (``base``; the DCT-domain
+    scaling makes that decode several times cheaper); a finer level is decoded from ``data``
+    when a face is too small for the coarser ones (see ``_upright_crop``)."""
+
     canvas: Image.Image
+    width: int
+    height: int
+    base: int = 1
     levels: dict[int, Image.Image] = field(default_factory=dict)
+    data: bytes | None = None
 
     def level(self, factor: int) -> Image.Image:
-        """The source reduced ``factor`` times (1, 2, 4, ...), computed once."""
-        if factor == 1:
-            return self.source
-        if factor not in self.levels:
-            self.levels[factor] = self.level(factor // 2).reduce(2)
-        return self.levels[factor]
-
-    @property
-    def width(self) -> int:
-        return self.source.width
-
-    @property
-    def height(self) -> int:
-        return self.source.height
+        """The photo reduced ``factor`` times (1, 2, 4, ...), computed once."""
+        found = self.levels.get(factor)
+        if found is not None:
+            return found
+        if factor > self.base:
+            image = self.level(factor // 2).reduce(2)
+        else:
+            finer = [f for f in self.levels if f < factor]
+            if finer:  # box-reduce a finer level already decoded: cheaper than decoding
+                image = self.levels[max(finer)].reduce(factor // max(finer))
+            else:
+                # Only a JPEG decoded below full resolution has a base above 1, and keeps its
+                # bytes for this unless it is a canvas-only picture (whose base is 1).
+                assert self.data is not None
+                image, _, _ = _load(self.data, factor)
+        self.levels[factor] = image
+        return image
 
     @property
     def scale(self) -> float:
-        """Source pixels per canvas pixel."""
-        return self.source.width / self.canvas.width
+        """Full-resolution pixels per canvas pixel."""
+        return self.width / self.canvas.width
 
 
 def _invalid_format(message: str) -> BackendError:
@@ -270,39 +283,41 @@ def _canvas_scale(width: int, height: int, megapixels: float) -> float:
     return min(CANVAS_MAX_UPSCALE, math.sqrt(megapixels * 1e6 / (width * height)))
 
 
-def _decode(data: bytes, megapixels: float, full: bool) -> _Picture:
-    """Decode JPEG/PNG bytes, honouring EXIF orientation. ``full``: keep the source at (nearly)
-    full resolution for landmarks and chips; otherwise only the canvas is needed."""
-    if not isinstance(data, bytes | bytearray | memoryview):
-        raise _invalid_format("image data must be bytes")
-    data = bytes(data)
+def _open(data: bytes) -> Image.Image:
+    """The image header, checked (format, size); not decoded yet."""
     if not (data.startswith(_JPEG_MAGIC) or data.startswith(_PNG_MAGIC)):
         raise _invalid_format("Request has unsupported image format (JPEG and PNG are supported)")
+    image: Image.Image = Image.open(io.BytesIO(data))
+    if image.format not in _FORMATS:
+        raise _invalid_format(f"Request has unsupported image format ({image.format})")
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise _invalid_format("image has no pixels")
+    if width * height > MAX_IMAGE_PIXELS:
+        raise BackendError(
+            "ImageTooLargeException",
+            f"image is {width}x{height} pixels; at most {MAX_IMAGE_PIXELS} are supported",
+            "permanent",
+        )
+    return image
+
+
+def _load(data: bytes, factor: int) -> tuple[Image.Image, int, bool]:
+    """Decode at 1/``factor`` of full resolution (JPEG: in the DCT domain, ``factor`` 1, 2, 4
+    or 8; PNG: always at full resolution), orientation-corrected RGB; returns the image, the
+    reduction it has and whether the EXIF orientation swapped width and height."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            opened = Image.open(io.BytesIO(data))
-            image: Image.Image = opened
-            if image.format not in _FORMATS:
-                raise _invalid_format(f"Request has unsupported image format ({image.format})")
-            width, height = image.size
-            if width < 1 or height < 1:
-                raise _invalid_format("image has no pixels")
-            if width * height > MAX_IMAGE_PIXELS:
-                raise BackendError(
-                    "ImageTooLargeException",
-                    f"image is {width}x{height} pixels; at most {MAX_IMAGE_PIXELS} are supported",
-                    "permanent",
-                )
-            scale = _canvas_scale(width, height, megapixels)
-            # Landmarks and chips want up to twice the canvas's resolution.
-            wanted = min(1.0, scale * (2.0 if full else 1.0))
-            if image.format in ("JPEG", "MPO") and wanted < 0.5:
-                # DCT-domain downscaling to 1/2, 1/4 or 1/8, never below ``wanted``.
-                image.draft(None, (math.ceil(width * wanted), math.ceil(height * wanted)))
+            image = _open(data)
+            width = image.width
+            if factor > 1 and image.format in ("JPEG", "MPO"):
+                # draft picks the largest reduction that keeps at least the size asked for.
+                image.draft(None, (max(1, width // factor), max(1, image.height // factor)))
             image.load()
-            drafted = image.size
+            reduced = max(1, round(width / image.width))
             rgb = _to_rgb(_orient(image))
+            return rgb, reduced, rgb.size != image.size
     except BackendError:
         raise
     except Image.DecompressionBombError as exc:
@@ -310,20 +325,56 @@ def _decode(data: bytes, megapixels: float, full: bool) -> _Picture:
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise _invalid_format(f"image could not be decoded: {exc}") from exc
 
-    # Canvas size from the full-resolution, orientation-corrected dimensions.
-    if rgb.size != drafted:  # EXIF orientation swapped width and height
+
+def _holds(width: int, height: int, factor: int, size: tuple[int, int]) -> bool:
+    """Whether an image of ``width`` x ``height`` reduced ``factor`` times (JPEG scaling and
+    ``Image.reduce`` round up) is at least ``size`` in both directions."""
+    return -(-width // factor) >= size[0] and -(-height // factor) >= size[1]
+
+
+def _decode(data: bytes, megapixels: float, full: bool) -> _Picture:
+    """Decode JPEG/PNG bytes, honouring EXIF orientation, at the coarsest JPEG reduction that
+    still holds the canvas. ``full``: keep the bytes, so that landmarks and chips can get the
+    detail they need later (``_Picture.level``); otherwise only the canvas is needed."""
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise _invalid_format("image data must be bytes")
+    data = bytes(data)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            header = _open(data)
+    except BackendError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise BackendError("ImageTooLargeException", str(exc), "permanent") from exc
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        raise _invalid_format(f"image could not be decoded: {exc}") from exc
+    width, height = header.size
+    scale = _canvas_scale(width, height, megapixels)
+    stored = (max(1, round(width * scale)), max(1, round(height * scale)))
+    factor = 1
+    while factor < 8 and _holds(width, height, 2 * factor, stored):
+        factor *= 2
+    rgb, base, swapped = _load(data, factor)
+    # Canvas and full-resolution size from the stored dimensions, orientation-corrected.
+    if swapped:
         width, height = height, width
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    picture = _Picture(source=rgb, canvas=rgb)
-    if rgb.size != size:
+        stored = (stored[1], stored[0])
+    picture = _Picture(canvas=rgb, width=width, height=height, base=base, levels={base: rgb})
+    if rgb.size != stored:
         # From the smallest power-of-two reduction still larger than the canvas (cheap box
         # filters, shared with the cut-outs), then one bilinear step.
-        factor = 1
-        while rgb.width >= 2 * factor * size[0] and rgb.height >= 2 * factor * size[1]:
-            factor *= 2
-        picture.canvas = picture.level(factor).resize(size, Image.Resampling.BILINEAR)
-    if not full:
-        picture = _Picture(source=picture.canvas, canvas=picture.canvas)
+        level = base
+        while _holds(width, height, 2 * level, stored):
+            level *= 2
+        picture.canvas = picture.level(level).resize(stored, Image.Resampling.BILINEAR)
+    if full:
+        picture.data = data
+    else:
+        canvas = picture.canvas
+        picture = _Picture(
+            canvas=canvas, width=canvas.width, height=canvas.height, levels={1: canvas}
+        )
     return picture
 
 
