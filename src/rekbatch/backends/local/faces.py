@@ -67,7 +67,7 @@ import io
 import math
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -302,28 +302,36 @@ def _open(data: bytes) -> Image.Image:
     return image
 
 
-def _load(data: bytes, factor: int) -> tuple[Image.Image, int, bool]:
-    """Decode at 1/``factor`` of full resolution (JPEG: in the DCT domain, ``factor`` 1, 2, 4
-    or 8; PNG: always at full resolution), orientation-corrected RGB; returns the image, the
-    reduction it has and whether the EXIF orientation swapped width and height."""
+@contextlib.contextmanager
+def _decoding() -> Iterator[None]:
+    """Pillow's errors while opening or decoding, as the backend's: a decompression bomb is
+    ImageTooLargeException, anything unreadable InvalidImageFormatException."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = _open(data)
-            width = image.width
-            if factor > 1 and image.format in ("JPEG", "MPO"):
-                # draft picks the largest reduction that keeps at least the size asked for.
-                image.draft(None, (max(1, width // factor), max(1, image.height // factor)))
-            image.load()
-            reduced = max(1, round(width / image.width))
-            rgb = _to_rgb(_orient(image))
-            return rgb, reduced, rgb.size != image.size
+            yield
     except BackendError:
         raise
     except Image.DecompressionBombError as exc:
         raise BackendError("ImageTooLargeException", str(exc), "permanent") from exc
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise _invalid_format(f"image could not be decoded: {exc}") from exc
+
+
+def _load(data: bytes, factor: int) -> tuple[Image.Image, int, bool]:
+    """Decode at 1/``factor`` of full resolution (JPEG: in the DCT domain, ``factor`` 1, 2, 4
+    or 8; PNG: always at full resolution), orientation-corrected RGB; returns the image, the
+    reduction it has and whether the EXIF orientation swapped width and height."""
+    with _decoding():
+        image = _open(data)
+        width = image.width
+        if factor > 1 and image.format in ("JPEG", "MPO"):
+            # draft picks the largest reduction that keeps at least the size asked for.
+            image.draft(None, (max(1, width // factor), max(1, image.height // factor)))
+        image.load()
+        reduced = max(1, round(width / image.width))
+        rgb = _to_rgb(_orient(image))
+        return rgb, reduced, rgb.size != image.size
 
 
 def _holds(width: int, height: int, factor: int, size: tuple[int, int]) -> bool:
@@ -339,16 +347,8 @@ def _decode(data: bytes, megapixels: float, full: bool) -> _Picture:
     if not isinstance(data, bytes | bytearray | memoryview):
         raise _invalid_format("image data must be bytes")
     data = bytes(data)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            header = _open(data)
-    except BackendError:
-        raise
-    except Image.DecompressionBombError as exc:
-        raise BackendError("ImageTooLargeException", str(exc), "permanent") from exc
-    except (OSError, ValueError, SyntaxError, EOFError) as exc:
-        raise _invalid_format(f"image could not be decoded: {exc}") from exc
+    with _decoding():
+        header = _open(data)
     width, height = header.size
     scale = _canvas_scale(width, height, megapixels)
     stored = (max(1, round(width * scale)), max(1, round(height * scale)))
