@@ -13,9 +13,11 @@ pyarrow is an optional extra: ``pip install 'rekbatch[parquet]'``.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
+import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -423,9 +425,6 @@ async def export_in_child(output_dir: Path) -> list[Path]:
     a broken results.jsonl, a full disk): the run's results stay in JSONL and CSV, and
     ``rekbatch merge`` or the next run writes the Parquet files again.
     """
-    import asyncio
-    import sys
-
     child = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "rekbatch.sinks.parquet", str(output_dir),
         stdin=asyncio.subprocess.DEVNULL,
@@ -447,8 +446,6 @@ async def export_in_child(output_dir: Path) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import sys
-
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
         print("usage: python -m rekbatch.sinks.parquet OUTPUT_DIR", file=sys.stderr)
