@@ -19,8 +19,8 @@ so ``faces.py`` measures the roll with dlib's predictor and asks yuface again on
 cut-out.
 
 The canvas size, chosen by the caller, sets the smallest face found (see ``faces.py``).
-Everything here works in canvas pixels; ``yuface`` wants BGR bytes, which each tile is turned
-into while it is copied out.
+Everything here works in canvas pixels; ``yuface`` wants BGR bytes: each level is turned into
+them once (Pillow swaps the bands faster than numpy reorders them) and its tiles copied out.
 """
 
 from __future__ import annotations
@@ -105,15 +105,14 @@ def _tiles(length: int, tile: int, overlap: int) -> tuple[int, list[int]]:
 def _level_hits(image: Image.Image, factor: float, floor: float) -> list[Detection]:
     """Hits on one pyramid level, mapped to canvas pixels (the level is ``factor`` times
     smaller than the canvas)."""
-    rgb = np.asarray(image)
-    height, width = rgb.shape[:2]
+    bgr = np.asarray(Image.merge("RGB", image.split()[::-1]))
+    height, width = bgr.shape[:2]
     tw, xs = _tiles(width, TILE[0], OVERLAP)
     th, ys = _tiles(height, TILE[1], OVERLAP)
     hits: list[Detection] = []
     for oy in ys:
         for ox in xs:
-            # BGR and contiguous in one copy.
-            tile = np.ascontiguousarray(rgb[oy : oy + th, ox : ox + tw, ::-1])
+            tile = np.ascontiguousarray(bgr[oy : oy + th, ox : ox + tw])
             tile_h, tile_w = tile.shape[:2]
             for row in _run(tile):
                 score = float(row[0])
