@@ -174,6 +174,15 @@ def test_a_face_across_tile_edges_is_found_once() -> None:
     assert centred[0]["BoundingBox"]["Width"] * 1600 > 250
 
 
+def test_levels_are_cut_to_whole_blocks_only_when_a_few_pixels_over() -> None:
+    """yuface pads its input to whole 32-pixel blocks: 1155x866 (the 4:3 canvas of 1 MP) is
+    searched as 1152x864, but a level 4 or more pixels over a block keeps them."""
+    cut = {1155: 1152, 866: 864, 385: 384, 289: 288, 1152: 1152}
+    kept = (1181, 750, 548, 20)
+    assert {n: detector._trimmed(n) for n in cut} == cut
+    assert [detector._trimmed(n) for n in kept] == list(kept)
+
+
 def test_the_workers_allocator_keeps_yuface_buffers() -> None:
     """On glibc the face workers keep freed memory (see detector.keep_freed_memory), and a
     1 MP canvas is searched without faulting its buffers in again."""

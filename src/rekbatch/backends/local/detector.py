@@ -55,6 +55,13 @@ COARSEST = (960, 720)
 # one tile (more than OVERLAP) is at least OVERLAP / LEVEL_STEP = 27 px on the next level,
 # comfortably above yuface's smallest.
 LEVEL_STEP = 3
+# yuface works in blocks of BLOCK pixels and pads its input up to whole blocks: 1155x866 costs
+# what 1184x896 does. A level at most TRIM pixels wider or taller than whole blocks (the 4:3
+# canvas of 1 MP, 1155x866, and its coarser level, 385x289) is cut down to them: a strip of
+# 1-3 pixels along its right or bottom edge, about 0.3% of the width, is left unsearched, and
+# 6-17% of the level's time saved.
+BLOCK = 32
+TRIM = 3
 # Hits whose box comes within this many pixels of a tile's inner edge are cut faces.
 EDGE_MARGIN = 2
 # Two hits are one face when their boxes overlap this much (intersection over the smaller).
@@ -151,12 +158,19 @@ def _tiles(length: int, tile: int, overlap: int) -> tuple[int, list[int]]:
     return size, [round(i * step) for i in range(count)]
 
 
+def _trimmed(length: int) -> int:
+    """``length`` cut down to whole BLOCKs when that drops at most TRIM pixels."""
+    extra = length % BLOCK
+    return length - extra if length > BLOCK and extra <= TRIM else length
+
+
 def _level_hits(image: Image.Image, factor: float, floor: float) -> list[Detection]:
     """Hits on one pyramid level, mapped to canvas pixels (the level is ``factor`` times
     smaller than the canvas)."""
     # BGR once for the whole level; a tile is then a contiguous copy of whole rows or runs.
     bgr = np.asarray(Image.merge("RGB", image.split()[::-1]))
-    height, width = bgr.shape[:2]
+    height, width = (_trimmed(n) for n in bgr.shape[:2])
+    bgr = bgr[:height, :width]
     long_side, short_side = TILE
     limit_w, limit_h = (long_side, short_side) if width >= height else (short_side, long_side)
     tw, xs = _tiles(width, limit_w, OVERLAP)
