@@ -157,12 +157,13 @@ def test_the_prefilter_counts_what_detect_faces_reports() -> None:
 
 def test_a_face_across_tile_edges_is_found_once() -> None:
     """A large face straddling the canvas's tile edges is dropped by the cut tiles and found
-    whole on a coarser level: one face, not several pieces."""
+    whole on a coarser level: one face, not several pieces. (A 1 MP canvas is one tile: the
+    3 MP one is cut in four.)"""
     with Image.open(synth.REFERENCE) as portrait:
         face = portrait.convert("RGB").crop((560, 500, 1480, 1600)).resize((460, 550))
     image = synth.host((1600, 1200)).copy()
     image.paste(face, (800 - 230, 600 - 300))  # centred where the four tiles meet
-    answer = local_faces.detect_faces(synth.jpeg(image))
+    answer = local_faces.detect_faces(synth.jpeg(image), megapixels=3.0)
     centred = [
         d
         for d in answer["FaceDetails"]
@@ -171,3 +172,29 @@ def test_a_face_across_tile_edges_is_found_once() -> None:
     ]
     assert len(centred) == 1, [d["BoundingBox"] for d in centred]
     assert centred[0]["BoundingBox"]["Width"] * 1600 > 250
+
+
+def test_levels_are_cut_to_whole_blocks_only_when_a_few_pixels_over() -> None:
+    """yuface pads its input to whole 32-pixel blocks: 1155x866 (the 4:3 canvas of 1 MP) is
+    searched as 1152x864, but a level 4 or more pixels over a block keeps them."""
+    cut = {1155: 1152, 866: 864, 385: 384, 289: 288, 1152: 1152}
+    kept = (1181, 750, 548, 20)
+    assert {n: detector._trimmed(n) for n in cut} == cut
+    assert [detector._trimmed(n) for n in kept] == list(kept)
+
+
+def test_the_workers_allocator_keeps_yuface_buffers() -> None:
+    """On glibc the face workers keep freed memory (see detector.keep_freed_memory), and a
+    1 MP canvas is searched without faulting its buffers in again."""
+    import resource
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("glibc only")
+    local_faces.warm_up()
+    assert detector.keep_freed_memory()
+    canvas = Image.new("RGB", (1155, 866), (120, 110, 100))
+    detector.detect(canvas, 80.0)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    detector.detect(canvas, 80.0)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before < 2000

@@ -204,6 +204,7 @@ def _models() -> _Models:
             import dlib
 
             detector.load_yuface()  # fail here, not on the first image
+            detector.keep_freed_memory()  # this process analyses images: see there
         except ImportError as exc:
             raise _unavailable(f"{exc.name or 'a model package'} is not installed") from exc
         directory = models_dir()

@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -322,44 +323,83 @@ def _fold(layers: list[_Layer]) -> list[_Layer]:
     return out
 
 
-def _windows(x: _Array, size: int, stride: int, padding: int) -> _Array:
-    """Every size x size window of an NHWC tensor at ``stride``: (N, Ho, Wo, C, size, size)."""
-    if padding:
-        x = np.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-    view = np.lib.stride_tricks.sliding_window_view(x, (size, size), axis=(1, 2))
-    return view[:, ::stride, ::stride]
+def _pad(x: npt.NDArray[np.generic], pad: int) -> npt.NDArray[Any]:
+    """An NHWC tensor with ``pad`` zeros around each image (np.pad's bookkeeping costs more than
+    the copy at these sizes)."""
+    n, height, width, channels = x.shape
+    out = np.zeros((n, height + 2 * pad, width + 2 * pad, channels), dtype=x.dtype)
+    out[:, pad : pad + height, pad : pad + width] = x
+    return out
 
 
-def _conv(x: _Array, layer: _Layer) -> _Array:
+def _conv(tensor: _Array | npt.NDArray[np.uint8], layer: _Layer) -> _Array:
+    """The convolution of an NHWC tensor (float32, or the uint8 chips for a first layer that
+    takes them, see ``_take_bytes``)."""
     assert layer.weights is not None and layer.bias is not None
     size, stride, pad = layer.size, layer.stride, layer.padding
-    if pad:
-        x = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-    x = np.ascontiguousarray(x)
+    x: npt.NDArray[Any] = _pad(tensor, pad) if pad else np.ascontiguousarray(tensor)
     n, height, width, channels = x.shape
     ho = (height - size) // stride + 1
     wo = (width - size) // stride + 1
     # im2col, one copy per kernel row: in an NHWC tensor the ``size`` pixels of a window row
-    # are ``size * channels`` consecutive floats, so each copy moves contiguous runs. The
+    # are ``size * channels`` consecutive values, so each copy moves contiguous runs. The
     # columns come out in (kh, kw, C) order, the kernel's.
     run = size * channels
     sn, sh, sw, sc = x.strides
-    cols = np.empty((n, ho, wo, size * run), dtype=np.float32)
+    cols = np.empty((n, ho, wo, size * run), dtype=x.dtype)
     for dy in range(size):
         rows = np.lib.stride_tricks.as_strided(
             x[:, dy:], shape=(n, ho, wo, run), strides=(sn, sh * stride, sw * stride, sc)
         )
         cols[..., dy * run : (dy + 1) * run] = rows
-    out = cols.reshape(n * ho * wo, -1) @ layer.weights
+    # Bytes are copied four times faster than floats: a uint8 input becomes float32 after.
+    matrix = cols.reshape(n * ho * wo, -1).astype(np.float32, copy=False)
+    out = matrix @ layer.weights
     out += layer.bias
     return out.reshape(n, ho, wo, -1)
 
 
 def _pool(x: _Array, layer: _Layer, reduce: str) -> _Array:
-    view = _windows(x, layer.size, layer.stride, layer.padding)
-    if reduce == "max":
-        return np.asarray(view.max(axis=(4, 5)), dtype=np.float32)
-    return np.asarray(view.mean(axis=(4, 5), dtype=np.float32), dtype=np.float32)
+    """Max or average pooling, as the maximum or sum of the size x size strided slices (each
+    a cheap elementwise pass, where a reduction over window views is not)."""
+    size, stride, pad = layer.size, layer.stride, layer.padding
+    if pad:
+        x = _pad(x, pad)
+    ho = (x.shape[1] - size) // stride + 1
+    wo = (x.shape[2] - size) // stride + 1
+    out: _Array | None = None
+    for dy in range(size):
+        for dx in range(size):
+            part = x[
+                :,
+                dy : dy + stride * (ho - 1) + 1 : stride,
+                dx : dx + stride * (wo - 1) + 1 : stride,
+            ]
+            if out is None:
+                out = part.copy()
+            elif reduce == "max":
+                np.maximum(out, part, out=out)
+            else:
+                out += part
+    assert out is not None
+    if reduce != "max":
+        out *= np.float32(1.0 / (size * size))
+    return out
+
+
+def _take_bytes(layer: _Layer, means: npt.NDArray[np.float32]) -> bool:
+    """Fold the input's normalisation, (pixel - mean) / 256, into an unpadded first
+    convolution, which then takes the chips' bytes as they are (see ``_conv``): the same sums,
+    regrouped. Returns whether it could."""
+    if layer.kind != "con" or layer.padding or layer.weights is None or layer.bias is None:
+        return False
+    channels = len(means)
+    weights = layer.weights / np.float32(256.0)
+    # Rows are in (kh, kw, C) order: row k reads channel k % C.
+    row_means = np.tile(means, weights.shape[0] // channels)
+    layer.bias = (layer.bias - row_means @ weights).astype(np.float32)
+    layer.weights = np.ascontiguousarray(weights, dtype=np.float32)
+    return True
 
 
 class FaceResNet:
@@ -369,6 +409,7 @@ class FaceResNet:
         data = Path(model_file).read_bytes()
         layers, self.means = _parse(data)
         self.layers = _fold(layers)
+        self.takes_bytes = _take_bytes(self.layers[0], self.means)
 
     def descriptors(self, chips: list[npt.NDArray[np.uint8]]) -> npt.NDArray[np.float64]:
         """The descriptors (N x 128) of aligned 150x150 RGB face chips (``dlib.get_face_chip``
@@ -378,9 +419,14 @@ class FaceResNet:
         batch = np.stack([np.asarray(c, dtype=np.uint8) for c in chips])
         if batch.shape[1:] != (CHIP_SIZE, CHIP_SIZE, 3):
             raise ValueError(f"face chips must be {CHIP_SIZE}x{CHIP_SIZE} RGB")
-        x = (batch.astype(np.float32) - self.means) / np.float32(256.0)
+        layers = self.layers
+        if self.takes_bytes:
+            x = _conv(batch, layers[0])
+            layers = layers[1:]
+        else:
+            x = (batch.astype(np.float32) - self.means) / np.float32(256.0)
         tags: dict[int, _Array] = {}
-        for layer in self.layers:
+        for layer in layers:
             kind = layer.kind
             if kind == "con":
                 x = _conv(x, layer)
