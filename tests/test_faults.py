@@ -21,6 +21,7 @@ import pytest
 from tests.conftest import make_bucket
 from tests.helpers import base_config, fake_jpeg, invoke, read_csv, read_jsonl, write_config
 from tests.support.fake_rekognition import FakeConfig, FakeRekognition
+from tests.support.moto import put_objects
 
 OPS = '[[operations]]\ntype = "detect_labels"\n'
 IMAGES = 240
@@ -38,8 +39,7 @@ def bucket(moto_endpoint: str) -> str:
         aws_secret_access_key="testing",
     )
     name = make_bucket(s3, "faults-bucket")
-    for i in range(IMAGES):
-        s3.put_object(Bucket=name, Key=f"img/{i:04d}.jpg", Body=fake_jpeg(i))
+    put_objects(name, ((f"img/{i:04d}.jpg", fake_jpeg(i)) for i in range(IMAGES)))
     return name
 
 

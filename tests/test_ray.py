@@ -20,6 +20,7 @@ import pytest
 from tests.conftest import REPO, SAMPLES, make_bucket
 from tests.helpers import base_config, fake_jpeg, invoke, read_jsonl, write_config
 from tests.support.fake_rekognition import FakeConfig, FakeRekognition
+from tests.support.moto import put_objects
 
 OPS = '[[operations]]\ntype = "detect_faces"\n\n[[operations]]\ntype = "detect_labels"\n'
 SHOWS_RIC = {"ric_harvey.jpeg", "ric.jpg", "ric_crowd1.jpg"}
@@ -61,8 +62,7 @@ def test_ray_engine_runs_the_shards_as_tasks_and_retries_a_killed_one(
 ) -> None:
     make_bucket(s3, "ray-bucket")
     keys = {f"img/{i:04d}.jpg" for i in range(160)}
-    for i, key in enumerate(sorted(keys)):
-        s3.put_object(Bucket="ray-bucket", Key=key, Body=fake_jpeg(i))
+    put_objects("ray-bucket", ((key, fake_jpeg(i)) for i, key in enumerate(sorted(keys))))
     out = tmp_path / "out"
     config = write_config(
         tmp_path / "job.toml",

@@ -20,6 +20,7 @@ from rekbatch.store.jobdir import ledger_path
 from tests.conftest import REGION, make_bucket
 from tests.helpers import fake_jpeg, invoke, read_jsonl, write_config
 from tests.support.fake_backend import FakeBackend
+from tests.support.moto import put_objects
 from tests.test_engine import make_config
 
 SCHEMA = "Bucket, Key, VersionId, IsLatest, IsDeleteMarker, Size, LastModifiedDate, ETag"
@@ -119,8 +120,7 @@ def _parquet(rows: list[dict[str, Any]]) -> bytes:
 def build_inventory(s3: Any, name: str, kind: str) -> str:
     """A source bucket and its inventory report in the real layout; the manifest's URI."""
     source, dest = make_bucket(s3, f"{name}-src"), make_bucket(s3, f"{name}-inv")
-    for i, key in enumerate(CURRENT):
-        s3.put_object(Bucket=source, Key=key, Body=fake_jpeg(i))
+    put_objects(source, ((key, fake_jpeg(i)) for i, key in enumerate(CURRENT)))
     rows = _rows(s3, source)
     half = len(rows) // 2
     files = []

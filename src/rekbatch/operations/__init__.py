@@ -1,18 +1,36 @@
-"""What is done to each image: the configured operations, as objects the engine runs alike."""
+"""What is done to each image: the configured operations, as objects the engine runs alike.
+
+The package imports its operations (and with them the sources and the AWS clients) only when
+they are asked for, so that ``rekbatch.operations.summaries`` stays cheap to import: the
+Parquet export runs in a child process that needs only the summaries.
+"""
 
 from __future__ import annotations
 
-from rekbatch.config import CompareFacesOp, Config, SearchFacesOp
-from rekbatch.operations.base import Operation, OperationContext
-from rekbatch.operations.compare_faces import CompareFacesOperation
-from rekbatch.operations.detect import DetectOperation
-from rekbatch.operations.search_faces import SearchFacesOperation
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from rekbatch.config import Config
+    from rekbatch.operations.base import Operation, OperationContext
 
 __all__ = ["Operation", "OperationContext", "build_operations"]
 
 
+def __getattr__(name: str) -> Any:
+    if name in ("Operation", "OperationContext"):
+        from rekbatch.operations import base
+
+        return getattr(base, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def build_operations(cfg: Config) -> list[Operation]:
     """The job's operations, in config order."""
+    from rekbatch.config import CompareFacesOp, SearchFacesOp
+    from rekbatch.operations.compare_faces import CompareFacesOperation
+    from rekbatch.operations.detect import DetectOperation
+    from rekbatch.operations.search_faces import SearchFacesOperation
+
     built: list[Operation] = []
     for op in cfg.operations:
         if isinstance(op, CompareFacesOp):
