@@ -63,11 +63,13 @@ class _Stub:
         return _Answer(request.url, self.status, self.body, self.headers)
 
 
-async def _open(session: Any | None = None) -> tuple[AwsBackend, _Stub]:
+async def _open(
+    session: Any | None = None, endpoint_url: str | None = ENDPOINT, region: str = REGION
+) -> tuple[AwsBackend, _Stub]:
     session = session or aioboto3.Session(
-        aws_access_key_id=KEY_ID, aws_secret_access_key=SECRET, region_name=REGION
+        aws_access_key_id=KEY_ID, aws_secret_access_key=SECRET, region_name=region
     )
-    backend = AwsBackend(session, endpoint_url=ENDPOINT, pool=4)
+    backend = AwsBackend(session, endpoint_url=endpoint_url, pool=4)
     await backend.__aenter__()
     stub = _Stub()
     # One stub behind both paths: the client's HTTP session, which the direct path uses too.
@@ -160,6 +162,36 @@ def test_direct_request_and_answer_match_botocore(
         assert direct_answer == client_answer == answer
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize(
+    ("region", "fips", "host"),
+    [
+        ("eu-west-1", False, "rekognition.eu-west-1.amazonaws.com"),
+        ("us-east-1", True, "rekognition-fips.us-east-1.amazonaws.com"),
+        ("ap-southeast-2", False, "rekognition.ap-southeast-2.amazonaws.com"),
+    ],
+)
+def test_direct_request_goes_to_the_endpoint_botocore_resolves(
+    region: str, fips: bool, host: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if fips:
+        monkeypatch.setenv("AWS_USE_FIPS_ENDPOINT", "true")
+
+    async def main() -> tuple[Any, Any]:
+        backend, stub = await _open(endpoint_url=None, region=region)
+        try:
+            stub.body = b'{"Labels": []}'
+            direct, client, _, _ = await _both(
+                backend, "DetectLabels", {}, {"Image": ImageInput("b", "k")}
+            )
+        finally:
+            await backend.aclose()
+        return direct, client
+
+    direct, client = asyncio.run(main())
+    assert urlsplit(direct.url).netloc == urlsplit(client.url).netloc == host
+    assert f"/{region}/rekognition/aws4_request" in direct.headers["Authorization"]
 
 
 def _expected_signature(request: Any, secret: str, region: str) -> str:

@@ -111,7 +111,7 @@ def read_answer(api: str, body: bytes) -> dict[str, Any]:
     return answer
 
 
-def read_error(status: int, headers: Any, body: bytes) -> BackendError:
+def read_error(status: int, body: bytes) -> BackendError:
     """An error answer as botocore's JSON parser reads it, classified."""
     try:
         parsed = json.loads(body) if body else {}
@@ -265,7 +265,7 @@ class AwsBackend:
         except Exception as exc:
             raise _classified(exc) from None
         if response.status_code >= 300:
-            raise read_error(response.status_code, response.headers, content)
+            raise read_error(response.status_code, content)
         return read_answer(api, content)
 
     async def aclose(self) -> None:
