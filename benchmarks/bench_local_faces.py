@@ -48,19 +48,11 @@ for _name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_name, "1")
 
 
-def _src_from_argv() -> Path:
-    # --src must take effect before rekbatch is imported (and in the spawned workers).
-    for index, arg in enumerate(sys.argv):
-        if arg == "--src" and index + 1 < len(sys.argv):
-            return Path(sys.argv[index + 1]).resolve()
-        if arg.startswith("--src="):
-            return Path(arg.split("=", 1)[1]).resolve()
-    return REPO / "src"
+sys.path.insert(0, str(REPO))
+from benchmarks.src_choice import use_src  # noqa: E402
 
-
-SRC = _src_from_argv()
-sys.path.insert(0, str(SRC))
-os.environ["PYTHONPATH"] = os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])
+# --src must take effect before rekbatch is imported (and in the spawned workers).
+SRC = use_src(children=True)
 
 from PIL import Image  # noqa: E402
 

@@ -31,18 +31,10 @@ for _name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
     os.environ.setdefault(_name, "1")
 
 
-def _src_from_argv() -> Path:
-    for index, arg in enumerate(sys.argv):
-        if arg == "--src" and index + 1 < len(sys.argv):
-            return Path(sys.argv[index + 1]).resolve()
-        if arg.startswith("--src="):
-            return Path(arg.split("=", 1)[1]).resolve()
-    return REPO / "src"
-
-
-SRC = _src_from_argv()
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(SRC))
+from benchmarks.src_choice import use_src  # noqa: E402
+
+SRC = use_src()
 
 from PIL import Image  # noqa: E402
 from tests import faces_synthetic as synth  # noqa: E402
