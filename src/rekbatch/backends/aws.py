@@ -35,6 +35,8 @@ from types import TracebackType
 from typing import Any
 
 from aiobotocore.config import AioConfig
+from botocore.auth import SigV4Auth
+from botocore.awsrequest import AWSRequest
 
 from rekbatch import __version__
 from rekbatch.backends.base import ImageInput
@@ -233,9 +235,6 @@ class AwsBackend:
 
     def signed_request(self, api: str, body: bytes, credentials: Any) -> Any:
         """The prepared, signed HTTP request of one call (``AWSPreparedRequest``)."""
-        from botocore.auth import SigV4Auth
-        from botocore.awsrequest import AWSRequest
-
         request = AWSRequest(
             method="POST",
             url=self._url,
