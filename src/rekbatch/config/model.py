@@ -273,6 +273,8 @@ class OutputSection(_Section):
     upload_uri: str | None = None
     # Parquet beside the JSONL and CSV: "auto" writes it when pyarrow is installed.
     parquet: bool | Literal["auto"] = "auto"
+    # results.csv cells that would start a spreadsheet formula get a leading "'" unless "raw".
+    csv_formulas: Literal["neutralise", "raw"] = "neutralise"
 
     def parquet_enabled(self) -> bool:
         if self.parquet != "auto":

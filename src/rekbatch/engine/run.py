@@ -241,7 +241,12 @@ class Job:
                 for op in operations:
                     await op.prepare(ctx)
                 writer = Writer(
-                    self.out, ledger, self.run_id, cfg.source.uris, durable=self.options.checkpoint
+                    self.out,
+                    ledger,
+                    self.run_id,
+                    cfg.source.uris,
+                    durable=self.options.checkpoint,
+                    csv_formulas=cfg.output.csv_formulas,
                 )
                 await writer.open()
                 if self.options.retry_failed:
@@ -256,6 +261,7 @@ class Job:
                         self.run_id,
                         cfg.source.uris,
                         durable=self.options.checkpoint,
+                        csv_formulas=cfg.output.csv_formulas,
                     )
                     await writer.open()
                 self.writer = writer

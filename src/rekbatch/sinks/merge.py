@@ -184,7 +184,7 @@ def _merge_locked(directory: Path, cfg: Config, shards: Sequence[ShardFiles]) ->
             }
         )
         db.register_sources(cfg.source.uris)
-        _merge_records(directory, db, cfg.source.uris, shards)
+        _merge_records(directory, db, cfg, shards)
         _merge_person_matches(db, shards)
         summary = _summary(db, cfg, shards)
     finally:
@@ -201,13 +201,14 @@ def _merge_locked(directory: Path, cfg: Config, shards: Sequence[ShardFiles]) ->
 
 
 def _merge_records(
-    directory: Path, db: LedgerDB, sources: Sequence[str], shards: Sequence[ShardFiles]
+    directory: Path, db: LedgerDB, cfg: Config, shards: Sequence[ShardFiles]
 ) -> None:
+    sources = cfg.source.uris
     jsonl = AppendFile(directory / JSONL)
     csv = AppendFile(directory / CSV, csv_header())
     jsonl.open(None)
     csv.open(None)
-    csv_rows = CsvRows()
+    csv_rows = CsvRows(cfg.output.csv_formulas)
     listed: dict[int, set[str]] = {}
     try:
         for shard in shards:
