@@ -98,7 +98,7 @@ def _cell(value: Any) -> Any:
 
 def _quote(cell: Any) -> str:
     text = "" if cell is None else str(cell)
-    if any(c in text for c in ',"\n\r'):
+    if '"' in text or "," in text or "\n" in text or "\r" in text:
         return '"' + text.replace('"', '""') + '"'
     return text
 
@@ -144,7 +144,6 @@ class CsvRows:
         for column in SUMMARY_COLUMNS:
             value = record.dedup_of if column == "dedup_of" else summary.get(column)
             cells.append(_cell(value))
-        cells.append("" if record.result is None else result_json)
         line = self._render(cells)
         if self._neutralise and (_NEXT_FORMULA.search(line) or _FIRST_FORMULA.match(line)):
             # Rare, and the search may also hit inside a quoted cell: decide cell by cell.
@@ -157,6 +156,10 @@ class CsvRows:
             # The csv module quotes only the characters of its line terminator ("\n"): a
             # bare carriage return would end the row for most readers.
             line = ",".join(map(_quote, cells)) + "\n"
+        # result_json last, apart: it starts with "{" (never a formula, never neutralised),
+        # and the searches above stay as short as the other cells whatever its size.
+        result = "" if record.result is None else _quote(result_json)
+        line = line[:-1] + "," + result + "\n"
         return line.encode("utf-8")
 
 
