@@ -345,7 +345,8 @@ def _merge_person_matches(db: LedgerDB, shards: Sequence[ShardFiles]) -> None:
                 owner = shard_of(match["bucket"], match["key"], shard.shard.count)
                 if owner != shard.shard.index:
                     raise SetupError(
-                        f"{shard.folder}: its summary.json finds {person} in "
+                        f"{shard.folder}: its summary.json finds "
+                        f"{json.dumps(person, ensure_ascii=False)} in "
                         f"{json.dumps(match['key'], ensure_ascii=False)}, an object of shard "
                         f"{owner}; merge refused"
                     )
