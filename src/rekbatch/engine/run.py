@@ -184,7 +184,7 @@ class Job:
         lock.acquire()
         worked = False
         try:
-            worked = await asyncio.to_thread(
+            worked, self.cfg = await asyncio.to_thread(
                 jobdir.claim,
                 self.out,
                 self.cfg,
