@@ -178,8 +178,7 @@ class Job:
     # -- the run ----------------------------------------------------------------------------
 
     async def run(self) -> RunOutcome:
-        created = not self.out.exists()
-        self.out.mkdir(parents=True, exist_ok=True)
+        created = await asyncio.to_thread(jobdir.make_output, self.out)
         lock = JobLock(jobdir.state_dir(self.out) / "lock")
         lock.acquire()
         worked = False

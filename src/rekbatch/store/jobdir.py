@@ -25,6 +25,25 @@ def ledger_path(output_dir: Path) -> Path:
     return state_dir(output_dir) / "ledger.sqlite"
 
 
+def make_output(output_dir: Path) -> bool:
+    """Make ``output_dir`` and its state folder; True when the output folder is new. A path
+    that is a file, or a folder that cannot be written, is a ``SetupError`` naming it."""
+    hint = "choose another output folder (job.output_dir or --output)"
+    if output_dir.exists() and not output_dir.is_dir():
+        raise SetupError(f"{output_dir}: is a file, not a folder; {hint}")
+    created = not output_dir.exists()
+    state = state_dir(output_dir)
+    try:
+        state.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SetupError(f"{output_dir}: cannot be made ({exc.strerror or exc}); {hint}") from None
+    files = [output_dir / name for name in RESULT_FILES] + [ledger_path(output_dir), state / "lock"]
+    for path in [output_dir, state, *files]:
+        if path.exists() and not os.access(path, os.W_OK):
+            raise SetupError(f"{path}: cannot be written (read-only); {hint}")
+    return created
+
+
 def existing_ledger(output_dir: Path) -> Path:
     """The ledger of the job in ``output_dir``; a one-line error when there is none."""
     path = ledger_path(output_dir)
