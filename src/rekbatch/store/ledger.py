@@ -125,6 +125,7 @@ _INSERT = (
     f"INSERT OR REPLACE INTO records ({', '.join(RECORD_COLUMNS)}) "
     f"VALUES ({', '.join('?' * len(RECORD_COLUMNS))})"
 )
+UNRECORDED = "calls_outside_records"  # meta: {api: paid calls} over the job's runs
 LOOKUP_CHUNK = 500  # SQLite's default limit on host parameters is far above this
 
 # A ledger row: the values of RECORD_COLUMNS, in order.
@@ -339,6 +340,21 @@ class LedgerDB:
                     )
             for source in listing_done:
                 self._db.execute("UPDATE sources SET listing_done = 1 WHERE idx = ?", (source,))
+
+    def add_unrecorded_calls(self, calls: dict[str, int]) -> None:
+        """Add a run's paid calls that no record holds (by API) to the job's."""
+        if not any(calls.values()):
+            return
+        with self._db:
+            total = self.unrecorded_calls()
+            for api, n in calls.items():
+                total[api] = total.get(api, 0) + n
+            self._set_meta({UNRECORDED: json.dumps(total, sort_keys=True)})
+
+    def unrecorded_calls(self) -> dict[str, int]:
+        """The job's paid calls outside its records: reference checks, collection searches."""
+        raw = self.get_meta(UNRECORDED)
+        return {} if raw is None else {k: int(v) for k, v in json.loads(raw).items()}
 
     # -- budgets ----------------------------------------------------------------------------
 
