@@ -176,20 +176,8 @@ def test_resume_takes_environment_overrides_that_keep_the_job(
     assert sum(rows.values()) == IMAGES and max(rows.values()) == 1
 
 
-@pytest.mark.parametrize(
-    ("variable", "value"),
-    [
-        ("REKBATCH_SOURCE__INCLUDE", '["*.png"]'),
-        ("REKBATCH_BACKEND__KIND", "local"),
-        ("REKBATCH_JOB__OUTPUT_DIR", "somewhere-else"),
-    ],
-)
 def test_resume_refuses_an_override_that_would_change_the_job(
-    tmp_path: Path,
-    fake: FakeRekognition,
-    monkeypatch: pytest.MonkeyPatch,
-    variable: str,
-    value: str,
+    tmp_path: Path, fake: FakeRekognition, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     home = _project(tmp_path)
     config = write_config(
@@ -199,11 +187,17 @@ def test_resume_refuses_an_override_that_would_change_the_job(
         '[[operations]]\ntype = "detect_faces"\n',
     )
     assert invoke("run", str(config), "--log-format", "json").exit_code == 0
-    monkeypatch.setenv(variable, value)
-    refused = invoke("resume", str(home / "out"), "--log-format", "json")
-    assert refused.exit_code == 2
-    lines = refused.stderr.strip().splitlines()
-    assert len(lines) == 1 and variable in lines[0], lines
+    for variable, value in (
+        ("REKBATCH_SOURCE__INCLUDE", '["*.png"]'),
+        ("REKBATCH_BACKEND__KIND", "local"),
+        ("REKBATCH_JOB__OUTPUT_DIR", "somewhere-else"),
+    ):
+        with monkeypatch.context() as env:
+            env.setenv(variable, value)
+            refused = invoke("resume", str(home / "out"), "--log-format", "json")
+        assert refused.exit_code == 2
+        lines = refused.stderr.strip().splitlines()
+        assert len(lines) == 1 and variable in lines[0], lines
     assert not (home / "somewhere-else").exists()
 
 

@@ -97,13 +97,13 @@ def local_paths(cfg: Config) -> list[PathSlot]:
 
 
 def relative_paths(cfg: Config) -> list[PathSlot]:
-    """The local paths of ``cfg`` that are not absolute: a job made before jobs recorded
-    their paths absolute took them from the folder it ran in."""
-    return [
-        (field, value)
-        for field, value in local_paths(cfg)
-        if not os.path.isabs(os.path.expanduser(_local(value) or ""))
-    ]
+    """The local paths of ``cfg`` not written absolute (``~`` included): a job made before
+    jobs recorded their paths absolute took them as written, from the folder it ran in."""
+    return [(field, value) for field, value in local_paths(cfg) if not is_absolute(value)]
+
+
+def is_absolute(value: str) -> bool:
+    return os.path.isabs(_local(value) or value)
 
 
 def absolute(cfg: Config, base: Path) -> Config:

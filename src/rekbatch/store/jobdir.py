@@ -131,17 +131,13 @@ def _same_job(output_dir: Path, cfg: Config, recorded_json: str | None, existing
         # Made before jobs recorded absolute paths: its paths were read from the folder it
         # ran in. From that folder they are this config's paths; its rows name them as
         # written, so the run goes on naming them so.
-        here = paths.absolute(recorded, Path.cwd())
-        if paths.with_paths_of(cfg, here) is not None and all(
-            ours.get(field) == value
-            for field, value in paths.local_paths(here)
-            if field != "job.output_dir"
-        ):
+        here = paths.local_paths(paths.absolute(recorded, Path.cwd()))
+        if all(ours.get(f) == v for f, v in here if f != "job.output_dir"):
             return swapped
     differing = [(f, v) for f, v in theirs if f != "job.output_dir" and ours.get(f) != v]
     field, was = differing[0]
-    if not os.path.isabs(os.path.expanduser(was.removeprefix(paths.KEYS))):
-        was += " (relative to the folder its first run started in)"
+    if not paths.is_absolute(was):
+        was += " (as written, from the folder its first run started in)"
     raise SetupError(
         f"{output_dir}: {field} is {ours.get(field)} in this config (relative paths are read "
         f"from the config file's folder), but the job here recorded {was}; make the config "
