@@ -241,6 +241,8 @@ def _merge_into(directory: Path, db: LedgerDB, cfg: Config, shards: Sequence[Sha
         }
     )
     db.register_sources(cfg.source.uris)
+    for shard in shards:
+        db.add_unrecorded_calls(shard.summary.get("job_calls_outside_records", {}))
     _merge_records(directory, db, cfg, shards)
     _merge_person_matches(db, shards)
 
