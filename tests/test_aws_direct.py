@@ -406,4 +406,4 @@ def test_without_credentials_every_call_goes_through_the_client(
             return caught.value
 
     error = asyncio.run(main())
-    assert (error.code, error.kind) == ("NoCredentials", "permanent")
+    assert (error.code, error.kind) == ("NoCredentials", "credentials")

@@ -116,6 +116,9 @@ def _run_job(cfg: Any, options: Any) -> int:
                 job.request_stop(f"interrupted by {name}")
             else:
                 # The ledger only ever holds fsynced results: stopping here stays resumable.
+                from rekbatch.engine.children import kill_children
+
+                kill_children()
                 sys.stderr.write("rekbatch: stopped at once; resume with the same command\n")
                 sys.stderr.flush()
                 os._exit(130)
@@ -131,7 +134,7 @@ def _run_job(cfg: Any, options: Any) -> int:
     if outcome.failure is not None:
         typer.echo(
             f"rekbatch: {outcome.failure}; what finished is kept, resume with: "
-            f"rekbatch resume {out}",
+            f"rekbatch resume {out}{outcome.resume_args}",
             err=True,
         )
         return int(outcome.exit_code)

@@ -20,6 +20,9 @@ parser reads it (``__type`` after the last ``#``, ``message`` or ``Message``). A
 whose input or output has a member JSON cannot carry as it is (a timestamp, or binary data
 in an answer) goes through the client's method instead, as do all calls when the client
 lacks what the direct path needs.
+
+``refresh_credentials`` opens a new client on credentials resolved anew (the caller asks
+for it once when the service refuses the credentials in use).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import json
 import re
 import sys
 import warnings
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
@@ -40,8 +44,8 @@ from botocore.awsrequest import AWSRequest
 
 from rekbatch import __version__
 from rekbatch.backends.base import ImageInput
-from rekbatch.calls.retry import classify
-from rekbatch.errors import BackendError, call_error_from
+from rekbatch.calls.classify import classify, failure_of
+from rekbatch.errors import BackendError
 
 # The member every real answer of these APIs carries: a list of structures (empty when
 # nothing was found). An answer without it, or with something else there, is malformed.
@@ -128,13 +132,28 @@ def read_error(status: int, body: bytes) -> BackendError:
 
 
 class AwsBackend:
-    """Rekognition through one aiobotocore client; use as an async context manager."""
+    """Rekognition through one aiobotocore client; use as an async context manager.
+
+    ``new_session`` makes the session a credential reload resolves credentials with (a new
+    one reads the environment, files and instance role again); without it, the first."""
 
     network = True  # calls cross a network: the caller gives each a deadline
     endpoint_name = "the Rekognition endpoint"
+    ways_out = (
+        "check the network, aws.region or aws.rekognition_endpoint_url, and the credentials; "
+        'for local folders, --offline (backend.kind = "local") analyses them without AWS'
+    )
 
-    def __init__(self, session: Any, *, endpoint_url: str | None, pool: int) -> None:
+    def __init__(
+        self,
+        session: Any,
+        *,
+        endpoint_url: str | None,
+        pool: int,
+        new_session: Callable[[], Any] | None = None,
+    ) -> None:
         self._session = session
+        self._new_session = new_session
         self._endpoint = endpoint_url
         self._config = AioConfig(
             max_pool_connections=pool,
@@ -160,19 +179,35 @@ class AwsBackend:
         warnings.filterwarnings(
             "ignore", message="Sending a large body directly", category=ResourceWarning
         )
-        self._client = await self._stack.enter_async_context(
-            self._session.client("rekognition", endpoint_url=self._endpoint, config=self._config)
-        )
-        await self._open_direct()
+        await self._open(self._session)
         return self
 
-    async def _open_direct(self) -> None:
+    async def _open(self, session: Any) -> None:
+        """A client on ``session``, and the direct path on it."""
+        client = await self._stack.enter_async_context(
+            session.client("rekognition", endpoint_url=self._endpoint, config=self._config)
+        )
+        self._client = client
+        self._methods = {}
+        self.endpoint_name = f"the Rekognition endpoint {client.meta.endpoint_url}"
+        await self._open_direct(session)
+        if self._http is None:
+            self._direct.clear()  # a reopened client without the direct path
+
+    async def refresh_credentials(self) -> None:
+        """Resolve the credentials again and make the next calls with them."""
+        if self._new_session is not None:
+            self._session = self._new_session()
+        await self._open(self._session)  # the previous client closes with the backend
+
+    async def _open_direct(self, session: Any) -> None:
         """What the direct path takes from the client: its HTTP session, credentials,
         endpoint and region. Without any of them every call goes through the client."""
         client = self._client
+        self._http = None
         endpoint = getattr(client, "_endpoint", None)
         http = getattr(endpoint, "http_session", None)
-        credentials = self._session.get_credentials()
+        credentials = session.get_credentials()
         if inspect.isawaitable(credentials):
             credentials = await credentials
         if http is None or credentials is None or not hasattr(http, "send"):
@@ -272,7 +307,7 @@ class AwsBackend:
 
 
 def _classified(exc: Exception) -> BackendError:
-    classified = call_error_from(exc)
+    classified = failure_of(exc)
     if classified is None:
         # An answer that could not be made sense of (members of the wrong type, a body cut
         # short): this call's problem, worth another attempt.

@@ -4,8 +4,11 @@
 operations, then runs every task of the run under one ``asyncio.TaskGroup``: the producer,
 the workers, the writer, the heartbeat, the periodic upload and the progress display. The
 first unexpected failure of any of them cancels the others; what is finished is committed
-and the run ends with exit 1 and one line naming the task. Stopping (a signal or a budget
-cap) instead closes the producer: in-flight objects finish, everything is committed.
+and the run ends with exit 1 and one line naming the task (or the cause, when the run
+stopped itself: the failure breaker, refused credentials, an endpoint out of reach).
+Stopping (a signal or a budget cap) instead closes the producer: in-flight objects have
+``limits.stop_grace_seconds`` to finish, no call is retried meanwhile, and then the
+producer and the workers are cancelled; everything finished is committed.
 
 Then the operations finish (search a face collection), and summary.json, Parquet and the
 upload are written from the ledger.
@@ -27,6 +30,7 @@ from typing import Any
 import structlog
 
 from rekbatch.backends.base import Backend
+from rekbatch.calls.breaker import FailureBreaker
 from rekbatch.calls.caller import Caller
 from rekbatch.calls.limiter import AdaptiveLimiter
 from rekbatch.calls.retry import RetryPolicy
@@ -97,6 +101,7 @@ class RunOutcome:
     stop_reason: str | None
     failure: str | None = None
     notes: list[str] = field(default_factory=list)
+    resume_args: str = ""  # what ``rekbatch resume DIR`` needs added to take the job up
 
 
 async def _named(name: str, work: Awaitable[None]) -> None:
@@ -136,14 +141,32 @@ class Job:
         self._started = 0.0
         self._bytes_buckets: set[str] = set()  # sources in another region than Rekognition
         self.converter: Converter | None = None
+        self._work: list[asyncio.Task[None]] = []  # the producer and the workers
+        self._grace_over = False
 
     # -- control ----------------------------------------------------------------------------
 
     def request_stop(self, reason: str) -> None:
         if self.stop_reason is None:
             self.stop_reason = reason
-            log.warning("stopping", reason=reason, hint="in-flight calls finish, then commit")
+            grace = self.cfg.limits.stop_grace_seconds
+            log.warning(
+                "stopping",
+                reason=reason,
+                hint=f"in-flight calls have {grace:g} s to finish, then commit",
+            )
+            asyncio.get_running_loop().call_later(grace, self._end_grace)
         self.stopping.set()
+
+    def _end_grace(self) -> None:
+        """The grace period is over: cancel the producer and the workers; what they
+        finished is committed, the rest stays to do."""
+        self._grace_over = True
+        running = [task for task in self._work if not task.done()]
+        if running:
+            log.warning("grace_over", cancelled_tasks=len(running))
+        for task in running:
+            task.cancel()
 
     @property
     def limiters(self) -> dict[str, AdaptiveLimiter]:
@@ -236,6 +259,7 @@ class Job:
                     clock=self.clock,
                     unreachable_seconds=cfg.limits.unreachable_seconds,
                     share=1.0 / self.options.shard.count if self.options.shard else 1.0,
+                    stopping=self.stopping,
                 )
                 ctx = OperationContext(self.caller, ledger, s3)
                 for op in operations:
@@ -281,17 +305,21 @@ class Job:
         return await stack.enter_async_context(s3)
 
     def _session(self) -> Any:
+        if not hasattr(self, "_aws_session"):
+            self._aws_session = self._new_session()
+        return self._aws_session
+
+    def _new_session(self) -> Any:
+        """A session resolving the credentials afresh (environment, files, instance role)."""
         import aioboto3
         import botocore.exceptions as bexc
 
-        if not hasattr(self, "_aws_session"):
-            try:
-                self._aws_session = aioboto3.Session(
-                    profile_name=self.cfg.aws.profile, region_name=self.cfg.aws.region
-                )
-            except bexc.ProfileNotFound as exc:
-                raise SetupError(f"aws.profile: {exc}") from None
-        return self._aws_session
+        try:
+            return aioboto3.Session(
+                profile_name=self.cfg.aws.profile, region_name=self.cfg.aws.region
+            )
+        except bexc.ProfileNotFound as exc:
+            raise SetupError(f"aws.profile: {exc}") from None
 
     async def _check_sources(self, sources: list[Source], s3: S3 | None) -> None:
         for source in sources:
@@ -313,6 +341,7 @@ class Job:
                 self._session(),
                 endpoint_url=cfg.aws.rekognition_endpoint_url,
                 pool=cfg.limits.concurrency + 16,
+                new_session=self._new_session,
             )
             return await stack.enter_async_context(aws)
         from rekbatch.backends.local.backend import LocalBackend  # optional extra
@@ -448,6 +477,7 @@ class Job:
             stopping=self.stopping,
             request_stop=self.request_stop,
             faces=self._faces,
+            breaker=FailureBreaker(cfg.limits.max_failed_share, cfg.limits.failure_window),
         )
         await ledger.write(LedgerDB.start_run, self.run_id, os.getpid())
         self._started = self.clock.now()
@@ -512,6 +542,10 @@ class Job:
                 tg.create_task(_named(f"worker-{i}", worker.run(queue)), name=f"worker-{i}")
                 for i in range(workers)
             ]
+            self._work = work
+            if self._grace_over:  # stopped, and the grace ran out before the work began
+                for task in work:
+                    task.cancel()
 
             async def close() -> None:
                 await asyncio.wait(work)
@@ -599,20 +633,24 @@ class Job:
     async def _failed(
         self, ledger: Ledger, operations: list[Operation], failure: TaskFailed
     ) -> RunOutcome:
-        """A task failed: keep what is finished, say what failed, stay resumable."""
+        """A task failed, or the run stopped itself for a stated reason (a ``RekbatchError``:
+        its exit code and line): keep what is finished, say why, stay resumable."""
+        cause = failure.cause
+        if isinstance(cause, RekbatchError):
+            code, line, resume = cause.exit_code, str(cause), getattr(cause, "resume_args", "")
+        else:
+            code, line, resume = EXIT_UNEXPECTED, str(failure), ""
         live = self.live_stats()
         summary: dict[str, Any] = {}
         with contextlib.suppress(Exception):
             assert self.caller is not None
             ctx = OperationContext(self.caller, ledger, None)
             summary = await self._summary(ledger, operations, ctx, live)
-            summary["failed"] = str(failure.cause)
+            summary["failed"] = str(cause)
             await asyncio.to_thread(write_summary, self.out, summary)
         with contextlib.suppress(Exception):
-            await ledger.write(LedgerDB.end_run, self.run_id, EXIT_UNEXPECTED, live)
-        cause = failure.cause
-        line = str(cause) if isinstance(cause, RekbatchError) else str(failure)
-        return RunOutcome(EXIT_UNEXPECTED, summary, [], self.stop_reason, failure=line)
+            await ledger.write(LedgerDB.end_run, self.run_id, code, live)
+        return RunOutcome(code, summary, [], self.stop_reason, failure=line, resume_args=resume)
 
 
 def _reference_locations(cfg: Config) -> list[str]:
