@@ -17,6 +17,8 @@ code the CLI turns it into:
   or many in a row with the same code; ``resume --retry-failed`` takes them up.
 - ``CredentialsRefused`` (1): the service refused the credentials, also once reloaded; the
   run stopped without failing a record.
+- ``CallPathFailed`` (1): the direct call path met an exception it does not expect (a
+  changed library); ``aws.call_path = "client"`` avoids it.
 - ``Interrupted`` (130): a call was not started or retried because the run is stopping.
 - ``BackendError``: one Rekognition (or offline backend) call failed. ``kind`` says whether
   it is retried (``throttle``, ``transient``), recorded at once (``permanent``), or calls
@@ -130,6 +132,21 @@ class CredentialsRefused(RunHalted):
             "the run stopped without failing a record: renew the credentials"
         )
         self.code = code
+
+
+class CallPathFailed(RekbatchError):
+    """The direct call path met an exception it does not expect: a bug, or a library that
+    changed under it. Not a property of one image, so the run stops."""
+
+    exit_code = EXIT_UNEXPECTED
+
+    def __init__(self, api: str, cause: BaseException, versions: str) -> None:
+        super().__init__(
+            f"the direct call path failed on {api} with {type(cause).__name__}: {cause} "
+            f'({versions}); set aws.call_path = "client" (REKBATCH_AWS__CALL_PATH=client) '
+            "to call through the aiobotocore client"
+        )
+        self.api = api
 
 
 class Interrupted(RekbatchError):

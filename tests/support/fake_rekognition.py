@@ -37,6 +37,8 @@ fields, or ``fail_calls`` to pick them by call number). What aiobotocore 2.25 ra
 - ``slow_body_bytes``: a request whose body is at least this large (an image sent as bytes)
   is answered only after ``slow_seconds`` (0: held until the client gives up), every time:
   a request always slower than the client's deadline. Counted in ``slow``.
+- ``unmodelled_members``: every answer also carries members a newer service might send
+  before botocore's model knows them, and JSON nulls (botocore's parser drops both).
 - ``refused_keys``: requests signed with one of these access key ids are refused with the
   given code (``ExpiredTokenException``, ``UnrecognizedClientException``), HTTP 400, as
   the service refuses credentials that expired or that it does not know.
@@ -198,6 +200,8 @@ class FakeConfig:
     slow_seconds: float = 0.0
     #: access key id -> the error code its requests are refused with
     refused_keys: dict[str, str] = field(default_factory=dict)
+    #: answers also carry members outside botocore's model, and JSON nulls
+    unmodelled_members: bool = False
 
 
 def image_digest(data: bytes) -> str:
@@ -769,6 +773,18 @@ def _malformed(op: str, answer: JSON) -> Any:
     return {**answer, member: [1, 2]}
 
 
+def _with_unmodelled(op: str, answer: JSON) -> JSON:
+    """The answer with members outside the output shape and nulls, at the top and in each
+    structure of its main list."""
+    extra: JSON = {"UnmodelledMember": {"Since": "2027"}, "UnmodelledNull": None}
+    member = _MALFORMED_MEMBER.get(op)
+    items = answer.get(member) if member else None
+    out = {**answer, **extra}
+    if member and isinstance(items, list):
+        out[member] = [{**x, **extra} if isinstance(x, dict) else x for x in items]
+    return out
+
+
 def _client_gone(request: web.BaseRequest) -> bool:
     transport = request.transport
     return transport is None or transport.is_closing()
@@ -904,7 +920,7 @@ def _coerce_field(name: str, value: Any) -> Any:
         return int(value)
     if name == "refused_keys":
         return {str(k): str(v) for k, v in dict(value).items()}
-    if name in ("s3_cache", "check_bucket_region"):
+    if name in ("s3_cache", "check_bucket_region", "unmodelled_members"):
         return bool(value)
     return float(value)
 
@@ -1561,6 +1577,8 @@ class FakeRekognition:
                         self._finish_unanswered(api, "abandoned", billable)
                         ended = True
                         return _cut(request, reset=False)
+                if status == 200 and self._config.unmodelled_members:
+                    answer = _with_unmodelled(op, answer)
                 data = json.dumps(answer)
             # counted before it is written, so that a client that has its answer finds it in
             # the stats; taken back if it cannot be written

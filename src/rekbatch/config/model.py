@@ -141,6 +141,9 @@ class AwsSection(_Section):
     rekognition_endpoint_url: str | None = None
     # "auto": S3Object where the bucket is in Rekognition's region, bytes elsewhere.
     image_mode: Literal["auto", "s3", "bytes"] = "auto"
+    # How Rekognition calls are made: a signed request of rekbatch's own through the
+    # client's HTTP session ("direct"), or the aiobotocore client's methods ("client").
+    call_path: Literal["direct", "client"] = "direct"
 
     _endpoints = field_validator("s3_endpoint_url", "rekognition_endpoint_url")(
         classmethod(lambda cls, v: _check_endpoint(v))

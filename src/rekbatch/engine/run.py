@@ -341,6 +341,7 @@ class Job:
                 self._session(),
                 endpoint_url=cfg.aws.rekognition_endpoint_url,
                 pool=cfg.limits.concurrency + 16,
+                call_path=cfg.aws.call_path,
                 new_session=self._new_session,
             )
             return await stack.enter_async_context(aws)
