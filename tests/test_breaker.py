@@ -35,9 +35,10 @@ def test_a_success_or_another_code_between_failures_starts_the_streak_again() ->
     assert feed(FailureBreaker(), mixed) is None
 
 
-def test_failures_about_the_image_itself_make_no_streak() -> None:
+@pytest.mark.parametrize("code", ["InvalidImageFormatException", "NoSuchKey"])
+def test_failures_about_the_object_itself_make_no_streak(code: str) -> None:
     breaker = FailureBreaker()
-    assert feed(breaker, ["InvalidImageFormatException"] * 200) is None
+    assert feed(breaker, [code] * 200) is None
 
 
 def test_more_than_the_share_of_a_full_window_trips() -> None:

@@ -7,6 +7,8 @@ signal to the exit are printed for the record."""
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import os
 import signal
 import subprocess
@@ -14,11 +16,15 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from rekbatch.config import load_config
+from rekbatch.engine import Job, RunOptions
+from rekbatch.errors import Interrupted
 from rekbatch.store.ledger import LedgerDB
 from tests.conftest import REPO, make_bucket
 from tests.helpers import (
@@ -30,6 +36,7 @@ from tests.helpers import (
     read_jsonl,
     write_config,
 )
+from tests.support.fake_backend import FakeBackend
 from tests.support.fake_rekognition import FakeConfig, FakeRekognition
 from tests.support.moto import put_objects
 
@@ -118,6 +125,7 @@ def test_sigterm_with_every_call_stalled_exits_130_after_the_grace_period(
     log = (tmp_path / "run.log").read_text()
     assert code == 130, log[-3000:]
     assert "interrupted; resume with" in log and '"grace_over"' in log
+    assert "listed no objects" not in log  # a stopped run says nothing of its sources
     # Nothing was retried once stopping, and nothing was recorded as failed.
     assert not [r for r in read_jsonl(out / "results.jsonl") if r["status"] != "ok"]
 
@@ -194,4 +202,51 @@ def test_a_second_sigint_to_an_offline_run_leaves_no_process_of_it(tmp_path: Pat
 
     result = invoke("resume", str(out))
     assert result.exit_code == 0, result.stderr
+    _exactly_once(out, len(keys))
+
+
+# --------------------------------------------------------------------------- during startup
+
+
+@dataclass
+class _StalledReferenceCheck(FakeBackend):
+    """The reference check (DetectFaces on the reference's bytes) never answers."""
+
+    checking: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def call(self, api: str, params: dict[str, Any], images: dict[str, Any]) -> Any:
+        if api == "DetectFaces":
+            self.checking.set()
+            await asyncio.sleep(3600)
+        return await super().call(api, params, images)
+
+
+async def test_a_stop_while_the_run_starts_ends_after_the_grace_period(tmp_path: Path) -> None:
+    photos = tmp_path / "photos"
+    keys = local_images(photos, 6)
+    reference = photos / keys[0]
+    path = write_config(
+        tmp_path / "job.toml",
+        f'[job]\noutput_dir = "{tmp_path / "out"}"\n\n[source]\nuris = ["{photos}"]\n\n'
+        "[limits]\nmax_tps = 1000\nstop_grace_seconds = 0.2\n\n"
+        f'[[operations]]\ntype = "compare_faces"\nreference = "{reference}"\n',
+    )
+    cfg = load_config(path, environ={})
+    out = Path(cfg.job.output_dir)
+    backend = _StalledReferenceCheck()
+    job = Job(cfg, RunOptions(output_dir=out), backend=backend)
+    running = asyncio.create_task(job.run())
+    async with asyncio.timeout(GENEROUS):
+        await backend.checking.wait()
+        job.request_stop("interrupted by SIGTERM")
+        with pytest.raises(Interrupted) as caught:
+            await running
+    assert caught.value.exit_code == 130
+    assert not (out / "results.jsonl").exists()
+
+    ident = f"sha256:{hashlib.sha256(reference.read_bytes()).hexdigest()}"
+    healthy = FakeBackend(people={ident: ["ric"]})
+    async with asyncio.timeout(GENEROUS):
+        outcome = await Job(cfg, RunOptions(output_dir=out), backend=healthy).run()
+    assert outcome.exit_code == 0
     _exactly_once(out, len(keys))

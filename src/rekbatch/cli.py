@@ -190,6 +190,8 @@ def render_summary(summary: dict[str, Any]) -> str:
 def summary_warnings(summary: dict[str, Any]) -> list[str]:
     """What a run that exits 0 should not leave unsaid: sources without images."""
     statuses = summary["counts"]["by_status"]
+    if summary.get("stopped"):
+        return []  # stopped before the listing was done: nothing to say about the sources
     if not sum(statuses.values()):
         return ["the sources listed no objects; check source.uris (and source.include)"]
     if not statuses.get("ok") and not statuses.get("failed"):

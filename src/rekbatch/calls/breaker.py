@@ -13,9 +13,10 @@ Two rules, whichever comes first:
   expired credential, a missing permission or a broken service fails everything, and at
   20 records the run has paid for at most ``20 * max_attempts`` calls, not for the bucket.
 
-Records skipped without a call are not fed to it. Failures that describe the image's own
-content (``IMAGE_CODES``: a format or size Rekognition refuses) count towards the share but
-do not make a streak: a folder of broken files next to each other is not a systemic fault.
+Records skipped without a call are not fed to it. Failures that describe the object itself
+(``OBJECT_CODES``: a format or size Rekognition refuses, an object deleted since it was
+listed) count towards the share but do not make a streak: a folder of broken files, or one
+deleted while the run lists it, is not a systemic fault.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ from collections import Counter, deque
 from dataclasses import dataclass
 
 STREAK = 20
-IMAGE_CODES = frozenset({"InvalidImageFormatException", "ImageTooLargeException"})
+OBJECT_CODES = frozenset(
+    {"InvalidImageFormatException", "ImageTooLargeException", "NoSuchKey", "404", "NotFound"}
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +87,7 @@ class FailureBreaker:
         self._recent.append(code)
         if code is not None:
             self._codes[code] += 1
-        if code is None or code in IMAGE_CODES:
+        if code is None or code in OBJECT_CODES:
             self._run_code, self._run = None, 0
         elif code == self._run_code:
             self._run += 1

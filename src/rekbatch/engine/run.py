@@ -49,6 +49,7 @@ from rekbatch.errors import (
     EXIT_OK,
     EXIT_UNEXPECTED,
     BackendError,
+    Interrupted,
     RekbatchError,
     SetupError,
     TaskFailed,
@@ -143,6 +144,8 @@ class Job:
         self.converter: Converter | None = None
         self._work: list[asyncio.Task[None]] = []  # the producer and the workers
         self._grace_over = False
+        self._main: asyncio.Task[Any] | None = None  # the task running ``run``
+        self._startup_cancelled = False
 
     # -- control ----------------------------------------------------------------------------
 
@@ -162,6 +165,12 @@ class Job:
         """The grace period is over: cancel the producer and the workers; what they
         finished is committed, the rest stays to do."""
         self._grace_over = True
+        if not self._work and self._main is not None and not self._main.done():
+            # Still starting (a reference check on a stalled endpoint, say): cancel that.
+            self._startup_cancelled = True
+            log.warning("grace_over", cancelled="startup")
+            self._main.cancel()
+            return
         running = [task for task in self._work if not task.done()]
         if running:
             log.warning("grace_over", cancelled_tasks=len(running))
@@ -201,6 +210,7 @@ class Job:
     # -- the run ----------------------------------------------------------------------------
 
     async def run(self) -> RunOutcome:
+        self._main = asyncio.current_task()
         created = not self.out.exists()
         self.out.mkdir(parents=True, exist_ok=True)
         lock = JobLock(jobdir.state_dir(self.out) / "lock")
@@ -222,7 +232,7 @@ class Job:
                 await asyncio.to_thread(
                     write_job_file, self.out, self.options.job_config or self.cfg, shard
                 )
-            return await self._run_claimed()
+            return await self._until_grace()
         except RekbatchError:
             if created and not worked and self.writer is None:
                 # Nothing was done: leave no job behind for a config that never ran.
@@ -231,6 +241,18 @@ class Job:
             raise
         finally:
             lock.release()
+
+    async def _until_grace(self) -> RunOutcome:
+        """``_run_claimed``, whose startup the end of the grace period may cancel."""
+        try:
+            return await self._run_claimed()
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if not self._startup_cancelled or task is None or task.uncancel():
+                raise  # cancelled from outside too
+            raise Interrupted(
+                f"{self.stop_reason}: stopped before the work began, nothing was recorded"
+            ) from None
 
     async def _run_claimed(self) -> RunOutcome:
         cfg = self.cfg
