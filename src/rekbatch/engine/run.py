@@ -546,6 +546,9 @@ class Job:
                 except BackendError as exc:
                     ctx.failures[op.type] = f"{exc.code}: {exc.message}"
                     log.error("finish_failed", operation=op.type, error=str(exc))
+                except Interrupted as exc:  # a signal during the last step: left for resume
+                    ctx.failures[op.type] = str(exc)
+                    break
         return await self._finish(ledger, operations, ctx, s3)
 
     async def _supervise(
