@@ -185,13 +185,15 @@ class Caller:
         tries = 0
         seconds = 0.0
         while True:
-            if tries:
-                self._check_stopping(api)
             tries += 1
-            permit = await limiter.acquire()
-            if tries > 1 and self._stopping is not None and self._stopping.is_set():
-                limiter.on_error(permit)  # given back unused
+            if tries > 1:  # a retry: not once the run is stopping, even after the wait
                 self._check_stopping(api)
+                permit = await limiter.acquire()
+                if self._stopping is not None and self._stopping.is_set():
+                    limiter.on_error(permit)  # given back unused
+                    self._check_stopping(api)
+            else:
+                permit = await limiter.acquire()
             stats.calls[api] += 1
             generation = self._credentials_generation
             sent = clock.now()
