@@ -146,6 +146,7 @@ class Job:
         self._grace_over = False
         self._main: asyncio.Task[Any] | None = None  # the task running ``run``
         self._startup_cancelled = False
+        self._grace: asyncio.TimerHandle | None = None
 
     # -- control ----------------------------------------------------------------------------
 
@@ -158,7 +159,7 @@ class Job:
                 reason=reason,
                 hint=f"in-flight calls have {grace:g} s to finish, then commit",
             )
-            asyncio.get_running_loop().call_later(grace, self._end_grace)
+            self._grace = asyncio.get_running_loop().call_later(grace, self._end_grace)
         self.stopping.set()
 
     def _end_grace(self) -> None:
@@ -240,6 +241,8 @@ class Job:
                 shutil.rmtree(self.out, ignore_errors=True)
             raise
         finally:
+            if self._grace is not None:
+                self._grace.cancel()  # the run is over: nothing left to cancel
             lock.release()
 
     async def _until_grace(self) -> RunOutcome:
