@@ -371,11 +371,13 @@ class LedgerDB:
         )
 
     def faces_by_detail_prefix(self, operation: str) -> dict[str, int]:
-        """Faces indexed per collection (``detail`` is ``collection/external id``)."""
+        """Faces indexed per collection (``detail`` is ``collection/external id``); a copy,
+        recorded from its original's result, indexed nothing itself."""
         rows = self._db.execute(
             "SELECT substr(detail, 1, instr(detail, '/') - 1) AS collection, "
             "SUM(coalesce(face_count, 0)) FROM records "
-            "WHERE operation = ? AND status = 'ok' AND detail LIKE '%/%' GROUP BY collection",
+            "WHERE operation = ? AND status = 'ok' AND detail LIKE '%/%' AND dedup_of IS NULL "
+            "GROUP BY collection",
             (operation,),
         )
         return {row[0]: int(row[1]) for row in rows}

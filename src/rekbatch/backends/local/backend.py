@@ -63,7 +63,7 @@ __all__ = [
 
 # Config operation types the local backend can run.
 LOCAL_SUPPORTED_OPERATIONS: frozenset[str] = frozenset(
-    {"detect_faces", "compare_faces", "search_faces"}
+    {"detect_faces", "compare_faces", "search_faces", "index_faces"}
 )
 
 INSTALL_HINT = "pip install 'rekbatch[local]'"
