@@ -260,6 +260,29 @@ def test_failed_indexing_is_retried_and_then_found(
     assert all(r["status"] == "ok" for r in rows)
 
 
+def test_the_ledger_names_each_collection_once(tmp_path: Path) -> None:
+    """Collections whose names sort around each other ('-' and '.' sort before '/')."""
+    from rekbatch.store.ledger import RECORD_COLUMNS, LedgerDB
+
+    db = LedgerDB(tmp_path / "ledger.sqlite")
+    details = ["c/a", "c/b", "c-0001/a", "c.x/a", "c0/z", "cc/a", "c-0001/z", None, "odd"]
+    rows = []
+    for n, detail in enumerate(details):
+        values = dict.fromkeys(RECORD_COLUMNS)
+        values.update(
+            source=0, key=f"k{n}", operation="index_faces", etag="e", size=1, status="ok",
+            attempts=1, billed=1, detail=detail, processed_at="now",
+        )  # fmt: skip
+        rows.append(tuple(values[c] for c in RECORD_COLUMNS))
+    db.commit(rows, {}, {}, {}, [])
+    try:
+        assert db.collections_of("index_faces") == ["c-0001", "c.x", "c", "c0", "cc"]
+        assert db.collections_of("search_faces") == []
+        assert db.ok_count("index_faces") == len(details)
+    finally:
+        db.close()
+
+
 def test_scan_makes_an_index_faces_job() -> None:
     from rekbatch.commands.scan import parse_op
     from rekbatch.config import IndexFacesOp

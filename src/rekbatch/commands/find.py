@@ -118,7 +118,7 @@ class IndexedJob:
     directory: Path
     config: Config
     op: IndexFacesOp
-    collections: dict[str, int]  # name -> faces indexed, from the ledger
+    collections: list[str]  # the collections (shards) the ledger names
     images: int
     stores: list[Path]
 
@@ -142,8 +142,8 @@ def open_indexed_job(directory: Path) -> IndexedJob:
         )
     db = LedgerDB(jobdir.existing_ledger(directory), readonly=True)
     try:
-        collections = db.faces_by_detail_prefix(OPERATION)
-        images = db.operation_totals(OPERATION)[0] + db.skipped_count(OPERATION, "no_face_local")
+        collections = db.collections_of(OPERATION)
+        images = db.ok_count(OPERATION) + db.skipped_count(OPERATION, "no_face_local")
     finally:
         db.close()
     folders = list(shards.values()) or [directory]
@@ -194,35 +194,37 @@ def _best(found: Iterator[Found]) -> list[Found]:
 
 
 async def _read_references(job: IndexedJob, people: list[Person]) -> dict[str, bytes]:
-    """Each reference photo's bytes, read once, by location."""
-    from rekbatch.sources import read_location
-    from rekbatch.sources.filters import SNIFF_BYTES, sniff_kind
-
+    """Each reference photo's bytes, read once, by location. S3 (and its client) only for
+    references on S3: a local lookup stays quick to start."""
     locations = sorted({p.reference for p in people})
     data: dict[str, bytes] = {}
     async with contextlib.AsyncExitStack() as stack:
-        s3 = None
-        if any(parse_s3_uri(loc) for loc in locations):
-            import aioboto3
-
-            from rekbatch.sources import S3
-
-            session = aioboto3.Session(
-                profile_name=job.config.aws.profile, region_name=job.config.aws.region
-            )
-            s3 = await stack.enter_async_context(
-                S3(session, endpoint_url=job.config.aws.s3_endpoint_url, pool=4)
-            )
+        s3: Any = None
         for location in locations:
             who = next(p.name for p in people if p.reference == location)
+            parsed = parse_s3_uri(location)
             try:
-                raw = await read_location(location, s3)
+                if parsed is None:
+                    raw = await asyncio.to_thread(Path(location).expanduser().read_bytes)
+                else:
+                    if s3 is None:
+                        s3 = await stack.enter_async_context(_s3(job.config))
+                    raw = await s3.read(*parsed)
             except Exception as exc:
                 raise SetupError(f"--person {who}: cannot read {location}: {exc}") from None
-            if sniff_kind(raw[:SNIFF_BYTES]) is None:
+            if not raw.startswith((b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n")):
                 raise SetupError(f"--person {who}: {location} is not a JPEG or PNG image")
             data[location] = raw
     return data
+
+
+def _s3(cfg: Config) -> Any:
+    import aioboto3
+
+    from rekbatch.sources import S3
+
+    session = aioboto3.Session(profile_name=cfg.aws.profile, region_name=cfg.aws.region)
+    return S3(session, endpoint_url=cfg.aws.s3_endpoint_url, pool=4)
 
 
 def search_offline(
