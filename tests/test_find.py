@@ -375,3 +375,29 @@ def test_offline_index_then_find_without_the_photos(tmp_path: Path) -> None:
     assert report.exit_code == 0, report.stderr
     page = (out / "report.html").read_text()
     assert "ric" in page and "found in 3 of 7 images" in page
+
+
+def test_offline_find_over_merged_shards(tmp_path: Path) -> None:
+    """Each shard keeps its own stored embeddings; find merges the job and scans them all."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("ric.jpg", "ric_harvey.jpeg", "sample-image1.jpeg"):
+        shutil.copy(SAMPLES / name, photos / name)
+    out = tmp_path / "out"
+    config = write_config(
+        tmp_path / "job.toml",
+        f'[job]\nname = "shards"\noutput_dir = "{out}"\n[source]\nuris = ["{photos}"]\n'
+        '[backend]\nkind = "local"\n[[operations]]\ntype = "index_faces"\n',
+    )
+    for shard in ("0/2", "1/2"):
+        result = invoke("run", str(config), "--shard", shard)
+        assert result.exit_code == 0, result.stderr
+    stores = sorted(out.glob("shard-*/.rekbatch/collections/*"))
+    assert [s.name for s in stores] == [
+        "rekbatch-index-shard-0000-of-0002",
+        "rekbatch-index-shard-0001-of-0002",
+    ]
+    result = invoke("find", str(out), "--person", f"ric={SAMPLES / 'ric_harvey.jpeg'}")
+    assert result.exit_code == 0, result.stderr
+    assert "ric: found in 2 of 3 images" in result.stdout
+    assert {r["key"] for r in _found(out, "ric")} == {"ric.jpg", "ric_harvey.jpeg"}
