@@ -320,6 +320,8 @@ def test_a_large_collection_indexed_a_few_faces_at_a_time(tmp_path: Path) -> Non
     assert again.count("big") == 2999 and again.rows("big") == 3001
     assert not again.search("big", [float(v) for v in vectors[0]], 80.0, 5)
     assert again.face("big", faces[2].face_id) is not None
+    store.close()
+    again.close()
 
 
 def test_scan_is_exact_at_the_threshold_and_skips_a_torn_tail(tmp_path: Path) -> None:
@@ -350,6 +352,7 @@ def test_scan_is_exact_at_the_threshold_and_skips_a_torn_tail(tmp_path: Path) ->
     assert store.append("edge", [_face(9, query)]) == [4]
     assert (tmp_path / "edge" / EMBEDDINGS_FILE).stat().st_size == 5 * ROW_BYTES
     assert [m.row for m in store.scan("edge", query, 80.0)] == [4, 0, 1]
+    store.close()
 
 
 def test_a_collection_of_the_json_format_is_converted(tmp_path: Path) -> None:
@@ -380,3 +383,4 @@ def test_a_collection_of_the_json_format_is_converted(tmp_path: Path) -> None:
     ]
     assert not (folder / "faces.jsonl").exists()
     assert store.scan("old", vectors[1], 90.0)[0].face.external_image_id == "photo-1.jpg"
+    store.close()

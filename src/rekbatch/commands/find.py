@@ -236,25 +236,32 @@ def search_offline(
     found: list[Found] = []
     for root in job.stores:
         store = CollectionStore(root)
-        for collection in store.list_ids():
-            if collection not in job.collections:
-                continue  # never recorded by the job: nothing to map its faces to
-            for match in store.scan(collection, embedding, threshold):
-                external = match.face.external_image_id
-                if external is None:
-                    continue
-                for source, bucket, key in resolver.objects(collection, external):
-                    found.append(
-                        Found(
-                            source,
-                            bucket,
-                            key,
-                            match.similarity,
-                            dict(match.face.box),
-                            match.face.face_id,
-                            collection,
-                        )
+        try:
+            matches = [
+                (collection, match)
+                for collection in store.list_ids()
+                # A collection the job never recorded has no faces to map back to photos.
+                if collection in job.collections
+                for match in store.scan(collection, embedding, threshold)
+            ]
+        finally:
+            store.close()
+        for collection, match in matches:
+            external = match.face.external_image_id
+            if external is None:
+                continue
+            for source, bucket, key in resolver.objects(collection, external):
+                found.append(
+                    Found(
+                        source,
+                        bucket,
+                        key,
+                        match.similarity,
+                        dict(match.face.box),
+                        match.face.face_id,
+                        collection,
                     )
+                )
     return _best(iter(found))
 
 

@@ -402,6 +402,8 @@ class LocalBackend:
 
     async def aclose(self) -> None:
         self._closed = True
+        if self._store is not None:
+            await asyncio.to_thread(self._store.close)
         pool, self._pool = self._pool, None
         if pool is not None:
             await asyncio.to_thread(pool.shutdown, wait=True, cancel_futures=True)

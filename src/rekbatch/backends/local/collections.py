@@ -177,6 +177,7 @@ class CollectionStore:
         self.root = root
         self._guard = threading.Lock()
         self._locks: dict[str, threading.RLock] = {}
+        self._connections: dict[str, sqlite3.Connection] = {}
 
     def lock(self, collection_id: str) -> threading.RLock:
         """The lock serialising this process's reads and writes of one collection."""
@@ -206,16 +207,21 @@ class CollectionStore:
         return directory
 
     @contextlib.contextmanager
-    def _rows_db(self, directory: Path, *, write: bool = False) -> Iterator[sqlite3.Connection]:
-        if write:
-            db = sqlite3.connect(directory / ROWS_FILE, timeout=30)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=FULL")
-        else:
-            db = sqlite3.connect(f"file:{directory / ROWS_FILE}?mode=ro", uri=True, timeout=30)
-        try:
+    def _rows_db(self, directory: Path) -> Iterator[sqlite3.Connection]:
+        """The collection's row table, holding its lock. One connection per collection is
+        kept open: closing the last connection to a WAL database checkpoints it, which would
+        cost an append two more fsyncs."""
+        with self.lock(directory.name):
+            db = self._connections.get(directory.name)
+            if db is None:
+                db = self._connections[directory.name] = _connect(directory)
             yield db
-        finally:
+
+    def close(self) -> None:
+        """Close the row tables' connections (the store can still be used: they reopen)."""
+        with self._guard:
+            connections, self._connections = self._connections, {}
+        for db in connections.values():
             db.close()
 
     def arn(self, collection_id: str) -> str:
@@ -249,6 +255,9 @@ class CollectionStore:
     @_locked
     def delete(self, collection_id: str) -> dict[str, Any]:
         directory = self._existing(collection_id)
+        db = self._connections.pop(collection_id, None)
+        if db is not None:
+            db.close()
         # Rename first so a half-deleted collection never looks like a live one.
         doomed = directory.with_name(f".deleting-{collection_id}-{uuid.uuid4().hex}")
         directory.rename(doomed)
@@ -354,14 +363,16 @@ class CollectionStore:
     @_locked
     def append(self, collection_id: str, faces: list[StoredFace]) -> list[int]:
         """Add ``faces`` (with embeddings); their row numbers."""
-        return _append(self._existing(collection_id), faces)
+        directory = self._existing(collection_id)
+        with self._rows_db(directory) as db:
+            return _append(db, directory, faces)
 
     @_locked
     def delete_faces(self, collection_id: str, face_ids: set[str]) -> list[str]:
         directory = self._existing(collection_id)
         wanted = sorted(face_ids)
         deleted: list[str] = []
-        with self._rows_db(directory, write=True) as db, db:
+        with self._rows_db(directory) as db, db:
             for start in range(0, len(wanted), _LOOKUP):
                 part = wanted[start : start + _LOOKUP]
                 marks = ",".join("?" * len(part))
@@ -494,7 +505,15 @@ def _committed(db: sqlite3.Connection) -> int:
     return 0 if row is None else int(row[0])
 
 
-def _append(directory: Path, faces: list[StoredFace]) -> list[int]:
+def _connect(directory: Path) -> sqlite3.Connection:
+    db = sqlite3.connect(directory / ROWS_FILE, timeout=30, check_same_thread=False)
+    db.execute("PRAGMA journal_mode=WAL")
+    # FULL: an append that returned survives power loss, as the ledger's commits do.
+    db.execute("PRAGMA synchronous=FULL")
+    return db
+
+
+def _append(db: sqlite3.Connection, directory: Path, faces: list[StoredFace]) -> list[int]:
     if not faces:
         return []
     block = np.empty((len(faces), ROW_FLOATS), dtype="<f4")
@@ -504,40 +523,34 @@ def _append(directory: Path, faces: list[StoredFace]) -> list[int]:
         block[i, :EMBEDDING_SIZE] = face.embedding
     vectors = block[:, :EMBEDDING_SIZE].astype(np.float64)
     block[:, EMBEDDING_SIZE] = np.einsum("ij,ij->i", vectors, vectors)
-    db = sqlite3.connect(directory / ROWS_FILE, timeout=30)
-    try:
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")
-        first = _committed(db)
-        with (directory / EMBEDDINGS_FILE).open("r+b") as fh:
-            fh.truncate(first * ROW_BYTES)  # a tail left by an interrupted append
-            fh.seek(first * ROW_BYTES)
-            fh.write(block.tobytes())
-            fh.flush()
-            os.fsync(fh.fileno())
-        rows = list(range(first, first + len(faces)))
-        with db:
-            db.executemany(
-                "INSERT INTO faces VALUES (?, ?, ?, ?, ?, ?)",
-                [
-                    (
-                        row,
-                        face.face_id,
-                        face.image_id,
-                        face.external_image_id,
-                        json.dumps(face.box, separators=(",", ":")),
-                        face.confidence,
-                    )
-                    for row, face in zip(rows, faces, strict=True)
-                ],
-            )
-            db.execute(
-                "INSERT INTO store VALUES ('rows', ?) "
-                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                (first + len(faces),),
-            )
-    finally:
-        db.close()
+    first = _committed(db)
+    with (directory / EMBEDDINGS_FILE).open("r+b") as fh:
+        fh.truncate(first * ROW_BYTES)  # a tail left by an interrupted append
+        fh.seek(first * ROW_BYTES)
+        fh.write(block.tobytes())
+        fh.flush()
+        os.fsync(fh.fileno())
+    rows = list(range(first, first + len(faces)))
+    with db:
+        db.executemany(
+            "INSERT INTO faces VALUES (?, ?, ?, ?, ?, ?)",
+            [
+                (
+                    row,
+                    face.face_id,
+                    face.image_id,
+                    face.external_image_id,
+                    json.dumps(face.box, separators=(",", ":")),
+                    face.confidence,
+                )
+                for row, face in zip(rows, faces, strict=True)
+            ],
+        )
+        db.execute(
+            "INSERT INTO store VALUES ('rows', ?) "
+            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (first + len(faces),),
+        )
     return rows
 
 
@@ -579,7 +592,11 @@ def _convert_legacy(directory: Path) -> None:
                     )
                 except (ValueError, KeyError, TypeError, AttributeError):
                     continue
-    _append(directory, faces)
+    db = _connect(directory)
+    try:
+        _append(db, directory, faces)
+    finally:
+        db.close()
     legacy.unlink(missing_ok=True)
 
 
