@@ -37,6 +37,7 @@ import structlog
 
 from rekbatch.config import Config, IndexFacesOp, parse_s3_uri
 from rekbatch.errors import ConfigError, SetupError
+from rekbatch.operations.collection_shards import MAX_SEARCH_FACES
 from rekbatch.records import utc_now
 from rekbatch.store import jobdir
 from rekbatch.store.ledger import LedgerDB
@@ -46,7 +47,6 @@ log = structlog.get_logger("rekbatch")
 OPERATION = "index_faces"
 FIND_DIR = "find"
 SUMMARY_FILE = "summary.json"
-MAX_SEARCH_FACES = 4096
 # A person's name is the name of their answer file.
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$")
 
@@ -117,7 +117,6 @@ class IndexedJob:
 
     directory: Path
     config: Config
-    op: IndexFacesOp
     collections: list[str]  # the collections (shards) the ledger names
     images: int
     stores: list[Path]
@@ -134,8 +133,7 @@ def open_indexed_job(directory: Path) -> IndexedJob:
 
         merge_job(str(directory), None)
     cfg = jobdir.job_config(directory)
-    op = next((o for o in cfg.operations if isinstance(o, IndexFacesOp)), None)
-    if op is None:
+    if not any(isinstance(op, IndexFacesOp) for op in cfg.operations):
         raise SetupError(
             f"{directory}: the job has no index_faces operation; index the photos first "
             "(rekbatch scan URI --op index_faces --output DIR, or add it to the config)"
@@ -148,7 +146,7 @@ def open_indexed_job(directory: Path) -> IndexedJob:
         db.close()
     folders = list(shards.values()) or [directory]
     stores = [jobdir.state_dir(folder) / "collections" for folder in folders]
-    return IndexedJob(directory, cfg, op, collections, images, stores)
+    return IndexedJob(directory, cfg, collections, images, stores)
 
 
 def _merge_is_stale(directory: Path, folders: list[Path]) -> bool:
