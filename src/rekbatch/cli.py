@@ -261,6 +261,10 @@ def run(
         which = _shard_choice(shard, shards, shard_index_env, engine, ray_address)
         cfg = _load(config, overrides)
         _check_backend(cfg)
+        if output is None and "REKBATCH_JOB__OUTPUT_DIR" not in os.environ:
+            from rekbatch.store.jobdir import refuse_job_left_behind
+
+            refuse_job_left_behind(config, Path(cfg.job.output_dir))
         if dry_run:
             raise typer.Exit(_plan(cfg, as_json=False))
         if engine is Engine.ray:
@@ -379,7 +383,9 @@ def init(
     with _one_line_errors():
         if path.exists() and not force:
             raise SetupError(f"{path}: already exists; choose another PATH, or --force")
-        text = starter_config(offline=offline, sources=source, reference=reference)
+        text = starter_config(
+            offline=offline, sources=source, reference=reference, folder=path.parent
+        )
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text, encoding="utf-8")
     typer.echo(f"wrote {path}; next: rekbatch validate {path} && rekbatch plan {path}")
@@ -463,12 +469,13 @@ def resume(
 ) -> None:
     """Continue the job whose output directory is DIRECTORY."""
     fmt = configure_logging(log_format)
+    from rekbatch.config.loading import with_environment
     from rekbatch.engine import RunOptions
     from rekbatch.engine.shards import read_job_file
     from rekbatch.store.jobdir import job_config
 
     with _one_line_errors():
-        cfg = job_config(directory)
+        cfg = with_environment(job_config(directory), directory)
         _check_backend(cfg)
         sharded = read_job_file(directory)
         options = RunOptions(
