@@ -131,6 +131,8 @@ def test_find_answers_from_the_collection_alone(
         assert result.exit_code == 0, result.stderr
         stats = fake.stats()
         assert stats["calls"] == {"SearchFacesByImage": len(PEOPLE) * len(shards)}
+        searches = len(PEOPLE) * len(shards)
+        assert f"cost: {searches} SearchFacesByImage, ${searches / 1000:.4f}" in result.stdout
         assert stats["s3_reads"] == {}
         assert all(ident.startswith("sha256:") for _, ident in stats["billed"])
 

@@ -102,6 +102,7 @@ class Answer:
     images: int  # the photos of the index (M in "found in N of M")
     found: list[Found] = field(default_factory=list)
     searched_face: Box | None = None  # the reference's face that was looked for
+    calls: int = 0  # paid calls (AWS: SearchFacesByImage)
 
     def line(self) -> str:
         return f"{self.person.name}: found in {len(self.found)} of {self.images} images"
@@ -353,7 +354,12 @@ async def _find_aws(
                     if len(matches) >= MAX_SEARCH_FACES:
                         log.warning("search_may_be_cut", collection=collection, found=len(matches))
                     found += _aws_matches(matches, collection, resolver)
-                answers.append(Answer(person, threshold, job.images, _best(iter(found)), searched))
+                answers.append(
+                    Answer(
+                        person, threshold, job.images, _best(iter(found)), searched,
+                        calls=len(collections),
+                    )
+                )  # fmt: skip
     finally:
         resolver.close()
     return answers
@@ -446,6 +452,7 @@ def write_answers(job: IndexedJob, answers: list[Answer]) -> list[Path]:
             "matches_file": f"{FIND_DIR}/{answer.person.name}.jsonl",
             "found_at": utc_now(),
             "backend": job.config.backend.kind,
+            "calls": {"SearchFacesByImage": answer.calls} if answer.calls else {},
         }
     text = json.dumps(summary, indent=2) + "\n"
     _write_atomic(summary_path, text.encode("utf-8"))
@@ -498,7 +505,14 @@ def find_command(directory: Path, specs: list[str], threshold: float) -> list[st
     job = open_indexed_job(directory)
     answers = asyncio.run(find_people(job, people, threshold))
     write_answers(job, answers)
-    return [answer.line() for answer in answers]
+    lines = [answer.line() for answer in answers]
+    calls = sum(answer.calls for answer in answers)
+    if calls:
+        from rekbatch.pricing import estimate_cost
+
+        cost = estimate_cost({"SearchFacesByImage": calls}, region=job.config.aws.region)
+        lines.append(f"cost: {calls} SearchFacesByImage, ${cost:.4f} (list prices; an estimate)")
+    return lines
 
 
 __all__ = [
