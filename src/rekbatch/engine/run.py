@@ -22,6 +22,7 @@ import gc
 import os
 import shutil
 import uuid
+from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -142,6 +143,7 @@ class Job:
         self._started = 0.0
         self._bytes_buckets: set[str] = set()  # sources in another region than Rekognition
         self.converter: Converter | None = None
+        self.unrecorded: Counter[str] = Counter()
         self._work: list[asyncio.Task[None]] = []  # the producer and the workers
         self._grace_over = False
         self._main: asyncio.Task[Any] | None = None  # the task running ``run``
@@ -212,13 +214,12 @@ class Job:
 
     async def run(self) -> RunOutcome:
         self._main = asyncio.current_task()
-        created = not self.out.exists()
-        self.out.mkdir(parents=True, exist_ok=True)
+        created = await asyncio.to_thread(jobdir.make_output, self.out)
         lock = JobLock(jobdir.state_dir(self.out) / "lock")
         lock.acquire()
         worked = False
         try:
-            worked = await asyncio.to_thread(
+            worked, self.cfg = await asyncio.to_thread(
                 jobdir.claim,
                 self.out,
                 self.cfg,
@@ -289,6 +290,9 @@ class Job:
                 ctx = OperationContext(self.caller, ledger, s3)
                 for op in operations:
                     await op.prepare(ctx)
+                # Paid calls that no record holds (reference checks, collections): the
+                # job's cost counts them as this run's does.
+                self.unrecorded = Counter(self.caller.stats.ok)
                 writer = Writer(
                     self.out, ledger, self.run_id, cfg.source.uris, durable=self.options.checkpoint
                 )
@@ -543,6 +547,7 @@ class Job:
         if failure is not None:
             return await self._failed(ledger, operations, failure)
         if self.stop_reason is None:
+            before = Counter(caller.stats.ok)
             for op in operations:
                 try:
                     await op.finish(ctx)
@@ -552,6 +557,7 @@ class Job:
                 except Interrupted as exc:  # a signal during the last step: left for resume
                     ctx.failures[op.type] = str(exc)
                     break
+            self.unrecorded.update(Counter(caller.stats.ok) - before)
         return await self._finish(ledger, operations, ctx, s3)
 
     async def _supervise(
@@ -630,6 +636,7 @@ class Job:
         self, ledger: Ledger, operations: list[Operation], ctx: OperationContext, s3: S3 | None
     ) -> RunOutcome:
         live = self.live_stats()  # the rate of the calls, before the output files are made
+        await ledger.write(LedgerDB.add_unrecorded_calls, dict(self.unrecorded))
         outputs = await self._outputs()
         summary = await self._summary(ledger, operations, ctx, live)
         summary["outputs"] = [*outputs, str(self.out / "summary.json")]
@@ -671,6 +678,8 @@ class Job:
             code, line, resume = EXIT_UNEXPECTED, str(failure), ""
         live = self.live_stats()
         summary: dict[str, Any] = {}
+        with contextlib.suppress(Exception):
+            await ledger.write(LedgerDB.add_unrecorded_calls, dict(self.unrecorded))
         with contextlib.suppress(Exception):
             assert self.caller is not None
             ctx = OperationContext(self.caller, ledger, None)
