@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from rekbatch import __version__
 from rekbatch.config import CompareFacesOp, Config, SearchFacesOp, parse_s3_uri
-from rekbatch.errors import EndpointUnreachable, SetupError
+from rekbatch.errors import EndpointNeverReached, EndpointUnreachable, SetupError
 
 if TYPE_CHECKING:
     from rekbatch.commands.report_results import Sections
@@ -393,7 +393,7 @@ class _Fetcher:
             try:
                 data = await self._read(where)
                 return await asyncio.to_thread(_render, data, views)
-            except EndpointUnreachable:
+            except (EndpointUnreachable, EndpointNeverReached):
                 raise  # no page whose every image says so: the report stops
             except Exception as exc:  # shown on the page in place of the image
                 message = _describe(exc)
@@ -632,8 +632,7 @@ async def _probe_s3(session: Any, cfg: Config, where: _Location) -> None:
     S3 cannot be reached. Any other answer (a missing object) is left to its thumbnail."""
     from aiobotocore.config import AioConfig
 
-    from rekbatch.calls.retry import is_connection_failure
-    from rekbatch.errors import call_error_from
+    from rekbatch.calls.classify import failure_of
 
     config = AioConfig(
         retries={"mode": "standard", "max_attempts": 1},
@@ -644,8 +643,8 @@ async def _probe_s3(session: Any, cfg: Config, where: _Location) -> None:
         try:
             await s3.head_object(Bucket=where.bucket, Key=where.key)
         except Exception as exc:
-            failure = call_error_from(exc)
-            if failure is not None and is_connection_failure(failure.code):
+            failure = failure_of(exc)
+            if failure is not None and failure.connection is not None:
                 raise _out_of_reach(cfg, f"{failure.code}: {failure.message}") from None
 
 
@@ -693,7 +692,7 @@ async def build_report(output_dir: Path, cfg: Config, *, max_per_person: int | N
         ) as s3:
             try:
                 thumbs = await _Fetcher(cfg, s3.read).all(wanted)
-            except EndpointUnreachable as exc:
+            except (EndpointUnreachable, EndpointNeverReached) as exc:
                 raise _out_of_reach(cfg, str(exc)) from None
     else:
         thumbs = await _Fetcher(cfg, None).all(wanted)
