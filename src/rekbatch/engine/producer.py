@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter, deque
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +30,7 @@ from rekbatch.sinks.writer import Writer
 from rekbatch.sources import Source
 from rekbatch.sources.filters import classify_listing
 from rekbatch.sources.ranges import KeyRange
+from rekbatch.sources.sqs import SqsSource
 from rekbatch.store.ledger import Ledger, LedgerDB, Location
 
 log = structlog.get_logger("rekbatch")
@@ -63,6 +64,7 @@ class Producer:
         max_bytes: Sequence[int],
         *,
         shard: Shard | None = None,
+        after_listing: Callable[[asyncio.Queue[WorkItem | None]], Awaitable[None]] | None = None,
     ) -> None:
         self.cfg = cfg
         self.sources = sources
@@ -73,6 +75,8 @@ class Producer:
         self.stopping = stopping
         self.max_bytes = max_bytes  # per source: the largest object Rekognition takes
         self.shard = shard  # only this shard's objects; the others are not even counted
+        # Queue sources, read once the listing is done (engine/follow.py).
+        self.after_listing = after_listing
         self.ranges_total: dict[int, int] = {}
         self._dispatching = asyncio.Lock()
         self._started: dict[int, float] = {}
@@ -88,7 +92,10 @@ class Producer:
         for source in self.sources:
             if self.stopping.is_set():
                 break
-            await self._list(source, queue)
+            if not isinstance(source, SqsSource):
+                await self._list(source, queue)
+        if self.after_listing is not None and not self.stopping.is_set():
+            await self.after_listing(queue)
         # The end of the work: one for each worker. (Not on a failure: the supervisor
         # cancels the workers then.)
         for _ in range(workers):
