@@ -64,9 +64,8 @@ def eventbridge(detail_type: str, key: str = "photos/a.jpg", **obj: Any) -> dict
 
 
 def test_s3s_own_shape_gives_created_and_removed_events() -> None:
-    body = json.dumps(
-        {"Records": [s3_record(), s3_record("ObjectRemoved:Delete", sequencer="0055AED6DCD9028200")]}
-    )
+    gone = s3_record("ObjectRemoved:Delete", sequencer="0055AED6DCD9028200")
+    body = json.dumps({"Records": [s3_record(), gone]})
     parsed = parse_body(body)
     assert parsed.malformed is None and parsed.ignored == 0
     created, removed = parsed.events
@@ -139,9 +138,7 @@ def test_test_events_and_other_event_types_are_ignored() -> None:
     # MinIO and moto put "s3:" in front of the name.
     (event,) = parse_body(json.dumps({"Records": [s3_record("s3:ObjectCreated:Copy")]})).events
     assert event.kind == "created"
-    (gone,) = parse_body(
-        json.dumps({"Records": [s3_record("LifecycleExpiration:Delete")]})
-    ).events
+    (gone,) = parse_body(json.dumps({"Records": [s3_record("LifecycleExpiration:Delete")]})).events
     assert gone.kind == "removed"
 
 
