@@ -280,6 +280,27 @@ def test_a_message_whose_object_keeps_failing_is_left_for_the_redrive_policy(
     assert len(moved) == 1 and "bad.jpg" in moved[0]["Body"]
 
 
+def test_a_finished_job_with_a_queue_does_not_list_its_bucket_again(
+    s3: Any, sqs: Any, moto_endpoint: str, tmp_path: Path
+) -> None:
+    bucket = make_bucket(s3, "follow-nolist")
+    put_objects(bucket, [(f"a{i}.jpg", fake_jpeg(i)) for i in range(3)])
+    url = make_queue(sqs, "follow-nolist")
+    cfg = make_config(tmp_path, [f"s3://{bucket}/", "sqs://follow-nolist"], moto_endpoint)
+    assert asyncio.run(run(cfg, FakeBackend())).exit_code == 0
+    # New objects: one with an event, one without (its event lost, say). The queue says
+    # what changed; the bucket is not listed again.
+    put_objects(bucket, [("b.jpg", fake_jpeg(10)), ("c.jpg", fake_jpeg(11))])
+    send(sqs, url, [records(created(bucket, "b.jpg", fake_jpeg(10), "10"))])
+    assert asyncio.run(run(cfg, FakeBackend())).exit_code == 0
+    keys = {r["key"] for r in read_jsonl(tmp_path / "out" / "results.jsonl")}
+    assert keys == {"a0.jpg", "a1.jpg", "a2.jpg", "b.jpg"}
+    # and the event's object is the listing source's object (one source, one row each)
+    assert {r["source"] for r in read_jsonl(tmp_path / "out" / "results.jsonl")} == {
+        f"s3://{bucket}/"
+    }
+
+
 # -- through the CLI, as a subprocess, with the HTTP fake Rekognition -------------------------
 
 

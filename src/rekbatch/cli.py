@@ -146,7 +146,8 @@ def _run_job(cfg: Any, options: Any) -> int:
         else:
             typer.echo(line)
     if outcome.exit_code == 130:
-        typer.echo(f"interrupted; resume with: rekbatch resume {out}", err=True)
+        again = " --follow" if options.follow else ""
+        typer.echo(f"interrupted; resume with: rekbatch resume {out}{again}", err=True)
     elif outcome.exit_code == 4:
         typer.echo(
             f"stopped at a budget cap ({outcome.stop_reason}); raise it and run "

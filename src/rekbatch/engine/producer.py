@@ -85,9 +85,11 @@ class Producer:
 
     async def run(self, queue: asyncio.Queue[WorkItem | None], workers: int) -> None:
         rows = await self.ledger.read(LedgerDB.sources)
-        if rows and all(row["listing_done"] for row in rows):
+        queued = any(isinstance(source, SqsSource) for source in self.sources)
+        if rows and all(row["listing_done"] for row in rows) and not queued:
             # A finished job run again: list everything once more to pick up new and
             # changed objects; unchanged ones are recognised in the ledger and cost nothing.
+            # (With a queue source, the queue's events bring what changed.)
             await self.ledger.write(LedgerDB.reset_listing, range(len(rows)))
         for source in self.sources:
             if self.stopping.is_set():
