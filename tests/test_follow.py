@@ -280,6 +280,33 @@ def test_a_message_whose_object_keeps_failing_is_left_for_the_redrive_policy(
     assert len(moved) == 1 and "bad.jpg" in moved[0]["Body"]
 
 
+def test_messages_stay_invisible_while_their_objects_are_in_flight(
+    s3: Any, sqs: Any, moto_endpoint: str, tmp_path: Path
+) -> None:
+    bucket = make_bucket(s3, "follow-visible")
+    bodies = {f"slow{i}.jpg": fake_jpeg(i) for i in range(4)}
+    put_objects(bucket, bodies.items())
+    url = make_queue(sqs, "follow-visible", visibility=1)
+    send(sqs, url, [records(created(bucket, k, b, "10")) for k, b in bodies.items()])
+    # Each object takes 2 s (one call per operation, 1 s each), twice the visibility
+    # timeout; the queue is read for 3 s after the last message came, long enough to be
+    # handed the messages again had their visibility run out.
+    cfg = make_config(tmp_path, ["sqs://follow-visible"], moto_endpoint, idle=3.0)
+    job = Job(cfg, RunOptions(output_dir=tmp_path / "out"), backend=FakeBackend(latency=1.0))
+
+    async def run_it() -> RunOutcome:
+        async with asyncio.timeout(BOUND):
+            return await job.run()
+
+    assert asyncio.run(run_it()).exit_code == 0
+    assert job.feeder is not None
+    stats = job.feeder.stats()["sqs://follow-visible"]
+    assert stats["extended"] > 0
+    assert stats["redelivered"] == 0  # without the extensions SQS would have sent them again
+    assert (stats["received"], stats["deleted"]) == (4, 4)
+    assert queue_counts(sqs, url) == (0, 0)
+
+
 def test_a_finished_job_with_a_queue_does_not_list_its_bucket_again(
     s3: Any, sqs: Any, moto_endpoint: str, tmp_path: Path
 ) -> None:

@@ -107,6 +107,8 @@ class _EventTracker(WatermarkTracker):
 @dataclass
 class _QueueStats:
     received: int = 0
+    redelivered: int = 0  # delivered again while held: its visibility ran out in flight
+    extended: int = 0  # visibility extensions
     deleted: int = 0
     events: int = 0
     failed_messages: int = 0
@@ -198,10 +200,11 @@ class QueueFeeder:
                 if left <= 0:
                     return
                 wait = min(wait, left)
+            asked = self.clock.now()
             messages = await self._receive(queue, wait)
             if messages is None:
                 return
-            if await self._take(queue, messages, work):
+            if await self._take(queue, messages, work, asked):
                 # Counted from when the batch is handed out: waiting for room in the work
                 # queue is not idleness.
                 idle_since = self.clock.now()
@@ -224,11 +227,17 @@ class QueueFeeder:
                         await task
 
     async def _take(
-        self, queue: SqsQueue, messages: list[Message], work: asyncio.Queue[WorkItem | None]
+        self,
+        queue: SqsQueue,
+        messages: list[Message],
+        work: asyncio.Queue[WorkItem | None],
+        asked: float,
     ) -> int:
         """Hold ``messages`` and hand out their events; returns how many count as activity
-        (not a second delivery of a message held, nor one that already failed this run)."""
-        now = self.clock.now()
+        (not a second delivery of a message held, nor one that already failed this run).
+        Their visibility timeout is counted from ``asked``, when the receive was sent: SQS
+        started it somewhere after that."""
+        visible_until = asked + queue.visibility_seconds
         stats = self._stats[queue.index]
         pending: list[_Pending] = []
         fresh = 0
@@ -242,12 +251,13 @@ class QueueFeeder:
                 # Delivered again while in hand (its visibility ran out, or SQS repeated
                 # it): only its newest receipt handle deletes it.
                 held.message = message
-                held.visible_until = now + queue.visibility_seconds
+                held.visible_until = visible_until
+                stats.redelivered += 1
                 continue
             stats.received += 1
             if message.id not in self._failed_ids:
                 fresh += 1
-            held = _Held(queue, message, now + queue.visibility_seconds)
+            held = _Held(queue, message, visible_until)
             self._held[message.id] = held
             parsed = parse_body(message.body)
             if parsed.malformed is not None:
@@ -531,6 +541,7 @@ class QueueFeeder:
             await queue.extend([(h.message.id, h.message.receipt) for h in due], seconds)
             for held in due:
                 held.visible_until = now + seconds
+            self._stats[queue.index].extended += len(due)
 
     async def _poll_attributes(self) -> None:
         for queue in self.queues:
@@ -556,6 +567,8 @@ class QueueFeeder:
         stats = self._stats[index]
         return {
             "received": stats.received,
+            "redelivered": stats.redelivered,
+            "extended": stats.extended,
             "events": stats.events,
             "deleted": stats.deleted,
             "failed_messages": stats.failed_messages,
