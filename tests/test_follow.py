@@ -256,7 +256,7 @@ def test_a_message_whose_object_keeps_failing_is_left_for_the_redrive_policy(
     bucket = make_bucket(s3, "follow-fail")
     bodies = {f"ok{i}.jpg": fake_jpeg(i) for i in range(3)} | {"bad.jpg": fake_jpeg(99)}
     put_objects(bucket, bodies.items())
-    url = make_queue(sqs, "follow-fail", visibility=1, dlq_after=2)
+    url = make_queue(sqs, "follow-fail", visibility=3, dlq_after=2)
     dlq = sqs.get_queue_url(QueueName="follow-fail-dlq")["QueueUrl"]
     send(sqs, url, [records(created(bucket, k, b, "10")) for k, b in bodies.items()])
 
@@ -266,18 +266,36 @@ def test_a_message_whose_object_keeps_failing_is_left_for_the_redrive_policy(
         return None
 
     backend = FakeBackend(hook=hook)
-    # Idle for well over the visibility timeout: the failed message comes back within the
-    # run and is tried again; after its second receive SQS moves it to the dead-letter queue.
-    cfg = make_config(tmp_path, ["sqs://follow-fail"], moto_endpoint, idle=4.0)
-    outcome = asyncio.run(run(cfg, backend))
-    assert outcome.exit_code == 3, outcome  # some records failed
-    assert backend.calls["DetectFaces"] == 3 + 2  # bad.jpg tried once per delivery
-    rows = current_rows(tmp_path / "out")
-    assert rows[("bad.jpg", "detect_faces")]["status"] == "failed"
-    # Not deleted: SQS moved it to the dead-letter queue after its second receive.
+    cfg = make_config(tmp_path, ["sqs://follow-fail"], moto_endpoint)
+
+    def back_in_the_queue() -> None:
+        """Until the message's visibility timeout has run out (bounded)."""
+        deadline = time.monotonic() + 20
+        while queue_counts(sqs, url) != (1, 0):
+            assert time.monotonic() < deadline, queue_counts(sqs, url)
+            time.sleep(0.1)
+
+    first = asyncio.run(run(cfg, backend))
+    assert first.exit_code == 3, first  # some records failed
+    assert current_rows(tmp_path / "out")[("bad.jpg", "detect_faces")]["status"] == "failed"
+    # The others' messages are deleted; the failed one is not: it comes back.
+    back_in_the_queue()
+    tries = backend.calls["DetectFaces"]
+    assert tries == 4
+
+    # Delivered again: tried again (its failed rows replaced by the retry's).
+    second = asyncio.run(run(cfg, backend))
+    assert second.exit_code == 3, second
+    assert backend.calls["DetectFaces"] == tries + 1
+    back_in_the_queue()
+
+    # Its next receive is past maxReceiveCount (2): SQS moves it to the dead-letter queue.
+    assert not sqs.receive_message(QueueUrl=url, WaitTimeSeconds=0).get("Messages")
     assert queue_counts(sqs, url) == (0, 0)
     moved = sqs.receive_message(QueueUrl=dlq, MaxNumberOfMessages=10)["Messages"]
     assert len(moved) == 1 and "bad.jpg" in moved[0]["Body"]
+    rows = read_jsonl(tmp_path / "out" / "results.jsonl")
+    assert Counter(r["key"] for r in rows if r["status"] == "failed") == {"bad.jpg": 4}
 
 
 def test_messages_stay_invisible_while_their_objects_are_in_flight(
