@@ -722,3 +722,10 @@ def test_status_shows_the_backlog_and_ages_from_what_the_run_saw() -> None:
         "17 s old, last received 65 s after it was sent; received 40, deleted 35, "
         "left for redrive 1"
     )
+
+
+def test_plan_says_a_queue_is_not_planned(tmp_path: Path) -> None:
+    make_config(tmp_path, ["sqs://photos-events"], "http://127.0.0.1:1")
+    result = invoke("plan", str(tmp_path / "job.toml"))
+    assert result.exit_code == 0, result.stderr
+    assert "note: sqs://photos-events: a queue; its events are read by run" in result.stdout

@@ -149,13 +149,18 @@ class SqsQueue:
         """The queue's URL and its visibility timeout; one clear line when it is missing or
         not ours to read."""
         target = queue_name_or_url(self.uri)
+        # Not through ``call``: a queue that cannot be reached at the start is a setup
+        # problem, said at once, as for a source bucket.
         try:
             if target.startswith(("https://", "http://")):
                 self.url = target
             else:
-                answer = await self.call(lambda: self.client.get_queue_url(QueueName=target))
+                answer = await self.client.get_queue_url(QueueName=target)
                 self.url = str(answer["QueueUrl"])
-            attributes = await self.attributes("VisibilityTimeout", "RedrivePolicy")
+            answer = await self.client.get_queue_attributes(
+                QueueUrl=self.url, AttributeNames=["VisibilityTimeout", "RedrivePolicy"]
+            )
+            attributes = {str(k): str(v) for k, v in answer.get("Attributes", {}).items()}
         except Exception as exc:
             setup = setup_error_from(exc, f"source.uris: {self.uri}")
             if setup is None:
