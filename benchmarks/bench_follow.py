@@ -2,23 +2,26 @@
 is durable.
 
 1. Sustained rate. N objects, and N ObjectCreated events waiting in a queue; the fake holds
-   DetectLabels to a quota. ``rekbatch run`` with the queue as its source, next to
-   ``rekbatch run`` listing the same N objects from the bucket (the same per-object work:
-   sniff, call, write), alternated, ``--rounds`` times each. The rate of each run is taken
-   from its rows' ``processed_at`` (first to last), so start-up and the idle wait at the
-   end are left out.
-2. Latency. ``rekbatch run --follow`` on an empty queue; objects are put and their events
-   sent at a steady rate (50 a second by default). The time from an event being sent to
-   its row being committed in the job's ledger (polled every 10 ms, read-only) is
-   reported as p50 and p95.
+   DetectLabels to a quota (``--quota``). ``rekbatch run`` with the queue as its source,
+   next to ``rekbatch run`` listing the same N objects from the bucket (the same per-object
+   work: sniff, call, write), alternated, ``--rounds`` times each. The rate of each run is
+   taken from its rows' ``processed_at`` (first to last), so start-up and the idle wait at
+   the end are left out. Also measured per object: the CPU time of the rekbatch process
+   (and its children) and of the moto process, which serves the queue here; SQS itself
+   costs the machine nothing.
+2. Latency. ``rekbatch run --follow`` on an empty queue, the fake's quota raised to
+   ``--latency-quota``; the events of objects already in the bucket are sent at a steady
+   rate (50 a second by default). The time from an event being sent to its row being
+   committed in the job's ledger (polled every 10 ms, read-only) is reported as p50 and
+   p95.
 
 Every server runs in a process of its own: the objects in ``benchmarks.synthetic_s3`` (moto's
 S3 serves a few dozen reads a second on this machine, which would measure moto), the queues
 in moto (``benchmarks.moto_server``), and the fake Rekognition, which reads each image
 from the synthetic S3.
 
-    python -m benchmarks.bench_follow [--objects 1500] [--quota 100] [--rounds 3]
-                                      [--rate 50] [--seconds 20]
+    python -m benchmarks.bench_follow [--objects 1500] [--quota 25] [--rounds 3]
+                                      [--rate 50] [--seconds 20] [--latency-quota 100]
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import signal
 import sqlite3
 import statistics
@@ -43,7 +47,9 @@ import boto3
 
 from benchmarks.servers import (
     REGION,
+    RunningServer,
     bench_env,
+    fake_admin,
     fake_rekognition,
     run_cli,
     synthetic_s3,
@@ -128,11 +134,20 @@ def rows_rate(out: Path) -> tuple[int, float]:
     return len(stamps), (len(stamps) - 1) / span if span > 0 else float("nan")
 
 
-def sustained(urls: tuple[str, str, str], args: argparse.Namespace, work: Path) -> dict[str, Any]:
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def sustained(
+    urls: tuple[str, str, str], moto: RunningServer, args: argparse.Namespace, work: Path
+) -> dict[str, Any]:
     bucket = RATE_BUCKET
     bodies = [event(bucket, i) for i in range(args.objects)]
     sqs = client("sqs", urls[1])
     rates: dict[str, list[float]] = {"queue": [], "listing": []}
+    cpu: dict[str, list[float]] = {"queue": [], "listing": []}
+    moto_cpu: dict[str, list[float]] = {"queue": [], "listing": []}
     for round_ in range(args.rounds):
         for contender in ("queue", "listing"):
             out = work / f"{contender}-{round_}"
@@ -146,7 +161,11 @@ def sustained(urls: tuple[str, str, str], args: argparse.Namespace, work: Path) 
             else:
                 uri = f"s3://{bucket}/"
             config = job(work / f"{contender}-{round_}.toml", out, uri, urls, args.quota, 2)
+            before, moto_before = children_cpu(), moto.cpu_seconds()
             done = run_cli("run", config, "--log-format", "json")
+            per_object = 1000.0 / args.objects
+            cpu[contender].append(round((children_cpu() - before) * per_object, 2))
+            moto_cpu[contender].append(round((moto.cpu_seconds() - moto_before) * per_object, 2))
             if done.returncode != 0:
                 raise RuntimeError(f"{contender} run failed: {done.stderr[-2000:]}")
             rows, rate = rows_rate(out)
@@ -157,28 +176,37 @@ def sustained(urls: tuple[str, str, str], args: argparse.Namespace, work: Path) 
                 )["Attributes"]["ApproximateNumberOfMessages"]
                 assert int(left) == 0, left
             rates[contender].append(rate)
-            print(f"round {round_} {contender}: {rate:.1f} objects/s", flush=True)
+            print(
+                f"round {round_} {contender}: {rate:.1f} objects/s, rekbatch "
+                f"{cpu[contender][-1]} ms CPU an object, moto {moto_cpu[contender][-1]} ms",
+                flush=True,
+            )
     queue, listing = statistics.median(rates["queue"]), statistics.median(rates["listing"])
+    queue_cpu, listing_cpu = statistics.median(cpu["queue"]), statistics.median(cpu["listing"])
     return {
         "objects": args.objects,
         "quota_per_second": args.quota,
-        "queue_per_second": rates["queue"],
-        "listing_per_second": rates["listing"],
+        "queue_per_second": [round(r, 1) for r in rates["queue"]],
+        "listing_per_second": [round(r, 1) for r in rates["listing"]],
+        "rekbatch_cpu_ms_per_object": cpu,
+        "moto_cpu_ms_per_object": moto_cpu,
         "median_queue_per_second": round(queue, 1),
         "median_listing_per_second": round(listing, 1),
         "queue_over_listing": round(queue / listing, 3),
         "queue_over_quota": round(queue / args.quota, 3),
+        "rekbatch_cpu_queue_over_listing": round(queue_cpu / listing_cpu, 3),
     }
 
 
 def latency(urls: tuple[str, str, str], args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    fake_admin(urls[2], "/_fake/config", {"quotas": {"DetectLabels": args.latency_quota}})
     bucket = LIVE_BUCKET
     sqs = client("sqs", urls[1])
     queue_url = sqs.create_queue(QueueName="bench-live", Attributes={"VisibilityTimeout": "60"})[
         "QueueUrl"
     ]
     out = work / "live"
-    config = job(work / "live.toml", out, "sqs://bench-live", urls, args.quota, 20)
+    config = job(work / "live.toml", out, "sqs://bench-live", urls, args.latency_quota, 20)
     proc = subprocess.Popen(
         [sys.executable, "-m", "rekbatch", "run", config, "--follow", "--log-format", "json"],
         stdout=subprocess.DEVNULL,
@@ -232,6 +260,7 @@ def latency(urls: tuple[str, str, str], args: argparse.Namespace, work: Path) ->
     return {
         "events": count,
         "rate_per_second": args.rate,
+        "quota_per_second": args.latency_quota,
         "achieved_send_rate": round((count - 1) / sent_span, 1),
         "durable": len(waits),
         "p50_seconds": round(quantiles[49], 3),
@@ -243,7 +272,8 @@ def latency(urls: tuple[str, str, str], args: argparse.Namespace, work: Path) ->
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--objects", type=int, default=1500)
-    parser.add_argument("--quota", type=float, default=100.0)
+    parser.add_argument("--quota", type=float, default=25.0)
+    parser.add_argument("--latency-quota", type=float, default=100.0)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--rate", type=float, default=50.0)
     parser.add_argument("--seconds", type=float, default=20.0)
@@ -262,7 +292,7 @@ def main() -> None:
         urls = (s3.url, moto.url, rek)
         result = {
             "machine_load": os.getloadavg(),
-            "sustained": sustained(urls, args, work),
+            "sustained": sustained(urls, moto, args, work),
             "latency": latency(urls, args, work),
         }
         result["machine_load_after"] = os.getloadavg()

@@ -53,13 +53,15 @@ from rekbatch.sinks.writer import Writer
 from rekbatch.sources import S3Source, Source
 from rekbatch.sources.filters import classify_listing
 from rekbatch.sources.s3_events import EventPlan, ObjectEvent, Stored, parse_body, plan_event
-from rekbatch.sources.sqs import BACKLOG_ATTRIBUTES, MAX_WAIT_SECONDS, Message, SqsQueue
+from rekbatch.sources.sqs import BACKLOG_ATTRIBUTES, BATCH, MAX_WAIT_SECONDS, Message, SqsQueue
 from rekbatch.store.ledger import Ledger, LedgerDB
 from rekbatch.store.watermark import WatermarkTracker
 
 log = structlog.get_logger("rekbatch")
 
 TICK_SECONDS = 0.05  # how often settled messages are deleted and waiting events released
+# Settled messages are deleted 10 a call; fewer once the oldest has waited this long.
+DELETE_WAIT_SECONDS = 0.5
 ATTRIBUTES_SECONDS = 5.0  # how often the queues' backlog is read for status
 _IN_FLIGHT = -1  # a key whose event is in flight (else: the commit its rows need)
 
@@ -77,6 +79,7 @@ class _Held:
     need: int = 0  # the commit after which the rows of its events are in the ledger
     # (source, key, ETag, sequencer) of the objects whose rows say whether it failed
     check: list[tuple[int, str, str, str | None]] = field(default_factory=list)
+    settled_at: float | None = None  # when it was first found ready to delete
 
 
 @dataclass(eq=False)
@@ -471,13 +474,27 @@ class QueueFeeder:
         """After the writer's last commit: delete what it settled. A failure here costs a
         redelivery, never a row, so it is logged, not raised."""
         try:
-            await self._delete_settled()
+            await self._delete_settled(everything=True)
         except Exception as exc:
             log.warning("queue_delete_failed", error=f"{type(exc).__name__}: {exc}")
 
-    async def _delete_settled(self) -> None:
+    async def _delete_settled(self, *, everything: bool = False) -> None:
         committed = self.writer.committed
-        settled = [h for h in self._held.values() if h.events == 0 and h.need <= committed]
+        now = self.clock.now()
+        settled: list[_Held] = []
+        for queue in self.queues:
+            mine = [
+                h
+                for h in self._held.values()
+                if h.queue is queue and h.events == 0 and h.need <= committed
+            ]
+            for held in mine:
+                if held.settled_at is None:
+                    held.settled_at = now
+            # Full calls of 10; the rest once its oldest has waited (or at the end).
+            oldest = min((h.settled_at for h in mine if h.settled_at is not None), default=now)
+            waited = now - oldest >= DELETE_WAIT_SECONDS
+            settled += mine if everything or waited else mine[: len(mine) - len(mine) % BATCH]
         if not settled:
             return
         failed = await self._failed_objects(settled)
