@@ -729,3 +729,27 @@ def test_plan_says_a_queue_is_not_planned(tmp_path: Path) -> None:
     result = invoke("plan", str(tmp_path / "job.toml"))
     assert result.exit_code == 0, result.stderr
     assert "note: sqs://photos-events: a queue; its events are read by run" in result.stdout
+
+
+def test_the_progress_view_shows_removed_rows_and_the_queue() -> None:
+    import io
+
+    from rich.console import Console
+
+    from rekbatch.commands.progress import ProgressView
+
+    stats: dict[str, Any] = {
+        "calls": {"DetectLabels": 10},
+        "listed": 12,
+        "listing_complete": False,
+        "objects_done": 12,
+        "records": {"ok": 10, "removed": 2},
+        "queues": {
+            "sqs://photos-events": {"backlog": 40, "in_flight": 10, "received": 22, "deleted": 12}
+        },
+    }
+    console = Console(file=io.StringIO(), width=160, color_system=None)
+    console.print(ProgressView(warmup=3.0).render(stats, now=1.0))
+    text = console.file.getvalue()  # type: ignore[attr-defined]
+    assert "removed 2" in text
+    assert "queue" in text and "backlog 40 (10 in flight)" in text and "received 22" in text
