@@ -255,7 +255,15 @@ def latency(urls: tuple[str, str, str], args: argparse.Namespace, work: Path) ->
     _, err = proc.communicate(timeout=120)
     if proc.returncode != 130:
         raise RuntimeError(f"the follow run ended with {proc.returncode}: {err[-2000:]!r}")
-    waits = sorted(seen[k] - sent[k] for k in sent if k in seen)
+    in_order = [seen[k] - sent[k] for k in sorted(sent) if k in seen]
+    fifth = max(1, len(in_order) // 5)
+    # A backlog shows as waits that grow from the first fifth of the events to the last.
+    by_fifth = [
+        round(statistics.median(in_order[i : i + fifth]), 3)
+        for i in range(0, fifth * 5, fifth)
+        if in_order[i : i + fifth]
+    ]
+    waits = sorted(in_order)
     quantiles = statistics.quantiles(waits, n=100)
     return {
         "events": count,
@@ -266,6 +274,7 @@ def latency(urls: tuple[str, str, str], args: argparse.Namespace, work: Path) ->
         "p50_seconds": round(quantiles[49], 3),
         "p95_seconds": round(quantiles[94], 3),
         "max_seconds": round(waits[-1], 3),
+        "p50_by_fifth_seconds": by_fifth,
     }
 
 

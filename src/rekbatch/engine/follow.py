@@ -63,6 +63,7 @@ TICK_SECONDS = 0.05  # how often settled messages are deleted and waiting events
 # Settled messages are deleted 10 a call; fewer once the oldest has waited this long.
 DELETE_WAIT_SECONDS = 0.5
 ATTRIBUTES_SECONDS = 5.0  # how often the queues' backlog is read for status
+MAX_READERS = 4  # receives under way at once per queue (one per 8 workers)
 _IN_FLIGHT = -1  # a key whose event is in flight (else: the commit its rows need)
 
 Key = tuple[int, str]  # (ledger source, key)
@@ -174,8 +175,15 @@ class QueueFeeder:
             follow=self.follow,
             idle_seconds=None if self.follow else self.cfg.source.queue_idle_seconds,
         )
+        # A receive takes a round trip; with several workers, several receives are under way
+        # at once (SQS's own advice for throughput), each holding at most 10 messages.
+        per_queue = max(1, min(MAX_READERS, self.cfg.limits.concurrency // 8))
         async with asyncio.TaskGroup() as group:
-            readers = [group.create_task(self._read(q, work)) for q in self.queues]
+            readers = [
+                group.create_task(self._read(q, work))
+                for q in self.queues
+                for _ in range(per_queue)
+            ]
             group.create_task(self._release(work, readers))
         if not self.stopping.is_set():
             for queue in self.queues:
