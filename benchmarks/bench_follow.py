@@ -22,6 +22,7 @@ from the synthetic S3.
 
     python -m benchmarks.bench_follow [--objects 1500] [--quota 25] [--rounds 3]
                                       [--rate 50] [--seconds 20] [--latency-quota 100]
+                                      [--latency-only]
 """
 
 from __future__ import annotations
@@ -286,6 +287,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--rate", type=float, default=50.0)
     parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--latency-only", action="store_true", help="skip the sustained rate")
     args = parser.parse_args()
     argv = [sys.executable, "-m", "benchmarks.moto_server"]
     live = int(args.rate * args.seconds)
@@ -301,7 +303,7 @@ def main() -> None:
         urls = (s3.url, moto.url, rek)
         result = {
             "machine_load": os.getloadavg(),
-            "sustained": sustained(urls, moto, args, work),
+            "sustained": None if args.latency_only else sustained(urls, moto, args, work),
             "latency": latency(urls, args, work),
         }
         result["machine_load_after"] = os.getloadavg()
