@@ -155,7 +155,6 @@ class QueueFeeder:
         self._lanes: dict[int, int] = {}  # queue source -> the writer's lane
         self._by_seq: dict[tuple[int, int], _Pending] = {}
         self._stats = {q.index: _QueueStats() for q in self.queues}
-        self._pruned_at = 0.0
 
     # -- reading ----------------------------------------------------------------------------
 
