@@ -14,6 +14,8 @@ import sqlite3
 from collections.abc import Generator
 from pathlib import Path
 
+from rekbatch.store.ledger import LedgerDB
+
 # Where store/jobdir.py keeps a job's ledger (not imported from there: the Parquet export
 # runs in a child process that should start without the config models).
 LEDGER = Path(".rekbatch") / "ledger.sqlite"
@@ -25,7 +27,7 @@ def current_offsets(output_dir: Path) -> Generator[int] | None:
     path = output_dir / LEDGER
     if not path.is_file():
         return None
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+    db = LedgerDB(path, readonly=True).connection  # also where the folder is read-only
     try:
         columns = {row[1] for row in db.execute("PRAGMA table_info(records)")}
         if "jsonl_offset" not in columns:
