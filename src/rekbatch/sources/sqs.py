@@ -25,9 +25,10 @@ from typing import Any, TypeVar
 import structlog
 from aiobotocore.config import AioConfig
 
-from rekbatch.calls.retry import Reachability, RetryPolicy, is_connection_failure
+from rekbatch.calls.classify import failure_of
+from rekbatch.calls.retry import Reachability, RetryPolicy
 from rekbatch.clock import MONOTONIC, Clock
-from rekbatch.errors import call_error_from, setup_error_from
+from rekbatch.errors import setup_error_from
 from rekbatch.records import ObjectRef
 from rekbatch.sources.ranges import KeyRange
 from rekbatch.sources.s3 import S3
@@ -122,7 +123,13 @@ class SqsQueue:
         self.url = ""
         self.visibility_seconds = 30.0
         self.redrive_policy: str | None = None
-        self.reach = Reachability(f"the SQS queue {uri}", unreachable_seconds, clock)
+        self.reach = Reachability(
+            f"the SQS queue {uri}",
+            unreachable_seconds,
+            clock,
+            ways_out="check the network, aws.region or aws.sqs_endpoint_url, and the credentials",
+        )
+        self._clock = clock
         self._retry = RetryPolicy()
         self._rng = random.Random()
 
@@ -181,13 +188,15 @@ class SqsQueue:
         tries = 0
         while True:
             tries += 1
+            began = self._clock.now()
             try:
                 result = await request()
             except Exception as exc:
-                classified = call_error_from(exc)
-                if classified is None or not is_connection_failure(classified.code):
+                classified = failure_of(exc)
+                # Receives, deletes and visibility changes are all safe to repeat.
+                if classified is None or classified.connection is None:
                     raise
-                self.reach.failed(f"{classified.code}: {classified.message}")
+                self.reach.failed(f"{classified.code}: {classified.message}", began)
                 await asyncio.sleep(self._retry.delay(min(tries, 8), self._rng))
                 continue
             self.reach.ok()
