@@ -38,6 +38,7 @@ def _lines(result: Any) -> list[str]:
         ("s3_endpoint_url", f"http://:{SECRET}@127.0.0.1:9000"),
         ("s3_endpoint_url", f"ftp://minio:{SECRET}@127.0.0.1:9000"),
         ("s3_endpoint_url", f"http://minio:{SECRET}@127.0.0.1:port"),
+        ("sqs_endpoint_url", f"http://elasticmq:{SECRET}@127.0.0.1:9324"),
     ],
 )
 def test_an_endpoint_with_a_password_is_refused_and_never_printed(
@@ -59,6 +60,17 @@ def test_an_endpoint_with_a_password_is_refused_and_never_printed(
     monkeypatch.setenv(f"REKBATCH_AWS__{field.upper()}", url)
     result = invoke("validate", str(plain))
     assert result.exit_code == 2 and f"REKBATCH_AWS__{field.upper()}" in result.stderr
+    assert SECRET not in result.stderr + result.stdout
+
+
+def test_a_queue_url_with_a_password_is_refused_and_never_printed(tmp_path: Path) -> None:
+    queue = f"sqs://https://user:{SECRET}@sqs.eu-west-1.amazonaws.com/123456789012/photos"
+    ops = '[[operations]]\ntype = "detect_labels"\n'
+    text = f'[source]\nuris = ["s3://photos/", "{queue}"]\n\n{ops}'
+    result = invoke("validate", str(write_config(tmp_path / "job.toml", text)))
+    assert result.exit_code == 2
+    lines = _lines(result)
+    assert len(lines) == 1 and "source.uris[1]: holds a user name or password" in lines[0]
     assert SECRET not in result.stderr + result.stdout
 
 
