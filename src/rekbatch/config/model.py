@@ -95,6 +95,9 @@ class SourceSection(_Section):
     max_pixels: int = Field(default=150_000_000, ge=1_000_000, le=2_000_000_000)
     # Paginators listing one S3 prefix at once, over disjoint key ranges.
     list_concurrency: int = Field(default=16, ge=1, le=256)
+    # Decoded-image memory that all conversions (and the offline backend's decodes) may
+    # hold at once; an image needing more alone is skipped as too_large.
+    convert_memory_mb: int = Field(default=1024, ge=64, le=1_048_576)
 
     @field_validator("uris")
     @classmethod
@@ -313,8 +316,9 @@ class Config(_Section):
     def fingerprint(self) -> str:
         """What identifies the job: its sources and operations. Rates, concurrency, caps and
         endpoints may change between a run and its resume; these may not."""
-        # How fast it is listed does not change what the job is.
-        source = self.source.model_dump(exclude={"list_concurrency"})
+        # How fast it is listed, and the memory its decoding may hold, do not change what
+        # the job is.
+        source = self.source.model_dump(exclude={"list_concurrency", "convert_memory_mb"})
         # Keys added later leave the fingerprint of a job that keeps their defaults as it
         # was, so a job started before them resumes.
         for key, default in (("convert", True), ("max_pixels", 150_000_000)):

@@ -54,6 +54,7 @@ from rekbatch.sinks.summary import answer_lines, build_summary, write_summary
 from rekbatch.sinks.writer import Writer
 from rekbatch.sources import S3, InventorySource, KeyListSource, LocalSource, Source, open_source
 from rekbatch.sources.convert import Converter
+from rekbatch.sources.decoding import MB, MemoryBudget
 from rekbatch.sources.filters import MAX_CONVERT_BYTES, MAX_IMAGE_BYTES, MAX_S3_OBJECT_BYTES
 from rekbatch.store import jobdir, retry_failed
 from rekbatch.store.ledger import Ledger, LedgerDB
@@ -136,6 +137,8 @@ class Job:
         self._started = 0.0
         self._bytes_buckets: set[str] = set()  # sources in another region than Rekognition
         self.converter: Converter | None = None
+        # Decoded-image memory for all conversions and offline decodes at once.
+        self.memory = MemoryBudget(cfg.source.convert_memory_mb * MB)
 
     # -- control ----------------------------------------------------------------------------
 
@@ -221,7 +224,7 @@ class Job:
                 backend = self._given_backend or await self._open_backend(stack)
                 if cfg.source.convert and cfg.source.sniff:
                     self.converter = await stack.enter_async_context(
-                        Converter(max_pixels=cfg.source.max_pixels)
+                        Converter(max_pixels=cfg.source.max_pixels, memory=self.memory)
                     )
                 operations = build_operations(cfg)
                 self._faces = await self._open_prefilter(stack, backend, operations)
@@ -327,6 +330,7 @@ class Job:
             jobdir.state_dir(self.out) / "collections",
             executor=executor,
             workers=self.options.local_workers,
+            memory=self.memory,
         )
         stack.push_async_callback(local.aclose)
         return local
@@ -348,7 +352,7 @@ class Job:
 
         if isinstance(backend, LocalBackend):
             return backend.has_face
-        finder = FaceFinder()
+        finder = FaceFinder(memory=self.memory)
         stack.push_async_callback(finder.aclose)
         log.info("prefilter_started", operations=filtered)
         return finder.has_face

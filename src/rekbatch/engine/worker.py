@@ -20,7 +20,7 @@ from rekbatch.backends.base import ImageInput
 from rekbatch.calls.caller import Caller
 from rekbatch.engine.budget import Budget
 from rekbatch.engine.dedup import Dedup, covers
-from rekbatch.engine.prepare import Failure, ImagePreparer, Prepared
+from rekbatch.engine.prepare import Failure, ImagePreparer, Prepared, Skip
 from rekbatch.engine.producer import WorkItem
 from rekbatch.errors import BackendError, call_error_from
 from rekbatch.records import IMAGE_FIELDS, ObjectRef, Record, utc_now
@@ -133,6 +133,16 @@ class Worker:
                     got.code,
                     got.message,
                     1,
+                    processed_at=utc_now(),
+                    extra=extra,
+                )
+            elif isinstance(got, Skip):
+                record = Record(
+                    obj,
+                    op.type,
+                    "skipped",
+                    got.reason,
+                    error_message=got.message,
                     processed_at=utc_now(),
                     extra=extra,
                 )
