@@ -212,7 +212,7 @@ async def plan_job(
                 )
             sources: list[Source] = []
             for index, uri in enumerate(cfg.source.uris):
-                source = open_source(uri, index, s3)
+                source = open_source(uri, index, s3, follow_symlinks=cfg.source.follow_symlinks)
                 parsed = parse_s3_uri(uri)
                 if isinstance(source, LocalSource):
                     await asyncio.to_thread(source.check)

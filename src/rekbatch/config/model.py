@@ -98,6 +98,8 @@ class SourceSection(_Section):
     # Decoded-image memory that all conversions (and the offline backend's decodes) may
     # hold at once; an image needing more alone is skipped as too_large.
     convert_memory_mb: int = Field(default=1024, ge=64, le=1_048_576)
+    # Local folders: a symbolic link is recorded as skipped (reason symlink) unless true.
+    follow_symlinks: bool = False
 
     @field_validator("uris")
     @classmethod
@@ -321,7 +323,11 @@ class Config(_Section):
         source = self.source.model_dump(exclude={"list_concurrency", "convert_memory_mb"})
         # Keys added later leave the fingerprint of a job that keeps their defaults as it
         # was, so a job started before them resumes.
-        for key, default in (("convert", True), ("max_pixels", 150_000_000)):
+        for key, default in (
+            ("convert", True),
+            ("max_pixels", 150_000_000),
+            ("follow_symlinks", False),
+        ):
             if source.get(key) == default:
                 del source[key]
         if source.get("include") == DEFAULT_INCLUDE:

@@ -219,7 +219,10 @@ class Job:
             await ledger.write(retry_failed.recover, self.out)
             async with contextlib.AsyncExitStack() as stack:
                 s3 = await self._open_s3(stack)
-                sources = [open_source(uri, i, s3) for i, uri in enumerate(cfg.source.uris)]
+                sources = [
+                    open_source(uri, i, s3, follow_symlinks=cfg.source.follow_symlinks)
+                    for i, uri in enumerate(cfg.source.uris)
+                ]
                 await self._check_sources(sources, s3)
                 backend = self._given_backend or await self._open_backend(stack)
                 if cfg.source.convert and cfg.source.sniff:
