@@ -26,11 +26,15 @@ from rekbatch.config import load_config
 from rekbatch.engine import Job, RunOptions
 from rekbatch.records import ObjectRef
 from rekbatch.sources import local
+from rekbatch.sources import s3 as s3_source
 from rekbatch.sources.base import ObjectChanged
 from rekbatch.sources.local import LocalSource
+from rekbatch.sources.s3 import _read_at_most
 from rekbatch.store.ledger import LedgerDB
-from tests.helpers import read_csv, read_jsonl, write_config
+from tests.conftest import make_bucket
+from tests.helpers import base_config, invoke, read_csv, read_jsonl, write_config
 from tests.support.fake_backend import FakeBackend
+from tests.support.fake_rekognition import FakeConfig, FakeRekognition
 from tests.test_engine import assert_exactly_once
 
 BOUND = 60.0  # seconds a run may take before the test gives up on it
@@ -164,6 +168,76 @@ async def test_a_local_read_stops_at_the_listed_size(tmp_path: Path) -> None:
     os.utime(tmp_path / "a.jpg", ns=(stat.st_atime_ns, stat.st_mtime_ns))
     with pytest.raises(ObjectChanged):
         await source.read(obj)
+
+
+async def test_an_s3_read_never_takes_more_than_the_listed_size() -> None:
+    class Endless:
+        """A body from a server that ignores Range: bytes for ever."""
+
+        def __init__(self) -> None:
+            self.given = 0
+
+        async def read(self, amt: int | None = None) -> bytes:
+            assert amt is not None  # never "all of it"
+            self.given += amt
+            return b"\0" * amt
+
+    body = Endless()
+    data = await _read_at_most(body, 1001)
+    assert len(data) == 1001 and body.given == 1001
+
+
+@pytest.mark.parametrize("mode", ["bytes", "s3"])
+def test_an_s3_object_replaced_after_listing_is_failed_as_changed(
+    mode: str, s3: Any, moto_endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bucket = make_bucket(s3, f"changing-{mode}")
+    for k, key in enumerate(("a.jpg", "b.jpg", "c.jpg", "d.jpg")):
+        s3.put_object(Bucket=bucket, Key=key, Body=_jpeg(k))
+    original = s3_source.S3Source.list_range
+    replaced: list[str] = []
+
+    async def listed_then_replaced(self: Any, *args: Any, **kwargs: Any) -> Any:
+        refs = [ref async for ref in original(self, *args, **kwargs)]
+        if not replaced:  # once: the resume lists the new versions
+            s3.put_object(Bucket=bucket, Key="b.jpg", Body=_jpeg(7))  # same size, new content
+            s3.put_object(Bucket=bucket, Key="d.jpg", Body=_jpeg(3) + b"\0" * 5000)
+            replaced.append("b.jpg")
+        for ref in refs:
+            yield ref
+
+    monkeypatch.setattr(s3_source.S3Source, "list_range", listed_then_replaced)
+    out = tmp_path / "out"
+    with FakeRekognition(FakeConfig(s3_endpoint_url=moto_endpoint, region="eu-west-1")) as fake:
+        config = write_config(
+            tmp_path / "job.toml",
+            base_config(
+                uris=[f"s3://{bucket}/"],
+                output_dir=out,
+                s3_endpoint=moto_endpoint,
+                rek_endpoint=fake.url,
+                extra="[output]\nparquet = false\n",
+            ).replace('region = "eu-west-1"\n', f'region = "eu-west-1"\nimage_mode = "{mode}"\n'),
+        )
+        result = invoke("run", str(config))
+        assert result.exit_code == 3, result.stderr
+        rows = {r["key"]: r for r in read_jsonl(out / "results.jsonl")}
+        for key in ("b.jpg", "d.jpg"):
+            assert (rows[key]["status"], rows[key]["error_code"]) == ("failed", "ObjectChanged")
+            assert "changed since it was listed" in rows[key]["error_message"]
+        assert rows["a.jpg"]["status"] == rows["c.jpg"]["status"] == "ok"
+        billed = {ident for _, ident in fake.stats()["billed"]}
+        assert len(billed) == 2  # a and c only
+        again = invoke("run", str(config))  # resumed: the new versions, once each
+        assert again.exit_code == 0, again.stderr
+    latest = {r["key"]: r for r in read_jsonl(out / "results.jsonl")}
+    assert {k for k, r in latest.items() if r["status"] == "ok"} == {
+        "a.jpg",
+        "b.jpg",
+        "c.jpg",
+        "d.jpg",
+    }
+    assert_once_per_version(out)
 
 
 # -- symbolic links -----------------------------------------------------------------------------
