@@ -349,3 +349,36 @@ def test_the_budget_is_a_setting_of_the_run_not_of_the_job(tmp_path: Path) -> No
     assert default.fingerprint() == larger.fingerprint()  # a resume may change it
     result = invoke("validate", str(config("convert_memory_mb = 8\n")))
     assert result.exit_code == 2 and "source.convert_memory_mb" in result.stderr
+
+
+def test_a_run_sends_a_jpeg_at_a_coarser_scale_when_full_scale_does_not_fit(
+    tmp_path: Path,
+) -> None:
+    from rekbatch.config import load_config
+    from rekbatch.engine import Job, RunOptions
+    from tests.support.fake_backend import FakeBackend
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    # Wider than 10,000 px and over 5 MB: converted; about 85 MB at full scale.
+    (folder / "strip.jpg").write_bytes(bombs.noisy_jpeg(12_000, 400))
+    out = tmp_path / "out"
+    config = write_config(
+        tmp_path / "job.toml",
+        f'[job]\nname = "coarse"\noutput_dir = "{out}"\n'
+        f'[source]\nuris = ["{folder}"]\nconvert_memory_mb = 64\n'
+        '[output]\nparquet = false\n[[operations]]\ntype = "detect_faces"\n',
+    )
+    cfg = load_config(config, environ={})
+
+    async def run() -> int:
+        job = Job(cfg, RunOptions(output_dir=out), backend=FakeBackend())
+        async with asyncio.timeout(BOUND):
+            return (await job.run()).exit_code
+
+    assert asyncio.run(run()) == 0
+    [row] = read_jsonl(out / "results.jsonl")
+    assert (row["status"], row["converted_from"], row["width"]) == ("ok", "jpeg", 12_000)
+    assert (row["sent_width"], row["sent_height"]) == (6_000, 200)  # decoded at 1/2
+    assert asyncio.run(run()) == 0  # resumed: done already
+    assert_exactly_once(out, {(str(folder), "strip.jpg", "detect_faces")})

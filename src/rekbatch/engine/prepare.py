@@ -197,7 +197,10 @@ class ImagePreparer:
         converter = self.converter
         assert converter is not None
         memory = converter.memory
-        plan = await converter.plan(data if data is not None else head, info, max_side)
+        # Planned to fit beside the object's bytes: a JPEG too large at full scale is
+        # planned at a coarser one.
+        fits = memory.total - obj.size
+        plan = await converter.plan(data if data is not None else head, info, max_side, fits)
         # Without a plan (no header Pillow reads, no sniffed size) it decodes alone.
         need = memory.total if plan is None else plan.peak + obj.size
         if plan is not None and not memory.fits(need):

@@ -156,11 +156,14 @@ def _jpeg(img: Any) -> bytes:
     return buffer.getvalue()
 
 
-def conversion_plan(head: bytes, info: ImageInfo | None, max_side: int) -> Plan | None:
+def conversion_plan(
+    head: bytes, info: ImageInfo | None, max_side: int, limit: int | None = None
+) -> Plan | None:
     """What converting the image that starts with ``head`` holds, from its header (Pillow's
-    reading of it, else the worst case for the sniffed size); None when neither tells."""
+    reading of it, else the worst case for the sniffed size); None when neither tells.
+    ``limit``: a JPEG is planned at a coarser scale rather than above it."""
     heif_available()
-    plan = plan_header(head, max_side)
+    plan = plan_header(head, max_side, limit=limit)
     if plan is None and info is not None and info.width and info.height:
         plan = worst_plan(info.format, info.width, info.height, max_side)
     return plan
@@ -212,10 +215,14 @@ class Converter:
             self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="rekbatch-convert")
         return self._pool
 
-    async def plan(self, head: bytes, info: ImageInfo | None, max_side: int) -> Plan | None:
+    async def plan(
+        self, head: bytes, info: ImageInfo | None, max_side: int, limit: int | None = None
+    ) -> Plan | None:
         """``conversion_plan`` on the converter's threads."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor(), conversion_plan, head, info, max_side)
+        return await loop.run_in_executor(
+            self._executor(), conversion_plan, head, info, max_side, limit
+        )
 
     async def convert(
         self, data: bytes, max_side: int, memory_limit: int | None = None

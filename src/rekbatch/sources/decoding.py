@@ -9,14 +9,18 @@ size it is resized to, and ``peak``, the bytes the steps of ``decode_fitted`` ho
 - the decoded image, at Pillow's bytes per pixel (``pixel_bytes``: a 3-band image takes 4,
   mode "1" a whole byte), plus what the decoder itself holds (a progressive JPEG's
   coefficients at full size; a TIFF strip; libwebp's, libheif's and libavif's own copy);
-- the image normalised to L or RGB (a palette becomes RGB, "1" becomes L, 16-bit greys L),
-  transparency laid over white;
-- an integer ``reduce`` and the final resize, each from the one before, freed as it goes.
+- the way to the size sent, strip by strip: each strip of rows normalised to L or RGB (a
+  palette expanded, "1" and 16-bit greys as L, transparency laid over white), reduced by an
+  integer factor and resized across into a frame of the target's width, which is then
+  resized down; so neither a normalised copy of the whole image nor Pillow's own
+  intermediate of a 2-D resize sits beside the decoded one;
+- turning it upright, encoding it, and (over 5 MB) a smaller frame beside it.
 
-``MemoryBudget`` admits decodes by that figure (plus the encoded bytes they hold) against
+``MemoryBudget`` admits decodes by that figure (plus the encoded bytes they read) against
 ``source.convert_memory_mb``, first come first served, so all conversions at once (and the
 offline backend's decodes) stay within it; an image whose plan alone does not fit is not
-decoded at all.
+decoded at all. ``tests/test_bombs.py`` holds plans against the peak resident size of
+converting.
 """
 
 from __future__ import annotations
@@ -119,8 +123,8 @@ def _reduce_factors(size: tuple[int, int], target: tuple[int, int]) -> tuple[int
 
 def _orientation(img: Any) -> int | None:
     """The EXIF orientation (1-8) from the header alone; None without one. A PNG's EXIF may
-    follow its pixels and Pillow would decode them to find it: it is read after decoding
-    (``_loaded_orientation``) and planned for as if present."""
+    follow its pixels and Pillow would decode them to find it: it is read again once
+    decoded, and planned for as if present (``_may_turn``)."""
     if str(img.format).upper() == "PNG" and "exif" not in img.info:
         return None
     try:
@@ -167,9 +171,13 @@ def decoder_bytes(img: Any, fmt: str, full: int) -> int:
     return full * own if own else 0
 
 
-def _solid_mode(mode: str) -> str:
-    """The mode an image of ``mode`` is encoded in: L for greys, RGB for the rest."""
-    return "L" if mode in ("1", "L", "LA", "F") or mode.startswith("I") else "RGB"
+def _solid_mode(mode: str, keyed: bool) -> str:
+    """The mode ``_normalised`` makes of ``mode`` (``keyed``: with a transparent colour)."""
+    if mode == "1" or mode.startswith("I") or mode == "F":
+        return "L"
+    if keyed:
+        return "RGB"
+    return "L" if mode in ("L", "LA") else "RGB"
 
 
 def _normalising_bytes(mode: str, keyed: bool) -> int:
@@ -180,11 +188,11 @@ def _normalising_bytes(mode: str, keyed: bool) -> int:
         return 1  # its L copy
     if mode.startswith("I") or mode == "F":
         return pixel_bytes(mode) + 1  # scaled in its own mode, then L
+    if mode in ("P", "PA") or keyed:
+        return 8 if mode == "PA" or keyed else 4  # RGBA laid on a white RGB page, or RGB
     if mode == "LA":
         return 2  # an L copy, laid on a white L page
-    if mode in ("PA", "P", "L", "RGB") and (keyed or mode == "PA"):
-        return 8  # RGBA, laid on a white RGB page
-    return 4  # RGBA laid on a white RGB page; a palette, CMYK, YCbCr... as RGB
+    return 4  # RGBA laid on a white RGB page; CMYK, YCbCr... as RGB
 
 
 def _peak(
@@ -197,7 +205,7 @@ def _peak(
     pixels = width * height
     source = pixels * pixel_bytes(mode)
     peak = source + decoder_bytes(img, fmt, img.size[0] * img.size[1])
-    px = pixel_bytes(_solid_mode(mode))
+    px = pixel_bytes(_solid_mode(mode, keyed))
     normalising = _normalising_bytes(mode, keyed)
     if decoded == target:
         held = pixels * px if normalising else source
@@ -349,7 +357,8 @@ def _across(img: Any, target: tuple[int, int], resample: Any, Image: Any) -> Any
     of the whole image nor Pillow's own intermediate of a 2-D resize is held beside it."""
     width, height = img.size
     fx, fy = _reduce_factors(img.size, target)
-    frame = Image.new(_solid_mode(img.mode), (target[0], math.ceil(height / fy)))
+    keyed = "transparency" in img.info
+    frame = Image.new(_solid_mode(img.mode, keyed), (target[0], math.ceil(height / fy)))
     rows = _strip_rows(width, fy)
     for top in range(0, height, rows):
         strip = _normalised(img.crop((0, top, width, min(height, top + rows))), Image)
@@ -399,11 +408,11 @@ def return_freed_memory() -> bool:
     Pillow allocates an image in blocks of up to 16 MB. glibc serves the first from fresh
     mappings, then raises its mmap threshold above that size, and from then on keeps every
     freed block in the heap of the thread that freed it: over a run of conversions on
-    several threads that kept memory adds up to far more than the budget holds at once
-    (about a quarter more over the bomb folder of issue 24). A fixed threshold of 4 MB keeps
-    every block mapped, so the process holds what its images hold; it costs a page fault per
-    4 KB touched, small beside decoding. Elsewhere than glibc nothing changes. Returns
-    whether it applied."""
+    several threads that kept memory adds up to far more than the budget holds at once (a
+    quarter more over the folder of ``benchmarks/bench_bombs.py``). A fixed threshold of
+    4 MB keeps every block mapped, so the process holds what its images hold; it costs a
+    page fault per 4 KB touched, small beside decoding. Elsewhere than glibc nothing
+    changes. Returns whether it applied."""
     global _MAPPED
     if _MAPPED:
         return True
