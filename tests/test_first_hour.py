@@ -249,6 +249,40 @@ def test_scan_runs_from_flags_and_writes_the_config_it_used(
     assert "nothing new" in rerun.stdout
 
 
+def _costs(stdout: str) -> tuple[float, float]:
+    """The printed cost line's (this run, the whole job)."""
+    import re
+
+    found = re.search(r"^cost: \$([0-9.]+) this run, \$([0-9.]+) for the whole job", stdout, re.M)
+    assert found, stdout
+    return float(found.group(1)), float(found.group(2))
+
+
+def test_this_run_and_the_whole_job_count_the_same_calls(
+    tmp_path: Path, fake: FakeRekognition
+) -> None:
+    """The reference check (a DetectFaces on the reference) is paid for: the first run's
+    cost and the job's are the same, and each later run adds its own to the job's."""
+    out = tmp_path / "out"
+    config = write_config(
+        tmp_path / "job.toml",
+        f'[job]\noutput_dir = "{out}"\n[source]\nuris = ["{SAMPLES}"]\n'
+        f'[aws]\nrekognition_endpoint_url = "{fake.url}"\n'
+        f'[[operations]]\ntype = "compare_faces"\nreference = "{REFERENCE}"\n'
+        '[[operations]]\ntype = "detect_labels"\n',
+    )
+    first = invoke("run", str(config), "--log-format", "json")
+    assert first.exit_code == 0, first.stderr
+    this_run, job = _costs(first.stdout)
+    calls = fake.stats()["ok"]
+    assert calls["DetectFaces"] == 1 and calls["CompareFaces"] == calls["DetectLabels"] == 7
+    assert this_run == job == pytest.approx(0.001 * 15)
+    again = invoke("run", str(config), "--log-format", "json")
+    assert again.exit_code == 0, again.stderr
+    this_run, job_after = _costs(again.stdout)
+    assert job_after == pytest.approx(job + this_run)
+
+
 def test_scan_refuses_bad_flags_in_one_line(tmp_path: Path) -> None:
     unknown = invoke("scan", str(SAMPLES), "--op", "detect_lables", "-o", str(tmp_path / "x"))
     assert unknown.exit_code == 2

@@ -19,6 +19,7 @@ import gc
 import os
 import shutil
 import uuid
+from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -139,6 +140,7 @@ class Job:
         self.converter: Converter | None = None
         # Decoded-image memory for all conversions and offline decodes at once.
         self.memory = MemoryBudget(cfg.source.convert_memory_mb * MB)
+        self.unrecorded: Counter[str] = Counter()
 
     # -- control ----------------------------------------------------------------------------
 
@@ -181,13 +183,12 @@ class Job:
     # -- the run ----------------------------------------------------------------------------
 
     async def run(self) -> RunOutcome:
-        created = not self.out.exists()
-        self.out.mkdir(parents=True, exist_ok=True)
+        created = await asyncio.to_thread(jobdir.make_output, self.out)
         lock = JobLock(jobdir.state_dir(self.out) / "lock")
         lock.acquire()
         worked = False
         try:
-            worked = await asyncio.to_thread(
+            worked, self.cfg = await asyncio.to_thread(
                 jobdir.claim,
                 self.out,
                 self.cfg,
@@ -246,6 +247,9 @@ class Job:
                 ctx = OperationContext(self.caller, ledger, s3)
                 for op in operations:
                     await op.prepare(ctx)
+                # Paid calls that no record holds (reference checks, collections): the
+                # job's cost counts them as this run's does.
+                self.unrecorded = Counter(self.caller.stats.ok)
                 writer = Writer(
                     self.out, ledger, self.run_id, cfg.source.uris, durable=self.options.checkpoint
                 )
@@ -494,12 +498,14 @@ class Job:
         if failure is not None:
             return await self._failed(ledger, operations, failure)
         if self.stop_reason is None:
+            before = Counter(caller.stats.ok)
             for op in operations:
                 try:
                     await op.finish(ctx)
                 except BackendError as exc:
                     ctx.failures[op.type] = f"{exc.code}: {exc.message}"
                     log.error("finish_failed", operation=op.type, error=str(exc))
+            self.unrecorded.update(Counter(caller.stats.ok) - before)
         return await self._finish(ledger, operations, ctx, s3)
 
     async def _supervise(
@@ -574,6 +580,7 @@ class Job:
         self, ledger: Ledger, operations: list[Operation], ctx: OperationContext, s3: S3 | None
     ) -> RunOutcome:
         live = self.live_stats()  # the rate of the calls, before the output files are made
+        await ledger.write(LedgerDB.add_unrecorded_calls, dict(self.unrecorded))
         outputs = await self._outputs()
         summary = await self._summary(ledger, operations, ctx, live)
         summary["outputs"] = [*outputs, str(self.out / "summary.json")]
@@ -609,6 +616,8 @@ class Job:
         """A task failed: keep what is finished, say what failed, stay resumable."""
         live = self.live_stats()
         summary: dict[str, Any] = {}
+        with contextlib.suppress(Exception):
+            await ledger.write(LedgerDB.add_unrecorded_calls, dict(self.unrecorded))
         with contextlib.suppress(Exception):
             assert self.caller is not None
             ctx = OperationContext(self.caller, ledger, None)
