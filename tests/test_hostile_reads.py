@@ -10,6 +10,8 @@ reading: the listing is collected whole, the files changed, then the entries han
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import hashlib
 import io
 import json
@@ -313,3 +315,25 @@ def test_following_links_is_part_of_what_the_job_is(tmp_path: Path) -> None:
     stated = load_config(config("follow_symlinks = false\n"), environ={})
     following = load_config(config("follow_symlinks = true\n"), environ={})
     assert default.fingerprint() == stated.fingerprint() != following.fingerprint()
+
+
+async def test_cancelled_reads_leave_no_file_open(tmp_path: Path) -> None:
+    (tmp_path / "big.jpg").write_bytes(_jpeg(1) + os.urandom(4 * 1024 * 1024))
+    source = LocalSource(str(tmp_path), 0)
+    [obj] = [ref async for ref in source.list(None)]
+
+    def open_files() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    before = open_files()
+    for k in range(60):  # cancelled at every point of a read: opening, reading, closing
+        task = asyncio.create_task(source.read(obj))
+        for _ in range(k % 4):
+            await asyncio.sleep(0)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    async with asyncio.timeout(BOUND):  # the reads still running on their threads finish
+        await asyncio.get_running_loop().shutdown_default_executor()
+    gc.collect()  # a file object left unclosed would warn here (warnings are errors)
+    assert open_files() == before

@@ -7,8 +7,8 @@ is read through one. Reads open the path one component at a time below the folde
 through a link (unless links are followed), without blocking (a FIFO put in a file's place
 after listing would block a plain open), check that what they opened is still the regular
 file that was listed (its size and modification time, which make a local file's ETag), and
-read at most its listed size; anything else is ``ObjectChanged``. Reads go through aiofiles,
-on its threads, off the event loop.
+read at most its listed size; anything else is ``ObjectChanged``. Reads run on aiofiles'
+executor, open to close in one call, off the event loop.
 """
 
 from __future__ import annotations
@@ -22,9 +22,8 @@ import stat as stat_kind
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
-import aiofiles
+import aiofiles.os
 
 from rekbatch.records import ObjectRef
 from rekbatch.sources.base import ObjectChanged
@@ -167,6 +166,31 @@ def _check(fd: int, obj: ObjectRef) -> None:
         )
 
 
+def _read_listed_sync(root: Path, obj: ObjectRef, nbytes: int, follow: bool) -> bytes:
+    """Open, check, read at most ``nbytes`` and close, in one call: a read whose caller is
+    cancelled still closes its file (its thread finishes the call)."""
+    fd = open_beneath(root, obj.key, follow)
+    try:
+        _check(fd, obj)  # before a file object exists: a directory would not even make one
+    except BaseException:
+        os.close(fd)
+        raise
+    with open(fd, "rb", buffering=0) as handle:
+        parts: list[bytes] = []
+        got = 0
+        while got < nbytes:
+            part = handle.read(nbytes - got)
+            if not part:
+                break
+            parts.append(part)
+            got += len(part)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+# On aiofiles' executor, off the event loop.
+_read_listed = aiofiles.os.wrap(_read_listed_sync)
+
+
 class LocalSource:
     """A configured local folder, or a single image file (listed as its one object)."""
 
@@ -207,27 +231,7 @@ class LocalSource:
     async def _read(self, obj: ObjectRef, nbytes: int) -> bytes:
         # The single file a source names is the user's choice: followed like the folder.
         follow = self.follow_symlinks or self._only is not None
-
-        def opener(_path: str, _flags: int) -> int:
-            fd = open_beneath(self.root, obj.key, follow)
-            try:
-                _check(fd, obj)
-            except BaseException:
-                os.close(fd)
-                raise
-            return fd
-
-        handle: Any
-        async with aiofiles.open(self.root / obj.key, "rb", buffering=0, opener=opener) as handle:
-            parts: list[bytes] = []
-            got = 0
-            while got < nbytes:
-                part = await handle.read(nbytes - got)
-                if not part:
-                    break
-                parts.append(part)
-                got += len(part)
-        return b"".join(parts) if len(parts) != 1 else parts[0]
+        return await _read_listed(self.root, obj, nbytes, follow)
 
     async def read_head(self, obj: ObjectRef, nbytes: int) -> bytes:
         return await self._read(obj, min(nbytes, obj.size))
