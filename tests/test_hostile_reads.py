@@ -317,6 +317,27 @@ def test_following_links_is_part_of_what_the_job_is(tmp_path: Path) -> None:
     assert default.fingerprint() == stated.fingerprint() != following.fingerprint()
 
 
+def test_a_link_the_globs_leave_out_is_excluded(tmp_path: Path) -> None:
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes(_jpeg(1))
+    (folder / "b.jpg").symlink_to("/etc/passwd")
+    (folder / "latest").symlink_to(tmp_path)  # not an image name: excluded, as any other
+    out = tmp_path / "out"
+    config = write_config(
+        tmp_path / "job.toml",
+        f'[job]\nname = "globs"\noutput_dir = "{out}"\n[source]\nuris = ["{folder}"]\n'
+        '[output]\nparquet = false\n[[operations]]\ntype = "detect_faces"\n',
+    )
+    assert asyncio.run(_run_job(config, FakeBackend())) == 0
+    rows = {r["key"]: (r["status"], r["reason"]) for r in read_jsonl(out / "results.jsonl")}
+    assert rows == {
+        "a.jpg": ("ok", None),
+        "b.jpg": ("skipped", "symlink"),
+        "latest": ("skipped", "excluded"),
+    }
+
+
 async def test_cancelled_reads_leave_no_file_open(tmp_path: Path) -> None:
     (tmp_path / "big.jpg").write_bytes(_jpeg(1) + os.urandom(4 * 1024 * 1024))
     source = LocalSource(str(tmp_path), 0)

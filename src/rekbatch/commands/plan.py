@@ -38,8 +38,8 @@ from rekbatch.sources.filters import (
     MAX_IMAGE_BYTES,
     MAX_S3_OBJECT_BYTES,
     Convert,
-    classify_listing,
     decide,
+    listing_reason,
 )
 from rekbatch.sources.s3 import buckets_elsewhere, region_error
 from rekbatch.store import jobdir
@@ -134,7 +134,7 @@ async def plan_job(
             if not todo:
                 done_objects += 1
                 continue
-            reason = obj.skip or classify_listing(obj, include, exclude, max_bytes, sniff=sniffing)
+            reason = listing_reason(obj, include, exclude, max_bytes, sniff=sniffing)
             if reason is not None:
                 skipped[reason] += 1
                 continue
