@@ -16,8 +16,11 @@ version before issue 24 (``--before``, a commit whose ``src`` is exported with
 
     python -m benchmarks.bench_bombs --rounds 3
     python -m benchmarks.bench_bombs --paths local --rounds 1
+    python -m benchmarks.bench_bombs --paths --files     # each bomb converted alone
 
-Raw results go to benchmarks/results/bombs.json.
+``--files`` also converts each bomb alone in a fresh process per contender (the growth of
+its peak resident size, VmHWM reset just before). Raw results go to
+benchmarks/results/bombs.json (``bombs-files.json`` for ``--files`` alone).
 """
 
 from __future__ import annotations
@@ -95,6 +98,57 @@ def _run(config: Path, pythonpath: str | None) -> dict[str, Any]:
     }
 
 
+# One conversion (to at most 10,000 px a side) in a fresh process: the growth of its peak
+# resident size (VmHWM, reset just before) in MiB.
+_ONE = """
+import gc, io, sys
+from pathlib import Path
+from PIL import Image
+from rekbatch.sources.convert import convert_image
+
+def resident(field):
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(field))
+
+data = Path(sys.argv[1]).read_bytes()
+tiny = io.BytesIO()
+Image.new("RGB", (90, 90)).save(tiny, "PNG")
+convert_image(tiny.getvalue(), 100)
+gc.collect()
+with open("/proc/self/clear_refs", "w") as refs:
+    refs.write("5")
+before = resident("VmRSS:")
+try:
+    convert_image(data, 10_000)
+except Exception as exc:
+    print(type(exc).__name__, file=sys.stderr)
+print(round((resident("VmHWM:") - before) / 1024, 1))
+"""
+
+
+def bench_files(folder: Path, contenders: dict[str, str | None]) -> dict[str, dict[str, float]]:
+    """Each bomb converted alone by each contender: MiB its conversion took."""
+    found: dict[str, dict[str, float]] = {}
+    for path in sorted((folder / "bombs").iterdir()):
+        found[path.name] = {}
+        for name, pythonpath in contenders.items():
+            env = bench_env()
+            if pythonpath:
+                env["PYTHONPATH"] = pythonpath
+            proc = subprocess.run(
+                [sys.executable, "-c", _ONE, str(path)],
+                capture_output=True,
+                text=True,
+                env=env,
+                cwd=tempfile.gettempdir(),
+                timeout=600,
+                check=True,
+            )
+            found[path.name][name] = float(proc.stdout.strip().splitlines()[-1])
+        print(path.name, found[path.name], flush=True)
+    return found
+
+
 def _outcomes(out: Path) -> dict[str, str]:
     path = out / "results.jsonl"
     if not path.exists():
@@ -108,7 +162,9 @@ def _outcomes(out: Path) -> dict[str, str]:
     return found
 
 
-def bench(paths: list[str], rounds: int, before: str, only_after: bool) -> dict[str, Any]:
+def bench(
+    paths: list[str], rounds: int, before: str, only_after: bool, files: bool
+) -> dict[str, Any]:
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
@@ -123,6 +179,8 @@ def bench(paths: list[str], rounds: int, before: str, only_after: bool) -> dict[
         contenders: dict[str, str | None] = {"after": None}
         if not only_after:
             contenders[f"before ({before})"] = str(old / "src")
+        if files:
+            results["one_conversion_mib"] = bench_files(folder, contenders)
         for kind in paths:
             with _services(kind, folder) as (uri, extra):
                 runs: dict[str, list[dict[str, Any]]] = {name: [] for name in contenders}
@@ -187,7 +245,8 @@ class _services:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--paths", nargs="+", choices=["local", "aws"], default=["local", "aws"])
+    parser.add_argument("--paths", nargs="*", choices=["local", "aws"], default=["local", "aws"])
+    parser.add_argument("--files", action="store_true", help="also each bomb converted alone")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--before", default=BEFORE)
     parser.add_argument("--only-after", action="store_true", help="skip the old version")
@@ -201,12 +260,12 @@ def main() -> None:
         "rounds": args.rounds,
         "before": args.before,
     }
-    results.update(bench(args.paths, args.rounds, args.before, args.only_after))
+    results.update(bench(args.paths, args.rounds, args.before, args.only_after, args.files))
     results["machine"]["load_after"] = os.getloadavg()
     for kind in args.paths:
         print(kind, json.dumps(results[kind]["median_peak_mb"]), flush=True)
     RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / "bombs.json"
+    path = RESULTS / ("bombs.json" if args.paths else "bombs-files.json")
     path.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
 
 
