@@ -194,7 +194,7 @@ class S3:
         try:
             response = await self.client.get_object(**kwargs)
         except Exception as exc:
-            classified = call_error_from(exc)
+            classified = failure_of(exc)
             if classified is not None and classified.code in _CHANGED_CODES:
                 raise ObjectChanged(
                     f"{where} changed since it was listed ({classified.code})"
