@@ -46,8 +46,8 @@ from rekbatch.sources.filters import (
     MAX_IMAGE_BYTES,
     MAX_S3_OBJECT_BYTES,
     Convert,
-    classify_listing,
     decide,
+    listing_reason,
 )
 from rekbatch.sources.s3 import buckets_elsewhere, region_error
 from rekbatch.store import jobdir
@@ -142,7 +142,7 @@ async def plan_job(
             if not todo:
                 done_objects += 1
                 continue
-            reason = obj.skip or classify_listing(obj, include, exclude, max_bytes, sniff=sniffing)
+            reason = listing_reason(obj, include, exclude, max_bytes, sniff=sniffing)
             if reason is not None:
                 skipped[reason] += 1
                 continue
@@ -220,7 +220,7 @@ async def plan_job(
                 )
             sources: list[Source] = []
             for index, uri in enumerate(cfg.source.uris):
-                source = open_source(uri, index, s3)
+                source = open_source(uri, index, s3, follow_symlinks=cfg.source.follow_symlinks)
                 parsed = parse_s3_uri(uri)
                 if isinstance(source, SqsSource):
                     notes.append(f"{uri}: a queue; its events are read by run, not planned")

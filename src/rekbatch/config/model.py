@@ -157,6 +157,11 @@ class SourceSection(_Section):
     list_concurrency: int = Field(default=16, ge=1, le=256)
     # A queue source (sqs://) is done once no message came for this long (without --follow).
     queue_idle_seconds: float = Field(default=20.0, gt=0, le=86_400)
+    # Decoded-image memory that all conversions (and the offline backend's decodes) may
+    # hold at once; an image needing more alone is skipped as too_large.
+    convert_memory_mb: int = Field(default=1024, ge=64, le=1_048_576)
+    # Local folders: a symbolic link is recorded as skipped (reason symlink) unless true.
+    follow_symlinks: bool = False
 
 
 
@@ -384,11 +389,18 @@ class Config(_Section):
     def fingerprint(self) -> str:
         """What identifies the job: its sources and operations. Rates, concurrency, caps and
         endpoints may change between a run and its resume; these may not."""
-        # How fast it is listed does not change what the job is.
-        source = self.source.model_dump(exclude={"list_concurrency", "queue_idle_seconds"})
+        # How fast it is listed, and the memory its decoding may hold, do not change what
+        # the job is.
+        source = self.source.model_dump(
+            exclude={"list_concurrency", "queue_idle_seconds", "convert_memory_mb"}
+        )
         # Keys added later leave the fingerprint of a job that keeps their defaults as it
         # was, so a job started before them resumes.
-        for key, default in (("convert", True), ("max_pixels", 150_000_000)):
+        for key, default in (
+            ("convert", True),
+            ("max_pixels", 150_000_000),
+            ("follow_symlinks", False),
+        ):
             if source.get(key) == default:
                 del source[key]
         if source.get("include") == DEFAULT_INCLUDE:

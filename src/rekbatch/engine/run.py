@@ -62,6 +62,7 @@ from rekbatch.sinks.summary import answer_lines, build_summary, write_summary
 from rekbatch.sinks.writer import Writer
 from rekbatch.sources import S3, InventorySource, KeyListSource, LocalSource, Source, open_source
 from rekbatch.sources.convert import Converter
+from rekbatch.sources.decoding import MB, MemoryBudget
 from rekbatch.sources.filters import MAX_CONVERT_BYTES, MAX_IMAGE_BYTES, MAX_S3_OBJECT_BYTES
 from rekbatch.sources.sqs import SqsQueue, is_queue_uri, open_queues
 from rekbatch.store import jobdir, retry_failed
@@ -152,6 +153,8 @@ class Job:
         self.converter: Converter | None = None
         self.queues: list[SqsQueue] = []
         self.feeder: QueueFeeder | None = None
+        # Decoded-image memory for all conversions and offline decodes at once.
+        self.memory = MemoryBudget(cfg.source.convert_memory_mb * MB)
         self.unrecorded: Counter[str] = Counter()
         self._work: list[asyncio.Task[None]] = []  # the producer and the workers
         self._grace_over = False
@@ -275,13 +278,16 @@ class Job:
             await ledger.write(retry_failed.recover, self.out)
             async with contextlib.AsyncExitStack() as stack:
                 s3 = await self._open_s3(stack)
-                sources = [open_source(uri, i, s3) for i, uri in enumerate(cfg.source.uris)]
+                sources = [
+                    open_source(uri, i, s3, follow_symlinks=cfg.source.follow_symlinks)
+                    for i, uri in enumerate(cfg.source.uris)
+                ]
                 await self._check_sources(sources, s3)
                 self.queues = await self._open_queues(stack)
                 backend = self._given_backend or await self._open_backend(stack)
                 if cfg.source.convert and cfg.source.sniff:
                     self.converter = await stack.enter_async_context(
-                        Converter(max_pixels=cfg.source.max_pixels)
+                        Converter(max_pixels=cfg.source.max_pixels, memory=self.memory)
                     )
                 operations = build_operations(cfg)
                 self._faces = await self._open_prefilter(stack, backend, operations)
@@ -421,6 +427,7 @@ class Job:
             jobdir.state_dir(self.out) / "collections",
             executor=executor,
             workers=self.options.local_workers,
+            memory=self.memory,
         )
         stack.push_async_callback(local.aclose)
         return local
@@ -442,7 +449,7 @@ class Job:
 
         if isinstance(backend, LocalBackend):
             return backend.has_face
-        finder = FaceFinder()
+        finder = FaceFinder(memory=self.memory)
         stack.push_async_callback(finder.aclose)
         log.info("prefilter_started", operations=filtered)
         return finder.has_face
