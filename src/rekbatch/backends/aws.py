@@ -133,9 +133,14 @@ class AwsBackend:
     network = True  # calls cross a network: the caller gives each a deadline
     endpoint_name = "the Rekognition endpoint"
 
-    def __init__(self, session: Any, *, endpoint_url: str | None, pool: int) -> None:
+    def __init__(
+        self, session: Any, *, endpoint_url: str | None, pool: int, region: str | None = None
+    ) -> None:
+        # ``region``: the Region to call and sign for (None: the session's); with
+        # ``endpoint_url`` every Region's client goes to that URL, signed for its own Region.
         self._session = session
         self._endpoint = endpoint_url
+        self._region_name = region
         self._config = AioConfig(
             max_pool_connections=pool,
             retries={"total_max_attempts": 1},
@@ -161,7 +166,12 @@ class AwsBackend:
             "ignore", message="Sending a large body directly", category=ResourceWarning
         )
         self._client = await self._stack.enter_async_context(
-            self._session.client("rekognition", endpoint_url=self._endpoint, config=self._config)
+            self._session.client(
+                "rekognition",
+                endpoint_url=self._endpoint,
+                region_name=self._region_name,
+                config=self._config,
+            )
         )
         await self._open_direct()
         return self

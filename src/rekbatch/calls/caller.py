@@ -13,6 +13,11 @@ answer costs seconds. A failure of the connection itself (no answer, a reset, th
 deadline) is retried without using up attempts, for as long as the endpoint is not down:
 no call succeeding for ``unreachable_seconds`` raises ``EndpointUnreachable``, which stops
 the run (resumable) instead of failing the rest of the bucket record by record.
+
+With several Regions (``regions``, see ``calls.regions``) a stateless call takes a ``Route``
+instead of its API's limiter: the same interface over every Region's limiter, and the
+backend of the Region that granted the permit. A failure that was the Region's goes to
+another Region without using an attempt.
 """
 
 from __future__ import annotations
@@ -20,8 +25,9 @@ from __future__ import annotations
 import asyncio
 import random
 from collections import Counter, deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rekbatch.backends.base import Backend, ImageInput
 from rekbatch.calls.limiter import AdaptiveLimiter
@@ -29,6 +35,9 @@ from rekbatch.calls.quotas import resolve_ceilings
 from rekbatch.calls.retry import Reachability, RetryPolicy, is_connection_failure
 from rekbatch.clock import MONOTONIC, Clock
 from rekbatch.errors import BackendError
+
+if TYPE_CHECKING:
+    from rekbatch.calls.regions import Regions, Route
 
 TIMEOUT_FACTOR = 5.0
 TIMEOUT_FLOOR = 3.0
@@ -103,8 +112,10 @@ class Caller:
         rng: random.Random | None = None,
         unreachable_seconds: float = UNREACHABLE_SECONDS,
         share: float = 1.0,
+        applied: Mapping[str, float] | None = None,
     ) -> None:
-        # ``share``: this process's part of the ceilings (1/N for one of N shards).
+        # ``share``: this process's part of the ceilings (1/N for one of N shards);
+        # ``applied``: the account's quotas in ``region`` (Service Quotas), under ``max_tps``.
         self.backend = backend
         self._share = share
         self.retry = retry
@@ -118,15 +129,17 @@ class Caller:
         self._region = region
         self._clock = clock
         self._rng = rng or random.Random()
+        self._applied = applied
+        self.regions: Regions | None = None  # several Regions: the stateless calls' routes
         self.limiters: dict[str, AdaptiveLimiter] = {}
-        for api, rate in resolve_ceilings(max_tps, region, apis or []).items():
+        for api, rate in resolve_ceilings(max_tps, region, apis or [], applied).items():
             self.limiters[api] = AdaptiveLimiter(rate * share, clock=clock, name=api)
 
     def limiter(self, api: str) -> AdaptiveLimiter:
         limiter = self.limiters.get(api)
         if limiter is None:
             # An API no operation declared up front (collections): its default ceiling.
-            (rate,) = resolve_ceilings(self._max_tps, self._region, [api]).values()
+            (rate,) = resolve_ceilings(self._max_tps, self._region, [api], self._applied).values()
             limiter = self.limiters[api] = AdaptiveLimiter(
                 rate * self._share, clock=self._clock, name=api
             )
@@ -135,7 +148,10 @@ class Caller:
     async def call(
         self, api: str, params: dict[str, Any], images: dict[str, ImageInput]
     ) -> CallOutcome:
-        limiter = self.limiters.get(api) or self.limiter(api)
+        limiter: AdaptiveLimiter | Route = self.limiters.get(api) or self.limiter(api)
+        route = None if self.regions is None else self.regions.route(api, images)
+        if route is not None:
+            limiter = route  # every Region's limiter of the API, behind one
         latency = self.latency.get(api)
         if latency is None:
             latency = self.latency[api] = LatencyWindow()
@@ -148,13 +164,14 @@ class Caller:
             tries += 1
             permit = await limiter.acquire()
             stats.calls[api] += 1
+            backend = self.backend if route is None else route.backend
             sent = clock.now()
             try:
                 if self.network:
                     async with asyncio.timeout(latency.deadline()):
-                        result = await self.backend.call(api, params, images)
+                        result = await backend.call(api, params, images)
                 else:
-                    result = await self.backend.call(api, params, images)
+                    result = await backend.call(api, params, images)
             except (BackendError, TimeoutError) as exc:
                 error = exc if isinstance(exc, BackendError) else _deadline(latency)
                 seconds += clock.now() - sent
@@ -163,13 +180,15 @@ class Caller:
                     stats.throttles[api] += 1
                 else:
                     limiter.on_error(permit)
+                # The Region's failure, and another Region serves: no attempt used.
+                moved = route is not None and route.failed(error)
                 connection = is_connection_failure(error.code)
                 if connection:
                     stats.connection_errors[api] += 1
                     self.reach.failed(f"{error.code}: {error.message}")
-                else:
+                elif not moved:
                     attempts += 1
-                if not error.retryable or attempts >= self.retry.max_attempts:
+                if not moved and (not error.retryable or attempts >= self.retry.max_attempts):
                     stats.failures[api] += 1
                     return CallOutcome(None, error, tries, seconds)
                 stats.retries[api] += 1
