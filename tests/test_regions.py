@@ -356,3 +356,54 @@ def test_a_call_given_up_hands_its_permit_on(consumers: int) -> None:
         return sum(o.error is None for o in done)
 
     assert clock.run(main()) == consumers * 10
+
+
+# -------------------------------------------------------------------------------------- plan
+
+
+def test_plan_shows_each_region_set_with_what_spreading_adds(tmp_path: Path) -> None:
+    from rekbatch.commands.plan import _duration
+    from rekbatch.commands.plan_regions import region_plan, render_region_plan
+
+    aws = 'regions = ["us-west-2", "us-east-1", "eu-west-1"]'
+    cfg = load_config(write_config(tmp_path / "p.toml", CONFIG.format(aws=aws)), environ={})
+    ceilings = {
+        region: {"DetectFaces": 40.0, "SearchFacesByImage": 50.0}
+        for region in ("us-east-1", "us-west-2", "eu-west-1")
+    }
+    mib = 2**20
+    plan = region_plan(
+        cfg,
+        {"DetectFaces": 3000, "SearchFacesByImage": 300},
+        ceilings,
+        images=3000,
+        by_reference=3000,
+        image_bytes=3000 * mib,
+    )
+    assert plan is not None
+    sets = plan["sets"]
+    # The home Region first, then the others in their order; collections stay home.
+    assert [s["regions"] for s in sets] == [
+        ["us-east-1"],
+        ["us-east-1", "us-west-2"],
+        ["us-east-1", "us-west-2", "eu-west-1"],
+    ]
+    assert [s["seconds"] for s in sets] == [75.0, 37.5, 25.0]
+    assert [s["gets"] for s in sets] == [0, 1500, 2000]
+    assert [s["bytes_elsewhere"] for s in sets] == [0, 1500 * mib, 2000 * mib]
+    assert sets[1]["extra_cost_usd"] == pytest.approx(
+        1500 * 0.0004 / 1000 + 1500 / 1024 * 0.02, abs=1e-6
+    )
+    assert sets[2]["extra_cost_usd"] == pytest.approx(
+        2000 * 0.0004 / 1000 + 2000 / 1024 * 0.02, abs=1e-6
+    )
+    lines = render_region_plan(plan, _duration)
+    assert lines[0].startswith("time in us-east-1 ") and lines[0].endswith("1 min 15 s")
+    assert "25 s, spreading adds $0.04 (2000 GETs, 2.0 GB to other Regions)" in lines[2]
+    assert "as of 2026-12-07" in lines[3]
+    # Images that go as bytes anyway add nothing; one Region has no Region plan.
+    assert region_plan(cfg, {"DetectFaces": 30}, ceilings, images=30, by_reference=0,
+                       image_bytes=30 * mib)["sets"][2]["extra_cost_usd"] == 0.0  # fmt: skip
+    one = load_config(write_config(tmp_path / "o.toml", CONFIG.format(aws="")), environ={})
+    assert region_plan(one, {"DetectFaces": 30}, ceilings, images=30, by_reference=30,
+                       image_bytes=30) is None  # fmt: skip

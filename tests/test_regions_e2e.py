@@ -157,3 +157,20 @@ def test_a_region_unreachable_mid_run_leaves_the_others_to_finish(
     after = {r: served[r].get("ok", 0) for r in REGIONS}
     assert sum(after.values()) == IMAGES and after[HOME] > 0 and after["us-east-1"] > 0
     assert max(r["attempts"] for r in read_jsonl(out / "results.jsonl")) <= 8
+
+
+def test_plan_reads_the_quotas_and_times_each_region_set(
+    tmp_path: Path, bucket: str, moto_endpoint: str, fake: FakeRekognition
+) -> None:
+    result = invoke("plan", str(_config(tmp_path, bucket, moto_endpoint, fake.url)))
+    assert result.exit_code == 0, result.stderr
+    lines = [line for line in result.stdout.splitlines() if line.startswith("time in ")]
+    assert [line.split("  ")[0] for line in lines] == [
+        "time in eu-west-1",
+        "time in eu-west-1, us-east-1",
+        "time in eu-west-1, us-east-1, us-west-2",
+    ]
+    assert "calls DetectLabels: 300 at up to 40/s" in result.stdout  # Service Quotas' 40
+    assert "8 s" in lines[0] and "spreading adds $" in lines[2]
+    assert "(list prices as of 2026-12-07)" in result.stdout
+    assert fake.stats()["calls"] == {}  # no Rekognition call

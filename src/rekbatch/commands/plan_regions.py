@@ -15,7 +15,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from rekbatch.calls.quotas import resolve_ceilings
 from rekbatch.calls.regions import SPREAD_APIS
+from rekbatch.calls.service_quotas import QuotaReading, account_quotas
 from rekbatch.config import Config
 from rekbatch.pricing import (
     INTER_REGION_USD_PER_GB,
@@ -30,6 +32,31 @@ def region_order(cfg: Config) -> list[str]:
     regions = cfg.aws.calling_regions()
     home = cfg.aws.region
     return ([home] if home in regions else []) + [r for r in regions if r != home]
+
+
+async def plan_quotas(cfg: Config, apis: list[str]) -> QuotaReading:
+    """The account's applied quotas, as a run reads them (nothing for the offline backend)."""
+    if cfg.backend.kind != "aws":
+        return QuotaReading()
+    import aioboto3
+
+    return await account_quotas(
+        aioboto3.Session(profile_name=cfg.aws.profile, region_name=cfg.aws.region),
+        regions=[cfg.aws.region, *cfg.aws.calling_regions()],
+        apis=apis,
+        max_tps=cfg.limits.max_tps,
+        endpoint_url=cfg.aws.rekognition_endpoint_url,
+    )
+
+
+def region_ceilings(
+    cfg: Config, apis: list[str], quotas: QuotaReading
+) -> dict[str, dict[str, float]]:
+    """Region -> API -> ceiling, for the home Region and every calling one."""
+    return {
+        region: resolve_ceilings(cfg.limits.max_tps, region, apis, quotas.for_region(region))
+        for region in dict.fromkeys([cfg.aws.region, *cfg.aws.calling_regions()])
+    }
 
 
 def region_plan(
