@@ -422,7 +422,7 @@ def scan(
     --op: compare_faces=REF, search_faces=NAME:REF[,NAME:REF], detect_faces[=ALL],
     detect_labels[=MAX_LABELS], detect_text[=MIN_CONFIDENCE],
     detect_moderation_labels[=MIN_CONFIDENCE], recognize_celebrities,
-    detect_protective_equipment[=MIN_CONFIDENCE].
+    detect_protective_equipment[=MIN_CONFIDENCE], index_faces[=COLLECTION_ID].
     """
     fmt = configure_logging(log_format)
     from rekbatch.commands.scan import CONFIG_FILE, scan_data, to_toml
@@ -594,6 +594,28 @@ def report(
         cfg = job_config(directory)
         path = asyncio.run(build_report(directory, cfg, max_per_person=max_per_person))
     typer.echo(f"report: {path}")
+
+
+@app.command()
+def find(
+    directory: Annotated[Path, typer.Argument(help="The job's output directory (index_faces).")],
+    person: Annotated[
+        list[str],
+        typer.Option("--person", help="NAME=PHOTO: someone to look for (repeatable)."),
+    ],
+    threshold: Annotated[
+        float, typer.Option("--threshold", min=0, max=100, help="Similarity, as compare_faces.")
+    ] = 80.0,
+) -> None:
+    """Who is where, from a job's face index, without analysing its images again; writes
+    DIRECTORY/find/NAME.jsonl."""
+    configure_logging(None, level=30)
+    from rekbatch.commands.find import find_command
+
+    with _one_line_errors():
+        lines = find_command(directory, person, threshold)
+    for line in lines:
+        typer.echo(line)
 
 
 def main() -> None:

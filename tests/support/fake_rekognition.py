@@ -692,6 +692,8 @@ class _Stats:
     errors: Counter[str] = field(default_factory=Counter)
     error_codes: dict[str, Counter[str]] = field(default_factory=dict)
     billed: Counter[tuple[str, str]] = field(default_factory=Counter)
+    #: S3 objects the fake read to answer a call (``s3://bucket/key``), cached reads included
+    s3_reads: Counter[str] = field(default_factory=Counter)
     #: injected faults per API; "stalled" counts holds begun, whatever became of them
     dropped: Counter[str] = field(default_factory=Counter)
     reset: Counter[str] = field(default_factory=Counter)
@@ -1277,6 +1279,7 @@ class FakeRekognition:
                 "errors": dict(s.errors),
                 "error_codes": {api: dict(c) for api, c in s.error_codes.items()},
                 "billed": dict(s.billed),
+                "s3_reads": dict(s.s3_reads),
                 "dropped": dict(s.dropped),
                 "reset": dict(s.reset),
                 "stalled": dict(s.stalled),
@@ -1797,6 +1800,7 @@ class FakeRekognition:
             raise _ApiError("InvalidS3ObjectException", _BAD_S3)
         with self._lock:
             caching = self._config.s3_cache
+            self._stats.s3_reads[f"s3://{bucket}/{key}"] += 1
         cached = self._s3_cache.get((bucket, key, version)) if caching else None
         if cached is not None:
             return cached

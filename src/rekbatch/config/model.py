@@ -19,6 +19,7 @@ OperationType = Literal[
     "recognize_celebrities",
     "detect_protective_equipment",
     "search_faces",
+    "index_faces",
 ]
 
 _S3_URI = re.compile(r"^s3://(?P<bucket>[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9])(?:/(?P<prefix>.*))?$")
@@ -253,6 +254,16 @@ class SearchFacesOp(_FaceOperation):
         return people
 
 
+class IndexFacesOp(_FaceOperation):
+    """Every face of every image into the job's face index, for ``rekbatch find``."""
+
+    type: Literal["index_faces"]
+    # AWS: the collection (and its shards -0001, -0002, ...), kept after the run.
+    collection_id: str = Field(default="rekbatch-index", pattern=r"^[a-zA-Z0-9_.\-]+$")
+    max_faces: int = Field(default=100, ge=1, le=100)
+    quality_filter: Literal["NONE", "AUTO", "LOW", "MEDIUM", "HIGH"] = "AUTO"
+
+
 Operation = Annotated[
     DetectFacesOp
     | DetectLabelsOp
@@ -261,7 +272,8 @@ Operation = Annotated[
     | DetectModerationLabelsOp
     | RecognizeCelebritiesOp
     | DetectProtectiveEquipmentOp
-    | SearchFacesOp,
+    | SearchFacesOp
+    | IndexFacesOp,
     Field(discriminator="type"),
 ]
 
@@ -277,6 +289,7 @@ OPERATION_MODELS: dict[str, type[_Operation]] = {
         RecognizeCelebritiesOp,
         DetectProtectiveEquipmentOp,
         SearchFacesOp,
+        IndexFacesOp,
     )
 }
 

@@ -129,6 +129,13 @@ def answer_lines(summary: dict[str, Any]) -> list[str]:
                 f"search_faces: {person} found in {found['images_matched']} of "
                 f"{search['images_searched'] + no_face} images{_prefiltered(no_face)}"
             )
+    index = summary.get("index_faces")
+    if index:
+        where = index.get("output_dir") or "OUTPUT_DIR"
+        lines.append(
+            f"index_faces: {index['faces_indexed']} faces of {index['images_indexed']} images "
+            f"in the face index; look anyone up with: rekbatch find {where} --person NAME=PHOTO"
+        )
     return lines
 
 

@@ -387,14 +387,38 @@ class LedgerDB:
         )
 
     def faces_by_detail_prefix(self, operation: str) -> dict[str, int]:
-        """Faces indexed per collection (``detail`` is ``collection/external id``)."""
+        """Faces indexed per collection (``detail`` is ``collection/external id``); a copy,
+        recorded from its original's result, indexed nothing itself."""
         rows = self._db.execute(
             "SELECT substr(detail, 1, instr(detail, '/') - 1) AS collection, "
             "SUM(coalesce(face_count, 0)) FROM records "
-            "WHERE operation = ? AND status = 'ok' AND detail LIKE '%/%' GROUP BY collection",
+            "WHERE operation = ? AND status = 'ok' AND detail LIKE '%/%' AND dedup_of IS NULL "
+            "GROUP BY collection",
             (operation,),
         )
         return {row[0]: int(row[1]) for row in rows}
+
+    def collections_of(self, operation: str) -> list[str]:
+        """The collections named by ``operation``'s records (``detail`` is ``collection/
+        external id``), by seeking the (operation, detail) index from one collection to the
+        next instead of reading every record. Collection ids hold no '/' and the character
+        after '/' is '0', so every detail of collection C sorts below C + '0'."""
+        found: list[str] = []
+        at = ""
+        while True:
+            row = self._db.execute(
+                "SELECT detail FROM records WHERE operation = ? AND detail >= ? "
+                "ORDER BY detail LIMIT 1",
+                (operation, at),
+            ).fetchone()
+            if row is None:
+                return found
+            collection, slash, _ = str(row[0]).partition("/")
+            if slash:
+                found.append(collection)
+                at = collection + "0"
+            else:
+                at = str(row[0]) + "\x00"
 
     def compare_rows(self, operation: str) -> Iterator[sqlite3.Row]:
         """The ok records of a search_faces compare strategy with a match, streamed."""
@@ -477,6 +501,13 @@ class LedgerDB:
             (operation,),
         ).fetchone()
         return int(row[0]), int(row[1])
+
+    def ok_count(self, operation: str) -> int:
+        """Ok records of ``operation`` (from the status index alone)."""
+        row = self._db.execute(
+            "SELECT COUNT(*) FROM records WHERE status = 'ok' AND operation = ?", (operation,)
+        ).fetchone()
+        return int(row[0])
 
     def skipped_count(self, operation: str, reason: str) -> int:
         """Records of ``operation`` skipped for ``reason``."""
