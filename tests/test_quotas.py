@@ -6,6 +6,7 @@ from collections.abc import Iterator
 
 import aioboto3
 import pytest
+import structlog
 from structlog.testing import capture_logs
 
 from rekbatch.calls.quotas import QUOTA_CODES, quota_api, resolve_ceilings, user_rated
@@ -15,6 +16,14 @@ from tests.support.fake_rekognition import SERVICE_QUOTAS, FakeConfig, FakeRekog
 pytestmark = pytest.mark.timeout(60)
 
 APIS = ["DetectFaces", "DetectLabels", "CompareFaces"]
+
+
+@pytest.fixture(autouse=True)
+def _plain_logging() -> Iterator[None]:
+    """Log capture sees every level: a CLI run in this process may have raised it."""
+    structlog.reset_defaults()
+    yield
+    structlog.reset_defaults()
 
 
 def test_quota_codes_agree_with_the_fakes_listing() -> None:

@@ -12,12 +12,13 @@ import asyncio
 import math
 import random
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 from structlog.testing import capture_logs
 
 from rekbatch.backends.base import ImageInput, ObjectBytes
@@ -32,6 +33,14 @@ from tests.support.virtual_clock import VirtualClock
 
 REGIONS = ("us-east-1", "us-west-2", "eu-west-1")
 QUOTA = 40.0
+
+
+@pytest.fixture(autouse=True)
+def _plain_logging() -> Iterator[None]:
+    """Log capture sees every level: a CLI run in this process may have raised it."""
+    structlog.reset_defaults()
+    yield
+    structlog.reset_defaults()
 
 
 class SimRegion:
