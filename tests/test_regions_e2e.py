@@ -54,6 +54,7 @@ def fake(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeRe
         quotas={"DetectLabels": QUOTA},  # each signing Region its own bucket of 40/s
         applied_quotas={region: {"DetectLabels": QUOTA} for region in REGIONS},
         latency_median_ms=20.0,
+        check_bucket_region=True,  # an S3Object only in its bucket's Region, as AWS
     )
     with FakeRekognition(config) as server:
         monkeypatch.setenv("AWS_ENDPOINT_URL_SERVICE_QUOTAS", server.url)
@@ -174,3 +175,42 @@ def test_plan_reads_the_quotas_and_times_each_region_set(
     assert "8 s" in lines[0] and "spreading adds $" in lines[2]
     assert "(list prices as of 2026-12-07)" in result.stdout
     assert fake.stats()["calls"] == {}  # no Rekognition call
+
+
+def test_rekognition_region_bucket_calls_each_bucket_in_its_own_region(
+    tmp_path: Path, bucket: str, moto_endpoint: str, fake: FakeRekognition
+) -> None:
+    import boto3
+
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=moto_endpoint,
+        region_name="us-west-2",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
+    west = "regions-west-bucket"
+    s3.create_bucket(Bucket=west, CreateBucketConfiguration={"LocationConstraint": "us-west-2"})
+    put_objects(west, ((f"w/{i:03d}.jpg", fake_jpeg(10_000 + i)) for i in range(60)))
+    text = base_config(
+        uris=[f"s3://{bucket}/", f"s3://{west}/"],
+        output_dir=tmp_path / "out",
+        s3_endpoint=moto_endpoint,
+        rek_endpoint=fake.url,
+        operations='[[operations]]\ntype = "detect_labels"\n',
+        extra="[limits]\nconcurrency = 16\n",
+    )
+    text = text.replace("[source]\n", "[source]\nsniff = false\n")
+    text = text.replace("[aws]\n", '[aws]\nrekognition_region = "bucket"\n')
+    result = invoke("run", str(write_config(tmp_path / "job.toml", text)))
+    assert result.exit_code == 0, result.stderr
+    rows = read_jsonl(tmp_path / "out" / "results.jsonl")
+    assert len(rows) == IMAGES + 60 and all(r["status"] == "ok" for r in rows)
+    stats = fake.stats()
+    # Every object by reference, in its own bucket's Region (the fake refuses any other).
+    assert all(ident.startswith("s3://") for _, ident in stats["billed"])
+    assert stats["regions"]["us-west-2"]["ok"] == 60
+    assert stats["regions"][HOME]["ok"] == IMAGES
+    assert set(stats["regions"]) == {HOME, "us-west-2"}
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert "spreading" in summary and summary["spreading"]["objects_read"] == 0

@@ -206,8 +206,9 @@ class FakeConfig:
     #: keep fetched S3 objects in memory (benchmarks whose objects never change), so the
     #: fake measures the client rather than the S3 stand-in behind it
     s3_cache: bool = False
-    #: refuse S3Object images of buckets outside ``region`` with InvalidS3ObjectException,
-    #: as Rekognition does (it reads S3 only in its own region)
+    #: refuse S3Object images of buckets outside the request's signing Region (``region``
+    #: when unsigned) with InvalidS3ObjectException, as Rekognition does (it reads S3 only
+    #: in its own Region)
     check_bucket_region: bool = False
     # Faults (see the module docstring for what a client sees). Each call draws at most one
     # of them, from (seed, call number), so a seed gives the same faults on the same calls
@@ -1808,7 +1809,9 @@ class FakeRekognition:
         if version:
             kwargs["VersionId"] = version
         with self._lock:
-            region, check_region = self._config.region, self._config.check_bucket_region
+            # the Region the request is signed for: Rekognition reads S3 only there
+            region = _REQUEST_REGION.get() or self._config.region
+            check_region = self._config.check_bucket_region
         try:
             if check_region:
                 location = await s3.get_bucket_location(Bucket=bucket)
