@@ -214,3 +214,16 @@ def test_rekognition_region_bucket_calls_each_bucket_in_its_own_region(
     assert set(stats["regions"]) == {HOME, "us-west-2"}
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert "spreading" in summary and summary["spreading"]["objects_read"] == 0
+
+
+def test_validate_online_asks_every_region(
+    tmp_path: Path, bucket: str, moto_endpoint: str, fake: FakeRekognition
+) -> None:
+    config = _config(tmp_path, bucket, moto_endpoint, fake.url)
+    assert invoke("validate", "--online", str(config)).exit_code == 0
+    fake.configure(region_faults={"us-west-2": "denied"})
+    result = invoke("validate", "--online", str(config))
+    assert result.exit_code == 2
+    assert "aws.regions: " in result.stderr and "us-west-2" in result.stderr
+    assert "aws.region:" not in result.stderr
+    assert fake.stats()["regions"]["us-east-1"] == {"calls": 2, "ok": 2}
