@@ -164,7 +164,8 @@ def main() -> None:
         "load_after": [round(x, 2) for x in os.getloadavg()],
     }
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "regions.json").write_text(json.dumps(payload, indent=2) + "\n")
+    name = f"regions-quota{args.quota:g}.json"
+    (RESULTS / name).write_text(json.dumps(payload, indent=2) + "\n")
     print("\n| Regions | calls/s (median) | share of their quotas | throttled |")
     print("|---|---|---|---|")
     for n, m in medians.items():

@@ -159,6 +159,9 @@ class Lane:
         now = self._clock.now()
         if self.out_until is None and self.failures >= DOWN_AFTER:
             self.out_until = now + self.retry_after
+            if self.held is not None:  # no call goes there with it now
+                self.limiter.on_error(self.held)
+                self.held = None
             log.warning(
                 "region_left_rotation",
                 region=self.region,
@@ -248,10 +251,13 @@ class Dispatch:
         if self._broken is not None:
             raise self._broken
         for lane in self.lanes:
-            if lane.held is not None and (allowed is None or lane.region in allowed):
-                permit, lane.held = lane.held, None
+            held = lane.held
+            if held is None or not (lane.serving or held is lane.probe):
+                continue
+            if allowed is None or lane.region in allowed:
+                lane.held = None
                 lane.wake.set()
-                return lane, permit
+                return lane, held
         self._start()
         future: asyncio.Future[tuple[Lane, Permit]] = asyncio.get_running_loop().create_future()
         waiter = _Waiter(future, allowed)
