@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -247,6 +248,39 @@ def test_scan_runs_from_flags_and_writes_the_config_it_used(
     rerun = invoke("run", str(written), "--log-format", "json")
     assert rerun.exit_code == 0, rerun.stderr
     assert "nothing new" in rerun.stdout
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port  # nothing listens there now: connections are refused
+
+
+def test_scan_against_an_endpoint_never_reached_stops_with_2_naming_the_ways_out(
+    tmp_path: Path, fake: FakeRekognition, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No call to the endpoint has ever got through: after ``FIRST_CONTACT_SECONDS``
+    (shrunk here) the run stops with one line naming the endpoint and the ways out,
+    instead of waiting ``unreachable_seconds``. Then, reachable, the same scan does it all
+    once."""
+    monkeypatch.setattr("rekbatch.calls.retry.FIRST_CONTACT_SECONDS", 1.0)
+    closed = f"http://127.0.0.1:{_closed_port()}"
+    monkeypatch.setenv("REKBATCH_AWS__REKOGNITION_ENDPOINT_URL", closed)
+    out = tmp_path / "scan-out"
+    args = ["scan", str(SAMPLES), "--op", f"compare_faces={REFERENCE}", "--output", str(out)]
+    result = invoke(*args)
+    assert result.exit_code == 2
+    (line,) = [line for line in _problems(result) if line.startswith("rekbatch:")]
+    assert line.startswith(f"rekbatch: cannot reach the Rekognition endpoint {closed}")
+    for way_out in ("network", "aws.region", "aws.rekognition_endpoint_url", "--offline"):
+        assert way_out in line
+
+    monkeypatch.setenv("REKBATCH_AWS__REKOGNITION_ENDPOINT_URL", fake.url)
+    result = invoke(*args)
+    assert result.exit_code == 0, result.stderr
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == 9 and len({r["key"] for r in rows}) == 9
 
 
 def _costs(stdout: str) -> tuple[float, float]:

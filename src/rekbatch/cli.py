@@ -116,6 +116,9 @@ def _run_job(cfg: Any, options: Any) -> int:
                 job.request_stop(f"interrupted by {name}")
             else:
                 # The ledger only ever holds fsynced results: stopping here stays resumable.
+                from rekbatch.engine.children import kill_children
+
+                kill_children()
                 sys.stderr.write("rekbatch: stopped at once; resume with the same command\n")
                 sys.stderr.flush()
                 os._exit(130)
@@ -131,7 +134,7 @@ def _run_job(cfg: Any, options: Any) -> int:
     if outcome.failure is not None:
         typer.echo(
             f"rekbatch: {outcome.failure}; what finished is kept, resume with: "
-            f"rekbatch resume {out}",
+            f"rekbatch resume {out}{outcome.resume_args}",
             err=True,
         )
         return int(outcome.exit_code)
@@ -187,6 +190,8 @@ def render_summary(summary: dict[str, Any]) -> str:
 def summary_warnings(summary: dict[str, Any]) -> list[str]:
     """What a run that exits 0 should not leave unsaid: sources without images."""
     statuses = summary["counts"]["by_status"]
+    if summary.get("stopped"):
+        return []  # stopped before the listing was done: nothing to say about the sources
     if not sum(statuses.values()):
         return ["the sources listed no objects; check source.uris (and source.include)"]
     if not statuses.get("ok") and not statuses.get("failed"):
@@ -513,9 +518,7 @@ def validate(
                 raise ConfigErrors([f"{config}: {line}" for line in problems])
     ops = ", ".join(op.type for op in cfg.operations)
     checked = "; buckets and credentials checked" if online else ""
-    typer.echo(
-        f"{config}: valid ({len(cfg.source.uris)} source(s); operations: {ops}{checked})"
-    )
+    typer.echo(f"{config}: valid ({len(cfg.source.uris)} source(s); operations: {ops}{checked})")
 
 
 def _plan(cfg: Any, *, as_json: bool, sample: int | None = 2000) -> int:

@@ -464,14 +464,19 @@ class RegionBackend:
 
 
 def _read_error(image: ImageInput, region: str, exc: BaseException) -> ImageReadError:
-    from rekbatch.errors import call_error_from
+    from rekbatch.calls.classify import failure_of
 
-    classified = call_error_from(exc)
-    code = classified.code if classified else type(exc).__name__
-    message = classified.message if classified else str(exc)
-    kind = classified.kind if classified else "permanent"
+    failure = failure_of(exc)
     where = f"s3://{image.bucket}/{image.key}"
-    return ImageReadError(code, f"reading {where} to send it to {region}: {message}", kind)
+    if failure is None:
+        return ImageReadError(
+            type(exc).__name__, f"reading {where} to send it to {region}: {exc}", "permanent"
+        )
+    return ImageReadError(
+        failure.code,
+        f"reading {where} to send it to {region}: {failure.message}",
+        failure.kind,  # no connection stage: S3's, not Rekognition's endpoint
+    )
 
 
 class Regions:

@@ -47,7 +47,7 @@ class QuotaReading:
 
 
 def _reason(exc: BaseException) -> str:
-    from rekbatch.errors import call_error_from
+    from rekbatch.calls.classify import failure_of
 
     response = getattr(exc, "response", None)
     if isinstance(response, dict):
@@ -56,7 +56,7 @@ def _reason(exc: BaseException) -> str:
             return f"access denied ({code})"
         if code:
             return code
-    classified = call_error_from(exc)
+    classified = failure_of(exc)
     if classified is not None:
         return f"{classified.code}: {classified.message}"[:200]
     if isinstance(exc, TimeoutError):

@@ -320,7 +320,10 @@ async def _find_aws(
     answers: list[Answer] = []
     try:
         async with AwsBackend(
-            session, endpoint_url=cfg.aws.rekognition_endpoint_url, pool=8
+            session,
+            endpoint_url=cfg.aws.rekognition_endpoint_url,
+            pool=8,
+            call_path=cfg.aws.call_path,
         ) as backend:
             caller = Caller(
                 backend,

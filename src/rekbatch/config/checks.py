@@ -110,9 +110,7 @@ async def online_problems(cfg: Config) -> list[str]:
             buckets.setdefault(parsed[0], "output.upload_uri")
     objects = [(f, parse_s3_uri(loc)) for f, loc in references(cfg) if parse_s3_uri(loc)]
     if buckets or objects:
-        async with session.client(
-            "s3", endpoint_url=cfg.aws.s3_endpoint_url, config=boto
-        ) as s3:
+        async with session.client("s3", endpoint_url=cfg.aws.s3_endpoint_url, config=boto) as s3:
             for bucket, field in buckets.items():
                 try:
                     await s3.list_objects_v2(Bucket=bucket, MaxKeys=1)

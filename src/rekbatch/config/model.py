@@ -145,11 +145,12 @@ class AwsSection(_Section):
     rekognition_endpoint_url: str | None = None
     # "auto": S3Object where the bucket is in Rekognition's region, bytes elsewhere.
     image_mode: Literal["auto", "s3", "bytes"] = "auto"
+    # How Rekognition calls are made: a signed request of rekbatch's own through the
+    # client's HTTP session ("direct"), or the aiobotocore client's methods ("client").
+    call_path: Literal["direct", "client"] = "direct"
     # Rekognition Regions the stateless calls are spread over, each at its own quota;
     # None: ``[region]``. Face collections stay in ``region``.
-    regions: list[Annotated[str, Field(pattern=_REGION)]] | None = Field(
-        default=None, min_length=1
-    )
+    regions: list[Annotated[str, Field(pattern=_REGION)]] | None = Field(default=None, min_length=1)
     # "bucket": each object's calls go to its bucket's own Region.
     rekognition_region: Literal["bucket"] | None = None
 
@@ -302,6 +303,12 @@ class LimitsSection(_Section):
     max_cost_usd: float | None = Field(default=None, gt=0)
     # An endpoint answering nothing for this long stops the run (resumable).
     unreachable_seconds: float = Field(default=120.0, ge=1, le=86400)
+    # The failure breaker (calls/breaker.py): more than this share of the last
+    # ``failure_window`` records failed stops the run (exit 1, resumable); 1 turns it off.
+    max_failed_share: float = Field(default=0.5, gt=0, le=1)
+    failure_window: int = Field(default=1000, ge=1, le=1_000_000)
+    # After SIGINT/SIGTERM, how long in-flight calls may finish before they are cancelled.
+    stop_grace_seconds: float = Field(default=20.0, ge=0, le=3600)
 
     @field_validator("max_tps")
     @classmethod

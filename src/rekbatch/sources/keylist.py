@@ -25,8 +25,9 @@ import json
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+from rekbatch.calls.classify import failure_of
 from rekbatch.config import parse_s3_uri
-from rekbatch.errors import SetupError, call_error_from
+from rekbatch.errors import SetupError
 from rekbatch.records import ObjectRef
 from rekbatch.sources.inventory import after_mark, read_location
 from rekbatch.sources.ranges import KeyRange
@@ -168,7 +169,7 @@ class KeyListSource:
                 try:
                     head = await self._s3.head(obj.bucket, obj.key)
                 except Exception as exc:
-                    error = call_error_from(exc)
+                    error = failure_of(exc)
                     if error is not None and error.code in ("404", "NoSuchKey", "NotFound"):
                         return ObjectRef(
                             obj.bucket,
