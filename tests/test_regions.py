@@ -27,7 +27,7 @@ from rekbatch.calls.limiter import AdaptiveLimiter
 from rekbatch.calls.regions import BucketRegions, Regions
 from rekbatch.calls.retry import RetryPolicy
 from rekbatch.config import load_config
-from rekbatch.errors import BackendError
+from rekbatch.errors import BackendError, ErrorKind
 from tests.helpers import invoke, write_config
 from tests.support.virtual_clock import VirtualClock
 
@@ -58,7 +58,7 @@ class SimRegion:
         self.answered: Counter[str] = Counter()  # identity -> accepted answers
         self.images: Counter[str] = Counter()  # how images came: "bytes" or "s3"
         self.down = False
-        self.denied = False
+        self.denied: tuple[str, ErrorKind] | None = None  # every call refused so
 
     def _take(self, api: str, now: float) -> bool:
         tokens = self.tokens.get(api, self.quota)
@@ -74,9 +74,9 @@ class SimRegion:
         if self.down:
             await self.clock.sleep(0.005)
             raise BackendError("EndpointConnectionError", "Could not connect", "transient")
-        if self.denied:
+        if self.denied is not None:
             await self.clock.sleep(0.02)
-            raise BackendError("AccessDeniedException", "not in this Region", "permanent")
+            raise BackendError(self.denied[0], "not in this Region", self.denied[1])
         now = self.clock.now()
         ok = self._take(api, now)
         self.log.append((now, ok))
@@ -228,16 +228,23 @@ def test_a_region_that_goes_down_leaves_and_comes_back() -> None:
     assert moved >= 1  # the calls it failed went elsewhere, using no attempt
 
 
-def test_a_region_that_refuses_every_call_fails_no_record() -> None:
+@pytest.mark.parametrize(
+    "refusal",
+    [
+        ("AccessDeniedException", "permanent"),  # an SCP denying the Region
+        ("UnrecognizedClientException", "credentials"),  # a Region not enabled
+    ],
+)
+def test_a_region_that_refuses_every_call_fails_no_record(refusal: tuple[str, ErrorKind]) -> None:
     def deny(sims: dict[str, SimRegion]) -> None:
-        sims["eu-west-1"].denied = True
+        sims["eu-west-1"].denied = refusal
 
     with capture_logs() as logs:
         run = simulate(REGIONS, items=1500, events=[(3.0, deny)])
     exactly_once(run, 1500)
     left = [e for e in logs if e["event"] == "region_left_rotation"]
     assert [e["region"] for e in left] == ["eu-west-1"]
-    assert "AccessDeniedException" in left[0]["error"]
+    assert refusal[0] in left[0]["error"]
 
 
 def test_images_go_as_bytes_outside_their_buckets_region_read_once() -> None:
