@@ -42,6 +42,7 @@ from rekbatch.clock import MONOTONIC, Clock
 from rekbatch.config import Config, parse_s3_uri, uses_s3
 from rekbatch.engine.budget import Budget
 from rekbatch.engine.dedup import Dedup
+from rekbatch.engine.follow import QueueFeeder
 from rekbatch.engine.prepare import ImagePreparer
 from rekbatch.engine.producer import Producer, WorkItem
 from rekbatch.engine.shards import Shard, write_job_file
@@ -53,6 +54,7 @@ from rekbatch.errors import (
     EXIT_OK,
     EXIT_UNEXPECTED,
     BackendError,
+    ConfigError,
     Interrupted,
     RekbatchError,
     SetupError,
@@ -64,6 +66,7 @@ from rekbatch.sinks.writer import Writer
 from rekbatch.sources import S3, InventorySource, KeyListSource, LocalSource, Source, open_source
 from rekbatch.sources.convert import Converter
 from rekbatch.sources.filters import MAX_CONVERT_BYTES, MAX_IMAGE_BYTES, MAX_S3_OBJECT_BYTES
+from rekbatch.sources.sqs import SqsQueue, is_queue_uri, open_queues
 from rekbatch.store import jobdir, retry_failed
 from rekbatch.store.ledger import Ledger, LedgerDB
 from rekbatch.store.lock import JobLock
@@ -96,6 +99,10 @@ class RunOptions:
     # The offline backend's workers (processes or Ray actors); None: one per core (pool) or
     # per free CPU of the cluster (Ray). A shard run as a Ray task sets its share.
     local_workers: int | None = None
+    # ``--follow``: after the listing, read the queue sources until stopped; the Parquet
+    # files (and the upload, as a part) are refreshed every ``export_every_seconds``.
+    follow: bool = False
+    export_every_seconds: float = 300.0
 
 
 @dataclass
@@ -152,6 +159,8 @@ class Job:
         self._started = 0.0
         self._bytes_buckets: set[str] = set()  # sources in another region than Rekognition
         self.converter: Converter | None = None
+        self.queues: list[SqsQueue] = []
+        self.feeder: QueueFeeder | None = None
         self.unrecorded: Counter[str] = Counter()
         self._work: list[asyncio.Task[None]] = []  # the producer and the workers
         self._grace_over = False
@@ -218,6 +227,7 @@ class Job:
             "limiters": {api: lim.snapshot() for api, lim in self.limiters.items()},
             "regions": self._region_stats(elapsed),
             "listing": self.producer.listing_stats() if self.producer else {},
+            **({"queues": self.feeder.stats()} if self.feeder else {}),
         }
 
     def _region_stats(self, elapsed: float) -> dict[str, dict[str, Any]]:
@@ -287,6 +297,7 @@ class Job:
                 s3 = await self._open_s3(stack)
                 sources = [open_source(uri, i, s3) for i, uri in enumerate(cfg.source.uris)]
                 await self._check_sources(sources, s3)
+                self.queues = await self._open_queues(stack)
                 backend = self._given_backend or await self._open_backend(stack)
                 if cfg.source.convert and cfg.source.sniff:
                     self.converter = await stack.enter_async_context(
@@ -383,6 +394,24 @@ class Job:
             for bucket in sorted({p[0] for p in map(parse_s3_uri, self.cfg.source.uris) if p}):
                 await s3.check_bucket(bucket)
             await self._check_regions(s3)
+
+    async def _open_queues(self, stack: contextlib.AsyncExitStack) -> list[SqsQueue]:
+        cfg = self.cfg
+        queues = [uri for uri in cfg.source.uris if is_queue_uri(uri)]
+        if self.options.follow and not queues:
+            raise ConfigError("--follow: needs a queue source (sqs://QUEUE) in source.uris")
+        if queues and self.options.shard is not None:
+            raise ConfigError(f"--shard: a queue source cannot be sharded: {queues[0]}")
+        if not queues:
+            return []
+        return await open_queues(
+            stack,
+            self._session(),
+            cfg.source.uris,
+            endpoint_url=cfg.aws.sqs_endpoint_url,
+            unreachable_seconds=cfg.limits.unreachable_seconds,
+            clock=self.clock,
+        )
 
     async def _open_backend(self, stack: contextlib.AsyncExitStack) -> Backend:
         cfg = self.cfg
@@ -577,6 +606,22 @@ class Job:
         )
         dedup = Dedup()
         queue: asyncio.Queue[WorkItem | None] = asyncio.Queue(maxsize=cfg.limits.concurrency * 2)
+        max_bytes = [self._max_bytes(uri) for uri in cfg.source.uris]
+        feeder = None
+        if self.queues:
+            feeder = self.feeder = QueueFeeder(
+                cfg,
+                self.queues,
+                sources,
+                operations,
+                ledger,
+                writer,
+                dedup,
+                self.stopping,
+                max_bytes,
+                follow=self.options.follow,
+                clock=self.clock,
+            )
         producer = self.producer = Producer(
             cfg,
             sources,
@@ -585,8 +630,9 @@ class Job:
             writer,
             dedup,
             self.stopping,
-            [self._max_bytes(uri) for uri in cfg.source.uris],
+            max_bytes,
             shard=self.options.shard,
+            after_listing=feeder.run if feeder else None,
         )
         worker = Worker(
             sources,
@@ -623,7 +669,12 @@ class Job:
             from rekbatch.commands.progress import show_progress
 
             side.append(("progress", show_progress(self)))
-        if cfg.output.upload_uri and s3 is not None:
+        if feeder is not None:
+            side.append(("queue", feeder.keep()))
+        if self.options.follow:
+            every = self.options.export_every_seconds
+            side.append(("upload", self._upload_parts(ledger, s3, every, export=True)))
+        elif cfg.output.upload_uri and s3 is not None:
             side.append(("upload", self._upload_parts(ledger, s3)))
         # Objects in flight are few and short-lived; the collector need not walk them often.
         gc.freeze()
@@ -642,6 +693,8 @@ class Job:
             except Exception as exc:  # the writer itself failed: its rows are in the journal
                 if failure is None:
                     failure = TaskFailed("writer", exc)
+            if feeder is not None:
+                await feeder.close()  # the messages the last commit settled
         if failure is not None:
             return await self._failed(ledger, operations, failure)
         if self.stop_reason is None:
@@ -693,14 +746,29 @@ class Job:
             await asyncio.sleep(HEARTBEAT_SECONDS)
             await ledger.write(LedgerDB.heartbeat, self.run_id, self.live_stats())
 
-    async def _upload_parts(self, ledger: Ledger, s3: S3) -> None:
-        """Long runs: a snapshot of the results goes to S3 every ``UPLOAD_EVERY_SECONDS``."""
+    async def _upload_parts(
+        self,
+        ledger: Ledger,
+        s3: S3 | None,
+        every: float | None = None,
+        *,
+        export: bool = False,
+    ) -> None:
+        """Long runs: a snapshot of the results goes to S3 every ``every`` seconds (default
+        ``UPLOAD_EVERY_SECONDS``); with ``export`` (a follow run, which has no end to wait
+        for) the Parquet files are written first."""
         from rekbatch.sinks.upload import upload_results
 
         uri = self.cfg.output.upload_uri
-        assert uri
         while True:
-            await asyncio.sleep(UPLOAD_EVERY_SECONDS)
+            await asyncio.sleep(UPLOAD_EVERY_SECONDS if every is None else every)
+            if export:
+                try:
+                    await self._outputs()
+                except SetupError as exc:  # the JSONL and CSV hold every row all the same
+                    log.warning("export_failed", error=str(exc))
+            if not uri or s3 is None:
+                continue
             part = int(await ledger.read(LedgerDB.get_meta, "upload_parts") or 0) + 1
             await upload_results(s3.client, self.out, uri, part=part)
             await ledger.write(LedgerDB.set_meta, {"upload_parts": str(part)})
