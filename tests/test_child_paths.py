@@ -1,5 +1,5 @@
 """Child processes (the Parquet export, the offline backend's spawned workers and their
-resource tracker) never import from the folder rekbatch is run from."""
+resource tracker, Ray's workers) never import from the folder rekbatch is run from."""
 
 from __future__ import annotations
 
@@ -68,3 +68,40 @@ def test_children_do_not_import_from_the_working_folder(tmp_path: Path) -> None:
     assert sorted(r["key"] for r in rows) == ["ric.jpg", "ric_harvey.jpeg"]
     assert all(r["status"] == "ok" and r["result"]["FaceDetails"] for r in rows)
     assert (out / "results.parquet").stat().st_size > 0
+
+
+def test_ray_workers_do_not_import_from_the_working_folder(tmp_path: Path) -> None:
+    """``--engine ray`` from a folder holding planted packages: Ray gives its workers the
+    driver's working folder first on sys.path, so the shard tasks once imported the planted
+    ``rekbatch`` and failed (or ran it). Both shards run, the merge answers, nothing planted
+    is imported."""
+    cwd = tmp_path / "shared-folder"
+    markers = _plant(cwd)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("ric.jpg", "ric_harvey.jpeg"):
+        (photos / name).write_bytes((SAMPLES / name).read_bytes())
+    out = tmp_path / "out"
+    config = tmp_path / "job.toml"
+    config.write_text(
+        f'[job]\nname = "planted-ray"\noutput_dir = {json.dumps(str(out))}\n\n'
+        f"[source]\nuris = [{json.dumps(str(photos))}]\n\n"
+        '[backend]\nkind = "local"\n\n[output]\nparquet = false\n\n'
+        '[[operations]]\ntype = "detect_faces"\n',
+        encoding="utf-8",
+    )
+    script = Path(sys.executable).parent / "rekbatch"
+    proc = subprocess.run(
+        [str(script), "run", str(config), "--engine", "ray", "--shards", "2"],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    imported = [m.name for m in markers if m.exists()]
+    assert imported == [], proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = read_jsonl(out / "results.jsonl")
+    assert sorted(r["key"] for r in rows) == ["ric.jpg", "ric_harvey.jpeg"]
+    assert all(r["status"] == "ok" and r["result"]["FaceDetails"] for r in rows)
