@@ -7,7 +7,8 @@ connection itself is retried (after botocore's own retries) for as long as S3 is
 lists one ``s3://bucket/prefix`` page by page, in key order, resuming after a watermark;
 pages are fetched as the consumer pulls, so memory stays at one page whatever the size of
 the bucket. It splits itself into disjoint key ranges (``sources/ranges.py``) so that
-several paginators list it at once, each bounded by ``StartAfter`` and its range's end.
+several paginators list it at once; each range is listed by prefixes that end inside it,
+so that a key is read about once whatever the number of ranges.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from rekbatch.calls.retry import Reachability, RetryPolicy, is_connection_failur
 from rekbatch.clock import MONOTONIC, Clock
 from rekbatch.errors import call_error_from, setup_error_from
 from rekbatch.records import ObjectRef
-from rekbatch.sources.ranges import KeyRange, Splitter, common_prefix
+from rekbatch.sources.ranges import Head, KeyRange, Splitter, list_keys
 
 T = TypeVar("T")
 log = structlog.get_logger("rekbatch")
@@ -201,12 +202,12 @@ class S3Source:
         self.bucket = bucket
         self.prefix = prefix
         self._s3 = s3
+        self._head: Head | None = None  # the splitter's first page, handed out, not re-read
 
     async def split(self, concurrency: int) -> list[KeyRange]:
         if concurrency <= 1:
             return [KeyRange(None, None)]
-        # Twice as many ranges as paginators: one that finishes early takes the next range;
-        # not more, as each range's last page runs past its end.
+        # Twice as many ranges as paginators: one that finishes early takes the next range.
         splitter = Splitter(
             self._s3.list_page,
             self.bucket,
@@ -215,7 +216,9 @@ class S3Source:
             concurrency=concurrency,
         )
         try:
-            return await splitter.split()
+            ranges = await splitter.split()
+            self._head = splitter.head
+            return ranges
         except Exception as exc:
             if call_error_from(exc) is None:
                 raise
@@ -230,40 +233,30 @@ class S3Source:
     async def list_range(
         self, rng: KeyRange, start_after: str | None, page_size: int = 1000
     ) -> AsyncIterator[ObjectRef]:
-        prefix = self.prefix
-        if rng.after is not None and rng.upto is not None:
-            # Every key of the range starts with what its two ends share: a narrower Prefix
-            # keeps the range's last page from running far past its end.
-            prefix = max(prefix, common_prefix(rng.after, rng.upto), key=len)
-        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix, "MaxKeys": page_size}
-        after = max((a for a in (rng.after, start_after) if a), default=None)
-        if after:
-            kwargs["StartAfter"] = after
-        upto = rng.upto
         bucket, index = self.bucket, self.index
-        while True:
-            page = await self._s3.list_page(**kwargs)
-            for item in page.get("Contents", ()):
-                key = item["Key"]
-                if upto is not None and key > upto:
-                    return  # the next range's
-                size = int(item.get("Size", 0))
-                if size == 0 and key.endswith("/"):
-                    continue  # a "folder" placeholder, not an object anyone uploaded as data
-                yield ObjectRef(
-                    bucket,
-                    key,
-                    size,
-                    str(item.get("ETag", "")).strip('"'),
-                    _iso(item.get("LastModified")),
-                    None,
-                    index,
-                )
-            token = page.get("NextContinuationToken")
-            if not page.get("IsTruncated") or not token:
-                return
-            kwargs.pop("StartAfter", None)
-            kwargs["ContinuationToken"] = token
+        items = list_keys(
+            self._s3.list_page,
+            bucket,
+            self.prefix,
+            rng,
+            start_after,
+            page_size=page_size,
+            head=self._head,
+        )
+        async for item in items:
+            key = item["Key"]
+            size = int(item.get("Size", 0))
+            if size == 0 and key.endswith("/"):
+                continue  # a "folder" placeholder, not an object anyone uploaded as data
+            yield ObjectRef(
+                bucket,
+                key,
+                size,
+                str(item.get("ETag", "")).strip('"'),
+                _iso(item.get("LastModified")),
+                None,
+                index,
+            )
 
     async def read_head(self, obj: ObjectRef, nbytes: int) -> bytes:
         return await self._s3.read_head(self.bucket, obj.key, nbytes)
