@@ -10,11 +10,12 @@ carries what was found and done (``IMAGE_FIELDS``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from rekbatch.backends.base import ImageInput
+from rekbatch.engine.delivery import Delivery
 from rekbatch.records import IMAGE_FIELDS, ObjectRef, SkipReason
 from rekbatch.sources import Source
 from rekbatch.sources.convert import ConversionError, Converted, Converter, TooManyPixels
@@ -22,7 +23,6 @@ from rekbatch.sources.filters import (
     AS_IS,
     DEFAULT_MAX_PIXELS,
     MAX_IMAGE_BYTES,
-    MAX_S3_OBJECT_BYTES,
     Convert,
     Decision,
     decide,
@@ -78,6 +78,30 @@ async def read_header(source: Source, obj: ObjectRef) -> tuple[bytes, ImageInfo 
     return head, info
 
 
+def decisions(
+    obj: ObjectRef,
+    info: ImageInfo | None,
+    operations: Iterable[str],
+    *,
+    by_reference: bool,
+    convert: bool,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> dict[str, Decision]:
+    """Per operation, what happens to a sniffed object sent this way: the run acts on it,
+    ``plan`` counts it."""
+    return {
+        op: decide(
+            obj,
+            info,
+            op,
+            max_bytes=Delivery.image_limit(by_reference),
+            convert=convert,
+            max_pixels=max_pixels,
+        )
+        for op in operations
+    }
+
+
 class ImagePreparer:
     def __init__(
         self,
@@ -85,19 +109,19 @@ class ImagePreparer:
         *,
         sniff: bool,
         converter: Converter | None,
-        by_reference: Callable[[ObjectRef], bool],
+        delivery: Delivery,
         max_pixels: int = DEFAULT_MAX_PIXELS,
     ) -> None:
         self.sources = sources
         self.sniff = sniff
         self.converter = converter
-        self.by_reference = by_reference
+        self.delivery = delivery
         self.max_pixels = max_pixels
 
     async def prepare(self, obj: ObjectRef, operations: list[str]) -> Prepared:
         """Raises what reading the object raises; conversion problems are per operation."""
         source = self.sources[obj.source_index]
-        by_ref = self.by_reference(obj)
+        by_ref = self.delivery.by_reference(obj.bucket)
         if not self.sniff:
             # Sent as listed, unchecked: no sniffing, no conversion.
             image = (
@@ -115,22 +139,18 @@ class ImagePreparer:
             info = sniff(head)
         if data is None and len(head) >= obj.size:
             data = head  # the whole object came with its head
-        max_bytes = MAX_S3_OBJECT_BYTES if by_ref else MAX_IMAGE_BYTES
-        decisions: dict[str, Decision] = {
-            op: decide(
-                obj,
-                info,
-                op,
-                max_bytes=max_bytes,
-                convert=self.converter is not None,
-                max_pixels=self.max_pixels,
-            )
-            for op in operations
-        }
+        decided = decisions(
+            obj,
+            info,
+            operations,
+            by_reference=by_ref,
+            convert=self.converter is not None,
+            max_pixels=self.max_pixels,
+        )
         outcomes: dict[str, Outcome] = {}
         extra: dict[str, dict[str, Any] | None] = {}
         converted: dict[int, Converted | TooManyPixels | ConversionError] = {}
-        for op, decision in decisions.items():
+        for op, decision in decided.items():
             if isinstance(decision, Convert):
                 if decision.max_side not in converted:
                     converted[decision.max_side], data = await self._convert(

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,12 +23,12 @@ import structlog
 
 from rekbatch.config import Config
 from rekbatch.engine.dedup import Content, Dedup, content_of
+from rekbatch.engine.listing import ListingRules, RangeTodo, list_ranges, still_to_do
 from rekbatch.engine.shards import Shard
 from rekbatch.operations import Operation
 from rekbatch.records import ObjectRef, Record, SkipReason, utc_now
 from rekbatch.sinks.writer import Writer
 from rekbatch.sources import Source
-from rekbatch.sources.filters import classify_listing
 from rekbatch.sources.ranges import KeyRange
 from rekbatch.store.ledger import Ledger, LedgerDB, Location
 
@@ -50,6 +50,11 @@ class WorkItem:
     content: Content | None = None  # set on an original whose copies wait for it
 
 
+def ranged(row: Any) -> KeyRange:
+    """A ledger row of ``source_ranges`` as the range it is."""
+    return KeyRange(row["after"], row["upto"], row["part"])
+
+
 class Producer:
     def __init__(
         self,
@@ -60,7 +65,7 @@ class Producer:
         writer: Writer,
         dedup: Dedup,
         stopping: asyncio.Event,
-        max_bytes: Sequence[int],
+        rules: ListingRules,
         *,
         shard: Shard | None = None,
     ) -> None:
@@ -71,7 +76,7 @@ class Producer:
         self.writer = writer
         self.dedup = dedup
         self.stopping = stopping
-        self.max_bytes = max_bytes  # per source: the largest object Rekognition takes
+        self.rules = rules
         self.shard = shard  # only this shard's objects; the others are not even counted
         self.ranges_total: dict[int, int] = {}
         self._dispatching = asyncio.Lock()
@@ -94,7 +99,7 @@ class Producer:
         for _ in range(workers):
             await queue.put(None)
 
-    async def _ranges(self, source: Source) -> list[tuple[int, KeyRange, str | None]]:
+    async def _ranges(self, source: Source) -> list[RangeTodo]:
         """The source's ranges not yet done, with their watermarks. A source is split once
         per listing and its ranges kept in the ledger, so a resume lists the same ranges,
         whatever ``list_concurrency`` it runs with."""
@@ -112,44 +117,40 @@ class Producer:
         await self.ledger.write(LedgerDB.rebase_listed, index)
         self.ranges_total[index] = len(rows)
         return [
-            (row["idx"], KeyRange(row["after"], row["upto"], row["part"]), row["watermark"])
-            for row in rows
-            if not row["done"]
+            RangeTodo(row["idx"], ranged(row), row["watermark"]) for row in rows if not row["done"]
         ]
 
     async def _list(self, source: Source, queue: asyncio.Queue[WorkItem | None]) -> None:
         index = source.index
-        todo = deque(await self._ranges(source))
+        todo = await self._ranges(source)
         log.info(
             "listing", source=source.uri, ranges=self.ranges_total[index], ranges_left=len(todo)
         )
-
         self._started[index] = time.monotonic()
         shard = self.shard  # only this shard's objects; the others are not even counted
 
-        async def lister() -> None:
-            while todo and not self.stopping.is_set():
-                range_index, rng, mark = todo.popleft()
-                lane = self.writer.start_range(index, range_index, mark)
-                chunk: list[ObjectRef] = []
-                async for obj in source.list_range(rng, mark):
-                    if shard is not None and not shard.owns(obj.bucket, obj.key):
-                        continue
-                    chunk.append(obj)
-                    if len(chunk) >= CHUNK:
-                        await self._dispatch(chunk, lane, queue)
-                        chunk = []
-                        if self.stopping.is_set():
-                            return
-                await self._dispatch(chunk, lane, queue)
-                if not self.stopping.is_set():
-                    self.writer.range_listed(lane)
-                    self._ranges_listed[index] += 1
+        def start(item: RangeTodo) -> int:
+            return self.writer.start_range(index, item.index, item.mark)
 
-        listers = min(self.cfg.source.list_concurrency, len(todo))
-        async with asyncio.TaskGroup() as group:
-            for _ in range(listers):
-                group.create_task(lister())
+        async def take(lane: int, objects: list[ObjectRef]) -> None:
+            if shard is not None:
+                objects = [o for o in objects if shard.owns(o.bucket, o.key)]
+            await self._dispatch(objects, lane, queue)
+
+        def finish(lane: int) -> None:
+            self.writer.range_listed(lane)
+            self._ranges_listed[index] += 1
+
+        await list_ranges(
+            source,
+            todo,
+            listers=self.cfg.source.list_concurrency,
+            chunk=CHUNK,
+            start=start,
+            take=take,
+            finish=finish,
+            stopping=self.stopping,
+        )
         self._ended[index] = time.monotonic()
         if not self.stopping.is_set():
             self.writer.listing_done(index)
@@ -207,23 +208,16 @@ class Producer:
         contents = sorted({c for o in chunk if (c := content_of(o)) is not None})
         originals = await self.ledger.read(LedgerDB.lookup_contents, contents) if contents else {}
         dedup.evict(visible)
-        include, exclude = self.cfg.source.include, self.cfg.source.exclude
-        sniff = self.cfg.source.sniff
-        max_bytes = self.max_bytes[index]
+        rules = self.rules
         for obj in chunk:
             if self.stopping.is_set():
                 return  # the rest stays above the watermark and is listed again
             seq = writer.push(lane, obj.key)
-            before = done.get(obj.key)
-            todo = (
-                [op for op in self.operations if before.get(op.type) != obj.etag]
-                if before
-                else self.operations
-            )
+            todo = still_to_do(self.operations, obj, done.get(obj.key))
             if not todo:
                 writer.finish(lane, seq)
                 continue
-            reason = obj.skip or classify_listing(obj, include, exclude, max_bytes, sniff=sniff)
+            reason = rules.skip_reason(obj)
             if reason is not None:
                 self._skip(obj, lane, seq, todo, reason)
                 continue

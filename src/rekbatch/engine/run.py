@@ -34,6 +34,8 @@ from rekbatch.clock import MONOTONIC, Clock
 from rekbatch.config import Config, parse_s3_uri, uses_s3
 from rekbatch.engine.budget import Budget
 from rekbatch.engine.dedup import Dedup
+from rekbatch.engine.delivery import Delivery, find_delivery
+from rekbatch.engine.listing import ListingRules
 from rekbatch.engine.prepare import ImagePreparer
 from rekbatch.engine.producer import Producer, WorkItem
 from rekbatch.engine.shards import Shard, write_job_file
@@ -52,9 +54,8 @@ from rekbatch.errors import (
 from rekbatch.operations import Operation, OperationContext, build_operations
 from rekbatch.sinks.summary import answer_lines, build_summary, write_summary
 from rekbatch.sinks.writer import Writer
-from rekbatch.sources import S3, InventorySource, KeyListSource, LocalSource, Source, open_source
+from rekbatch.sources import S3, Source, check_sources, open_source
 from rekbatch.sources.convert import Converter
-from rekbatch.sources.filters import MAX_CONVERT_BYTES, MAX_IMAGE_BYTES, MAX_S3_OBJECT_BYTES
 from rekbatch.store import jobdir, retry_failed
 from rekbatch.store.ledger import Ledger, LedgerDB
 from rekbatch.store.lock import JobLock
@@ -134,7 +135,7 @@ class Job:
         self.worker_stats = WorkerStats()
         self._faces: Callable[[bytes], Awaitable[bool]] | None = None
         self._started = 0.0
-        self._bytes_buckets: set[str] = set()  # sources in another region than Rekognition
+        self.delivery = Delivery.of(cfg)  # with the buckets elsewhere once they are known
         self.converter: Converter | None = None
 
     # -- control ----------------------------------------------------------------------------
@@ -294,15 +295,16 @@ class Job:
         return self._aws_session
 
     async def _check_sources(self, sources: list[Source], s3: S3 | None) -> None:
-        for source in sources:
-            if isinstance(source, LocalSource):
-                await asyncio.to_thread(source.check)
-            elif isinstance(source, InventorySource | KeyListSource):
-                await source.check()
-        if s3 is not None:
-            for bucket in sorted({p[0] for p in map(parse_s3_uri, self.cfg.source.uris) if p}):
-                await s3.check_bucket(bucket)
-            await self._check_regions(s3)
+        await check_sources(sources, s3)
+        self.delivery, elsewhere = await find_delivery(self.cfg, s3)
+        for bucket, region in elsewhere.items():
+            log.warning(
+                "bucket_in_other_region",
+                bucket=bucket,
+                bucket_region=region,
+                rekognition_region=self.cfg.aws.region,
+                action="sending its images as bytes (image_mode auto)",
+            )
 
     async def _open_backend(self, stack: contextlib.AsyncExitStack) -> Backend:
         cfg = self.cfg
@@ -353,48 +355,6 @@ class Job:
         log.info("prefilter_started", operations=filtered)
         return finder.has_face
 
-    def _by_reference(self, bucket: str | None) -> bool:
-        """Rekognition reads S3 objects itself when the bucket is in its region; local
-        files, ``image_mode = "bytes"``, buckets elsewhere (``"auto"``) and the offline
-        backend need the bytes here."""
-        return (
-            bucket is not None
-            and self.cfg.aws.image_mode != "bytes"
-            and self.cfg.backend.kind == "aws"
-            and bucket not in self._bytes_buckets
-        )
-
-    def _max_bytes(self, uri: str) -> int:
-        """The largest object a worker takes on; larger ones are skipped when listed."""
-        if self.cfg.source.convert and self.cfg.source.sniff:
-            return MAX_CONVERT_BYTES
-        parsed = parse_s3_uri(uri)  # inventories and key lists name their buckets per object
-        by_reference = uses_s3(uri) and self._by_reference(parsed[0] if parsed else "")
-        return MAX_S3_OBJECT_BYTES if by_reference else MAX_IMAGE_BYTES
-
-    async def _check_regions(self, s3: S3) -> None:
-        """Each source bucket's region against Rekognition's: ``"auto"`` sends the images of
-        a bucket elsewhere as bytes, ``"s3"`` stops here, before any call."""
-        cfg = self.cfg
-        if cfg.backend.kind != "aws" or cfg.aws.image_mode == "bytes":
-            return
-        from rekbatch.errors import SetupError
-        from rekbatch.sources.s3 import buckets_elsewhere, region_error
-
-        buckets = [p[0] for p in map(parse_s3_uri, cfg.source.uris) if p]
-        elsewhere = await buckets_elsewhere(s3, buckets, cfg.aws.region)
-        for bucket, region in elsewhere.items():
-            if cfg.aws.image_mode == "s3":
-                raise SetupError(region_error(bucket, region, cfg.aws.region))
-            self._bytes_buckets.add(bucket)
-            log.warning(
-                "bucket_in_other_region",
-                bucket=bucket,
-                bucket_region=region,
-                rekognition_region=cfg.aws.region,
-                action="sending its images as bytes (image_mode auto)",
-            )
-
     async def _execute(
         self,
         ledger: Ledger,
@@ -428,7 +388,7 @@ class Job:
             writer,
             dedup,
             self.stopping,
-            [self._max_bytes(uri) for uri in cfg.source.uris],
+            ListingRules.of(cfg, self.delivery),
             shard=self.options.shard,
         )
         worker = Worker(
@@ -442,7 +402,7 @@ class Job:
                 sources,
                 sniff=cfg.source.sniff,
                 converter=self.converter,
-                by_reference=lambda obj: self._by_reference(obj.bucket),
+                delivery=self.delivery,
                 max_pixels=cfg.source.max_pixels,
             ),
             stopping=self.stopping,
