@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from rekbatch.records import ObjectRef
-from rekbatch.sources.ranges import KeyRange
+from rekbatch.sources.ranges import KeyRange, ranges_from_boundaries
 
 
 def _walk_sorted(root: Path, prefix: str = "") -> Iterator[tuple[str, os.stat_result]]:
@@ -30,6 +30,11 @@ def _walk_sorted(root: Path, prefix: str = "") -> Iterator[tuple[str, os.stat_re
             yield from _walk_sorted(Path(entry.path), prefix + name)
         elif entry.is_file(follow_symlinks=True):
             yield prefix + name, entry.stat(follow_symlinks=True)
+
+
+def _order(key: str) -> bytes:
+    """A key as S3 orders it (UTF-8 bytes; names that are not UTF-8 kept as they are)."""
+    return key.encode("utf-8", "surrogateescape")
 
 
 def _ref(root: Path, key: str, stat: os.stat_result, source_index: int) -> ObjectRef:
@@ -115,8 +120,29 @@ class LocalSource:
     async def split(self, concurrency: int) -> builtins.list[KeyRange]:
         return [KeyRange(None, None)]  # a folder is walked by one thread
 
-    def list_range(self, rng: KeyRange, start_after: str | None) -> AsyncIterator[ObjectRef]:
-        return self.list(start_after)
+    async def divide(
+        self, shards: int, concurrency: int, own: int = 0
+    ) -> builtins.list[builtins.list[KeyRange]]:
+        """Key ranges with about as many files each, one for each of ``shards`` shards."""
+        if self._only is not None:
+            return [[KeyRange(None, None)]] + [[] for _ in range(shards - 1)]
+
+        def boundaries() -> builtins.list[str]:
+            total = sum(1 for _ in _walk_sorted(self.root))
+            ends = {total * k // shards for k in range(1, shards)} - {0}
+            return [key for i, (key, _) in enumerate(_walk_sorted(self.root), 1) if i in ends]
+
+        ranges = ranges_from_boundaries(await asyncio.to_thread(boundaries))
+        return [ranges[k : k + 1] for k in range(shards)]
+
+    async def list_range(self, rng: KeyRange, start_after: str | None) -> AsyncIterator[ObjectRef]:
+        marks = [k for k in (rng.after, start_after) if k is not None]
+        after = max(marks, key=_order) if marks else None
+        upto = None if rng.upto is None else _order(rng.upto)
+        async for obj in self.list(after):
+            if upto is not None and _order(obj.key) > upto:
+                return
+            yield obj
 
     async def read_head(self, obj: ObjectRef, nbytes: int) -> bytes:
         return await asyncio.to_thread(_read_prefix, self.root / obj.key, nbytes)

@@ -42,6 +42,7 @@ from typing import Any
 PageFn = Callable[..., Awaitable[dict[str, Any]]]
 
 MAX_DELIMITER_DEPTH = 3
+MAX_FOLDERS = 10_000  # sub-prefixes of one level read to place boundaries
 DESCENT = 3  # characters of the last key looked for
 TOP = "\U0010ffff"  # above every character a key can hold
 
@@ -132,6 +133,21 @@ def as_prefix_ends(boundaries: list[str], prefix: str, alphabet: Iterable[str]) 
     return sorted(set(moved))
 
 
+def estimate_keys(ranges: list[KeyRange], sample: list[str]) -> list[float]:
+    """Keys each of the sorted ``ranges`` holds: counted where it lies within the sorted
+    ``sample`` (a first page), else the average of those (the splitter meant its ranges to
+    be even; a density over the key space misjudges folders)."""
+    counted: list[float | None] = [
+        float(sum(1 for key in sample if r.holds(key)))
+        if r.upto is not None and r.upto <= sample[-1]
+        else None
+        for r in ranges
+    ]
+    known = [n for n in counted if n is not None]
+    typical = max(1.0, sum(known) / len(known)) if known else 1.0
+    return [typical if n is None else n for n in counted]
+
+
 def pick_evenly(items: list[str], n: int) -> list[str]:
     """At most ``n`` of the sorted ``items``, spread evenly over them."""
     if len(items) <= n:
@@ -196,12 +212,20 @@ class Splitter:
     ``concurrency`` requests at a time."""
 
     def __init__(
-        self, page: PageFn, bucket: str, prefix: str, *, want: int, concurrency: int
+        self,
+        page: PageFn,
+        bucket: str,
+        prefix: str,
+        *,
+        want: int,
+        concurrency: int,
+        sample: int = 1000,
     ) -> None:
         self._page = page
         self.bucket = bucket
         self.prefix = prefix
         self.want = want
+        self.sample = sample  # keys of the first page
         self._sem = asyncio.Semaphore(max(1, concurrency))
         self.requests = 0
         self.head: Head | None = None
@@ -212,7 +236,7 @@ class Splitter:
             return await self._page(Bucket=self.bucket, **kwargs)
 
     async def split(self) -> list[KeyRange]:
-        first = await self._list(Prefix=self.prefix, MaxKeys=1000)
+        first = await self._list(Prefix=self.prefix, MaxKeys=self.sample)
         self.head = Head(list(first.get("Contents", ())), bool(first.get("IsTruncated")))
         keys = [item["Key"] for item in self.head.items]
         if not first.get("IsTruncated") or self.want <= 1 or not keys:
@@ -230,6 +254,14 @@ class Splitter:
     async def _by_delimiter(self, prefix: str, depth: int, sample: list[str]) -> set[str]:
         page = await self._list(Prefix=prefix, Delimiter="/", MaxKeys=1000)
         subs = [p["Prefix"] for p in page.get("CommonPrefixes", ())]
+        # More pages of a level of folders alone (many small folders), none of files.
+        while page.get("IsTruncated") and subs and not page.get("Contents"):
+            if len(subs) >= MAX_FOLDERS:
+                break
+            page = await self._list(
+                Prefix=prefix, Delimiter="/", MaxKeys=1000, StartAfter=prefix_end(subs[-1])
+            )
+            subs += [p["Prefix"] for p in page.get("CommonPrefixes", ())]
         found = set(subs)
         # Down a level only where the first page shows folders below this level's: a level
         # of files would be read for nothing.

@@ -29,10 +29,21 @@ from rekbatch.calls.retry import Reachability, RetryPolicy, is_connection_failur
 from rekbatch.clock import MONOTONIC, Clock
 from rekbatch.errors import call_error_from, setup_error_from
 from rekbatch.records import ObjectRef
-from rekbatch.sources.ranges import Head, KeyRange, Splitter, list_keys
+from rekbatch.sources.ranges import (
+    Head,
+    KeyRange,
+    Splitter,
+    estimate_keys,
+    list_keys,
+    ranges_from_boundaries,
+)
 
 T = TypeVar("T")
 log = structlog.get_logger("rekbatch")
+
+# The splitter's first page when a job is divided among shards: only the shard that splits
+# can hand it out, so it stays within that shard's share of a small bucket.
+SHARD_SAMPLE = 500
 
 
 def fast_timestamp(value: Any) -> Any:
@@ -163,6 +174,14 @@ class S3:
     async def read(self, bucket: str, key: str) -> bytes:
         return await self.call(lambda: self._get(Bucket=bucket, Key=key))
 
+    async def read_part(self, bucket: str, key: str, start: int, end: int, etag: str) -> bytes:
+        """Bytes ``start`` to ``end`` (exclusive) of the version ``etag`` of an object; S3
+        refuses (412) when the object has changed since."""
+        if end <= start:
+            return b""
+        span = f"bytes={start}-{end - 1}"
+        return await self.call(lambda: self._get(Bucket=bucket, Key=key, Range=span, IfMatch=etag))
+
     async def head(self, bucket: str, key: str) -> dict[str, Any]:
         response: dict[str, Any] = await self.call(
             lambda: self.client.head_object(Bucket=bucket, Key=key)
@@ -208,12 +227,40 @@ class S3Source:
         if concurrency <= 1:
             return [KeyRange(None, None)]
         # Twice as many ranges as paginators: one that finishes early takes the next range.
+        return await self._split(concurrency * 2, concurrency, 1000)
+
+    async def divide(self, shards: int, concurrency: int, own: int = 0) -> list[list[KeyRange]]:
+        """Key ranges for ``shards`` shards, each about as many as a run splits itself into.
+        The splitter's first page is known here only: the ranges it holds go to this shard
+        (``own``), which hands them out without listing them again; the rest go in key
+        order to the shard least loaded so far (``estimate_keys``)."""
+        ranges = await self._split(shards * max(2, concurrency * 2), concurrency, SHARD_SAMPLE)
+        head = self._head
+        if head is None or not head.items:
+            return [ranges] + [[] for _ in range(shards - 1)]
+        keys = [str(item["Key"]) for item in head.items]
+        if not head.truncated:
+            # A prefix of one page: its keys are known, cut them evenly.
+            ends = (len(keys) * k // shards for k in range(1, shards))
+            cut = ranges_from_boundaries(keys[end - 1] for end in ends if end > 0)
+            return [cut[k : k + 1] for k in range(shards)]
+        loads = [0.0] * shards
+        parts: list[list[KeyRange]] = [[] for _ in range(shards)]
+        for rng, estimate in zip(ranges, estimate_keys(ranges, keys), strict=True):
+            read = rng.upto is not None and rng.upto <= keys[-1]  # all its keys in the page
+            chosen = own if read else min(range(shards), key=lambda k: (loads[k], k))
+            parts[chosen].append(rng)
+            loads[chosen] += estimate
+        return parts
+
+    async def _split(self, want: int, concurrency: int, sample: int) -> list[KeyRange]:
         splitter = Splitter(
             self._s3.list_page,
             self.bucket,
             self.prefix,
-            want=concurrency * 2,
+            want=want,
             concurrency=concurrency,
+            sample=sample,
         )
         try:
             ranges = await splitter.split()
