@@ -1,7 +1,8 @@
 """The producer: lists every source after its watermarks and hands out the work.
 
-A source is split into disjoint key ranges (kept in the ledger), listed by up to
-``source.list_concurrency`` paginators at once, each range after its own watermark.
+A source is split into disjoint key ranges (kept in the ledger; a shard takes its part of
+the job's split), listed by up to ``source.list_concurrency`` paginators at once, each range
+after its own watermark.
 
 Listed objects go through a bounded queue to the workers, so memory does not grow with the
 bucket. Per chunk of listed keys the ledger says which (object, operation) pairs are done
@@ -24,7 +25,7 @@ import structlog
 from rekbatch.config import Config
 from rekbatch.engine.dedup import Content, Dedup, content_of
 from rekbatch.engine.listing import ListingRules, RangeTodo, list_ranges, still_to_do
-from rekbatch.engine.shards import Shard
+from rekbatch.engine.shards import JobSplit, Shard
 from rekbatch.operations import Operation
 from rekbatch.records import ObjectRef, Record, SkipReason, utc_now
 from rekbatch.sinks.writer import Writer
@@ -68,6 +69,7 @@ class Producer:
         rules: ListingRules,
         *,
         shard: Shard | None = None,
+        split: JobSplit | None = None,
     ) -> None:
         self.cfg = cfg
         self.sources = sources
@@ -77,7 +79,8 @@ class Producer:
         self.dedup = dedup
         self.stopping = stopping
         self.rules = rules
-        self.shard = shard  # only this shard's objects; the others are not even counted
+        self.shard = shard
+        self.split = split  # a shard lists its part of the job's split
         self.ranges_total: dict[int, int] = {}
         self._dispatching = asyncio.Lock()
         self._started: dict[int, float] = {}
@@ -109,6 +112,8 @@ class Producer:
             legacy = await self.ledger.read(LedgerDB.watermark, index)
             if legacy is not None:
                 ranges = [KeyRange(None, None)]  # a job listed before ranges: its one mark
+            elif self.split is not None and self.shard is not None:
+                ranges = self.split.part(self.shard, index)
             else:
                 ranges = await source.split(self.cfg.source.list_concurrency)
             bounds = [(r.after, r.upto, r.part) for r in ranges]
@@ -127,14 +132,11 @@ class Producer:
             "listing", source=source.uri, ranges=self.ranges_total[index], ranges_left=len(todo)
         )
         self._started[index] = time.monotonic()
-        shard = self.shard  # only this shard's objects; the others are not even counted
 
         def start(item: RangeTodo) -> int:
             return self.writer.start_range(index, item.index, item.mark)
 
         async def take(lane: int, objects: list[ObjectRef]) -> None:
-            if shard is not None:
-                objects = [o for o in objects if shard.owns(o.bucket, o.key)]
             await self._dispatch(objects, lane, queue)
 
         def finish(lane: int) -> None:

@@ -38,7 +38,8 @@ from rekbatch.engine.delivery import Delivery, find_delivery
 from rekbatch.engine.listing import ListingRules
 from rekbatch.engine.prepare import ImagePreparer
 from rekbatch.engine.producer import Producer, WorkItem
-from rekbatch.engine.shards import Shard, write_job_file
+from rekbatch.engine.shard_split import Agreement, agree, give_references, take_references
+from rekbatch.engine.shards import JobSplit, Shard, write_job_file
 from rekbatch.engine.worker import Worker, WorkerStats
 from rekbatch.errors import (
     EXIT_BUDGET,
@@ -136,6 +137,7 @@ class Job:
         self._faces: Callable[[bytes], Awaitable[bool]] | None = None
         self._started = 0.0
         self.delivery = Delivery.of(cfg)  # with the buckets elsewhere once they are known
+        self.split: JobSplit | None = None  # a shard's: the job's listing divided
         self.converter: Converter | None = None
 
     # -- control ----------------------------------------------------------------------------
@@ -219,6 +221,7 @@ class Job:
                 s3 = await self._open_s3(stack)
                 sources = [open_source(uri, i, s3) for i, uri in enumerate(cfg.source.uris)]
                 await self._check_sources(sources, s3)
+                agreement = await self._agree(sources, s3, ledger)
                 backend = self._given_backend or await self._open_backend(stack)
                 if cfg.source.convert and cfg.source.sniff:
                     self.converter = await stack.enter_async_context(
@@ -239,8 +242,13 @@ class Job:
                     share=1.0 / self.options.shard.count if self.options.shard else 1.0,
                 )
                 ctx = OperationContext(self.caller, ledger, s3)
+                if agreement is not None:
+                    wanted = any(op.setup_calls() for op in operations)
+                    await take_references(agreement, ledger, wanted=wanted)
                 for op in operations:
                     await op.prepare(ctx)
+                if agreement is not None:
+                    await give_references(agreement, ledger)
                 writer = Writer(
                     self.out, ledger, self.run_id, cfg.source.uris, durable=self.options.checkpoint
                 )
@@ -263,6 +271,19 @@ class Job:
                 return await self._execute(ledger, sources, operations, ctx, s3)
         finally:
             await ledger.close()
+
+    async def _agree(
+        self, sources: list[Source], s3: S3 | None, ledger: Ledger
+    ) -> Agreement | None:
+        """A shard's part of the job's listing, agreed with the other shards."""
+        shard = self.options.shard
+        if shard is None:
+            return None
+        job = self.options.job_config or self.cfg
+        agreement = await agree(job, shard, sources, s3, ledger)
+        self.split = agreement.split
+        await asyncio.to_thread(write_job_file, self.out, job, shard, agreement.split)
+        return agreement
 
     async def _open_s3(self, stack: contextlib.AsyncExitStack) -> S3 | None:
         cfg = self.cfg
@@ -390,6 +411,7 @@ class Job:
             self.stopping,
             ListingRules.of(cfg, self.delivery),
             shard=self.options.shard,
+            split=self.split,
         )
         worker = Worker(
             sources,
