@@ -12,13 +12,11 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import pytest
 
@@ -28,6 +26,7 @@ from rekbatch.engine import Job, RunOptions
 from rekbatch.engine.shards import (
     JobSplit,
     Shard,
+    job_file_owns,
     parse_shard,
     shard_config,
     shard_from_env,
@@ -38,7 +37,7 @@ from tests.conftest import REPO, make_bucket
 from tests.helpers import base_config, fake_jpeg, invoke, read_csv, read_jsonl, write_config
 from tests.support.fake_backend import FakeBackend
 from tests.support.fake_rekognition import FakeConfig, FakeRekognition
-from tests.support.moto import put_objects
+from tests.support.moto import Served, put_objects
 
 OPS = '[[operations]]\ntype = "detect_faces"\n\n[[operations]]\ntype = "detect_labels"\n'
 SHOWS_RIC = {"ric_harvey.jpeg", "ric.jpg", "ric_crowd1.jpg"}
@@ -228,43 +227,6 @@ def test_three_offline_shards_as_indexed_job_pods_find_ric(tmp_path: Path) -> No
 # -- shards that list only their part -------------------------------------------------------
 
 
-class Served:
-    """What the in-process moto served (to shard processes too): keys ListObjectsV2 returned,
-    per bucket, and line breaks in the bytes of each GET, per object (gzip unpacked)."""
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        from moto.s3.models import FakeKey, S3Backend
-        from moto.s3.responses import S3Response
-
-        self.listed: Counter[str] = Counter()
-        self.lines: Counter[str] = Counter()
-        self._lock = threading.Lock()
-        listing, serving = S3Backend.list_objects_v2, S3Response.key_response
-        served = self
-
-        def list_objects_v2(self: Any, bucket: Any, *args: Any, **kwargs: Any) -> Any:
-            result = listing(self, bucket, *args, **kwargs)
-            with served._lock:
-                served.listed[bucket.name] += sum(isinstance(k, FakeKey) for k in result[0])
-            return result
-
-        def key_response(self: Any, request: Any, full_url: str, headers: Any) -> Any:
-            status, response_headers, body = serving(self, request, full_url, headers)
-            if request.method == "GET" and status in (200, 206) and isinstance(body, bytes):
-                data = gzip.decompress(body) if body[:2] == b"\x1f\x8b" else body
-                with served._lock:
-                    served.lines[urlparse(full_url).path] += data.count(b"\n")
-            return status, response_headers, body
-
-        monkeypatch.setattr(S3Backend, "list_objects_v2", list_objects_v2)
-        monkeypatch.setattr(S3Response, "key_response", key_response)
-
-    def clear(self) -> None:
-        with self._lock:
-            self.listed.clear()
-            self.lines.clear()
-
-
 HEX_KEYS = [f"p/{i % 16:x}/{i}.jpg" for i in range(2400)]
 
 
@@ -358,37 +320,37 @@ def test_four_shard_processes_list_their_part_killed_rerun_and_merged_to_a_singl
             '[source]\nsniff = false\ninclude = ["*0.jpg", "*5.jpg"]\n',
         ),
     )
-    served = Served(monkeypatch)
-    procs = {k: _shard_process(config, k, 4) for k in range(4)}
-    victim = out / "shard-0002-of-0004" / "results.jsonl"
-    deadline = time.monotonic() + 120
-    while _ok_rows(victim) < 50:  # of about 120 calls
-        assert time.monotonic() < deadline and procs[2].poll() is None, "shard 2 was not killed"
-        time.sleep(0.02)
-    procs[2].send_signal(signal.SIGKILL)
-    procs[2].communicate(timeout=10)
-    for k in (0, 1, 3):
-        _, err = procs[k].communicate(timeout=120)
-        assert procs[k].returncode == 0, err[-2000:]
-        # Each shard's ceiling is 1/4 of the job's max_tps.
-        started = next(json.loads(x) for x in err.splitlines() if '"run_started"' in x)
-        assert started["ceilings"] == {"DetectLabels": 40.0}
+    served = Served()
+    with served.counting():
+        procs = {k: _shard_process(config, k, 4) for k in range(4)}
+        victim = out / "shard-0002-of-0004" / "results.jsonl"
+        deadline = time.monotonic() + 120
+        while _ok_rows(victim) < 50:  # of about 120 calls
+            assert time.monotonic() < deadline and procs[2].poll() is None, "shard 2 was not killed"
+            time.sleep(0.02)
+        procs[2].send_signal(signal.SIGKILL)
+        procs[2].communicate(timeout=10)
+        for k in (0, 1, 3):
+            _, err = procs[k].communicate(timeout=120)
+            assert procs[k].returncode == 0, err[-2000:]
+            # Each shard's ceiling is 1/4 of the job's max_tps.
+            started = next(json.loads(x) for x in err.splitlines() if '"run_started"' in x)
+            assert started["ceilings"] == {"DetectLabels": 40.0}
 
-    # A merge now names the shard that is not finished.
-    refused = invoke("merge", str(out))
-    assert refused.exit_code == 2 and "shard 2/4" in refused.stderr
+        # A merge now names the shard that is not finished.
+        refused = invoke("merge", str(out))
+        assert refused.exit_code == 2 and "shard 2/4" in refused.stderr
 
-    # Rerun only index 2: it resumes from its own ledger.
-    rerun = _shard_process(config, 2, 4)
-    _, err = rerun.communicate(timeout=120)
-    assert rerun.returncode == 0, err[-2000:]
-    assert '"replayed"' in err or '"listing"' in err
+        # Rerun only index 2: it resumes from its own ledger.
+        rerun = _shard_process(config, 2, 4)
+        _, err = rerun.communicate(timeout=120)
+        assert rerun.returncode == 0, err[-2000:]
+        assert '"replayed"' in err or '"listing"' in err
 
     if kind == "prefix":  # keys ListObjectsV2 returned
         listed = served.listed[counted]
     else:  # lines of the data files or of the key list read (its header aside)
-        listed = sum(n for path, n in served.lines.items() if path.startswith(f"/{counted}/"))
-        listed -= 1 if kind == "keys" else 0
+        listed = served.lines_under(counted) - (1 if kind == "keys" else 0)
     # Each shard listing the whole source, as before, was about four times the bucket.
     assert listed <= 1.25 * len(HEX_KEYS), listed
     jobs = [json.loads((out / f"shard-{k:04d}-of-0004" / "job.json").read_text()) for k in range(4)]
@@ -494,6 +456,15 @@ async def test_shards_started_together_divide_once_and_check_the_reference_once(
         for k in range(3)
     ]
     assert sum(map(len, per_shard)) == len(keys) and set().union(*per_shard) == keys
+    # What merge asks of a shard's job.json: does it own this object? Exactly one does.
+    bodies = [
+        json.loads((tmp_path / "out" / Shard(k, 3).folder / "job.json").read_text())
+        for k in range(3)
+    ]
+    for k, owned in enumerate(per_shard):
+        for key in owned:
+            owners = [j for j, body in enumerate(bodies) if job_file_owns(body, 0, "together", key)]
+            assert owners == [k]
 
 
 async def test_a_shard_stops_when_the_split_it_finds_is_not_the_one_it_listed_by(

@@ -138,6 +138,22 @@ def shard_owns(
     return None if owner is None else owner == shard.index
 
 
+def job_file_owns(
+    body: Mapping[str, Any], source: int, bucket: str | None, key: str
+) -> bool | None:
+    """``shard_owns`` from a shard's job.json alone (as ``merge`` reads it, locally or from
+    S3): its ``parts`` (this shard's ranges, ``[after, upto, part]`` per source) where the
+    job was split, else the hash."""
+    shard = Shard(int(body["shard"]), int(body["shards"]))
+    parts = body.get("parts")
+    if parts is None:
+        return shard.owns(bucket, key)
+    ranges = [KeyRange(*bounds) for bounds in parts[source]]
+    if any(r.part is not None for r in ranges):
+        return None
+    return any(r.holds(key) for r in ranges)
+
+
 def parse_shard(text: str) -> Shard:
     """``K/N`` as ``--shard`` takes it."""
     match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
@@ -220,6 +236,7 @@ __all__ = [
     "JOB_FILE",
     "JobSplit",
     "Shard",
+    "job_file_owns",
     "parse_shard",
     "read_job_file",
     "shard_config",

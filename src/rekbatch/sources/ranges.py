@@ -7,12 +7,14 @@ strings cuts the key space into ranges that cover it exactly once, whatever keys
 the boundaries decide only how evenly the work is shared, never which keys are listed. So
 the splitter may guess, and a guess that turns out lopsided costs speed, not correctness.
 
-Boundaries are the ends of prefixes: ``P + TOP`` (TOP above every character), so a range
-ends where a prefix ends ("a range that is a prefix"). S3 has no end key, only a Prefix, and a
-page that runs past a range's end reads keys the next range reads again. So a range is listed
-prefix by prefix (``list_keys``): its keys are the prefixes of the length of its end's that
-lie in it; each is listed with that Prefix, so S3 itself stops at its end, and a one-key probe
-finds the next. Only the probe past the last prefix can read a key outside the range.
+Boundaries are the ends of prefixes, ``P + TOP`` (TOP above every character), each the
+shortest prefix that ends before the next boundary (``as_prefix_ends``): a range ends where a
+prefix ends. S3 has no end key, only a Prefix, and a page that runs past a range's end reads
+keys the next range reads again. So a range is listed prefix by prefix (``list_keys``): where
+the last key read first differs from the range's end, its branch there lies wholly in the
+range and is listed with that Prefix (S3 stops at its end); a one-key probe finds the next
+branch, a level deeper each time the end's own branch is reached, and the end's own prefix
+is listed whole. Only a probe past the end reads a key outside the range.
 
 Boundaries come from the bucket itself, cheaply:
 
@@ -24,7 +26,7 @@ Boundaries come from the bucket itself, cheaply:
   each of its character positions (``img_0999`` → ``img_1``, ``img_01``, ...) finds keys at
   every scale of a numbered layout in one round, and between two known keys the characters
   seen so far at their first difference fill the gap. A few rounds, each one batch of
-  concurrent requests. The points found are cut to the shortest prefixes that keep them apart.
+  concurrent requests.
 
 The splitter's first page (up to 1,000 keys) is kept (``Head``) and handed out by the ranges
 it covers, so splitting reads no key twice either.
@@ -58,14 +60,6 @@ class KeyRange:
 
     def holds(self, key: str) -> bool:
         return (self.after is None or key > self.after) and (self.upto is None or key <= self.upto)
-
-    @property
-    def last_prefix(self) -> str | None:
-        """The prefix whose end is this range's end (``upto == prefix + TOP``); None for a
-        range bounded by a key, or by nothing."""
-        if self.upto is None or not self.upto.endswith(TOP):
-            return None
-        return self.upto[:-1]
 
 
 def prefix_end(prefix: str) -> str:
