@@ -20,9 +20,10 @@ from typing import Any
 
 import pytest
 
+from rekbatch.calls.classify import classify
 from rekbatch.calls.limiter import AdaptiveLimiter, Permit
 from rekbatch.calls.quotas import api_name, default_tps, resolve_ceilings
-from rekbatch.calls.retry import RetryPolicy, classify
+from rekbatch.calls.retry import RetryPolicy
 from rekbatch.errors import BackendError, ConfigError
 from tests.support.virtual_clock import FakeClock, VirtualClock
 

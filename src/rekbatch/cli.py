@@ -116,6 +116,9 @@ def _run_job(cfg: Any, options: Any) -> int:
                 job.request_stop(f"interrupted by {name}")
             else:
                 # The ledger only ever holds fsynced results: stopping here stays resumable.
+                from rekbatch.engine.children import kill_children
+
+                kill_children()
                 sys.stderr.write("rekbatch: stopped at once; resume with the same command\n")
                 sys.stderr.flush()
                 os._exit(130)
@@ -131,7 +134,7 @@ def _run_job(cfg: Any, options: Any) -> int:
     if outcome.failure is not None:
         typer.echo(
             f"rekbatch: {outcome.failure}; what finished is kept, resume with: "
-            f"rekbatch resume {out}",
+            f"rekbatch resume {out}{outcome.resume_args}",
             err=True,
         )
         return int(outcome.exit_code)
@@ -187,6 +190,8 @@ def render_summary(summary: dict[str, Any]) -> str:
 def summary_warnings(summary: dict[str, Any]) -> list[str]:
     """What a run that exits 0 should not leave unsaid: sources without images."""
     statuses = summary["counts"]["by_status"]
+    if summary.get("stopped"):
+        return []  # stopped before the listing was done: nothing to say about the sources
     if not sum(statuses.values()):
         return ["the sources listed no objects; check source.uris (and source.include)"]
     if not statuses.get("ok") and not statuses.get("failed"):
@@ -261,6 +266,10 @@ def run(
         which = _shard_choice(shard, shards, shard_index_env, engine, ray_address)
         cfg = _load(config, overrides)
         _check_backend(cfg)
+        if output is None and "REKBATCH_JOB__OUTPUT_DIR" not in os.environ:
+            from rekbatch.store.jobdir import refuse_job_left_behind
+
+            refuse_job_left_behind(config, Path(cfg.job.output_dir))
         if dry_run:
             raise typer.Exit(_plan(cfg, as_json=False))
         if engine is Engine.ray:
@@ -379,7 +388,9 @@ def init(
     with _one_line_errors():
         if path.exists() and not force:
             raise SetupError(f"{path}: already exists; choose another PATH, or --force")
-        text = starter_config(offline=offline, sources=source, reference=reference)
+        text = starter_config(
+            offline=offline, sources=source, reference=reference, folder=path.parent
+        )
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text, encoding="utf-8")
     typer.echo(f"wrote {path}; next: rekbatch validate {path} && rekbatch plan {path}")
@@ -416,7 +427,7 @@ def scan(
     --op: compare_faces=REF, search_faces=NAME:REF[,NAME:REF], detect_faces[=ALL],
     detect_labels[=MAX_LABELS], detect_text[=MIN_CONFIDENCE],
     detect_moderation_labels[=MIN_CONFIDENCE], recognize_celebrities,
-    detect_protective_equipment[=MIN_CONFIDENCE].
+    detect_protective_equipment[=MIN_CONFIDENCE], index_faces[=COLLECTION_ID].
     """
     fmt = configure_logging(log_format)
     from rekbatch.commands.scan import CONFIG_FILE, scan_data, to_toml
@@ -463,12 +474,13 @@ def resume(
 ) -> None:
     """Continue the job whose output directory is DIRECTORY."""
     fmt = configure_logging(log_format)
+    from rekbatch.config.loading import with_environment
     from rekbatch.engine import RunOptions
     from rekbatch.engine.shards import read_job_file
     from rekbatch.store.jobdir import job_config
 
     with _one_line_errors():
-        cfg = job_config(directory)
+        cfg = with_environment(job_config(directory), directory)
         _check_backend(cfg)
         sharded = read_job_file(directory)
         options = RunOptions(
@@ -587,6 +599,28 @@ def report(
         cfg = job_config(directory)
         path = asyncio.run(build_report(directory, cfg, max_per_person=max_per_person))
     typer.echo(f"report: {path}")
+
+
+@app.command()
+def find(
+    directory: Annotated[Path, typer.Argument(help="The job's output directory (index_faces).")],
+    person: Annotated[
+        list[str],
+        typer.Option("--person", help="NAME=PHOTO: someone to look for (repeatable)."),
+    ],
+    threshold: Annotated[
+        float, typer.Option("--threshold", min=0, max=100, help="Similarity, as compare_faces.")
+    ] = 80.0,
+) -> None:
+    """Who is where, from a job's face index, without analysing its images again; writes
+    DIRECTORY/find/NAME.jsonl."""
+    configure_logging(None, level=30)
+    from rekbatch.commands.find import find_command
+
+    with _one_line_errors():
+        lines = find_command(directory, person, threshold)
+    for line in lines:
+        typer.echo(line)
 
 
 def main() -> None:

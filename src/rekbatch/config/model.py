@@ -19,6 +19,7 @@ OperationType = Literal[
     "recognize_celebrities",
     "detect_protective_equipment",
     "search_faces",
+    "index_faces",
 ]
 
 _S3_URI = re.compile(r"^s3://(?P<bucket>[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9])(?:/(?P<prefix>.*))?$")
@@ -141,6 +142,9 @@ class AwsSection(_Section):
     rekognition_endpoint_url: str | None = None
     # "auto": S3Object where the bucket is in Rekognition's region, bytes elsewhere.
     image_mode: Literal["auto", "s3", "bytes"] = "auto"
+    # How Rekognition calls are made: a signed request of rekbatch's own through the
+    # client's HTTP session ("direct"), or the aiobotocore client's methods ("client").
+    call_path: Literal["direct", "client"] = "direct"
 
     _endpoints = field_validator("s3_endpoint_url", "rekognition_endpoint_url")(
         classmethod(lambda cls, v: _check_endpoint(v))
@@ -222,6 +226,16 @@ class SearchFacesOp(_FaceOperation):
         return people
 
 
+class IndexFacesOp(_FaceOperation):
+    """Every face of every image into the job's face index, for ``rekbatch find``."""
+
+    type: Literal["index_faces"]
+    # AWS: the collection (and its shards -0001, -0002, ...), kept after the run.
+    collection_id: str = Field(default="rekbatch-index", pattern=r"^[a-zA-Z0-9_.\-]+$")
+    max_faces: int = Field(default=100, ge=1, le=100)
+    quality_filter: Literal["NONE", "AUTO", "LOW", "MEDIUM", "HIGH"] = "AUTO"
+
+
 Operation = Annotated[
     DetectFacesOp
     | DetectLabelsOp
@@ -230,7 +244,8 @@ Operation = Annotated[
     | DetectModerationLabelsOp
     | RecognizeCelebritiesOp
     | DetectProtectiveEquipmentOp
-    | SearchFacesOp,
+    | SearchFacesOp
+    | IndexFacesOp,
     Field(discriminator="type"),
 ]
 
@@ -246,6 +261,7 @@ OPERATION_MODELS: dict[str, type[_Operation]] = {
         RecognizeCelebritiesOp,
         DetectProtectiveEquipmentOp,
         SearchFacesOp,
+        IndexFacesOp,
     )
 }
 
@@ -258,6 +274,12 @@ class LimitsSection(_Section):
     max_cost_usd: float | None = Field(default=None, gt=0)
     # An endpoint answering nothing for this long stops the run (resumable).
     unreachable_seconds: float = Field(default=120.0, ge=1, le=86400)
+    # The failure breaker (calls/breaker.py): more than this share of the last
+    # ``failure_window`` records failed stops the run (exit 1, resumable); 1 turns it off.
+    max_failed_share: float = Field(default=0.5, gt=0, le=1)
+    failure_window: int = Field(default=1000, ge=1, le=1_000_000)
+    # After SIGINT/SIGTERM, how long in-flight calls may finish before they are cancelled.
+    stop_grace_seconds: float = Field(default=20.0, ge=0, le=3600)
 
     @field_validator("max_tps")
     @classmethod

@@ -32,9 +32,10 @@ from typing import Any, Protocol
 
 import structlog
 
+from rekbatch.calls.classify import failure_of
 from rekbatch.config import Config, parse_s3_uri
 from rekbatch.engine.shards import JobSplit, Shard
-from rekbatch.errors import SetupError, call_error_from
+from rekbatch.errors import SetupError
 from rekbatch.records import utc_now
 from rekbatch.sources import S3, Source
 from rekbatch.store.ledger import Ledger, LedgerDB
@@ -109,7 +110,7 @@ class S3Store:
         try:
             data = await self._s3.read(self.bucket, self._key(name))
         except Exception as exc:
-            error = call_error_from(exc)
+            error = failure_of(exc)
             if error is not None and error.code in ("NoSuchKey", "404", "NotFound"):
                 return None
             raise
@@ -129,7 +130,7 @@ class S3Store:
                 )
                 return True
             except Exception as exc:
-                error = call_error_from(exc)
+                error = failure_of(exc)
                 if error is None:
                     raise
                 if error.code in ("PreconditionFailed", "412"):

@@ -5,7 +5,10 @@ rows) and writes three files with fixed schemas, empty but typed when there are 
 
 - ``results.parquet``: one row per (object, operation), the contract's columns plus the
   flattened summary columns of ``results.csv``, typed, and the whole result as ``result_json``.
-- ``faces.parquet``: one row per face of ``detect_faces`` and ``compare_faces`` results.
+- ``faces.parquet``: one row per face of ``detect_faces`` and ``compare_faces`` results, and
+  of IndexFaces results (``index_faces``, ``search_faces``' collection): indexed faces with
+  their ``face_id`` and ``collection_id`` (what ``rekbatch find`` answers with), unindexed
+  ones with ``indexed`` false and IndexFaces' reasons.
 - ``labels.parquet``: one row per label of ``detect_labels`` results.
 
 pyarrow is an optional extra: ``pip install 'rekbatch[parquet]'``.
@@ -86,6 +89,10 @@ FACE_COLUMNS: tuple[str, ...] = (
     "gender",
     "similarity",
     "matched",
+    "face_id",
+    "collection_id",
+    "indexed",
+    "unindexed_reasons",
 )
 LABEL_COLUMNS: tuple[str, ...] = (
     "bucket",
@@ -145,6 +152,7 @@ def parquet_schemas() -> dict[str, Any]:
         "eyeglasses": pa.bool_(),
         "similarity": pa.float64(),
         "matched": pa.bool_(),
+        "indexed": pa.bool_(),
     }
     labels = {
         "confidence": pa.float64(),
@@ -276,11 +284,36 @@ def _face(
         "gender": _str((face.get("Gender") or {}).get("Value")),
         "similarity": similarity,
         "matched": matched,
+        "face_id": None,
+        "collection_id": None,
+        "indexed": None,
+        "unindexed_reasons": None,
     }
 
 
+def _indexed_rows(ident: dict[str, Any], result: dict[str, Any]) -> list[dict[str, Any]]:
+    """IndexFaces' FaceRecords (indexed) then UnindexedFaces (with their reasons)."""
+    faces: list[dict[str, Any]] = []
+    collection = _str(result.get("CollectionId"))
+    for record in result.get("FaceRecords") or []:
+        face = record.get("Face") or {}
+        detail = {**face, **(record.get("FaceDetail") or {})}
+        row = _face(ident, "IndexFaces", len(faces), detail, None, None)
+        row.update(face_id=_str(face.get("FaceId")), collection_id=collection, indexed=True)
+        faces.append(row)
+    for unindexed in result.get("UnindexedFaces") or []:
+        row = _face(ident, "IndexFaces", len(faces), unindexed.get("FaceDetail") or {}, None, None)
+        row.update(
+            collection_id=collection,
+            indexed=False,
+            unindexed_reasons=_str(unindexed.get("Reasons") or []),
+        )
+        faces.append(row)
+    return faces
+
+
 def face_rows(row: dict[str, Any]) -> list[dict[str, Any]]:
-    """The faces of one ok ``detect_faces`` or ``compare_faces`` row.
+    """The faces of one ok ``detect_faces``, ``compare_faces`` or IndexFaces row.
 
     ``operation`` is rekbatch's operation type (joins with results.parquet);
     ``source_operation`` is the Rekognition API whose response listed the face. For
@@ -304,6 +337,8 @@ def face_rows(row: dict[str, Any]) -> list[dict[str, Any]]:
         for face in result.get("UnmatchedFaces") or []:
             faces.append(_face(ident, "CompareFaces", len(faces), face, None, False))
         return faces
+    if operation in ("index_faces", "search_faces") and "FaceRecords" in result:
+        return _indexed_rows(ident, result)
     return []
 
 
