@@ -16,8 +16,9 @@ resumed after the last finished key. The shards of a job divide it into runs of 
 (``LinePart``: byte offsets at line starts, found by reading a little after each cut), each
 read by itself, of the very version of the list that was divided. The number of a part's
 first line is counted (reading the list up to the part) only when a line of it has to be
-named as malformed. An object listed more than once in one run of lines is one object; in
-two shards' runs it is one object in each (``merge`` keeps the first shard's record).
+named as malformed. An object listed more than once in one run of lines is one object; one
+listed in two shards' runs is processed by both, and belongs to the shard of its first line
+(a shard sees only its own run).
 """
 
 from __future__ import annotations
