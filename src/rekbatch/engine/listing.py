@@ -5,8 +5,8 @@ producer and for ``plan``.
 lists it in key order after its mark, and hands its objects on in chunks. The caller says
 what a range's start, a chunk and a range's end mean (the producer: a writer lane, ledger
 lookups and the queue; plan: counting). ``ListingRules`` is what the listing entry alone
-decides (globs, empty, too large for the way the image goes) and which operations an
-object still needs after what a ledger holds.
+decides (globs, empty, too large for the way the image goes), ``still_to_do`` which
+operations an object still needs after what a ledger holds.
 """
 
 from __future__ import annotations
