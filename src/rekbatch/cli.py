@@ -149,7 +149,8 @@ def _run_job(cfg: Any, options: Any) -> int:
         else:
             typer.echo(line)
     if outcome.exit_code == 130:
-        typer.echo(f"interrupted; resume with: rekbatch resume {out}", err=True)
+        again = " --follow" if options.follow else ""
+        typer.echo(f"interrupted; resume with: rekbatch resume {out}{again}", err=True)
     elif outcome.exit_code == 4:
         typer.echo(
             f"stopped at a budget cap ({outcome.stop_reason}); raise it and run "
@@ -166,7 +167,8 @@ def render_summary(summary: dict[str, Any]) -> str:
     """The end-of-run summary printed on stdout (summary.json holds the same and more)."""
     statuses = summary["counts"]["by_status"]
     calls = summary["calls"]
-    counts = ", ".join(f"{k} {statuses.get(k, 0)}" for k in ("ok", "failed", "skipped"))
+    shown = ["ok", "failed", "skipped"] + (["removed"] if statuses.get("removed") else [])
+    counts = ", ".join(f"{k} {statuses.get(k, 0)}" for k in shown)
     lines = [f"records: {counts}"]
     done = sum(statuses.values())
     if done and not sum(summary.get("records_this_run", {}).values()):
@@ -194,7 +196,7 @@ def summary_warnings(summary: dict[str, Any]) -> list[str]:
         return []  # stopped before the listing was done: nothing to say about the sources
     if not sum(statuses.values()):
         return ["the sources listed no objects; check source.uris (and source.include)"]
-    if not statuses.get("ok") and not statuses.get("failed"):
+    if not statuses.get("ok") and not statuses.get("failed") and not statuses.get("removed"):
         reasons = summary["counts"].get("by_reason", {})
         why = ", ".join(f"{k} {v}" for k, v in sorted(reasons.items()))
         return [f"no image to analyse: every record was skipped ({why})"]
@@ -253,6 +255,12 @@ def run(
     ray_address: Annotated[
         str | None, typer.Option("--ray-address", help="Ray cluster to join (e.g. auto).")
     ] = None,
+    follow: Annotated[
+        bool,
+        typer.Option(
+            "--follow", help="After the listing, keep reading the queue sources until stopped."
+        ),
+    ] = False,
 ) -> None:
     """Run a job; resumes by itself when the output directory holds the same job."""
     fmt = configure_logging(log_format)
@@ -288,6 +296,7 @@ def run(
             progress=_progress(fmt),
             shard=which,
             job_config=job_cfg if which is not None else None,
+            follow=follow,
         )
         code = _run_job(cfg, options)
     raise typer.Exit(code)
@@ -471,6 +480,12 @@ def resume(
     log_format: Annotated[
         LogFormat | None, typer.Option("--log-format", help="console or json.")
     ] = None,
+    follow: Annotated[
+        bool,
+        typer.Option(
+            "--follow", help="After the listing, keep reading the queue sources until stopped."
+        ),
+    ] = False,
 ) -> None:
     """Continue the job whose output directory is DIRECTORY."""
     fmt = configure_logging(log_format)
@@ -490,6 +505,7 @@ def resume(
             retry_failed=retry_failed,
             retry_codes={c.strip() for c in codes.split(",") if c.strip()} if codes else None,
             progress=_progress(fmt),
+            follow=follow,
         )
         code = _run_job(cfg, options)
     raise typer.Exit(code)

@@ -38,7 +38,7 @@ from rekbatch.engine.prepare import decisions, read_header
 from rekbatch.operations import Operation, build_operations
 from rekbatch.pricing import PRICE_TABLES, PRICES_AS_OF, PRICES_REGION, estimate_cost
 from rekbatch.records import ObjectRef
-from rekbatch.sources import S3, Source, check_sources, open_source
+from rekbatch.sources import S3, Source, SqsSource, check_sources, open_source
 from rekbatch.sources.filters import AS_IS, Convert
 from rekbatch.store import jobdir
 from rekbatch.store.ledger import LedgerDB
@@ -163,6 +163,11 @@ async def plan_job(
                 )
             sources = [open_source(uri, i, s3) for i, uri in enumerate(cfg.source.uris)]
             await check_sources(sources, s3)
+            notes += [
+                f"{s.uri}: a queue; its events are read by run, not planned"
+                for s in sources
+                if isinstance(s, SqsSource)
+            ]
             delivery, elsewhere = await find_delivery(cfg, s3)
             notes += [
                 f"s3://{bucket} is in {region}, Rekognition in {cfg.aws.region}: "

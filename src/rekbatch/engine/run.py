@@ -40,6 +40,7 @@ from rekbatch.config import Config, parse_s3_uri, uses_s3
 from rekbatch.engine.budget import Budget
 from rekbatch.engine.dedup import Dedup
 from rekbatch.engine.delivery import Delivery, find_delivery
+from rekbatch.engine.follow import QueueFeeder
 from rekbatch.engine.listing import ListingRules
 from rekbatch.engine.prepare import ImagePreparer
 from rekbatch.engine.producer import Producer, WorkItem
@@ -53,6 +54,7 @@ from rekbatch.errors import (
     EXIT_OK,
     EXIT_UNEXPECTED,
     BackendError,
+    ConfigError,
     Interrupted,
     RekbatchError,
     SetupError,
@@ -63,6 +65,7 @@ from rekbatch.sinks.summary import answer_lines, build_summary, write_summary
 from rekbatch.sinks.writer import Writer
 from rekbatch.sources import S3, Source, check_sources, open_source
 from rekbatch.sources.convert import Converter
+from rekbatch.sources.sqs import SqsQueue, is_queue_uri, open_queues
 from rekbatch.store import jobdir, retry_failed
 from rekbatch.store.ledger import Ledger, LedgerDB
 from rekbatch.store.lock import JobLock
@@ -95,6 +98,10 @@ class RunOptions:
     # The offline backend's workers (processes or Ray actors); None: one per core (pool) or
     # per free CPU of the cluster (Ray). A shard run as a Ray task sets its share.
     local_workers: int | None = None
+    # ``--follow``: after the listing, read the queue sources until stopped; the Parquet
+    # files (and the upload, as a part) are refreshed every ``export_every_seconds``.
+    follow: bool = False
+    export_every_seconds: float = 300.0
 
 
 @dataclass
@@ -146,6 +153,8 @@ class Job:
         self.delivery = Delivery.of(cfg)  # with the buckets elsewhere once they are known
         self.split: JobSplit | None = None  # a shard's: the job's listing divided
         self.converter: Converter | None = None
+        self.queues: list[SqsQueue] = []
+        self.feeder: QueueFeeder | None = None
         self.unrecorded: Counter[str] = Counter()
         self._work: list[asyncio.Task[None]] = []  # the producer and the workers
         self._grace_over = False
@@ -211,6 +220,7 @@ class Job:
             "calls_per_second": round(total / elapsed, 2),
             "limiters": {api: lim.snapshot() for api, lim in self.limiters.items()},
             "listing": self.producer.listing_stats() if self.producer else {},
+            **({"queues": self.feeder.stats()} if self.feeder else {}),
         }
 
     # -- the run ----------------------------------------------------------------------------
@@ -270,6 +280,7 @@ class Job:
                 s3 = await self._open_s3(stack)
                 sources = [open_source(uri, i, s3) for i, uri in enumerate(cfg.source.uris)]
                 await self._check_sources(sources, s3)
+                self.queues = await self._open_queues(stack)
                 agreement = await self._agree(sources, s3, ledger)
                 backend = self._given_backend or await self._open_backend(stack)
                 if cfg.source.convert and cfg.source.sniff:
@@ -384,6 +395,24 @@ class Job:
                 action="sending its images as bytes (image_mode auto)",
             )
 
+    async def _open_queues(self, stack: contextlib.AsyncExitStack) -> list[SqsQueue]:
+        cfg = self.cfg
+        queues = [uri for uri in cfg.source.uris if is_queue_uri(uri)]
+        if self.options.follow and not queues:
+            raise ConfigError("--follow: needs a queue source (sqs://QUEUE) in source.uris")
+        if queues and self.options.shard is not None:
+            raise ConfigError(f"--shard: a queue source cannot be sharded: {queues[0]}")
+        if not queues:
+            return []
+        return await open_queues(
+            stack,
+            self._session(),
+            cfg.source.uris,
+            endpoint_url=cfg.aws.sqs_endpoint_url,
+            unreachable_seconds=cfg.limits.unreachable_seconds,
+            clock=self.clock,
+        )
+
     async def _open_backend(self, stack: contextlib.AsyncExitStack) -> Backend:
         cfg = self.cfg
         if cfg.backend.kind == "aws":
@@ -460,6 +489,23 @@ class Job:
         )
         dedup = Dedup()
         queue: asyncio.Queue[WorkItem | None] = asyncio.Queue(maxsize=cfg.limits.concurrency * 2)
+        rules = ListingRules.of(cfg, self.delivery)
+        max_bytes = list(rules.max_bytes)
+        feeder = None
+        if self.queues:
+            feeder = self.feeder = QueueFeeder(
+                cfg,
+                self.queues,
+                sources,
+                operations,
+                ledger,
+                writer,
+                dedup,
+                self.stopping,
+                max_bytes,
+                follow=self.options.follow,
+                clock=self.clock,
+            )
         producer = self.producer = Producer(
             cfg,
             sources,
@@ -468,9 +514,10 @@ class Job:
             writer,
             dedup,
             self.stopping,
-            ListingRules.of(cfg, self.delivery),
+            rules,
             shard=self.options.shard,
             split=self.split,
+            after_listing=feeder.run if feeder else None,
         )
         worker = Worker(
             sources,
@@ -507,7 +554,12 @@ class Job:
             from rekbatch.commands.progress import show_progress
 
             side.append(("progress", show_progress(self)))
-        if cfg.output.upload_uri and s3 is not None:
+        if feeder is not None:
+            side.append(("queue", feeder.keep()))
+        if self.options.follow:
+            every = self.options.export_every_seconds
+            side.append(("upload", self._upload_parts(ledger, s3, every, export=True)))
+        elif cfg.output.upload_uri and s3 is not None:
             side.append(("upload", self._upload_parts(ledger, s3)))
         # Objects in flight are few and short-lived; the collector need not walk them often.
         gc.freeze()
@@ -526,6 +578,8 @@ class Job:
             except Exception as exc:  # the writer itself failed: its rows are in the journal
                 if failure is None:
                     failure = TaskFailed("writer", exc)
+            if feeder is not None:
+                await feeder.close()  # the messages the last commit settled
         if failure is not None:
             return await self._failed(ledger, operations, failure)
         if self.stop_reason is None:
@@ -577,14 +631,29 @@ class Job:
             await asyncio.sleep(HEARTBEAT_SECONDS)
             await ledger.write(LedgerDB.heartbeat, self.run_id, self.live_stats())
 
-    async def _upload_parts(self, ledger: Ledger, s3: S3) -> None:
-        """Long runs: a snapshot of the results goes to S3 every ``UPLOAD_EVERY_SECONDS``."""
+    async def _upload_parts(
+        self,
+        ledger: Ledger,
+        s3: S3 | None,
+        every: float | None = None,
+        *,
+        export: bool = False,
+    ) -> None:
+        """Long runs: a snapshot of the results goes to S3 every ``every`` seconds (default
+        ``UPLOAD_EVERY_SECONDS``); with ``export`` (a follow run, which has no end to wait
+        for) the Parquet files are written first."""
         from rekbatch.sinks.upload import upload_results
 
         uri = self.cfg.output.upload_uri
-        assert uri
         while True:
-            await asyncio.sleep(UPLOAD_EVERY_SECONDS)
+            await asyncio.sleep(UPLOAD_EVERY_SECONDS if every is None else every)
+            if export:
+                try:
+                    await self._outputs()
+                except SetupError as exc:  # the JSONL and CSV hold every row all the same
+                    log.warning("export_failed", error=str(exc))
+            if not uri or s3 is None:
+                continue
             part = int(await ledger.read(LedgerDB.get_meta, "upload_parts") or 0) + 1
             await upload_results(s3.client, self.out, uri, part=part)
             await ledger.write(LedgerDB.set_meta, {"upload_parts": str(part)})

@@ -1,7 +1,8 @@
 """Parquet exports of ``results.jsonl``, for DuckDB, Athena, Spark or pandas.
 
-``write_parquet`` streams ``results.jsonl`` in batches (memory stays bounded for millions of
-rows) and writes three files with fixed schemas, empty but typed when there are no rows:
+``write_parquet`` streams the current rows of ``results.jsonl`` (one per object and operation,
+``sinks/current.py``) in batches (memory stays bounded for millions of rows) and writes
+three files with fixed schemas, empty but typed when there are no rows:
 
 - ``results.parquet``: one row per (object, operation), the contract's columns plus the
   flattened summary columns of ``results.csv``, typed, and the whole result as ``result_json``.
@@ -21,7 +22,7 @@ import contextlib
 import json
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -371,13 +372,17 @@ def label_rows(row: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def iter_jsonl(path: Path) -> Iterator[tuple[dict[str, Any], int]]:
-    """(row, line size in bytes) for each line of ``path``.
+    """(row, line size in bytes) for each current row of ``path`` (a job's results.jsonl:
+    see ``sinks/current.py``; every line where the job has no ledger).
 
     An unterminated last line that does not parse (a write in progress, or a crash before
     the job's next resume cut it back) is left out; a bad line anywhere else is an error.
     """
-    with path.open("rb") as handle:
-        for number, line in enumerate(handle, start=1):
+    from rekbatch.sinks.current import current_lines
+
+    lines = current_lines(path.parent) if path.name == "results.jsonl" else _lines(path)
+    with contextlib.closing(lines):
+        for number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
             try:
@@ -391,8 +396,14 @@ def iter_jsonl(path: Path) -> Iterator[tuple[dict[str, Any], int]]:
             yield row, len(line)
 
 
+def _lines(path: Path) -> Generator[bytes]:
+    with path.open("rb") as handle:
+        yield from handle
+
+
 def write_parquet(output_dir: Path, *, batch_rows: int = DEFAULT_BATCH_ROWS) -> list[Path]:
-    """Write results/faces/labels.parquet from ``output_dir/results.jsonl``; their paths.
+    """Write results/faces/labels.parquet from the current rows of
+    ``output_dir/results.jsonl`` (one per object and operation); their paths.
 
     Each file is written beside its final name and renamed into place once complete, so a
     reader never sees half a file. Raises ``SetupError`` when pyarrow is missing and

@@ -66,6 +66,7 @@ _BASE_FIELDS = frozenset(
         "latency_ms",
         "processed_at",
         "dedup_of",
+        "sequencer",
         "result",
     }
 )
@@ -238,6 +239,14 @@ class Writer:
         return self.committed + (2 if self._inflight is not None else 1)
 
     @property
+    def settled_at(self) -> int:
+        """The commit after which every row accepted so far is in the ledger (``committed``
+        when nothing is waiting)."""
+        if self._rows:
+            return self.next_commit
+        return self.committed + (1 if self._inflight is not None else 0)
+
+    @property
     def listing_complete(self) -> bool:
         return len(self.listing_finished) == len(self.sources)
 
@@ -366,6 +375,7 @@ def parse_line(line: bytes, offset: int, sources: Sequence[str]) -> _Row | None:
             row["last_modified"],
             None,
             source,
+            sequencer=row.get("sequencer"),
         )
         extra = {k: v for k, v in row.items() if k not in _BASE_FIELDS}
         record = Record(
@@ -430,6 +440,7 @@ def render_rows(
                 row.length,
                 csv_at,
                 len(line),
+                obj.sequencer,
             )
         )
         csv_at += len(line)

@@ -71,6 +71,7 @@ CREATE TABLE IF NOT EXISTS records (
     jsonl_length INTEGER,
     csv_offset INTEGER,
     csv_length INTEGER,
+    sequencer TEXT,
     PRIMARY KEY (source, key, operation)
 );
 CREATE INDEX IF NOT EXISTS records_status ON records (status, operation);
@@ -120,6 +121,7 @@ RECORD_COLUMNS = (
     "jsonl_length",
     "csv_offset",
     "csv_length",
+    "sequencer",
 )
 _INSERT = (
     f"INSERT OR REPLACE INTO records ({', '.join(RECORD_COLUMNS)}) "
@@ -168,6 +170,7 @@ class LedgerDB:
                 ("jsonl_length", "INTEGER"),
                 ("csv_offset", "INTEGER"),
                 ("csv_length", "INTEGER"),
+                ("sequencer", "TEXT"),
             ):
                 if name not in have:
                     self._db.execute(f"ALTER TABLE records ADD COLUMN {name} {kind}")
@@ -257,6 +260,34 @@ class LedgerDB:
             for key, op, etag in rows:
                 done.setdefault(key, {})[op] = etag
         return done
+
+    def lookup_events(
+        self, source: int, keys: list[str]
+    ) -> dict[str, dict[str, tuple[str, str, str | None]]]:
+        """Per key of ``keys`` already recorded, per operation (ETag, status, sequencer of the
+        S3 event the row was written for): a queue source compares events with them."""
+        found: dict[str, dict[str, tuple[str, str, str | None]]] = {}
+        for start in range(0, len(keys), LOOKUP_CHUNK):
+            part = keys[start : start + LOOKUP_CHUNK]
+            marks = ",".join("?" * len(part))
+            rows = self._db.execute(
+                "SELECT key, operation, etag, status, sequencer FROM records "
+                f"WHERE source = ? AND key IN ({marks})",
+                (source, *part),
+            )
+            for key, op, etag, status, sequencer in rows:
+                found.setdefault(key, {})[op] = (etag, status, sequencer)
+        return found
+
+    def set_sequencers(self, rows: list[tuple[str, int, str, str]]) -> None:
+        """(sequencer, source, key, operation): a newer event about the same content; the
+        rows stay as they are and remember the event, so an older one arriving later is
+        recognised."""
+        with self._db:
+            self._db.executemany(
+                "UPDATE records SET sequencer = ? WHERE source = ? AND key = ? AND operation = ?",
+                rows,
+            )
 
     def lookup_contents(
         self, contents: list[tuple[str, int]]
@@ -362,7 +393,7 @@ class LedgerDB:
         """Objects that reached the service (not skipped), for budget caps across runs."""
         row = self._db.execute(
             "SELECT COUNT(*) FROM (SELECT DISTINCT source, key FROM records "
-            "WHERE status != 'skipped' AND dedup_of IS NULL)"
+            "WHERE status NOT IN ('skipped', 'removed') AND dedup_of IS NULL)"
         ).fetchone()
         return int(row[0])
 
