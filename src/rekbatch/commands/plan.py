@@ -29,9 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rekbatch.calls.quotas import resolve_ceilings
-from rekbatch.commands import prefilter_estimate
-from rekbatch.config import Config, uses_s3
+from rekbatch.calls.service_quotas import QuotaReading
+from rekbatch.commands import plan_regions, prefilter_estimate
+from rekbatch.config import Config, parse_s3_uri, uses_s3
 from rekbatch.engine.delivery import Delivery, find_delivery
 from rekbatch.engine.listing import ListingRules, RangeTodo, list_ranges, still_to_do
 from rekbatch.engine.prepare import decisions, read_header
@@ -161,18 +161,26 @@ async def plan_job(
                         pool=cfg.limits.concurrency + cfg.source.list_concurrency + 4,
                     )
                 )
-            sources = [open_source(uri, i, s3) for i, uri in enumerate(cfg.source.uris)]
+            sources = [
+                open_source(uri, i, s3, follow_symlinks=cfg.source.follow_symlinks)
+                for i, uri in enumerate(cfg.source.uris)
+            ]
             await check_sources(sources, s3)
             notes += [
                 f"{s.uri}: a queue; its events are read by run, not planned"
                 for s in sources
                 if isinstance(s, SqsSource)
             ]
-            delivery, elsewhere = await find_delivery(cfg, s3)
+            placement = await find_delivery(cfg, s3)
+            delivery = placement.delivery
+            references = any(
+                uses_s3(uri) and delivery.by_reference(parsed[0] if parsed else "")
+                for uri, parsed in ((u, parse_s3_uri(u)) for u in cfg.source.uris)
+            )
             notes += [
                 f"s3://{bucket} is in {region}, Rekognition in {cfg.aws.region}: "
                 "its images are sent as bytes (image_mode auto)"
-                for bucket, region in elsewhere.items()
+                for bucket, region in placement.as_bytes.items()
             ]
             listing = await list_candidates(
                 cfg, sources, operations, ListingRules.of(cfg, delivery), ledger, sample
@@ -193,6 +201,7 @@ async def plan_job(
     finally:
         if ledger is not None:
             ledger.close()
+    apis = list(planned_calls(cfg, 1))
     return estimate(
         cfg,
         operations,
@@ -202,6 +211,8 @@ async def plan_job(
         timing=timing,
         prefilter=prefilter,
         notes=notes,
+        quotas=await plan_regions.plan_quotas(cfg, apis),
+        references=references,
     )
 
 
@@ -317,9 +328,13 @@ def estimate(
     timing: dict[str, Any] | None,
     prefilter: prefilter_estimate.PrefilterEstimate | None,
     notes: list[str],
+    quotas: QuotaReading,
+    references: bool,
 ) -> dict[str, Any]:
     """The plan: the sample's findings scaled to every candidate (with their 95% margins),
-    calls by API from the images each operation would be sent, cost and time."""
+    calls by API from the images each operation would be sent, cost and time (at the
+    ceilings ``quotas`` give, per Region); ``references``: some source goes by S3
+    reference."""
     candidates = listing.pool.seen
     n = len(listing.pool.items)
     exact = not cfg.source.sniff or n == candidates
@@ -358,7 +373,8 @@ def estimate(
                 cut = round(images_by_op.get(op.type, 0) * per_image * prefilter.share)
                 saved[api] = saved.get(api, 0) + cut
         calls = {api: count - saved.get(api, 0) for api, count in calls.items()}
-    ceilings = resolve_ceilings(cfg.limits.max_tps, cfg.aws.region, list(calls))
+    by_region = plan_regions.region_ceilings(cfg, list(calls), quotas)
+    ceilings = by_region[cfg.aws.region]
     priced_region = cfg.aws.region if cfg.aws.region in PRICE_TABLES else PRICES_REGION
     if cfg.backend.kind == "local":
         cost = 0.0
@@ -376,6 +392,15 @@ def estimate(
         cost = estimate_cost(calls, region=cfg.aws.region)
         seconds = max((count / ceilings[api] for api, count in calls.items()), default=0.0)
         note = "estimates: cost from published list prices, time at the configured rates"
+    images = sum(kinds.values())
+    regions = plan_regions.region_plan(
+        cfg,
+        calls,
+        by_region,
+        images=images,
+        by_reference=images - sum(converted.values()) if references else 0,
+        image_bytes=eligible_bytes,
+    )
     listed, listing_seconds = listing.listed, listing.seconds
     return {
         "job": cfg.job.name,
@@ -392,7 +417,7 @@ def estimate(
             "confidence": 0.95,
             "margins": margins,
         },
-        "images_eligible": sum(kinds.values()),
+        "images_eligible": images,
         "eligible_by_type": dict(kinds),
         "eligible_bytes": eligible_bytes,
         "images_converted": sum(converted.values()),
@@ -416,6 +441,7 @@ def estimate(
         },
         "offline_timing": timing,
         "estimated_seconds": round(seconds, 1),
+        "regions": regions,
         "prefilter": None
         if prefilter is None
         else {
@@ -580,6 +606,7 @@ def render_plan(plan: dict[str, Any]) -> str:
     lines.append(
         f"estimated time:   {_duration(plan['estimated_seconds'])} (at the configured rates)"
     )
+    lines.extend(plan_regions.render_region_plan(plan.get("regions"), _duration))
     prefilter = plan.get("prefilter")
     if prefilter:
         lines.append(

@@ -54,16 +54,35 @@ class Delivery:
         return self.image_limit(by_reference)
 
 
-async def find_delivery(cfg: Config, s3: S3 | None) -> tuple[Delivery, dict[str, str]]:
-    """The job's delivery, with the source buckets in another region than Rekognition's
-    (bucket: region): with ``image_mode = "auto"`` their images go as bytes; with ``"s3"``
-    a ``SetupError`` stops the job before any call."""
+@dataclass(frozen=True)
+class Placement:
+    """What ``find_delivery`` found: the delivery, each source bucket's Region, the calling
+    Regions, and the buckets whose images go as bytes (bucket: its Region)."""
+
+    delivery: Delivery
+    bucket_regions: dict[str, str]
+    lanes: list[str]
+    as_bytes: dict[str, str]
+
+
+async def find_delivery(cfg: Config, s3: S3 | None) -> Placement:
+    """Where the source buckets are against the Regions Rekognition is called in: a bucket
+    in one of them is read there by reference; with ``image_mode = "auto"`` the images of
+    the others go as bytes, with ``"s3"`` a ``SetupError`` stops the job before any call.
+    ``rekognition_region = "bucket"`` adds each bucket's own Region to the calling ones."""
+    lanes = cfg.aws.calling_regions()
     delivery = Delivery.of(cfg)
     if s3 is None or not delivery.references:
-        return delivery, {}
+        return Placement(delivery, {}, lanes, {})
+    home = cfg.aws.region
     buckets = [p[0] for p in map(parse_s3_uri, cfg.source.uris) if p]
-    elsewhere = await buckets_elsewhere(s3, buckets, cfg.aws.region)
-    for bucket, region in elsewhere.items():
+    elsewhere = await buckets_elsewhere(s3, buckets, home)
+    regions = {**dict.fromkeys(buckets, home), **elsewhere}
+    if cfg.aws.rekognition_region == "bucket":
+        # Each bucket's own Region calls for its objects; the home Region keeps the rest.
+        lanes = list(dict.fromkeys([home, *sorted(elsewhere.values())]))
+    as_bytes = {b: r for b, r in regions.items() if r not in lanes}
+    for bucket, region in as_bytes.items():
         if cfg.aws.image_mode == "s3":
-            raise SetupError(region_error(bucket, region, cfg.aws.region))
-    return Delivery.of(cfg, elsewhere), elsewhere
+            raise SetupError(region_error(bucket, region, home))
+    return Placement(Delivery.of(cfg, as_bytes), regions, lanes, as_bytes)

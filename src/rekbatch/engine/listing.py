@@ -22,7 +22,7 @@ from rekbatch.engine.delivery import Delivery
 from rekbatch.operations import Operation
 from rekbatch.records import ObjectRef, SkipReason
 from rekbatch.sources import Source
-from rekbatch.sources.filters import classify_listing
+from rekbatch.sources.filters import listing_reason
 from rekbatch.sources.ranges import KeyRange
 
 T = TypeVar("T")
@@ -99,9 +99,7 @@ class ListingRules:
     def skip_reason(self, obj: ObjectRef) -> SkipReason | None:
         """Why ``obj`` is skipped from its listing entry (or its source's note on it), or
         None when it goes on to a worker."""
-        if obj.skip is not None:
-            return obj.skip
-        return classify_listing(
+        return listing_reason(
             obj,
             list(self.include),
             list(self.exclude),
