@@ -78,6 +78,12 @@ class SqsSource:
     async def split(self, concurrency: int) -> builtins.list[KeyRange]:
         return [KeyRange(None, None)]
 
+    async def divide(
+        self, shards: int, concurrency: int, own: int = 0
+    ) -> builtins.list[builtins.list[KeyRange]]:
+        # A queue is not sharded (the run refuses it); nothing here to list anyway.
+        return [[KeyRange(None, None)]] + [[] for _ in range(shards - 1)]
+
     def list(self, start_after: str | None) -> AsyncIterator[ObjectRef]:
         return self.list_range(KeyRange(None, None), start_after)
 
