@@ -13,7 +13,6 @@ so that a key is read about once whatever the number of ranges.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -26,7 +25,7 @@ from aiobotocore.config import AioConfig
 from botocore.parsers import DEFAULT_TIMESTAMP_PARSER
 
 from rekbatch.calls.classify import failure_of
-from rekbatch.calls.retry import Reachability, RetryPolicy
+from rekbatch.calls.retry import Reachability, RetryPolicy, while_reachable
 from rekbatch.clock import MONOTONIC, Clock
 from rekbatch.errors import setup_error_from
 from rekbatch.records import ObjectRef
@@ -122,23 +121,9 @@ class S3:
         await self._stack.aclose()
 
     async def call(self, request: Callable[[], Awaitable[T]]) -> T:
-        """``request()``, again after a failure of the connection until S3 is down."""
-        tries = 0
-        while True:
-            tries += 1
-            began = self.reach_clock.now()
-            try:
-                result = await request()
-            except Exception as exc:
-                classified = failure_of(exc)
-                # Reads and listings are free to repeat: every failed connection is retried.
-                if classified is None or classified.connection is None:
-                    raise
-                self.reach.failed(f"{classified.code}: {classified.message}", began)
-                await asyncio.sleep(self._retry.delay(min(tries, 8), self._rng))
-                continue
-            self.reach.ok()
-            return result
+        """``request()``, again after a failure of the connection until S3 is down
+        (everything asked of it here is free to repeat)."""
+        return await while_reachable(request, self.reach, self.reach_clock, self._retry, self._rng)
 
     async def check_bucket(self, bucket: str) -> None:
         """Fail early, with one clear line, when a source bucket cannot be listed."""
