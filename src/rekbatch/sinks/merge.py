@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 from pydantic import ValidationError
 
 from rekbatch.config import Config
-from rekbatch.engine.shards import JOB_FILE, Shard, shard_folders, shard_of
+from rekbatch.engine.shards import JOB_FILE, Shard, job_file_owns, shard_folders
 from rekbatch.errors import SetupError
 from rekbatch.operations import build_operations
 from rekbatch.operations.summaries import box_text
@@ -273,9 +273,9 @@ def _merge_records(
             for line in _lines(shard.jsonl):
                 batch.append(line)
                 if len(batch) >= BATCH_LINES:
-                    _commit(db, jsonl, csv, csv_rows, sources, batch, listed, shard)
+                    _commit(db, jsonl, csv, csv_rows, sources, batch, listed, shard, shards)
                     batch = []
-            _commit(db, jsonl, csv, csv_rows, sources, batch, listed, shard)
+            _commit(db, jsonl, csv, csv_rows, sources, batch, listed, shard, shards)
         jsonl.sync()
         csv.sync()
         counts = {i: len(keys) for i, keys in listed.items()}
@@ -294,11 +294,11 @@ def _commit(
     lines: list[bytes],
     listed: dict[int, set[str]],
     shard: ShardFiles,
+    shards: Sequence[ShardFiles],
 ) -> None:
     if not lines:
         return
     rows = []
-    count = shard.shard.count
     batch: dict[int, set[tuple[str, str]]] = {}
     for line in lines:
         offset = jsonl.append(line)
@@ -307,10 +307,10 @@ def _commit(
             raise SetupError(f"{shard.jsonl}: a line at byte {offset} is not a record")
         obj = row.record.obj
         what = f"{json.dumps(obj.key, ensure_ascii=False)} ({row.record.operation})"
-        owner = shard_of(obj.bucket, obj.key, count)
-        if owner != shard.shard.index:
+        owner = _owner(shards, shard, obj.source_index, obj.bucket, obj.key)
+        if owner is not None:
             raise SetupError(
-                f"{shard.folder}: holds {what}, a record of shard {owner}; its files were "
+                f"{shard.folder}: holds {what}, a record of {owner}; its files were "
                 "changed or copied from another shard, merge refused"
             )
         seen = batch.setdefault(obj.source_index, set())
@@ -330,6 +330,20 @@ def _commit(
     db.commit(ledger_rows, {JSONL: jsonl.size, CSV: csv.size}, {}, {}, [])
 
 
+def _owner(
+    shards: Sequence[ShardFiles], shard: ShardFiles, source: int, bucket: str | None, key: str
+) -> str | None:
+    """None where ``shard`` owns the object (by the job's split as the shards' job.json
+    files hold it, or the hash for jobs sharded before splits) or only its listing knows
+    (an inventory, a key list); else which shard does."""
+    if job_file_owns(shard.job, source, bucket, key) is not False:
+        return None
+    for other in shards:
+        if other is not shard and job_file_owns(other.job, source, bucket, key):
+            return f"shard {other.shard.index}"
+    return "no shard"
+
+
 def _merge_person_matches(db: LedgerDB, shards: Sequence[ShardFiles]) -> None:
     """search_faces' matches live in each shard's summary (they come from collection
     searches, not from the records)."""
@@ -344,15 +358,17 @@ def _merge_person_matches(db: LedgerDB, shards: Sequence[ShardFiles]) -> None:
         search = shard.summary.get("search_faces") or {}
         for person, found in (search.get("people") or {}).items():
             for match in found.get("matches", []):
-                owner = shard_of(match["bucket"], match["key"], shard.shard.count)
-                if owner != shard.shard.index:
+                source = sources.get((match["bucket"], match["key"]))
+                owner = None
+                if source is not None:
+                    owner = _owner(shards, shard, source, match["bucket"], match["key"])
+                if owner is not None:
                     raise SetupError(
                         f"{shard.folder}: its summary.json finds "
                         f"{json.dumps(person, ensure_ascii=False)} in "
-                        f"{json.dumps(match['key'], ensure_ascii=False)}, an object of shard "
+                        f"{json.dumps(match['key'], ensure_ascii=False)}, an object of "
                         f"{owner}; merge refused"
                     )
-                source = sources.get((match["bucket"], match["key"]))
                 if source is not None:
                     box = box_text(match.get("bounding_box"))
                     rows.append(
