@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from rekbatch import __version__
 from rekbatch.config import CompareFacesOp, Config, SearchFacesOp, parse_s3_uri
-from rekbatch.errors import SetupError
+from rekbatch.errors import EndpointNeverReached, EndpointUnreachable, SetupError
 from rekbatch.sources.decoding import (
     MB,
     MemoryBudget,
@@ -49,6 +49,11 @@ MAX_FETCH_CONCURRENCY = 16
 _BOX_COLOUR = (255, 212, 0)
 _BOX_SHADOW = (0, 0, 0)
 _ERROR_CHARS = 300
+# A report is asked for at a terminal: S3 out of reach is said at once (one request, one
+# attempt, short timeouts), and an outage while thumbnails are read stops it within
+# REPORT_UNREACHABLE_SECONDS, not the run's unreachable_seconds. report.html stays as it was.
+PROBE_TIMEOUT_SECONDS = 5
+REPORT_UNREACHABLE_SECONDS = 15.0
 
 Box = tuple[float, float, float, float]  # Left, Top, Width, Height: ratios of the image
 View = tuple[Box, ...]  # the boxes drawn on one thumbnail
@@ -414,6 +419,8 @@ class _Fetcher:
             try:
                 data = await self._read(where)
                 return await self._draw(data, views)
+            except (EndpointUnreachable, EndpointNeverReached):
+                raise  # no page whose every image says so: the report stops
             except Exception as exc:  # shown on the page in place of the image
                 message = _describe(exc)
                 return [_Thumb(error=message) for _ in views]
@@ -434,7 +441,14 @@ class _Fetcher:
 
     async def all(self, wanted: dict[_Location, _Wanted]) -> Thumbs:
         items = list(wanted.items())
-        results = await asyncio.gather(*(self.thumbs(where, w.views) for where, w in items))
+        tasks = [asyncio.ensure_future(self.thumbs(where, w.views)) for where, w in items]
+        try:
+            results = await asyncio.gather(*tasks)
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
         out: Thumbs = {}
         for (where, w), thumbs in zip(items, results, strict=True):
             for view, thumb in zip(w.views, thumbs, strict=True):
@@ -645,6 +659,35 @@ def _page(
 # -- entry point ----------------------------------------------------------------------------
 
 
+def _out_of_reach(cfg: Config, detail: str) -> SetupError:
+    where = cfg.aws.s3_endpoint_url or f"AWS in {cfg.aws.region}"
+    detail = " ".join(detail.split())
+    return SetupError(
+        f"report: S3 is out of reach at {where} ({detail}); {REPORT_FILE} was left as it was"
+    )
+
+
+async def _probe_s3(session: Any, cfg: Config, where: _Location) -> None:
+    """One request for one of the images, before any other: a ``SetupError`` at once when
+    S3 cannot be reached. Any other answer (a missing object) is left to its thumbnail."""
+    from aiobotocore.config import AioConfig
+
+    from rekbatch.calls.classify import failure_of
+
+    config = AioConfig(
+        retries={"mode": "standard", "max_attempts": 1},
+        connect_timeout=PROBE_TIMEOUT_SECONDS,
+        read_timeout=PROBE_TIMEOUT_SECONDS * 2,
+    )
+    async with session.client("s3", endpoint_url=cfg.aws.s3_endpoint_url, config=config) as s3:
+        try:
+            await s3.head_object(Bucket=where.bucket, Key=where.key)
+        except Exception as exc:
+            failure = failure_of(exc)
+            if failure is not None and failure.connection is not None:
+                raise _out_of_reach(cfg, f"{failure.code}: {failure.message}") from None
+
+
 async def build_report(output_dir: Path, cfg: Config, *, max_per_person: int | None = None) -> Path:
     """Write ``output_dir/report.html`` from the job's ``summary.json``; return its path.
 
@@ -679,9 +722,18 @@ async def build_report(output_dir: Path, cfg: Config, *, max_per_person: int | N
         from rekbatch.sources import S3
 
         session = aioboto3.Session(profile_name=cfg.aws.profile, region_name=cfg.aws.region)
+        await _probe_s3(session, cfg, next(w for w in wanted if w.kind == "s3"))
         pool = min(cfg.limits.concurrency, MAX_FETCH_CONCURRENCY) + 4
-        async with S3(session, endpoint_url=cfg.aws.s3_endpoint_url, pool=pool) as s3:
-            thumbs = await _Fetcher(cfg, s3.read).all(wanted)
+        async with S3(
+            session,
+            endpoint_url=cfg.aws.s3_endpoint_url,
+            pool=pool,
+            unreachable_seconds=REPORT_UNREACHABLE_SECONDS,
+        ) as s3:
+            try:
+                thumbs = await _Fetcher(cfg, s3.read).all(wanted)
+            except (EndpointUnreachable, EndpointNeverReached) as exc:
+                raise _out_of_reach(cfg, str(exc)) from None
     else:
         thumbs = await _Fetcher(cfg, None).all(wanted)
     job = str(summary.get("job") or cfg.job.name)

@@ -16,10 +16,12 @@ Ray is an optional extra: ``pip install 'rekbatch[ray]'``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
+import os
 import shutil
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, Future
 from pathlib import Path
 from typing import Any
@@ -48,10 +50,25 @@ def connect(address: str | None) -> Any:
     ray = _ray()
     if not ray.is_initialized():
         try:
-            ray.init(address=address, include_dashboard=False, logging_level="warning")
+            with _from_root():
+                ray.init(address=address, include_dashboard=False, logging_level="warning")
         except ConnectionError as exc:
             raise SetupError(f"--ray-address {address}: {exc}") from None
     return ray
+
+
+@contextlib.contextmanager
+def _from_root() -> Iterator[None]:
+    """The working folder at the file system's root while Ray starts. Ray puts the driver's
+    working folder first on every worker's sys.path (and a local Ray's processes start in
+    it), so a ``rekbatch`` or ``pyarrow`` package planted there would run in the shard tasks
+    and actors. Every path a job holds is absolute, so the workers need no working folder."""
+    here = os.getcwd()
+    os.chdir(os.path.abspath(os.sep))
+    try:
+        yield
+    finally:
+        os.chdir(here)
 
 
 def run_shard(
@@ -88,6 +105,7 @@ def run_shards_on_ray(
         for folder in shard_folders(out).values():
             shutil.rmtree(folder)
         asyncio.run(_forget_split(cfg))
+    config_path = os.path.abspath(config_path) if config_path else ""  # workers run elsewhere
     ray = connect(address)
     cpus, workers = 1, None
     if cfg.backend.kind == "local":

@@ -343,7 +343,12 @@ class Job:
                 # job's cost counts them as this run's does.
                 self.unrecorded = Counter(self.caller.stats.ok)
                 writer = Writer(
-                    self.out, ledger, self.run_id, cfg.source.uris, durable=self.options.checkpoint
+                    self.out,
+                    ledger,
+                    self.run_id,
+                    cfg.source.uris,
+                    durable=self.options.checkpoint,
+                    csv_formulas=cfg.output.csv_formulas,
                 )
                 await writer.open()
                 if self.options.retry_failed:
@@ -358,6 +363,7 @@ class Job:
                         self.run_id,
                         cfg.source.uris,
                         durable=self.options.checkpoint,
+                        csv_formulas=cfg.output.csv_formulas,
                     )
                     await writer.open()
                 self.writer = writer

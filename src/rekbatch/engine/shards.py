@@ -29,7 +29,10 @@ from rekbatch.config import Config, IndexFacesOp, SearchFacesOp
 from rekbatch.errors import ConfigError
 from rekbatch.sources.ranges import KeyRange
 
-FOLDER = re.compile(r"^shard-(\d{4})-of-(\d{4})$")
+# ASCII digits, the whole name: ``\d`` also takes other scripts' digits, which ``int`` reads
+# (a folder named with Arabic-Indic digits would pass for shard 0), and ``$`` a trailing
+# newline.
+FOLDER = re.compile(r"shard-([0-9]{4})-of-([0-9]{4})")
 JOB_FILE = "job.json"  # in a shard's folder: the job's own config and which shard it is
 MAX_SHARDS = 9999  # four digits in the folder name
 
@@ -156,7 +159,7 @@ def job_file_owns(
 
 def parse_shard(text: str) -> Shard:
     """``K/N`` as ``--shard`` takes it."""
-    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+    match = re.fullmatch(r"\s*([0-9]+)\s*/\s*([0-9]+)\s*", text)
     if match is None:
         raise ConfigError(f"--shard: expected K/N (for example 3/16), got {text!r}")
     return Shard(int(match.group(1)), int(match.group(2)))
@@ -169,7 +172,7 @@ def shard_from_env(variable: str, count: int, environ: Mapping[str, str] | None 
     raw = env.get(variable)
     if raw is None:
         raise ConfigError(f"--shard-index-env: environment variable {variable} is not set")
-    if not re.fullmatch(r"\s*\d+\s*", raw):
+    if not re.fullmatch(r"\s*[0-9]+\s*", raw):
         raise ConfigError(
             f"--shard-index-env: {variable}={raw!r} is not a non-negative whole number"
         )
@@ -226,7 +229,7 @@ def shard_folders(directory: Path) -> dict[Shard, Path]:
     if not directory.is_dir():
         return found
     for child in sorted(directory.iterdir()):
-        match = FOLDER.match(child.name)
+        match = FOLDER.fullmatch(child.name)
         if match and child.is_dir():
             found[Shard(int(match.group(1)), int(match.group(2)))] = child
     return found

@@ -37,7 +37,7 @@ import structlog
 from rekbatch.operations.summaries import summarize
 from rekbatch.records import ObjectRef, Record
 from rekbatch.sinks.files import AppendFile
-from rekbatch.sinks.rows import CsvRows, csv_header, encode_result, jsonl_line
+from rekbatch.sinks.rows import CsvFormulas, CsvRows, csv_header, encode_result, jsonl_line
 from rekbatch.store.ledger import Ledger, LedgerDB, LedgerRow
 from rekbatch.store.watermark import WatermarkTracker
 
@@ -106,6 +106,7 @@ class Writer:
         sources: Sequence[str],
         *,
         durable: bool = True,
+        csv_formulas: CsvFormulas = "neutralise",
     ) -> None:
         self.out = out
         self.ledger = ledger
@@ -127,7 +128,7 @@ class Writer:
         # once ``committed`` reaches N.
         self.committed = 0
         self._rows: list[_Row] = []
-        self._csv_rows = CsvRows()
+        self._csv_rows = CsvRows(csv_formulas)
         self._committed_listed: Counter[int] = Counter()
         self._done_sources: set[int] = set()
         self._wake = asyncio.Event()
