@@ -210,3 +210,35 @@ def test_a_person_match_of_another_shard_is_refused(tmp_path: Path) -> None:
     summary_path.write_text(json.dumps(summary))
     line = _merge_fails(out)
     assert "ric" in line and other in line and f"shard {1 - home}" in line
+
+
+def test_a_shard_that_widens_its_own_part_is_refused(tmp_path: Path) -> None:
+    """Ownership comes from each shard's job.json; one that claims the whole listing there
+    could slip in a record of an object that belongs to another shard and that no shard
+    processed. The parts of all shards must make up the split they all name."""
+    out = _run_shards(_config(tmp_path))
+    body = json.loads((_shard(out, 0) / "job.json").read_text())
+    assert body.get("split") and body.get("parts"), body.keys()
+
+    def widen(job: dict[str, Any]) -> None:
+        job["parts"] = [[[None, None, None]] for _ in job["parts"]]
+
+    _edit_job(_shard(out, 0), widen)
+    lines = (_shard(out, 0) / "results.jsonl").read_bytes().splitlines(keepends=True)
+    row = json.loads(lines[0])
+    row["key"] = "~made-up.png"  # after every real key: the real split gives it to the last shard
+    with (_shard(out, 0) / "results.jsonl").open("ab") as handle:
+        handle.write(json.dumps(row).encode() + b"\n")
+    line = _merge_fails(out, started=False)
+    assert "shard-0000-of-0002" in line and "split" in line, line
+
+
+def test_shards_that_name_different_splits_are_refused(tmp_path: Path) -> None:
+    out = _run_shards(_config(tmp_path))
+
+    def other(job: dict[str, Any]) -> None:
+        job["split"] = "0" * 16
+
+    _edit_job(_shard(out, 1), other)
+    line = _merge_fails(out, started=False)
+    assert "shard-0001-of-0002" in line and "split" in line, line

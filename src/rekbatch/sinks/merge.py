@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 from pydantic import ValidationError
 
 from rekbatch.config import Config
-from rekbatch.engine.shards import JOB_FILE, Shard, job_file_owns, shard_folders
+from rekbatch.engine.shards import JOB_FILE, JobSplit, Shard, job_file_owns, shard_folders
 from rekbatch.errors import SetupError
 from rekbatch.operations import build_operations
 from rekbatch.operations.summaries import box_text
@@ -38,6 +38,7 @@ from rekbatch.sinks.files import AppendFile
 from rekbatch.sinks.rows import CsvRows, csv_header
 from rekbatch.sinks.summary import answer_lines, build_summary, write_summary
 from rekbatch.sinks.writer import CSV, JSONL, parse_line, render_rows
+from rekbatch.sources.ranges import KeyRange
 from rekbatch.store import jobdir
 from rekbatch.store.ledger import LedgerDB
 from rekbatch.store.lock import JobLock
@@ -140,7 +141,37 @@ def check_complete(where: object, shards: Sequence[ShardFiles]) -> list[ShardFil
             f"{where}: the shards ran different jobs (sources or operations): "
             f"{ordered[0].shard.folder} and {', '.join(other)}"
         )
+    check_split(where, ordered, first)
     return ordered
+
+
+def check_split(where: object, ordered: Sequence[ShardFiles], fingerprint: str) -> None:
+    """Each shard's job.json says which split of the listing it ran by (``split``, a
+    digest) and its own part of it (``parts``), and ``merge`` judges which records a shard
+    may hold by that part. So the parts of all shards together must be the split they all
+    name: a part widened in one job.json changes the digest. Jobs sharded before splits
+    have neither field (their shards own objects by hash)."""
+    named = [s.job.get("split") for s in ordered]
+    if all(n is None and s.job.get("parts") is None for n, s in zip(named, ordered, strict=True)):
+        return
+    for name, shard in zip(named, ordered, strict=True):
+        if name != named[0] or name is None or shard.job.get("parts") is None:
+            raise SetupError(
+                f"{where}: {shard.shard.folder} ran by another split of the listing "
+                f"({name!r}) than {ordered[0].shard.folder} ({named[0]!r}); merge refused"
+            )
+    try:
+        count = len(ordered[0].job["parts"])
+        parts = [[[KeyRange(*b) for b in s.job["parts"][i]] for s in ordered] for i in range(count)]
+        made_up = JobSplit(len(ordered), fingerprint, parts).id
+    except (TypeError, IndexError, KeyError, ValueError):
+        made_up = None
+    if made_up != named[0]:
+        folders = ", ".join(s.shard.folder for s in ordered)
+        raise SetupError(
+            f"{where}: the parts in the job.json of {folders} do not make up the split they "
+            f"name ({named[0]}): one was edited; merge refused"
+        )
 
 
 def check_upload_target(where: object, shards: Sequence[ShardFiles]) -> None:
