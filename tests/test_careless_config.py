@@ -78,7 +78,7 @@ def test_validate_reports_every_problem_each_with_its_index(tmp_path: Path) -> N
     """A misspelt key once hid a missing source folder and a missing reference (one line for
     three problems), and an invalid s3:// URI hid everything after it."""
     text = (
-        f'[source]\nuris = [{json.dumps(str(tmp_path / "no-such-folder"))}, '
+        f"[source]\nuris = [{json.dumps(str(tmp_path / 'no-such-folder'))}, "
         '"s3://Not_A_Bucket/x", "s3://ok-bucket/", "s3://"]\n\n'
         '[[operations]]\ntype = "detect_labels"\n\n'
         '[[operations]]\ntype = "compare_faces"\n'
@@ -132,6 +132,31 @@ def test_union_type_errors_are_in_plain_words(
     assert where in lines[0] and words in lines[0], lines
     for internal in ("float", "dict[", "literal[", "bool", "function-"):
         assert internal not in lines[0].split(where, 1)[1].replace("true or false", ""), lines
+
+
+@pytest.mark.parametrize(
+    ("setting", "where", "words"),
+    [
+        ('[aws]\nregion = "eu west 1"', "aws.region:", "not a Region name such as eu-west-1"),
+        (
+            '[aws]\nregions = ["us-east-1", "US-WEST-2"]',
+            "aws.regions[1]:",
+            "not a Region name such as eu-west-1",
+        ),
+    ],
+)
+def test_pattern_errors_are_in_plain_words(
+    tmp_path: Path, setting: str, where: str, words: str
+) -> None:
+    ops = '[[operations]]\ntype = "detect_labels"\n'
+    text = f'[source]\nuris = ["s3://photos/"]\n\n{setting}\n\n{ops}'
+    result = invoke("validate", str(write_config(tmp_path / "job.toml", text)))
+    assert result.exit_code == 2
+    lines = _lines(result)
+    assert len(lines) == 1, lines
+    assert where in lines[0] and words in lines[0], lines
+    said = lines[0].split(where, 1)[1]
+    assert "pattern" not in said and "\\d" not in said, lines
 
 
 def test_inventory_data_files_are_read_from_s3_only(

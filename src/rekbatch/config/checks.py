@@ -59,10 +59,7 @@ def local_problems(cfg: Config) -> list[str]:
 def _local_location(value: Any) -> bool:
     """A non-empty string naming a path on this machine (not a URI, not a list source)."""
     return (
-        isinstance(value, str)
-        and bool(value)
-        and "://" not in value
-        and not _PREFIXED.match(value)
+        isinstance(value, str) and bool(value) and "://" not in value and not _PREFIXED.match(value)
     )
 
 

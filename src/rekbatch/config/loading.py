@@ -20,7 +20,13 @@ from typing import Any, get_args
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from rekbatch.config.model import OPERATION_MODELS, Config, JobSection, OperationType
+from rekbatch.config.model import (
+    OPERATION_MODELS,
+    PATTERN_WORDS,
+    Config,
+    JobSection,
+    OperationType,
+)
 from rekbatch.config.paths import absolute_data, relative_paths
 from rekbatch.errors import ConfigError, ConfigErrors
 
@@ -83,9 +89,9 @@ def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> EnvOrigins:
     return origins
 
 
-def _split_loc(loc: tuple[int | str, ...], data: dict[str, Any], kind: str) -> tuple[
-    tuple[int | str, ...], int | None, str | None
-]:
+def _split_loc(
+    loc: tuple[int | str, ...], data: dict[str, Any], kind: str
+) -> tuple[tuple[int | str, ...], int | None, str | None]:
     """``loc`` as a path in the file (without the tags pydantic adds for the members of a
     union), where the first member tag of a plain union stands in ``loc`` and that tag."""
     parts: list[int | str] = []
@@ -192,6 +198,11 @@ def _one_line(
                     message += f"; did you mean {close[0]!r}?"
         elif kind == "missing":
             message = "required but missing"
+        elif kind == "string_pattern_mismatch":
+            pattern = str((err.get("ctx") or {}).get("pattern", ""))
+            value = err.get("input")
+            shown = f"{value!r}: " if isinstance(value, str) and len(value) <= 80 else ""
+            message = shown + PATTERN_WORDS.get(pattern, "not in the expected form")
         elif kind == "union_tag_invalid":
             allowed = ", ".join(get_args(OperationType))
             message = f"unknown operation type; expected one of: {allowed}"

@@ -162,7 +162,6 @@ class SourceSection(_Section):
     follow_symlinks: bool = False
 
 
-
 def _check_endpoint(value: str | None) -> str | None:
     if value is None:
         return None
@@ -187,6 +186,12 @@ def _check_endpoint(value: str | None) -> str | None:
 
 
 _REGION = r"^[a-z]{2}(-[a-z]+)+-\d+$"
+_COLLECTION_ID = r"^[a-zA-Z0-9_.\-]+$"
+# What a value that does not match a field's pattern is, in the words of an error line.
+PATTERN_WORDS = {
+    _REGION: "not a Region name such as eu-west-1",
+    _COLLECTION_ID: "a collection ID holds only letters, digits, '_', '.' and '-'",
+}
 
 
 class AwsSection(_Section):
@@ -292,7 +297,7 @@ class SearchFacesOp(_FaceOperation):
     type: Literal["search_faces"]
     people: dict[str, list[ImageLocation]] = Field(min_length=1)
     strategy: Literal["auto", "compare", "collection"] = "auto"
-    collection_id: str = Field(default="rekbatch-faces", pattern=r"^[a-zA-Z0-9_.\-]+$")
+    collection_id: str = Field(default="rekbatch-faces", pattern=_COLLECTION_ID)
     keep_collection: bool = False
     similarity_threshold: float = Field(default=80.0, ge=0, le=100)
 
@@ -310,7 +315,7 @@ class IndexFacesOp(_FaceOperation):
 
     type: Literal["index_faces"]
     # AWS: the collection (and its shards -0001, -0002, ...), kept after the run.
-    collection_id: str = Field(default="rekbatch-index", pattern=r"^[a-zA-Z0-9_.\-]+$")
+    collection_id: str = Field(default="rekbatch-index", pattern=_COLLECTION_ID)
     max_faces: int = Field(default=100, ge=1, le=100)
     quality_filter: Literal["NONE", "AUTO", "LOW", "MEDIUM", "HIGH"] = "AUTO"
 
