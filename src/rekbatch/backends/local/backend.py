@@ -521,13 +521,16 @@ class LocalBackend:
         start, limit = _page(params, 1000)
         wanted = params.get("FaceIds")
         wanted_ids = {str(w) for w in wanted} if isinstance(wanted, list) else None
-        page, more = await asyncio.to_thread(store.page, collection_id, start, limit, wanted_ids)
+        # The token is the row the next page starts from (see CollectionStore.page).
+        page, following = await asyncio.to_thread(
+            store.page, collection_id, start, limit, wanted_ids
+        )
         body: dict[str, Any] = {
             "Faces": [f.record() for f in page],
             "FaceModelVersion": FACE_MODEL_VERSION,
         }
-        if more:
-            body["NextToken"] = str(start + limit)
+        if following is not None:
+            body["NextToken"] = str(following)
         return body
 
     async def _delete_faces(
