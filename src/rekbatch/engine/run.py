@@ -298,12 +298,9 @@ class Job:
                     share=1.0 / self.options.shard.count if self.options.shard else 1.0,
                     stopping=self.stopping,
                 )
-                ctx = OperationContext(self.caller, ledger, s3)
+                ctx = OperationContext(self.caller, ledger, s3, self.out)
                 for op in operations:
                     await op.prepare(ctx)
-                # Paid calls that no record holds (reference checks, collections): the
-                # job's cost counts them as this run's does.
-                self.unrecorded = Counter(self.caller.stats.ok)
                 writer = Writer(
                     self.out, ledger, self.run_id, cfg.source.uris, durable=self.options.checkpoint
                 )
@@ -323,6 +320,15 @@ class Job:
                     )
                     await writer.open()
                 self.writer = writer
+                try:
+                    for op in operations:
+                        await op.reconcile(ctx)  # every row written is committed by now
+                except BaseException:
+                    await writer.close()
+                    raise
+                # Paid calls that no record holds (reference checks, collections): the
+                # job's cost counts them as this run's does.
+                self.unrecorded = Counter(self.caller.stats.ok)
                 return await self._execute(ledger, sources, operations, ctx, s3)
         finally:
             await ledger.close()
