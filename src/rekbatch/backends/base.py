@@ -10,7 +10,7 @@ AWS, the offline backend and test fakes plug in the same way.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,3 +36,16 @@ class Backend(Protocol):
         ...
 
     async def aclose(self) -> None: ...
+
+
+@runtime_checkable
+class FaceLookup(Protocol):
+    """A backend that finds a collection's faces by ExternalImageId without listing the
+    collection (Rekognition has no such call; the offline store answers with one scan of its
+    row table)."""
+
+    async def faces_of_images(
+        self, collection_id: str, external_ids: set[str]
+    ) -> list[dict[str, Any]]:
+        """ListFaces' ``Faces`` entries of the faces carrying one of ``external_ids``."""
+        ...

@@ -7,8 +7,10 @@ Two kinds of faces leave the index (DeleteFaces, offline as with AWS):
 - **Stray faces**: those IndexFaces put into a collection for a call whose row never came (a
   kill between the call and the row, or an answer lost and the call retried). The images
   are named by the write-ahead notes (``store/index_notes.py``); their collections are
-  listed (ListFaces, 4,096 faces a page: one page per collection shard) and the faces
-  carrying their ExternalImageIds are the candidates.
+  listed (ListFaces, 4,096 faces a page: one page per collection shard of about 4,000
+  faces) and the faces carrying their ExternalImageIds are the candidates. Offline, the
+  store finds those faces itself (``FaceLookup``: one scan of its row table, where listing a
+  million faces would take seconds).
 
 A candidate is deleted only when no current ok row names it: the rows carrying its detail
 (``collection/external image id``: the object's row and its copies' rows) are read from
@@ -25,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +35,8 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from rekbatch.backends.base import FaceLookup
+from rekbatch.errors import BackendError
 from rekbatch.operations.summaries import indexed_face_ids
 from rekbatch.store.index_notes import Note
 from rekbatch.store.ledger import LedgerDB
@@ -69,6 +74,8 @@ class FaceUpkeep:
         """Delete the stray faces of ``notes``' images and every retired face that no
         current row names. A failed call raises its ``BackendError``: what was not done is
         still noted (the notes, the retired faces) for the next pass."""
+        started = time.monotonic()
+        self.calls = UpkeepCalls()
         noted: dict[str, set[str]] = {}
         for collection, external in notes:
             noted.setdefault(collection, set()).add(external)
@@ -89,10 +96,24 @@ class FaceUpkeep:
                 kept=self.calls.kept,
                 list_faces_calls=self.calls.list_faces,
                 delete_faces_calls=self.calls.delete_faces,
+                seconds=round(time.monotonic() - started, 3),
             )
 
     async def _candidates(self, collection: str, externals: set[str]) -> dict[str, str]:
         """The faces of ``collection`` carrying one of ``externals``: FaceId -> detail."""
+        backend = self.caller.backend
+        if isinstance(backend, FaceLookup):  # offline: no need to list the collection
+            try:
+                faces = await backend.faces_of_images(collection, externals)
+            except BackendError as exc:
+                if exc.code == "ResourceNotFoundException":
+                    return {}
+                raise
+            return {
+                str(f["FaceId"]): f"{collection}/{f['ExternalImageId']}"
+                for f in faces
+                if f.get("ExternalImageId") in externals
+            }
         found: dict[str, str] = {}
         token: str | None = None
         while True:

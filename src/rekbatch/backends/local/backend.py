@@ -384,6 +384,14 @@ class LocalBackend:
         )
         return count > 0
 
+    async def faces_of_images(
+        self, collection_id: str, external_ids: set[str]
+    ) -> list[dict[str, Any]]:
+        """``FaceLookup``: the faces of a collection carrying ``external_ids``."""
+        store = self._collections()
+        faces = await asyncio.to_thread(store.faces_of_images, collection_id, external_ids)
+        return [face.record() for face in faces]
+
     # -- the Backend protocol
 
     async def call(

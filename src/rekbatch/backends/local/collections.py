@@ -321,6 +321,22 @@ class CollectionStore:
         following = int(found[limit][0]) if len(found) > limit else None
         return [_face_from_row(r) for r in found[:limit]], following
 
+    def faces_of_images(self, collection_id: str, external_ids: set[str]) -> list[StoredFace]:
+        """The faces carrying one of ``external_ids``, in indexing order: one scan of the
+        row table per 500 ids (SQLite reads a million rows in a fraction of a second;
+        listing them as faces takes a hundred times longer)."""
+        wanted = sorted(external_ids)
+        found: list[Any] = []
+        with self._rows_db(self._existing(collection_id)) as db:
+            for start in range(0, len(wanted), _LOOKUP):
+                part = wanted[start : start + _LOOKUP]
+                found += db.execute(
+                    "SELECT row, face_id, image_id, external_image_id, box, confidence FROM "
+                    f"faces WHERE external_image_id IN ({','.join('?' * len(part))})",
+                    part,
+                ).fetchall()
+        return [_face_from_row(r) for r in sorted(found, key=lambda r: int(r[0]))]
+
     def faces(self, collection_id: str) -> list[StoredFace]:
         """Every face of the collection in indexing order, without embeddings."""
         faces, _ = self.page(collection_id, 0, 2**62)
