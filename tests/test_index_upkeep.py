@@ -377,19 +377,16 @@ def test_retry_failed_after_an_answer_lost_indexes_each_face_once(
     assert all(r["status"] == "ok" for r in _current(out))
 
 
-def _failing_accept(monkeypatch: pytest.MonkeyPatch, nth: int) -> None:
-    """The writer seam: the ``nth`` index_faces answer never reaches results.jsonl, and the
-    run fails there (as a kill between the call and the row would leave it)."""
+def _failing_accept(monkeypatch: pytest.MonkeyPatch, key: str) -> None:
+    """The writer seam: ``key``'s index_faces answer never reaches results.jsonl, and the run
+    fails there (as a kill between the call and the row would leave it)."""
     from rekbatch.sinks.writer import Writer
 
     accept = Writer.accept
-    seen = Counter[str]()
 
     def failing(self: Writer, record: Any) -> tuple[int, int]:
-        if record.operation == OP and record.status == "ok":
-            seen["ok"] += 1
-            if seen["ok"] == nth:
-                raise RuntimeError("injected: the row is lost")
+        if record.operation == OP and record.status == "ok" and record.obj.key == key:
+            raise RuntimeError("injected: the row is lost")
         return accept(self, record)
 
     monkeypatch.setattr(Writer, "accept", failing)
@@ -404,7 +401,7 @@ def test_a_row_lost_after_indexfaces_is_swept_on_resume(
     with FakeRekognition(FakeConfig(s3_endpoint_url=moto_endpoint, people=people)) as fake:
         job = _config(tmp_path, moto_endpoint, fake, [f"s3://{bucket}/"])
         with monkeypatch.context() as patch:
-            _failing_accept(patch, 5)
+            _failing_accept(patch, "photos/0004.jpg")
             assert invoke("run", str(job)).exit_code == 1
         out = tmp_path / "out"
         assert len(_indexed(fake, out)) > len(_named_faces(out))  # faces without a row
@@ -429,7 +426,7 @@ def test_offline_a_row_lost_after_indexing_is_replaced_on_resume(
         shutil.copy(SAMPLES / name, photos / name)
     out = tmp_path / "out"
     with monkeypatch.context() as patch:
-        _failing_accept(patch, 1)
+        _failing_accept(patch, "ric.jpg")  # one face
         result = invoke("scan", str(photos), "--op", OP, "--offline", "--output", str(out))
         assert result.exit_code == 1
     store = CollectionStore(out / ".rekbatch" / "collections")
