@@ -9,6 +9,7 @@ operation) has one row in results.jsonl, results.csv and the ledger.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import signal
@@ -486,6 +487,117 @@ def test_sigkill_while_indexfaces_is_answered_then_a_resume(
         indexed = _indexed(fake, out)
     _assert_index_is_the_rows(indexed, out)
     _assert_once_each(out, set(bodies))
+
+
+# -- following the bucket: a replacement, a removal and a kill while re-indexing ----------------
+
+
+def test_follow_replace_and_remove_then_a_kill_while_reindexing_and_a_resume(
+    s3: Any, moto_endpoint: str, tmp_path: Path, _lean_receives: None
+) -> None:
+    """The README's setup: notifications into a queue, a first pass over the bucket, then
+    ``run --follow``. One of ric's photos is replaced by a photo without him and another is
+    removed; the process is killed while the fake holds the re-indexing IndexFaces (its
+    faces already in the collection). ``resume`` takes the stray and the old faces out,
+    indexes the new photo once, and ``find`` no longer answers the old photos."""
+    from tests.test_follow import make_queue, queue_counts, start, wait_for
+
+    sqs = boto3.client(
+        "sqs",
+        endpoint_url=moto_endpoint,
+        region_name=REGION,
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
+    bucket = make_bucket(s3, "upkeep-follow")
+    url = make_queue(sqs, "upkeep-follow")
+    arn = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])
+    s3.put_bucket_notification_configuration(
+        Bucket=bucket,
+        NotificationConfiguration={
+            "QueueConfigurations": [
+                {
+                    "QueueArn": arn["Attributes"]["QueueArn"],
+                    "Events": ["s3:ObjectCreated:*", "s3:ObjectRemoved:*"],
+                }
+            ]
+        },
+    )
+    bodies, people = _photos(15)  # ric in 0000, 0007 and 0014
+    put_objects(bucket, bodies.items())
+    reference, ref_people = _reference(tmp_path / "refs")
+    replacement = fake_jpeg(1007)
+    people[sha256(replacement)] = ["someone-else"]
+    config = FakeConfig(
+        s3_endpoint_url=moto_endpoint, people={**people, **ref_people}, stall_seconds=0
+    )
+    with FakeRekognition(config) as fake:
+        job = _config(
+            tmp_path,
+            moto_endpoint,
+            fake,
+            [f"s3://{bucket}/", "sqs://upkeep-follow"],
+            # Longer than the visibility timeout (2 s) twice over: see the resume below.
+            source="queue_idle_seconds = 5.0\n",
+            aws=f'sqs_endpoint_url = "{moto_endpoint}"\n',
+        )
+        out = tmp_path / "out"
+        proc = start("run", str(job), "--follow")
+        try:
+            wait_for("the first pass", lambda: _keys_in(out) >= set(bodies), proc)
+            wait_for("the queue to drain", lambda: queue_counts(sqs, url) == (0, 0), proc)
+            assert _find(out, reference) == {
+                "photos/0000.jpg", "photos/0007.jpg", "photos/0014.jpg"
+            }  # fmt: skip
+            fake.configure(fail_calls={1: "stall"})  # the next call: re-indexing 0007
+            fake.reset_stats()
+            s3.put_object(Bucket=bucket, Key="photos/0007.jpg", Body=replacement)
+            s3.delete_object(Bucket=bucket, Key="photos/0014.jpg")
+            wait_for("the held IndexFaces", lambda: fake.stats()["stalled"].get("IndexFaces"), proc)
+            wait_for("the removal", lambda: _removed_in(out) == {"photos/0014.jpg"}, proc)
+            # While the run follows: find answers from the committed rows alone.
+            wait_for(
+                "find to leave the removed photo out",
+                lambda: "photos/0014.jpg" not in _find(out, reference),
+                proc,
+            )
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.communicate(timeout=10)
+        assert fake.stats()["calls"]["IndexFaces"] == 1
+        assert len(_indexed(fake, out)) > len(_named_faces(out))  # the held call's faces
+        # The messages the killed run held come back after their visibility timeout (a
+        # receive it left on the wire may take them once more first).
+        deadline = time.monotonic() + BOUND
+        while queue_counts(sqs, url)[1]:
+            assert time.monotonic() < deadline, "the held messages never came back"
+            time.sleep(0.1)
+
+        fake.configure(fail_calls={})
+        fake.reset_stats()
+        result = invoke("resume", str(out))
+        assert result.exit_code == 0, result.stderr
+        assert fake.stats()["calls"]["IndexFaces"] == 1  # the new photo, once
+        assert _find(out, reference) == {"photos/0000.jpg"}
+        indexed = _indexed(fake, out)
+    assert queue_counts(sqs, url) == (0, 0)
+    _assert_index_is_the_rows(indexed, out)
+    _assert_once_each(out, set(bodies))
+    rows = {r["key"]: r for r in _current(out)}
+    assert rows["photos/0014.jpg"]["status"] == "removed"
+    assert rows["photos/0007.jpg"]["etag"].strip('"') == hashlib.md5(replacement).hexdigest()
+
+
+def _keys_in(out: Path) -> set[str]:
+    path = out / "results.jsonl"
+    return {r["key"] for r in read_jsonl(path)} if path.exists() else set()
+
+
+def _removed_in(out: Path) -> set[str]:
+    path = out / "results.jsonl"
+    if not path.exists():
+        return set()
+    return {r["key"] for r in read_jsonl(path) if r["status"] == "removed"}
 
 
 # -- the pieces ---------------------------------------------------------------------------------
