@@ -35,9 +35,7 @@ def parse_s3_uri(uri: str) -> tuple[str, str] | None:
 
 SOURCE_KINDS = ("inventory:", "keys:")
 # A queue's name (SQS allows letters, digits, - and _, up to 80, ".fifo" at the end) or URL.
-_SQS_URI = re.compile(
-    r"^sqs://(?:[A-Za-z0-9_-]{1,80}(?:\.fifo)?|https?://[^\s]+/[A-Za-z0-9_.-]+)$"
-)
+_SQS_URI = re.compile(r"^sqs://(?:[A-Za-z0-9_-]{1,80}(?:\.fifo)?|https?://[^\s]+/[A-Za-z0-9_.-]+)$")
 
 
 def source_kind(uri: str) -> str:
@@ -173,9 +171,9 @@ class AwsSection(_Section):
     # "bucket": each object's calls go to its bucket's own Region.
     rekognition_region: Literal["bucket"] | None = None
 
-    _endpoints = field_validator(
-        "s3_endpoint_url", "rekognition_endpoint_url", "sqs_endpoint_url"
-    )(classmethod(lambda cls, v: _check_endpoint(v)))
+    _endpoints = field_validator("s3_endpoint_url", "rekognition_endpoint_url", "sqs_endpoint_url")(
+        classmethod(lambda cls, v: _check_endpoint(v))
+    )
 
     @field_validator("regions")
     @classmethod

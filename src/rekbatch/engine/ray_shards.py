@@ -83,9 +83,11 @@ def run_shards_on_ray(
 
     out = Path(cfg.job.output_dir)
     if fresh:
-        # Here, not in the tasks: a retried task must resume, never start over.
+        # Here, not in the tasks: a retried task must resume, never start over. The job's
+        # split goes too: the shards divide the sources afresh.
         for folder in shard_folders(out).values():
             shutil.rmtree(folder)
+        asyncio.run(_forget_split(cfg))
     ray = connect(address)
     cpus, workers = 1, None
     if cfg.backend.kind == "local":
@@ -111,6 +113,20 @@ def run_shards_on_ray(
     if cfg.output.upload_uri and not _all_local(out, count):
         return merge_job(cfg.output.upload_uri, out)
     return merge_job(str(out), None)
+
+
+async def _forget_split(cfg: Config) -> None:
+    from rekbatch.engine.shard_split import forget_split
+    from rekbatch.sources.s3 import S3
+
+    if not cfg.output.upload_uri:
+        await forget_split(cfg, None)
+        return
+    import aioboto3
+
+    session = aioboto3.Session(profile_name=cfg.aws.profile, region_name=cfg.aws.region)
+    async with S3(session, endpoint_url=cfg.aws.s3_endpoint_url, pool=4) as s3:
+        await forget_split(cfg, s3)
 
 
 def _all_local(out: Path, count: int) -> bool:

@@ -209,6 +209,22 @@ class InventorySource:
         bucket = self._data_bucket(manifest)
         return [KeyRange(None, None, f"s3://{bucket}/{f['key']}") for f in manifest["files"]]
 
+    async def divide(
+        self, shards: int, concurrency: int, own: int = 0
+    ) -> builtins.list[builtins.list[KeyRange]]:
+        """The data files dealt out to ``shards`` shards, each next to the lightest so far
+        by size, largest first; each shard's in the manifest's order."""
+        manifest = await self.manifest()
+        files = await self.split(concurrency)
+        sizes = [int(f.get("size", 0)) for f in manifest["files"]]
+        loads = [0] * shards
+        chosen: builtins.list[builtins.list[int]] = [[] for _ in range(shards)]
+        for i in sorted(range(len(files)), key=lambda i: -sizes[i]):
+            lightest = min(range(shards), key=lambda k: (loads[k], k))
+            chosen[lightest].append(i)
+            loads[lightest] += max(sizes[i], 1)
+        return [[files[i] for i in sorted(part)] for part in chosen]
+
     def list(self, start_after: str | None) -> AsyncIterator[ObjectRef]:
         return self._all(start_after)
 
