@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import html
 import io
 import json
 import os
-from collections.abc import Awaitable, Callable, Iterable
+import sqlite3
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
@@ -248,12 +250,41 @@ def _answers(summary: dict[str, Any], cfg: Config) -> list[_Answer]:
 
 def _find_answers(output_dir: Path) -> list[_Answer]:
     """The people ``rekbatch find`` looked up (``find/summary.json`` and each person's
-    ``find/NAME.jsonl``); unreadable files are left out."""
+    ``find/NAME.jsonl``); unreadable files are left out, and so are the photos found then
+    that changed or were removed since (their current row no longer names the face)."""
     try:
         found = json.loads((output_dir / "find" / "summary.json").read_text(encoding="utf-8"))
         raw_people = found["people"]
     except (OSError, ValueError, KeyError, TypeError):
         return []
+    with _still_found(output_dir) as current:
+        return _found_people(output_dir, raw_people, current)
+
+
+@contextlib.contextmanager
+def _still_found(output_dir: Path) -> Iterator[Callable[[dict[str, Any]], bool]]:
+    """Whether a row of ``find/NAME.jsonl`` still holds, by the job's ledger (every row
+    holds where the job has no ledger)."""
+    from rekbatch.commands.find import Resolver
+
+    try:
+        resolver = Resolver(output_dir)
+    except (SetupError, OSError, sqlite3.Error):
+        yield lambda row: True
+        return
+    try:
+        yield lambda row: resolver.still_found(
+            str(row.get("source")),
+            str(row.get("key")),
+            str(row["face_id"]) if row.get("face_id") else None,
+        )
+    finally:
+        resolver.close()
+
+
+def _found_people(
+    output_dir: Path, raw_people: Any, current: Callable[[dict[str, Any]], bool]
+) -> list[_Answer]:
     people: list[_Person] = []
     thresholds: set[float] = set()
     images = 0
@@ -265,7 +296,7 @@ def _find_answers(output_dir: Path) -> list[_Answer]:
             rows = [json.loads(line) for line in lines.splitlines() if line.strip()]
         except (OSError, ValueError):
             continue
-        matches = _matches(rows)
+        matches = _matches([row for row in rows if isinstance(row, dict) and current(row)])
         searched = int(raw.get("images_searched") or 0)
         images = max(images, searched)
         threshold = _similarity(raw.get("similarity_threshold"))

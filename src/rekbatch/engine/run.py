@@ -331,7 +331,7 @@ class Job:
                     applied=quotas.for_region(cfg.aws.region),
                 )
                 await self._open_regions(stack, backend, quotas, s3)
-                ctx = OperationContext(self.caller, ledger, s3)
+                ctx = OperationContext(self.caller, ledger, s3, self.out)
                 if agreement is not None:
                     wanted = any(op.setup_calls() for op in operations)
                     await take_references(agreement, ledger, wanted=wanted)
@@ -339,9 +339,6 @@ class Job:
                     await op.prepare(ctx)
                 if agreement is not None:
                     await give_references(agreement, ledger)
-                # Paid calls that no record holds (reference checks, collections): the
-                # job's cost counts them as this run's does.
-                self.unrecorded = Counter(self.caller.stats.ok)
                 writer = Writer(
                     self.out,
                     ledger,
@@ -367,6 +364,15 @@ class Job:
                     )
                     await writer.open()
                 self.writer = writer
+                try:
+                    for op in operations:
+                        await op.reconcile(ctx)  # every row written is committed by now
+                except BaseException:
+                    await writer.close()
+                    raise
+                # Paid calls that no record holds (reference checks, collections): the
+                # job's cost counts them as this run's does.
+                self.unrecorded = Counter(self.caller.stats.ok)
                 return await self._execute(ledger, sources, operations, ctx, s3)
         finally:
             await ledger.close()

@@ -430,6 +430,14 @@ class LocalBackend:
         )
         return count > 0
 
+    async def faces_of_images(
+        self, collection_id: str, external_ids: set[str]
+    ) -> list[dict[str, Any]]:
+        """``FaceLookup``: the faces of a collection carrying ``external_ids``."""
+        store = self._collections()
+        faces = await asyncio.to_thread(store.faces_of_images, collection_id, external_ids)
+        return [face.record() for face in faces]
+
     # -- the Backend protocol
 
     async def call(
@@ -567,13 +575,16 @@ class LocalBackend:
         start, limit = _page(params, 1000)
         wanted = params.get("FaceIds")
         wanted_ids = {str(w) for w in wanted} if isinstance(wanted, list) else None
-        page, more = await asyncio.to_thread(store.page, collection_id, start, limit, wanted_ids)
+        # The token is the row the next page starts from (see CollectionStore.page).
+        page, following = await asyncio.to_thread(
+            store.page, collection_id, start, limit, wanted_ids
+        )
         body: dict[str, Any] = {
             "Faces": [f.record() for f in page],
             "FaceModelVersion": FACE_MODEL_VERSION,
         }
-        if more:
-            body["NextToken"] = str(start + limit)
+        if following is not None:
+            body["NextToken"] = str(following)
         return body
 
     async def _delete_faces(
