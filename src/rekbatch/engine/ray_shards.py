@@ -1,4 +1,4 @@
-"""Ray: the shards of a job as Ray tasks, and the offline backend's analysis on Ray actors.
+"""Ray: the shards of a job as Ray tasks.
 
 ``run_shards_on_ray`` submits one task per shard. A task is an ordinary shard run (its own
 folder, ledger and lock), so when Ray retries it after its worker died, the retry resumes
@@ -6,9 +6,7 @@ from the shard's ledger and nothing finished is done again. When every shard is 
 driver merges them: from the output directory (one machine, or a shared file system), or
 from ``output.upload_uri`` when the job uploads (a cluster whose nodes share only S3).
 
-``RayActorExecutor`` is a ``concurrent.futures.Executor`` over a pool of actors, each of
-which loads the face models once; ``LocalBackend(executor=...)`` sends its work there
-instead of its process pool (``backend.executor = "ray"``).
+The offline backend's Ray actors are ``backends/local/ray_actors.py``.
 
 Ray is an optional extra: ``pip install 'rekbatch[ray]'``.
 """
@@ -16,50 +14,24 @@ Ray is an optional extra: ``pip install 'rekbatch[ray]'``.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import shutil
-import threading
-from collections.abc import Callable
-from concurrent.futures import Executor, Future
 from pathlib import Path
 from typing import Any
 
+from rekbatch.backends.local.ray_actors import connect
 from rekbatch.config import Config
+from rekbatch.engine.run import RunOptions, run_job
 from rekbatch.engine.shards import Shard, shard_config, shard_folders
-from rekbatch.errors import SetupError, TaskFailed
+from rekbatch.errors import TaskFailed
 
 # Retries of a shard whose worker died (a node lost, a process killed). Each resumes.
 SHARD_RETRIES = 3
-
-
-def _ray() -> Any:
-    try:
-        import ray
-    except ImportError:
-        raise SetupError(
-            "--engine ray / backend.executor = 'ray' needs Ray: pip install 'rekbatch[ray]'"
-        ) from None
-    return ray
-
-
-def connect(address: str | None) -> Any:
-    """Ray, initialised: the cluster at ``address`` ("auto": the one this node is in), or
-    a local one on this machine's cores when there is none."""
-    ray = _ray()
-    if not ray.is_initialized():
-        try:
-            ray.init(address=address, include_dashboard=False, logging_level="warning")
-        except ConnectionError as exc:
-            raise SetupError(f"--ray-address {address}: {exc}") from None
-    return ray
 
 
 def run_shard(
     job: dict[str, Any], index: int, count: int, config_path: str, local_workers: int | None
 ) -> int:
     """One shard, start to end, in this process (the body of a Ray task); its exit code."""
-    from rekbatch.engine.run import RunOptions, run_job
-
     cfg = Config.model_validate(job)
     shard = Shard(index, count)
     own = shard_config(cfg, shard)
@@ -116,44 +88,3 @@ def run_shards_on_ray(
 def _all_local(out: Path, count: int) -> bool:
     folders = shard_folders(out)
     return all(Shard(k, count) in folders for k in range(count))
-
-
-class _FaceWorker:
-    """A Ray actor: the models loaded once, then any number of tasks."""
-
-    def __init__(self) -> None:
-        from rekbatch.backends.local.backend import _init_worker
-
-        _init_worker()
-
-    def run(self, fn: Callable[[], Any]) -> Any:
-        return fn()
-
-
-class RayActorExecutor(Executor):
-    """``workers`` actors (one CPU each; by default one per CPU free in the cluster)
-    anywhere in the cluster; tasks go to them in turn."""
-
-    def __init__(self, workers: int | None = None, *, address: str | None = None) -> None:
-        ray = connect(address)
-        if workers is None:
-            workers = max(1, int(ray.available_resources().get("CPU", 1)))
-        actor = ray.remote(num_cpus=1)(_FaceWorker)
-        self._actors = [actor.remote() for _ in range(workers)]
-        self._next = itertools.cycle(range(workers))
-        self._lock = threading.Lock()
-        self._ray = ray
-
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
-        import functools
-
-        call = functools.partial(fn, *args, **kwargs)
-        with self._lock:
-            actor = self._actors[next(self._next)]
-        future: Future[Any] = actor.run.remote(call).future()
-        return future
-
-    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        for actor in self._actors:
-            self._ray.kill(actor)
-        self._actors = []

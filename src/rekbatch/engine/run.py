@@ -413,7 +413,7 @@ class Job:
 
         executor = None
         if cfg.backend.executor == "ray":
-            from rekbatch.engine.ray_shards import RayActorExecutor
+            from rekbatch.backends.local.ray_actors import RayActorExecutor
 
             executor = RayActorExecutor(self.options.local_workers, address=cfg.backend.ray_address)
             stack.callback(executor.shutdown)
