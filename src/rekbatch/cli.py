@@ -340,10 +340,11 @@ def _shard_choice(
 
 
 def _run_ray(cfg: Any, shards: int, address: str | None, *, fresh: bool, config_path: str) -> int:
+    from rekbatch.commands.merge import merge_job
     from rekbatch.engine.ray_shards import run_shards_on_ray
 
-    outcome = run_shards_on_ray(cfg, shards, address=address, fresh=fresh, config_path=config_path)
-    return _print_merge(outcome)
+    merged = run_shards_on_ray(cfg, shards, address=address, fresh=fresh, config_path=config_path)
+    return _print_merge(merge_job(*merged))
 
 
 def _print_merge(outcome: Any) -> int:

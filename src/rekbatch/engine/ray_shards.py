@@ -3,8 +3,9 @@
 ``run_shards_on_ray`` submits one task per shard. A task is an ordinary shard run (its own
 folder, ledger and lock), so when Ray retries it after its worker died, the retry resumes
 from the shard's ledger and nothing finished is done again. When every shard is done, the
-driver merges them: from the output directory (one machine, or a shared file system), or
-from ``output.upload_uri`` when the job uploads (a cluster whose nodes share only S3).
+command line merges them as ``rekbatch merge`` does: from the output directory (one
+machine, or a shared file system), or from ``output.upload_uri`` when the job uploads (a
+cluster whose nodes share only S3).
 
 The offline backend's Ray actors are ``backends/local/ray_actors.py``.
 
@@ -48,11 +49,10 @@ def run_shard(
 
 def run_shards_on_ray(
     cfg: Config, count: int, *, address: str | None, fresh: bool, config_path: str
-) -> Any:
-    """Run the ``count`` shards of ``cfg`` as Ray tasks, then merge them; the merge's
-    outcome."""
-    from rekbatch.commands.merge import merge_job
-
+) -> tuple[str, Path | None]:
+    """Run the ``count`` shards of ``cfg`` as Ray tasks; what to merge them from, as
+    ``rekbatch merge`` takes it: the output directory, or the upload URI and the folder to
+    merge into."""
     out = Path(cfg.job.output_dir)
     if fresh:
         # Here, not in the tasks: a retried task must resume, never start over.
@@ -81,8 +81,8 @@ def run_shards_on_ray(
         detail = "; ".join(f"shard {k}/{count}: {c}" for k, c in sorted(bad.items()))
         raise TaskFailed("ray", RuntimeError(f"shards did not finish ({detail}); run again"))
     if cfg.output.upload_uri and not _all_local(out, count):
-        return merge_job(cfg.output.upload_uri, out)
-    return merge_job(str(out), None)
+        return cfg.output.upload_uri, out
+    return str(out), None
 
 
 def _all_local(out: Path, count: int) -> bool:
