@@ -697,7 +697,8 @@ def test_current_lines_are_the_rows_the_ledger_points_at(tmp_path: Path) -> None
 
 
 def test_status_shows_the_backlog_and_ages_from_what_the_run_saw() -> None:
-    from rekbatch.commands.status import queue_line, queue_status
+    from rekbatch.commands.status import queue_status
+    from rekbatch.display.lines import queue_line
 
     beat = {"heartbeat_at": 1000.0}
     seen = {
@@ -739,7 +740,7 @@ def test_the_progress_view_shows_removed_rows_and_the_queue() -> None:
 
     from rich.console import Console
 
-    from rekbatch.commands.progress import ProgressView
+    from rekbatch.display.progress import ProgressView
 
     stats: dict[str, Any] = {
         "calls": {"DetectLabels": 10},

@@ -12,7 +12,7 @@ import duckdb
 import pytest
 from rich.console import Console
 
-from rekbatch.commands.progress import ProgressView, progress_wanted
+from rekbatch.display.progress import ProgressView, progress_wanted
 from rekbatch.pricing import estimate_cost
 from rekbatch.sinks.parquet import EXAMPLE_QUERIES
 from tests.conftest import make_bucket

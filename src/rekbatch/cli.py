@@ -98,7 +98,8 @@ def _check_backend(cfg: Any) -> None:
         raise SetupError(f"backend.kind = 'local': {missing}")
 
 
-def _run_job(cfg: Any, options: Any) -> int:
+def _run_job(cfg: Any, options: Any, *, progress: bool = False) -> int:
+    from rekbatch.display.progress import show_progress
     from rekbatch.engine import run_job
 
     if os.environ.get("REKBATCH_BENCH_NO_CHECKPOINT") == "1":
@@ -126,6 +127,8 @@ def _run_job(cfg: Any, options: Any) -> int:
         def install(job: Any) -> None:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, on_signal, sig.name, job)
+            if progress:
+                job.side_tasks.append(("progress", show_progress))
 
         return await run_job(cfg, options, on_job=install)
 
@@ -204,7 +207,7 @@ def summary_warnings(summary: dict[str, Any]) -> list[str]:
 
 
 def _progress(fmt: str) -> bool:
-    from rekbatch.commands.progress import progress_wanted
+    from rekbatch.display.progress import progress_wanted
 
     return progress_wanted(fmt, sys.stderr)
 
@@ -293,12 +296,11 @@ def run(
             output_dir=Path(cfg.job.output_dir),
             fresh=fresh,
             config_path=str(config),
-            progress=_progress(fmt),
             shard=which,
             job_config=job_cfg if which is not None else None,
             follow=follow,
         )
-        code = _run_job(cfg, options)
+        code = _run_job(cfg, options, progress=_progress(fmt))
     raise typer.Exit(code)
 
 
@@ -460,11 +462,10 @@ def scan(
             output_dir=Path(cfg.job.output_dir),
             fresh=fresh,
             config_path=str(Path(cfg.job.output_dir) / CONFIG_FILE),
-            progress=_progress(fmt),
             config_text=to_toml(written, command=command),
             config_file=CONFIG_FILE,
         )
-        code = _run_job(cfg, options)
+        code = _run_job(cfg, options, progress=_progress(fmt))
     raise typer.Exit(code)
 
 
@@ -505,10 +506,9 @@ def resume(
             job_config=sharded[0] if sharded else None,
             retry_failed=retry_failed,
             retry_codes={c.strip() for c in codes.split(",") if c.strip()} if codes else None,
-            progress=_progress(fmt),
             follow=follow,
         )
-        code = _run_job(cfg, options)
+        code = _run_job(cfg, options, progress=_progress(fmt))
     raise typer.Exit(code)
 
 
