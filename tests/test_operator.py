@@ -13,6 +13,8 @@ import pytest
 from rich.console import Console
 
 from rekbatch.display.progress import ProgressView, progress_wanted
+from rekbatch.display.summary import after_run
+from rekbatch.engine import RunOutcome
 from rekbatch.pricing import estimate_cost
 from rekbatch.sinks.parquet import EXAMPLE_QUERIES
 from tests.conftest import make_bucket
@@ -239,3 +241,50 @@ def test_unexpected_error_exits_1(s3: Any, moto_endpoint: str, tmp_path: Path) -
         result = invoke("run", str(config))
         assert result.exit_code == 1
         assert "unexpected error" in result.stderr and "shorter" in result.stderr
+
+
+def _summary(**statuses: int) -> dict[str, Any]:
+    return {
+        "counts": {"by_status": statuses, "by_reason": {"too_small": statuses.get("skipped", 0)}},
+        "records_this_run": statuses,
+        "calls": {"total": 3, "throttles": 1, "retries": 2},
+        "elapsed_seconds": 1.5,
+        "calls_per_second": 2.0,
+        "estimated_cost_usd": 0.003,
+        "job_estimated_cost_usd": 0.003,
+        "outputs": ["results.jsonl"],
+    }
+
+
+def test_what_is_printed_after_a_run_goes_to_stdout_or_stderr_in_order(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    done = RunOutcome(
+        4,
+        _summary(ok=3, skipped=1),
+        ["ric: found in 2 of 3 images", "ann: found in 0 of 0 images"],
+        "budget: limits.max_images reached",
+        notes=["search_faces: Throttled; resume to try it again"],
+    )
+    lines = after_run(done, out, follow=False)
+    assert [err for err, _ in lines] == [False, True, False, True, True]
+    assert lines[0][1].startswith("records: ok 3, failed 0, skipped 1\ncalls: 3 in 1.5 s")
+    assert lines[1][1] == "rekbatch: search_faces: Throttled; resume to try it again"
+    assert lines[2][1] == "ric: found in 2 of 3 images"
+    assert lines[3][1].endswith("in 0 of 0 images (no image was analysed)")
+    assert lines[4][1] == (
+        "stopped at a budget cap (budget: limits.max_images reached); raise it and run "
+        f"`rekbatch resume {out}`"
+    )
+
+    skipped = RunOutcome(130, _summary(skipped=2), [], "interrupted by SIGINT")
+    lines = after_run(skipped, out, follow=True)
+    assert lines[1:] == [
+        (True, "rekbatch: warning: no image to analyse: every record was skipped (too_small 2)"),
+        (True, f"interrupted; resume with: rekbatch resume {out} --follow"),
+    ]
+
+    failed = RunOutcome(1, {}, [], None, failure="writer failed: OSError: disk", resume_args=" x")
+    assert after_run(failed, out, follow=False) == [
+        (True, f"rekbatch: writer failed: OSError: disk; what finished is kept, resume with: "
+         f"rekbatch resume {out} x")
+    ]

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
 import signal
 import sys
 import time
@@ -100,6 +99,7 @@ def _check_backend(cfg: Any) -> None:
 
 def _run_job(cfg: Any, options: Any, *, progress: bool = False) -> int:
     from rekbatch.display.progress import show_progress
+    from rekbatch.display.summary import after_run
     from rekbatch.engine import run_job
 
     if os.environ.get("REKBATCH_BENCH_NO_CHECKPOINT") == "1":
@@ -133,77 +133,9 @@ def _run_job(cfg: Any, options: Any, *, progress: bool = False) -> int:
         return await run_job(cfg, options, on_job=install)
 
     outcome = asyncio.run(main())
-    out = options.output_dir
-    if outcome.failure is not None:
-        typer.echo(
-            f"rekbatch: {outcome.failure}; what finished is kept, resume with: "
-            f"rekbatch resume {out}{outcome.resume_args}",
-            err=True,
-        )
-        return int(outcome.exit_code)
-    typer.echo(render_summary(outcome.summary))
-    for note in outcome.notes:
-        typer.echo(f"rekbatch: {note}", err=True)
-    for warning in summary_warnings(outcome.summary):
-        typer.echo(f"rekbatch: warning: {warning}", err=True)
-    for line in outcome.answers:
-        if _EMPTY_ANSWER.search(line):
-            typer.echo(f"rekbatch: warning: {line} (no image was analysed)", err=True)
-        else:
-            typer.echo(line)
-    if outcome.exit_code == 130:
-        again = " --follow" if options.follow else ""
-        typer.echo(f"interrupted; resume with: rekbatch resume {out}{again}", err=True)
-    elif outcome.exit_code == 4:
-        typer.echo(
-            f"stopped at a budget cap ({outcome.stop_reason}); raise it and run "
-            f"`rekbatch resume {out}`",
-            err=True,
-        )
+    for to_stderr, line in after_run(outcome, options.output_dir, follow=options.follow):
+        typer.echo(line, err=to_stderr)
     return int(outcome.exit_code)
-
-
-_EMPTY_ANSWER = re.compile(r" in 0 of 0 images$")
-
-
-def render_summary(summary: dict[str, Any]) -> str:
-    """The end-of-run summary printed on stdout (summary.json holds the same and more)."""
-    statuses = summary["counts"]["by_status"]
-    calls = summary["calls"]
-    shown = ["ok", "failed", "skipped"] + (["removed"] if statuses.get("removed") else [])
-    counts = ", ".join(f"{k} {statuses.get(k, 0)}" for k in shown)
-    lines = [f"records: {counts}"]
-    done = sum(statuses.values())
-    if done and not sum(summary.get("records_this_run", {}).values()):
-        lines.append(f"nothing new: {done} records already done")
-    lines.append(
-        f"calls: {calls['total']} in {summary['elapsed_seconds']:.1f} s "
-        f"({summary['calls_per_second']:.1f}/s); throttled {calls['throttles']}, "
-        f"retried {calls['retries']}"
-    )
-    cost = f"cost: ${summary['estimated_cost_usd']:.4f} this run"
-    if summary.get("backend") == "local":
-        cost += " (offline backend: nothing is billed)"
-    else:
-        job_cost = float(summary.get("job_estimated_cost_usd", 0.0))
-        cost += f", ${job_cost:.4f} for the whole job (list prices; an estimate)"
-    lines.append(cost)
-    lines.append("outputs: " + ", ".join(summary.get("outputs", [])))
-    return "\n".join(lines)
-
-
-def summary_warnings(summary: dict[str, Any]) -> list[str]:
-    """What a run that exits 0 should not leave unsaid: sources without images."""
-    statuses = summary["counts"]["by_status"]
-    if summary.get("stopped"):
-        return []  # stopped before the listing was done: nothing to say about the sources
-    if not sum(statuses.values()):
-        return ["the sources listed no objects; check source.uris (and source.include)"]
-    if not statuses.get("ok") and not statuses.get("failed") and not statuses.get("removed"):
-        reasons = summary["counts"].get("by_reason", {})
-        why = ", ".join(f"{k} {v}" for k, v in sorted(reasons.items()))
-        return [f"no image to analyse: every record was skipped ({why})"]
-    return []
 
 
 def _progress(fmt: str) -> bool:
@@ -350,6 +282,8 @@ def _run_ray(cfg: Any, shards: int, address: str | None, *, fresh: bool, config_
 
 
 def _print_merge(outcome: Any) -> int:
+    from rekbatch.display.summary import render_summary
+
     typer.echo(render_summary(outcome.summary))
     for line in outcome.answers:
         typer.echo(line)
