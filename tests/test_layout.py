@@ -3,9 +3,10 @@ functions count, type-checking-only ones do not), and the commands on top."""
 
 from __future__ import annotations
 
+import ast
 from pathlib import Path
 
-from tests.support.import_graph import cycles, import_graph
+from tests.support.import_graph import PACKAGE, cycles, import_graph
 
 
 def test_the_cycle_finder_finds_every_cycle_and_only_cycles() -> None:
@@ -44,3 +45,52 @@ def test_only_the_command_line_imports_the_commands() -> None:
         if not module.startswith(("rekbatch.commands", "rekbatch.cli", "rekbatch.__main__"))
     }
     assert {module: found for module, found in below.items() if found} == {}
+
+
+_EXIT_CODES = {0, 1, 2, 3, 4, 130}
+
+
+def _exit_code_literals(node: ast.AST) -> bool:
+    """An exit code written as a number: ``0``, ``(0, 3)``, ``3 if failed else 0``."""
+    if isinstance(node, ast.IfExp):
+        return _exit_code_literals(node.body) or _exit_code_literals(node.orelse)
+    if isinstance(node, ast.Tuple | ast.Set | ast.List):
+        return any(_exit_code_literals(e) for e in node.elts)
+    if isinstance(node, ast.Call) and ast.unparse(node.func) == "frozenset":
+        return any(_exit_code_literals(a) for a in node.args)
+    return (
+        isinstance(node, ast.Constant) and type(node.value) is int and node.value in _EXIT_CODES
+    )
+
+
+def test_exit_codes_are_written_in_errors_py_alone() -> None:
+    """Each exit code is one name in ``rekbatch.errors``; elsewhere neither a number given
+    to an exit or an outcome, nor one compared with an exit code, nor an ``EXIT_`` name."""
+    found: list[str] = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path == PACKAGE / "errors.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Assign | ast.AnnAssign):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                names = [ast.unparse(t) for t in targets if not isinstance(t, ast.Tuple)]
+                coded = any("CODE" in n.upper() for n in names)
+                written = any(n.startswith("EXIT_") for n in names) or (
+                    coded and node.value is not None and _exit_code_literals(node.value)
+                )
+            elif isinstance(node, ast.Call):
+                callee = ast.unparse(node.func).rsplit(".", 1)[-1]
+                exits = callee in {"Exit", "_exit", "exit", "SystemExit"}
+                written = (exits or callee.endswith("Outcome")) and bool(node.args)
+                written = written and _exit_code_literals(node.args[0])
+            elif isinstance(node, ast.Compare):
+                sides = [node.left, *node.comparators]
+                written = any("exit_code" in ast.unparse(s) for s in sides) and any(
+                    _exit_code_literals(s) for s in sides
+                )
+            else:
+                written = False
+            if written:
+                where = f"{path.relative_to(PACKAGE)}:{getattr(node, 'lineno', 0)}"
+                found.append(f"{where} {ast.unparse(node)}")
+    assert not found, "exit codes written as numbers:\n" + "\n".join(found)

@@ -18,7 +18,15 @@ from typing import Annotated, Any
 import typer
 
 from rekbatch import __version__
-from rekbatch.errors import ConfigError, ConfigErrors, RekbatchError, SetupError
+from rekbatch.errors import (
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_UNEXPECTED,
+    ConfigError,
+    ConfigErrors,
+    RekbatchError,
+    SetupError,
+)
 from rekbatch.logs import LogFormat, configure_logging
 
 app = typer.Typer(
@@ -28,8 +36,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-
-EXIT_UNEXPECTED = 1
 
 
 class Engine(StrEnum):
@@ -60,7 +66,7 @@ def _one_line_errors() -> Iterator[None]:
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"rekbatch {__version__}")
-        raise typer.Exit(0)
+        raise typer.Exit(EXIT_OK)
 
 
 @app.callback()
@@ -122,7 +128,7 @@ def _run_job(cfg: Any, options: Any, *, progress: bool = False) -> int:
                 kill_children()
                 sys.stderr.write("rekbatch: stopped at once; resume with the same command\n")
                 sys.stderr.flush()
-                os._exit(130)
+                os._exit(EXIT_INTERRUPTED)
 
         def install(job: Any) -> None:
             for sig in (signal.SIGINT, signal.SIGTERM):

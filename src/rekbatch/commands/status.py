@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from rekbatch.display.lines import listing_line, queue_line
+from rekbatch.errors import EXIT_DONE
 from rekbatch.sinks.summary import record_counts
 from rekbatch.store.jobdir import existing_ledger, state_dir
 from rekbatch.store.jobdir import ledger_path as jobdir_ledger
@@ -195,7 +196,7 @@ def any_status(directory: Path, *, now: float) -> dict[str, Any]:
             total["calls_per_second"] += one["calls_per_second"]
         listing_done = listing_done and all(s["listing_done"] for s in one["sources"])
     started = {s["shard"] for s in shards if s["of"] == count}
-    finished = [s for s in shards if s["last_exit_code"] in (0, 3) and not s["active"]]
+    finished = [s for s in shards if s["last_exit_code"] in EXIT_DONE and not s["active"]]
     return {
         "directory": str(directory),
         "job": job,

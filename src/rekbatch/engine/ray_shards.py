@@ -23,7 +23,7 @@ from rekbatch.backends.local.ray_actors import connect
 from rekbatch.config import Config
 from rekbatch.engine.run import RunOptions, run_job
 from rekbatch.engine.shards import Shard, shard_config, shard_folders
-from rekbatch.errors import TaskFailed
+from rekbatch.errors import EXIT_DONE, TaskFailed
 
 # Retries of a shard whose worker died (a node lost, a process killed). Each resumes.
 SHARD_RETRIES = 3
@@ -76,7 +76,7 @@ def run_shards_on_ray(
         except Exception as exc:  # a task that failed after its retries
             last = (str(exc).strip().splitlines() or [""])[-1]
             codes[k] = f"{type(exc).__name__}: {last}"
-    bad = {k: c for k, c in codes.items() if c not in (0, 3)}
+    bad = {k: code for k, code in codes.items() if code not in EXIT_DONE}
     if bad:
         detail = "; ".join(f"shard {k}/{count}: {c}" for k, c in sorted(bad.items()))
         raise TaskFailed("ray", RuntimeError(f"shards did not finish ({detail}); run again"))
