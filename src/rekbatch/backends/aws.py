@@ -302,11 +302,12 @@ class AwsBackend:
         if self._http is None:
             self._direct.clear()  # a reopened client without the direct path
 
-    async def refresh_credentials(self) -> None:
+    async def refresh_credentials(self) -> bool:
         """Resolve the credentials again and make the next calls with them."""
         if self._new_session is not None:
             self._session = self._new_session()
         await self._open(self._session)  # the previous client closes with the backend
+        return True
 
     async def _open_direct(self, session: Any) -> None:
         """What the direct path takes from the client: its HTTP session, credentials,

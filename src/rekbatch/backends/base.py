@@ -28,6 +28,13 @@ class ImageInput:
 
 
 class Backend(Protocol):
+    # Calls cross a network: the caller gives each a deadline (and an upload's time).
+    network: bool
+    # The endpoint as errors name it ("the Rekognition endpoint https://...").
+    endpoint_name: str
+    # What to check when the endpoint is never reached (the end of that error's line).
+    ways_out: str
+
     async def call(
         self, api: str, params: dict[str, Any], images: dict[str, ImageInput]
     ) -> dict[str, Any]:
@@ -35,4 +42,21 @@ class Backend(Protocol):
         (``Image``, ``SourceImage``, ``TargetImage``)."""
         ...
 
+    async def refresh_credentials(self) -> bool:
+        """Resolve the credentials again after the service refused them; False when there
+        is nothing to reload (the refusal stands)."""
+        ...
+
     async def aclose(self) -> None: ...
+
+
+class InProcessBackend:
+    """The protocol's defaults for a backend that answers in this process: no network, no
+    credentials."""
+
+    network = False
+    endpoint_name = "the backend"
+    ways_out = ""
+
+    async def refresh_credentials(self) -> bool:
+        return False
