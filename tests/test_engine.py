@@ -8,6 +8,7 @@ client a mock transport. Every run is bounded by a timeout.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 from collections import Counter
 from pathlib import Path
@@ -204,6 +205,20 @@ async def test_a_task_handed_to_the_job_runs_beside_the_work_until_it_ends(
     assert outcome.exit_code == 0 and ended.is_set()
     assert seen and seen[-1]["objects_done"] <= len(keys)
     assert_exactly_once(out, expected_pairs(photos, keys))
+
+
+async def test_a_run_leaves_the_collector_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Library code changes no process-wide setting: freezing the collector for a run's
+    work is the command line's (tests/test_operator.py)."""
+    changed: list[str] = []
+    monkeypatch.setattr(gc, "freeze", lambda: changed.append("freeze"))
+    monkeypatch.setattr(gc, "unfreeze", lambda: changed.append("unfreeze"))
+    photos = tmp_path / "photos"
+    local_images(photos, 10)
+    outcome = await run(make_config(tmp_path, [str(photos)]), FakeBackend())
+    assert outcome.exit_code == 0 and changed == []
 
 
 async def test_a_malformed_answer_is_retried_then_recorded_as_failed(tmp_path: Path) -> None:

@@ -4,11 +4,13 @@ the outcome into an exit code."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import signal
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import StrEnum
@@ -133,6 +135,7 @@ def _run_job(cfg: Any, options: Any, *, progress: bool = False) -> int:
         def install(job: Any) -> None:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, on_signal, sig.name, job)
+            job.side_tasks.append(("collector", _collector_frozen))
             if progress:
                 job.side_tasks.append(("progress", show_progress))
 
@@ -142,6 +145,17 @@ def _run_job(cfg: Any, options: Any, *, progress: bool = False) -> int:
     for to_stderr, line in after_run(outcome, options.output_dir, follow=options.follow):
         typer.echo(line, err=to_stderr)
     return int(outcome.exit_code)
+
+
+async def _collector_frozen(job: Any) -> None:
+    """Beside the run's work, until it ends: what exists when it starts (modules, clients,
+    the config) stays out of the collector's passes, which took about a third of the hot
+    path (BENCHMARKS.md); objects in flight are few and short-lived."""
+    gc.freeze()
+    try:
+        await asyncio.Event().wait()
+    finally:
+        gc.unfreeze()
 
 
 def _progress(fmt: str) -> bool:
@@ -581,4 +595,9 @@ def find(
 
 
 def main() -> None:
+    # aiohttp warns about any body over 1 MiB passed as bytes; images sent as bytes (up to
+    # 5 MB, 6.7 MB as base64 JSON) are such bodies by design, written in one go.
+    warnings.filterwarnings(
+        "ignore", message="Sending a large body directly", category=ResourceWarning
+    )
     app()

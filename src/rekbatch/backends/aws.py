@@ -44,7 +44,6 @@ import contextlib
 import inspect
 import json
 import re
-import warnings
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any
@@ -282,11 +281,6 @@ class AwsBackend:
         self._user_agent = ""
 
     async def __aenter__(self) -> AwsBackend:
-        # aiohttp warns about any body over 1 MiB passed as bytes; images sent as bytes
-        # (up to 5 MB, 6.7 MB as base64 JSON) are such bodies by design, written in one go.
-        warnings.filterwarnings(
-            "ignore", message="Sending a large body directly", category=ResourceWarning
-        )
         await self._open(self._session)
         return self
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import os
 import shutil
 import uuid
@@ -585,8 +584,6 @@ class Job:
             side.append(("upload", self._upload_parts(ledger, s3, every, export=True)))
         elif cfg.output.upload_uri and s3 is not None:
             side.append(("upload", self._upload_parts(ledger, s3)))
-        # Objects in flight are few and short-lived; the collector need not walk them often.
-        gc.freeze()
         failure: TaskFailed | None = None
         try:
             await self._supervise(producer, worker, queue, writer, side)
@@ -596,7 +593,6 @@ class Job:
             failure = first
             log.error("run_failed", task=first.task, error=str(first.cause))
         finally:
-            gc.unfreeze()
             try:
                 await writer.close()
             except Exception as exc:  # the writer itself failed: its rows are in the journal
