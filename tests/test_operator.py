@@ -11,13 +11,16 @@ from typing import Any
 
 import duckdb
 import pytest
+from benchmarks import run_unchecked
 from rich.console import Console
 
 from rekbatch.display.progress import ProgressView, progress_wanted
 from rekbatch.display.summary import after_run
 from rekbatch.engine import RunOutcome
+from rekbatch.errors import EXIT_OK
 from rekbatch.pricing import estimate_cost
 from rekbatch.sinks.parquet import EXAMPLE_QUERIES
+from rekbatch.sinks.writer import Writer
 from tests.conftest import make_bucket
 from tests.helpers import (
     base_config,
@@ -199,6 +202,33 @@ def test_the_command_line_freezes_the_collector_for_the_run_s_work(
     changed: list[str] = []
     monkeypatch.setattr(gc, "freeze", lambda: changed.append("freeze"))
     monkeypatch.setattr(gc, "unfreeze", lambda: changed.append("unfreeze"))
+    result = _run_three_images(moto_endpoint, tmp_path)
+    assert changed == ["freeze", "unfreeze"]
+    assert "records: ok 3" in result.stdout
+
+
+def test_the_command_line_always_checkpoints(
+    moto_endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Benchmarks that measure a run without fsync build ``RunOptions(checkpoint=False)``
+    themselves (benchmarks/run_unchecked.py); no variable turns it off here."""
+    durable: list[bool] = []
+    real = Writer.__init__
+
+    def writer(self: Writer, *args: Any, **kwargs: Any) -> None:
+        durable.append(kwargs["durable"])
+        real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Writer, "__init__", writer)
+    monkeypatch.setenv("REKBATCH_BENCH_NO_CHECKPOINT", "1")
+    result = _run_three_images(moto_endpoint, tmp_path)
+    assert durable == [True] and "checkpointing off" not in result.stderr
+    # the benchmarks' way, on the same job (resumed: nothing new)
+    assert run_unchecked.main([str(tmp_path / "job.toml")]) == EXIT_OK
+    assert durable == [True, False]
+
+
+def _run_three_images(moto_endpoint: str, tmp_path: Path) -> Any:
     photos = tmp_path / "photos"
     local_images(photos, 3)
     with FakeRekognition(FakeConfig(s3_endpoint_url=moto_endpoint)) as fake:
@@ -213,8 +243,7 @@ def test_the_command_line_freezes_the_collector_for_the_run_s_work(
         )
         result = invoke("run", str(config), "--log-format", "json")
     assert result.exit_code == 0, result.stderr
-    assert changed == ["freeze", "unfreeze"]
-    assert "records: ok 3" in result.stdout
+    return result
 
 
 def test_progress_view_counts_objects_and_records_apart_and_waits_before_an_eta() -> None:

@@ -105,14 +105,12 @@ def _check_backend(cfg: Any) -> None:
         raise SetupError(f"backend.kind = 'local': {missing}")
 
 
-def _run_job(cfg: Any, options: Any, *, progress: bool = False) -> int:
+def run_and_report(cfg: Any, options: Any, *, progress: bool = False) -> int:
+    """Run a job in this process as ``rekbatch run`` does (signals, the collector, the
+    progress display), print what follows it; the exit code."""
     from rekbatch.display.progress import show_progress
     from rekbatch.display.summary import after_run
     from rekbatch.engine import run_job
-
-    if os.environ.get("REKBATCH_BENCH_NO_CHECKPOINT") == "1":
-        options.checkpoint = False
-        typer.echo("rekbatch: checkpointing off (benchmarks only); a crash loses results", err=True)
 
     async def main() -> Any:
         loop = asyncio.get_running_loop()
@@ -252,7 +250,7 @@ def run(
             job_config=job_cfg if which is not None else None,
             follow=follow,
         )
-        code = _run_job(cfg, options, progress=_progress(fmt))
+        code = run_and_report(cfg, options, progress=_progress(fmt))
     raise typer.Exit(code)
 
 
@@ -419,7 +417,7 @@ def scan(
             config_text=to_toml(written, command=command),
             config_file=CONFIG_FILE,
         )
-        code = _run_job(cfg, options, progress=_progress(fmt))
+        code = run_and_report(cfg, options, progress=_progress(fmt))
     raise typer.Exit(code)
 
 
@@ -462,7 +460,7 @@ def resume(
             retry_codes={c.strip() for c in codes.split(",") if c.strip()} if codes else None,
             follow=follow,
         )
-        code = _run_job(cfg, options, progress=_progress(fmt))
+        code = run_and_report(cfg, options, progress=_progress(fmt))
     raise typer.Exit(code)
 
 

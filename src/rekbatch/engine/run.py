@@ -82,8 +82,9 @@ class RunOptions:
     retry_failed: bool = False
     retry_codes: set[str] | None = None
     config_path: str = ""
-    # Benchmarks only: no fsync and no synchronous SQLite commits, to measure what
-    # checkpointing costs. A machine crash then loses results; a process crash does not.
+    # Benchmarks only (benchmarks/run_unchecked.py; the CLI never turns it off): no fsync
+    # and no synchronous SQLite commits, to measure what checkpointing costs. A machine
+    # crash then loses results; a process crash does not.
     checkpoint: bool = True
     # ``rekbatch scan``: the config built from its flags, written into the job directory
     # (as ``config_file``) once the directory holds the job.
