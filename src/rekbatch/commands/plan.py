@@ -23,8 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rekbatch.calls.quotas import resolve_ceilings
-from rekbatch.commands import prefilter_estimate
+from rekbatch.commands import plan_regions, prefilter_estimate
 from rekbatch.config import Config, parse_s3_uri, uses_s3
 from rekbatch.engine.prepare import read_header
 from rekbatch.errors import SetupError
@@ -307,7 +306,10 @@ async def plan_job(
                 cut = round(images_by_op.get(op.type, 0) * per_image * prefilter.share)
                 saved[api] = saved.get(api, 0) + cut
         calls = {api: count - saved.get(api, 0) for api, count in calls.items()}
-    ceilings = resolve_ceilings(cfg.limits.max_tps, cfg.aws.region, list(calls))
+    by_region = plan_regions.region_ceilings(
+        cfg, list(calls), await plan_regions.plan_quotas(cfg, list(calls))
+    )
+    ceilings = by_region[cfg.aws.region]
     priced_region = cfg.aws.region if cfg.aws.region in PRICE_TABLES else PRICES_REGION
     if cfg.backend.kind == "local":
         cost = 0.0
@@ -325,6 +327,15 @@ async def plan_job(
         cost = estimate_cost(calls, region=cfg.aws.region)
         seconds = max((count / ceilings[api] for api, count in calls.items()), default=0.0)
         note = "estimates: cost from published list prices, time at the configured rates"
+    converted_images = sum(converted.values())
+    regions = plan_regions.region_plan(
+        cfg,
+        calls,
+        by_region,
+        images=images,
+        by_reference=images - converted_images if any(by_ref_of.values()) else 0,
+        image_bytes=eligible_bytes,
+    )
     return {
         "job": cfg.job.name,
         "backend": cfg.backend.kind,
@@ -357,6 +368,7 @@ async def plan_job(
         },
         "offline_timing": timing,
         "estimated_seconds": round(seconds, 1),
+        "regions": regions,
         "prefilter": None
         if prefilter is None
         else {
@@ -514,6 +526,7 @@ def render_plan(plan: dict[str, Any]) -> str:
     lines.append(
         f"estimated time:   {_duration(plan['estimated_seconds'])} (at the configured rates)"
     )
+    lines.extend(plan_regions.render_region_plan(plan.get("regions"), _duration))
     prefilter = plan.get("prefilter")
     if prefilter:
         lines.append(

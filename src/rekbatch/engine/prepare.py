@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from rekbatch.backends.base import ImageInput
+from rekbatch.backends.base import ImageInput, ObjectBytes
 from rekbatch.records import IMAGE_FIELDS, ObjectRef, SkipReason
 from rekbatch.sources import Source
 from rekbatch.sources.convert import (
@@ -121,7 +121,7 @@ class ImagePreparer:
         if not self.sniff:
             # Sent as listed, unchecked: no sniffing, no conversion.
             image = (
-                ImageInput(bucket=obj.bucket, key=obj.key)
+                ImageInput(bucket=obj.bucket, key=obj.key, fetch=_fetch(source, obj, None))
                 if by_ref
                 else ImageInput(data=await source.read(obj))
             )
@@ -135,6 +135,8 @@ class ImagePreparer:
             info = sniff(head)
         if data is None and len(head) >= obj.size:
             data = head  # the whole object came with its head
+        # A Region other than the bucket's is sent the bytes, read once for all operations.
+        fetch = _fetch(source, obj, data) if by_ref else None
         max_bytes = MAX_S3_OBJECT_BYTES if by_ref else MAX_IMAGE_BYTES
         decisions: dict[str, Decision] = {
             op: decide(
@@ -160,7 +162,7 @@ class ImagePreparer:
                 outcomes[op], extra[op] = _converted_outcome(done, info, op)
             elif decision == AS_IS:
                 if by_ref:
-                    outcomes[op] = ImageInput(bucket=obj.bucket, key=obj.key)
+                    outcomes[op] = ImageInput(bucket=obj.bucket, key=obj.key, fetch=fetch)
                 else:
                     if data is None:
                         data = await source.read(obj)
@@ -229,6 +231,10 @@ def _too_large(plan: Plan, need: int, total: int) -> Skip:
         f"converting {plan.describe()} needs about {megabytes(need)} of memory, more than "
         f"source.convert_memory_mb ({total // (1024 * 1024):,} MB)",
     )
+
+
+def _fetch(source: Source, obj: ObjectRef, data: bytes | None) -> ObjectBytes:
+    return ObjectBytes(obj.size, lambda: source.read(obj), data)
 
 
 def _converted_outcome(
