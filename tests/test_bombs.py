@@ -316,7 +316,8 @@ async def test_the_offline_backend_refuses_a_decode_larger_than_its_budget() -> 
 async def test_report_thumbnails_obey_the_jobs_memory_budget(
     bomb_folder: Path, tmp_path: Path
 ) -> None:
-    from rekbatch.commands.report import _Fetcher, _Location
+    from rekbatch.commands.report.model import Location
+    from rekbatch.commands.report.thumbs import Fetcher
     from rekbatch.config import load_config
 
     config = write_config(
@@ -324,10 +325,10 @@ async def test_report_thumbnails_obey_the_jobs_memory_budget(
         f'[source]\nuris = ["{bomb_folder}"]\nconvert_memory_mb = 64\n'
         '[[operations]]\ntype = "detect_faces"\n',
     )
-    fetcher = _Fetcher(load_config(config, environ={}), None)
+    fetcher = Fetcher(load_config(config, environ={}), None)
     async with asyncio.timeout(BOUND):
-        bomb = await fetcher.thumbs(_Location("source", None, "bombs/grey-110mp.png"), [()])
-        photo = await fetcher.thumbs(_Location("source", None, "ric.jpg"), [()])
+        bomb = await fetcher.thumbs(Location("source", None, "bombs/grey-110mp.png"), [()])
+        photo = await fetcher.thumbs(Location("source", None, "ric.jpg"), [()])
     assert bomb[0].jpeg is None and bomb[0].error is not None
     assert "too large to draw" in bomb[0].error and "(64 MB)" in bomb[0].error
     assert photo[0].jpeg is not None and max(photo[0].width or 0, photo[0].height or 0) == 266

@@ -37,6 +37,12 @@ def test_the_graph_reads_imports_inside_functions_and_leaves_out_type_checking(
     assert "rekbatch.backends.aws" in import_graph()["rekbatch.engine.run"]
 
 
+def test_the_package_has_no_import_cycle() -> None:
+    """Imports inside functions count: a cycle through one is still two modules that
+    cannot be read, tested or moved apart."""
+    assert cycles(import_graph()) == []
+
+
 def test_only_the_command_line_imports_the_commands() -> None:
     graph = import_graph()
     below = {
