@@ -10,7 +10,6 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +18,11 @@ import pytest
 from rekbatch.engine.shards import Shard, parse_shard, shard_from_env, shard_of
 from rekbatch.errors import ConfigError
 from tests.conftest import REPO, make_bucket
-from tests.helpers import base_config, fake_jpeg, invoke, read_csv, read_jsonl, write_config
-from tests.support.fake_rekognition import FakeConfig, FakeRekognition
+from tests.helpers import fake_jpeg, invoke, read_csv, read_jsonl, write_config
+from tests.support.configs import job_config
+from tests.support.fake_rekognition import FakeRekognition
 from tests.support.moto import put_objects
+from tests.support.servers import StartFake
 
 OPS = '[[operations]]\ntype = "detect_faces"\n\n[[operations]]\ntype = "detect_labels"\n'
 SHOWS_RIC = {"ric_harvey.jpeg", "ric.jpg", "ric_crowd1.jpg"}
@@ -92,19 +93,15 @@ def test_bad_shard_flags_are_one_line_and_exit_2(
 
 
 @pytest.fixture
-def slow_fake(moto_endpoint: str) -> Iterator[FakeRekognition]:
+def slow_fake(start_fake: StartFake) -> FakeRekognition:
     """Real latency, so a shard lasts long enough to be killed; a quota high enough for
     four shards at once."""
-    with FakeRekognition(
-        FakeConfig(
-            s3_endpoint_url=moto_endpoint,
-            latency_median_ms=20,
-            latency_sigma=0.3,
-            quotas={"DetectFaces": 400, "DetectLabels": 400},
-            s3_cache=True,
-        )
-    ) as server:
-        yield server
+    return start_fake(
+        latency_median_ms=20,
+        latency_sigma=0.3,
+        quotas={"DetectFaces": 400, "DetectLabels": 400},
+        s3_cache=True,
+    )
 
 
 def _fill(s3: Any, bucket: str, images: int) -> set[str]:
@@ -141,7 +138,7 @@ def test_four_shard_processes_killed_and_rerun_merge_to_a_single_runs_answer(
     out = tmp_path / "out"
     config = write_config(
         tmp_path / "job.toml",
-        base_config(
+        job_config(
             uris=["s3://shard-bucket/"],
             output_dir=out,
             s3_endpoint=moto_endpoint,
@@ -225,22 +222,24 @@ def test_four_shard_processes_killed_and_rerun_merge_to_a_single_runs_answer(
     assert sum(1 for _ in body.read().splitlines()) == len(expected)
 
 
-def test_a_single_shard_equals_a_plain_run(s3: Any, moto_endpoint: str, tmp_path: Path) -> None:
+def test_a_single_shard_equals_a_plain_run(
+    s3: Any, moto_endpoint: str, tmp_path: Path, start_fake: StartFake
+) -> None:
     keys = _fill(s3, "one-shard", 40)
-    with FakeRekognition(FakeConfig(s3_endpoint_url=moto_endpoint)) as fake:
-        config = write_config(
-            tmp_path / "job.toml",
-            base_config(
-                uris=["s3://one-shard/"],
-                output_dir=tmp_path / "out",
-                s3_endpoint=moto_endpoint,
-                rek_endpoint=fake.url,
-                operations=OPS,
-                extra="[output]\nparquet = false\n",
-            ),
-        )
-        plain = invoke("run", str(config), "--output", str(tmp_path / "plain"))
-        sharded = invoke("run", str(config), "--shard", "0/1")
+    fake = start_fake()
+    config = write_config(
+        tmp_path / "job.toml",
+        job_config(
+            uris=["s3://one-shard/"],
+            output_dir=tmp_path / "out",
+            s3_endpoint=moto_endpoint,
+            rek_endpoint=fake.url,
+            operations=OPS,
+            extra="[output]\nparquet = false\n",
+        ),
+    )
+    plain = invoke("run", str(config), "--output", str(tmp_path / "plain"))
+    sharded = invoke("run", str(config), "--shard", "0/1")
     assert plain.exit_code == sharded.exit_code == 0, sharded.stderr
     folder = tmp_path / "out" / "shard-0000-of-0001"
     assert _records(folder / "results.jsonl") == _records(tmp_path / "plain" / "results.jsonl")
@@ -261,20 +260,22 @@ def test_a_single_shard_equals_a_plain_run(s3: Any, moto_endpoint: str, tmp_path
     assert again.exit_code == 2 and "holds the merge of 1 shards" in again.stderr
 
 
-def test_merge_names_the_shards_that_never_ran(s3: Any, moto_endpoint: str, tmp_path: Path) -> None:
+def test_merge_names_the_shards_that_never_ran(
+    s3: Any, moto_endpoint: str, tmp_path: Path, start_fake: StartFake
+) -> None:
     _fill(s3, "half-done", 10)
-    with FakeRekognition(FakeConfig(s3_endpoint_url=moto_endpoint)) as fake:
-        config = write_config(
-            tmp_path / "job.toml",
-            base_config(
-                uris=["s3://half-done/"],
-                output_dir=tmp_path / "out",
-                s3_endpoint=moto_endpoint,
-                rek_endpoint=fake.url,
-                extra="[output]\nparquet = false\n",
-            ),
-        )
-        assert invoke("run", str(config), "--shard", "1/3").exit_code == 0
+    fake = start_fake()
+    config = write_config(
+        tmp_path / "job.toml",
+        job_config(
+            uris=["s3://half-done/"],
+            output_dir=tmp_path / "out",
+            s3_endpoint=moto_endpoint,
+            rek_endpoint=fake.url,
+            extra="[output]\nparquet = false\n",
+        ),
+    )
+    assert invoke("run", str(config), "--shard", "1/3").exit_code == 0
     result = invoke("merge", str(tmp_path / "out"))
     assert result.exit_code == 2
     assert "shard(s) 0, 2 of 3 missing" in result.stderr
