@@ -12,7 +12,15 @@ from typing import Any
 import pytest
 
 from rekbatch.backends.base import ImageInput, InProcessBackend
-from rekbatch.calls.caller import TIMEOUT_FLOOR, Caller, CallOutcome
+from rekbatch.calls.caller import (
+    TIMEOUT_CEILING,
+    TIMEOUT_FACTOR,
+    TIMEOUT_FLOOR,
+    TIMEOUT_UNKNOWN,
+    Caller,
+    CallOutcome,
+    LatencyWindow,
+)
 from rekbatch.calls.retry import Reachability, RetryPolicy
 from rekbatch.errors import (
     BackendError,
@@ -102,6 +110,24 @@ def test_a_request_always_slower_than_its_deadline_is_sent_max_attempts_times() 
     assert backend.sends["slow"] == 3
     assert slow.error is not None and slow.error.code == "Timeout"
     assert slow.attempts == 3
+
+
+def test_a_deadline_follows_the_observed_latency_once_there_are_twenty_answers() -> None:
+    """A stalled answer costs a few times the usual latency, not ``TIMEOUT_UNKNOWN``."""
+    window = LatencyWindow()
+    for _ in range(19):
+        window.add(1.0)
+    assert window.deadline() == TIMEOUT_UNKNOWN
+    window.add(1.0)
+    assert window.deadline() == TIMEOUT_FACTOR * 1.0 < TIMEOUT_UNKNOWN
+    fast = LatencyWindow()
+    for _ in range(20):
+        fast.add(0.01)
+    assert fast.deadline() == TIMEOUT_FLOOR
+    slow = LatencyWindow()
+    for _ in range(20):
+        slow.add(1000.0)
+    assert slow.deadline() == TIMEOUT_CEILING
 
 
 def test_a_deadline_allows_for_the_upload_of_a_large_image() -> None:

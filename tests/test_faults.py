@@ -112,9 +112,14 @@ def test_stalled_answers_cost_seconds_not_a_minute(
     result = invoke("run", str(_config(tmp_path, bucket, moto_endpoint, fake.url)))
     assert result.exit_code == 0, result.stderr
     _exactly_once_ok(tmp_path / "out")
-    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert summary["elapsed_seconds"] < 30  # three stalls of a minute would be three minutes
     assert sum(fake.stats()["stalled"].values()) == 3
+    # each held answer was given up by the client (its deadline from the observed latency,
+    # tests/test_calls.py) and the image asked again; the fake notices within a poll
+    deadline = time.monotonic() + 30  # catches a hang only
+    while sum(fake.stats()["abandoned"].values()) < 3:
+        assert time.monotonic() < deadline, fake.stats()["abandoned"]
+        time.sleep(0.02)
+    assert sum(fake.stats()["abandoned"].values()) == 3
 
 
 class _DownAfterFirstCall(threading.Thread):

@@ -46,6 +46,7 @@ def _config(
     moto: str,
     rek: str,
     source: dict[str, Any] | None = None,
+    limits: dict[str, Any] | None = None,
 ) -> Path:
     text = job_config(
         uris=[f"s3://{bucket}/"],
@@ -53,7 +54,7 @@ def _config(
         s3_endpoint=moto,
         rek_endpoint=rek,
         operations=OPS,
-        limits={"concurrency": 8, "max_tps": 100},
+        limits=limits or {"concurrency": 8, "max_tps": 100},
         source=source,
     )
     return write_config(tmp_path / "job.toml", text)
@@ -71,6 +72,23 @@ def _start(*args: str) -> subprocess.Popen[str]:
 def _finish(proc: subprocess.Popen[str], timeout: float = 120) -> tuple[int, str, str]:
     out, err = proc.communicate(timeout=timeout)
     return proc.returncode, out, err
+
+
+def _lines(path: Path) -> int:
+    return path.read_bytes().count(b"\n") if path.exists() else 0
+
+
+def _wait_for_lines(path: Path, at_least: int, proc: subprocess.Popen[str], timeout: float) -> None:
+    """Until the results file holds ``at_least`` lines (or the run ended); ``timeout`` only
+    catches a run that makes no progress."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if _lines(path) >= at_least or proc.poll() is not None:
+            return
+        time.sleep(0.005)
+    proc.kill()
+    proc.communicate(timeout=10)
+    raise AssertionError(f"no progress in {timeout} s")
 
 
 def _wait_for_rows(path: Path, more_than: int, proc: subprocess.Popen[str], timeout: float) -> None:
@@ -113,32 +131,29 @@ def fast_fake(start_fake: StartFake) -> FakeRekognition:
 def test_sigkill_at_random_moments_loses_nothing_and_pays_only_for_calls_in_flight(
     s3: Any, moto_endpoint: str, fast_fake: FakeRekognition, tmp_path: Path
 ) -> None:
-    # 800 objects: the four seeded waits below add up to 1.2 s, at most ~1,000 calls at the
-    # 800 calls/s ceiling, so the job outlasts the kills on any machine; 1,600 calls in all.
+    # 800 objects, 1,600 calls in all; the fake's quota (800 calls/s) keeps every run busy
+    # for well over a second past each kill's point.
     keys = _fill(s3, "crash-bucket", 800)
-    config = _config(tmp_path, "crash-bucket", moto_endpoint, fast_fake.url)
-    config.write_text(
-        config.read_text().replace(
-            "concurrency = 8\nmax_tps = 100", "concurrency = 16\nmax_tps = 400"
-        )
+    config = _config(
+        tmp_path,
+        "crash-bucket",
+        moto_endpoint,
+        fast_fake.url,
+        limits={"concurrency": 16, "max_tps": 400},
     )
     out = tmp_path / "out"
     rng = random.Random(20261124)
-    kills = 0
-    size = 0
-    # Four kills, not ten (ten cost ~80 s): each lands at a random moment of a busy run,
-    # and every one of them is held to the same bound below.
-    for _ in range(4):
+    kills = 4
+    # Four kills, not ten (ten cost ~80 s), each at a random point of the work rather than
+    # of the clock: after a seeded number of new result lines, up to 250 of the 1,600, so
+    # that every run is killed while it is busy however fast or loaded the machine is.
+    for _ in range(kills):
         proc = _start("run", str(config))
-        _wait_for_rows(out / "results.jsonl", size, proc, timeout=60)
-        time.sleep(rng.uniform(0.05, 0.5))
-        if proc.poll() is not None:
-            break
+        target = _lines(out / "results.jsonl") + rng.randint(1, 250)
+        _wait_for_lines(out / "results.jsonl", target, proc, timeout=60)
+        assert proc.poll() is None, "the run ended before its kill"
         proc.send_signal(signal.SIGKILL)
         proc.communicate(timeout=10)
-        kills += 1
-        size = (out / "results.jsonl").stat().st_size
-    assert kills == 4
     code, _, err = _finish(_start("run", str(config)))
     assert code == 0, err
     _assert_exactly_once(out, keys)

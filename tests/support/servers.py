@@ -5,7 +5,9 @@ with the default behaviour, which a module overrides when its tests need another
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import ExitStack
 from typing import Any, Protocol
 
@@ -15,19 +17,32 @@ from tests.support.fake_rekognition import FakeConfig, FakeRekognition
 
 
 class StartFake(Protocol):
-    def __call__(self, **behaviour: Any) -> FakeRekognition: ...
+    def __call__(
+        self,
+        *,
+        clock: Callable[[], float] = ...,
+        sleep: Callable[[float], Awaitable[None]] = ...,
+        **behaviour: Any,
+    ) -> FakeRekognition: ...
 
 
 @pytest.fixture
 def start_fake(request: pytest.FixtureRequest) -> Iterator[StartFake]:
     """``start_fake(**behaviour)``: a started fake, ``behaviour`` being ``FakeConfig``'s
-    fields; ``s3_endpoint_url`` defaults to the moto server (``None``: no S3)."""
+    fields; ``s3_endpoint_url`` defaults to the moto server (``None``: no S3). ``clock`` and
+    ``sleep`` replace the fake's own (``FakeRekognition``)."""
     with ExitStack() as servers:
 
-        def start(**behaviour: Any) -> FakeRekognition:
+        def start(
+            *,
+            clock: Callable[[], float] = time.monotonic,
+            sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+            **behaviour: Any,
+        ) -> FakeRekognition:
             if "s3_endpoint_url" not in behaviour:
                 behaviour["s3_endpoint_url"] = request.getfixturevalue("moto_endpoint")
-            return servers.enter_context(FakeRekognition(FakeConfig(**behaviour)))
+            server = FakeRekognition(FakeConfig(**behaviour), clock=clock, sleep=sleep)
+            return servers.enter_context(server)
 
         yield start
 
