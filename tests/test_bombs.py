@@ -29,8 +29,7 @@ from rekbatch.sources.sniff import sniff
 from tests.conftest import SAMPLES, make_bucket
 from tests.helpers import invoke, read_jsonl, write_config
 from tests.support import bombs
-from tests.support.configs import job_config
-from tests.support.servers import StartFake
+from tests.support.servers import ServedJob, StartFake
 from tests.test_engine import assert_exactly_once
 
 BOUND = 120.0  # seconds a run may take before the test gives up on it
@@ -251,7 +250,11 @@ def _resume_once(config: Path, out: Path, folder_uri: str) -> None:
 
 
 def test_the_bomb_folder_is_answered_within_the_budget_on_the_aws_path(
-    bomb_folder: Path, s3: Any, moto_endpoint: str, tmp_path: Path, start_fake: StartFake
+    bomb_folder: Path,
+    s3: Any,
+    tmp_path: Path,
+    start_fake: StartFake,
+    served_job: ServedJob,
 ) -> None:
     bucket = make_bucket(s3, "bombs")
     for path in sorted(bomb_folder.rglob("*")):
@@ -259,18 +262,13 @@ def test_the_bomb_folder_is_answered_within_the_budget_on_the_aws_path(
             s3.upload_file(str(path), bucket, path.relative_to(bomb_folder).as_posix())
     out = tmp_path / "out"
     fake = start_fake(region="eu-west-1")
-    config = write_config(
-        tmp_path / "job.toml",
-        job_config(
-            uris=[f"s3://{bucket}/"],
-            output_dir=out,
-            s3_endpoint=moto_endpoint,
-            rek_endpoint=fake.url,
-            output={"parquet": False},
-            limits={"max_tps": 1000},
-            source={"convert_memory_mb": BUDGET_MB},
-            aws={"image_mode": "bytes"},
-        ),
+    config = served_job(
+        fake,
+        f"s3://{bucket}/",
+        output={"parquet": False},
+        limits={"max_tps": 1000},
+        source={"convert_memory_mb": BUDGET_MB},
+        aws={"image_mode": "bytes"},
     )
     code, peak_mb, stderr = _measured_run(config, tmp_path)
     assert code == 3, stderr
