@@ -33,8 +33,8 @@ from rekbatch.engine.shards import (
 )
 from rekbatch.errors import ConfigError, SetupError
 from tests.conftest import REPO, make_bucket
-from tests.helpers import fake_jpeg, invoke, read_csv, read_jsonl, write_config
-from tests.support.configs import job_config
+from tests.helpers import fake_jpeg, invoke, read_csv, read_jsonl
+from tests.support.configs import write_job
 from tests.support.fake_backend import FakeBackend
 from tests.support.fake_rekognition import FakeRekognition
 from tests.support.moto import Served, put_objects
@@ -394,6 +394,21 @@ def _shard_job(cfg: Config, shard: Shard, backend: FakeBackend) -> Job:
     return Job(own, options, backend=backend)
 
 
+def _in_process_config(tmp_path: Path, moto_endpoint: str, uri: str, **settings: Any) -> Config:
+    """The loaded config of a job whose shards run in this process on ``FakeBackend``s:
+    no Rekognition server (its endpoint is never called) and no Parquet."""
+    path = write_job(
+        tmp_path / "job.toml",
+        uris=[uri],
+        output_dir=tmp_path / "out",
+        s3_endpoint=moto_endpoint,
+        rek_endpoint="http://127.0.0.1:9",
+        output={"parquet": False},
+        **settings,
+    )
+    return load_config(path, environ={})
+
+
 async def test_shards_started_together_divide_once_and_check_the_reference_once(
     s3: Any, moto_endpoint: str, tmp_path: Path
 ) -> None:
@@ -401,19 +416,12 @@ async def test_shards_started_together_divide_once_and_check_the_reference_once(
     reference = tmp_path / "ric.jpg"
     reference.write_bytes(fake_jpeg(10_000))
     people = {f"sha256:{hashlib.sha256(reference.read_bytes()).hexdigest()}": ["ric"]}
-    cfg = load_config(
-        write_config(
-            tmp_path / "job.toml",
-            job_config(
-                uris=["s3://together/"],
-                output_dir=tmp_path / "out",
-                s3_endpoint=moto_endpoint,
-                rek_endpoint="http://127.0.0.1:9",
-                operations=f'[[operations]]\ntype = "compare_faces"\nreference = "{reference}"\n',
-                extra="[output]\nparquet = false\n",
-            ).replace("[source]\n", "[source]\nsniff = false\n"),
-        ),
-        environ={},
+    cfg = _in_process_config(
+        tmp_path,
+        moto_endpoint,
+        "s3://together/",
+        operations=f'[[operations]]\ntype = "compare_faces"\nreference = "{reference}"\n',
+        source={"sniff": False},
     )
     # Slow calls: the others come to the reference while the first shard still checks it.
     backends = [FakeBackend(people=people, latency=1.0) for _ in range(3)]
@@ -448,19 +456,7 @@ async def test_a_shard_stops_when_the_split_it_finds_is_not_the_one_it_listed_by
     s3: Any, moto_endpoint: str, tmp_path: Path
 ) -> None:
     _fill(s3, "other-split", 30)
-    cfg = load_config(
-        write_config(
-            tmp_path / "job.toml",
-            job_config(
-                uris=["s3://other-split/"],
-                output_dir=tmp_path / "out",
-                s3_endpoint=moto_endpoint,
-                rek_endpoint="http://127.0.0.1:9",
-                extra="[output]\nparquet = false\n",
-            ),
-        ),
-        environ={},
-    )
+    cfg = _in_process_config(tmp_path, moto_endpoint, "s3://other-split/")
     out = tmp_path / "out"
     assert (await _shard_job(cfg, Shard(0, 2), FakeBackend()).run()).exit_code == 0
     path = out / "split.json"
