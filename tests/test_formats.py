@@ -27,6 +27,7 @@ from rekbatch.sources.filters import (
 from rekbatch.sources.sniff import HEAD_BYTES, ImageInfo, sniff
 from tests.conftest import SAMPLES, make_bucket
 from tests.helpers import invoke, read_csv, read_jsonl, write_config
+from tests.support.clients import aws_client
 from tests.support.fake_rekognition import FakeRekognition
 from tests.support.servers import ServedJob, StartFake
 
@@ -491,15 +492,7 @@ def test_convert_off_skips_what_rekognition_refuses(
 
 
 def _other_region_bucket(s3: Any, name: str) -> str:
-    import boto3
-
-    oregon = boto3.client(
-        "s3",
-        endpoint_url=s3.meta.endpoint_url,
-        region_name="us-west-2",
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    )
+    oregon = aws_client("s3", s3.meta.endpoint_url, "us-west-2")
     oregon.create_bucket(Bucket=name, CreateBucketConfiguration={"LocationConstraint": "us-west-2"})
     s3.put_object(Bucket=name, Key="a.jpg", Body=oriented_jpeg(300, 200, 1))
     s3.put_object(Bucket=name, Key="b.png", Body=encode(picture(120, 90), "PNG"))
