@@ -44,28 +44,6 @@ def _encode(img: Image.Image, fmt: str, **options: Any) -> bytes:
 
 # -- what a plan counts against what Pillow allocates -----------------------------------------
 
-_MEASURE = """
-import gc, io, sys
-from pathlib import Path
-from PIL import Image
-from rekbatch.sources.convert import convert_image
-
-def resident(field):
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith(field))
-
-data = Path(sys.argv[1]).read_bytes()
-tiny = io.BytesIO()
-Image.new("RGB", (90, 90)).save(tiny, "PNG")
-convert_image(tiny.getvalue(), 100)  # Pillow's plugins and pillow-heif loaded first
-gc.collect()
-with open("/proc/self/clear_refs", "w") as refs:
-    refs.write("5")  # the peak resident size starts again from here
-before = resident("VmRSS:")
-convert_image(data, int(sys.argv[2]))
-print(resident("VmHWM:") - before)
-"""
-
 
 def _rgba(side: int) -> bytes:
     img = Image.linear_gradient("L").resize((side, side))
@@ -100,7 +78,7 @@ def test_a_plan_holds_at_least_what_converting_allocates(
     plan = conversion_plan(data, sniff(data[:262_144]), side)
     assert plan is not None
     proc = subprocess.run(
-        [sys.executable, "-c", _MEASURE, str(path), str(side)],
+        [sys.executable, "-c", bombs.CONVERT_PEAK, str(path), str(side)],
         capture_output=True,
         text=True,
         timeout=BOUND,
