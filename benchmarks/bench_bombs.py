@@ -40,14 +40,7 @@ from typing import Any
 
 from tests.support.bombs import CONVERT_PEAK, write_bombs
 
-from benchmarks.servers import (
-    REGION,
-    bench_env,
-    fake_rekognition,
-    moto_s3,
-    s3_client,
-    src_of,
-)
+from benchmarks.servers import REGION, bench_env, fake_rekognition, moto_s3, s3_client, src_of
 
 RESULTS = Path(__file__).parent / "results"
 REPO = Path(__file__).resolve().parent.parent

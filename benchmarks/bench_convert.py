@@ -37,14 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from benchmarks.servers import (
-    REGION,
-    bench_env,
-    fake_rekognition,
-    moto_s3,
-    s3_client,
-    src_of,
-)
+from benchmarks.servers import REGION, bench_env, fake_rekognition, moto_s3, s3_client, src_of
 
 RESULTS = Path(__file__).parent / "results"
 REPO = Path(__file__).resolve().parent.parent
