@@ -480,9 +480,29 @@ def test_a_heavy_share_among_few_answers_is_not_overwhelming() -> None:
     assert not detector.counts_for_rate(traffic, 0.002, cut_before=False)
 
 
-def test_refusals_within_the_background_do_not_count() -> None:
+def learned(share: float, answers: int) -> BackgroundDetector:
+    """A detector that learned ``share`` from a trial with ``answers`` answers."""
     detector = BackgroundDetector(S, now=0.0)
-    detector.share = 0.1
+    traffic = Traffic(S)
+    every = round(1 / share)
+    feed(traffic, 0.0, 2.0, answers / 4, every)
+    detector.open_trial(traffic, 2.0, before=answers / 4, level_rate=answers / 8)
+    feed(traffic, 2.0, 6.0, answers / 8, every)
+    assert detector.judge(traffic, 8.05).kind == "background"
+    return detector
+
+
+def test_a_background_learned_from_few_answers_needs_more_to_be_passed() -> None:
+    traffic = Traffic(S)
+    feed(traffic, 10.0, 2.0, 100.0, refused_every=4)  # a quarter refused: 200 answers
+    sure = learned(0.1, answers=2000)
+    unsure = learned(0.1, answers=80)
+    assert sure.counts_for_rate(traffic, 12.05, cut_before=True)
+    assert not unsure.counts_for_rate(traffic, 12.05, cut_before=True)
+
+
+def test_refusals_within_the_background_do_not_count() -> None:
+    detector = learned(0.1, answers=2000)
     traffic = Traffic(S)
     feed(traffic, 0.0, 2.0, 100.0, refused_every=10)
     assert not detector.counts_for_rate(traffic, 2.05, cut_before=True)
@@ -595,11 +615,26 @@ def test_with_a_background_known_a_rise_above_it_is_judged_at_the_cut() -> None:
     detector.share = 0.1
     verdict = detector.judge(traffic, 5.05)
     assert verdict.kind == "background" and detector.share == pytest.approx(0.25, abs=0.02)
-    # Down towards the background at the cut's rate: the quota's were on top.
+    # Down to the background at the cut's rate: the quota's were on top.
     detector, traffic = trial_after(100.0, 3, 50.0, 10, seconds=3.0)
     detector.share = 0.1
     assert detector.judge(traffic, 5.05).kind == "release"
     assert detector.share == 0.1
+    # In between (a quota at about the cut's rate, say): the accepted rate at a lower
+    # level will tell.
+    detector, traffic = trial_after(100.0, 3, 50.0, 5, seconds=4.0)
+    detector.share = 0.1
+    assert detector.judge(traffic, 6.05).kind == "next_level"
+
+
+def test_with_a_background_known_level_two_counts_only_refusals_above_it() -> None:
+    # Level 1 accepted 40/s with a fifth refused; at level 2 a tenth, the background.
+    detector = level_two()
+    detector.share = 0.1
+    traffic = Traffic(S)
+    feed(traffic, 3.0, 5.0, 25.0, refused_every=10)
+    verdict = detector.judge(traffic, 8.05)
+    assert verdict.kind == "quota" and verdict.rate == pytest.approx(40.0)  # level 1's
 
 
 def test_background_is_followed_down_and_forgotten() -> None:

@@ -80,6 +80,8 @@ class BackgroundDetector:
         self._settings = settings
         self.share = 0.0
         """The share of requests the service refuses whatever the rate, as learned."""
+        self._known_from = 0
+        """How many answers the share was read from (its own error shrinks with them)."""
         self._tracked_at = now
         self.trial: Trial | None = None
         self._rate_since = now  # the rate has been what it is since
@@ -135,7 +137,11 @@ class BackgroundDetector:
         recent = self._at_this_rate(traffic, now)
         if recent.answered < settings.test_requests:
             return False  # too few to see more than the background in them
-        error = math.sqrt(background * (1.0 - background) / recent.answered)
+        # The error of the difference: of the recent share, and of the background's own.
+        known_from = max(self._known_from, settings.test_requests)
+        error = math.sqrt(
+            background * (1.0 - background) * (1.0 / recent.answered + 1.0 / known_from)
+        )
         return recent.share > background + settings.background_margin + settings.alarm * error
 
     # -- trials -------------------------------------------------------------------------
@@ -211,14 +217,12 @@ class BackgroundDetector:
                 return Verdict("background", trial.before)
             # A heavier share: a quota below this level too, or a heavy background. Only
             # the accepted rate at a lower level tells them apart.
-            trial.first_level = level
-            trial.level = 2
-            trial.level_rate = max(settings.min_rate, self._sent_rate(trial, level) / 2.0)
-            trial.level_start = now
-            return Verdict("next_level")
+            return self._next_level(trial, level, now)
         self.trial = None
         first = trial.first_level
         assert first is not None
+        # (With a background known, refusals within it do not count at level 2.)
+        refusing = refusing and level.share >= self._stopped_below(level.answered)
         if refusing and level.ok_rate <= settings.proportional * first.ok_rate:
             self._learn(traffic, trial, level, now)
             return Verdict("background", trial.before)
@@ -245,15 +249,26 @@ class BackgroundDetector:
         self, traffic: Traffic, trial: Trial, level: Counts, share_first: float, now: float
     ) -> Verdict:
         """Level 1 of a trial opened with a background known (the share refused rose above
-        it): refused at the cut's rate about as much as before it, the background got
-        heavier (learned again, the cut undone); about as little as the background, the
-        quota's refusals were on top (the cut stands)."""
-        self.trial = None
-        heavier = abs(level.share - share_first) <= abs(level.share - self.share)
-        if heavier and level.share > self.share:
+        it): refused at the cut's rate no more than the background, the quota's refusals
+        were on top (it lies above the level); as much as before the cut, the background
+        got heavier (learned again, the cut undone); in between, a quota at or below the
+        level, or a heavier background: the accepted rate at a lower level tells."""
+        settings = self._settings
+        if level.share < self._stopped_below(level.answered):
+            self.trial = None
+            return Verdict("release", self._sent_rate(trial, level))
+        if agree(level.refused, level.answered, share_first, settings.spread):
+            self.trial = None
             self._learn(traffic, trial, level, now)
             return Verdict("background", trial.before)
-        return Verdict("release", self._sent_rate(trial, level))
+        return self._next_level(trial, level, now)
+
+    def _next_level(self, trial: Trial, level: Counts, now: float) -> Verdict:
+        trial.first_level = level
+        trial.level = 2
+        trial.level_rate = max(self._settings.min_rate, self._sent_rate(trial, level) / 2.0)
+        trial.level_start = now
+        return Verdict("next_level")
 
     @staticmethod
     def _sent_rate(trial: Trial, level: Counts) -> float:
@@ -293,6 +308,7 @@ class BackgroundDetector:
                 answered += other.answered
                 refused += other.refused
         self.share = refused / answered
+        self._known_from = answered
         self._tracked_at = now
 
     # -- following it -------------------------------------------------------------------
@@ -308,9 +324,10 @@ class BackgroundDetector:
         recent = self._at_this_rate(traffic, now)
         if recent.answered < settings.test_requests:
             return
-        if recent.share < self.share:
+        if recent.share < self.share or not self.counts_for_rate(traffic, now, cut_before=True):
             self.share += settings.track_weight * (recent.share - self.share)
-            if self.share < settings.forget_share:
-                self.share = 0.0
-        elif not self.counts_for_rate(traffic, now, cut_before=True):
-            self.share += settings.track_weight * (recent.share - self.share)
+            # An average over about 1 / weight readings.
+            most = round(recent.answered / settings.track_weight)
+            self._known_from = min(most, self._known_from + recent.answered)
+        if self.share < settings.forget_share:
+            self.share = 0.0

@@ -166,9 +166,9 @@ class LimiterSettings:
     overwhelming_count: int = 4
     clean_share: float = 0.02
     """Refused less than this before a cut: the refusals are new, the quota's, plainly."""
-    trial_refusals: int = 10
+    trial_refusals: int = 6
     """A trial waits for enough answers to expect this many refusals at the share before
-    the cut..."""
+    the cut (the rate is held low meanwhile: a tenth refused, 60 answers)..."""
     trial_most: int = 10
     """...but no more than this many times ``test_requests``..."""
     trial_least_seconds: float = 0.3
