@@ -21,7 +21,7 @@ import pytest
 
 from rekbatch.backends.aws import AwsBackend
 from rekbatch.backends.base import ImageInput
-from rekbatch.errors import BackendError
+from rekbatch.errors import BackendError, CallPathFailed
 
 REGION = "eu-west-1"
 KEY_ID = "AKIDEXAMPLE"
@@ -406,4 +406,154 @@ def test_without_credentials_every_call_goes_through_the_client(
             return caught.value
 
     error = asyncio.run(main())
-    assert (error.code, error.kind) == ("NoCredentials", "permanent")
+    assert (error.code, error.kind) == ("NoCredentials", "credentials")
+
+
+def _without_metrics(agent: str | bytes) -> str:
+    """A User-Agent without botocore's per-request metrics (``m/...``)."""
+    return " ".join(part for part in _text(agent).split() if not part.startswith("m/"))
+
+
+def test_the_user_agent_is_the_clients(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_SDK_UA_APP_ID", "photo-audit")
+
+    async def main() -> tuple[Any, Any]:
+        backend, stub = await _open()
+        try:
+            stub.body = b'{"Labels": []}'
+            direct, client, _, _ = await _both(
+                backend, "DetectLabels", {}, {"Image": ImageInput("b", "k")}
+            )
+        finally:
+            await backend.aclose()
+        return direct, client
+
+    direct, client = asyncio.run(main())
+    agent = _text(direct.headers["User-Agent"])
+    assert "app/photo-audit" in agent and "rekbatch/" in agent
+    assert agent == _without_metrics(client.headers["User-Agent"])
+
+
+@pytest.mark.parametrize(
+    "endpoint",
+    [
+        "http://127.0.0.1:9",
+        "http://127.0.0.1:9/",
+        "http://127.0.0.1:9/prefix",
+        "http://127.0.0.1:9/prefix/",
+        "http://127.0.0.1:9/prefix?stage=a&x=1",
+        "http://127.0.0.1:9/?stage=a",
+    ],
+)
+def test_an_endpoint_with_a_path_or_query_gets_the_request_where_botocore_sends_it(
+    endpoint: str,
+) -> None:
+    async def main() -> tuple[Any, Any]:
+        backend, stub = await _open(endpoint_url=endpoint)
+        try:
+            stub.body = b'{"Labels": []}'
+            direct, client, _, _ = await _both(
+                backend, "DetectLabels", {}, {"Image": ImageInput("b", "k")}
+            )
+        finally:
+            await backend.aclose()
+        return direct, client
+
+    direct, client = asyncio.run(main())
+    assert direct.url == client.url
+    assert direct.headers["Authorization"].endswith(
+        "Signature=" + _expected_signature(direct, SECRET, REGION)
+    )
+
+
+def test_answers_keep_only_what_botocore_keeps() -> None:
+    """Members outside the output shape and JSON nulls, at the top and nested."""
+    answer = {
+        "Labels": [
+            {
+                "Name": "Person",
+                "Confidence": 99.1,
+                "Instances": [{"BoundingBox": None, "Confidence": 90.0, "NewThing": 1}],
+                "Parents": [],
+                "FutureMember": {"a": 1},
+                "Aliases": None,
+            }
+        ],
+        "LabelModelVersion": None,
+        "ImageProperties": {"Quality": {"Brightness": 50.0, "Unknown": "x"}},
+        "SomethingNew": [1, 2],
+    }
+
+    async def main() -> tuple[dict[str, Any], dict[str, Any]]:
+        backend, stub = await _open()
+        try:
+            stub.body = json.dumps(answer).encode()
+            _, _, direct, client = await _both(
+                backend, "DetectLabels", {}, {"Image": ImageInput("b", "k")}
+            )
+        finally:
+            await backend.aclose()
+        return direct, client
+
+    direct, client = asyncio.run(main())
+    assert direct == client
+    assert direct["Labels"][0]["Instances"] == [{"Confidence": 90.0}]
+    assert "SomethingNew" not in direct and "LabelModelVersion" not in direct
+
+
+@pytest.mark.parametrize("error", [TypeError("send() got an unexpected keyword"), KeyError("x")])
+def test_an_exception_the_direct_path_does_not_expect_fails_the_run(error: Exception) -> None:
+    async def main() -> BaseException:
+        backend, _ = await _open()
+
+        async def broken(request: Any) -> Any:
+            raise error
+
+        backend._http.send = broken
+        try:
+            with pytest.raises(CallPathFailed) as caught:
+                await backend.call("DetectLabels", {}, {"Image": ImageInput("b", "k")})
+            return caught.value
+        finally:
+            await backend.aclose()
+
+    failed = asyncio.run(main())
+    assert 'aws.call_path = "client"' in str(failed) and type(error).__name__ in str(failed)
+    assert "\n" not in str(failed)
+
+
+def test_a_connection_failure_on_the_direct_path_is_a_failure_of_the_call() -> None:
+    import botocore.exceptions as bexc
+
+    async def main() -> BackendError:
+        backend, _ = await _open()
+
+        async def closed(request: Any) -> Any:
+            raise bexc.ConnectionClosedError(endpoint_url=request.url)
+
+        backend._http.send = closed
+        try:
+            with pytest.raises(BackendError) as caught:
+                await backend.call("DetectLabels", {}, {"Image": ImageInput("b", "k")})
+            return caught.value
+        finally:
+            await backend.aclose()
+
+    error = asyncio.run(main())
+    assert (error.code, error.kind, error.connection) == (
+        "ConnectionClosedError",
+        "transient",
+        "exchange",
+    )
+
+
+def test_call_path_client_sends_every_call_through_the_client() -> None:
+    async def main() -> dict[str, bool]:
+        session = aioboto3.Session(
+            aws_access_key_id=KEY_ID, aws_secret_access_key=SECRET, region_name=REGION
+        )
+        backend = AwsBackend(session, endpoint_url=ENDPOINT, pool=2, call_path="client")
+        async with backend:
+            return {api: backend._goes_direct(api) for api in ("DetectLabels", "DetectFaces")}
+
+    assert asyncio.run(main()) == {"DetectLabels": False, "DetectFaces": False}

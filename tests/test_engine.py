@@ -360,6 +360,42 @@ async def test_a_failed_search_step_keeps_what_it_found_and_resumes(tmp_path: Pa
     assert sum(backend.billed.values()) - paid == 2
 
 
+async def test_a_signal_during_the_search_step_exits_130_and_the_resume_finishes_it(
+    tmp_path: Path,
+) -> None:
+    """Stopping while the last step (searching the collection) retries a call: it is not
+    retried, the run exits 130 with what it found, and the resume searches again."""
+    photos, people, ric, ops = _search_setup(tmp_path)
+    ops += "keep_collection = true\n"
+    cfg = make_config(tmp_path, [str(photos)], ops=ops)
+    job: Job | None = None
+
+    def signal_then_fail(number: int, api: str, ident: str) -> BaseException | None:
+        if api == "SearchFacesByImage" and job is not None and not job.stopping.is_set():
+            job.request_stop("interrupted by SIGTERM")
+            return BackendError("InternalServerError", "busy", "transient")
+        return None
+
+    backend = FakeBackend(people=people, hook=signal_then_fail)
+    out = Path(cfg.job.output_dir)
+    job = Job(cfg, RunOptions(output_dir=out), backend=backend)
+    async with asyncio.timeout(BOUND):
+        outcome = await job.run()
+    assert outcome.exit_code == 130
+    assert backend.calls["SearchFacesByImage"] == 1  # not retried once stopping
+    assert outcome.summary["search_faces"]["complete"] is False
+
+    backend.hook = None
+    outcome = await run(cfg, backend)
+    assert outcome.exit_code == 0
+    assert set(outcome.summary["search_faces"]["people"]["ric"]["matched_keys"]) == ric
+    assert_exactly_once(out, expected_pairs(photos, sorted(people_keys(photos)), ("search_faces",)))
+
+
+def people_keys(photos: Path) -> set[str]:
+    return {p.name for p in photos.iterdir()}
+
+
 def _two_sources_with_a_failure(tmp_path: Path) -> tuple[Config, Path, Path, list[str], str]:
     """Two folders holding the same file names; one file of the second fails to label."""
     first, second = tmp_path / "first", tmp_path / "second"

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from rekbatch.store.ledger import LedgerDB
 from tests.conftest import make_bucket
 from tests.helpers import base_config, fake_jpeg, invoke, read_csv, read_jsonl, write_config
 from tests.support.fake_rekognition import FakeConfig, FakeRekognition
@@ -179,3 +180,170 @@ def test_an_endpoint_gone_for_good_stops_the_run_and_it_resumes(
     result = invoke("resume", str(out))
     assert result.exit_code == 0, result.stderr
     _exactly_once_ok(out)
+
+
+def test_a_request_always_slower_than_its_deadline_fails_after_max_attempts(
+    tmp_path: Path, moto_endpoint: str, s3: Any, fake: FakeRekognition, monkeypatch: Any
+) -> None:
+    """One image sent as bytes is so large that the service never answers it in time; the
+    others answer at once. It is sent ``max_attempts`` times, each send possibly billed, and
+    recorded failed with a timeout; the others are done, and the run does not call the
+    endpoint unreachable. Resumed with ``--retry-failed`` once the service keeps up, every
+    record is there exactly once."""
+    # Deadlines from a latency of milliseconds, so that the test takes seconds.
+    monkeypatch.setattr("rekbatch.calls.caller.TIMEOUT_FLOOR", 0.3)
+    monkeypatch.setattr("rekbatch.calls.caller.TIMEOUT_UNKNOWN", 0.3)
+    name = make_bucket(s3, "slow-bucket")
+    objects = [(f"img/{i:03d}.jpg", fake_jpeg(i)) for i in range(60)]
+    objects.append(("img/zz-large.jpg", fake_jpeg(999, size=120_000)))
+    put_objects(name, objects)
+    fake.configure(slow_body_bytes=100_000, slow_seconds=0)
+    text = base_config(
+        uris=[f"s3://{name}/"],
+        output_dir=tmp_path / "out",
+        s3_endpoint=moto_endpoint,
+        rek_endpoint=fake.url,
+        operations=OPS,
+        extra="[limits]\nconcurrency = 4\nmax_tps = 200\nmax_attempts = 3\n",
+    )
+    text = text.replace("[source]\n", "[source]\nsniff = false\nlist_concurrency = 1\n")
+    config = write_config(
+        tmp_path / "job.toml", text.replace("[aws]\n", '[aws]\nimage_mode = "bytes"\n')
+    )
+    result = invoke("run", str(config))
+    assert result.exit_code == 3, result.stderr  # done, one record failed
+    assert fake.stats()["slow"] == {"DetectLabels": 3}  # sent max_attempts times, no more
+    out = tmp_path / "out"
+    rows = {r["key"]: r for r in read_jsonl(out / "results.jsonl")}
+    large = rows.pop("img/zz-large.jpg")
+    assert (large["status"], large["error_code"], large["attempts"]) == ("failed", "Timeout", 3)
+    assert len(rows) == 60 and all(r["status"] == "ok" for r in rows.values())
+
+    fake.configure(slow_body_bytes=0)
+    result = invoke("resume", str(out), "--retry-failed")
+    assert result.exit_code == 0, result.stderr
+    rows_after = read_jsonl(out / "results.jsonl")
+    keys = Counter(r["key"] for r in rows_after)
+    assert len(keys) == 61 and max(keys.values()) == 1
+    assert Counter(r["key"] for r in read_csv(out / "results.csv")) == keys
+    assert all(r["status"] == "ok" for r in rows_after)
+    assert ledger_records(out) == 61
+    assert fake.stats()["slow"] == {"DetectLabels": 3}
+
+
+def ledger_records(out: Path) -> int:
+    db = LedgerDB(out / ".rekbatch" / "ledger.sqlite", readonly=True)
+    try:
+        return sum(row["n"] for row in db.counts())
+    finally:
+        db.close()
+
+
+def test_every_answer_malformed_stops_the_run_early_and_it_resumes(
+    tmp_path: Path, moto_endpoint: str, s3: Any, fake: FakeRekognition
+) -> None:
+    """A systemic failure: every answer is malformed. 300 objects at concurrency 4 with 3
+    attempts each would cost 900 calls; the breaker stops the run after 20 records in a
+    row failed with the same code, in one line naming it, having paid for those and the
+    ones in flight only, and ``resume --retry-failed`` takes the job up once the service is
+    healthy. (``benchmarks/stops.py`` measures it with the default 8 attempts over 500
+    objects: 176 calls.)"""
+    name = make_bucket(s3, "all-malformed")
+    put_objects(name, ((f"img/{i:04d}.jpg", fake_jpeg(i)) for i in range(300)))
+    fake.configure(malformed_rate=1.0)
+    text = base_config(
+        uris=[f"s3://{name}/"],
+        output_dir=tmp_path / "out",
+        s3_endpoint=moto_endpoint,
+        rek_endpoint=fake.url,
+        operations=OPS,
+        extra="[limits]\nconcurrency = 4\nmax_tps = 500\nmax_attempts = 3\n",
+    )
+    config = write_config(
+        tmp_path / "job.toml", text.replace("[source]\n", "[source]\nsniff = false\n")
+    )
+    result = invoke("run", str(config))
+    assert result.exit_code == 1
+    lines = [line for line in result.stderr.splitlines() if line.startswith("rekbatch:")]
+    assert len(lines) == 1, result.stderr
+    assert "20 records in a row failed with InvalidResponse" in lines[0]
+    assert "--retry-failed" in lines[0]
+    calls = sum(fake.stats()["calls"].values())
+    assert calls <= (20 + 4) * 3, calls  # the streak and the objects in flight
+    out = tmp_path / "out"
+    failed = [r for r in read_jsonl(out / "results.jsonl") if r["status"] == "failed"]
+    assert 20 <= len(failed) < 30 and {r["error_code"] for r in failed} == {"InvalidResponse"}
+
+    fake.configure(malformed_rate=0.0)
+    result = invoke("resume", str(out), "--retry-failed")
+    assert result.exit_code == 0, result.stderr
+    rows = read_jsonl(out / "results.jsonl")
+    keys = Counter(r["key"] for r in rows)
+    assert len(keys) == 300 and max(keys.values()) == 1
+    assert Counter(r["key"] for r in read_csv(out / "results.csv")) == keys
+    assert all(r["status"] == "ok" for r in rows) and ledger_records(out) == 300
+
+
+class _RefuseKeyAfter(threading.Thread):
+    """Once the fake has answered ``calls`` calls, refuse the access key ``old`` (it has
+    expired) and, when ``renew`` is given, write it to the credentials file (what a
+    credential helper does), polling for at most 60 s."""
+
+    def __init__(self, fake: FakeRekognition, calls: int, renew: Path | None) -> None:
+        super().__init__(daemon=True)
+        self.fake, self.calls, self.renew = fake, calls, renew
+
+    def run(self) -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if sum(self.fake.stats()["ok"].values()) >= self.calls:
+                if self.renew is not None:
+                    _credentials_file(self.renew, "new")
+                self.fake.configure(refused_keys={"old": "ExpiredTokenException"})
+                return
+            time.sleep(0.002)
+
+
+def _credentials_file(path: Path, key: str) -> None:
+    path.write_text(f"[default]\naws_access_key_id = {key}\naws_secret_access_key = s\n")
+
+
+@pytest.mark.parametrize("renewed", [True, False], ids=["renewed", "still-expired"])
+def test_credentials_that_expire_mid_run_are_reloaded_once(
+    tmp_path: Path,
+    bucket: str,
+    moto_endpoint: str,
+    fake: FakeRekognition,
+    monkeypatch: pytest.MonkeyPatch,
+    renewed: bool,
+) -> None:
+    """The credentials expire after 60 answers. Renewed in the credentials file, the run
+    reloads them and finishes; still expired, the run stops at the second refusal without
+    failing a record, and resumes once they are renewed."""
+    credentials = tmp_path / "credentials"
+    _credentials_file(credentials, "old")
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(credentials))
+    config = _config(tmp_path, bucket, moto_endpoint, fake.url)
+    watcher = _RefuseKeyAfter(fake, 60, credentials if renewed else None)
+    watcher.start()
+    result = invoke("run", str(config))
+    watcher.join(timeout=5)
+    out = tmp_path / "out"
+    if renewed:
+        assert result.exit_code == 0, result.stderr
+        _exactly_once_ok(out)
+        return
+    assert result.exit_code == 1
+    lines = [line for line in result.stderr.splitlines() if line.startswith("rekbatch:")]
+    assert len(lines) == 1, result.stderr
+    assert "ExpiredTokenException" in lines[0] and "refused the credentials" in lines[0]
+    done = read_jsonl(out / "results.jsonl")
+    assert all(r["status"] == "ok" for r in done) and len(done) < IMAGES
+
+    _credentials_file(credentials, "new")
+    result = invoke("resume", str(out))
+    assert result.exit_code == 0, result.stderr
+    _exactly_once_ok(out)
+    assert ledger_records(out) == IMAGES

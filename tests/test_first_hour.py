@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -247,6 +248,73 @@ def test_scan_runs_from_flags_and_writes_the_config_it_used(
     rerun = invoke("run", str(written), "--log-format", "json")
     assert rerun.exit_code == 0, rerun.stderr
     assert "nothing new" in rerun.stdout
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port  # nothing listens there now: connections are refused
+
+
+def test_scan_against_an_endpoint_never_reached_stops_with_2_naming_the_ways_out(
+    tmp_path: Path, fake: FakeRekognition, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No call to the endpoint has ever got through: after ``FIRST_CONTACT_SECONDS``
+    (shrunk here) the run stops with one line naming the endpoint and the ways out,
+    instead of waiting ``unreachable_seconds``. Then, reachable, the same scan does it all
+    once."""
+    monkeypatch.setattr("rekbatch.calls.retry.FIRST_CONTACT_SECONDS", 1.0)
+    closed = f"http://127.0.0.1:{_closed_port()}"
+    monkeypatch.setenv("REKBATCH_AWS__REKOGNITION_ENDPOINT_URL", closed)
+    out = tmp_path / "scan-out"
+    args = ["scan", str(SAMPLES), "--op", f"compare_faces={REFERENCE}", "--output", str(out)]
+    result = invoke(*args)
+    assert result.exit_code == 2
+    (line,) = [line for line in _problems(result) if line.startswith("rekbatch:")]
+    assert line.startswith(f"rekbatch: cannot reach the Rekognition endpoint {closed}")
+    for way_out in ("network", "aws.region", "aws.rekognition_endpoint_url", "--offline"):
+        assert way_out in line
+
+    monkeypatch.setenv("REKBATCH_AWS__REKOGNITION_ENDPOINT_URL", fake.url)
+    result = invoke(*args)
+    assert result.exit_code == 0, result.stderr
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == 9 and len({r["key"] for r in rows}) == 9
+
+
+def _costs(stdout: str) -> tuple[float, float]:
+    """The printed cost line's (this run, the whole job)."""
+    import re
+
+    found = re.search(r"^cost: \$([0-9.]+) this run, \$([0-9.]+) for the whole job", stdout, re.M)
+    assert found, stdout
+    return float(found.group(1)), float(found.group(2))
+
+
+def test_this_run_and_the_whole_job_count_the_same_calls(
+    tmp_path: Path, fake: FakeRekognition
+) -> None:
+    """The reference check (a DetectFaces on the reference) is paid for: the first run's
+    cost and the job's are the same, and each later run adds its own to the job's."""
+    out = tmp_path / "out"
+    config = write_config(
+        tmp_path / "job.toml",
+        f'[job]\noutput_dir = "{out}"\n[source]\nuris = ["{SAMPLES}"]\n'
+        f'[aws]\nrekognition_endpoint_url = "{fake.url}"\n'
+        f'[[operations]]\ntype = "compare_faces"\nreference = "{REFERENCE}"\n'
+        '[[operations]]\ntype = "detect_labels"\n',
+    )
+    first = invoke("run", str(config), "--log-format", "json")
+    assert first.exit_code == 0, first.stderr
+    this_run, job = _costs(first.stdout)
+    calls = fake.stats()["ok"]
+    assert calls["DetectFaces"] == 1 and calls["CompareFaces"] == calls["DetectLabels"] == 7
+    assert this_run == job == pytest.approx(0.001 * 15)
+    again = invoke("run", str(config), "--log-format", "json")
+    assert again.exit_code == 0, again.stderr
+    this_run, job_after = _costs(again.stdout)
+    assert job_after == pytest.approx(job + this_run)
 
 
 def test_scan_refuses_bad_flags_in_one_line(tmp_path: Path) -> None:

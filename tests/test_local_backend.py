@@ -30,8 +30,9 @@ from rekbatch.backends.base import ImageInput
 from rekbatch.backends.local.backend import FaceFinder, LocalBackend, local_backend_available
 from rekbatch.backends.local.collections import (
     EMBEDDING_SIZE,
+    EMBEDDINGS_FILE,
+    ROW_BYTES,
     CollectionStore,
-    EmbeddingMatrix,
     StoredFace,
 )
 from rekbatch.errors import BackendError
@@ -278,26 +279,6 @@ def _interrupt_while_starting(proc: subprocess.Popen[str]) -> tuple[str, str, in
 # --------------------------------------------------------------------------- collections
 
 
-def test_embedding_matrix_grows_in_chunks() -> None:
-    rng = np.random.default_rng(7)
-    matrix = EmbeddingMatrix(capacity=4)
-    rows = []
-    for size in [1, 3, 2, 7, 1, 5] * 50:
-        block = rng.normal(size=(size, EMBEDDING_SIZE))
-        rows.append(block)
-        snapshot = matrix.matrix()
-        before = snapshot.copy()
-        matrix.append(block)
-        # Rows already there are never rewritten: an earlier snapshot stays valid.
-        np.testing.assert_array_equal(snapshot, before)
-    everything = np.vstack(rows)
-    np.testing.assert_array_equal(matrix.matrix(), everything)
-    assert len(matrix) == 950
-    # Doubling: 4 -> 1024 in 8 steps, not one copy per append.
-    assert matrix.capacity == 1024
-    assert matrix.reallocations == 8
-
-
 def _face(index: int, embedding: np.ndarray) -> StoredFace:
     return StoredFace(
         face_id=f"{index:08x}-0000-4000-8000-000000000000",
@@ -310,8 +291,8 @@ def _face(index: int, embedding: np.ndarray) -> StoredFace:
 
 
 def test_a_large_collection_indexed_a_few_faces_at_a_time(tmp_path: Path) -> None:
-    """3,000 faces indexed 1-5 at a time: every search finds the right face, a search's
-    snapshot is unaffected by later appends, and a fresh process reads the same collection."""
+    """3,000 faces indexed 1-5 at a time: every search finds the right face, and a fresh
+    store (another process) reads the same collection; deleted faces are never found."""
     rng = np.random.default_rng(11)
     store = CollectionStore(tmp_path)
     store.create("big")
@@ -320,22 +301,86 @@ def test_a_large_collection_indexed_a_few_faces_at_a_time(tmp_path: Path) -> Non
     while index < len(vectors):
         count = int(rng.integers(1, 6))
         batch = range(index, min(index + count, len(vectors)))
-        store.append("big", [_face(i, vectors[i]) for i in batch])
+        assert store.append("big", [_face(i, vectors[i]) for i in batch]) == list(batch)
         index += count
     faces, matrix = store.snapshot("big")
     assert len(faces) == len(vectors) == matrix.shape[0]
-    np.testing.assert_allclose(matrix, vectors, atol=1e-6)  # stored rounded to 7 digits
+    np.testing.assert_allclose(matrix, vectors, atol=1e-6)  # stored as float32
     for probe in (0, 1234, 2999):
         query = vectors[probe] + rng.normal(size=EMBEDDING_SIZE) * 0.001
         matches = store.search("big", [float(v) for v in query], 80.0, 5)
         assert matches[0]["Face"]["FaceId"] == faces[probe].face_id
         assert matches[0]["Similarity"] > 99.0
-    # An append after the snapshot leaves the snapshot as it was.
-    frozen = matrix.copy()
     store.append("big", [_face(5000, rng.normal(size=EMBEDDING_SIZE))])
-    np.testing.assert_array_equal(matrix, frozen)
-    assert len(store.faces("big")) == 3001
+    assert store.count("big") == 3001
     again = CollectionStore(tmp_path)
     assert [f.face_id for f in again.faces("big")] == [f.face_id for f in store.faces("big")]
     deleted = again.delete_faces("big", {faces[0].face_id, faces[1].face_id})
-    assert len(deleted) == 2 and len(again.faces("big")) == 2999
+    assert sorted(deleted) == sorted([faces[0].face_id, faces[1].face_id])
+    assert again.count("big") == 2999 and again.rows("big") == 3001
+    assert not again.search("big", [float(v) for v in vectors[0]], 80.0, 5)
+    assert again.face("big", faces[2].face_id) is not None
+    store.close()
+    again.close()
+
+
+def test_scan_is_exact_at_the_threshold_and_skips_a_torn_tail(tmp_path: Path) -> None:
+    """Faces planted at distances just inside and just outside a threshold's are kept and
+    left as float64 would decide; bytes an interrupted append left past the committed rows
+    are never read, and the next append writes over them."""
+    from rekbatch.backends.local.collections import distance_for_similarity
+    from rekbatch.backends.local.faces import similarity_from_distance
+
+    rng = np.random.default_rng(3)
+    store = CollectionStore(tmp_path)
+    store.create("edge")
+    query = rng.normal(size=EMBEDDING_SIZE) * 0.09
+    limit = distance_for_similarity(80.0)
+    assert similarity_from_distance(limit) == pytest.approx(80.0)
+    faces = []
+    for i, distance in enumerate([limit * 0.5, limit - 1e-4, limit + 1e-4, limit * 1.5]):
+        direction = rng.normal(size=EMBEDDING_SIZE)
+        direction /= np.linalg.norm(direction)
+        faces.append(_face(i, query + direction * distance))
+    store.append("edge", faces)
+    found = store.scan("edge", query, 80.0)
+    assert [m.row for m in found] == [0, 1]
+    assert all(m.similarity >= 80.0 for m in found)
+    with (tmp_path / "edge" / EMBEDDINGS_FILE).open("ab") as fh:
+        fh.write(b"\x7f" * (ROW_BYTES * 2 + 17))  # a crash mid-append: never committed
+    assert [m.row for m in store.scan("edge", query, 80.0)] == [0, 1]
+    assert store.append("edge", [_face(9, query)]) == [4]
+    assert (tmp_path / "edge" / EMBEDDINGS_FILE).stat().st_size == 5 * ROW_BYTES
+    assert [m.row for m in store.scan("edge", query, 80.0)] == [4, 0, 1]
+    store.close()
+
+
+def test_a_collection_of_the_json_format_is_converted(tmp_path: Path) -> None:
+    rng = np.random.default_rng(5)
+    folder = tmp_path / "old"
+    folder.mkdir()
+    (folder / "meta.json").write_text('{"CollectionId": "old"}')
+    vectors = rng.normal(size=(3, EMBEDDING_SIZE)) * 0.1
+    lines = [
+        json.dumps(
+            {
+                "FaceId": f"{i:08x}-0000-4000-8000-000000000000",
+                "ImageId": "image",
+                "ExternalImageId": f"photo-{i}.jpg",
+                "BoundingBox": {"Width": 0.1, "Height": 0.1, "Left": 0.2, "Top": 0.3},
+                "Confidence": 99.0,
+                "Embedding": [round(float(v), 7) for v in vector],
+            }
+        )
+        for i, vector in enumerate(vectors)
+    ]
+    (folder / "faces.jsonl").write_text("\n".join(lines) + "\n" + lines[0][:40])
+    store = CollectionStore(tmp_path)
+    assert [f.external_image_id for f in store.faces("old")] == [
+        "photo-0.jpg",
+        "photo-1.jpg",
+        "photo-2.jpg",
+    ]
+    assert not (folder / "faces.jsonl").exists()
+    assert store.scan("old", vectors[1], 90.0)[0].face.external_image_id == "photo-1.jpg"
+    store.close()

@@ -351,7 +351,12 @@ def test_backend_reports_errors_across_the_process_boundary(backend: LocalBacken
 
 def test_availability_and_supported_operations() -> None:
     assert local_backend_available() is None
-    assert set(LOCAL_SUPPORTED_OPERATIONS) == {"detect_faces", "compare_faces", "search_faces"}
+    assert set(LOCAL_SUPPORTED_OPERATIONS) == {
+        "detect_faces",
+        "compare_faces",
+        "search_faces",
+        "index_faces",
+    }
     assert FACE_MODEL_VERSION == local_faces.FACE_MODEL_VERSION
 
 

@@ -18,6 +18,7 @@ from rekbatch.sinks.parquet import (
     FACE_COLUMNS,
     LABEL_COLUMNS,
     export_in_child,
+    face_rows,
     parquet_schemas,
     write_parquet,
 )
@@ -296,6 +297,30 @@ def test_results_rows_are_typed_and_summarised(out: Path) -> None:
     assert by[("photos/a.jpg", "detect_labels")]["bucket"] is None
 
 
+def test_index_faces_rows_name_every_face_and_why_some_were_left_out() -> None:
+    box = {"Left": 0.1, "Top": 0.2, "Width": 0.3, "Height": 0.4}
+    result = {
+        "CollectionId": "people-0001",
+        "FaceRecords": [
+            {"Face": {"FaceId": "f-1", "BoundingBox": box, "ExternalImageId": "x"}},
+            {"Face": {"FaceId": "f-2", "BoundingBox": box}, "FaceDetail": {"Confidence": 99}},
+        ],
+        "UnindexedFaces": [{"Reasons": ["LOW_SHARPNESS", "SMALL_BOUNDING_BOX"]}],
+    }
+    row = {"bucket": "b", "key": "k.jpg", "etag": "e", "operation": "index_faces"}
+    faces = face_rows({**row, "status": "ok", "result": result})
+    assert [(f["face_id"], f["indexed"], f["face_index"]) for f in faces] == [
+        ("f-1", True, 0),
+        ("f-2", True, 1),
+        (None, False, 2),
+    ]
+    assert {f["collection_id"] for f in faces} == {"people-0001"}
+    assert faces[0]["bbox_width"] == faces[1]["bbox_width"] == 0.3
+    assert faces[1]["confidence"] == 99.0
+    assert faces[2]["unindexed_reasons"] == "LOW_SHARPNESS;SMALL_BOUNDING_BOX"
+    assert {f["source_operation"] for f in faces} == {"IndexFaces"}
+
+
 def test_faces_rows(out: Path) -> None:
     faces = pq.read_table(out / "faces.parquet").to_pylist()
     detected = [f for f in faces if f["operation"] == "detect_faces"]
@@ -325,6 +350,10 @@ def test_faces_rows(out: Path) -> None:
         "gender": "Female",
         "similarity": None,
         "matched": None,
+        "face_id": None,
+        "collection_id": None,
+        "indexed": None,
+        "unindexed_reasons": None,
     }
     crowd_compare = [f for f in compared if f["key"] == "crowd.jpg"]
     assert [f["face_index"] for f in crowd_compare] == [0, 1, 2, 3, 4]

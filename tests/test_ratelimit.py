@@ -18,8 +18,9 @@ import random
 
 import pytest
 
+from rekbatch.calls.classify import classify
 from rekbatch.calls.quotas import api_name, default_tps, resolve_ceilings
-from rekbatch.calls.retry import RetryPolicy, classify
+from rekbatch.calls.retry import RetryPolicy
 from rekbatch.errors import ConfigError
 from tests.support.simulated_service import simulate
 from tests.support.virtual_clock import VirtualClock

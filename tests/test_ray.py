@@ -119,7 +119,7 @@ def test_offline_backend_on_a_ray_actor_pool_finds_ric(tmp_path: Path) -> None:
         (REPO / "configs" / "wheres-ric-local.toml")
         .read_text()
         .replace('kind = "local"', 'kind = "local"\nexecutor = "ray"')
-        .replace("samples/wheres-ric", str(SAMPLES)),
+        .replace("../samples/wheres-ric", str(SAMPLES)),
     )
     ray.init(num_cpus=2, include_dashboard=False, logging_level="warning")
     try:

@@ -65,11 +65,14 @@ def test_the_first_command_installs_and_runs_the_offline_job(
     answer = re.search(r"prints the answer, `([^`]+)`", prose)
     assert answer, "README no longer quotes the answer"
     written = re.search(r"writes `([^`{]+)results\.\{jsonl,csv\}` and `summary\.json`", prose)
-    assert written and written.group(1).rstrip("/") == cfg["job"]["output_dir"]
+    # The config's relative paths are read from its own folder.
+    assert written and (REPO / written.group(1)).resolve() == (
+        config.parent / cfg["job"]["output_dir"]
+    ).resolve()
 
-    monkeypatch.chdir(REPO)  # the config's paths are relative to the clone
+    monkeypatch.chdir(tmp_path)  # and it runs from any folder
     out = tmp_path / "out"
-    result = invoke(*run[1:], "--output", str(out), "--log-format", "json")
+    result = invoke(run[1], str(config), "--output", str(out), "--log-format", "json")
     assert result.exit_code == 0, result.stderr
     assert answer.group(1) in result.stdout.splitlines()
     for name in ("results.jsonl", "results.csv", "summary.json"):

@@ -14,6 +14,7 @@ from urllib.parse import quote_plus
 
 import pytest
 
+from rekbatch.config import load_config
 from rekbatch.engine import Job, RunOptions
 from rekbatch.sources.s3 import S3
 from rekbatch.store.jobdir import ledger_path
@@ -277,3 +278,58 @@ async def test_a_key_list_with_and_without_sizes_and_etags(
     assert render_status(report)
     with_size = next(r for r in rows if r["key"] == "k/0.jpg")
     assert with_size["etag"] == etag and with_size["size"] == size
+
+
+@pytest.mark.parametrize("form", ["csv", "jsonl"])
+async def test_a_key_list_takes_keys_as_written_and_a_key_listed_twice_once(
+    s3: Any, moto_endpoint: str, tmp_path: Path, form: str
+) -> None:
+    bucket = make_bucket(s3, f"keys-exact-{form}")
+    keys = [" lead.jpg", "trail.jpg ", " both .jpg", "twice.jpg", "plain.jpg"]
+    for i, key in enumerate(keys):
+        s3.put_object(Bucket=bucket, Key=key, Body=fake_jpeg(i))
+    # Spaced twins that must not be taken for them.
+    s3.put_object(Bucket=bucket, Key="lead.jpg", Body=fake_jpeg(90))
+    size = s3.head_object(Bucket=bucket, Key="twice.jpg")["ContentLength"]
+    if form == "csv":
+        lines = [
+            "bucket,key",
+            f"{bucket}, lead.jpg",  # unquoted: the space is the key's
+            f'{bucket},"trail.jpg "',
+            f's3://{bucket}/ both .jpg',
+            f"{bucket},twice.jpg",
+            f"s3://{bucket}/twice.jpg,{size}",  # the same object again, as a URI
+            f"s3://{bucket}/plain.jpg",
+        ]
+    else:
+        lines = [
+            json.dumps({"bucket": bucket, "key": " lead.jpg"}),
+            json.dumps({"uri": f"s3://{bucket}/trail.jpg "}),
+            json.dumps({"bucket": bucket, "key": " both .jpg"}),
+            json.dumps({"bucket": bucket, "key": "twice.jpg"}),
+            json.dumps({"uri": f"s3://{bucket}/twice.jpg", "size": size}),
+            json.dumps({"bucket": bucket, "key": "plain.jpg"}),
+        ]
+    path = tmp_path / f"list.{form}"
+    path.write_text("\n".join(lines) + "\n")
+    backend = FakeBackend()
+    config = write_config(
+        tmp_path / "job.toml",
+        f'[job]\noutput_dir = "{tmp_path / "out"}"\n'
+        f'[source]\nuris = ["keys:{path}"]\ninclude = ["*"]\n'  # "trail.jpg " is no *.jpg
+        f'[aws]\nregion = "{REGION}"\ns3_endpoint_url = "{moto_endpoint}"\n'
+        '[[operations]]\ntype = "detect_labels"\n',
+    )
+    cfg = load_config(config, environ={})
+    async with asyncio.timeout(60):
+        outcome = await Job(cfg, RunOptions(output_dir=tmp_path / "out"), backend=backend).run()
+    assert outcome.exit_code == 0
+    rows = read_jsonl(tmp_path / "out" / "results.jsonl")
+    assert sorted(r["key"] for r in rows) == sorted(keys)
+    assert all(r["status"] == "ok" and r.get("dedup_of") is None for r in rows), rows
+    assert sum(backend.calls.values()) == len(keys)
+    db = sqlite3.connect(ledger_path(tmp_path / "out"))
+    try:
+        assert db.execute("SELECT COUNT(*) FROM records").fetchone()[0] == len(keys)
+    finally:
+        db.close()

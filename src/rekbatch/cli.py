@@ -116,6 +116,9 @@ def _run_job(cfg: Any, options: Any) -> int:
                 job.request_stop(f"interrupted by {name}")
             else:
                 # The ledger only ever holds fsynced results: stopping here stays resumable.
+                from rekbatch.engine.children import kill_children
+
+                kill_children()
                 sys.stderr.write("rekbatch: stopped at once; resume with the same command\n")
                 sys.stderr.flush()
                 os._exit(130)
@@ -131,7 +134,7 @@ def _run_job(cfg: Any, options: Any) -> int:
     if outcome.failure is not None:
         typer.echo(
             f"rekbatch: {outcome.failure}; what finished is kept, resume with: "
-            f"rekbatch resume {out}",
+            f"rekbatch resume {out}{outcome.resume_args}",
             err=True,
         )
         return int(outcome.exit_code)
@@ -146,7 +149,8 @@ def _run_job(cfg: Any, options: Any) -> int:
         else:
             typer.echo(line)
     if outcome.exit_code == 130:
-        typer.echo(f"interrupted; resume with: rekbatch resume {out}", err=True)
+        again = " --follow" if options.follow else ""
+        typer.echo(f"interrupted; resume with: rekbatch resume {out}{again}", err=True)
     elif outcome.exit_code == 4:
         typer.echo(
             f"stopped at a budget cap ({outcome.stop_reason}); raise it and run "
@@ -163,7 +167,8 @@ def render_summary(summary: dict[str, Any]) -> str:
     """The end-of-run summary printed on stdout (summary.json holds the same and more)."""
     statuses = summary["counts"]["by_status"]
     calls = summary["calls"]
-    counts = ", ".join(f"{k} {statuses.get(k, 0)}" for k in ("ok", "failed", "skipped"))
+    shown = ["ok", "failed", "skipped"] + (["removed"] if statuses.get("removed") else [])
+    counts = ", ".join(f"{k} {statuses.get(k, 0)}" for k in shown)
     lines = [f"records: {counts}"]
     done = sum(statuses.values())
     if done and not sum(summary.get("records_this_run", {}).values()):
@@ -187,9 +192,11 @@ def render_summary(summary: dict[str, Any]) -> str:
 def summary_warnings(summary: dict[str, Any]) -> list[str]:
     """What a run that exits 0 should not leave unsaid: sources without images."""
     statuses = summary["counts"]["by_status"]
+    if summary.get("stopped"):
+        return []  # stopped before the listing was done: nothing to say about the sources
     if not sum(statuses.values()):
         return ["the sources listed no objects; check source.uris (and source.include)"]
-    if not statuses.get("ok") and not statuses.get("failed"):
+    if not statuses.get("ok") and not statuses.get("failed") and not statuses.get("removed"):
         reasons = summary["counts"].get("by_reason", {})
         why = ", ".join(f"{k} {v}" for k, v in sorted(reasons.items()))
         return [f"no image to analyse: every record was skipped ({why})"]
@@ -248,6 +255,12 @@ def run(
     ray_address: Annotated[
         str | None, typer.Option("--ray-address", help="Ray cluster to join (e.g. auto).")
     ] = None,
+    follow: Annotated[
+        bool,
+        typer.Option(
+            "--follow", help="After the listing, keep reading the queue sources until stopped."
+        ),
+    ] = False,
 ) -> None:
     """Run a job; resumes by itself when the output directory holds the same job."""
     fmt = configure_logging(log_format)
@@ -261,6 +274,10 @@ def run(
         which = _shard_choice(shard, shards, shard_index_env, engine, ray_address)
         cfg = _load(config, overrides)
         _check_backend(cfg)
+        if output is None and "REKBATCH_JOB__OUTPUT_DIR" not in os.environ:
+            from rekbatch.store.jobdir import refuse_job_left_behind
+
+            refuse_job_left_behind(config, Path(cfg.job.output_dir))
         if dry_run:
             raise typer.Exit(_plan(cfg, as_json=False))
         if engine is Engine.ray:
@@ -279,6 +296,7 @@ def run(
             progress=_progress(fmt),
             shard=which,
             job_config=job_cfg if which is not None else None,
+            follow=follow,
         )
         code = _run_job(cfg, options)
     raise typer.Exit(code)
@@ -379,7 +397,9 @@ def init(
     with _one_line_errors():
         if path.exists() and not force:
             raise SetupError(f"{path}: already exists; choose another PATH, or --force")
-        text = starter_config(offline=offline, sources=source, reference=reference)
+        text = starter_config(
+            offline=offline, sources=source, reference=reference, folder=path.parent
+        )
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text, encoding="utf-8")
     typer.echo(f"wrote {path}; next: rekbatch validate {path} && rekbatch plan {path}")
@@ -416,7 +436,7 @@ def scan(
     --op: compare_faces=REF, search_faces=NAME:REF[,NAME:REF], detect_faces[=ALL],
     detect_labels[=MAX_LABELS], detect_text[=MIN_CONFIDENCE],
     detect_moderation_labels[=MIN_CONFIDENCE], recognize_celebrities,
-    detect_protective_equipment[=MIN_CONFIDENCE].
+    detect_protective_equipment[=MIN_CONFIDENCE], index_faces[=COLLECTION_ID].
     """
     fmt = configure_logging(log_format)
     from rekbatch.commands.scan import CONFIG_FILE, scan_data, to_toml
@@ -460,15 +480,22 @@ def resume(
     log_format: Annotated[
         LogFormat | None, typer.Option("--log-format", help="console or json.")
     ] = None,
+    follow: Annotated[
+        bool,
+        typer.Option(
+            "--follow", help="After the listing, keep reading the queue sources until stopped."
+        ),
+    ] = False,
 ) -> None:
     """Continue the job whose output directory is DIRECTORY."""
     fmt = configure_logging(log_format)
+    from rekbatch.config.loading import with_environment
     from rekbatch.engine import RunOptions
     from rekbatch.engine.shards import read_job_file
     from rekbatch.store.jobdir import job_config
 
     with _one_line_errors():
-        cfg = job_config(directory)
+        cfg = with_environment(job_config(directory), directory)
         _check_backend(cfg)
         sharded = read_job_file(directory)
         options = RunOptions(
@@ -478,6 +505,7 @@ def resume(
             retry_failed=retry_failed,
             retry_codes={c.strip() for c in codes.split(",") if c.strip()} if codes else None,
             progress=_progress(fmt),
+            follow=follow,
         )
         code = _run_job(cfg, options)
     raise typer.Exit(code)
@@ -587,6 +615,28 @@ def report(
         cfg = job_config(directory)
         path = asyncio.run(build_report(directory, cfg, max_per_person=max_per_person))
     typer.echo(f"report: {path}")
+
+
+@app.command()
+def find(
+    directory: Annotated[Path, typer.Argument(help="The job's output directory (index_faces).")],
+    person: Annotated[
+        list[str],
+        typer.Option("--person", help="NAME=PHOTO: someone to look for (repeatable)."),
+    ],
+    threshold: Annotated[
+        float, typer.Option("--threshold", min=0, max=100, help="Similarity, as compare_faces.")
+    ] = 80.0,
+) -> None:
+    """Who is where, from a job's face index, without analysing its images again; writes
+    DIRECTORY/find/NAME.jsonl."""
+    configure_logging(None, level=30)
+    from rekbatch.commands.find import find_command
+
+    with _one_line_errors():
+        lines = find_command(directory, person, threshold)
+    for line in lines:
+        typer.echo(line)
 
 
 def main() -> None:

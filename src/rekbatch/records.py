@@ -6,7 +6,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-Status = Literal["ok", "failed", "skipped"]
+# "removed": the object was deleted (an S3 event said so); one row per operation, so
+# analytics can leave it out.
+Status = Literal["ok", "failed", "skipped", "removed"]
 SkipReason = Literal[
     "excluded",
     "not_image",
@@ -16,6 +18,7 @@ SkipReason = Literal[
     "no_face_local",
     "malformed_entry",  # a line of a key list that names no object
     "not_found",  # a key list names an object that does not exist
+    "malformed_event",  # a queue message that is not an S3 event notification
 ]
 
 # What a record says about its image once sniffed: the original's stored dimensions, the
@@ -55,6 +58,9 @@ class ObjectRef:
     # recorded as skipped with this reason, ``note`` saying why.
     skip: SkipReason | None = None
     note: str | None = None
+    # The S3 event's ``sequencer`` for an object that came from a queue: orders the events
+    # of one key (``sources/s3_events.py``). None for listed objects.
+    sequencer: str | None = None
 
     @property
     def uri(self) -> str:

@@ -34,6 +34,14 @@ fields, or ``fail_calls`` to pick them by call number). What aiobotocore 2.25 ra
   ``ResponseMetadata`` (no ``Labels``, no ``FaceDetails``).
 - ``down_for_seconds``: the endpoint stops listening (connections are refused, open ones are
   closed): ``EndpointConnectionError`` (``ClientConnectorError``, errno 111).
+- ``slow_body_bytes``: a request whose body is at least this large (an image sent as bytes)
+  is answered only after ``slow_seconds`` (0: held until the client gives up), every time:
+  a request always slower than the client's deadline. Counted in ``slow``.
+- ``unmodelled_members``: every answer also carries members a newer service might send
+  before botocore's model knows them, and JSON nulls (botocore's parser drops both).
+- ``refused_keys``: requests signed with one of these access key ids are refused with the
+  given code (``ExpiredTokenException``, ``UnrecognizedClientException``), HTTP 400, as
+  the service refuses credentials that expired or that it does not know.
 
 ``billed`` counts only answers delivered as HTTP 200 with a valid result; ``undelivered``
 counts, per object too, the answers the fake computed as billable but never delivered intact
@@ -125,6 +133,11 @@ _ACCEPT_RETRY_SECONDS = 1.0
 #: loop iterations that ``stop()`` lets closing connections take before it closes them itself
 _CLOSE_ITERATIONS = 100
 _NO_FACE = "There are no faces in the image. Should be at least 1."
+_CREDENTIAL_RE = re.compile(r"Credential=([^/,\s]+)/")
+_CREDENTIAL_MESSAGES = {
+    "ExpiredTokenException": "The security token included in the request is expired",
+    "UnrecognizedClientException": "The security token included in the request is invalid.",
+}
 _BAD_S3 = (
     "Unable to get object metadata from S3. Check object key, region and/or access permissions."
 )
@@ -180,6 +193,15 @@ class FakeConfig:
     #: setting it > 0 takes the endpoint down for that many seconds from then (it stops
     #: listening and closes open connections); 0 brings it back. Reads 0 again once it is up.
     down_for_seconds: float = 0.0
+    #: requests with a body of at least this many bytes are held ``slow_seconds`` before
+    #: their answer (0 = off)
+    slow_body_bytes: int = 0
+    #: how long a slow request is held; 0 = until the client gives up or the server stops
+    slow_seconds: float = 0.0
+    #: access key id -> the error code its requests are refused with
+    refused_keys: dict[str, str] = field(default_factory=dict)
+    #: answers also carry members outside botocore's model, and JSON nulls
+    unmodelled_members: bool = False
 
 
 def image_digest(data: bytes) -> str:
@@ -632,10 +654,14 @@ class _Stats:
     errors: Counter[str] = field(default_factory=Counter)
     error_codes: dict[str, Counter[str]] = field(default_factory=dict)
     billed: Counter[tuple[str, str]] = field(default_factory=Counter)
+    #: S3 objects the fake read to answer a call (``s3://bucket/key``), cached reads included
+    s3_reads: Counter[str] = field(default_factory=Counter)
     #: injected faults per API; "stalled" counts holds begun, whatever became of them
     dropped: Counter[str] = field(default_factory=Counter)
     reset: Counter[str] = field(default_factory=Counter)
     stalled: Counter[str] = field(default_factory=Counter)
+    #: holds begun for requests over ``slow_body_bytes``
+    slow: Counter[str] = field(default_factory=Counter)
     malformed: Counter[str] = field(default_factory=Counter)
     garbage: Counter[str] = field(default_factory=Counter)
     #: answers that never left: the client had gone (a stall it gave up on, a slow call it
@@ -747,6 +773,18 @@ def _malformed(op: str, answer: JSON) -> Any:
     if member is None:
         return [1, 2]
     return {**answer, member: [1, 2]}
+
+
+def _with_unmodelled(op: str, answer: JSON) -> JSON:
+    """The answer with members outside the output shape and nulls, at the top and in each
+    structure of its main list."""
+    extra: JSON = {"UnmodelledMember": {"Since": "2027"}, "UnmodelledNull": None}
+    member = _MALFORMED_MEMBER.get(op)
+    items = answer.get(member) if member else None
+    out = {**answer, **extra}
+    if member and isinstance(items, list):
+        out[member] = [{**x, **extra} if isinstance(x, dict) else x for x in items]
+    return out
 
 
 def _client_gone(request: web.BaseRequest) -> bool:
@@ -863,7 +901,7 @@ def _check_faults(config: FakeConfig) -> None:
             raise ValueError(f"{name} must be between 0 and 1, got {rate}")
     if sum(rates.values()) > 1.0 + 1e-9:
         raise ValueError(f"the fault rates add up to more than 1: {rates}")
-    for name in ("stall_seconds", "down_for_seconds"):
+    for name in ("stall_seconds", "down_for_seconds", "slow_seconds", "slow_body_bytes"):
         if float(getattr(config, name)) < 0:
             raise ValueError(f"{name} must not be negative")
 
@@ -880,9 +918,11 @@ def _coerce_field(name: str, value: Any) -> Any:
         return None if value is None else str(value)
     if name == "region":
         return str(value)
-    if name == "seed":
+    if name in ("seed", "slow_body_bytes"):
         return int(value)
-    if name in ("s3_cache", "check_bucket_region"):
+    if name == "refused_keys":
+        return {str(k): str(v) for k, v in dict(value).items()}
+    if name in ("s3_cache", "check_bucket_region", "unmodelled_members"):
         return bool(value)
     return float(value)
 
@@ -906,6 +946,7 @@ class FakeRekognition:
             quotas={str(k): float(v) for k, v in config.quotas.items()},
             people={str(k).lower(): [str(p) for p in v] for k, v in config.people.items()},
             fail_calls=_fail_calls(config.fail_calls),
+            refused_keys={str(k): str(v) for k, v in config.refused_keys.items()},
         )
         _check_faults(self._config)
         self._host = host
@@ -975,6 +1016,7 @@ class FakeRekognition:
                 quotas=dict(self._config.quotas),
                 people={k: list(v) for k, v in self._config.people.items()},
                 fail_calls=dict(self._config.fail_calls),
+                refused_keys=dict(self._config.refused_keys),
             )
 
     def start(self) -> str:
@@ -1175,9 +1217,11 @@ class FakeRekognition:
                 "errors": dict(s.errors),
                 "error_codes": {api: dict(c) for api, c in s.error_codes.items()},
                 "billed": dict(s.billed),
+                "s3_reads": dict(s.s3_reads),
                 "dropped": dict(s.dropped),
                 "reset": dict(s.reset),
                 "stalled": dict(s.stalled),
+                "slow": dict(s.slow),
                 "malformed": dict(s.malformed),
                 "garbage": dict(s.garbage),
                 "abandoned": dict(s.abandoned),
@@ -1451,9 +1495,16 @@ class FakeRekognition:
             if billable is not None:
                 s.undelivered[(api, billable)] += 1
 
-    def _count_stall(self, api: str) -> None:
+    def _count_hold(self, api: str, counter: str) -> None:
         with self._lock:
-            self._stats.stalled[api] += 1
+            held: Counter[str] = getattr(self._stats, counter)
+            held[api] += 1
+
+    def _is_slow(self, request: web.BaseRequest) -> bool:
+        with self._lock:
+            threshold = self._config.slow_body_bytes
+        size = request.content_length
+        return threshold > 0 and size is not None and size >= threshold
 
     def _end(self) -> None:
         with self._lock:
@@ -1478,6 +1529,15 @@ class FakeRekognition:
             if median <= 0:
                 return 0.0
             return self._rng.lognormvariate(math.log(median), max(sigma, 0.0)) / 1000.0
+
+    def _refused_credentials(self, request: web.BaseRequest) -> str | None:
+        """The error code for a request signed with a refused access key, else None."""
+        with self._lock:
+            refused = self._config.refused_keys
+            if not refused:
+                return None
+        match = _CREDENTIAL_RE.search(request.headers.get("Authorization", ""))
+        return refused.get(match[1]) if match else None
 
     async def _offload(self, size: int, fn: Callable[..., _T], *args: Any) -> _T:
         if size > _OFFLOAD_BYTES:
@@ -1513,12 +1573,15 @@ class FakeRekognition:
                 whole = json.dumps(answer)
                 status, data = 200, whole[: len(whole) // 2]  # a JSON object's prefix never parses
             else:
-                if fault == "stall":
-                    self._count_stall(api)
-                    if not await self._hold(request):
+                slow = self._is_slow(request)
+                if fault == "stall" or slow:
+                    self._count_hold(api, "slow" if slow else "stalled")
+                    if not await self._hold(request, slow=slow):
                         self._finish_unanswered(api, "abandoned", billable)
                         ended = True
                         return _cut(request, reset=False)
+                if status == 200 and self._config.unmodelled_members:
+                    answer = _with_unmodelled(op, answer)
                 data = json.dumps(answer)
             # counted before it is written, so that a client that has its answer finds it in
             # the stats; taken back if it cannot be written
@@ -1552,10 +1615,11 @@ class FakeRekognition:
             return 500, {"__type": code, "Message": f"fake failure: {exc!r}"}, code, None
         return 200, body, None, billed
 
-    async def _hold(self, request: web.Request) -> bool:
-        """Hold a stalled answer; True if its client is still there when the time is up."""
+    async def _hold(self, request: web.Request, *, slow: bool = False) -> bool:
+        """Hold a stalled (or slow) answer; True if its client is still there when the time
+        is up."""
         with self._lock:
-            seconds = self._config.stall_seconds
+            seconds = self._config.slow_seconds if slow else self._config.stall_seconds
         loop = asyncio.get_running_loop()
         deadline = loop.time() + seconds if seconds > 0 else math.inf
         stop = self._stop_event
@@ -1580,6 +1644,9 @@ class FakeRekognition:
             raise _ApiError(
                 "UnknownOperationException", f"Unknown or unsupported operation: {_target_of(op)}"
             )
+        refused = self._refused_credentials(request)
+        if refused is not None:
+            raise _ApiError(refused, _CREDENTIAL_MESSAGES.get(refused, "Invalid credentials"))
         if fault == "quota" or not self._take_token(api):
             await asyncio.sleep(self._config.throttle_latency_ms / 1000.0)
             raise _ApiError("ProvisionedThroughputExceededException", "Provisioned rate exceeded.")
@@ -1633,6 +1700,7 @@ class FakeRekognition:
             raise _ApiError("InvalidS3ObjectException", _BAD_S3)
         with self._lock:
             caching = self._config.s3_cache
+            self._stats.s3_reads[f"s3://{bucket}/{key}"] += 1
         cached = self._s3_cache.get((bucket, key, version)) if caching else None
         if cached is not None:
             return cached
@@ -2060,6 +2128,12 @@ def _build_parser() -> argparse.ArgumentParser:
     faults.add_argument(
         "--down-for-seconds", type=float, default=0.0, help="refuse connections from the start"
     )
+    faults.add_argument(
+        "--slow-body-bytes", type=int, default=0, help="hold requests with bodies this large"
+    )
+    faults.add_argument(
+        "--slow-seconds", type=float, default=0.0, help="how long; 0 = until the client leaves"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--s3-cache", action="store_true", help="cache S3 objects (benchmarks)")
     p.add_argument("--people", type=Path, default=None, help="JSON: sha256 -> [identities]")
@@ -2097,6 +2171,8 @@ def config_from_args(argv: Sequence[str] | None = None) -> tuple[FakeConfig, arg
         garbage_rate=args.garbage_rate,
         fail_calls=dict(args.fail_call),
         down_for_seconds=args.down_for_seconds,
+        slow_body_bytes=args.slow_body_bytes,
+        slow_seconds=args.slow_seconds,
     )
     try:
         _check_faults(config)

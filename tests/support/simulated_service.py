@@ -208,7 +208,12 @@ class SimulatedService:
         if self.drop_rate and rng.random() < self.drop_rate:
             self.log.add(now, "drop")
             await self.clock.sleep(0.001)
-            raise BackendError("ConnectionClosedError", "closed without an answer", "transient")
+            raise BackendError(
+                "ConnectionClosedError",
+                "closed without an answer",
+                "transient",
+                connection="exchange",
+            )
         if not self._take_token(now):
             self.log.add(now, "quota")
             await self.clock.sleep(self._refusal_latency())

@@ -4,15 +4,24 @@ Every request waits for its API's ``AdaptiveLimiter``, goes to the backend, and 
 permit with what happened. A retryable failure waits a jittered backoff and tries again, up
 to ``max_attempts``; the outcome is the response or the last error, never an exception: a
 failed call is a property of one image. Anything else a backend raises is a bug in it, and
-propagates to the run's supervisor.
+propagates to the run's supervisor, as do the three ways a call stops the run:
+
+- ``Interrupted``: the run is stopping (``stopping`` is set): no call is retried. (A first
+  attempt still goes: its object is in flight, and the grace period bounds it.)
+- ``CredentialsRefused``: the service refused the credentials, and again once the backend
+  reloaded them (``refresh_credentials``). No attempt is used on such a refusal: the
+  service did not take the request.
+- ``EndpointNeverReached`` / ``EndpointUnreachable``, from ``Reachability``.
 
 Over a network (``backend.network``) every request has a deadline that fits the service's
 observed latency: ``TIMEOUT_FACTOR`` times the p99 of recent answers, within
-``TIMEOUT_FLOOR`` and ``TIMEOUT_CEILING`` seconds, so a connection that dies without an
-answer costs seconds. A failure of the connection itself (no answer, a reset, that
-deadline) is retried without using up attempts, for as long as the endpoint is not down:
-no call succeeding for ``unreachable_seconds`` raises ``EndpointUnreachable``, which stops
-the run (resumable) instead of failing the rest of the bucket record by record.
+``TIMEOUT_FLOOR`` and ``TIMEOUT_CEILING`` seconds, plus the time its upload takes at
+``UPLOAD_FLOOR_BYTES_PER_SECOND``, so a connection that dies without an answer costs
+seconds, and a large image sent as bytes is not cut off for being large. An expired
+deadline uses an attempt: the request may have reached the service and been billed. So does
+any failure after a connection was made (classified ``exchange``). Only a failure to connect
+(``connect``: nothing reached the service) is retried without using up attempts, for as
+long as the endpoint is not down.
 """
 
 from __future__ import annotations
@@ -23,18 +32,25 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
 
+import structlog
+
 from rekbatch.backends.base import Backend, ImageInput
 from rekbatch.calls.limiter import AdaptiveLimiter
 from rekbatch.calls.quotas import resolve_ceilings
-from rekbatch.calls.retry import Reachability, RetryPolicy, is_connection_failure
+from rekbatch.calls.retry import Reachability, RetryPolicy
 from rekbatch.clock import MONOTONIC, Clock
-from rekbatch.errors import BackendError
+from rekbatch.errors import BackendError, CredentialsRefused, Interrupted
+
+log = structlog.get_logger("rekbatch")
 
 TIMEOUT_FACTOR = 5.0
 TIMEOUT_FLOOR = 3.0
 TIMEOUT_CEILING = 60.0
 TIMEOUT_UNKNOWN = 30.0  # before enough answers to know the latency
 UNREACHABLE_SECONDS = 120.0
+# The slowest upload a deadline allows for: 2 Mbit/s. An image sent as bytes shares the
+# uplink with every other request in flight, so its own share can be a small part of it.
+UPLOAD_FLOOR_BYTES_PER_SECOND = 256 * 1024
 
 
 @dataclass(slots=True)
@@ -56,6 +72,7 @@ class CallStats:
     retries: Counter[str] = field(default_factory=Counter)
     failures: Counter[str] = field(default_factory=Counter)
     connection_errors: Counter[str] = field(default_factory=Counter)
+    credential_errors: Counter[str] = field(default_factory=Counter)
 
     def as_dict(self) -> dict[str, dict[str, int]]:
         return {
@@ -65,6 +82,7 @@ class CallStats:
             "retries": dict(self.retries),
             "failures": dict(self.failures),
             "connection_errors": dict(self.connection_errors),
+            "credential_errors": dict(self.credential_errors),
         }
 
 
@@ -90,6 +108,11 @@ class LatencyWindow:
         return min(TIMEOUT_CEILING, max(TIMEOUT_FLOOR, TIMEOUT_FACTOR * self.p99))
 
 
+def upload_bytes(images: dict[str, ImageInput]) -> int:
+    """The bytes a request's images add to its body (base64, as JSON carries them)."""
+    return sum(4 * ((len(image.data) + 2) // 3) for image in images.values() if image.data)
+
+
 class Caller:
     def __init__(
         self,
@@ -102,7 +125,9 @@ class Caller:
         clock: Clock = MONOTONIC,
         rng: random.Random | None = None,
         unreachable_seconds: float = UNREACHABLE_SECONDS,
+        first_contact_seconds: float | None = None,
         share: float = 1.0,
+        stopping: asyncio.Event | None = None,
     ) -> None:
         # ``share``: this process's part of the ceilings (1/N for one of N shards).
         self.backend = backend
@@ -111,13 +136,23 @@ class Caller:
         self.stats = CallStats()
         self.network = bool(getattr(backend, "network", False))
         self.reach = Reachability(
-            getattr(backend, "endpoint_name", "the backend"), unreachable_seconds, clock
+            getattr(backend, "endpoint_name", "the backend"),
+            unreachable_seconds,
+            clock,
+            first_contact=first_contact_seconds,
+            ways_out=getattr(backend, "ways_out", ""),
         )
         self.latency: dict[str, LatencyWindow] = {}
         self._max_tps = max_tps
         self._region = region
         self._clock = clock
         self._rng = rng or random.Random()
+        self._stopping = stopping
+        # Credentials: how often the backend reloaded them, and whether a call got through
+        # since the last time.
+        self._credentials_generation = 0
+        self._ok_since_reload = False
+        self._reloading = asyncio.Lock()
         self.limiters: dict[str, AdaptiveLimiter] = {}
         for api, rate in resolve_ceilings(max_tps, region, apis or []).items():
             self.limiters[api] = AdaptiveLimiter(rate * share, clock=clock, name=api)
@@ -132,6 +167,10 @@ class Caller:
             )
         return limiter
 
+    def _check_stopping(self, api: str) -> None:
+        if self._stopping is not None and self._stopping.is_set():
+            raise Interrupted(f"{api}: not sent again, the run is stopping")
+
     async def call(
         self, api: str, params: dict[str, Any], images: dict[str, ImageInput]
     ) -> CallOutcome:
@@ -139,6 +178,7 @@ class Caller:
         latency = self.latency.get(api)
         if latency is None:
             latency = self.latency[api] = LatencyWindow()
+        upload = upload_bytes(images) / UPLOAD_FLOOR_BYTES_PER_SECOND if self.network else 0.0
         stats = self.stats
         clock = self._clock
         attempts = 0  # attempts that count towards max_attempts
@@ -146,32 +186,48 @@ class Caller:
         seconds = 0.0
         while True:
             tries += 1
-            permit = await limiter.acquire()
+            if tries > 1:  # a retry: not once the run is stopping, even after the wait
+                self._check_stopping(api)
+                permit = await limiter.acquire()
+                if self._stopping is not None and self._stopping.is_set():
+                    limiter.on_error(permit)  # given back unused
+                    self._check_stopping(api)
+            else:
+                permit = await limiter.acquire()
             stats.calls[api] += 1
+            generation = self._credentials_generation
             sent = clock.now()
+            deadline = latency.deadline() + upload
             try:
                 if self.network:
-                    async with asyncio.timeout(latency.deadline()):
+                    async with asyncio.timeout(deadline):
                         result = await self.backend.call(api, params, images)
                 else:
                     result = await self.backend.call(api, params, images)
             except (BackendError, TimeoutError) as exc:
-                error = exc if isinstance(exc, BackendError) else _deadline(latency)
+                error = exc if isinstance(exc, BackendError) else _deadline(deadline)
                 seconds += clock.now() - sent
                 if error.kind == "throttle":
                     limiter.on_throttle(permit)
                     stats.throttles[api] += 1
                 else:
                     limiter.on_error(permit)
-                connection = is_connection_failure(error.code)
-                if connection:
+                if error.kind == "credentials":
+                    stats.credential_errors[api] += 1
+                    await self._reload_credentials(error, generation)
+                    continue  # refused before any work: no attempt used
+                if error.connection is not None:
                     stats.connection_errors[api] += 1
-                    self.reach.failed(f"{error.code}: {error.message}")
+                if error.connection == "connect":
+                    # Nothing reached the service: no attempt used, but the endpoint's clock
+                    # runs (and may stop the run).
+                    self.reach.failed(f"{error.code}: {error.message}", sent)
                 else:
                     attempts += 1
                 if not error.retryable or attempts >= self.retry.max_attempts:
                     stats.failures[api] += 1
                     return CallOutcome(None, error, tries, seconds)
+                self._check_stopping(api)
                 stats.retries[api] += 1
                 pause = self.retry.delay(min(tries, 8), self._rng)
                 seconds += pause
@@ -184,12 +240,36 @@ class Caller:
             seconds += elapsed
             latency.add(elapsed)
             self.reach.ok()
+            self._ok_since_reload = True
             limiter.on_success(permit)
             stats.ok[api] += 1
             return CallOutcome(result, None, tries, seconds)
 
+    async def _reload_credentials(self, error: BackendError, generation: int) -> None:
+        """After a refusal of the credentials used by a call sent at ``generation``: have
+        the backend reload them, once; raise ``CredentialsRefused`` when reloaded ones were
+        refused too before any call got through with them."""
+        async with self._reloading:
+            if generation != self._credentials_generation:
+                return  # reloaded since that call was sent: try the new ones
+            reload = getattr(self.backend, "refresh_credentials", None)
+            if reload is None or (self._credentials_generation and not self._ok_since_reload):
+                raise CredentialsRefused(self.reach.name, error.code, error.message)
+            try:
+                await reload()
+            except Exception as exc:
+                raise CredentialsRefused(
+                    self.reach.name, error.code, f"{error.message}; reloading: {exc}"
+                ) from exc
+            self._credentials_generation += 1
+            self._ok_since_reload = False
+            log.warning("credentials_reloaded", endpoint=self.reach.name, after=error.code)
 
-def _deadline(latency: LatencyWindow) -> BackendError:
+
+def _deadline(seconds: float) -> BackendError:
     return BackendError(
-        "Timeout", f"no answer within {latency.deadline():.1f} s (5x the recent p99)", "transient"
+        "Timeout",
+        f"no answer within {seconds:.1f} s (5x the recent p99, and the upload's time)",
+        "transient",
+        connection="exchange",
     )

@@ -105,6 +105,7 @@ OPERATION_APIS: dict[str, tuple[str, ...]] = {
     "recognize_celebrities": ("RecognizeCelebrities",),
     "detect_protective_equipment": ("DetectProtectiveEquipment",),
     "search_faces": ("SearchFacesByImage", "SearchFaces", "IndexFaces", "CompareFaces"),
+    "index_faces": ("IndexFaces",),
 }
 
 

@@ -1,25 +1,11 @@
-"""Which failed Rekognition calls to retry, and how long to wait before the next attempt.
-
-``classify`` maps an error code and HTTP status to an ``ErrorKind``:
-
-- ``throttle``: the service refused for rate (the rate limiter slows down, then retry).
-  ``ProvisionedThroughputExceededException`` (over the account's TPS quota),
-  ``ThrottlingException`` (the service is busy), and the generic AWS throttling codes
-  (``Throttling``, ``ThrottledException``, ``TooManyRequestsException``,
-  ``RequestLimitExceeded``, ``RequestThrottled``, ``SlowDown``...), and HTTP 429.
-  ``LimitExceededException`` is Rekognition's "too many concurrent jobs" (stored video,
-  stream processors, media analysis); it clears when load drops, so it is treated as a
-  throttle too.
-- ``transient``: worth retrying as is: ``InternalServerError``, ``ServiceUnavailable``, any 5xx,
-  timeouts, dropped or reset connections (``code`` from the transport, or no status at all).
-- ``permanent``: the request itself is wrong and would fail again: ``InvalidImageFormatException``,
-  ``ImageTooLargeException``, ``InvalidParameterException``, ``InvalidS3ObjectException``,
-  ``AccessDeniedException``, ``ResourceNotFoundException`` and any other 4xx.
+"""How long to wait before the next attempt, and whether an endpoint is down.
 
 ``RetryPolicy`` is capped exponential backoff with jitter (AWS "full jitter" by default,
 "decorrelated jitter" on request): ``delay(attempt, rng)`` is the pause after the
 ``attempt``-th failed attempt (1-based), ``should_retry(kind, attempt)`` whether to make
-another one.
+another one. Which failures are which is ``rekbatch.calls.classify``.
+
+``Reachability`` tells an endpoint that is down from one that was never reached.
 """
 
 from __future__ import annotations
@@ -29,106 +15,13 @@ from dataclasses import dataclass
 from typing import Literal
 
 from rekbatch.clock import Clock
-from rekbatch.errors import EndpointUnreachable, ErrorKind
-
-THROTTLE_CODES = frozenset(
-    {
-        "ProvisionedThroughputExceededException",
-        "ThrottlingException",
-        "Throttling",
-        "ThrottledException",
-        "ThrottlingError",
-        "TooManyRequestsException",
-        "RequestLimitExceeded",
-        "RequestThrottled",
-        "RequestThrottledException",
-        "BandwidthLimitExceeded",
-        "SlowDown",
-        "LimitExceededException",
-        "EC2ThrottledException",
-        "PriorRequestNotComplete",
-    }
-)
-
-TRANSIENT_CODES = frozenset(
-    {
-        "InternalServerError",
-        "InternalServerErrorException",
-        "InternalFailure",
-        "InternalError",
-        "ServiceUnavailable",
-        "ServiceUnavailableException",
-        "ServiceException",
-        "RequestTimeout",
-        "RequestTimeoutException",
-        "Timeout",
-        "TimeoutError",
-        "ReadTimeoutError",
-        "ConnectTimeoutError",
-        "ConnectionError",
-        "ConnectionClosedError",
-        "EndpointConnectionError",
-        "ConnectionResetError",
-        "ConnectionAbortedError",
-        "ServerDisconnectedError",
-        "ClientConnectionError",
-        "ClientOSError",
-        "IncompleteRead",
-        "ResponseStreamingError",
-        "HumanLoopQuotaExceededException",
-    }
-)
-
-PERMANENT_CODES = frozenset(
-    {
-        "InvalidImageFormatException",
-        "ImageTooLargeException",
-        "InvalidParameterException",
-        "InvalidS3ObjectException",
-        "AccessDeniedException",
-        "ResourceNotFoundException",
-        "ResourceAlreadyExistsException",
-        "ResourceInUseException",
-        "InvalidPaginationTokenException",
-        "ValidationException",
-        "SerializationException",
-        "UnrecognizedClientException",
-        "InvalidSignatureException",
-        "IncompleteSignature",
-        "MissingAuthenticationToken",
-        "UnknownOperationException",
-        "ExpiredTokenException",
-    }
-)
-
-_TRANSIENT_HINTS = ("timeout", "timedout", "connection", "reset", "disconnect", "broken pipe")
-
-
-def classify(code: str | None, http_status: int | None) -> ErrorKind:
-    """The kind of a failed call, from its error code and HTTP status (either may be None)."""
-    name = (code or "").strip()
-    if name in THROTTLE_CODES or http_status == 429:
-        return "throttle"
-    if name in TRANSIENT_CODES:
-        return "transient"
-    if name in PERMANENT_CODES:
-        return "permanent"
-    lowered = name.lower()
-    if "throttl" in lowered or "toomanyrequests" in lowered:
-        return "throttle"
-    if any(hint in lowered for hint in _TRANSIENT_HINTS):
-        return "transient"
-    if http_status is None:
-        # No HTTP answer at all: the connection failed, timed out or was reset.
-        return "transient"
-    if http_status >= 500:
-        return "transient"
-    if http_status == 408:
-        return "transient"
-    return "permanent"
-
+from rekbatch.errors import EndpointNeverReached, EndpointUnreachable, ErrorKind
 
 Jitter = Literal["full", "decorrelated"]
+
+# How long an endpoint no call of the run has reached may refuse connections before the run
+# stops with a setup error: a few backoffs, and well under ``unreachable_seconds``.
+FIRST_CONTACT_SECONDS = 15.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,58 +62,55 @@ class RetryPolicy:
 
     def should_retry(self, kind: ErrorKind, attempt: int) -> bool:
         """Whether to make another attempt after the ``attempt``-th one failed with ``kind``."""
-        return kind != "permanent" and attempt < self.max_attempts
-
-
-# Failures of the connection itself (no answer came back): they say nothing about the request
-# and are retried for as long as the endpoint is not down, without using up attempts.
-CONNECTION_CODES = frozenset(
-    {
-        "EndpointConnectionError",
-        "ConnectionClosedError",
-        "ConnectTimeoutError",
-        "ReadTimeoutError",
-        "HTTPClientError",
-        "ResponseStreamingError",
-        "IncompleteReadError",
-        "ConnectionError",
-        "ConnectionResetError",
-        "ConnectionRefusedError",
-        "ServerDisconnectedError",
-        "ClientOSError",
-        "TimeoutError",
-        "Timeout",
-    }
-)
-
-
-def is_connection_failure(code: str) -> bool:
-    return code in CONNECTION_CODES
+        return kind in ("throttle", "transient") and attempt < self.max_attempts
 
 
 class Reachability:
-    """Is an endpoint down? Down means no call has succeeded for ``limit`` seconds while
-    calls kept failing on the connection; one success anywhere ends it. Pure, on a clock."""
+    """Is an endpoint down? Pure, on a clock; fed only failures to connect (nothing reached
+    the endpoint), each with the time its attempt began.
 
-    def __init__(self, name: str, limit: float, clock: Clock) -> None:
+    - Down: no call has succeeded for ``limit`` seconds while connections kept failing;
+      one success anywhere ends it. ``EndpointUnreachable`` (the run stops, resumable).
+    - Never reached: no call has succeeded yet in this run and connections have failed for
+      ``first_contact`` seconds (default ``FIRST_CONTACT_SECONDS``). ``EndpointNeverReached``
+      names the endpoint and ``ways_out``: a wrong region, URL or network is far likelier
+      than an outage, and waiting ``limit`` seconds for it would be silence.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        limit: float,
+        clock: Clock,
+        *,
+        first_contact: float | None = None,
+        ways_out: str = "",
+    ) -> None:
         self.name = name
         self.limit = limit
+        self.first_contact = FIRST_CONTACT_SECONDS if first_contact is None else first_contact
+        self.ways_out = ways_out
         self._clock = clock
         self._failing_since: float | None = None
+        self.reached = False
         self.failures = 0
 
     def ok(self) -> None:
         self._failing_since = None
+        self.reached = True
 
-    def failed(self, error: str) -> None:
-        """A connection failure; raises ``EndpointUnreachable`` once the endpoint has been
-        down for ``limit`` seconds."""
+    def failed(self, error: str, began: float | None = None) -> None:
+        """A failure to connect, of an attempt that began at ``began`` (default: now);
+        raises once the endpoint counts as never reached or down."""
         now = self._clock.now()
         self.failures += 1
         if self._failing_since is None:
-            self._failing_since = now
-        elif now - self._failing_since >= self.limit:
-            raise EndpointUnreachable(self.name, now - self._failing_since, error)
+            self._failing_since = now if began is None else min(began, now)
+        down = now - self._failing_since
+        if not self.reached and down >= self.first_contact:
+            raise EndpointNeverReached(self.name, down, error, self.ways_out)
+        if down >= self.limit:
+            raise EndpointUnreachable(self.name, down, error)
 
     @property
     def down_for(self) -> float:

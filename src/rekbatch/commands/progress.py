@@ -18,7 +18,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from rekbatch.commands.status import listing_line
+from rekbatch.commands.status import listing_line, queue_line
 
 if TYPE_CHECKING:
     from rekbatch.engine import Job
@@ -65,11 +65,15 @@ class ProgressView:
             Text(f"ok {records.get('ok', 0)}", style="green"),
             Text(f"failed {records.get('failed', 0)}", style="red"),
             Text(f"skipped {records.get('skipped', 0)}", style="yellow"),
+            *([Text(f"removed {records['removed']}")] if records.get("removed") else []),
         )
         for uri, listing in stats.get("listing", {}).items():
             line = listing_line(uri, listing)
             if line and not listing.get("done"):
                 objects.add_row(Text("listing", style="bold"), Text(line.split(": ", 1)[1]))
+        for uri, queue in stats.get("queues", {}).items():
+            line = queue_line(uri, queue).split(": ", 1)[1]
+            objects.add_row(Text("queue", style="bold"), Text(line))
         ops = Table(box=None, padding=(0, 2), show_edge=False)
         for column in ("API", "calls/s", "limit/s", "in flight", "throttles", "retries"):
             ops.add_column(column, justify="right" if column != "API" else "left")

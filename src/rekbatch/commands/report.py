@@ -1,10 +1,10 @@
 """``rekbatch report DIR``: the face answers of a job as one self-contained HTML page.
 
-The page shows, for each person looked for (the reference of ``compare_faces``, or each person
-of ``search_faces``), the reference image and every matched image as a thumbnail with the
-matched face boxed, captioned with its key and similarity. Only matched images (and the
-references, once) are read; thumbnails are JPEG data URIs, so ``report.html`` needs nothing
-else: no network, no files beside it.
+The page shows, for each person looked for (the reference of ``compare_faces``, each person
+of ``search_faces``, each person ``rekbatch find`` looked up), the reference image and every
+matched image as a thumbnail with the matched face boxed, captioned with its key and
+similarity. Only matched images (and the references, once) are read; thumbnails are JPEG
+data URIs, so ``report.html`` needs nothing else: no network, no files beside it.
 
 Pillow draws the thumbnails; it is the optional extra ``rekbatch[report]``.
 """
@@ -226,6 +226,47 @@ def _answers(summary: dict[str, Any], cfg: Config) -> list[_Answer]:
             )
         )
     return answers
+
+
+def _find_answers(output_dir: Path) -> list[_Answer]:
+    """The people ``rekbatch find`` looked up (``find/summary.json`` and each person's
+    ``find/NAME.jsonl``); unreadable files are left out."""
+    try:
+        found = json.loads((output_dir / "find" / "summary.json").read_text(encoding="utf-8"))
+        raw_people = found["people"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    people: list[_Person] = []
+    thresholds: set[float] = set()
+    images = 0
+    for name, raw in raw_people.items() if isinstance(raw_people, dict) else []:
+        if not isinstance(raw, dict):
+            continue
+        try:
+            lines = (output_dir / str(raw.get("matches_file"))).read_text(encoding="utf-8")
+            rows = [json.loads(line) for line in lines.splitlines() if line.strip()]
+        except (OSError, ValueError):
+            continue
+        matches = _matches(rows)
+        searched = int(raw.get("images_searched") or 0)
+        images = max(images, searched)
+        threshold = _similarity(raw.get("similarity_threshold"))
+        if threshold is not None:
+            thresholds.add(threshold)
+        reference = raw.get("reference")
+        people.append(
+            _Person(
+                name=str(name),
+                references=[_reference_location(reference)] if isinstance(reference, str) else [],
+                matched=len(matches),
+                searched=searched,
+                matches=matches,
+            )
+        )
+    if not people:
+        return []
+    threshold = thresholds.pop() if len(thresholds) == 1 else None
+    return [_Answer("find", people, threshold, images)]
 
 
 def _read_summary(output_dir: Path) -> dict[str, Any]:
@@ -575,7 +616,7 @@ async def build_report(output_dir: Path, cfg: Config, *, max_per_person: int | N
     _require_pillow()
     output_dir = Path(output_dir)
     summary = _read_summary(output_dir)
-    answers = _answers(summary, cfg)
+    answers = _answers(summary, cfg) + _find_answers(output_dir)
     results_path = output_dir / "results.jsonl"
     sections = None
     if results_path.exists():

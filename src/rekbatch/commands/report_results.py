@@ -205,18 +205,20 @@ _HANDLERS: dict[str, Callable[[_Results, dict[str, Any], dict[str, Any]], None]]
 
 
 def read_results(path: Path) -> _Results:
+    """The current rows of a job's results.jsonl (``sinks/current.py``)."""
+    from rekbatch.sinks.current import current_lines
+
     results = _Results()
-    with path.open(encoding="utf-8") as handle:
-        for line in handle:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a torn last line of a killed run; the ledger has the truth
-            if isinstance(row, dict):
-                results.add(row)
+    for raw in current_lines(path.parent):
+        line = raw.strip()
+        if not line:
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue  # a torn last line of a killed run; the ledger has the truth
+        if isinstance(row, dict):
+            results.add(row)
     return results
 
 

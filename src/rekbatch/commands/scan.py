@@ -20,13 +20,14 @@ _ARGUMENT = {
     "detect_text": "min_confidence",
     "detect_moderation_labels": "min_confidence",
     "detect_protective_equipment": "min_confidence",
+    "index_faces": "collection_id",
 }
 _REQUIRED = {"compare_faces": "a reference image", "search_faces": "NAME:IMAGE[,NAME:IMAGE...]"}
 OP_HELP = (
     "OP[=ARG], repeatable: compare_faces=REF, search_faces=NAME:REF[,NAME:REF], "
     "detect_faces[=ALL], detect_labels[=MAX_LABELS], detect_text[=MIN_CONFIDENCE], "
     "detect_moderation_labels[=MIN_CONFIDENCE], recognize_celebrities, "
-    "detect_protective_equipment[=MIN_CONFIDENCE]"
+    "detect_protective_equipment[=MIN_CONFIDENCE], index_faces[=COLLECTION_ID]"
 )
 
 
@@ -58,7 +59,7 @@ def parse_op(spec: str) -> dict[str, Any]:
     if op not in _ARGUMENT:
         raise ConfigError(f"--op {spec}: {op} takes no argument")
     key = _ARGUMENT[op]
-    if key == "reference":
+    if key in ("reference", "collection_id"):
         entry[key] = raw
     elif key == "people":
         people: dict[str, list[str]] = {}

@@ -47,6 +47,9 @@ def job_status(directory: Path, *, now: float) -> dict[str, Any]:
     listing = stats.get("listing", {})
     for source in sources:
         source["listing"] = listing.get(source["uri"])
+    queues = queue_status(stats.get("queues", {}), last, now=now)
+    # A queue is never "listed": the listing is about the other sources.
+    sources_listed = [s for s in sources if s["uri"] not in queues]
     calls_made = sum(stats.get("calls", {}).values())
     # No rate without calls: elapsed time alone says nothing about the speed.
     rate = float(stats.get("calls_per_second", 0.0)) if calls_made else None
@@ -56,7 +59,7 @@ def job_status(directory: Path, *, now: float) -> dict[str, Any]:
     done_objects = sum(by_status.values()) // n_ops
     # The ledger marks a source done once every object it listed is finished; while a run
     # is active its heartbeat says when the listing itself has ended.
-    finished = bool(sources) and all(s["listing_done"] for s in sources)
+    finished = all(s["listing_done"] for s in sources_listed)
     if finished or (active and stats.get("listing_complete")):
         listing = "complete"
     elif active:
@@ -87,7 +90,47 @@ def job_status(directory: Path, *, now: float) -> dict[str, Any]:
         "runs": len(runs),
         "last_heartbeat_age_seconds": round(now - last["heartbeat_at"], 1) if last else None,
         "last_exit_code": last["exit_code"] if last else None,
+        "queues": queues,
     }
+
+
+def queue_status(
+    queues: dict[str, dict[str, Any]], last: Any, *, now: float
+) -> dict[str, dict[str, Any]]:
+    """The queue sources as the run's last heartbeat saw them: the backlog SQS reported
+    (``ApproximateNumberOfMessages`` and friends), and ages from the messages the run had in
+    hand, since SQS itself tells the age of its oldest message only to CloudWatch."""
+    out: dict[str, dict[str, Any]] = {}
+    beat = float(last["heartbeat_at"]) if last else now
+    for uri, q in queues.items():
+        entry = dict(q)
+        at = q.get("backlog_at")
+        entry["backlog_age_seconds"] = round(now - float(at), 1) if at else None
+        held_age = q.get("oldest_held_age_seconds")
+        # The heartbeat's ages were measured then; they have grown since.
+        if held_age is not None and q.get("held"):
+            entry["oldest_held_age_seconds"] = round(float(held_age) + (now - beat), 1)
+        out[uri] = entry
+    return out
+
+
+def queue_line(uri: str, q: dict[str, Any]) -> str:
+    """``queue URI: backlog N (M in flight), oldest held A s; received R, ...``"""
+    backlog = "backlog unknown" if q.get("backlog") is None else f"backlog {q['backlog']}"
+    if q.get("in_flight") is not None:
+        backlog += f" ({q['in_flight']} in flight)"
+    if q.get("backlog_age_seconds") is not None:
+        backlog += f" as of {q['backlog_age_seconds']:.0f} s ago"
+    parts = [backlog]
+    if q.get("oldest_held_age_seconds") is not None:
+        parts.append(f"oldest message in hand {q['oldest_held_age_seconds']:.0f} s old")
+    if q.get("lag_seconds") is not None:
+        parts.append(f"last received {q['lag_seconds']:.0f} s after it was sent")
+    counts = (
+        f"received {q.get('received', 0)}, deleted {q.get('deleted', 0)}, "
+        f"left for redrive {q.get('failed_messages', 0)}"
+    )
+    return f"queue {uri}: {', '.join(parts)}; {counts}"
 
 
 def render_status(report: dict[str, Any]) -> str:
@@ -107,6 +150,8 @@ def render_status(report: dict[str, Any]) -> str:
         line = listing_line(source["uri"], source.get("listing"))
         if line and not source["listing_done"]:
             lines.append(f"  {line}")
+    for uri, queue in report.get("queues", {}).items():
+        lines.append(f"  {queue_line(uri, queue)}")
     for op, counts in sorted(report["by_operation"].items()):
         parts = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
         lines.append(f"  {op}: {parts}")

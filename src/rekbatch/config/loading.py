@@ -2,6 +2,10 @@
 
 Precedence: command-line flags over ``REKBATCH_<SECTION>__<KEY>`` environment variables over
 the file. Every validation failure becomes one ``ConfigError`` line naming the file and field.
+
+Relative local paths (the output folder, local sources, reference images) written in the file
+are read from the file's folder; those from the environment or flags from the current folder
+(``config.paths``). A loaded config holds absolute paths only.
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ from typing import Any, get_args
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from rekbatch.config.model import OPERATION_MODELS, Config, OperationType
+from rekbatch.config.model import OPERATION_MODELS, Config, JobSection, OperationType
+from rekbatch.config.paths import absolute_data, relative_paths
 from rekbatch.errors import ConfigError, ConfigErrors
 
 
@@ -147,7 +152,13 @@ def load_config(
 ) -> Config:
     """Read, merge and validate a config. ``overrides`` are the CLI flags, by section."""
     path = Path(path)
-    return config_from_data(_read_file(path), path, environ=environ, overrides=overrides)
+    data = _read_file(path)
+    job = data.setdefault("job", {})
+    if isinstance(job, dict):
+        # The default output folder is a relative path of the file too.
+        job.setdefault("output_dir", JobSection().output_dir)
+    data = absolute_data(data, Path(os.path.abspath(path)).parent)
+    return config_from_data(data, path, environ=environ, overrides=overrides)
 
 
 def config_from_data(
@@ -156,9 +167,11 @@ def config_from_data(
     *,
     environ: Mapping[str, str] | None = None,
     overrides: Mapping[str, Mapping[str, Any]] | None = None,
+    resolve_paths: bool = True,
 ) -> Config:
     """Validate a config given as data (``rekbatch scan`` builds one from flags); ``where``
-    names it in the error lines. Environment and ``overrides`` apply as for a file."""
+    names it in the error lines. Environment and ``overrides`` apply as for a file; relative
+    paths still left are read from the current folder."""
     data = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
     origins = _apply_env(data, os.environ if environ is None else environ)
     for section, values in (overrides or {}).items():
@@ -168,8 +181,41 @@ def config_from_data(
             table.update(given)
             for key in given:  # a flag's value is checked by the flag's own parser
                 origins.pop((section, key), None)
+    if resolve_paths:
+        data = absolute_data(data, Path.cwd())
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
         lines = [_one_line(err, data, Path(where), origins) for err in exc.errors()]
         raise ConfigErrors(list(dict.fromkeys(lines))) from None
+
+
+def output_dir_as_written(path: Path) -> str | None:
+    """The file's ``job.output_dir`` as it is written (None when it has none)."""
+    job = _read_file(path).get("job")
+    value = job.get("output_dir") if isinstance(job, dict) else None
+    return value if isinstance(value, str) else None
+
+
+def with_environment(
+    cfg: Config, directory: Path, environ: Mapping[str, str] | None = None
+) -> Config:
+    """The config a job recorded, with the ``REKBATCH_*`` variables over it (``resume``).
+    Endpoints, profile, concurrency, rates and limits may change; a variable that would
+    make it another job (its sources, operations or folder) is a ``ConfigError`` naming it."""
+    environ = os.environ if environ is None else environ
+    variables = {n: v for n, v in environ.items() if n.startswith("REKBATCH_") and "__" in n}
+    data = cfg.model_dump(mode="json")
+    where = f"{directory} (the job's recorded config)"
+    # A job made before paths were recorded absolute keeps its paths as written.
+    resolve = not relative_paths(cfg)
+    fingerprint = cfg.fingerprint()
+    for name in sorted(variables):
+        one = config_from_data(data, where, environ={name: variables[name]}, resolve_paths=resolve)
+        if one.fingerprint() != fingerprint or one.job.output_dir != cfg.job.output_dir:
+            raise ConfigError(
+                f"environment {name}: would change the job in {directory} (its sources, "
+                "operations or folder); resume goes on with the job as it was made: unset "
+                "it, or start another job with rekbatch run"
+            )
+    return config_from_data(data, where, environ=variables, resolve_paths=resolve)

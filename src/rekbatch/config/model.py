@@ -19,6 +19,7 @@ OperationType = Literal[
     "recognize_celebrities",
     "detect_protective_equipment",
     "search_faces",
+    "index_faces",
 ]
 
 _S3_URI = re.compile(r"^s3://(?P<bucket>[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9])(?:/(?P<prefix>.*))?$")
@@ -33,11 +34,17 @@ def parse_s3_uri(uri: str) -> tuple[str, str] | None:
 
 
 SOURCE_KINDS = ("inventory:", "keys:")
+# A queue's name (SQS allows letters, digits, - and _, up to 80, ".fifo" at the end) or URL.
+_SQS_URI = re.compile(
+    r"^sqs://(?:[A-Za-z0-9_-]{1,80}(?:\.fifo)?|https?://[^\s]+/[A-Za-z0-9_.-]+)$"
+)
 
 
 def source_kind(uri: str) -> str:
-    """``s3`` (a prefix), ``inventory`` (an S3 Inventory manifest), ``keys`` (a key list) or
-    ``local`` (a folder or a file)."""
+    """``s3`` (a prefix), ``inventory`` (an S3 Inventory manifest), ``keys`` (a key list),
+    ``sqs`` (a queue of S3 event notifications) or ``local`` (a folder or a file)."""
+    if uri.startswith("sqs://"):
+        return "sqs"
     for kind in SOURCE_KINDS:
         if uri.startswith(kind):
             return kind[:-1]
@@ -95,6 +102,8 @@ class SourceSection(_Section):
     max_pixels: int = Field(default=150_000_000, ge=1_000_000, le=2_000_000_000)
     # Paginators listing one S3 prefix at once, over disjoint key ranges.
     list_concurrency: int = Field(default=16, ge=1, le=256)
+    # A queue source (sqs://) is done once no message came for this long (without --follow).
+    queue_idle_seconds: float = Field(default=20.0, gt=0, le=86_400)
 
     @field_validator("uris")
     @classmethod
@@ -110,6 +119,11 @@ class SourceSection(_Section):
                 if not rest or (rest.startswith("s3://") and not (parse_s3_uri(rest) or "")[1:]):
                     raise ValueError(
                         f"a key list source is keys:s3://bucket/list.csv or keys:/path: {uri!r}"
+                    )
+            elif uri.startswith("sqs://"):
+                if _SQS_URI.match(uri) is None:
+                    raise ValueError(
+                        f"a queue source is sqs://QUEUE_NAME or sqs://https://QUEUE_URL: {uri!r}"
                     )
             elif uri.startswith("s3://"):
                 if parse_s3_uri(uri) is None:
@@ -139,12 +153,16 @@ class AwsSection(_Section):
     profile: str | None = None
     s3_endpoint_url: str | None = None
     rekognition_endpoint_url: str | None = None
+    sqs_endpoint_url: str | None = None
     # "auto": S3Object where the bucket is in Rekognition's region, bytes elsewhere.
     image_mode: Literal["auto", "s3", "bytes"] = "auto"
+    # How Rekognition calls are made: a signed request of rekbatch's own through the
+    # client's HTTP session ("direct"), or the aiobotocore client's methods ("client").
+    call_path: Literal["direct", "client"] = "direct"
 
-    _endpoints = field_validator("s3_endpoint_url", "rekognition_endpoint_url")(
-        classmethod(lambda cls, v: _check_endpoint(v))
-    )
+    _endpoints = field_validator(
+        "s3_endpoint_url", "rekognition_endpoint_url", "sqs_endpoint_url"
+    )(classmethod(lambda cls, v: _check_endpoint(v)))
 
 
 class BackendSection(_Section):
@@ -222,6 +240,16 @@ class SearchFacesOp(_FaceOperation):
         return people
 
 
+class IndexFacesOp(_FaceOperation):
+    """Every face of every image into the job's face index, for ``rekbatch find``."""
+
+    type: Literal["index_faces"]
+    # AWS: the collection (and its shards -0001, -0002, ...), kept after the run.
+    collection_id: str = Field(default="rekbatch-index", pattern=r"^[a-zA-Z0-9_.\-]+$")
+    max_faces: int = Field(default=100, ge=1, le=100)
+    quality_filter: Literal["NONE", "AUTO", "LOW", "MEDIUM", "HIGH"] = "AUTO"
+
+
 Operation = Annotated[
     DetectFacesOp
     | DetectLabelsOp
@@ -230,7 +258,8 @@ Operation = Annotated[
     | DetectModerationLabelsOp
     | RecognizeCelebritiesOp
     | DetectProtectiveEquipmentOp
-    | SearchFacesOp,
+    | SearchFacesOp
+    | IndexFacesOp,
     Field(discriminator="type"),
 ]
 
@@ -246,6 +275,7 @@ OPERATION_MODELS: dict[str, type[_Operation]] = {
         RecognizeCelebritiesOp,
         DetectProtectiveEquipmentOp,
         SearchFacesOp,
+        IndexFacesOp,
     )
 }
 
@@ -258,6 +288,12 @@ class LimitsSection(_Section):
     max_cost_usd: float | None = Field(default=None, gt=0)
     # An endpoint answering nothing for this long stops the run (resumable).
     unreachable_seconds: float = Field(default=120.0, ge=1, le=86400)
+    # The failure breaker (calls/breaker.py): more than this share of the last
+    # ``failure_window`` records failed stops the run (exit 1, resumable); 1 turns it off.
+    max_failed_share: float = Field(default=0.5, gt=0, le=1)
+    failure_window: int = Field(default=1000, ge=1, le=1_000_000)
+    # After SIGINT/SIGTERM, how long in-flight calls may finish before they are cancelled.
+    stop_grace_seconds: float = Field(default=20.0, ge=0, le=3600)
 
     @field_validator("max_tps")
     @classmethod
@@ -314,7 +350,7 @@ class Config(_Section):
         """What identifies the job: its sources and operations. Rates, concurrency, caps and
         endpoints may change between a run and its resume; these may not."""
         # How fast it is listed does not change what the job is.
-        source = self.source.model_dump(exclude={"list_concurrency"})
+        source = self.source.model_dump(exclude={"list_concurrency", "queue_idle_seconds"})
         # Keys added later leave the fingerprint of a job that keeps their defaults as it
         # was, so a job started before them resumes.
         for key, default in (("convert", True), ("max_pixels", 150_000_000)):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter, deque
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +30,7 @@ from rekbatch.sinks.writer import Writer
 from rekbatch.sources import Source
 from rekbatch.sources.filters import classify_listing
 from rekbatch.sources.ranges import KeyRange
+from rekbatch.sources.sqs import SqsSource
 from rekbatch.store.ledger import Ledger, LedgerDB, Location
 
 log = structlog.get_logger("rekbatch")
@@ -63,6 +64,7 @@ class Producer:
         max_bytes: Sequence[int],
         *,
         shard: Shard | None = None,
+        after_listing: Callable[[asyncio.Queue[WorkItem | None]], Awaitable[None]] | None = None,
     ) -> None:
         self.cfg = cfg
         self.sources = sources
@@ -73,6 +75,8 @@ class Producer:
         self.stopping = stopping
         self.max_bytes = max_bytes  # per source: the largest object Rekognition takes
         self.shard = shard  # only this shard's objects; the others are not even counted
+        # Queue sources, read once the listing is done (engine/follow.py).
+        self.after_listing = after_listing
         self.ranges_total: dict[int, int] = {}
         self._dispatching = asyncio.Lock()
         self._started: dict[int, float] = {}
@@ -81,14 +85,19 @@ class Producer:
 
     async def run(self, queue: asyncio.Queue[WorkItem | None], workers: int) -> None:
         rows = await self.ledger.read(LedgerDB.sources)
-        if rows and all(row["listing_done"] for row in rows):
+        queued = any(isinstance(source, SqsSource) for source in self.sources)
+        if rows and all(row["listing_done"] for row in rows) and not queued:
             # A finished job run again: list everything once more to pick up new and
             # changed objects; unchanged ones are recognised in the ledger and cost nothing.
+            # (With a queue source, the queue's events bring what changed.)
             await self.ledger.write(LedgerDB.reset_listing, range(len(rows)))
         for source in self.sources:
             if self.stopping.is_set():
                 break
-            await self._list(source, queue)
+            if not isinstance(source, SqsSource):
+                await self._list(source, queue)
+        if self.after_listing is not None and not self.stopping.is_set():
+            await self.after_listing(queue)
         # The end of the work: one for each worker. (Not on a failure: the supervisor
         # cancels the workers then.)
         for _ in range(workers):

@@ -4,8 +4,11 @@
 operations, then runs every task of the run under one ``asyncio.TaskGroup``: the producer,
 the workers, the writer, the heartbeat, the periodic upload and the progress display. The
 first unexpected failure of any of them cancels the others; what is finished is committed
-and the run ends with exit 1 and one line naming the task. Stopping (a signal or a budget
-cap) instead closes the producer: in-flight objects finish, everything is committed.
+and the run ends with exit 1 and one line naming the task (or the cause, when the run
+stopped itself: the failure breaker, refused credentials, an endpoint out of reach).
+Stopping (a signal or a budget cap) instead closes the producer: in-flight objects have
+``limits.stop_grace_seconds`` to finish, no call is retried meanwhile, and then the
+producer and the workers are cancelled; everything finished is committed.
 
 Then the operations finish (search a face collection), and summary.json, Parquet and the
 upload are written from the ledger.
@@ -19,6 +22,7 @@ import gc
 import os
 import shutil
 import uuid
+from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +31,7 @@ from typing import Any
 import structlog
 
 from rekbatch.backends.base import Backend
+from rekbatch.calls.breaker import FailureBreaker
 from rekbatch.calls.caller import Caller
 from rekbatch.calls.limiter import AdaptiveLimiter
 from rekbatch.calls.retry import RetryPolicy
@@ -34,6 +39,7 @@ from rekbatch.clock import MONOTONIC, Clock
 from rekbatch.config import Config, parse_s3_uri, uses_s3
 from rekbatch.engine.budget import Budget
 from rekbatch.engine.dedup import Dedup
+from rekbatch.engine.follow import QueueFeeder
 from rekbatch.engine.prepare import ImagePreparer
 from rekbatch.engine.producer import Producer, WorkItem
 from rekbatch.engine.shards import Shard, write_job_file
@@ -45,6 +51,8 @@ from rekbatch.errors import (
     EXIT_OK,
     EXIT_UNEXPECTED,
     BackendError,
+    ConfigError,
+    Interrupted,
     RekbatchError,
     SetupError,
     TaskFailed,
@@ -55,6 +63,7 @@ from rekbatch.sinks.writer import Writer
 from rekbatch.sources import S3, InventorySource, KeyListSource, LocalSource, Source, open_source
 from rekbatch.sources.convert import Converter
 from rekbatch.sources.filters import MAX_CONVERT_BYTES, MAX_IMAGE_BYTES, MAX_S3_OBJECT_BYTES
+from rekbatch.sources.sqs import SqsQueue, is_queue_uri, open_queues
 from rekbatch.store import jobdir, retry_failed
 from rekbatch.store.ledger import Ledger, LedgerDB
 from rekbatch.store.lock import JobLock
@@ -87,6 +96,10 @@ class RunOptions:
     # The offline backend's workers (processes or Ray actors); None: one per core (pool) or
     # per free CPU of the cluster (Ray). A shard run as a Ray task sets its share.
     local_workers: int | None = None
+    # ``--follow``: after the listing, read the queue sources until stopped; the Parquet
+    # files (and the upload, as a part) are refreshed every ``export_every_seconds``.
+    follow: bool = False
+    export_every_seconds: float = 300.0
 
 
 @dataclass
@@ -97,6 +110,7 @@ class RunOutcome:
     stop_reason: str | None
     failure: str | None = None
     notes: list[str] = field(default_factory=list)
+    resume_args: str = ""  # what ``rekbatch resume DIR`` needs added to take the job up
 
 
 async def _named(name: str, work: Awaitable[None]) -> None:
@@ -136,14 +150,44 @@ class Job:
         self._started = 0.0
         self._bytes_buckets: set[str] = set()  # sources in another region than Rekognition
         self.converter: Converter | None = None
+        self.queues: list[SqsQueue] = []
+        self.feeder: QueueFeeder | None = None
+        self.unrecorded: Counter[str] = Counter()
+        self._work: list[asyncio.Task[None]] = []  # the producer and the workers
+        self._grace_over = False
+        self._main: asyncio.Task[Any] | None = None  # the task running ``run``
+        self._startup_cancelled = False
+        self._grace: asyncio.TimerHandle | None = None
 
     # -- control ----------------------------------------------------------------------------
 
     def request_stop(self, reason: str) -> None:
         if self.stop_reason is None:
             self.stop_reason = reason
-            log.warning("stopping", reason=reason, hint="in-flight calls finish, then commit")
+            grace = self.cfg.limits.stop_grace_seconds
+            log.warning(
+                "stopping",
+                reason=reason,
+                hint=f"in-flight calls have {grace:g} s to finish, then commit",
+            )
+            self._grace = asyncio.get_running_loop().call_later(grace, self._end_grace)
         self.stopping.set()
+
+    def _end_grace(self) -> None:
+        """The grace period is over: cancel the producer and the workers; what they
+        finished is committed, the rest stays to do."""
+        self._grace_over = True
+        if not self._work and self._main is not None and not self._main.done():
+            # Still starting (a reference check on a stalled endpoint, say): cancel that.
+            self._startup_cancelled = True
+            log.warning("grace_over", cancelled="startup")
+            self._main.cancel()
+            return
+        running = [task for task in self._work if not task.done()]
+        if running:
+            log.warning("grace_over", cancelled_tasks=len(running))
+        for task in running:
+            task.cancel()
 
     @property
     def limiters(self) -> dict[str, AdaptiveLimiter]:
@@ -173,18 +217,19 @@ class Job:
             "calls_per_second": round(total / elapsed, 2),
             "limiters": {api: lim.snapshot() for api, lim in self.limiters.items()},
             "listing": self.producer.listing_stats() if self.producer else {},
+            **({"queues": self.feeder.stats()} if self.feeder else {}),
         }
 
     # -- the run ----------------------------------------------------------------------------
 
     async def run(self) -> RunOutcome:
-        created = not self.out.exists()
-        self.out.mkdir(parents=True, exist_ok=True)
+        self._main = asyncio.current_task()
+        created = await asyncio.to_thread(jobdir.make_output, self.out)
         lock = JobLock(jobdir.state_dir(self.out) / "lock")
         lock.acquire()
         worked = False
         try:
-            worked = await asyncio.to_thread(
+            worked, self.cfg = await asyncio.to_thread(
                 jobdir.claim,
                 self.out,
                 self.cfg,
@@ -199,7 +244,7 @@ class Job:
                 await asyncio.to_thread(
                     write_job_file, self.out, self.options.job_config or self.cfg, shard
                 )
-            return await self._run_claimed()
+            return await self._until_grace()
         except RekbatchError:
             if created and not worked and self.writer is None:
                 # Nothing was done: leave no job behind for a config that never ran.
@@ -207,7 +252,21 @@ class Job:
                 shutil.rmtree(self.out, ignore_errors=True)
             raise
         finally:
+            if self._grace is not None:
+                self._grace.cancel()  # the run is over: nothing left to cancel
             lock.release()
+
+    async def _until_grace(self) -> RunOutcome:
+        """``_run_claimed``, whose startup the end of the grace period may cancel."""
+        try:
+            return await self._run_claimed()
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if not self._startup_cancelled or task is None or task.uncancel():
+                raise  # cancelled from outside too
+            raise Interrupted(
+                f"{self.stop_reason}: stopped before the work began, nothing was recorded"
+            ) from None
 
     async def _run_claimed(self) -> RunOutcome:
         cfg = self.cfg
@@ -218,6 +277,7 @@ class Job:
                 s3 = await self._open_s3(stack)
                 sources = [open_source(uri, i, s3) for i, uri in enumerate(cfg.source.uris)]
                 await self._check_sources(sources, s3)
+                self.queues = await self._open_queues(stack)
                 backend = self._given_backend or await self._open_backend(stack)
                 if cfg.source.convert and cfg.source.sniff:
                     self.converter = await stack.enter_async_context(
@@ -236,10 +296,14 @@ class Job:
                     clock=self.clock,
                     unreachable_seconds=cfg.limits.unreachable_seconds,
                     share=1.0 / self.options.shard.count if self.options.shard else 1.0,
+                    stopping=self.stopping,
                 )
                 ctx = OperationContext(self.caller, ledger, s3)
                 for op in operations:
                     await op.prepare(ctx)
+                # Paid calls that no record holds (reference checks, collections): the
+                # job's cost counts them as this run's does.
+                self.unrecorded = Counter(self.caller.stats.ok)
                 writer = Writer(
                     self.out, ledger, self.run_id, cfg.source.uris, durable=self.options.checkpoint
                 )
@@ -281,17 +345,21 @@ class Job:
         return await stack.enter_async_context(s3)
 
     def _session(self) -> Any:
+        if not hasattr(self, "_aws_session"):
+            self._aws_session = self._new_session()
+        return self._aws_session
+
+    def _new_session(self) -> Any:
+        """A session resolving the credentials afresh (environment, files, instance role)."""
         import aioboto3
         import botocore.exceptions as bexc
 
-        if not hasattr(self, "_aws_session"):
-            try:
-                self._aws_session = aioboto3.Session(
-                    profile_name=self.cfg.aws.profile, region_name=self.cfg.aws.region
-                )
-            except bexc.ProfileNotFound as exc:
-                raise SetupError(f"aws.profile: {exc}") from None
-        return self._aws_session
+        try:
+            return aioboto3.Session(
+                profile_name=self.cfg.aws.profile, region_name=self.cfg.aws.region
+            )
+        except bexc.ProfileNotFound as exc:
+            raise SetupError(f"aws.profile: {exc}") from None
 
     async def _check_sources(self, sources: list[Source], s3: S3 | None) -> None:
         for source in sources:
@@ -304,6 +372,24 @@ class Job:
                 await s3.check_bucket(bucket)
             await self._check_regions(s3)
 
+    async def _open_queues(self, stack: contextlib.AsyncExitStack) -> list[SqsQueue]:
+        cfg = self.cfg
+        queues = [uri for uri in cfg.source.uris if is_queue_uri(uri)]
+        if self.options.follow and not queues:
+            raise ConfigError("--follow: needs a queue source (sqs://QUEUE) in source.uris")
+        if queues and self.options.shard is not None:
+            raise ConfigError(f"--shard: a queue source cannot be sharded: {queues[0]}")
+        if not queues:
+            return []
+        return await open_queues(
+            stack,
+            self._session(),
+            cfg.source.uris,
+            endpoint_url=cfg.aws.sqs_endpoint_url,
+            unreachable_seconds=cfg.limits.unreachable_seconds,
+            clock=self.clock,
+        )
+
     async def _open_backend(self, stack: contextlib.AsyncExitStack) -> Backend:
         cfg = self.cfg
         if cfg.backend.kind == "aws":
@@ -313,6 +399,8 @@ class Job:
                 self._session(),
                 endpoint_url=cfg.aws.rekognition_endpoint_url,
                 pool=cfg.limits.concurrency + 16,
+                call_path=cfg.aws.call_path,
+                new_session=self._new_session,
             )
             return await stack.enter_async_context(aws)
         from rekbatch.backends.local.backend import LocalBackend  # optional extra
@@ -420,6 +508,22 @@ class Job:
         )
         dedup = Dedup()
         queue: asyncio.Queue[WorkItem | None] = asyncio.Queue(maxsize=cfg.limits.concurrency * 2)
+        max_bytes = [self._max_bytes(uri) for uri in cfg.source.uris]
+        feeder = None
+        if self.queues:
+            feeder = self.feeder = QueueFeeder(
+                cfg,
+                self.queues,
+                sources,
+                operations,
+                ledger,
+                writer,
+                dedup,
+                self.stopping,
+                max_bytes,
+                follow=self.options.follow,
+                clock=self.clock,
+            )
         producer = self.producer = Producer(
             cfg,
             sources,
@@ -428,8 +532,9 @@ class Job:
             writer,
             dedup,
             self.stopping,
-            [self._max_bytes(uri) for uri in cfg.source.uris],
+            max_bytes,
             shard=self.options.shard,
+            after_listing=feeder.run if feeder else None,
         )
         worker = Worker(
             sources,
@@ -448,6 +553,7 @@ class Job:
             stopping=self.stopping,
             request_stop=self.request_stop,
             faces=self._faces,
+            breaker=FailureBreaker(cfg.limits.max_failed_share, cfg.limits.failure_window),
         )
         await ledger.write(LedgerDB.start_run, self.run_id, os.getpid())
         self._started = self.clock.now()
@@ -465,7 +571,12 @@ class Job:
             from rekbatch.commands.progress import show_progress
 
             side.append(("progress", show_progress(self)))
-        if cfg.output.upload_uri and s3 is not None:
+        if feeder is not None:
+            side.append(("queue", feeder.keep()))
+        if self.options.follow:
+            every = self.options.export_every_seconds
+            side.append(("upload", self._upload_parts(ledger, s3, every, export=True)))
+        elif cfg.output.upload_uri and s3 is not None:
             side.append(("upload", self._upload_parts(ledger, s3)))
         # Objects in flight are few and short-lived; the collector need not walk them often.
         gc.freeze()
@@ -484,15 +595,22 @@ class Job:
             except Exception as exc:  # the writer itself failed: its rows are in the journal
                 if failure is None:
                     failure = TaskFailed("writer", exc)
+            if feeder is not None:
+                await feeder.close()  # the messages the last commit settled
         if failure is not None:
             return await self._failed(ledger, operations, failure)
         if self.stop_reason is None:
+            before = Counter(caller.stats.ok)
             for op in operations:
                 try:
                     await op.finish(ctx)
                 except BackendError as exc:
                     ctx.failures[op.type] = f"{exc.code}: {exc.message}"
                     log.error("finish_failed", operation=op.type, error=str(exc))
+                except Interrupted as exc:  # a signal during the last step: left for resume
+                    ctx.failures[op.type] = str(exc)
+                    break
+            self.unrecorded.update(Counter(caller.stats.ok) - before)
         return await self._finish(ledger, operations, ctx, s3)
 
     async def _supervise(
@@ -512,6 +630,10 @@ class Job:
                 tg.create_task(_named(f"worker-{i}", worker.run(queue)), name=f"worker-{i}")
                 for i in range(workers)
             ]
+            self._work = work
+            if self._grace_over:  # stopped, and the grace ran out before the work began
+                for task in work:
+                    task.cancel()
 
             async def close() -> None:
                 await asyncio.wait(work)
@@ -526,14 +648,29 @@ class Job:
             await asyncio.sleep(HEARTBEAT_SECONDS)
             await ledger.write(LedgerDB.heartbeat, self.run_id, self.live_stats())
 
-    async def _upload_parts(self, ledger: Ledger, s3: S3) -> None:
-        """Long runs: a snapshot of the results goes to S3 every ``UPLOAD_EVERY_SECONDS``."""
+    async def _upload_parts(
+        self,
+        ledger: Ledger,
+        s3: S3 | None,
+        every: float | None = None,
+        *,
+        export: bool = False,
+    ) -> None:
+        """Long runs: a snapshot of the results goes to S3 every ``every`` seconds (default
+        ``UPLOAD_EVERY_SECONDS``); with ``export`` (a follow run, which has no end to wait
+        for) the Parquet files are written first."""
         from rekbatch.sinks.upload import upload_results
 
         uri = self.cfg.output.upload_uri
-        assert uri
         while True:
-            await asyncio.sleep(UPLOAD_EVERY_SECONDS)
+            await asyncio.sleep(UPLOAD_EVERY_SECONDS if every is None else every)
+            if export:
+                try:
+                    await self._outputs()
+                except SetupError as exc:  # the JSONL and CSV hold every row all the same
+                    log.warning("export_failed", error=str(exc))
+            if not uri or s3 is None:
+                continue
             part = int(await ledger.read(LedgerDB.get_meta, "upload_parts") or 0) + 1
             await upload_results(s3.client, self.out, uri, part=part)
             await ledger.write(LedgerDB.set_meta, {"upload_parts": str(part)})
@@ -567,6 +704,7 @@ class Job:
         self, ledger: Ledger, operations: list[Operation], ctx: OperationContext, s3: S3 | None
     ) -> RunOutcome:
         live = self.live_stats()  # the rate of the calls, before the output files are made
+        await ledger.write(LedgerDB.add_unrecorded_calls, dict(self.unrecorded))
         outputs = await self._outputs()
         summary = await self._summary(ledger, operations, ctx, live)
         summary["outputs"] = [*outputs, str(self.out / "summary.json")]
@@ -599,20 +737,26 @@ class Job:
     async def _failed(
         self, ledger: Ledger, operations: list[Operation], failure: TaskFailed
     ) -> RunOutcome:
-        """A task failed: keep what is finished, say what failed, stay resumable."""
+        """A task failed, or the run stopped itself for a stated reason (a ``RekbatchError``:
+        its exit code and line): keep what is finished, say why, stay resumable."""
+        cause = failure.cause
+        if isinstance(cause, RekbatchError):
+            code, line, resume = cause.exit_code, str(cause), getattr(cause, "resume_args", "")
+        else:
+            code, line, resume = EXIT_UNEXPECTED, str(failure), ""
         live = self.live_stats()
         summary: dict[str, Any] = {}
+        with contextlib.suppress(Exception):
+            await ledger.write(LedgerDB.add_unrecorded_calls, dict(self.unrecorded))
         with contextlib.suppress(Exception):
             assert self.caller is not None
             ctx = OperationContext(self.caller, ledger, None)
             summary = await self._summary(ledger, operations, ctx, live)
-            summary["failed"] = str(failure.cause)
+            summary["failed"] = str(cause)
             await asyncio.to_thread(write_summary, self.out, summary)
         with contextlib.suppress(Exception):
-            await ledger.write(LedgerDB.end_run, self.run_id, EXIT_UNEXPECTED, live)
-        cause = failure.cause
-        line = str(cause) if isinstance(cause, RekbatchError) else str(failure)
-        return RunOutcome(EXIT_UNEXPECTED, summary, [], self.stop_reason, failure=line)
+            await ledger.write(LedgerDB.end_run, self.run_id, code, live)
+        return RunOutcome(code, summary, [], self.stop_reason, failure=line, resume_args=resume)
 
 
 def _reference_locations(cfg: Config) -> list[str]:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rekbatch.config import Config, SearchFacesOp
+from rekbatch.config import Config, IndexFacesOp, SearchFacesOp
 from rekbatch.errors import ConfigError
 
 FOLDER = re.compile(r"^shard-(\d{4})-of-(\d{4})$")
@@ -92,7 +92,7 @@ def shard_config(cfg: Config, shard: Shard) -> Config:
     if cfg.output.upload_uri:
         data["output"]["upload_uri"] = cfg.output.upload_uri.rstrip("/") + f"/{shard.folder}/"
     for op, raw in zip(cfg.operations, data["operations"], strict=True):
-        if isinstance(op, SearchFacesOp) and shard.count > 1:
+        if isinstance(op, SearchFacesOp | IndexFacesOp) and shard.count > 1:
             raw["collection_id"] = f"{op.collection_id}-{shard.folder}"
     return Config.model_validate(data)
 

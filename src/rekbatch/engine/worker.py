@@ -6,23 +6,30 @@ it when the image goes as bytes; convert it when Rekognition would refuse it; se
 run each operation through the caller, and hand each record to the writer as soon as it
 exists (durable from then on). A copy of content already processed is written from the
 original's rows instead, without a call.
+
+Every record that cost a call (or a read) goes to the failure breaker; when it trips, the
+worker raises ``TooManyFailures`` once the object's records are all written, which stops
+the run. A call the caller would not start because the run is stopping (``Interrupted``)
+leaves the object to the next run, with the records of its other operations kept.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import structlog
 
 from rekbatch.backends.base import ImageInput
+from rekbatch.calls.breaker import FailureBreaker
 from rekbatch.calls.caller import Caller
+from rekbatch.calls.classify import failure_of
 from rekbatch.engine.budget import Budget
 from rekbatch.engine.dedup import Dedup, covers
 from rekbatch.engine.prepare import Failure, ImagePreparer, Prepared
 from rekbatch.engine.producer import WorkItem
-from rekbatch.errors import BackendError, call_error_from
+from rekbatch.errors import BackendError, Interrupted, TooManyFailures
 from rekbatch.records import IMAGE_FIELDS, ObjectRef, Record, utc_now
 from rekbatch.sinks.writer import Writer
 from rekbatch.sources import Source
@@ -52,6 +59,7 @@ class Worker:
         stopping: asyncio.Event,
         request_stop: Callable[[str], None],
         faces: Callable[[bytes], Awaitable[bool]] | None = None,
+        breaker: FailureBreaker | None = None,
     ) -> None:
         self.sources = sources
         self.caller = caller
@@ -63,13 +71,17 @@ class Worker:
         self.stopping = stopping
         self.request_stop = request_stop
         self.faces = faces  # the local face detector, when an operation has prefilter = "faces"
+        self.breaker = breaker
 
     async def run(self, queue: asyncio.Queue[WorkItem | None]) -> None:
         while (item := await queue.get()) is not None:
             if self.stopping.is_set():
                 self._drop(item)  # left for the next run: above the watermark, listed again
                 continue
-            await self.process(item)
+            try:
+                await self.process(item)
+            except Interrupted:
+                self._drop(item)  # the same; the records of its other operations are kept
 
     def _drop(self, item: WorkItem) -> None:
         if item.content is not None:
@@ -113,6 +125,7 @@ class Worker:
                     for op in item.ops
                 ],
             )
+            self._judge(failure.code for _ in item.ops)
             return
         if prepared.sends:
             self.stats.images_sent += 1
@@ -120,6 +133,7 @@ class Worker:
             self.budget.release()  # the ledger does not count an object only skipped
         rows: list[Location] = []
         all_ok = True
+        called: list[str | None] = []  # the outcome of each record that cost a call
         writer = self.writer
         for op in item.ops:
             got = prepared.outcomes[op.type]
@@ -141,6 +155,7 @@ class Worker:
             else:
                 outcome = await op.process(got, obj, self.caller)
                 error = outcome.error
+                called.append(None if error is None else error.code)
                 record = Record(
                     obj,
                     op.type,
@@ -160,6 +175,16 @@ class Worker:
         writer.finish(item.lane, item.seq)
         if item.content is not None:
             self.dedup.settle(item.content, rows if all_ok else None, writer.next_commit)
+        self._judge(called)
+
+    def _judge(self, outcomes: Iterable[str | None]) -> None:
+        """Feed the breaker the outcomes of an object's calls (None: ok, else the code)."""
+        if self.breaker is None:
+            return
+        for code in outcomes:
+            trip = self.breaker.record(code)
+            if trip is not None:
+                raise TooManyFailures(trip.reason(), trip.code)
 
     async def _prefilter(self, item: WorkItem, prepared: Prepared) -> None:
         """Operations with ``prefilter = "faces"`` whose image shows no face to the local
@@ -227,7 +252,7 @@ class Worker:
 
 
 def _read_error(exc: BaseException) -> BackendError:
-    classified = call_error_from(exc)
+    classified = failure_of(exc)
     if classified is not None:
         return BackendError(
             classified.code, f"reading the object: {classified.message}", "permanent"

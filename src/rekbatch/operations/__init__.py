@@ -26,9 +26,10 @@ def __getattr__(name: str) -> Any:
 
 def build_operations(cfg: Config) -> list[Operation]:
     """The job's operations, in config order."""
-    from rekbatch.config import CompareFacesOp, SearchFacesOp
+    from rekbatch.config import CompareFacesOp, IndexFacesOp, SearchFacesOp
     from rekbatch.operations.compare_faces import CompareFacesOperation
     from rekbatch.operations.detect import DetectOperation
+    from rekbatch.operations.index_faces import IndexFacesOperation
     from rekbatch.operations.search_faces import SearchFacesOperation
 
     built: list[Operation] = []
@@ -37,6 +38,10 @@ def build_operations(cfg: Config) -> list[Operation]:
             built.append(CompareFacesOperation(op))
         elif isinstance(op, SearchFacesOp):
             built.append(SearchFacesOperation(op))
+        elif isinstance(op, IndexFacesOp):
+            # The offline index is scanned, not searched 4,096 faces at a time: one collection.
+            sharded = cfg.backend.kind == "aws"
+            built.append(IndexFacesOperation(op, sharded=sharded, output_dir=cfg.job.output_dir))
         else:
             built.append(DetectOperation(op))
     return built

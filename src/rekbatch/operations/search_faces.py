@@ -10,15 +10,13 @@ For R reference images over M images:
 ``auto`` picks the one with fewer calls: compare for a single reference, the collection as
 soon as there are two (M x R > M + R + 2 for every M > 4 when R >= 2).
 
-SearchFacesByImage returns at most 4,096 faces per call, so the collection is split into
-shards of about ``SHARD_FACES`` faces (``collection_id``, then ``collection_id-0001``, ...):
-every reference is searched in every shard, and no answer is cut at 4,096 matches. The
-IndexFaces result recorded for an image carries the ``CollectionId`` its faces went into.
+The collection is split into shards (``collection_shards.py``): every reference is searched
+in every shard. The IndexFaces result recorded for an image carries the ``CollectionId`` its
+faces went into.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import string
@@ -30,6 +28,12 @@ from rekbatch.backends.base import ImageInput
 from rekbatch.calls.caller import CallOutcome
 from rekbatch.config import SearchFacesOp
 from rekbatch.operations.base import Operation, OperationContext, Reference, load_reference
+from rekbatch.operations.collection_shards import (
+    MAX_SEARCH_FACES,
+    SHARD_FACES,
+    CollectionShards,
+    shard_name,
+)
 from rekbatch.operations.summaries import box_dict, box_text
 from rekbatch.records import ObjectRef
 
@@ -43,9 +47,15 @@ Strategy = Literal["compare", "collection"]
 
 _SAFE = frozenset(string.ascii_letters + string.digits + "_.-")
 MAX_EXTERNAL_ID = 255
-MAX_SEARCH_FACES = 4096  # SearchFacesByImage's most faces per call
-SHARD_FACES = 4000  # faces per collection shard before the next one opens
 MAX_FACES_PER_IMAGE = 100
+__all__ = [
+    "MAX_SEARCH_FACES",
+    "SHARD_FACES",
+    "SearchFacesOperation",
+    "decode_external_image_id",
+    "external_image_id",
+    "shard_name",
+]
 
 
 def external_image_id(bucket: str | None, key: str) -> str:
@@ -88,10 +98,6 @@ def strategy_calls(images: int, references: int) -> dict[Strategy, int]:
     return {"compare": images * references, "collection": images + references + 2}
 
 
-def shard_name(collection_id: str, shard: int) -> str:
-    return collection_id if shard == 0 else f"{collection_id}-{shard:04d}"
-
-
 class SearchFacesOperation(Operation):
     type = "search_faces"
 
@@ -102,9 +108,7 @@ class SearchFacesOperation(Operation):
         self.api = "IndexFaces" if self.strategy == "collection" else "CompareFaces"
         self.references: dict[str, list[Reference]] = {}
         self._refs = sum(len(refs) for refs in op.people.values())
-        self._shards: list[str] = []
-        self._faces: dict[str, int] = {}
-        self._opening = asyncio.Lock()
+        self.collections = CollectionShards(op.collection_id, self.type, shard_faces=SHARD_FACES)
 
     def calls_per_image(self) -> dict[str, int]:
         if self.strategy == "collection":
@@ -125,39 +129,8 @@ class SearchFacesOperation(Operation):
             self.references[person] = [
                 await load_reference(ctx, field_name, location) for location in locations
             ]
-        if self.strategy != "collection":
-            return
-        from rekbatch.store.ledger import LedgerDB
-
-        # Shards filled by earlier runs of the job, by their faces, in shard order.
-        self._faces = await ctx.ledger.read(LedgerDB.faces_by_detail_prefix, self.type)
-        names = {shard_name(self.op.collection_id, i): i for i in range(len(self._faces) + 1)}
-        self._shards = sorted((c for c in self._faces if c in names), key=lambda c: names[c]) or [
-            shard_name(self.op.collection_id, 0)
-        ]
-        self._faces = {c: self._faces.get(c, 0) for c in self._shards}
-        await self._create(ctx.caller, self._shards[-1])
-
-    async def _create(self, caller: Caller, collection: str) -> None:
-        outcome = await caller.call("CreateCollection", {"CollectionId": collection}, {})
-        error = outcome.error
-        if error is not None and error.code != "ResourceAlreadyExistsException":
-            raise error
-
-    async def _collection(self, caller: Caller) -> str:
-        """The shard to index into: the last one, or a new one once it holds enough."""
-        current = self._shards[-1]
-        if self._faces[current] < SHARD_FACES:
-            return current
-        async with self._opening:
-            current = self._shards[-1]
-            if self._faces[current] >= SHARD_FACES:
-                current = shard_name(self.op.collection_id, len(self._shards))
-                await self._create(caller, current)
-                self._shards.append(current)
-                self._faces[current] = 0
-                log.info("collection_shard_opened", collection=current)
-        return current
+        if self.strategy == "collection":
+            await self.collections.open(ctx)
 
     # -- process ----------------------------------------------------------------------------
 
@@ -167,7 +140,7 @@ class SearchFacesOperation(Operation):
         return await self._compare(image, caller)
 
     async def _index(self, image: ImageInput, obj: ObjectRef, caller: Caller) -> CallOutcome:
-        collection = await self._collection(caller)
+        collection = await self.collections.current(caller)
         params = {
             "CollectionId": collection,
             "ExternalImageId": external_image_id(obj.bucket, obj.key),
@@ -177,7 +150,7 @@ class SearchFacesOperation(Operation):
         outcome = await caller.call("IndexFaces", params, {"Image": image})
         if outcome.result is not None:
             outcome.result["CollectionId"] = collection
-            self._faces[collection] += len(outcome.result.get("FaceRecords", []))
+            self.collections.indexed(collection, len(outcome.result.get("FaceRecords", [])))
         return outcome
 
     async def _compare(self, image: ImageInput, caller: Caller) -> CallOutcome:
@@ -233,7 +206,7 @@ class SearchFacesOperation(Operation):
         for person, refs in self.references.items():
             rows: list[tuple[str, int, str, str | None, float, str | None]] = []
             for ref in refs:
-                for collection in self._shards:
+                for collection in self.collections.names:
                     for external_id, similarity, box in await self._search(
                         ctx.caller, collection, ref
                     ):
@@ -254,7 +227,7 @@ class SearchFacesOperation(Operation):
             # Saved person by person: a later failure keeps the answers found so far.
             await ctx.ledger.write(LedgerDB.save_person_matches, rows)
         if not self.op.keep_collection:
-            for collection in self._shards:
+            for collection in self.collections.names:
                 outcome = await ctx.caller.call(
                     "DeleteCollection", {"CollectionId": collection}, {}
                 )
@@ -314,7 +287,7 @@ class SearchFacesOperation(Operation):
         return {
             "strategy": self.strategy,
             "collection_id": self.op.collection_id if self.strategy == "collection" else None,
-            "collections": list(self._shards) if self.strategy == "collection" else None,
+            "collections": list(self.collections.names) if self.strategy == "collection" else None,
             "similarity_threshold": self.op.similarity_threshold,
             "images_searched": searched,
             "images_no_face_local": db.skipped_count(self.type, "no_face_local"),

@@ -111,6 +111,13 @@ def search_summary(result: dict[str, Any]) -> Summary:
             ),
             "billed": result.get("Calls", 1),
         }
+    return collection_summary(result)
+
+
+def collection_summary(result: dict[str, Any]) -> Summary:
+    """IndexFaces (index_faces, and search_faces' collection strategy): the faces indexed,
+    and ``detail`` = ``collection/external image id``, by which a search's matches are
+    mapped back to the objects (and their copies) in the ledger."""
     records = result.get("FaceRecords", [])
     collection = result.get("CollectionId")
     external = next(
@@ -129,6 +136,7 @@ SUMMARIZERS: dict[str, Callable[[dict[str, Any]], Summary]] = {
     "recognize_celebrities": _celebrities,
     "detect_protective_equipment": _ppe,
     "search_faces": search_summary,
+    "index_faces": collection_summary,
 }
 
 

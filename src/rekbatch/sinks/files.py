@@ -51,9 +51,15 @@ class AppendFile:
         assert self._fd is not None
         offset = self.size
         view = memoryview(data)
-        while view:
-            written = os.write(self._fd, view)
-            view = view[written:]
+        try:
+            while view:
+                written = os.write(self._fd, view)
+                view = view[written:]
+        except BaseException:
+            # A part written (a full disk) is cut at once: the next append must start
+            # where ``size`` says, or every later row's recorded offset would be wrong.
+            os.ftruncate(self._fd, offset)
+            raise
         self.size += len(data)
         return offset
 

@@ -184,6 +184,8 @@ def _merge_locked(directory: Path, cfg: Config, shards: Sequence[ShardFiles]) ->
             }
         )
         db.register_sources(cfg.source.uris)
+        for shard in shards:
+            db.add_unrecorded_calls(shard.summary.get("job_calls_outside_records", {}))
         _merge_records(directory, db, cfg.source.uris, shards)
         _merge_person_matches(db, shards)
         summary = _summary(db, cfg, shards)

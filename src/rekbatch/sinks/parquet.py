@@ -1,11 +1,15 @@
 """Parquet exports of ``results.jsonl``, for DuckDB, Athena, Spark or pandas.
 
-``write_parquet`` streams ``results.jsonl`` in batches (memory stays bounded for millions of
-rows) and writes three files with fixed schemas, empty but typed when there are no rows:
+``write_parquet`` streams the current rows of ``results.jsonl`` (one per object and operation,
+``sinks/current.py``) in batches (memory stays bounded for millions of rows) and writes
+three files with fixed schemas, empty but typed when there are no rows:
 
 - ``results.parquet``: one row per (object, operation), the contract's columns plus the
   flattened summary columns of ``results.csv``, typed, and the whole result as ``result_json``.
-- ``faces.parquet``: one row per face of ``detect_faces`` and ``compare_faces`` results.
+- ``faces.parquet``: one row per face of ``detect_faces`` and ``compare_faces`` results, and
+  of IndexFaces results (``index_faces``, ``search_faces``' collection): indexed faces with
+  their ``face_id`` and ``collection_id`` (what ``rekbatch find`` answers with), unindexed
+  ones with ``indexed`` false and IndexFaces' reasons.
 - ``labels.parquet``: one row per label of ``detect_labels`` results.
 
 pyarrow is an optional extra: ``pip install 'rekbatch[parquet]'``.
@@ -18,7 +22,7 @@ import contextlib
 import json
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -86,6 +90,10 @@ FACE_COLUMNS: tuple[str, ...] = (
     "gender",
     "similarity",
     "matched",
+    "face_id",
+    "collection_id",
+    "indexed",
+    "unindexed_reasons",
 )
 LABEL_COLUMNS: tuple[str, ...] = (
     "bucket",
@@ -145,6 +153,7 @@ def parquet_schemas() -> dict[str, Any]:
         "eyeglasses": pa.bool_(),
         "similarity": pa.float64(),
         "matched": pa.bool_(),
+        "indexed": pa.bool_(),
     }
     labels = {
         "confidence": pa.float64(),
@@ -276,11 +285,36 @@ def _face(
         "gender": _str((face.get("Gender") or {}).get("Value")),
         "similarity": similarity,
         "matched": matched,
+        "face_id": None,
+        "collection_id": None,
+        "indexed": None,
+        "unindexed_reasons": None,
     }
 
 
+def _indexed_rows(ident: dict[str, Any], result: dict[str, Any]) -> list[dict[str, Any]]:
+    """IndexFaces' FaceRecords (indexed) then UnindexedFaces (with their reasons)."""
+    faces: list[dict[str, Any]] = []
+    collection = _str(result.get("CollectionId"))
+    for record in result.get("FaceRecords") or []:
+        face = record.get("Face") or {}
+        detail = {**face, **(record.get("FaceDetail") or {})}
+        row = _face(ident, "IndexFaces", len(faces), detail, None, None)
+        row.update(face_id=_str(face.get("FaceId")), collection_id=collection, indexed=True)
+        faces.append(row)
+    for unindexed in result.get("UnindexedFaces") or []:
+        row = _face(ident, "IndexFaces", len(faces), unindexed.get("FaceDetail") or {}, None, None)
+        row.update(
+            collection_id=collection,
+            indexed=False,
+            unindexed_reasons=_str(unindexed.get("Reasons") or []),
+        )
+        faces.append(row)
+    return faces
+
+
 def face_rows(row: dict[str, Any]) -> list[dict[str, Any]]:
-    """The faces of one ok ``detect_faces`` or ``compare_faces`` row.
+    """The faces of one ok ``detect_faces``, ``compare_faces`` or IndexFaces row.
 
     ``operation`` is rekbatch's operation type (joins with results.parquet);
     ``source_operation`` is the Rekognition API whose response listed the face. For
@@ -304,6 +338,8 @@ def face_rows(row: dict[str, Any]) -> list[dict[str, Any]]:
         for face in result.get("UnmatchedFaces") or []:
             faces.append(_face(ident, "CompareFaces", len(faces), face, None, False))
         return faces
+    if operation in ("index_faces", "search_faces") and "FaceRecords" in result:
+        return _indexed_rows(ident, result)
     return []
 
 
@@ -336,13 +372,17 @@ def label_rows(row: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def iter_jsonl(path: Path) -> Iterator[tuple[dict[str, Any], int]]:
-    """(row, line size in bytes) for each line of ``path``.
+    """(row, line size in bytes) for each current row of ``path`` (a job's results.jsonl:
+    see ``sinks/current.py``; every line where the job has no ledger).
 
     An unterminated last line that does not parse (a write in progress, or a crash before
     the job's next resume cut it back) is left out; a bad line anywhere else is an error.
     """
-    with path.open("rb") as handle:
-        for number, line in enumerate(handle, start=1):
+    from rekbatch.sinks.current import current_lines
+
+    lines = current_lines(path.parent) if path.name == "results.jsonl" else _lines(path)
+    with contextlib.closing(lines):
+        for number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
             try:
@@ -356,8 +396,14 @@ def iter_jsonl(path: Path) -> Iterator[tuple[dict[str, Any], int]]:
             yield row, len(line)
 
 
+def _lines(path: Path) -> Generator[bytes]:
+    with path.open("rb") as handle:
+        yield from handle
+
+
 def write_parquet(output_dir: Path, *, batch_rows: int = DEFAULT_BATCH_ROWS) -> list[Path]:
-    """Write results/faces/labels.parquet from ``output_dir/results.jsonl``; their paths.
+    """Write results/faces/labels.parquet from the current rows of
+    ``output_dir/results.jsonl`` (one per object and operation); their paths.
 
     Each file is written beside its final name and renamed into place once complete, so a
     reader never sees half a file. Raises ``SetupError`` when pyarrow is missing and

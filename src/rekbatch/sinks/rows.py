@@ -62,6 +62,8 @@ def jsonl_line(record: Record, run_id: str, source: str, result_json: str) -> by
     }
     if record.dedup_of is not None:
         row["dedup_of"] = record.dedup_of
+    if obj.sequencer is not None:
+        row["sequencer"] = obj.sequencer
     image = record.extra or {}
     for column in IMAGE_FIELDS:  # in every line, null when the object was not sniffed
         row[column] = image.get(column)

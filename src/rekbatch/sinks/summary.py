@@ -49,6 +49,10 @@ def build_summary(
     billed = counts.pop("billed")
     calls = live.get("calls", {})
     aws = cfg.backend.kind == "aws"
+    # Paid calls no record holds (reference checks, collection searches): "this run" counts
+    # them from the run's own calls, the job from the ledger, so both count the same calls.
+    unrecorded = db.unrecorded_calls()
+    job_billed = Counter(billed) + Counter(unrecorded)
     summary: dict[str, Any] = {
         "job": cfg.job.name,
         "backend": cfg.backend.kind,
@@ -70,7 +74,10 @@ def build_summary(
         "estimated_cost_usd": estimate_cost(live.get("ok", {}), region=cfg.aws.region)
         if aws
         else 0.0,
-        "job_estimated_cost_usd": estimate_cost(billed, region=cfg.aws.region) if aws else 0.0,
+        "job_estimated_cost_usd": estimate_cost(job_billed, region=cfg.aws.region)
+        if aws
+        else 0.0,
+        "job_calls_outside_records": unrecorded,
         "errors": [
             {"operation": r["operation"], "error_code": r["error_code"], "count": r["n"]}
             for r in db.top_errors()
@@ -111,6 +118,13 @@ def answer_lines(summary: dict[str, Any]) -> list[str]:
                 f"search_faces: {person} found in {found['images_matched']} of "
                 f"{search['images_searched'] + no_face} images{_prefiltered(no_face)}"
             )
+    index = summary.get("index_faces")
+    if index:
+        where = index.get("output_dir") or "OUTPUT_DIR"
+        lines.append(
+            f"index_faces: {index['faces_indexed']} faces of {index['images_indexed']} images "
+            f"in the face index; look anyone up with: rekbatch find {where} --person NAME=PHOTO"
+        )
     return lines
 
 

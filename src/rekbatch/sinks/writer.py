@@ -11,6 +11,12 @@ When a job opens, results.csv is cut back to its committed size, and the lines o
 results.jsonl past its committed size (written, not yet committed, when the last run died)
 are replayed into the CSV and the ledger; a torn last line is cut.
 
+A commit that fails (the CSV append, either fsync, the ledger transaction) leaves the ledger
+at the previous commit, and the writer then refuses every later commit: a later batch would
+record file sizes past the failed batch's rows, and those rows would never be replayed. The
+run ends (exit 1) with the failed batch and everything after it in results.jsonl past the
+committed size, which is exactly the tail the next run replays.
+
 Windows: after a process kill nothing already answered is lost; after a machine loss, at most
 the rows of the last ``BATCH_SECONDS``.
 """
@@ -60,9 +66,24 @@ _BASE_FIELDS = frozenset(
         "latency_ms",
         "processed_at",
         "dedup_of",
+        "sequencer",
         "result",
     }
 )
+
+
+@dataclass(slots=True)
+class _Commit:
+    """A batch on the ledger's write thread, and what it changes once it is committed."""
+
+    future: asyncio.Future[None]
+    number: int
+    sources_done: list[int]
+    lanes_done: list[int]
+
+
+class CommitRefused(RuntimeError):
+    """An earlier commit failed: committing more would skip the rows it held."""
 
 
 @dataclass(slots=True)
@@ -112,7 +133,9 @@ class Writer:
         self._wake = asyncio.Event()
         self._full = asyncio.Event()
         self._stopping = False
-        self._inflight: asyncio.Future[None] | None = None
+        self._inflight: _Commit | None = None
+        # The first commit that failed: no commit after it.
+        self.failed: BaseException | None = None
 
     # -- opening ----------------------------------------------------------------------------
 
@@ -120,7 +143,12 @@ class Writer:
         """Open the files, cut the CSV back, replay the uncommitted tail of results.jsonl;
         returns the number of rows replayed."""
         sizes = await self.ledger.read(LedgerDB.sink_sizes)
-        return await self.ledger.write(self._open, sizes)
+        try:
+            return await self.ledger.write(self._open, sizes)
+        except BaseException:
+            # The replay did not commit: what it appended to the CSV is cut at the next open.
+            await self.ledger.write(_close_files, self.jsonl, self.csv)
+            raise
 
     def _open(self, db: LedgerDB, sizes: dict[str, int] | None) -> int:
         self.jsonl.open(None if sizes is None else sizes.get(JSONL))
@@ -211,6 +239,14 @@ class Writer:
         return self.committed + (2 if self._inflight is not None else 1)
 
     @property
+    def settled_at(self) -> int:
+        """The commit after which every row accepted so far is in the ledger (``committed``
+        when nothing is waiting)."""
+        if self._rows:
+            return self.next_commit
+        return self.committed + (1 if self._inflight is not None else 0)
+
+    @property
     def listing_complete(self) -> bool:
         return len(self.listing_finished) == len(self.sources)
 
@@ -234,18 +270,27 @@ class Writer:
         self._full.set()
 
     async def close(self) -> None:
-        """Commit what is left, then close the files. Safe to call after a failure."""
+        """Commit what is left, then close the files. Safe to call after a failure; raises
+        when a commit failed (its rows and all later ones are left for the next run to
+        replay)."""
         self.stop()
         try:
             if self._inflight is not None:
                 with contextlib.suppress(Exception):
-                    await self._inflight
-                self._inflight = None
-            await self._flush()
+                    await self._settle()
+            if self.failed is None:
+                await self._flush()
         finally:
             await self.ledger.write(_close_files, self.jsonl, self.csv)
+        if self.failed is not None:
+            raise CommitRefused(
+                f"a commit failed ({type(self.failed).__name__}: {self.failed}); the rows "
+                "written since are replayed when the job resumes"
+            ) from self.failed
 
     async def _flush(self) -> None:
+        if self.failed is not None:
+            raise CommitRefused("an earlier commit failed") from self.failed
         self._wake.clear()
         self._full.clear()
         rows, self._rows = self._rows, []
@@ -268,7 +313,6 @@ class Writer:
             return
         ledger_rows, csv_data = self._render(rows)
         jsonl_end = self.jsonl.size  # the end of the batch's last row: rows are in order
-        number = self.committed + 1
 
         def commit() -> None:
             self.csv.append(csv_data)
@@ -278,12 +322,31 @@ class Writer:
             sizes = {JSONL: jsonl_end, CSV: self.csv.size}
             self.ledger.writer_db().commit(ledger_rows, sizes, marks, listed, done, ranges_done)
 
-        self._inflight = self.ledger.submit_write(commit)
-        await asyncio.shield(self._inflight)
+        future = self.ledger.submit_write(commit)
+        self._inflight = _Commit(future, self.committed + 1, done, lanes_done)
+        await self._settle()
+
+    async def _settle(self) -> None:
+        """Wait for the commit in flight. If this task is cancelled meanwhile, the commit
+        goes on and stays in flight for ``close`` to settle."""
+        pending = self._inflight
+        assert pending is not None
+        try:
+            await asyncio.shield(pending.future)
+        except asyncio.CancelledError:
+            if not pending.future.cancelled():
+                raise
+            self._inflight = None
+            self.failed = RuntimeError("the commit was cancelled")
+            raise
+        except BaseException as exc:
+            self._inflight = None
+            self.failed = exc
+            raise
         self._inflight = None
-        self.committed = number
-        self._done_sources.update(done)
-        self._lanes_done.update(lanes_done)
+        self.committed = pending.number
+        self._done_sources.update(pending.sources_done)
+        self._lanes_done.update(pending.lanes_done)
 
     def _render(self, rows: list[_Row]) -> tuple[list[LedgerRow], bytes]:
         return render_rows(rows, self.sources, self._csv_rows, self.csv.size)
@@ -312,6 +375,7 @@ def parse_line(line: bytes, offset: int, sources: Sequence[str]) -> _Row | None:
             row["last_modified"],
             None,
             source,
+            sequencer=row.get("sequencer"),
         )
         extra = {k: v for k, v in row.items() if k not in _BASE_FIELDS}
         record = Record(
@@ -376,6 +440,7 @@ def render_rows(
                 row.length,
                 csv_at,
                 len(line),
+                obj.sequencer,
             )
         )
         csv_at += len(line)

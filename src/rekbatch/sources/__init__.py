@@ -1,5 +1,5 @@
-"""Where objects come from: S3 prefixes, S3 Inventory reports, key lists and local folders
-(or single files)."""
+"""Where objects come from: S3 prefixes, S3 Inventory reports, key lists, local folders (or
+single files) and SQS queues of S3 event notifications."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from rekbatch.sources.inventory import InventorySource
 from rekbatch.sources.keylist import KeyListSource
 from rekbatch.sources.local import LocalSource
 from rekbatch.sources.s3 import S3, S3Source
+from rekbatch.sources.sqs import SqsSource, is_queue_uri
 
 __all__ = [
     "S3",
@@ -20,6 +21,7 @@ __all__ = [
     "LocalSource",
     "S3Source",
     "Source",
+    "SqsSource",
     "open_source",
     "read_location",
 ]
@@ -27,6 +29,8 @@ __all__ = [
 
 def open_source(uri: str, index: int, s3: S3 | None) -> Source:
     """The source a configured URI stands for."""
+    if is_queue_uri(uri):
+        return SqsSource(uri, index, s3)
     if uri.startswith(("inventory:", "keys:")):
         if s3 is None:
             raise ValueError(f"{uri}: this source needs the run's S3 client")

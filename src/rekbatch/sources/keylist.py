@@ -1,12 +1,18 @@
 """A key list as a source: ``keys:s3://bucket/list.csv`` or ``keys:/path/list.jsonl``.
 
-Each line names one S3 object: CSV ``bucket,key[,size[,etag]]`` or ``s3://bucket/key[,size
-[,etag]]`` (a header line starting ``bucket`` or ``uri`` is allowed), JSONL
-``{"bucket": ..., "key": ..., "size": ..., "etag": ...}`` or ``{"uri": "s3://..."}``. Size
-and ETag are optional: where one is missing, a HeadObject fills it in, for those lines only.
-A line that names no object is handed out as a skip (``malformed_entry``, the line number as
-its key), an object that does not exist as ``not_found``: recorded, never a crash. The list
-is one part, resumed after the last finished key.
+Each line names one S3 object. A list whose name ends ``.jsonl``, ``.ndjson`` or ``.json``
+is JSON Lines: ``{"bucket": ..., "key": ..., "size": ..., "etag": ...}`` or
+``{"uri": "s3://...", ...}``. Any other list is CSV (RFC 4180, UTF-8, a BOM allowed):
+``bucket,key[,size[,etag]]`` or ``s3://bucket/key[,size[,etag]]``, so a plain list of
+``s3://`` URIs, one a line, is CSV too; a header line starting ``bucket`` or ``uri`` is
+allowed. Keys are taken exactly as written, spaces included, quoted or not (a key holding a
+comma or a quote is quoted, CSV-style); only the bucket, size and ETag fields are trimmed.
+
+Size and ETag are optional: where one is missing, a HeadObject fills it in, for those lines
+only. An object listed more than once is one object (its first line). A line that names no
+object is handed out as a skip (``malformed_entry``, the line number as its key), an object
+that does not exist as ``not_found``: recorded, never a crash. The list is one part,
+resumed after the last finished key.
 """
 
 from __future__ import annotations
@@ -19,8 +25,9 @@ import json
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+from rekbatch.calls.classify import failure_of
 from rekbatch.config import parse_s3_uri
-from rekbatch.errors import SetupError, call_error_from
+from rekbatch.errors import SetupError
 from rekbatch.records import ObjectRef
 from rekbatch.sources.inventory import after_mark, read_location
 from rekbatch.sources.ranges import KeyRange
@@ -34,15 +41,16 @@ def _bad(line: int, why: str, index: int) -> ObjectRef:
 
 
 def _entry(line: int, fields: list[Any], index: int) -> ObjectRef:
-    """One line's fields (uri or bucket, key, then size and ETag) as an object to list."""
-    fields = [f.strip() if isinstance(f, str) else f for f in fields]
-    if fields and isinstance(fields[0], str) and fields[0].startswith("s3://"):
-        parsed = parse_s3_uri(fields[0])
+    """One line's fields (uri or bucket, key, then size and ETag) as an object to list. The
+    key is taken as written; spaces around the other fields are not theirs."""
+    first = fields[0].lstrip() if fields and isinstance(fields[0], str) else None
+    if first is not None and first.startswith("s3://"):
+        parsed = parse_s3_uri(first)
         if parsed is None or not parsed[1]:
-            return _bad(line, f"not an s3://bucket/key URI: {fields[0]!r}", index)
-        (bucket, key), rest = parsed, fields[1:]
-    elif len(fields) >= 2 and fields[0] and fields[1]:
-        bucket, key, rest = str(fields[0]), str(fields[1]), fields[2:]
+            return _bad(line, f"not an s3://bucket/key URI: {first!r}", index)
+        (bucket, key), rest = parsed, _trimmed(fields[1:])
+    elif len(fields) >= 2 and first and isinstance(fields[1], str) and fields[1]:
+        bucket, key, rest = first.rstrip(), fields[1], _trimmed(fields[2:])
         if parse_s3_uri(f"s3://{bucket}") is None:
             return _bad(line, f"not a bucket name: {bucket!r}", index)
     else:
@@ -58,9 +66,24 @@ def _entry(line: int, fields: list[Any], index: int) -> ObjectRef:
     return ObjectRef(bucket, key, size_value, str(etag or "").strip('"'), "", None, index)
 
 
+def _trimmed(fields: list[Any]) -> list[Any]:
+    return [f.strip() if isinstance(f, str) else f for f in fields]
+
+
 def parse_lines(data: bytes, jsonl: bool, index: int) -> Iterator[ObjectRef]:
-    """Every line of a key list as an object (size -1 and/or ETag "" where not given)."""
-    text = data.decode("utf-8", errors="replace")
+    """Every object of a key list once, in the order of their first lines (size -1 and/or
+    ETag "" where not given)."""
+    seen: set[tuple[str | None, str]] = set()
+    for obj in _parse_lines(data, jsonl, index):
+        if obj.skip is None:
+            if (obj.bucket, obj.key) in seen:
+                continue
+            seen.add((obj.bucket, obj.key))
+        yield obj
+
+
+def _parse_lines(data: bytes, jsonl: bool, index: int) -> Iterator[ObjectRef]:
+    text = data.decode("utf-8-sig", errors="replace")
     if jsonl:
         for number, raw in enumerate(text.splitlines(), 1):
             if not raw.strip():
@@ -146,7 +169,7 @@ class KeyListSource:
                 try:
                     head = await self._s3.head(obj.bucket, obj.key)
                 except Exception as exc:
-                    error = call_error_from(exc)
+                    error = failure_of(exc)
                     if error is not None and error.code in ("404", "NoSuchKey", "NotFound"):
                         return ObjectRef(
                             obj.bucket,

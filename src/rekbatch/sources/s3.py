@@ -24,9 +24,10 @@ import structlog
 from aiobotocore.config import AioConfig
 from botocore.parsers import DEFAULT_TIMESTAMP_PARSER
 
-from rekbatch.calls.retry import Reachability, RetryPolicy, is_connection_failure
+from rekbatch.calls.classify import failure_of
+from rekbatch.calls.retry import Reachability, RetryPolicy
 from rekbatch.clock import MONOTONIC, Clock
-from rekbatch.errors import call_error_from, setup_error_from
+from rekbatch.errors import setup_error_from
 from rekbatch.records import ObjectRef
 from rekbatch.sources.ranges import KeyRange, Splitter, common_prefix
 
@@ -81,7 +82,13 @@ class S3:
         )
         self._stack = contextlib.AsyncExitStack()
         self.client: Any = None
-        self.reach = Reachability("the S3 endpoint", unreachable_seconds, clock)
+        self.reach = Reachability(
+            "the S3 endpoint",
+            unreachable_seconds,
+            clock,
+            ways_out="check the network, aws.region or aws.s3_endpoint_url, and the credentials",
+        )
+        self.reach_clock = clock
         self._retry = RetryPolicy()
         self._rng = random.Random()
 
@@ -90,6 +97,7 @@ class S3:
         self.client = await self._stack.enter_async_context(
             self._session.client("s3", endpoint_url=self._endpoint, config=self._config)
         )
+        self.reach.name = f"the S3 endpoint {self.client.meta.endpoint_url}"
         return self
 
     async def __aexit__(
@@ -105,13 +113,15 @@ class S3:
         tries = 0
         while True:
             tries += 1
+            began = self.reach_clock.now()
             try:
                 result = await request()
             except Exception as exc:
-                classified = call_error_from(exc)
-                if classified is None or not is_connection_failure(classified.code):
+                classified = failure_of(exc)
+                # Reads and listings are free to repeat: every failed connection is retried.
+                if classified is None or classified.connection is None:
                     raise
-                self.reach.failed(f"{classified.code}: {classified.message}")
+                self.reach.failed(f"{classified.code}: {classified.message}", began)
                 await asyncio.sleep(self._retry.delay(min(tries, 8), self._rng))
                 continue
             self.reach.ok()
@@ -136,12 +146,12 @@ class S3:
             constraint = answer.get("LocationConstraint") or "us-east-1"
             return "eu-west-1" if constraint == "EU" else str(constraint)
         except Exception as exc:
-            if call_error_from(exc) is None:
+            if failure_of(exc) is None:
                 raise
         try:
             head = await self.call(lambda: self.client.head_bucket(Bucket=bucket))
         except Exception as exc:
-            if call_error_from(exc) is None:
+            if failure_of(exc) is None:
                 raise
             return None
         headers = head.get("ResponseMetadata", {}).get("HTTPHeaders", {})
@@ -217,7 +227,7 @@ class S3Source:
         try:
             return await splitter.split()
         except Exception as exc:
-            if call_error_from(exc) is None:
+            if failure_of(exc) is None:
                 raise
             # An S3-compatible store that refuses a probe (a Delimiter, say) is listed by
             # one paginator: slower, and still every key once.

@@ -3,10 +3,11 @@ with."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
-from rekbatch.config import Config
+from rekbatch.config import Config, paths
 from rekbatch.errors import SetupError
 from rekbatch.records import utc_now
 from rekbatch.store.ledger import LedgerDB
@@ -22,6 +23,25 @@ def state_dir(output_dir: Path) -> Path:
 
 def ledger_path(output_dir: Path) -> Path:
     return state_dir(output_dir) / "ledger.sqlite"
+
+
+def make_output(output_dir: Path) -> bool:
+    """Make ``output_dir`` and its state folder; True when the output folder is new. A path
+    that is a file, or a folder that cannot be written, is a ``SetupError`` naming it."""
+    hint = "choose another output folder (job.output_dir or --output)"
+    if output_dir.exists() and not output_dir.is_dir():
+        raise SetupError(f"{output_dir}: is a file, not a folder; {hint}")
+    created = not output_dir.exists()
+    state = state_dir(output_dir)
+    try:
+        state.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SetupError(f"{output_dir}: cannot be made ({exc.strerror or exc}); {hint}") from None
+    files = [output_dir / name for name in RESULT_FILES] + [ledger_path(output_dir), state / "lock"]
+    for path in [output_dir, state, *files]:
+        if path.exists() and not os.access(path, os.W_OK):
+            raise SetupError(f"{path}: cannot be written (read-only); {hint}")
+    return created
 
 
 def existing_ledger(output_dir: Path) -> Path:
@@ -44,10 +64,14 @@ def job_config(output_dir: Path) -> Config:
     return Config.model_validate_json(raw)
 
 
-def claim(output_dir: Path, cfg: Config, *, fresh: bool, config_path: str) -> bool:
+def claim(
+    output_dir: Path, cfg: Config, *, fresh: bool, config_path: str
+) -> tuple[bool, Config]:
     """Make ``output_dir`` hold the job of ``cfg``: a new job, the same job (resumed), or,
     with ``fresh``, a new job in place of another one. Another job without ``fresh`` is a
-    ``SetupError``. Returns True when the directory already held this job's work."""
+    ``SetupError``. Returns whether the directory already held this job's work, and the
+    config to run it with (``cfg``, or for a job that recorded relative paths, ``cfg`` with
+    those paths as the job wrote them in its rows)."""
     path = ledger_path(output_dir)
     db = LedgerDB(path)
     try:
@@ -61,12 +85,10 @@ def claim(output_dir: Path, cfg: Config, *, fresh: bool, config_path: str) -> bo
         existing = db.get_meta("fingerprint")
         if existing is not None and existing != fingerprint and not db.has_records():
             existing = None  # an earlier run stopped before any work: nothing to keep
+        if existing is not None and existing != fingerprint and not fresh:
+            cfg = _same_job(output_dir, cfg, db.get_meta("config"), existing)
+            fingerprint = existing
         if existing is not None and (existing != fingerprint or fresh):
-            if not fresh:
-                raise SetupError(
-                    f"{output_dir}: holds a different job (its sources or operations differ "
-                    "from this config); use another --output, or --fresh to discard it"
-                )
             db.close()
             _discard(output_dir)
             db = LedgerDB(path)
@@ -76,7 +98,7 @@ def claim(output_dir: Path, cfg: Config, *, fresh: bool, config_path: str) -> bo
                 {
                     "fingerprint": fingerprint,
                     "config": cfg.model_dump_json(),
-                    "config_path": config_path,
+                    "config_path": _absolute(config_path),
                     "created_at": utc_now(),
                 }
             )
@@ -84,9 +106,72 @@ def claim(output_dir: Path, cfg: Config, *, fresh: bool, config_path: str) -> bo
             # Rates, caps and endpoints may change between runs; keep the latest for resume.
             db.set_meta({"config": cfg.model_dump_json()})
         db.register_sources(cfg.source.uris)
-        return existing is not None
+        return existing is not None, cfg
     finally:
         db.close()
+
+
+def _absolute(config_path: str) -> str:
+    return os.path.abspath(config_path) if config_path else ""
+
+
+def _same_job(output_dir: Path, cfg: Config, recorded_json: str | None, existing: str) -> Config:
+    """``cfg`` differs from the job in ``output_dir``: the config to run the job with when
+    only how its paths were written differs, else a ``SetupError`` saying what differs."""
+    recorded = None if recorded_json is None else Config.model_validate_json(recorded_json)
+    swapped = None if recorded is None else paths.with_paths_of(cfg, recorded)
+    if recorded is None or swapped is None or swapped.fingerprint() != existing:
+        raise SetupError(
+            f"{output_dir}: holds a different job (its sources or operations differ from "
+            "this config); use another --output, or --fresh to discard it"
+        )
+    ours = dict(paths.local_paths(cfg))
+    theirs = paths.local_paths(recorded)
+    if paths.relative_paths(recorded):
+        # Made before jobs recorded absolute paths: its paths were read from the folder it
+        # ran in. From that folder they are this config's paths; its rows name them as
+        # written, so the run goes on naming them so.
+        here = paths.local_paths(paths.absolute(recorded, Path.cwd()))
+        if all(ours.get(f) == v for f, v in here if f != "job.output_dir"):
+            return swapped
+    differing = [(f, v) for f, v in theirs if f != "job.output_dir" and ours.get(f) != v]
+    field, was = differing[0]
+    if not paths.is_absolute(was):
+        was += " (as written, from the folder its first run started in)"
+    raise SetupError(
+        f"{output_dir}: {field} is {ours.get(field)} in this config (relative paths are read "
+        f"from the config file's folder), but the job here recorded {was}; make the config "
+        "point there, or use another --output"
+    )
+
+
+def refuse_job_left_behind(config_file: Path, output_dir: Path) -> None:
+    """Before relative paths in a config were read from its folder, they were read from the
+    current one. When this config's job is in the folder its ``output_dir`` names from
+    here, and nothing is in the one it names now, stop rather than start the job again."""
+    from rekbatch.config.loading import output_dir_as_written
+
+    written = output_dir_as_written(config_file)
+    if written is None or os.path.isabs(os.path.expanduser(written)):
+        return
+    before = Path(os.path.abspath(written))
+    if before == output_dir or ledger_path(output_dir).exists():
+        return
+    if not ledger_path(before).exists():
+        return
+    db = LedgerDB(ledger_path(before), readonly=True)
+    try:
+        made_by = db.get_meta("config_path") or ""
+    finally:
+        db.close()
+    if not made_by or os.path.abspath(made_by) != os.path.abspath(config_file):
+        return
+    fixed = os.path.relpath(before, os.path.abspath(config_file.parent))
+    raise SetupError(
+        f"{config_file}: job.output_dir {written!r} is now read from the config's folder "
+        f"({output_dir}), but the job this config made is in {before}; set output_dir = "
+        f"{fixed!r} (or an absolute path), or run with --output {before}"
+    )
 
 
 def _discard(output_dir: Path) -> None:

@@ -71,6 +71,7 @@ CREATE TABLE IF NOT EXISTS records (
     jsonl_length INTEGER,
     csv_offset INTEGER,
     csv_length INTEGER,
+    sequencer TEXT,
     PRIMARY KEY (source, key, operation)
 );
 CREATE INDEX IF NOT EXISTS records_status ON records (status, operation);
@@ -120,11 +121,13 @@ RECORD_COLUMNS = (
     "jsonl_length",
     "csv_offset",
     "csv_length",
+    "sequencer",
 )
 _INSERT = (
     f"INSERT OR REPLACE INTO records ({', '.join(RECORD_COLUMNS)}) "
     f"VALUES ({', '.join('?' * len(RECORD_COLUMNS))})"
 )
+UNRECORDED = "calls_outside_records"  # meta: {api: paid calls} over the job's runs
 LOOKUP_CHUNK = 500  # SQLite's default limit on host parameters is far above this
 
 # A ledger row: the values of RECORD_COLUMNS, in order.
@@ -146,7 +149,7 @@ class LedgerDB:
     def __init__(self, path: Path, *, readonly: bool = False, durable: bool = True) -> None:
         self.path = path
         if readonly:
-            self._db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+            self._db = _open_readonly(path)
         else:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(path, timeout=10)
@@ -167,6 +170,7 @@ class LedgerDB:
                 ("jsonl_length", "INTEGER"),
                 ("csv_offset", "INTEGER"),
                 ("csv_length", "INTEGER"),
+                ("sequencer", "TEXT"),
             ):
                 if name not in have:
                     self._db.execute(f"ALTER TABLE records ADD COLUMN {name} {kind}")
@@ -257,6 +261,34 @@ class LedgerDB:
                 done.setdefault(key, {})[op] = etag
         return done
 
+    def lookup_events(
+        self, source: int, keys: list[str]
+    ) -> dict[str, dict[str, tuple[str, str, str | None]]]:
+        """Per key of ``keys`` already recorded, per operation (ETag, status, sequencer of the
+        S3 event the row was written for): a queue source compares events with them."""
+        found: dict[str, dict[str, tuple[str, str, str | None]]] = {}
+        for start in range(0, len(keys), LOOKUP_CHUNK):
+            part = keys[start : start + LOOKUP_CHUNK]
+            marks = ",".join("?" * len(part))
+            rows = self._db.execute(
+                "SELECT key, operation, etag, status, sequencer FROM records "
+                f"WHERE source = ? AND key IN ({marks})",
+                (source, *part),
+            )
+            for key, op, etag, status, sequencer in rows:
+                found.setdefault(key, {})[op] = (etag, status, sequencer)
+        return found
+
+    def set_sequencers(self, rows: list[tuple[str, int, str, str]]) -> None:
+        """(sequencer, source, key, operation): a newer event about the same content; the
+        rows stay as they are and remember the event, so an older one arriving later is
+        recognised."""
+        with self._db:
+            self._db.executemany(
+                "UPDATE records SET sequencer = ? WHERE source = ? AND key = ? AND operation = ?",
+                rows,
+            )
+
     def lookup_contents(
         self, contents: list[tuple[str, int]]
     ) -> dict[tuple[str, int], list[Location]]:
@@ -340,13 +372,28 @@ class LedgerDB:
             for source in listing_done:
                 self._db.execute("UPDATE sources SET listing_done = 1 WHERE idx = ?", (source,))
 
+    def add_unrecorded_calls(self, calls: dict[str, int]) -> None:
+        """Add a run's paid calls that no record holds (by API) to the job's."""
+        if not any(calls.values()):
+            return
+        with self._db:
+            total = self.unrecorded_calls()
+            for api, n in calls.items():
+                total[api] = total.get(api, 0) + n
+            self._set_meta({UNRECORDED: json.dumps(total, sort_keys=True)})
+
+    def unrecorded_calls(self) -> dict[str, int]:
+        """The job's paid calls outside its records: reference checks, collection searches."""
+        raw = self.get_meta(UNRECORDED)
+        return {} if raw is None else {k: int(v) for k, v in json.loads(raw).items()}
+
     # -- budgets ----------------------------------------------------------------------------
 
     def images_sent(self) -> int:
         """Objects that reached the service (not skipped), for budget caps across runs."""
         row = self._db.execute(
             "SELECT COUNT(*) FROM (SELECT DISTINCT source, key FROM records "
-            "WHERE status != 'skipped' AND dedup_of IS NULL)"
+            "WHERE status NOT IN ('skipped', 'removed') AND dedup_of IS NULL)"
         ).fetchone()
         return int(row[0])
 
@@ -371,14 +418,38 @@ class LedgerDB:
         )
 
     def faces_by_detail_prefix(self, operation: str) -> dict[str, int]:
-        """Faces indexed per collection (``detail`` is ``collection/external id``)."""
+        """Faces indexed per collection (``detail`` is ``collection/external id``); a copy,
+        recorded from its original's result, indexed nothing itself."""
         rows = self._db.execute(
             "SELECT substr(detail, 1, instr(detail, '/') - 1) AS collection, "
             "SUM(coalesce(face_count, 0)) FROM records "
-            "WHERE operation = ? AND status = 'ok' AND detail LIKE '%/%' GROUP BY collection",
+            "WHERE operation = ? AND status = 'ok' AND detail LIKE '%/%' AND dedup_of IS NULL "
+            "GROUP BY collection",
             (operation,),
         )
         return {row[0]: int(row[1]) for row in rows}
+
+    def collections_of(self, operation: str) -> list[str]:
+        """The collections named by ``operation``'s records (``detail`` is ``collection/
+        external id``), by seeking the (operation, detail) index from one collection to the
+        next instead of reading every record. Collection ids hold no '/' and the character
+        after '/' is '0', so every detail of collection C sorts below C + '0'."""
+        found: list[str] = []
+        at = ""
+        while True:
+            row = self._db.execute(
+                "SELECT detail FROM records WHERE operation = ? AND detail >= ? "
+                "ORDER BY detail LIMIT 1",
+                (operation, at),
+            ).fetchone()
+            if row is None:
+                return found
+            collection, slash, _ = str(row[0]).partition("/")
+            if slash:
+                found.append(collection)
+                at = collection + "0"
+            else:
+                at = str(row[0]) + "\x00"
 
     def compare_rows(self, operation: str) -> Iterator[sqlite3.Row]:
         """The ok records of a search_faces compare strategy with a match, streamed."""
@@ -462,6 +533,13 @@ class LedgerDB:
         ).fetchone()
         return int(row[0]), int(row[1])
 
+    def ok_count(self, operation: str) -> int:
+        """Ok records of ``operation`` (from the status index alone)."""
+        row = self._db.execute(
+            "SELECT COUNT(*) FROM records WHERE status = 'ok' AND operation = ?", (operation,)
+        ).fetchone()
+        return int(row[0])
+
     def skipped_count(self, operation: str, reason: str) -> int:
         """Records of ``operation`` skipped for ``reason``."""
         row = self._db.execute(
@@ -499,6 +577,27 @@ class LedgerDB:
     @property
     def connection(self) -> sqlite3.Connection:
         return self._db
+
+
+def _open_readonly(path: Path) -> sqlite3.Connection:
+    """A read-only connection that never writes beside the ledger either.
+
+    A WAL database read through ``mode=ro`` still needs its ``-wal`` and ``-shm`` files, and
+    creates them when its last writer removed them on closing. In a folder that cannot be
+    written (a read-only mount, another user's job) that fails; then, with no ``-wal`` file,
+    every commit is in the main file and no run can be writing (a run would need that log),
+    so the file is read as immutable."""
+    uri = path.absolute().as_uri()
+    db = sqlite3.connect(f"{uri}?mode=ro", uri=True, timeout=10)
+    try:
+        db.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
+        return db
+    except sqlite3.OperationalError:
+        db.close()
+        wal = path.with_name(path.name + "-wal")
+        if not path.exists() or (wal.exists() and wal.stat().st_size > 0):
+            raise
+    return sqlite3.connect(f"{uri}?mode=ro&immutable=1", uri=True, timeout=10)
 
 
 def _failed_filter(codes: set[str] | None) -> tuple[str, tuple[Any, ...]]:

@@ -63,7 +63,7 @@ __all__ = [
 
 # Config operation types the local backend can run.
 LOCAL_SUPPORTED_OPERATIONS: frozenset[str] = frozenset(
-    {"detect_faces", "compare_faces", "search_faces"}
+    {"detect_faces", "compare_faces", "search_faces", "index_faces"}
 )
 
 INSTALL_HINT = "pip install 'rekbatch[local]'"
@@ -402,6 +402,8 @@ class LocalBackend:
 
     async def aclose(self) -> None:
         self._closed = True
+        if self._store is not None:
+            await asyncio.to_thread(self._store.close)
         pool, self._pool = self._pool, None
         if pool is not None:
             await asyncio.to_thread(pool.shutdown, wait=True, cancel_futures=True)
@@ -517,17 +519,14 @@ class LocalBackend:
         store = self._collections()
         collection_id = _str_param(params, "CollectionId")
         start, limit = _page(params, 1000)
-        faces = await asyncio.to_thread(store.faces, collection_id)
         wanted = params.get("FaceIds")
-        if isinstance(wanted, list):
-            wanted_ids = {str(w) for w in wanted}
-            faces = [f for f in faces if f.face_id in wanted_ids]
-        page = faces[start : start + limit]
+        wanted_ids = {str(w) for w in wanted} if isinstance(wanted, list) else None
+        page, more = await asyncio.to_thread(store.page, collection_id, start, limit, wanted_ids)
         body: dict[str, Any] = {
             "Faces": [f.record() for f in page],
             "FaceModelVersion": FACE_MODEL_VERSION,
         }
-        if start + limit < len(faces):
+        if more:
             body["NextToken"] = str(start + limit)
         return body
 
@@ -554,9 +553,8 @@ class LocalBackend:
             raise _invalid("FaceId must be a face id returned by IndexFaces")
         threshold = _float_param(params, "FaceMatchThreshold", 80.0)
         max_faces = _int_param(params, "MaxFaces", 4096, 1, 4096)
-        faces = await asyncio.to_thread(store.faces, collection_id)
-        searched = next((f for f in faces if f.face_id == face_id), None)
-        if searched is None:
+        searched = await asyncio.to_thread(store.face, collection_id, face_id)
+        if searched is None or searched.embedding is None:
             raise _invalid(f"faceId {face_id} was not found in the collection.")
         matches = await asyncio.to_thread(
             store.search, collection_id, searched.embedding, threshold, max_faces, face_id
