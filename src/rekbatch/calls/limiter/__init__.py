@@ -87,9 +87,13 @@ than 2%, not overwhelming): the rate is held at the cut's level until enough ans
   rates: the limiter probes up from the level at once); the same light share at the lower
   rate is the background (the cut is undone); otherwise the rate is halved again, and an
   accepted rate that halves too means the background, one that stays the same is the quota;
-- a background known (its share rose): refused at the level about as much as before the cut,
-  the background got heavier (learned again, the cut undone); about as little as the
-  background, the quota's refusals were on top (probe up from the level).
+- a background known (its share rose): refused at the level no more than the background,
+  the quota's refusals were on top (probe up from the level); as much as before the cut,
+  the background got heavier (learned again, the cut undone); in between, halved again as
+  above, counting only refusals beyond the background.
+
+``try_acquire()`` and ``ready_in()`` answer without waiting, for a caller choosing among
+several limiters (one per Region, say) the one that can grant first.
 """
 
 from rekbatch.calls.limiter.limiter import AdaptiveLimiter, LimiterCounts, Phase

@@ -146,16 +146,29 @@ class BackgroundDetector:
 
     # -- trials -------------------------------------------------------------------------
 
-    def open_trial(self, traffic: Traffic, now: float, before: float, level_rate: float) -> None:
-        """The first cut of a drop, from ``before`` to ``level_rate``: judge it, unless the
-        service refused next to nothing before it or most of all (the quota, plainly)."""
+    def open_trial(
+        self,
+        traffic: Traffic,
+        now: float,
+        before: float,
+        level_rate: float,
+        refused_at: float | None = None,
+    ) -> None:
+        """The first cut of a drop, from ``before`` to ``level_rate``, made for a refusal of
+        a request sent at ``refused_at``: judge it, unless the service refused next to
+        nothing before that request (the refusals are new) or most of all (the quota,
+        plainly)."""
         settings = self._settings
         if self.trial is not None:
             return
-        recent = self._recent(traffic, now)
-        clean = recent.refused < settings.clean_share * recent.answered
-        if recent.answered >= settings.test_requests and clean:
+        first = now if refused_at is None else refused_at
+        earlier = traffic.window(first - settings.background_window, first)
+        if earlier.answered < settings.test_requests:
+            earlier = self._recent(traffic, now)
+        clean = earlier.refused < settings.clean_share * earlier.answered
+        if earlier.answered >= settings.test_requests and clean:
             return
+        recent = self._recent(traffic, now)
         if self.overwhelming(traffic, now):
             return
         if recent.answered == 0:

@@ -456,7 +456,9 @@ class AdaptiveLimiter:
         self._new_epoch(now)
         if first:
             level = self._setpoint(now)
-            self._background.open_trial(self._traffic, now, before=current, level_rate=level)
+            self._background.open_trial(
+                self._traffic, now, before=current, level_rate=level, refused_at=permit.sent_at
+            )
 
     def _remember_good(self, refused_at: float, now: float) -> None:
         """Before a drop: keep the rate the service took until then, to go back to when the

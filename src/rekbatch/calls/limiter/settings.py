@@ -112,7 +112,7 @@ class LimiterSettings:
     probe_crawl: float = 0.1
     """Then it crawls at the quota x (1 + this): past the empty point, each request over
     the quota is one the service would refuse..."""
-    recover_crawl: float = 0.35
+    recover_crawl: float = 0.3
     """...or, below a rate taken before a drop, this share of the way back (and at least
     of the quota): each probe while the quota is still down costs about one refusal, and the
     time a probe takes adds to the time to find the quota back (about 4 s, holds included)..."""
