@@ -534,9 +534,7 @@ def validate(
                 raise ConfigErrors([f"{config}: {line}" for line in problems])
     ops = ", ".join(op.type for op in cfg.operations)
     checked = "; buckets and credentials checked" if online else ""
-    typer.echo(
-        f"{config}: valid ({len(cfg.source.uris)} source(s); operations: {ops}{checked})"
-    )
+    typer.echo(f"{config}: valid ({len(cfg.source.uris)} source(s); operations: {ops}{checked})")
 
 
 def _plan(cfg: Any, *, as_json: bool, sample: int | None = 2000) -> int:

@@ -1,9 +1,10 @@
 """Estimated Rekognition Image cost from the published list prices.
 
 An estimate, never a bill: the user's AWS bill is the authority. It leaves out the free tier,
-taxes, private pricing and Savings Plans, S3 requests and data transfer, and face metadata
-storage (``FACE_STORAGE_USD_PER_FACE_MONTH``, listed for reference). Prices change: the table
-below carries the date it was read (``PRICES_AS_OF``) and the region it was read for
+taxes, private pricing and Savings Plans, S3 requests and data transfer (except what
+spreading calls over Regions adds, below), and face metadata storage
+(``FACE_STORAGE_USD_PER_FACE_MONTH``, listed for reference). Prices change: the table below
+carries the date it was read (``PRICES_AS_OF``) and the region it was read for
 (``PRICES_REGION``).
 
 How Rekognition Image bills: per image per API call (two APIs on one image are two images),
@@ -25,6 +26,18 @@ from a stored copy on that date and are the last-known list prices; check them b
 relying on estimates above 5M images a month. eu-west-1 (Ireland) has the same first-tier
 price as us-east-1 in a third-party per-region table and is given the same table; any other
 region falls back to the us-east-1 table (some regions list 10-30% more).
+
+Spreading calls over Regions (``aws.regions``) adds two AWS charges outside Rekognition, for
+each image of a bucket sent to a Region other than its own: one S3 GET to read it (once per
+object, whatever its operations and retries), and inter-region data transfer for its bytes
+(once per call). ``spread_cost`` prices them at ``S3_GET_USD_PER_1000`` (S3 Standard, GET
+requests, us-east-1: https://aws.amazon.com/s3/pricing/, "Requests & data retrievals") and
+``INTER_REGION_USD_PER_GB`` (data transferred out of a US or European Region to another AWS
+Region: https://aws.amazon.com/ec2/pricing/on-demand/, "Data Transfer"; AWS bills a GB as
+2^30 bytes), read from stored copies of those pages on ``SPREAD_PRICES_AS_OF``. Some pairs
+cost less (us-east-1 and us-east-2: $0.01), transfers out of some Asia Pacific, South
+American and Middle East Regions several times more. The images are assumed to be read by a
+machine in the bucket's own Region, where reading S3 moves no billed data.
 """
 
 from __future__ import annotations
@@ -36,6 +49,11 @@ from decimal import Decimal
 PRICES_AS_OF = "2026-11-24"
 PRICES_REGION = "us-east-1"
 DEFAULT_REGION = PRICES_REGION
+
+SPREAD_PRICES_AS_OF = "2026-12-07"
+S3_GET_USD_PER_1000 = Decimal("0.0004")
+INTER_REGION_USD_PER_GB = Decimal("0.02")
+GB = 2**30
 
 # Face metadata kept in a collection (search_faces' collection strategy), per face per month.
 FACE_STORAGE_USD_PER_FACE_MONTH = 0.00001
@@ -170,3 +188,12 @@ def estimate_cost(
     for group, count in _by_group(billed_by_api).items():
         total += _tiered(count, before.get(group, 0), table[group])
     return float(round(total, 6))
+
+
+def spread_cost(gets: int, bytes_elsewhere: int) -> float:
+    """Estimated USD of sending images to Rekognition in other Regions than their buckets':
+    ``gets`` objects read once each, ``bytes_elsewhere`` bytes sent in all."""
+    if gets < 0 or bytes_elsewhere < 0:
+        raise ValueError("counts must not be negative")
+    cost = gets * S3_GET_USD_PER_1000 / 1000 + bytes_elsewhere * INTER_REGION_USD_PER_GB / GB
+    return float(round(cost, 6))

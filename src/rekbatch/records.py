@@ -19,6 +19,7 @@ SkipReason = Literal[
     "malformed_entry",  # a line of a key list that names no object
     "not_found",  # a key list names an object that does not exist
     "malformed_event",  # a queue message that is not an S3 event notification
+    "symlink",  # a symbolic link in a local folder, not followed (source.follow_symlinks)
 ]
 
 # What a record says about its image once sniffed: the original's stored dimensions, the

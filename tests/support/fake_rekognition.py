@@ -43,6 +43,18 @@ fields, or ``fail_calls`` to pick them by call number). What aiobotocore 2.25 ra
   given code (``ExpiredTokenException``, ``UnrecognizedClientException``), HTTP 400, as
   the service refuses credentials that expired or that it does not know.
 
+Regions: every request is taken to be in the region it is signed for (the credential scope of
+its SigV4 ``Authorization`` header; ``FakeConfig.region`` when unsigned), as one URL serves
+every region's client of a job with ``rekognition_endpoint_url``. Each region has its own
+token bucket per API (``quotas``, overridden per region by ``region_quotas``), its own
+counters (``stats()["regions"]``, ``region_timeline``) and can be given a fault for every
+call (``region_faults``: ``reset`` to make it unreachable, ``denied`` to refuse every call).
+
+Service Quotas (AWS JSON 1.1, ``X-Amz-Target: ServiceQuotasV20190624.<Operation>``) is
+served on the same URL: ``ListServiceQuotas`` and ``GetServiceQuota`` for service code
+``rekognition`` answer the applied quotas of ``applied_quotas[region]`` under their real
+quota codes and names (``SERVICE_QUOTAS``); ``service_quotas_error`` refuses every such call.
+
 ``billed`` counts only answers delivered as HTTP 200 with a valid result; ``undelivered``
 counts, per object too, the answers the fake computed as billable but never delivered intact
 (dropped, reset, malformed, garbage, or abandoned by the client), which real AWS may well
@@ -58,6 +70,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import contextvars
 import dataclasses
 import errno
 import hashlib
@@ -133,6 +146,43 @@ _ACCEPT_RETRY_SECONDS = 1.0
 #: loop iterations that ``stop()`` lets closing connections take before it closes them itself
 _CLOSE_ITERATIONS = 100
 _NO_FACE = "There are no faces in the image. Should be at least 1."
+_CREDENTIAL_SCOPE_RE = re.compile(r"Credential=[^/,\s]+/\d{8}/([^/,\s]+)/")
+#: the region of the request being served (its SigV4 credential scope)
+_REQUEST_REGION: contextvars.ContextVar[str] = contextvars.ContextVar("region", default="")
+#: faults ``FakeConfig.region_faults`` may give a region's every call
+REGION_FAULTS = frozenset({"reset", "drop", "stall", "error", "throttle", "denied"})
+SERVICE_QUOTAS_PREFIX = "ServiceQuotasV20190624."
+#: Rekognition's TPS quotas in Service Quotas (service code ``rekognition``): API -> (quota
+#: code, quota name), as AWS lists them (ListAWSDefaultServiceQuotas, February 2024; the
+#: quota table of docs.aws.amazon.com/general/latest/gr/rekognition.html).
+SERVICE_QUOTAS: dict[str, tuple[str, str]] = {
+    api: (
+        code,
+        f"Transactions per second per account for the Amazon Rekognition Image {kind} {api}",
+    )
+    for api, code, kind in (
+        ("DetectFaces", "L-A5121FD7", "operation"),
+        ("CompareFaces", "L-73A341CE", "operation"),
+        ("DetectLabels", "L-E29B542B", "operation"),
+        ("DetectText", "L-87CF5BA6", "operation"),
+        ("DetectModerationLabels", "L-7F4D1AC4", "operation"),
+        ("RecognizeCelebrities", "L-5FF750C4", "operation"),
+        (
+            "DetectProtectiveEquipment",
+            "L-6F294C5B",
+            "personal protective equipment operation",
+        ),
+        ("IndexFaces", "L-7C13EBAD", "operation"),
+        ("SearchFacesByImage", "L-43CBEB68", "operation"),
+        ("SearchFaces", "L-99829151", "operation"),
+        ("ListFaces", "L-970B5808", "operation"),
+        ("CreateCollection", "L-CE977716", "operation"),
+        ("DeleteCollection", "L-5346A13A", "operation"),
+        ("DescribeCollection", "L-6FDFFAF5", "operation"),
+        ("ListCollections", "L-0366BB0F", "operation"),
+        ("DeleteFaces", "L-220834FB", "operation"),
+    )
+}
 _CREDENTIAL_RE = re.compile(r"Credential=([^/,\s]+)/")
 _CREDENTIAL_MESSAGES = {
     "ExpiredTokenException": "The security token included in the request is expired",
@@ -169,8 +219,9 @@ class FakeConfig:
     #: keep fetched S3 objects in memory (benchmarks whose objects never change), so the
     #: fake measures the client rather than the S3 stand-in behind it
     s3_cache: bool = False
-    #: refuse S3Object images of buckets outside ``region`` with InvalidS3ObjectException,
-    #: as Rekognition does (it reads S3 only in its own region)
+    #: refuse S3Object images of buckets outside the request's signing Region (``region``
+    #: when unsigned) with InvalidS3ObjectException, as Rekognition does (it reads S3 only
+    #: in its own Region)
     check_bucket_region: bool = False
     # Faults (see the module docstring for what a client sees). Each call draws at most one
     # of them, from (seed, call number), so a seed gives the same faults on the same calls
@@ -193,6 +244,16 @@ class FakeConfig:
     #: setting it > 0 takes the endpoint down for that many seconds from then (it stops
     #: listening and closes open connections); 0 brings it back. Reads 0 again once it is up.
     down_for_seconds: float = 0.0
+    #: signing region -> API -> TPS, over ``quotas`` for that region (each region has its
+    #: own buckets either way)
+    region_quotas: dict[str, dict[str, float]] = field(default_factory=dict)
+    #: signing region -> one of ``REGION_FAULTS``, given to every call signed for it
+    region_faults: dict[str, str] = field(default_factory=dict)
+    #: Service Quotas: signing region -> API -> the applied quota listed for it; an API not
+    #: listed is not found (as when AWS has no applied value)
+    applied_quotas: dict[str, dict[str, float]] = field(default_factory=dict)
+    #: an error code (``AccessDeniedException``) every Service Quotas call is refused with
+    service_quotas_error: str | None = None
     #: requests with a body of at least this many bytes are held ``slow_seconds`` before
     #: their answer (0 = off)
     slow_body_bytes: int = 0
@@ -680,6 +741,19 @@ class _Stats:
     #: rate over time
     since: float = field(default_factory=time.monotonic)
     timeline: dict[str, dict[str, Counter[int]]] = field(default_factory=dict)
+    #: per signing region: "calls" and each outcome's counter name, over all APIs; and the
+    #: outcomes of each whole second, as ``timeline``
+    regions: dict[str, Counter[str]] = field(default_factory=dict)
+    region_timeline: dict[str, dict[str, Counter[int]]] = field(default_factory=dict)
+    #: Service Quotas calls per operation
+    service_quotas: Counter[str] = field(default_factory=Counter)
+
+    def count_region(self, region: str, outcome: str, delta: int = 1) -> None:
+        _bump(self.regions.setdefault(region, Counter()), outcome, delta)
+        if outcome != "calls":
+            second = int(time.monotonic() - self.since)
+            by_outcome = self.region_timeline.setdefault(region, {})
+            _bump(by_outcome.setdefault(outcome, Counter()), second, delta)
 
 
 @dataclass
@@ -914,6 +988,19 @@ def _coerce_field(name: str, value: Any) -> Any:
         return {str(k).lower(): [str(p) for p in v] for k, v in dict(value).items()}
     if name == "fail_calls":
         return _fail_calls(value)
+    if name in ("region_quotas", "applied_quotas"):
+        return {
+            str(region): {str(api): float(tps) for api, tps in dict(by_api).items()}
+            for region, by_api in dict(value).items()
+        }
+    if name == "region_faults":
+        faults = {str(region): str(kind) for region, kind in dict(value).items()}
+        unknown = set(faults.values()) - REGION_FAULTS
+        if unknown:
+            raise ValueError(f"region_faults: unknown fault(s) {sorted(unknown)}")
+        return faults
+    if name == "service_quotas_error":
+        return None if value is None else str(value)
     if name == "s3_endpoint_url":
         return None if value is None else str(value)
     if name == "region":
@@ -946,6 +1033,9 @@ class FakeRekognition:
             quotas={str(k): float(v) for k, v in config.quotas.items()},
             people={str(k).lower(): [str(p) for p in v] for k, v in config.people.items()},
             fail_calls=_fail_calls(config.fail_calls),
+            region_quotas=_coerce_field("region_quotas", config.region_quotas),
+            region_faults=_coerce_field("region_faults", config.region_faults),
+            applied_quotas=_coerce_field("applied_quotas", config.applied_quotas),
             refused_keys={str(k): str(v) for k, v in config.refused_keys.items()},
         )
         _check_faults(self._config)
@@ -953,7 +1043,7 @@ class FakeRekognition:
         self._port = port
         self._lock = threading.RLock()
         self._rng = random.Random(self._config.seed)
-        self._buckets: dict[str, _TokenBucket] = {}
+        self._buckets: dict[tuple[str, str], _TokenBucket] = {}  # (region, API)
         self._stats = _Stats()
         self._collections: dict[str, _Collection] = {}
         self._request_counter = 0
@@ -1016,6 +1106,9 @@ class FakeRekognition:
                 quotas=dict(self._config.quotas),
                 people={k: list(v) for k, v in self._config.people.items()},
                 fail_calls=dict(self._config.fail_calls),
+                region_quotas={r: dict(q) for r, q in self._config.region_quotas.items()},
+                region_faults=dict(self._config.region_faults),
+                applied_quotas={r: dict(q) for r, q in self._config.applied_quotas.items()},
                 refused_keys=dict(self._config.refused_keys),
             )
 
@@ -1125,13 +1218,19 @@ class FakeRekognition:
 
     # ------------------------------------------------------------------ runtime control
 
-    def set_quota(self, api: str, tps: float | None) -> None:
-        """Set (or with None remove) one API's quota; takes effect at once."""
+    def set_quota(self, api: str, tps: float | None, *, region: str | None = None) -> None:
+        """Set (or with None remove) one API's quota, in every region or in ``region``
+        alone; takes effect at once."""
         with self._lock:
+            quotas = (
+                self._config.quotas
+                if region is None
+                else self._config.region_quotas.setdefault(region, {})
+            )
             if tps is None:
-                self._config.quotas.pop(api, None)
+                quotas.pop(api, None)
             else:
-                self._config.quotas[api] = float(tps)
+                quotas[api] = float(tps)
             self._sync_buckets()
 
     def configure(self, **fields: Any) -> None:
@@ -1164,7 +1263,7 @@ class FakeRekognition:
                 setattr(self._config, name, value)
             if "seed" in coerced:
                 self._rng.seed(self._config.seed)
-            if "quotas" in coerced or "burst_seconds" in coerced:
+            if {"quotas", "region_quotas", "burst_seconds"} & set(coerced):
                 self._sync_buckets()
             running = self._thread is not None
         # before start, the server opens the window itself when it starts listening
@@ -1183,16 +1282,20 @@ class FakeRekognition:
             return
         asyncio.run_coroutine_threadsafe(coro, loop).result(timeout=10)
 
+    def _quota(self, region: str, api: str) -> float | None:
+        """The TPS quota of ``api`` in ``region``; None: unlimited. Under the lock."""
+        by_region = self._config.region_quotas.get(region, {})
+        return by_region[api] if api in by_region else self._config.quotas.get(api)
+
     def _sync_buckets(self) -> None:
+        """Each region's buckets to the quotas as they are now (new ones start full when a
+        region first calls)."""
         now = time.monotonic()
-        quotas, burst = self._config.quotas, self._config.burst_seconds
-        for api in list(self._buckets):
-            if api not in quotas:
-                del self._buckets[api]
-        for api, tps in quotas.items():
-            bucket = self._buckets.get(api)
-            if bucket is None:
-                self._buckets[api] = _TokenBucket(tps, burst, now)
+        burst = self._config.burst_seconds
+        for key, bucket in list(self._buckets.items()):
+            tps = self._quota(*key)
+            if tps is None:
+                del self._buckets[key]
             else:
                 bucket.reconfigure(tps, burst, now)
 
@@ -1239,6 +1342,12 @@ class FakeRekognition:
                     api: {outcome: _per_second(c) for outcome, c in by.items()}
                     for api, by in s.timeline.items()
                 },
+                "regions": {region: dict(c) for region, c in s.regions.items()},
+                "region_timeline": {
+                    region: {outcome: _per_second(c) for outcome, c in by.items()}
+                    for region, by in s.region_timeline.items()
+                },
+                "service_quotas": dict(s.service_quotas),
             }
 
     def reset_stats(self) -> None:
@@ -1445,6 +1554,7 @@ class FakeRekognition:
             self._request_counter += 1
             s = self._stats
             s.calls[api] += 1
+            s.count_region(_REQUEST_REGION.get(), "calls")
             s.in_flight += 1
             s.max_in_flight = max(s.max_in_flight, s.in_flight)
             s.call_number += 1
@@ -1476,6 +1586,9 @@ class FakeRekognition:
             second = int(time.monotonic() - s.since)
             outcome = "ok" if code is None else "throttled" if code in THROTTLE_CODES else "error"
             _bump(s.timeline.setdefault(api, {}).setdefault(outcome, Counter()), second, delta)
+            s.count_region(
+                _REQUEST_REGION.get(), "errors" if outcome == "error" else outcome, delta
+            )
             if code is None:
                 _bump(s.ok, api, delta)
                 if billed is not None:
@@ -1492,6 +1605,7 @@ class FakeRekognition:
             s.timeline.setdefault(api, {}).setdefault(outcome, Counter())[second] += 1
             counter: Counter[str] = getattr(s, outcome)
             counter[api] += 1
+            s.count_region(_REQUEST_REGION.get(), outcome)
             if billable is not None:
                 s.undelivered[(api, billable)] += 1
 
@@ -1511,9 +1625,24 @@ class FakeRekognition:
             self._stats.in_flight -= 1
 
     def _take_token(self, api: str) -> bool:
+        """A token of ``api``'s bucket in the request's region (each region its own)."""
+        key = (_REQUEST_REGION.get(), api)
         with self._lock:
-            bucket = self._buckets.get(api)
-            return True if bucket is None else bucket.try_take(time.monotonic())
+            now = time.monotonic()
+            bucket = self._buckets.get(key)
+            if bucket is None:
+                tps = self._quota(*key)
+                if tps is None:
+                    return True
+                bucket = self._buckets[key] = _TokenBucket(tps, self._config.burst_seconds, now)
+            return bucket.try_take(now)
+
+    def _signing_region(self, request: web.BaseRequest) -> str:
+        match = _CREDENTIAL_SCOPE_RE.search(request.headers.get("Authorization", ""))
+        if match:
+            return match[1]
+        with self._lock:
+            return self._config.region
 
     def _roll(self, probability: float) -> bool:
         if probability <= 0:
@@ -1546,9 +1675,15 @@ class FakeRekognition:
 
     async def _handle_api(self, request: web.Request) -> web.StreamResponse:
         target = request.headers.get("X-Amz-Target", "")
+        region = self._signing_region(request)
+        _REQUEST_REGION.set(region)  # this request's task: its counters and buckets
+        if target.startswith(SERVICE_QUOTAS_PREFIX):
+            return await self._handle_service_quotas(request, target, region)
         op = target[len(TARGET_PREFIX) :] if target.startswith(TARGET_PREFIX) else ""
         api = op or "<unknown>"
         request_id, fault = self._begin(api)
+        with self._lock:
+            fault = self._config.region_faults.get(region) or fault
         ended = False  # True once the call is in exactly one outcome counter
         try:
             if self._is_down():  # a request that slipped in on a connection still open
@@ -1644,6 +1779,11 @@ class FakeRekognition:
             raise _ApiError(
                 "UnknownOperationException", f"Unknown or unsupported operation: {_target_of(op)}"
             )
+        if fault == "denied":
+            raise _ApiError(
+                "AccessDeniedException",
+                f"User is not authorized to perform: rekognition:{op} in this region",
+            )
         refused = self._refused_credentials(request)
         if refused is not None:
             raise _ApiError(refused, _CREDENTIAL_MESSAGES.get(refused, "Invalid credentials"))
@@ -1662,6 +1802,31 @@ class FakeRekognition:
             raise _ApiError("InternalServerError", "Internal server error", 500)
         body = await self._offload(len(raw), _parse_body, raw)
         return await handler(body)
+
+    # ------------------------------------------------------------------ Service Quotas
+
+    async def _handle_service_quotas(
+        self, request: web.Request, target: str, region: str
+    ) -> web.Response:
+        op = target[len(SERVICE_QUOTAS_PREFIX) :]
+        with self._lock:
+            self._stats.service_quotas[op or "<unknown>"] += 1
+            refused = self._config.service_quotas_error
+            applied = dict(self._config.applied_quotas.get(region, {}))
+        try:
+            body = _parse_body(await request.read())
+            if refused:
+                raise _ApiError(
+                    refused, f"User is not authorized to perform: servicequotas:{op or '?'}"
+                )
+            answer = _service_quotas_answer(op, body, region, applied)
+        except _ApiError as err:
+            status, answer = err.status, {"__type": err.code, "Message": err.message}
+        else:
+            status = 200
+        return web.Response(
+            status=status, body=json.dumps(answer).encode(), content_type=CONTENT_TYPE
+        )
 
     # ------------------------------------------------------------------ images
 
@@ -1708,7 +1873,9 @@ class FakeRekognition:
         if version:
             kwargs["VersionId"] = version
         with self._lock:
-            region, check_region = self._config.region, self._config.check_bucket_region
+            # the Region the request is signed for: Rekognition reads S3 only there
+            region = _REQUEST_REGION.get() or self._config.region
+            check_region = self._config.check_bucket_region
         try:
             if check_region:
                 location = await s3.get_bucket_location(Bucket=bucket)
@@ -2066,6 +2233,50 @@ class FakeRekognition:
 
 def _target_of(op: str) -> str:
     return f"{TARGET_PREFIX}{op}" if op else "(no X-Amz-Target)"
+
+
+def _quota_record(api: str, value: float, region: str) -> JSON:
+    code, name = SERVICE_QUOTAS[api]
+    return {
+        "ServiceCode": "rekognition",
+        "ServiceName": "Amazon Rekognition",
+        "QuotaArn": f"arn:aws:servicequotas:{region}:{ACCOUNT_ID}:rekognition/{code}",
+        "QuotaCode": code,
+        "QuotaName": name,
+        "Value": value,
+        "Unit": "None",
+        "Adjustable": True,
+        "GlobalQuota": False,
+    }
+
+
+def _service_quotas_answer(op: str, req: JSON, region: str, applied: Mapping[str, float]) -> JSON:
+    """Service Quotas' answer to ``op`` for the applied quotas of one region."""
+    if req.get("ServiceCode") != "rekognition":
+        raise _ApiError(
+            "NoSuchResourceException",
+            "The request failed because the specified service does not exist.",
+        )
+    records = [_quota_record(api, applied[api], region) for api in SERVICE_QUOTAS if api in applied]
+    if op == "GetServiceQuota":
+        code = _str_param(req, "QuotaCode")
+        for record in records:
+            if record["QuotaCode"] == code:
+                return {"Quota": record}
+        raise _ApiError(
+            "NoSuchResourceException",
+            f"The request failed because the quota {code} does not exist.",
+        )
+    if op == "ListServiceQuotas":
+        code = req.get("QuotaCode")
+        if code is not None:
+            records = [r for r in records if r["QuotaCode"] == code]
+        start, limit = _page(req, 100)
+        page: JSON = {"Quotas": records[start : start + min(limit, 100)]}
+        if start + limit < len(records):
+            page["NextToken"] = str(start + limit)
+        return page
+    raise _ApiError("UnknownOperationException", f"Unknown operation {SERVICE_QUOTAS_PREFIX}{op}")
 
 
 # --------------------------------------------------------------------------- CLI

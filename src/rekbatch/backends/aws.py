@@ -256,11 +256,15 @@ class AwsBackend:
         pool: int,
         call_path: str = "direct",
         new_session: Callable[[], Any] | None = None,
+        region: str | None = None,
     ) -> None:
+        # ``region``: the Region to call and sign for (None: the session's); with
+        # ``endpoint_url`` every Region's client goes to that URL, signed for its own Region.
         self._session = session
         self._new_session = new_session
         self._endpoint = endpoint_url
         self.call_path = call_path
+        self._region_name = region
         self._config = AioConfig(
             max_pool_connections=pool,
             retries={"total_max_attempts": 1},
@@ -293,7 +297,12 @@ class AwsBackend:
     async def _open(self, session: Any) -> None:
         """A client on ``session``, and the direct path on it."""
         client = await self._stack.enter_async_context(
-            session.client("rekognition", endpoint_url=self._endpoint, config=self._config)
+            session.client(
+                "rekognition",
+                endpoint_url=self._endpoint,
+                region_name=self._region_name,
+                config=self._config,
+            )
         )
         self._client = client
         self._methods = {}
@@ -336,9 +345,7 @@ class AwsBackend:
         core = getattr(session, "_session", session)
         agent = UserAgentString.from_environment().set_session_config(
             session_user_agent_name=getattr(core, "user_agent_name", "aiobotocore"),
-            session_user_agent_version=getattr(
-                core, "user_agent_version", aiobotocore.__version__
-            ),
+            session_user_agent_version=getattr(core, "user_agent_version", aiobotocore.__version__),
             session_user_agent_extra=getattr(
                 core, "user_agent_extra", f"botocore/{botocore.__version__}"
             ),

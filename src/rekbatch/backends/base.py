@@ -9,17 +9,49 @@ AWS, the offline backend and test fakes plug in the same way.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+
+class ObjectBytes:
+    """An S3 object's bytes for a Region that cannot read its bucket: read at most once (when
+    first asked for), then shared by the object's operations and their retries. ``size`` is
+    the listed size; ``data``, bytes already read (a small object's whole head)."""
+
+    def __init__(
+        self, size: int, read: Callable[[], Awaitable[bytes]], data: bytes | None = None
+    ) -> None:
+        self.size = size
+        self._read = read
+        self._task: asyncio.Future[bytes] | None = None
+        if data is not None:
+            self._task = asyncio.get_running_loop().create_future()
+            self._task.set_result(data)
+
+    async def get(self, on_read: Callable[[], None] | None = None) -> bytes:
+        """The bytes; ``on_read`` is called when this call starts the read. A read that
+        failed is tried again by the next call; one whose caller gave up goes on for the
+        next."""
+        task = self._task
+        if task is None or (task.done() and (task.cancelled() or task.exception() is not None)):
+            task = self._task = asyncio.ensure_future(self._read())
+            if on_read is not None:
+                on_read()
+        return await asyncio.shield(task)
 
 
 @dataclass(frozen=True, slots=True)
 class ImageInput:
-    """An image as a Rekognition request carries it: by S3 reference or by bytes."""
+    """An image as a Rekognition request carries it: by S3 reference or by bytes.
+
+    ``fetch``: for an S3 reference, its bytes for a Region other than the bucket's."""
 
     bucket: str | None = None
     key: str | None = None
     data: bytes | None = None
+    fetch: ObjectBytes | None = field(default=None, compare=False, repr=False)
 
     def as_request(self) -> dict[str, Any]:
         if self.data is not None:

@@ -22,6 +22,11 @@ deadline uses an attempt: the request may have reached the service and been bill
 any failure after a connection was made (classified ``exchange``). Only a failure to connect
 (``connect``: nothing reached the service) is retried without using up attempts, for as
 long as the endpoint is not down.
+
+With several Regions (``regions``, see ``calls.regions``) a stateless call takes a ``Route``
+instead of its API's limiter: the same interface over every Region's limiter, and the
+backend of the Region that granted the permit. A failure that was the Region's goes to
+another Region without using an attempt.
 """
 
 from __future__ import annotations
@@ -29,8 +34,9 @@ from __future__ import annotations
 import asyncio
 import random
 from collections import Counter, deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -42,6 +48,9 @@ from rekbatch.clock import MONOTONIC, Clock
 from rekbatch.errors import BackendError, CredentialsRefused, Interrupted
 
 log = structlog.get_logger("rekbatch")
+
+if TYPE_CHECKING:
+    from rekbatch.calls.regions import Regions, Route
 
 TIMEOUT_FACTOR = 5.0
 TIMEOUT_FLOOR = 3.0
@@ -128,8 +137,10 @@ class Caller:
         first_contact_seconds: float | None = None,
         share: float = 1.0,
         stopping: asyncio.Event | None = None,
+        applied: Mapping[str, float] | None = None,
     ) -> None:
-        # ``share``: this process's part of the ceilings (1/N for one of N shards).
+        # ``share``: this process's part of the ceilings (1/N for one of N shards);
+        # ``applied``: the account's quotas in ``region`` (Service Quotas), under ``max_tps``.
         self.backend = backend
         self._share = share
         self.retry = retry
@@ -147,6 +158,8 @@ class Caller:
         self._region = region
         self._clock = clock
         self._rng = rng or random.Random()
+        self._applied = applied
+        self.regions: Regions | None = None  # several Regions: the stateless calls' routes
         self._stopping = stopping
         # Credentials: how often the backend reloaded them, and whether a call got through
         # since the last time.
@@ -154,14 +167,14 @@ class Caller:
         self._ok_since_reload = False
         self._reloading = asyncio.Lock()
         self.limiters: dict[str, AdaptiveLimiter] = {}
-        for api, rate in resolve_ceilings(max_tps, region, apis or []).items():
+        for api, rate in resolve_ceilings(max_tps, region, apis or [], applied).items():
             self.limiters[api] = AdaptiveLimiter(rate * share, clock=clock, name=api)
 
     def limiter(self, api: str) -> AdaptiveLimiter:
         limiter = self.limiters.get(api)
         if limiter is None:
             # An API no operation declared up front (collections): its default ceiling.
-            (rate,) = resolve_ceilings(self._max_tps, self._region, [api]).values()
+            (rate,) = resolve_ceilings(self._max_tps, self._region, [api], self._applied).values()
             limiter = self.limiters[api] = AdaptiveLimiter(
                 rate * self._share, clock=self._clock, name=api
             )
@@ -174,7 +187,10 @@ class Caller:
     async def call(
         self, api: str, params: dict[str, Any], images: dict[str, ImageInput]
     ) -> CallOutcome:
-        limiter = self.limiters.get(api) or self.limiter(api)
+        limiter: AdaptiveLimiter | Route = self.limiters.get(api) or self.limiter(api)
+        route = None if self.regions is None else self.regions.route(api, images)
+        if route is not None:
+            limiter = route  # every Region's limiter of the API, behind one
         latency = self.latency.get(api)
         if latency is None:
             latency = self.latency[api] = LatencyWindow()
@@ -195,15 +211,16 @@ class Caller:
             else:
                 permit = await limiter.acquire()
             stats.calls[api] += 1
+            backend = self.backend if route is None else route.backend
             generation = self._credentials_generation
             sent = clock.now()
             deadline = latency.deadline() + upload
             try:
                 if self.network:
                     async with asyncio.timeout(deadline):
-                        result = await self.backend.call(api, params, images)
+                        result = await backend.call(api, params, images)
                 else:
-                    result = await self.backend.call(api, params, images)
+                    result = await backend.call(api, params, images)
             except (BackendError, TimeoutError) as exc:
                 error = exc if isinstance(exc, BackendError) else _deadline(deadline)
                 seconds += clock.now() - sent
@@ -212,19 +229,22 @@ class Caller:
                     stats.throttles[api] += 1
                 else:
                     limiter.on_error(permit)
+                # The Region's failure, and another Region serves: no attempt used.
+                moved = route is not None and route.failed(error)
                 if error.kind == "credentials":
                     stats.credential_errors[api] += 1
-                    await self._reload_credentials(error, generation)
-                    continue  # refused before any work: no attempt used
+                    if not moved:  # refused in every Region, or there is only one
+                        await self._reload_credentials(error, generation)
+                        continue  # refused before any work: no attempt used
                 if error.connection is not None:
                     stats.connection_errors[api] += 1
                 if error.connection == "connect":
                     # Nothing reached the service: no attempt used, but the endpoint's clock
                     # runs (and may stop the run).
                     self.reach.failed(f"{error.code}: {error.message}", sent)
-                else:
+                elif not moved:
                     attempts += 1
-                if not error.retryable or attempts >= self.retry.max_attempts:
+                if not moved and (not error.retryable or attempts >= self.retry.max_attempts):
                     stats.failures[api] += 1
                     return CallOutcome(None, error, tries, seconds)
                 self._check_stopping(api)

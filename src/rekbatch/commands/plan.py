@@ -23,8 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rekbatch.calls.quotas import resolve_ceilings
-from rekbatch.commands import prefilter_estimate
+from rekbatch.commands import plan_regions, prefilter_estimate
 from rekbatch.config import Config, parse_s3_uri, uses_s3
 from rekbatch.engine.prepare import read_header
 from rekbatch.errors import SetupError
@@ -46,8 +45,8 @@ from rekbatch.sources.filters import (
     MAX_IMAGE_BYTES,
     MAX_S3_OBJECT_BYTES,
     Convert,
-    classify_listing,
     decide,
+    listing_reason,
 )
 from rekbatch.sources.s3 import buckets_elsewhere, region_error
 from rekbatch.store import jobdir
@@ -142,7 +141,7 @@ async def plan_job(
             if not todo:
                 done_objects += 1
                 continue
-            reason = obj.skip or classify_listing(obj, include, exclude, max_bytes, sniff=sniffing)
+            reason = listing_reason(obj, include, exclude, max_bytes, sniff=sniffing)
             if reason is not None:
                 skipped[reason] += 1
                 continue
@@ -220,7 +219,7 @@ async def plan_job(
                 )
             sources: list[Source] = []
             for index, uri in enumerate(cfg.source.uris):
-                source = open_source(uri, index, s3)
+                source = open_source(uri, index, s3, follow_symlinks=cfg.source.follow_symlinks)
                 parsed = parse_s3_uri(uri)
                 if isinstance(source, SqsSource):
                     notes.append(f"{uri}: a queue; its events are read by run, not planned")
@@ -307,7 +306,10 @@ async def plan_job(
                 cut = round(images_by_op.get(op.type, 0) * per_image * prefilter.share)
                 saved[api] = saved.get(api, 0) + cut
         calls = {api: count - saved.get(api, 0) for api, count in calls.items()}
-    ceilings = resolve_ceilings(cfg.limits.max_tps, cfg.aws.region, list(calls))
+    by_region = plan_regions.region_ceilings(
+        cfg, list(calls), await plan_regions.plan_quotas(cfg, list(calls))
+    )
+    ceilings = by_region[cfg.aws.region]
     priced_region = cfg.aws.region if cfg.aws.region in PRICE_TABLES else PRICES_REGION
     if cfg.backend.kind == "local":
         cost = 0.0
@@ -325,6 +327,15 @@ async def plan_job(
         cost = estimate_cost(calls, region=cfg.aws.region)
         seconds = max((count / ceilings[api] for api, count in calls.items()), default=0.0)
         note = "estimates: cost from published list prices, time at the configured rates"
+    converted_images = sum(converted.values())
+    regions = plan_regions.region_plan(
+        cfg,
+        calls,
+        by_region,
+        images=images,
+        by_reference=images - converted_images if any(by_ref_of.values()) else 0,
+        image_bytes=eligible_bytes,
+    )
     return {
         "job": cfg.job.name,
         "backend": cfg.backend.kind,
@@ -357,6 +368,7 @@ async def plan_job(
         },
         "offline_timing": timing,
         "estimated_seconds": round(seconds, 1),
+        "regions": regions,
         "prefilter": None
         if prefilter is None
         else {
@@ -514,6 +526,7 @@ def render_plan(plan: dict[str, Any]) -> str:
     lines.append(
         f"estimated time:   {_duration(plan['estimated_seconds'])} (at the configured rates)"
     )
+    lines.extend(plan_regions.render_region_plan(plan.get("regions"), _duration))
     prefilter = plan.get("prefilter")
     if prefilter:
         lines.append(

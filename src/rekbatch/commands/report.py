@@ -6,7 +6,10 @@ matched image as a thumbnail with the matched face boxed, captioned with its key
 similarity. Only matched images (and the references, once) are read; thumbnails are JPEG
 data URIs, so ``report.html`` needs nothing else: no network, no files beside it.
 
-Pillow draws the thumbnails; it is the optional extra ``rekbatch[report]``.
+Pillow draws the thumbnails; it is the optional extra ``rekbatch[report]``. They are decoded
+as the run's conversions are (``sources/decoding.py``): reduced while decoding where the
+format allows, within the job's ``source.max_pixels`` and ``source.convert_memory_mb``; an
+image beyond them shows why in place of its thumbnail.
 """
 
 from __future__ import annotations
@@ -26,6 +29,16 @@ from typing import TYPE_CHECKING, Any, Literal
 from rekbatch import __version__
 from rekbatch.config import CompareFacesOp, Config, SearchFacesOp, parse_s3_uri
 from rekbatch.errors import SetupError
+from rekbatch.sources.decoding import (
+    MB,
+    MemoryBudget,
+    Plan,
+    TooManyPixels,
+    TooMuchMemory,
+    megabytes,
+    plan_header,
+    return_freed_memory,
+)
 
 if TYPE_CHECKING:
     from rekbatch.commands.report_results import Sections
@@ -321,30 +334,33 @@ def _describe(exc: BaseException) -> str:
         text = f"file not found: {exc.filename}" if exc.filename else str(exc) or "not found"
     elif type(exc).__name__ == "UnidentifiedImageError":
         text = "not an image Pillow can read"
+    elif isinstance(exc, TooMuchMemory):
+        text = (
+            f"too large to draw: {exc.plan.describe()} needs about {megabytes(exc.plan.peak)}"
+            f" to decode, more than source.convert_memory_mb ({exc.limit // MB:,} MB)"
+        )
+    elif isinstance(exc, TooManyPixels):
+        text = f"too large to draw: {exc}, more than source.max_pixels"
     else:
         text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
     return text if len(text) <= _ERROR_CHARS else text[: _ERROR_CHARS - 1] + "…"
 
 
-def _render(data: bytes, views: list[View]) -> list[_Thumb]:
+def _render(
+    data: bytes, views: list[View], limit: int | None = None, max_pixels: int | None = None
+) -> list[_Thumb]:
     """One thumbnail per view (its boxes drawn), drawn on the orientation-corrected image (the frame
-    Rekognition's bounding boxes refer to)."""
-    from PIL import Image, ImageDraw, ImageOps
+    Rekognition's bounding boxes refer to); decoding holds at most ``limit`` bytes."""
+    from PIL import Image, ImageDraw
 
-    with Image.open(io.BytesIO(data)) as opened:
-        if opened.format == "JPEG":
-            opened.draft("RGB", (THUMB_PX, THUMB_PX))  # decode at a reduced DCT scale
-        image = ImageOps.exif_transpose(opened)
-        if image.mode != "RGB":
-            if image.mode in {"RGBA", "LA", "PA"} or (
-                image.mode == "P" and "transparency" in image.info
-            ):
-                rgba = image.convert("RGBA")
-                image = Image.new("RGB", rgba.size, (255, 255, 255))
-                image.paste(rgba, mask=rgba.getchannel("A"))
-            else:
-                image = image.convert("RGB")
-        image.thumbnail((THUMB_PX, THUMB_PX), Image.Resampling.LANCZOS)
+    from rekbatch.sources.convert import heif_available
+    from rekbatch.sources.decoding import decode_fitted
+
+    heif_available()
+    image, _, _ = decode_fitted(
+        data, THUMB_PX, limit=limit, max_pixels=max_pixels, resample=Image.Resampling.LANCZOS
+    )
+    image = image.convert("RGB")
     width, height = image.size
     thumbs: list[_Thumb] = []
     for view in views:
@@ -365,6 +381,13 @@ def _render(data: bytes, views: list[View]) -> list[_Thumb]:
     return thumbs
 
 
+def _plan(data: bytes) -> Plan | None:
+    from rekbatch.sources.convert import heif_available
+
+    heif_available()
+    return plan_header(data, THUMB_PX)
+
+
 class _Fetcher:
     """Reads each image once (bounded concurrency) and renders all thumbnails asked of it."""
 
@@ -373,6 +396,9 @@ class _Fetcher:
         self._read_s3 = read_s3
         limit = max(1, min(cfg.limits.concurrency, MAX_FETCH_CONCURRENCY))
         self._sem = asyncio.Semaphore(limit)
+        self._memory = MemoryBudget(cfg.source.convert_memory_mb * MB)
+        return_freed_memory()
+        self._max_pixels = cfg.source.max_pixels
 
     async def _read(self, where: _Location) -> bytes:
         if where.kind == "s3":
@@ -387,10 +413,24 @@ class _Fetcher:
         async with self._sem:
             try:
                 data = await self._read(where)
-                return await asyncio.to_thread(_render, data, views)
+                return await self._draw(data, views)
             except Exception as exc:  # shown on the page in place of the image
                 message = _describe(exc)
                 return [_Thumb(error=message) for _ in views]
+
+    async def _draw(self, data: bytes, views: list[View]) -> list[_Thumb]:
+        """The thumbnails, decoded within the job's memory budget: planned from the header,
+        then drawn holding the plan's bytes (an image needing more than the whole budget
+        is not decoded; its frame says so)."""
+        plan = await asyncio.to_thread(_plan, data)
+        memory = self._memory
+        # Without a plan (a header Pillow cannot read) it decodes alone, if at all.
+        need = memory.total if plan is None else plan.peak + len(data)
+        if plan is not None and not memory.fits(need):
+            raise TooMuchMemory(plan, memory.total)
+        async with memory.hold(need):
+            limit = max(0, need - len(data))
+            return await asyncio.to_thread(_render, data, views, limit, self._max_pixels)
 
     async def all(self, wanted: dict[_Location, _Wanted]) -> Thumbs:
         items = list(wanted.items())

@@ -250,9 +250,7 @@ class Sections:
                 f"of {sum(r.faces_hist.values())} images"
             )
         if "detect_labels" in r.records:
-            out.append(
-                f"<strong>{len(r.label_images)}</strong> labels in {r.labelled} images"
-            )
+            out.append(f"<strong>{len(r.label_images)}</strong> labels in {r.labelled} images")
         if "detect_text" in r.records:
             out.append(f"Text in <strong>{r.text_images}</strong> images")
         if "detect_moderation_labels" in r.records:

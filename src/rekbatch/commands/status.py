@@ -85,12 +85,29 @@ def job_status(directory: Path, *, now: float) -> dict[str, Any]:
         "calls_last_run": calls_made,
         "calls_per_second": rate,
         "throttles_last_run": throttles,
+        "regions": _regions(stats.get("regions", {})),
         "errors": errors,
         "eta_seconds": None if eta is None else round(eta, 1),
         "runs": len(runs),
         "last_heartbeat_age_seconds": round(now - last["heartbeat_at"], 1) if last else None,
         "last_exit_code": last["exit_code"] if last else None,
         "queues": queues,
+    }
+
+
+def _regions(stats: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per Region (several calling Regions only): calls, rate, throttles, and which APIs
+    were out of the rotation."""
+    if len(stats) < 2:
+        return {}
+    return {
+        region: {
+            "calls": int(one.get("calls", 0)),
+            "calls_per_second": float(one.get("calls_per_second", 0.0)),
+            "throttles": int(one.get("throttles", 0)),
+            "out_of_rotation": list(one.get("out_of_rotation", [])),
+        }
+        for region, one in stats.items()
     }
 
 
@@ -163,6 +180,13 @@ def render_status(report: dict[str, Any]) -> str:
             f"rate: {report['calls_per_second']:.1f} calls/s ({run}, {report['calls_last_run']} "
             f"calls); throttles: {report['throttles_last_run']}"
         )
+    for region, one in sorted((report.get("regions") or {}).items()):
+        out = one.get("out_of_rotation")
+        lines.append(
+            f"  {region}: {one['calls']} calls, {one['calls_per_second']:.1f}/s, "
+            f"{one['throttles']} throttles"
+            + (f"; out of the rotation: {', '.join(out)}" if out else "")
+        )
     if report["eta_seconds"] is not None:
         lines.append(f"estimated time left: {report['eta_seconds']:.0f} s")
     for err in report["errors"]:
@@ -183,6 +207,8 @@ def any_status(directory: Path, *, now: float) -> dict[str, Any]:
     by_status: Counter[str] = Counter()
     by_operation: dict[str, Counter[str]] = {}
     errors: Counter[tuple[str, str]] = Counter()
+    regions: dict[str, Counter[str]] = {}
+    rates: dict[str, float] = {}
     total = {"objects_listed": 0, "objects_done": 0, "calls_per_second": 0.0, "throttles": 0}
     job = None
     listing_done = True
@@ -209,6 +235,12 @@ def any_status(directory: Path, *, now: float) -> dict[str, Any]:
         total["objects_listed"] += one["objects_listed"]
         total["objects_done"] += one["objects_done"]
         total["throttles"] += one["throttles_last_run"]
+        for region, counts in one["regions"].items():
+            regions.setdefault(region, Counter()).update(
+                calls=counts["calls"], throttles=counts["throttles"]
+            )
+            if one["active"]:
+                rates[region] = rates.get(region, 0.0) + counts["calls_per_second"]
         if one["active"]:
             total["calls_per_second"] += one["calls_per_second"]
         listing_done = listing_done and all(s["listing_done"] for s in one["sources"])
@@ -232,6 +264,15 @@ def any_status(directory: Path, *, now: float) -> dict[str, Any]:
         "objects_done": total["objects_done"],
         "calls_per_second": round(float(total["calls_per_second"]), 2),
         "throttles_last_run": total["throttles"],
+        "regions": {
+            region: {
+                "calls": c["calls"],
+                "calls_per_second": round(rates.get(region, 0.0), 2),
+                "throttles": c["throttles"],
+                "out_of_rotation": [],
+            }
+            for region, c in regions.items()
+        },
         "errors": [
             {"operation": op, "error_code": code, "count": n, "example": None}
             for (op, code), n in errors.most_common(5)

@@ -110,9 +110,7 @@ async def online_problems(cfg: Config) -> list[str]:
             buckets.setdefault(parsed[0], "output.upload_uri")
     objects = [(f, parse_s3_uri(loc)) for f, loc in references(cfg) if parse_s3_uri(loc)]
     if buckets or objects:
-        async with session.client(
-            "s3", endpoint_url=cfg.aws.s3_endpoint_url, config=boto
-        ) as s3:
+        async with session.client("s3", endpoint_url=cfg.aws.s3_endpoint_url, config=boto) as s3:
             for bucket, field in buckets.items():
                 try:
                     await s3.list_objects_v2(Bucket=bucket, MaxKeys=1)
@@ -125,12 +123,18 @@ async def online_problems(cfg: Config) -> list[str]:
                 except Exception as exc:
                     add(field, f"s3://{where[0]}/{where[1]}", exc)
     if cfg.backend.kind == "aws":
-        rek: Any
-        async with session.client(
-            "rekognition", endpoint_url=cfg.aws.rekognition_endpoint_url, config=boto
-        ) as rek:
-            try:
-                await rek.list_collections(MaxResults=1)
-            except Exception as exc:
-                add("aws.region", f"Rekognition in {cfg.aws.region}", exc)
+        # Every Region the run would call (aws.regions), the home one first.
+        for region in dict.fromkeys([cfg.aws.region, *cfg.aws.calling_regions()]):
+            rek: Any
+            async with session.client(
+                "rekognition",
+                endpoint_url=cfg.aws.rekognition_endpoint_url,
+                region_name=region,
+                config=boto,
+            ) as rek:
+                try:
+                    await rek.list_collections(MaxResults=1)
+                except Exception as exc:
+                    field = "aws.region" if region == cfg.aws.region else "aws.regions"
+                    add(field, f"Rekognition in {region}", exc)
     return problems

@@ -117,9 +117,7 @@ def _known_keys(loc: tuple[int | str, ...], data: dict[str, Any]) -> list[str]:
     return []
 
 
-def _one_line(
-    err: Mapping[str, Any], data: dict[str, Any], path: Path, origins: EnvOrigins
-) -> str:
+def _one_line(err: Mapping[str, Any], data: dict[str, Any], path: Path, origins: EnvOrigins) -> str:
     loc = tuple(err.get("loc", ()))
     kind = err.get("type", "")
     message = str(err.get("msg", "invalid"))

@@ -104,6 +104,11 @@ class SourceSection(_Section):
     list_concurrency: int = Field(default=16, ge=1, le=256)
     # A queue source (sqs://) is done once no message came for this long (without --follow).
     queue_idle_seconds: float = Field(default=20.0, gt=0, le=86_400)
+    # Decoded-image memory that all conversions (and the offline backend's decodes) may
+    # hold at once; an image needing more alone is skipped as too_large.
+    convert_memory_mb: int = Field(default=1024, ge=64, le=1_048_576)
+    # Local folders: a symbolic link is recorded as skipped (reason symlink) unless true.
+    follow_symlinks: bool = False
 
     @field_validator("uris")
     @classmethod
@@ -148,8 +153,11 @@ def _check_endpoint(value: str | None) -> str | None:
     return value
 
 
+_REGION = r"^[a-z]{2}(-[a-z]+)+-\d+$"
+
+
 class AwsSection(_Section):
-    region: str = Field(default="us-east-1", pattern=r"^[a-z]{2}(-[a-z]+)+-\d+$")
+    region: str = Field(default="us-east-1", pattern=_REGION)
     profile: str | None = None
     s3_endpoint_url: str | None = None
     rekognition_endpoint_url: str | None = None
@@ -159,10 +167,36 @@ class AwsSection(_Section):
     # How Rekognition calls are made: a signed request of rekbatch's own through the
     # client's HTTP session ("direct"), or the aiobotocore client's methods ("client").
     call_path: Literal["direct", "client"] = "direct"
+    # Rekognition Regions the stateless calls are spread over, each at its own quota;
+    # None: ``[region]``. Face collections stay in ``region``.
+    regions: list[Annotated[str, Field(pattern=_REGION)]] | None = Field(default=None, min_length=1)
+    # "bucket": each object's calls go to its bucket's own Region.
+    rekognition_region: Literal["bucket"] | None = None
 
     _endpoints = field_validator(
         "s3_endpoint_url", "rekognition_endpoint_url", "sqs_endpoint_url"
     )(classmethod(lambda cls, v: _check_endpoint(v)))
+
+    @field_validator("regions")
+    @classmethod
+    def _regions(cls, regions: list[str] | None) -> list[str] | None:
+        if regions is not None and len(set(regions)) != len(regions):
+            raise ValueError("a Region is listed twice")
+        return regions
+
+    @model_validator(mode="after")
+    def _one_way(self) -> AwsSection:
+        if self.regions is not None and self.rekognition_region == "bucket":
+            raise ValueError(
+                'aws.regions and aws.rekognition_region = "bucket" both choose the Regions '
+                "Rekognition is called in: set one of them"
+            )
+        return self
+
+    def calling_regions(self) -> list[str]:
+        """The Regions stateless calls may go to (``rekognition_region = "bucket"`` adds
+        the source buckets' Regions once they are known)."""
+        return list(self.regions) if self.regions is not None else [self.region]
 
 
 class BackendSection(_Section):
@@ -349,11 +383,18 @@ class Config(_Section):
     def fingerprint(self) -> str:
         """What identifies the job: its sources and operations. Rates, concurrency, caps and
         endpoints may change between a run and its resume; these may not."""
-        # How fast it is listed does not change what the job is.
-        source = self.source.model_dump(exclude={"list_concurrency", "queue_idle_seconds"})
+        # How fast it is listed, and the memory its decoding may hold, do not change what
+        # the job is.
+        source = self.source.model_dump(
+            exclude={"list_concurrency", "queue_idle_seconds", "convert_memory_mb"}
+        )
         # Keys added later leave the fingerprint of a job that keeps their defaults as it
         # was, so a job started before them resumes.
-        for key, default in (("convert", True), ("max_pixels", 150_000_000)):
+        for key, default in (
+            ("convert", True),
+            ("max_pixels", 150_000_000),
+            ("follow_symlinks", False),
+        ):
             if source.get(key) == default:
                 del source[key]
         if source.get("include") == DEFAULT_INCLUDE:

@@ -6,6 +6,11 @@ and each operation gets what ``filters.decide`` says: the image unchanged (an S3
 reference or the bytes), a JPEG converted by the ``Converter`` (once per size limit: PPE
 takes smaller images than the others), or a skip reason. Every record of a sniffed object
 carries what was found and done (``IMAGE_FIELDS``).
+
+A conversion is planned from the header before the object is downloaded: it holds its
+plan's bytes plus the object's of the run's memory budget from the download to the end of
+its encoding, and an image whose plan alone exceeds the budget is skipped (``too_large``,
+the estimate in its message) without being downloaded or decoded.
 """
 
 from __future__ import annotations
@@ -14,10 +19,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from rekbatch.backends.base import ImageInput
+from rekbatch.backends.base import ImageInput, ObjectBytes
 from rekbatch.records import IMAGE_FIELDS, ObjectRef, SkipReason
 from rekbatch.sources import Source
-from rekbatch.sources.convert import ConversionError, Converted, Converter, TooManyPixels
+from rekbatch.sources.convert import (
+    ConversionError,
+    Converted,
+    Converter,
+    TooManyPixels,
+    TooMuchMemory,
+)
+from rekbatch.sources.decoding import Plan, megabytes
 from rekbatch.sources.filters import (
     AS_IS,
     DEFAULT_MAX_PIXELS,
@@ -37,7 +49,15 @@ class Failure:
     message: str
 
 
-Outcome = ImageInput | SkipReason | Failure
+@dataclass(frozen=True, slots=True)
+class Skip:
+    """A skip with a message saying why (an estimate, a limit)."""
+
+    reason: SkipReason
+    message: str
+
+
+Outcome = ImageInput | SkipReason | Skip | Failure
 
 
 @dataclass(slots=True)
@@ -53,7 +73,7 @@ class Prepared:
 
     @property
     def skipped(self) -> bool:
-        return all(isinstance(o, str) for o in self.outcomes.values())
+        return all(isinstance(o, str | Skip) for o in self.outcomes.values())
 
 
 def _fields(info: ImageInfo | None, sent: tuple[int | None, int | None]) -> dict[str, Any]:
@@ -101,7 +121,7 @@ class ImagePreparer:
         if not self.sniff:
             # Sent as listed, unchecked: no sniffing, no conversion.
             image = (
-                ImageInput(bucket=obj.bucket, key=obj.key)
+                ImageInput(bucket=obj.bucket, key=obj.key, fetch=_fetch(source, obj, None))
                 if by_ref
                 else ImageInput(data=await source.read(obj))
             )
@@ -115,6 +135,8 @@ class ImagePreparer:
             info = sniff(head)
         if data is None and len(head) >= obj.size:
             data = head  # the whole object came with its head
+        # A Region other than the bucket's is sent the bytes, read once for all operations.
+        fetch = _fetch(source, obj, data) if by_ref else None
         max_bytes = MAX_S3_OBJECT_BYTES if by_ref else MAX_IMAGE_BYTES
         decisions: dict[str, Decision] = {
             op: decide(
@@ -129,18 +151,18 @@ class ImagePreparer:
         }
         outcomes: dict[str, Outcome] = {}
         extra: dict[str, dict[str, Any] | None] = {}
-        converted: dict[int, Converted | TooManyPixels | ConversionError] = {}
+        converted: dict[int, Converted | TooManyPixels | ConversionError | Skip] = {}
         for op, decision in decisions.items():
             if isinstance(decision, Convert):
                 if decision.max_side not in converted:
                     converted[decision.max_side], data = await self._convert(
-                        source, obj, data, decision.max_side
+                        source, obj, data, head, info, decision.max_side
                     )
                 done = converted[decision.max_side]
                 outcomes[op], extra[op] = _converted_outcome(done, info, op)
             elif decision == AS_IS:
                 if by_ref:
-                    outcomes[op] = ImageInput(bucket=obj.bucket, key=obj.key)
+                    outcomes[op] = ImageInput(bucket=obj.bucket, key=obj.key, fetch=fetch)
                 else:
                     if data is None:
                         data = await source.read(obj)
@@ -148,34 +170,84 @@ class ImagePreparer:
                 sent = (info.width, info.height) if info else (None, None)
                 extra[op] = _fields(info, sent)
             else:
-                outcomes[op] = decision
+                outcomes[op] = self._skip(decision, info)
                 extra[op] = _fields(info, (None, None)) if info else None
         return Prepared(outcomes, extra)
 
+    def _skip(self, reason: SkipReason, info: ImageInfo | None) -> SkipReason | Skip:
+        pixels = info.pixels if info else None
+        if reason == "too_large" and info and pixels is not None and pixels > self.max_pixels:
+            return Skip(
+                reason,
+                f"the header declares {info.width}x{info.height} px, more than "
+                f"source.max_pixels ({self.max_pixels:,})",
+            )
+        return reason
+
     async def _convert(
-        self, source: Source, obj: ObjectRef, data: bytes | None, max_side: int
-    ) -> tuple[Converted | TooManyPixels | ConversionError, bytes]:
+        self,
+        source: Source,
+        obj: ObjectRef,
+        data: bytes | None,
+        head: bytes,
+        info: ImageInfo | None,
+        max_side: int,
+    ) -> tuple[Converted | TooManyPixels | ConversionError | Skip, bytes | None]:
         """The object downloaded (unless it is already) and converted, holding one of the
-        converter's slots throughout, so few originals are in memory at once."""
-        assert self.converter is not None
-        async with self.converter.slots:
-            if data is None:
-                data = await source.read(obj)
-            try:
-                return await self.converter.convert(data, max_side), data
-            except (TooManyPixels, ConversionError) as exc:
-                return exc, data
+        converter's slots and its plan's share of the memory budget throughout, so few
+        originals are in memory at once and their decoding stays within the budget."""
+        converter = self.converter
+        assert converter is not None
+        memory = converter.memory
+        # Planned to fit beside the object's bytes: a JPEG too large at full scale is
+        # planned at a coarser one.
+        fits = memory.total - obj.size
+        plan = await converter.plan(data if data is not None else head, info, max_side, fits)
+        # Without a plan (no header Pillow reads, no sniffed size) it decodes alone.
+        need = memory.total if plan is None else plan.peak + obj.size
+        if plan is not None and not memory.fits(need):
+            return _too_large(plan, need, memory.total), data
+        async with converter.slots:
+            while True:
+                async with memory.hold(need):
+                    if data is None:
+                        data = await source.read(obj)
+                    try:
+                        limit = need - len(data)
+                        return await converter.convert(data, max_side, limit), data
+                    except (TooManyPixels, ConversionError) as exc:
+                        return exc, data
+                    except TooMuchMemory as exc:
+                        # The whole file's header asks more than its first bytes did.
+                        more = exc.plan.peak + len(data)
+                        if more <= need or not memory.fits(more):
+                            return _too_large(exc.plan, more, memory.total), data
+                need = more
+
+
+def _too_large(plan: Plan, need: int, total: int) -> Skip:
+    return Skip(
+        "too_large",
+        f"converting {plan.describe()} needs about {megabytes(need)} of memory, more than "
+        f"source.convert_memory_mb ({total // (1024 * 1024):,} MB)",
+    )
+
+
+def _fetch(source: Source, obj: ObjectRef, data: bytes | None) -> ObjectBytes:
+    return ObjectBytes(obj.size, lambda: source.read(obj), data)
 
 
 def _converted_outcome(
-    done: Converted | TooManyPixels | ConversionError, info: ImageInfo | None, op: str
+    done: Converted | TooManyPixels | ConversionError | Skip, info: ImageInfo | None, op: str
 ) -> tuple[Outcome, dict[str, Any] | None]:
     if isinstance(done, ConversionError):
         return Failure(done.code, done.message), _fields(info, (None, None))
+    if isinstance(done, Skip):
+        return done, _fields(info, (None, None))
     if isinstance(done, TooManyPixels):
         fields = _fields(info, (None, None))
         fields["width"], fields["height"] = done.width, done.height
-        return "too_large", fields
+        return Skip("too_large", f"the image holds {done}, more than source.max_pixels"), fields
     fields = {
         "width": done.width,
         "height": done.height,

@@ -28,7 +28,7 @@ from rekbatch.operations import Operation
 from rekbatch.records import ObjectRef, Record, SkipReason, utc_now
 from rekbatch.sinks.writer import Writer
 from rekbatch.sources import Source
-from rekbatch.sources.filters import classify_listing
+from rekbatch.sources.filters import listing_reason
 from rekbatch.sources.ranges import KeyRange
 from rekbatch.sources.sqs import SqsSource
 from rekbatch.store.ledger import Ledger, LedgerDB, Location
@@ -232,7 +232,7 @@ class Producer:
             if not todo:
                 writer.finish(lane, seq)
                 continue
-            reason = obj.skip or classify_listing(obj, include, exclude, max_bytes, sniff=sniff)
+            reason = listing_reason(obj, include, exclude, max_bytes, sniff=sniff)
             if reason is not None:
                 self._skip(obj, lane, seq, todo, reason)
                 continue

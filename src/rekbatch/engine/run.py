@@ -23,7 +23,7 @@ import os
 import shutil
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,10 @@ from rekbatch.backends.base import Backend
 from rekbatch.calls.breaker import FailureBreaker
 from rekbatch.calls.caller import Caller
 from rekbatch.calls.limiter import AdaptiveLimiter
+from rekbatch.calls.quotas import resolve_ceilings
+from rekbatch.calls.regions import BucketRegions, Regions, region_totals
 from rekbatch.calls.retry import RetryPolicy
+from rekbatch.calls.service_quotas import QuotaReading, account_quotas
 from rekbatch.clock import MONOTONIC, Clock
 from rekbatch.config import Config, parse_s3_uri, uses_s3
 from rekbatch.engine.budget import Budget
@@ -62,6 +65,7 @@ from rekbatch.sinks.summary import answer_lines, build_summary, write_summary
 from rekbatch.sinks.writer import Writer
 from rekbatch.sources import S3, InventorySource, KeyListSource, LocalSource, Source, open_source
 from rekbatch.sources.convert import Converter
+from rekbatch.sources.decoding import MB, MemoryBudget
 from rekbatch.sources.filters import MAX_CONVERT_BYTES, MAX_IMAGE_BYTES, MAX_S3_OBJECT_BYTES
 from rekbatch.sources.sqs import SqsQueue, is_queue_uri, open_queues
 from rekbatch.store import jobdir, retry_failed
@@ -124,7 +128,8 @@ async def _named(name: str, work: Awaitable[None]) -> None:
 class Job:
     """A job bound to its output directory; ``run()`` is one run of it.
 
-    ``backend`` replaces the configured one (tests hand the engine an in-process fake)."""
+    ``backend`` replaces the configured one (tests hand the engine an in-process fake), and
+    ``backends`` the other calling Regions' (Region -> backend)."""
 
     def __init__(
         self,
@@ -132,6 +137,7 @@ class Job:
         options: RunOptions,
         *,
         backend: Backend | None = None,
+        backends: Mapping[str, Backend] | None = None,
         clock: Clock = MONOTONIC,
     ) -> None:
         self.cfg = cfg
@@ -142,7 +148,11 @@ class Job:
         self.stop_reason: str | None = None
         self.stopping = asyncio.Event()
         self._given_backend = backend
+        self._given_backends = backends
         self.caller: Caller | None = None
+        self.regions: Regions | None = None  # several calling Regions
+        self._lanes = cfg.aws.calling_regions()
+        self._bucket_regions: dict[str, str] = {}  # the source buckets' Regions
         self.writer: Writer | None = None
         self.producer: Producer | None = None
         self.worker_stats = WorkerStats()
@@ -152,6 +162,8 @@ class Job:
         self.converter: Converter | None = None
         self.queues: list[SqsQueue] = []
         self.feeder: QueueFeeder | None = None
+        # Decoded-image memory for all conversions and offline decodes at once.
+        self.memory = MemoryBudget(cfg.source.convert_memory_mb * MB)
         self.unrecorded: Counter[str] = Counter()
         self._work: list[asyncio.Task[None]] = []  # the producer and the workers
         self._grace_over = False
@@ -216,9 +228,20 @@ class Job:
             "elapsed_seconds": round(elapsed, 3),
             "calls_per_second": round(total / elapsed, 2),
             "limiters": {api: lim.snapshot() for api, lim in self.limiters.items()},
+            "regions": self._region_stats(elapsed),
             "listing": self.producer.listing_stats() if self.producer else {},
             **({"queues": self.feeder.stats()} if self.feeder else {}),
         }
+
+    def _region_stats(self, elapsed: float) -> dict[str, dict[str, Any]]:
+        """Calls, rate and throttles per Region (the home Region alone without spreading)."""
+        caller = self.caller
+        if caller is None or self.cfg.backend.kind != "aws":
+            return {}
+        stats = caller.stats
+        return region_totals(
+            self.regions, self.cfg.aws.region, stats.calls, stats.ok, stats.throttles, elapsed
+        )
 
     # -- the run ----------------------------------------------------------------------------
 
@@ -275,16 +298,20 @@ class Job:
             await ledger.write(retry_failed.recover, self.out)
             async with contextlib.AsyncExitStack() as stack:
                 s3 = await self._open_s3(stack)
-                sources = [open_source(uri, i, s3) for i, uri in enumerate(cfg.source.uris)]
+                sources = [
+                    open_source(uri, i, s3, follow_symlinks=cfg.source.follow_symlinks)
+                    for i, uri in enumerate(cfg.source.uris)
+                ]
                 await self._check_sources(sources, s3)
                 self.queues = await self._open_queues(stack)
                 backend = self._given_backend or await self._open_backend(stack)
                 if cfg.source.convert and cfg.source.sniff:
                     self.converter = await stack.enter_async_context(
-                        Converter(max_pixels=cfg.source.max_pixels)
+                        Converter(max_pixels=cfg.source.max_pixels, memory=self.memory)
                     )
                 operations = build_operations(cfg)
                 self._faces = await self._open_prefilter(stack, backend, operations)
+                quotas = await self._account_quotas(operations)
                 self.caller = Caller(
                     backend,
                     max_tps=cfg.limits.max_tps,
@@ -297,7 +324,9 @@ class Job:
                     unreachable_seconds=cfg.limits.unreachable_seconds,
                     share=1.0 / self.options.shard.count if self.options.shard else 1.0,
                     stopping=self.stopping,
+                    applied=quotas.for_region(cfg.aws.region),
                 )
+                await self._open_regions(stack, backend, quotas, s3)
                 ctx = OperationContext(self.caller, ledger, s3)
                 for op in operations:
                     await op.prepare(ctx)
@@ -415,9 +444,79 @@ class Job:
             jobdir.state_dir(self.out) / "collections",
             executor=executor,
             workers=self.options.local_workers,
+            memory=self.memory,
         )
         stack.push_async_callback(local.aclose)
         return local
+
+    async def _account_quotas(self, operations: list[Operation]) -> QuotaReading:
+        """The applied quotas of the calling Regions, where the ceilings need them."""
+        cfg = self.cfg
+        if cfg.backend.kind != "aws" or self._given_backend is not None:
+            return QuotaReading()
+        apis = [api for op in operations for api in (*op.calls_per_image(), *op.setup_calls())]
+        return await account_quotas(
+            self._session(),
+            regions=[cfg.aws.region, *self._lanes],
+            apis=apis,
+            max_tps=cfg.limits.max_tps,
+            endpoint_url=cfg.aws.rekognition_endpoint_url,
+        )
+
+    async def _open_regions(
+        self,
+        stack: contextlib.AsyncExitStack,
+        home_backend: Backend,
+        quotas: QuotaReading,
+        s3: S3 | None,
+    ) -> None:
+        """Several calling Regions: a client in each (the home one is the run's), a limiter
+        per (Region, API), and the dispatcher between them (``calls.regions``)."""
+        cfg = self.cfg
+        home = cfg.aws.region
+        caller = self.caller
+        assert caller is not None
+        if cfg.backend.kind != "aws" or self._lanes == [home]:
+            return
+        backends: dict[str, Backend] = {}
+        for region in self._lanes:
+            if region == home:
+                backends[region] = home_backend
+            elif self._given_backends is not None:
+                backends[region] = self._given_backends[region]
+            else:
+                from rekbatch.backends.aws import AwsBackend
+
+                client = AwsBackend(
+                    self._session(),
+                    endpoint_url=cfg.aws.rekognition_endpoint_url,
+                    pool=cfg.limits.concurrency + 16,
+                    call_path=cfg.aws.call_path,
+                    new_session=self._new_session,
+                    region=region,
+                )
+                backends[region] = await stack.enter_async_context(client)
+        share = 1.0 / self.options.shard.count if self.options.shard else 1.0
+
+        def limiter(region: str, api: str) -> AdaptiveLimiter:
+            if region == home:
+                return caller.limiter(api)
+            applied = quotas.for_region(region)
+            (rate,) = resolve_ceilings(cfg.limits.max_tps, region, [api], applied).values()
+            return AdaptiveLimiter(rate * share, clock=self.clock, name=f"{api}@{region}")
+
+        self.regions = caller.regions = Regions(
+            backends,
+            home=home,
+            limiter=limiter,
+            buckets=BucketRegions(
+                None if s3 is None else s3.bucket_region, home, self._bucket_regions
+            ),
+            pin=cfg.aws.image_mode == "s3" or cfg.aws.rekognition_region == "bucket",
+            clock=self.clock,
+        )
+        stack.push_async_callback(self.regions.aclose)
+        log.info("regions", calling=self._lanes, home=home, stateful_calls_in=home)
 
     async def _open_prefilter(
         self, stack: contextlib.AsyncExitStack, backend: Backend, operations: list[Operation]
@@ -436,7 +535,7 @@ class Job:
 
         if isinstance(backend, LocalBackend):
             return backend.has_face
-        finder = FaceFinder()
+        finder = FaceFinder(memory=self.memory)
         stack.push_async_callback(finder.aclose)
         log.info("prefilter_started", operations=filtered)
         return finder.has_face
@@ -471,6 +570,12 @@ class Job:
 
         buckets = [p[0] for p in map(parse_s3_uri, cfg.source.uris) if p]
         elsewhere = await buckets_elsewhere(s3, buckets, cfg.aws.region)
+        self._bucket_regions.update({**dict.fromkeys(buckets, cfg.aws.region), **elsewhere})
+        if cfg.aws.rekognition_region == "bucket":
+            # Each bucket's own Region calls for its objects; the home Region keeps the rest.
+            self._lanes = list(dict.fromkeys([cfg.aws.region, *sorted(elsewhere.values())]))
+        # A bucket in one of the calling Regions is read there by reference.
+        elsewhere = {b: r for b, r in self._bucket_regions.items() if r not in self._lanes}
         for bucket, region in elsewhere.items():
             if cfg.aws.image_mode == "s3":
                 raise SetupError(region_error(bucket, region, cfg.aws.region))

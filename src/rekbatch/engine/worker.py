@@ -27,7 +27,7 @@ from rekbatch.calls.caller import Caller
 from rekbatch.calls.classify import failure_of
 from rekbatch.engine.budget import Budget
 from rekbatch.engine.dedup import Dedup, covers
-from rekbatch.engine.prepare import Failure, ImagePreparer, Prepared
+from rekbatch.engine.prepare import Failure, ImagePreparer, Prepared, Skip
 from rekbatch.engine.producer import WorkItem
 from rekbatch.errors import BackendError, Interrupted, TooManyFailures
 from rekbatch.records import IMAGE_FIELDS, ObjectRef, Record, utc_now
@@ -147,6 +147,16 @@ class Worker:
                     got.code,
                     got.message,
                     1,
+                    processed_at=utc_now(),
+                    extra=extra,
+                )
+            elif isinstance(got, Skip):
+                record = Record(
+                    obj,
+                    op.type,
+                    "skipped",
+                    got.reason,
+                    error_message=got.message,
                     processed_at=utc_now(),
                     extra=extra,
                 )

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rekbatch.config import Config
-from rekbatch.pricing import estimate_cost
+from rekbatch.pricing import SPREAD_PRICES_AS_OF, estimate_cost, spread_cost
 from rekbatch.store.ledger import LedgerDB
 
 if TYPE_CHECKING:
@@ -70,19 +70,30 @@ def build_summary(
         # images this run converted before sending them (formats, sizes Rekognition refuses)
         "images_converted": live.get("images_converted", 0),
         "limiters": live.get("limiters", {}),
+        # calls, rate and throttles per Region (aws.regions)
+        "regions": live.get("regions", {}),
         # The offline backend calls no service: nothing is billed.
         "estimated_cost_usd": estimate_cost(live.get("ok", {}), region=cfg.aws.region)
         if aws
         else 0.0,
-        "job_estimated_cost_usd": estimate_cost(job_billed, region=cfg.aws.region)
-        if aws
-        else 0.0,
+        "job_estimated_cost_usd": estimate_cost(job_billed, region=cfg.aws.region) if aws else 0.0,
         "job_calls_outside_records": unrecorded,
         "errors": [
             {"operation": r["operation"], "error_code": r["error_code"], "count": r["n"]}
             for r in db.top_errors()
         ],
     }
+    regions = live.get("regions", {})
+    if len(regions) > 1:
+        # What sending images to other Regions than their buckets' added, besides the calls.
+        reads = sum(r.get("objects_read", 0) for r in regions.values())
+        sent = sum(r.get("bytes_received_from_other_regions", 0) for r in regions.values())
+        summary["spreading"] = {
+            "objects_read": reads,
+            "bytes_to_other_regions": sent,
+            "estimated_cost_usd": spread_cost(reads, sent),
+            "prices_as_of": SPREAD_PRICES_AS_OF,
+        }
     for op in operations:
         answer = op.answer(db)
         if answer is not None:

@@ -7,7 +7,7 @@ import asyncio
 from pathlib import Path
 
 from rekbatch.config import parse_s3_uri
-from rekbatch.sources.base import Source
+from rekbatch.sources.base import ObjectChanged, Source
 from rekbatch.sources.inventory import InventorySource
 from rekbatch.sources.keylist import KeyListSource
 from rekbatch.sources.local import LocalSource
@@ -19,6 +19,7 @@ __all__ = [
     "InventorySource",
     "KeyListSource",
     "LocalSource",
+    "ObjectChanged",
     "S3Source",
     "Source",
     "SqsSource",
@@ -27,7 +28,7 @@ __all__ = [
 ]
 
 
-def open_source(uri: str, index: int, s3: S3 | None) -> Source:
+def open_source(uri: str, index: int, s3: S3 | None, *, follow_symlinks: bool = False) -> Source:
     """The source a configured URI stands for."""
     if is_queue_uri(uri):
         return SqsSource(uri, index, s3)
@@ -39,7 +40,7 @@ def open_source(uri: str, index: int, s3: S3 | None) -> Source:
         return KeyListSource(uri, index, s3)
     parsed = parse_s3_uri(uri)
     if parsed is None:
-        return LocalSource(uri, index)
+        return LocalSource(uri, index, follow_symlinks=follow_symlinks)
     if s3 is None:
         raise ValueError(f"{uri}: an S3 source needs the run's S3 client")
     return S3Source(uri, index, s3, *parsed)

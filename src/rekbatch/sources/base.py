@@ -17,6 +17,11 @@ from rekbatch.records import ObjectRef
 from rekbatch.sources.ranges import KeyRange
 
 
+class ObjectChanged(Exception):
+    """The object read is not the one listed: another ETag or size, a FIFO or device in a
+    file's place, a link where there was none. Its records fail with this code."""
+
+
 class Source(Protocol):
     uri: str
     index: int
@@ -39,5 +44,6 @@ class Source(Protocol):
         ...
 
     async def read(self, obj: ObjectRef) -> bytes:
-        """All of ``obj``."""
+        """All of ``obj``, and no more than its listed size; ``ObjectChanged`` when it is
+        not the object listed."""
         ...

@@ -2,14 +2,17 @@
 
 HEIC/HEIF, AVIF, WebP, TIFF, BMP and GIF (its first frame), and JPEG or PNG beyond
 Rekognition's limits, are decoded, turned upright by their EXIF orientation, downscaled only
-as far as needed (at most ``max_side`` pixels a side and 5 MB as bytes) and encoded as JPEG.
-Bounding boxes in Rekognition's answers are ratios of the image's width and height, so they
-fit the original too.
+as far as needed (at most ``max_side`` pixels a side and 5 MB as bytes) and encoded as JPEG
+(grey images as grey JPEGs, the others as RGB). Bounding boxes in Rekognition's answers are
+ratios of the image's width and height, so they fit the original too.
 
 Decoding is CPU work: ``Converter`` runs it on a thread pool sized to the cores (Pillow
-releases the GIL while it decodes, resizes and encodes), and bounds memory twice: a header
-declaring more than ``max_pixels`` is refused before any pixel is decoded (a decompression
-bomb), and at most ``slots`` images are downloaded-and-decoded at once.
+releases the GIL while it decodes, resizes and encodes), and bounds memory three times: a
+header declaring more than ``max_pixels`` is refused before any pixel is decoded (a
+decompression bomb); each conversion is admitted by its plan (``decoding.py``: the bytes its
+steps hold at once, known from the header) against one ``MemoryBudget`` for all of them
+(``source.convert_memory_mb``), and an image whose plan alone exceeds it is not decoded; and
+at most ``slots`` images are downloaded-and-decoded at once.
 
 Pillow decodes everything but HEIC; pillow-heif adds HEIC/HEIF when installed (the extra
 ``rekbatch[heif]``).
@@ -26,10 +29,33 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
+from rekbatch.sources.decoding import (
+    MB,
+    MemoryBudget,
+    Plan,
+    TooManyPixels,
+    TooMuchMemory,
+    decode_fitted,
+    plan_header,
+    return_freed_memory,
+    worst_plan,
+)
 from rekbatch.sources.filters import DEFAULT_MAX_PIXELS, MAX_IMAGE_BYTES
+from rekbatch.sources.sniff import ImageInfo
+
+__all__ = [
+    "DEFAULT_MEMORY_MB",
+    "ConversionError",
+    "Converted",
+    "Converter",
+    "TooManyPixels",
+    "TooMuchMemory",
+    "convert_image",
+]
 
 JPEG_QUALITY = 90
 HEIF_HINT = "pip install 'rekbatch[heif]'"
+DEFAULT_MEMORY_MB = 1024  # source.convert_memory_mb
 
 
 class ConversionError(Exception):
@@ -39,15 +65,6 @@ class ConversionError(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
-
-
-class TooManyPixels(Exception):
-    """The decoder's header declares more pixels than allowed: skipped as too_large."""
-
-    def __init__(self, width: int, height: int) -> None:
-        super().__init__(f"{width}x{height} px")
-        self.width = width
-        self.height = height
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,54 +100,39 @@ def convert_image(
     *,
     max_bytes: int = MAX_IMAGE_BYTES,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    memory_limit: int | None = None,
 ) -> Converted:
     """``data`` as a JPEG within ``max_side`` and ``max_bytes``; raises ``ConversionError``
-    when it cannot be decoded and ``TooManyPixels`` for a decompression bomb."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    when it cannot be decoded, ``TooManyPixels`` for a decompression bomb and
+    ``TooMuchMemory`` when decoding would hold more than ``memory_limit`` bytes."""
+    from PIL import Image, UnidentifiedImageError
 
-    # Our own limit (``max_pixels``) is checked after the header is read and before any
-    # pixel is decoded; Pillow's fixed 89 MP warning would only duplicate it.
-    Image.MAX_IMAGE_PIXELS = None
     heif = heif_available()
     try:
-        img = Image.open(io.BytesIO(data))
+        frame, plan, orientation = decode_fitted(
+            data, max_side, limit=memory_limit, max_pixels=max_pixels
+        )
+    except (TooManyPixels, TooMuchMemory):
+        raise
     except UnidentifiedImageError:
         if not heif and data[4:8] == b"ftyp":
             raise ConversionError(
                 "ConverterMissing", f"HEIC/HEIF needs pillow-heif: {HEIF_HINT}"
             ) from None
         raise ConversionError("ImageDecodeError", "not an image Pillow can decode") from None
-    except Exception as exc:
-        raise ConversionError("ImageDecodeError", f"{type(exc).__name__}: {exc}") from None
-    try:
-        return _convert(img, Image, ImageOps, max_side, max_bytes, max_pixels)
-    except (TooManyPixels, ConversionError):
-        raise
     except Exception as exc:  # truncated, corrupt, unsupported mode: the decoder says why
         raise ConversionError("ImageDecodeError", f"{type(exc).__name__}: {exc}") from None
-    finally:
-        img.close()
+    try:
+        return _encode_within(frame, plan, orientation, max_bytes, Image)
+    except ConversionError:
+        raise
+    except Exception as exc:
+        raise ConversionError("ImageDecodeError", f"{type(exc).__name__}: {exc}") from None
 
 
-def _convert(
-    img: Any, Image: Any, ImageOps: Any, max_side: int, max_bytes: int, max_pixels: int
+def _encode_within(
+    frame: Any, plan: Plan, orientation: int | None, max_bytes: int, Image: Any
 ) -> Converted:
-    width, height = img.size
-    if width * height > max_pixels:
-        raise TooManyPixels(width, height)
-    fmt = str(img.format or "unknown").lower()
-    orientation = img.getexif().get(0x0112)
-    orientation = orientation if isinstance(orientation, int) and 1 <= orientation <= 8 else None
-    scale = min(1.0, max_side / max(width, height))
-    if fmt == "jpeg" and scale < 1.0:
-        # Decode at 1/2, 1/4 or 1/8 straight from the DCT: a fraction of the time and memory.
-        img.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
-    img.seek(0)  # an animation's first frame
-    img.load()
-    upright = ImageOps.exif_transpose(img)
-    frame = _rgb(upright, Image)
-    # Bicubic: for detection as good as Lanczos at about 2/3 of its time on a 36 MP panorama.
-    frame.thumbnail((max_side, max_side), Image.Resampling.BICUBIC, reducing_gap=2.0)
     out = _jpeg(frame)
     for _ in range(6):
         if len(out) <= max_bytes:
@@ -138,32 +140,33 @@ def _convert(
         # Bytes grow with the pixel count: shrink by the square root of the excess, a margin.
         shrink = math.sqrt(max_bytes / len(out)) * 0.9
         size = (max(1, int(frame.width * shrink)), max(1, int(frame.height * shrink)))
+        out = b""
         frame = frame.resize(size, Image.Resampling.BICUBIC)
         out = _jpeg(frame)
     else:
         if len(out) > max_bytes:
             raise ConversionError("ImageTooLarge", "could not encode within 5 MB")
-    return Converted(out, fmt, width, height, frame.width, frame.height, orientation)
-
-
-def _rgb(img: Any, Image: Any) -> Any:
-    """RGB for JPEG; transparency over white, as a viewer shows it."""
-    if img.mode == "RGB":
-        return img
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        back = Image.new("RGB", rgba.size, (255, 255, 255))
-        back.paste(rgba, mask=rgba.getchannel("A"))
-        return back
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        img = img.point(lambda v: v / 256).convert("L")  # 16-bit scans: keep the top byte
-    return img.convert("RGB")
+    width, height = plan.stored
+    return Converted(out, plan.format, width, height, frame.width, frame.height, orientation)
 
 
 def _jpeg(img: Any) -> bytes:
     buffer = io.BytesIO()
     img.save(buffer, "JPEG", quality=JPEG_QUALITY, optimize=False)
     return buffer.getvalue()
+
+
+def conversion_plan(
+    head: bytes, info: ImageInfo | None, max_side: int, limit: int | None = None
+) -> Plan | None:
+    """What converting the image that starts with ``head`` holds, from its header (Pillow's
+    reading of it, else the worst case for the sniffed size); None when neither tells.
+    ``limit``: a JPEG is planned at a coarser scale rather than above it."""
+    heif_available()
+    plan = plan_header(head, max_side, limit=limit)
+    if plan is None and info is not None and info.width and info.height:
+        plan = worst_plan(info.format, info.width, info.height, max_side)
+    return plan
 
 
 def default_workers() -> int:
@@ -174,11 +177,19 @@ def default_workers() -> int:
 
 
 class Converter:
-    """Runs ``convert_image`` off the event loop, a bounded number at a time."""
+    """Runs ``convert_image`` off the event loop, a bounded number at a time and within the
+    memory budget (``memory``, shared with whatever else decodes images in the run)."""
 
-    def __init__(self, *, max_pixels: int = DEFAULT_MAX_PIXELS, workers: int | None = None):
+    def __init__(
+        self,
+        *,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        workers: int | None = None,
+        memory: MemoryBudget | None = None,
+    ):
         self.max_pixels = max_pixels
         self.workers = workers or default_workers()
+        self.memory = memory or MemoryBudget(DEFAULT_MEMORY_MB * MB)
         # Downloaded-and-decoding images at once: enough to keep every core busy while the
         # next ones download, few enough that memory stays at a few images.
         self.slots = asyncio.Semaphore(self.workers * 2)
@@ -186,6 +197,7 @@ class Converter:
         self.converted = 0
 
     async def __aenter__(self) -> Converter:
+        return_freed_memory()
         return self
 
     async def __aexit__(
@@ -198,13 +210,31 @@ class Converter:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
 
-    async def convert(self, data: bytes, max_side: int) -> Converted:
+    def _executor(self) -> ThreadPoolExecutor:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="rekbatch-convert")
+        return self._pool
+
+    async def plan(
+        self, head: bytes, info: ImageInfo | None, max_side: int, limit: int | None = None
+    ) -> Plan | None:
+        """``conversion_plan`` on the converter's threads."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._executor(), conversion_plan, head, info, max_side, limit
+        )
+
+    async def convert(
+        self, data: bytes, max_side: int, memory_limit: int | None = None
+    ) -> Converted:
+        """``data`` converted; ``memory_limit``: the bytes its decoding may hold (what the
+        caller holds of the budget for it, the encoded bytes excluded)."""
         loop = asyncio.get_running_loop()
         result = await loop.run_in_executor(
-            self._pool,
-            lambda: convert_image(data, max_side, max_pixels=self.max_pixels),
+            self._executor(),
+            lambda: convert_image(
+                data, max_side, max_pixels=self.max_pixels, memory_limit=memory_limit
+            ),
         )
         self.converted += 1
         return result

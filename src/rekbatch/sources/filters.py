@@ -70,6 +70,18 @@ def classify_listing(
     return None
 
 
+def listing_reason(
+    obj: ObjectRef, include: list[str], exclude: list[str], max_bytes: int, *, sniff: bool = False
+) -> SkipReason | None:
+    """Why ``obj`` is skipped from its listing: the reason its source gave (a malformed line,
+    a symbolic link), else ``classify_listing``'s; a link the globs exclude is ``excluded``,
+    as its name would be."""
+    reason = classify_listing(obj, include, exclude, max_bytes, sniff=sniff)
+    if obj.skip is None or (obj.skip == "symlink" and reason == "excluded"):
+        return reason
+    return obj.skip
+
+
 def sniff_kind(head: bytes) -> ImageKind | None:
     """JPEG or PNG from the first bytes of a file; None for anything else."""
     if head.startswith(b"\xff\xd8\xff"):

@@ -197,8 +197,8 @@ class KeyListSource:
 
     async def read_head(self, obj: ObjectRef, nbytes: int) -> bytes:
         assert obj.bucket is not None
-        return await self._s3.read_head(obj.bucket, obj.key, nbytes)
+        return await self._s3.read_head(obj.bucket, obj.key, nbytes, etag=obj.etag)
 
     async def read(self, obj: ObjectRef) -> bytes:
         assert obj.bucket is not None
-        return await self._s3.read(obj.bucket, obj.key)
+        return await self._s3.read(obj.bucket, obj.key, size=obj.size, etag=obj.etag)

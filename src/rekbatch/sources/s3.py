@@ -29,6 +29,7 @@ from rekbatch.calls.retry import Reachability, RetryPolicy
 from rekbatch.clock import MONOTONIC, Clock
 from rekbatch.errors import setup_error_from
 from rekbatch.records import ObjectRef
+from rekbatch.sources.base import ObjectChanged
 from rekbatch.sources.ranges import KeyRange, Splitter, common_prefix
 
 T = TypeVar("T")
@@ -164,13 +165,56 @@ class S3:
             data: bytes = await body.read()
         return data
 
-    async def read_head(self, bucket: str, key: str, nbytes: int) -> bytes:
-        return await self.call(
-            lambda: self._get(Bucket=bucket, Key=key, Range=f"bytes=0-{nbytes - 1}")
-        )
+    async def read_head(
+        self, bucket: str, key: str, nbytes: int, *, etag: str | None = None
+    ) -> bytes:
+        """The first ``nbytes``; with ``etag``, of that version only (else ``ObjectChanged``)."""
+        kwargs: dict[str, Any] = {"Bucket": bucket, "Key": key, "Range": f"bytes=0-{nbytes - 1}"}
+        if etag:
+            kwargs["IfMatch"] = f'"{etag}"'
+        return await self.call(lambda: self._get_checked(kwargs, None, etag))
 
-    async def read(self, bucket: str, key: str) -> bytes:
-        return await self.call(lambda: self._get(Bucket=bucket, Key=key))
+    async def read(
+        self, bucket: str, key: str, *, size: int | None = None, etag: str | None = None
+    ) -> bytes:
+        """The object; with ``size`` (and ``etag``) as listed: no more than that is read, and
+        an object of another size or ETag is ``ObjectChanged``."""
+        if size is None:
+            return await self.call(lambda: self._get(Bucket=bucket, Key=key))
+        # One byte past the listed size: an object that grew shows it without being read.
+        kwargs: dict[str, Any] = {"Bucket": bucket, "Key": key, "Range": f"bytes=0-{size}"}
+        if etag:
+            kwargs["IfMatch"] = f'"{etag}"'
+        return await self.call(lambda: self._get_checked(kwargs, size, etag))
+
+    async def _get_checked(
+        self, kwargs: dict[str, Any], size: int | None, etag: str | None
+    ) -> bytes:
+        where = f"s3://{kwargs['Bucket']}/{kwargs['Key']}"
+        try:
+            response = await self.client.get_object(**kwargs)
+        except Exception as exc:
+            classified = failure_of(exc)
+            if classified is not None and classified.code in _CHANGED_CODES:
+                raise ObjectChanged(
+                    f"{where} changed since it was listed ({classified.code})"
+                ) from None
+            raise
+        found = str(response.get("ETag", "")).strip('"')
+        if etag and found and found != etag:
+            raise ObjectChanged(f"{where} changed since it was listed (ETag {etag}, now {found})")
+        limit = None if size is None else size + 1
+        stream = response["Body"]
+        async with stream:  # closes the connection when the body is not read to its end
+            data = await _read_at_most(stream, limit)
+        if size is not None:
+            total = _total_size(response)
+            if len(data) != size or (total is not None and total != size):
+                now = total if total is not None else len(data)
+                raise ObjectChanged(
+                    f"{where} changed since it was listed ({size:,} bytes, now {now:,})"
+                )
+        return data
 
     async def head(self, bucket: str, key: str) -> dict[str, Any]:
         response: dict[str, Any] = await self.call(
@@ -181,6 +225,33 @@ class S3:
     async def list_page(self, **kwargs: Any) -> dict[str, Any]:
         page: dict[str, Any] = await self.call(lambda: self.client.list_objects_v2(**kwargs))
         return page
+
+
+# A read on a listed object's ETag fails with these when the object is another now.
+_CHANGED_CODES = frozenset({"PreconditionFailed", "412", "InvalidRange", "416"})
+
+
+async def _read_at_most(body: Any, limit: int | None) -> bytes:
+    """The body, but never more than ``limit`` bytes of it (a server may ignore Range)."""
+    if limit is None:
+        data: bytes = await body.read()
+        return data
+    parts: list[bytes] = []
+    got = 0
+    while got < limit:
+        part: bytes = await body.read(min(1 << 20, limit - got))
+        if not part:
+            break
+        parts.append(part)
+        got += len(part)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def _total_size(response: dict[str, Any]) -> int | None:
+    """The object's whole size from a ranged answer's Content-Range (``bytes 0-9/1234``)."""
+    content_range = str(response.get("ContentRange") or "")
+    total = content_range.rpartition("/")[2]
+    return int(total) if total.isdigit() else None
 
 
 async def buckets_elsewhere(s3: S3, buckets: list[str], region: str) -> dict[str, str]:
@@ -276,7 +347,7 @@ class S3Source:
             kwargs["ContinuationToken"] = token
 
     async def read_head(self, obj: ObjectRef, nbytes: int) -> bytes:
-        return await self._s3.read_head(self.bucket, obj.key, nbytes)
+        return await self._s3.read_head(self.bucket, obj.key, nbytes, etag=obj.etag)
 
     async def read(self, obj: ObjectRef) -> bytes:
-        return await self._s3.read(self.bucket, obj.key)
+        return await self._s3.read(self.bucket, obj.key, size=obj.size, etag=obj.etag)

@@ -64,9 +64,7 @@ def job_config(output_dir: Path) -> Config:
     return Config.model_validate_json(raw)
 
 
-def claim(
-    output_dir: Path, cfg: Config, *, fresh: bool, config_path: str
-) -> tuple[bool, Config]:
+def claim(output_dir: Path, cfg: Config, *, fresh: bool, config_path: str) -> tuple[bool, Config]:
     """Make ``output_dir`` hold the job of ``cfg``: a new job, the same job (resumed), or,
     with ``fresh``, a new job in place of another one. Another job without ``fresh`` is a
     ``SetupError``. Returns whether the directory already held this job's work, and the

@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING, Any
 
 from rekbatch.backends.base import ImageInput
 from rekbatch.errors import BackendError
+from rekbatch.sources.decoding import MB, MemoryBudget, megabytes
 
 if TYPE_CHECKING:
     from rekbatch.backends.local.collections import CollectionStore, StoredFace
@@ -75,6 +76,7 @@ _FACE_ID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a
 _MAX_FACES_PER_IMAGE = 100
 # References (CompareFaces sources) remembered per backend, by content hash.
 _REFERENCES_KEPT = 32
+DEFAULT_MEMORY_BYTES = 1024 * MB  # == source.convert_memory_mb's default
 # Each worker runs single-threaded: the pool is the parallelism, and BLAS or OpenMP threads
 # on top of it would only fight over the same cores.
 _WORKER_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -223,8 +225,11 @@ class LocalBackend:
         workers: int | None = None,
         executor: Executor | None = None,
         detect_megapixels: float = DEFAULT_DETECT_MEGAPIXELS,
+        memory: MemoryBudget | None = None,
     ) -> None:
         self.workers = workers if workers is not None else default_workers()
+        # What the workers' decodes may hold at once (shared with the run's conversions).
+        self.memory = memory or MemoryBudget(DEFAULT_MEMORY_BYTES)
         if self.workers < 1:
             raise ValueError("workers must be at least 1")
         if not 0.05 <= detect_megapixels <= 100:
@@ -286,15 +291,36 @@ class LocalBackend:
         processes = getattr(pool, "_processes", None) or {}
         return sorted(processes)
 
+    async def _needed(self, images: list[bytes]) -> int:
+        """The bytes a worker holds decoding ``images``; refused at once when that alone is
+        more than the memory budget."""
+        from rekbatch.backends.local import faces as local_faces
+
+        total = 0
+        for data in images:
+            need, what = await asyncio.to_thread(local_faces.decode_bytes_needed, data)
+            total += need
+            if not self.memory.fits(total):
+                raise BackendError(
+                    "ImageTooLargeException",
+                    f"decoding {what} needs about {megabytes(need)} of memory, more than "
+                    f"source.convert_memory_mb ({self.memory.total // MB:,} MB)",
+                    "permanent",
+                )
+        return total
+
     async def _run(self, task: str, *args: Any, **kwargs: Any) -> Any:
         from rekbatch.backends.local import faces as local_faces
 
+        images = [bytes(a) for a in args if isinstance(a, bytes | bytearray)]
+        need = await self._needed(images) if images else 0
         executor = self._executor()
         loop = asyncio.get_running_loop()
         try:
-            status, payload = await loop.run_in_executor(
-                executor, functools.partial(local_faces.run_task, task, *args, **kwargs)
-            )
+            async with self.memory.hold(need):
+                status, payload = await loop.run_in_executor(
+                    executor, functools.partial(local_faces.run_task, task, *args, **kwargs)
+                )
         except BrokenProcessPool as exc:
             # A worker died (out of memory, killed): start a fresh pool, let the pipeline retry.
             if executor is self._pool:
@@ -623,8 +649,11 @@ class FaceFinder:
         *,
         workers: int | None = None,
         detect_megapixels: float = DEFAULT_DETECT_MEGAPIXELS,
+        memory: MemoryBudget | None = None,
     ) -> None:
-        self.backend = LocalBackend(workers=workers, detect_megapixels=detect_megapixels)
+        self.backend = LocalBackend(
+            workers=workers, detect_megapixels=detect_megapixels, memory=memory
+        )
 
     async def count(self, data: bytes) -> int:
         return await self.backend.count_faces(data)

@@ -379,6 +379,49 @@ def _decode(data: bytes, megapixels: float, full: bool) -> _Picture:
     return picture
 
 
+def decode_bytes_needed(data: bytes) -> tuple[int, str]:
+    """The most a worker holds decoding ``data`` (bytes), and what the image is; read from
+    its header, for the caller to admit the task against its memory budget. The worst case:
+    a face small enough to need the full resolution (``_Picture.level(1)``), decoded in its
+    mode, turned, made RGB as ``_to_rgb`` does (four copies for transparency, a float64 array
+    for 16-bit greys), with the coarser levels beside it. An image the worker will refuse
+    unread (not JPEG or PNG, over ``MAX_IMAGE_PIXELS``) needs its bytes only."""
+    from rekbatch.sources.decoding import decoder_bytes, open_image, pixel_bytes
+
+    try:
+        with open_image(data) as image:
+            if image.format not in _FORMATS:
+                return len(data), str(image.format)
+            width, height = image.size
+            mode = image.mode
+            pixels = width * height
+            if pixels > MAX_IMAGE_PIXELS:
+                return len(data), f"{width}x{height}"
+            decoded = pixels * pixel_bytes(mode)
+            decoder = decoder_bytes(image, str(image.format).lower(), pixels)
+            try:
+                turned = image.getexif().get(0x0112, 1) not in (1, None)
+            except Exception:  # unreadable EXIF: taken as stored, as _orient does
+                turned = False
+            transparent = mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+                "transparency" in image.info
+            )
+    except Exception:  # not an image Pillow reads: the worker refuses it as such
+        return len(data), "unreadable"
+    if mode == "RGB" and not transparent:
+        made_rgb = 0
+    elif transparent:
+        made_rgb = 16 * pixels
+    elif mode.startswith("I") or mode == "F":
+        made_rgb = 14 * pixels
+    else:
+        made_rgb = 4 * pixels
+    loading = max(decoded + decoder, decoded * (2 if turned else 1) + made_rgb)
+    coarser = 4 * pixels // 3
+    canvas = 16 * 1024 * 1024
+    return len(data) + loading + coarser + canvas, f"{width}x{height} {image.format} ({mode})"
+
+
 def _orient(image: Image.Image) -> Image.Image:
     """The image turned as its EXIF orientation says (unreadable EXIF: as stored)."""
     with contextlib.suppress(OSError, ValueError, KeyError, TypeError, SyntaxError):
