@@ -334,6 +334,19 @@ async def test_a_drop_and_its_end_jump_back_to_the_rate_before() -> None:
     assert d.limiter.rate == 100.0
 
 
+async def test_the_first_second_at_the_ceiling_is_not_remembered_as_taken() -> None:
+    # The service's bucket starts full: a quota of 50 takes 80/s for over a second and a
+    # half. That is no rate to come back to (probes every few seconds, each refused, for
+    # minutes).
+    d = drive(80.0, 50.0)
+    await d.run(40.0)
+    phases = [name for _, name in d.phases]
+    assert phases[:3] == ["ceiling", "cut", "hold"]
+    assert "ceiling" not in phases[1:]
+    assert d.limiter.snapshot()["probes"] <= 4
+    assert d.limiter.quota_estimate == pytest.approx(50.0, rel=0.03)
+
+
 async def test_a_jump_undone_by_the_first_refusal() -> None:
     d = drive(100.0, 100.0)
     await d.run(10.0)

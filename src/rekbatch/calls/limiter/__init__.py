@@ -52,7 +52,8 @@ The phases (``snapshot()["phase"]``) and what moves the limiter between them::
     verify   a refusal                                             hold
     verify   all taken, below a rate remembered from before a drop hold there (a jump)
     verify   all taken, nothing remembered                         probe (measuring)
-    probe    a measuring probe held at its limit                   ceiling (or a jump)
+    probe    a measuring probe held at its limit                   a jump: to the ceiling, or
+                                                                   to a remembered rate
     hold     a refusal soon after a jump                           hold at the quota before
 
 - **ceiling**: at the ceiling; no quota known. The first refusal that counts for the rate
@@ -72,8 +73,8 @@ The phases (``snapshot()["phase"]``) and what moves the limiter between them::
   accepted, none refused for the rate): the service takes more; below an earlier good rate,
   jump straight back to it (undone by the first refusal within ``jump_seconds``);
   otherwise a *measuring* probe whose crawl doubles until the service refuses (which
-  measures the quota) or it holds at its limit for longer than a bucket could hide (the
-  ceiling: **ceiling**).
+  measures the quota) or it holds at its limit for a second: a jump there too (to the
+  ceiling: **ceiling**), since a full bucket can hide a lower quota for longer.
 
 The background: a refusal counts for the rate only when the refused share of the answers
 since the rate last changed (up to ``background_window`` seconds of them) is clearly above

@@ -478,7 +478,8 @@ class AdaptiveLimiter:
             # failure, spent a token all the same).
             between = self._traffic.permits_between(start, refused_at)
             taken = sum(1 for p in between if p.outcome != "throttle")
-            if taken / span >= (1.0 - settings.margin) * self._ceiling:
+            at_ceiling = taken / span >= (1.0 - settings.margin) * self._ceiling
+            if at_ceiling and span >= settings.ceiling_proof:
                 good = self._ceiling  # held at the ceiling: the ceiling it is
             else:
                 good = taken / (span + settings.server_burst)
@@ -594,17 +595,18 @@ class AdaptiveLimiter:
         self._set_phase("hold", now)
 
     def _held_at_limit(self, now: float) -> None:
-        """A measuring probe held at its limit: the service takes it. Just under the rate
-        remembered from before a drop: back to that rate, as a jump (the first refusal
-        undoes it: a full bucket can hide a lower quota for a while)."""
+        """A measuring probe held at its limit: the service takes it, as far as a second
+        can tell (a full bucket hides a lower quota for longer). So it is a jump, undone by
+        the first refusal within ``jump_seconds``: to the rate remembered from before a drop
+        (the limit is just under it), or to the ceiling."""
         quota = self._bucket.quota
         assert quota is not None
         good = self._good.rate
         limit = self._prober.limit(quota, good, self._ceiling)
         self._prober.count_pass()
         self._steady_since = now
+        self._good.jump(quota, now)
         if good is not None and limit < self._ceiling:
-            self._good.jump(quota, now)
             self._set_quota(good, now)
             self._error = self._good.error
             self._bucket.synced = False

@@ -133,6 +133,10 @@ class LimiterSettings:
     """...or until the quota held has come back up to it and held this long."""
     good_window: float = 8.0
     """Seconds of accepted requests before a drop that prove what the service took."""
+    ceiling_proof: float = 4.0
+    """Seconds at the ceiling, refused nothing, after which the ceiling is the rate to come
+    back to (the service's full bucket hides a quota of half the rate for one second: at the
+    start of a run, the ceiling proves nothing)."""
     jump_seconds: float = 5.0
     """A jump back to the remembered rate holds once it lasts this long without a
     refusal (a full bucket hides a quota still down for a while: 50 banked, sent 25/s
