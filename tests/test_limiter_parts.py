@@ -530,6 +530,17 @@ def test_no_trial_when_the_refusals_before_the_cut_were_plainly_the_quotas() -> 
     )
 
 
+def test_a_trial_opens_when_too_few_answered_before_the_refused_request() -> None:
+    # Ten answers before the refused request went (a client held up by its own processor),
+    # then a clean second: what came before it cannot say the refusals are new.
+    detector = BackgroundDetector(S, now=0.0)
+    traffic = Traffic(S)
+    feed(traffic, 0.0, 1.0, 10.0, refused_every=0)
+    feed(traffic, 1.0, 1.0, 30.0, refused_every=0)
+    detector.open_trial(traffic, 2.05, before=30.0, level_rate=15.0, refused_at=1.0)
+    assert detector.trial is not None
+
+
 def trial_after(
     rate: float, refused_every: int, level_rate: float, level_refused_every: int, seconds: float
 ) -> tuple[BackgroundDetector, Traffic]:
@@ -547,6 +558,14 @@ def test_trial_waits_for_enough_answers_then_judges_anyway() -> None:
     detector, traffic = trial_after(100.0, 10, 50.0, 10, seconds=0.5)
     assert detector.judge(traffic, 2.55).kind == "wait"  # 25 answers: 2 refusals expected
     assert detector.judge(traffic, 2.0 + S.trial_longest + 0.1).kind != "wait"
+
+
+def test_trial_with_too_few_answers_by_its_longest_undoes_the_cut_and_learns_nothing() -> None:
+    detector, traffic = trial_after(100.0, 10, 50.0, 10, seconds=0.0)
+    feed(traffic, 2.0, S.trial_longest, 1.0, refused_every=0)  # held up: 1 a second
+    verdict = detector.judge(traffic, 2.0 + S.trial_longest + 0.1)
+    assert verdict.kind == "background" and verdict.rate == 100.0
+    assert detector.trial is None and detector.share == 0.0
 
 
 def test_trial_releases_when_the_refusals_stop() -> None:

@@ -21,6 +21,9 @@ refused a share before that cut that a background could explain (more than
   under a quota below both rates as many are accepted as before (that is the quota); if the
   refusals stopped, the quota lies between the levels and the level-1 accepted rate is it.
 
+A level that has not had ``test_requests`` answers after ``trial_longest`` seconds (a client
+held up by its own processor) shows nothing: the cut is undone and nothing is learned.
+
 The background is then followed: down as the service's refusals fade, up while they stay
 within it.
 """
@@ -163,11 +166,9 @@ class BackgroundDetector:
             return
         first = now if refused_at is None else refused_at
         earlier = traffic.window(first - settings.background_window, first)
-        if earlier.answered < settings.test_requests:
-            earlier = self._recent(traffic, now)
         clean = earlier.refused < settings.clean_share * earlier.answered
         if earlier.answered >= settings.test_requests and clean:
-            return
+            return  # (too few answers before it to tell: the trial will)
         recent = self._recent(traffic, now)
         if self.overwhelming(traffic, now):
             return
@@ -207,6 +208,12 @@ class BackgroundDetector:
                 return _WAIT
             if level.seconds < settings.trial_least_seconds:
                 return _WAIT
+        elif level.answered < settings.test_requests:
+            # Too few answers even after so long (a client held up by its own processor):
+            # nothing shows the refusals were about the rate. The cut is undone, nothing is
+            # learned; refusals that go on open another trial.
+            self.trial = None
+            return Verdict("background", trial.before)
         if trial.level == 1 and self.share > 0:
             return self._judge_over_background(traffic, trial, level, share_first, now)
         # Below a quota its refusals stop altogether; the background's go on.

@@ -177,8 +177,9 @@ class LimiterSettings:
     """...but no more than this many times ``test_requests``..."""
     trial_least_seconds: float = 0.3
     """...and for at least this many seconds of them..."""
-    trial_longest: float = 5.0
-    """...and judges anyway after this many seconds at a level."""
+    trial_longest: float = 10.0
+    """...and judges anyway after this many seconds at a level (undoes the cut, if it still
+    has fewer than ``test_requests`` answers)."""
     trial_refusals_level1: int = 2
     """Refusals at level 1 that mean the refusals go on (one may be the old rate's)."""
     trial_least_share: float = 0.01
