@@ -628,6 +628,26 @@ def test_level_two_tells_the_background_from_a_quota_below_both_levels() -> None
     assert verdict.kind == "quota" and verdict.rate == pytest.approx(40.0)
 
 
+def test_level_two_waits_longer_before_it_calls_the_refusals_stopped() -> None:
+    # Level 1 refused 9 of 42 (a 10% background, unluckily heavy); none of the first 28 at
+    # level 2 is what a 10% background gives one time in twenty: not yet a quota.
+    detector = BackgroundDetector(S, now=0.0)
+    detector.trial = Trial(
+        start=0.0,
+        before=400.0,
+        level_rate=10.0,
+        level_start=3.0,
+        level=2,
+        first_level=Counts(sent=42, answered=42, refused=9, ok=24, seconds=2.1),
+    )
+    traffic = Traffic(S)
+    feed(traffic, 3.0, 2.8, 10.0, refused_every=0)
+    assert detector.judge(traffic, 5.85).kind == "wait"
+    feed(traffic, 5.8, 3.2, 10.0, refused_every=0)  # 60 answers, none refused
+    verdict = detector.judge(traffic, 9.05)
+    assert verdict.kind == "quota" and verdict.rate == pytest.approx(24 / 2.1)
+
+
 def test_with_a_background_known_a_rise_above_it_is_judged_at_the_cut() -> None:
     # The share at the cut's rate agrees with the share before: a heavier background.
     detector, traffic = trial_after(100.0, 4, 50.0, 4, seconds=3.0)

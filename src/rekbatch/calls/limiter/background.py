@@ -19,7 +19,9 @@ refused a share before that cut that a background could explain (more than
 - otherwise the rate is halved once more (level 2, from the rate actually sent at level 1)
   and held: under the background the same share is refused and the accepted rate halves;
   under a quota below both rates as many are accepted as before (that is the quota); if the
-  refusals stopped, the quota lies between the levels and the level-1 accepted rate is it.
+  refusals stopped, the quota lies between the levels and the level-1 accepted rate is it
+  (judged on more answers than level 1: level 1's share, read from a few dozen answers,
+  may be twice the truth, and none refused by chance would set a quota to hold).
 
 A level that has not had ``test_requests`` answers after ``trial_longest`` seconds (a client
 held up by its own processor) shows nothing: the cut is undone and nothing is learned.
@@ -204,6 +206,10 @@ class BackgroundDetector:
             known_before = before.answered >= settings.test_requests
         if now - trial.level_start < settings.trial_longest:
             expected = share_first if known_before else trial.opened_at_share
+            if trial.level == 2:
+                # None refused at level 2 sets the quota, held for a while: the share at
+                # level 1, read from a few dozen answers, may be far heavier than the truth.
+                expected *= settings.level_two_doubt
             if level.answered < self._need(expected, level):
                 return _WAIT
             if level.seconds < settings.trial_least_seconds:

@@ -180,6 +180,11 @@ class LimiterSettings:
     trial_longest: float = 10.0
     """...and judges anyway after this many seconds at a level (undoes the cut, if it still
     has fewer than ``test_requests`` answers)."""
+    level_two_doubt: float = 0.5
+    """At level 2, enough answers to expect ``trial_refusals`` at this share of level 1's
+    share: none refused there means a quota, held; level 1's share, from a few dozen
+    answers, can be twice the background's (10% read as 21% from 42 answers, and then
+    none of 28 at level 2 is one chance in twenty)."""
     trial_refusals_level1: int = 2
     """Refusals at level 1 that mean the refusals go on (one may be the old rate's)."""
     trial_least_share: float = 0.01
