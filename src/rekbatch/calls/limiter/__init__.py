@@ -16,6 +16,8 @@ that are not about the rate.
 
 The parts, one job each:
 
+- ``permit.Permit``: one request's leave to go: when it was sent, at which rate and epoch,
+  and how it was answered.
 - ``pacer.Pacer``: the client's own token bucket at the current rate (a small burst), and
   at most rate x round trip x 2 requests in flight (Little's law).
 - ``traffic.Traffic``: what was sent and how it was answered, by tenth of a second of
