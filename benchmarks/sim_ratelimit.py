@@ -19,7 +19,7 @@ alternating: run it once per checkout.
 ``--src DIR`` measures another checkout's ``rekbatch`` (the simulation itself comes from
 this one).
 
-    python -m benchmarks.sim_ratelimit [--src /tmp/before/src] [--seeds 5] [--label before]
+    python -m benchmarks.sim_ratelimit [--src /tmp/before/src] [--seeds 12] [--label before]
 """
 
 from __future__ import annotations
@@ -60,10 +60,10 @@ MIXES: dict[str, dict[str, float]] = {
 }
 
 
-RESTORE_STEP = 0.75
+RESTORE_STEP = 0.25
 """Seconds by which each seed moves the quota's return: a limiter probes every few seconds
 while the quota is down, and when the quota comes back in that cycle decides how soon it
-is found again; the seeds spread it over about one cycle."""
+is found again; the default twelve seeds spread it over about one cycle."""
 
 
 def quota_scenarios(seed: int) -> dict[str, dict[str, Any]]:
@@ -98,7 +98,7 @@ def summary(values: list[float | None], worst: str) -> dict[str, float | None]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--src", type=Path, default=SRC, help="the code to measure")
-    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--seeds", type=int, default=12)
     parser.add_argument("--label", default="", help="suffix of the results file")
     args = parser.parse_args()
     seeds = list(range(1, args.seeds + 1))
