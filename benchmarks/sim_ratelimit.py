@@ -20,6 +20,7 @@ alternating: run it once per checkout.
 this one).
 
     python -m benchmarks.sim_ratelimit [--src /tmp/before/src] [--seeds 12] [--label before]
+        [--only "busy all three"]
 """
 
 from __future__ import annotations
@@ -100,12 +101,15 @@ def main() -> None:
     parser.add_argument("--src", type=Path, default=SRC, help="the code to measure")
     parser.add_argument("--seeds", type=int, default=12)
     parser.add_argument("--label", default="", help="suffix of the results file")
+    parser.add_argument("--only", default="", help="only the rows whose name contains this")
     args = parser.parse_args()
     seeds = list(range(1, args.seeds + 1))
     rows: list[dict[str, Any]] = []
     print("| scenario | share of quota (steady) | over the run | throttled | back to 0.9 s |")
     print("|---|---|---|---|---|")
     for name in quota_scenarios(1):
+        if args.only not in name:
+            continue
         results: list[SimResult] = [
             simulate(**quota_scenarios(seed)[name], seed=seed) for seed in seeds
         ]
@@ -125,8 +129,11 @@ def main() -> None:
     print("\n| machine | fault mix | share of fault-free | fault-free ok/s | cuts |")
     print("|---|---|---|---|---|")
     for machine, load in MACHINES.items():
+        mixes = {mix: faults for mix, faults in MIXES.items() if args.only in f"{machine} {mix}"}
+        if not mixes:
+            continue
         free = [simulate(**FAULTS_RUN, **load, seed=seed) for seed in seeds]
-        for mix, faults in MIXES.items():
+        for mix, faults in mixes.items():
             faulty = [simulate(**FAULTS_RUN, **load, **faults, seed=seed) for seed in seeds]
             shares = [f.ok_per_second / g.ok_per_second for f, g in zip(faulty, free, strict=True)]
             row = {
