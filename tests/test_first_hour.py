@@ -75,18 +75,20 @@ def test_validate_prints_every_error_one_line_each(
     result = invoke("validate", str(config))
     assert result.exit_code == 2
     lines = _problems(result)
-    assert len(lines) == 3, lines
+    assert len(lines) == 4, lines
     assert any(
         "operations[0].similarity_treshold: unknown key; did you mean 'similarity_threshold'?"
         in line
         for line in lines
     )
+    # The paths are checked beside the schema's problems, not after them.
+    assert any("operations[0].reference:" in ln and "missing-ref.jpg does" in ln for ln in lines)
     assert any(
         line.startswith("rekbatch: environment REKBATCH_LIMITS__CONCURRENCY: limits.concurrency:")
         for line in lines
     )
     assert any(f"{config}: aws.rekognition_endpoint_url: not an http(s)" in line for line in lines)
-    # The schema is fixed now; what is left are the paths, also every one at once.
+    # The schema is fixed now; what is left are the paths, every one at once.
     monkeypatch.delenv("REKBATCH_LIMITS__CONCURRENCY")
     text = config.read_text().replace("similarity_treshold", "similarity_threshold")
     text = text.replace('"localhost:9001"', '"http://localhost:9001"')

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import hashlib
 import json
 import signal
 import sqlite3
@@ -110,8 +111,9 @@ async def test_the_splitter_cuts_any_layout_into_even_disjoint_ranges(layout: st
     counts = [sum(1 for k in keys if r.holds(k)) for r in ranges]
     assert sum(counts) == len(keys)  # disjoint and complete
     assert len(ranges) >= 32
-    # No hint about the layout, yet no range holds more than a few times its share.
-    assert max(counts) <= 0.08 * len(keys), sorted(counts)[-4:]
+    # No hint about the layout, yet no range holds more than a few times its share (ends
+    # moved to prefix ends, at most half way to the next boundary, cost a little of it).
+    assert max(counts) <= 0.09 * len(keys), sorted(counts)[-4:]
     assert splitter.requests <= 120
 
 
@@ -318,3 +320,106 @@ async def test_a_store_that_refuses_a_probe_is_listed_by_one_paginator() -> None
 
     source = S3Source("s3://b/", 0, NoDelimiter(), "b", "")  # type: ignore[arg-type]
     assert await source.split(16) == [KeyRange(None, None)]
+
+
+# -- keys read: each key about once ------------------------------------------------------------
+
+
+class CountingPages:
+    """ListObjectsV2 over sorted keys in memory, counting requests and keys returned: the S3
+    client seam as ``S3Source`` sees it."""
+
+    def __init__(self, keys: list[str]) -> None:
+        self._page = _in_memory(keys)
+        self.requests = 0
+        self.keys_read = 0
+
+    async def list_page(self, **kw: Any) -> dict[str, Any]:
+        page = dict(await self._page(**kw))
+        page["Contents"] = [{"Key": item["Key"], "Size": 10} for item in page["Contents"]]
+        self.requests += 1
+        self.keys_read += len(page["Contents"])
+        return page
+
+
+def _md5(i: int) -> str:
+    return hashlib.md5(str(i).encode()).hexdigest()
+
+
+SMALL_LAYOUTS = {
+    # The layout the figures of issue 26 were taken on: 16 folders named by a hex digit.
+    "hex folders": [f"p/{i % 16:x}/{i}.jpg" for i in range(2400)],
+    "hashed folders": [f"p/{_md5(i)[:2]}/{i}.jpg" for i in range(2400)],
+    "one key a folder": [f"p/{_md5(i)}/{i}.jpg" for i in range(2400)],
+    "numbered": [f"img_{i:05d}.jpg" for i in range(2400)],
+    "uuids": [uuid.UUID(int=Random(i).getrandbits(128)).hex + ".png" for i in range(2400)],
+    "two levels": [
+        f"{a}/{b:03d}/{c}.jpg" for a in ("cat", "dog") for b in range(40) for c in range(30)
+    ],
+    "skewed": [f"a/{i}.jpg" for i in range(2160)] + [f"b/{i:05d}/x.jpg" for i in range(240)],
+}
+
+
+@pytest.mark.parametrize(
+    ("layout", "copies"),
+    [(name, 1) for name in sorted(SMALL_LAYOUTS)] + [("hex folders", 10), ("uuids", 10)],
+)
+async def test_splitting_and_listing_read_each_key_about_once(layout: str, copies: int) -> None:
+    base = SMALL_LAYOUTS[layout]
+    keys = sorted(base if copies == 1 else [f"{n:02d}{k}" for n in range(copies) for k in base])
+    pages = CountingPages(keys)
+    source = S3Source("s3://b/", 0, pages, "b", "")  # type: ignore[arg-type]
+    ranges = await source.split(16)
+
+    async def one(rng: KeyRange) -> list[str]:
+        return [o.key async for o in source.list_range(rng, None)]
+
+    parts = await asyncio.gather(*(one(r) for r in ranges))
+    listed = Counter(k for part in parts for k in part)
+    assert set(listed) == set(keys) and max(listed.values()) == 1
+    # Splitting included: at most a tenth more than the bucket.
+    assert pages.keys_read <= 1.1 * len(keys), (len(ranges), pages.keys_read, len(keys))
+
+
+class ListingCounter:
+    """Keys and pages ListObjectsV2 returned to the run, counted at the S3 client seam."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.keys = 0
+        self.pages = 0
+        original = S3.list_page
+        counter = self
+
+        async def counting(self: S3, **kwargs: Any) -> dict[str, Any]:
+            page = await original(self, **kwargs)
+            counter.pages += 1
+            counter.keys += len(page.get("Contents", ()))
+            return page
+
+        monkeypatch.setattr(S3, "list_page", counting)
+
+
+async def test_a_plain_run_lists_each_key_about_once(
+    moto_endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=moto_endpoint, region_name=REGION)
+    make_bucket(client, "hex-folders")
+    keys = SMALL_LAYOUTS["hex folders"]
+    put_objects("hex-folders", ((k, fake_jpeg(i)) for i, k in enumerate(keys)))
+    extra = f'[aws]\nregion = "{REGION}"\ns3_endpoint_url = "{moto_endpoint}"\n\n'
+    cfg = make_config(
+        tmp_path, ["s3://hex-folders/"], ops='[[operations]]\ntype = "detect_labels"\n', extra=extra
+    )
+    cfg = cfg.model_copy(
+        update={"source": cfg.source.model_copy(update={"sniff": False, "list_concurrency": 16})}
+    )
+    counter = ListingCounter(monkeypatch)
+    out = tmp_path / "out"
+    async with asyncio.timeout(120):
+        outcome = await Job(cfg, RunOptions(output_dir=out), backend=FakeBackend()).run()
+    assert outcome.exit_code == 0
+    assert_exactly_once(out, {("s3://hex-folders/", k, "detect_labels") for k in keys})
+    # Issue 26 measured 18,701 keys (7.8 times the bucket) in 39 pages here.
+    assert counter.keys <= 1.1 * len(keys), counter.keys

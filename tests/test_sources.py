@@ -280,6 +280,39 @@ async def test_a_key_list_with_and_without_sizes_and_etags(
     assert with_size["etag"] == etag and with_size["size"] == size
 
 
+@pytest.mark.parametrize("jsonl", [False, True])
+async def test_a_key_list_divided_into_runs_of_lines_lists_what_the_whole_list_does(
+    tmp_path: Path, jsonl: bool
+) -> None:
+    """Parts found by reading around each cut only; a malformed line keeps its number in
+    the whole list whichever part it falls in."""
+    from rekbatch.sources.keylist import KeyListSource
+
+    lines = ["bucket,key"] if not jsonl else []
+    for i in range(997):
+        if i % 97 == 13:
+            lines.append("not a line" if not jsonl else "{broken")
+        else:
+            key = f"photos/{'x' * (i % 50)}{i}.jpg"
+            row = {"bucket": "bkt", "key": key, "size": 10 + i, "etag": f"e{i}"}
+            lines.append(",".join(map(str, row.values())) if not jsonl else json.dumps(row))
+    path = tmp_path / ("list.jsonl" if jsonl else "list.csv")
+    path.write_text("\n".join(lines) + "\n")
+    source = KeyListSource(f"keys:{path}", 0, None)  # type: ignore[arg-type]
+
+    async def listed(rng: Any) -> list[tuple[str, str | None]]:
+        return [(o.key, o.skip) async for o in source.list_range(rng, None)]
+
+    whole = await listed((await source.split(1))[0])
+    parts = await source.divide(4, 16)
+    assert [len(p) for p in parts] == [4, 4, 4, 4]
+    together = [entry for part in parts for rng in part for entry in await listed(rng)]
+    assert together == whole
+    malformed = [k for k, skip in whole if skip == "malformed_entry"]
+    first = 2 if not jsonl else 1  # the header is line 1 of the CSV
+    assert malformed == [f"line:{i + first}" for i in range(997) if i % 97 == 13]
+
+
 @pytest.mark.parametrize("form", ["csv", "jsonl"])
 async def test_a_key_list_takes_keys_as_written_and_a_key_listed_twice_once(
     s3: Any, moto_endpoint: str, tmp_path: Path, form: str
@@ -296,7 +329,7 @@ async def test_a_key_list_takes_keys_as_written_and_a_key_listed_twice_once(
             "bucket,key",
             f"{bucket}, lead.jpg",  # unquoted: the space is the key's
             f'{bucket},"trail.jpg "',
-            f's3://{bucket}/ both .jpg',
+            f"s3://{bucket}/ both .jpg",
             f"{bucket},twice.jpg",
             f"s3://{bucket}/twice.jpg,{size}",  # the same object again, as a URI
             f"s3://{bucket}/plain.jpg",

@@ -85,6 +85,8 @@ class FakeBackend:
             return {"Labels": [{"Name": "Thing", "Confidence": 90.0}], "LabelModelVersion": "3.0"}
         if api == "DetectText":
             return {"TextDetections": []}
+        if api == "DetectProtectiveEquipment":
+            return {"ProtectiveEquipmentModelVersion": "1.0", "Persons": []}
         if api == "CompareFaces":
             wanted = self._faces(identity(images["SourceImage"]))[:1]
             matches = [

@@ -15,7 +15,9 @@ AWS JSON 1.1, ``POST /`` with ``X-Amz-Target: RekognitionService.<Operation>``; 
 
 Answers are deterministic functions of the image's sha256 (see ``FakeConfig.people``), so the
 same image always gets the same faces, labels and similarities. S3Object images are read from
-a (moto) S3 server at ``FakeConfig.s3_endpoint_url``.
+a (moto) S3 server at ``FakeConfig.s3_endpoint_url``. As with Rekognition, IndexFaces of an
+image already in a collection adds its faces again under new FaceIds (still the same ids
+for the same sequence of calls).
 
 Faults beyond error answers, for testing a client's fault handling (``FakeConfig``'s ``*_rate``
 fields, or ``fail_calls`` to pick them by call number). What aiobotocore 2.25 raises for each:
@@ -783,6 +785,9 @@ class _Collection:
     collection_id: str
     created: float
     faces: dict[str, _StoredFace] = field(default_factory=dict)
+    #: IndexFaces calls per image digest: indexing an image again adds new faces (new
+    #: FaceIds), as Rekognition does, rather than finding the first ones
+    indexings: Counter[str] = field(default_factory=Counter)
 
 
 @dataclass(frozen=True)
@@ -2132,7 +2137,12 @@ class FakeRekognition:
         records: list[JSON] = []
         unindexed: list[JSON] = []
         cid = collection.collection_id
-        image_id = _uuid_from("image", cid, image.digest)
+        with self._lock:
+            again = collection.indexings[image.digest]
+            collection.indexings[image.digest] += 1
+        # The first indexing of an image keeps the ids it always had; later ones get new ids.
+        nth: tuple[int, ...] = (again,) if again else ()
+        image_id = _uuid_from("image", cid, image.digest, *nth)
         for i, face in enumerate(self._faces(image)):
             if i >= max_faces:
                 unindexed.append(
@@ -2140,7 +2150,7 @@ class FakeRekognition:
                 )
                 continue
             stored = _StoredFace(
-                face_id=_uuid_from("face", cid, image.digest, i),
+                face_id=_uuid_from("face", cid, image.digest, i, *nth),
                 image_id=image_id,
                 external_image_id=external,
                 box=face.box,

@@ -58,7 +58,7 @@ from botocore.useragent import UserAgentString
 
 from rekbatch import __version__
 from rekbatch.backends.base import ImageInput
-from rekbatch.calls.classify import classify, failure_of
+from rekbatch.calls.classify import UNREADABLE_ANSWER, classify, failure_of
 from rekbatch.errors import BackendError, CallPathFailed
 
 log = structlog.get_logger("rekbatch")
@@ -194,7 +194,7 @@ def _image_request(image: ImageInput) -> dict[str, Any]:
 
 
 def _malformed(detail: str) -> BackendError:
-    return BackendError("InvalidResponse", detail, "transient")
+    return BackendError(UNREADABLE_ANSWER, detail, "transient")
 
 
 def read_answer(api: str, body: bytes, prune: Prune = _keep) -> dict[str, Any]:

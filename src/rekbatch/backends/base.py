@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 
 class ObjectBytes:
@@ -68,3 +68,16 @@ class Backend(Protocol):
         ...
 
     async def aclose(self) -> None: ...
+
+
+@runtime_checkable
+class FaceLookup(Protocol):
+    """A backend that finds a collection's faces by ExternalImageId without listing the
+    collection (Rekognition has no such call; the offline store answers with one scan of its
+    row table)."""
+
+    async def faces_of_images(
+        self, collection_id: str, external_ids: set[str]
+    ) -> list[dict[str, Any]]:
+        """ListFaces' ``Faces`` entries of the faces carrying one of ``external_ids``."""
+        ...

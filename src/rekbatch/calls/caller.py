@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from rekbatch.backends.base import Backend, ImageInput
+from rekbatch.calls.classify import may_have_been_done
 from rekbatch.calls.limiter import AdaptiveLimiter
 from rekbatch.calls.quotas import resolve_ceilings
 from rekbatch.calls.retry import Reachability, RetryPolicy
@@ -65,12 +66,15 @@ UPLOAD_FLOOR_BYTES_PER_SECOND = 256 * 1024
 @dataclass(slots=True)
 class CallOutcome:
     """A request's end: the response or the last error, the attempts it took, and the
-    seconds spent on the wire and in backoff (not waiting for the first permit)."""
+    seconds spent on the wire and in backoff (not waiting for the first permit).
+    ``unsure``: failed attempts the service may have carried out all the same (no answer
+    said otherwise; ``classify.may_have_been_done``)."""
 
     result: dict[str, Any] | None
     error: BackendError | None
     attempts: int
     seconds: float
+    unsure: int = 0
 
 
 @dataclass
@@ -199,6 +203,7 @@ class Caller:
         clock = self._clock
         attempts = 0  # attempts that count towards max_attempts
         tries = 0
+        unsure = 0
         seconds = 0.0
         while True:
             tries += 1
@@ -224,6 +229,7 @@ class Caller:
             except (BackendError, TimeoutError) as exc:
                 error = exc if isinstance(exc, BackendError) else _deadline(deadline)
                 seconds += clock.now() - sent
+                unsure += may_have_been_done(error)
                 if error.kind == "throttle":
                     limiter.on_throttle(permit)
                     stats.throttles[api] += 1
@@ -246,7 +252,7 @@ class Caller:
                     attempts += 1
                 if not moved and (not error.retryable or attempts >= self.retry.max_attempts):
                     stats.failures[api] += 1
-                    return CallOutcome(None, error, tries, seconds)
+                    return CallOutcome(None, error, tries, seconds, unsure)
                 self._check_stopping(api)
                 stats.retries[api] += 1
                 pause = self.retry.delay(min(tries, 8), self._rng)
@@ -263,7 +269,7 @@ class Caller:
             self._ok_since_reload = True
             limiter.on_success(permit)
             stats.ok[api] += 1
-            return CallOutcome(result, None, tries, seconds)
+            return CallOutcome(result, None, tries, seconds, unsure)
 
     async def _reload_credentials(self, error: BackendError, generation: int) -> None:
         """After a refusal of the credentials used by a call sent at ``generation``: have

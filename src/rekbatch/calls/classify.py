@@ -206,6 +206,16 @@ def _connected(exc: BaseException, row: Row) -> Connection | None:
     return "exchange"
 
 
+UNREADABLE_ANSWER = "InvalidResponse"  # the code of an answer that could not be read
+
+
+def may_have_been_done(error: BackendError) -> bool:
+    """Whether the service may have done what a failed request asked: no error answer says
+    it did not (the connection failed after the request could have been sent, the deadline
+    passed, or an answer came that could not be read)."""
+    return error.connection == "exchange" or error.code == UNREADABLE_ANSWER
+
+
 def failure_of(exc: BaseException) -> BackendError | None:
     """``exc`` as a classified failure of one call; None when it is not one (a bug)."""
     if isinstance(exc, BackendError):

@@ -5,19 +5,25 @@
 ``attempt``-th failed attempt (1-based), ``should_retry(kind, attempt)`` whether to make
 another one. Which failures are which is ``rekbatch.calls.classify``.
 
-``Reachability`` tells an endpoint that is down from one that was never reached.
+``Reachability`` tells an endpoint that is down from one that was never reached;
+``while_reachable`` repeats a request that is safe to repeat (an S3 read, an SQS receive)
+after each failed connection until that endpoint is down.
 """
 
 from __future__ import annotations
 
+import asyncio
 import random
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypeVar
 
+from rekbatch.calls.classify import failure_of
 from rekbatch.clock import Clock
 from rekbatch.errors import EndpointNeverReached, EndpointUnreachable, ErrorKind
 
 Jitter = Literal["full", "decorrelated"]
+T = TypeVar("T")
 
 # How long an endpoint no call of the run has reached may refuse connections before the run
 # stops with a setup error: a few backoffs, and well under ``unreachable_seconds``.
@@ -116,3 +122,30 @@ class Reachability:
     def down_for(self) -> float:
         since = self._failing_since
         return 0.0 if since is None else self._clock.now() - since
+
+
+async def while_reachable(
+    request: Callable[[], Awaitable[T]],
+    reach: Reachability,
+    clock: Clock,
+    retry: RetryPolicy,
+    rng: random.Random,
+) -> T:
+    """``request()``, again after each failed connection until ``reach`` says the endpoint
+    is down (it raises then). Only for requests that are free to repeat: any other failure
+    is raised at once."""
+    tries = 0
+    while True:
+        tries += 1
+        began = clock.now()
+        try:
+            result = await request()
+        except Exception as exc:
+            classified = failure_of(exc)
+            if classified is None or classified.connection is None:
+                raise
+            reach.failed(f"{classified.code}: {classified.message}", began)
+            await asyncio.sleep(retry.delay(min(tries, 8), rng))
+            continue
+        reach.ok()
+        return result

@@ -38,6 +38,7 @@ import structlog
 from rekbatch.config import Config, IndexFacesOp, parse_s3_uri
 from rekbatch.errors import ConfigError, SetupError
 from rekbatch.operations.collection_shards import MAX_SEARCH_FACES
+from rekbatch.operations.summaries import indexed_face_ids
 from rekbatch.records import utc_now
 from rekbatch.store import jobdir
 from rekbatch.store.ledger import LedgerDB
@@ -162,21 +163,63 @@ def _merge_is_stale(directory: Path, folders: list[Path]) -> bool:
 
 
 class Resolver:
-    """Faces' ExternalImageIds to the objects (and copies) the ledger recorded them for."""
+    """Faces' ExternalImageIds to the objects (and copies) the ledger recorded them for.
+
+    A face counts for an object only if the object's current row names it: the faces of an
+    earlier version of the photo, or of an IndexFaces whose row never came, may still be in
+    the index (until the next run deletes them), under the same ExternalImageId. The rows are
+    read from results.jsonl, once each."""
 
     def __init__(self, directory: Path) -> None:
         self._db = LedgerDB(jobdir.existing_ledger(directory), readonly=True)
         self._sources = [row["uri"] for row in self._db.sources()]
+        self._results = directory / "results.jsonl"
+        self._fd: int | None = None
+        self._named: dict[int, frozenset[str]] = {}
 
-    def objects(self, collection: str, external_id: str) -> list[tuple[int, str | None, str]]:
+    def objects(
+        self, collection: str, external_id: str, face_id: str | None = None
+    ) -> list[tuple[int, str | None, str]]:
+        """The objects whose current row carries the face (any face of the image when
+        ``face_id`` is None)."""
         rows = self._db.objects_with_detail(OPERATION, f"{collection}/{external_id}")
-        return [(int(r["source"]), r["bucket"], str(r["key"])) for r in rows]
+        return [
+            (int(r["source"]), r["bucket"], str(r["key"]))
+            for r in rows
+            if face_id is None or self._names(r["jsonl_offset"], r["jsonl_length"], face_id)
+        ]
+
+    def still_found(self, source: str, key: str, face_id: str | None) -> bool:
+        """Whether a face found earlier in the object is still in its current row."""
+        if source not in self._sources:
+            return False
+        place = self._db.ok_place(OPERATION, self._sources.index(source), key)
+        if place is None:
+            return False  # removed, failed or skipped since
+        return face_id is None or self._names(place[0], place[1], face_id)
+
+    def _names(self, offset: int | None, length: int | None, face_id: str) -> bool:
+        if offset is None or length is None:
+            return True  # a ledger that does not know where its rows are: as it says
+        named = self._named.get(offset)
+        if named is None:
+            if self._fd is None:
+                self._fd = os.open(self._results, os.O_RDONLY)
+            try:
+                result = json.loads(os.pread(self._fd, length, offset)).get("result")
+            except ValueError:
+                result = None
+            named = self._named[offset] = frozenset(indexed_face_ids(result))
+        return face_id in named
 
     def source_uri(self, index: int) -> str:
         return self._sources[index] if 0 <= index < len(self._sources) else str(index)
 
     def close(self) -> None:
         self._db.close()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def _best(found: Iterator[Found]) -> list[Found]:
@@ -249,7 +292,7 @@ def search_offline(
             external = match.face.external_image_id
             if external is None:
                 continue
-            for source, bucket, key in resolver.objects(collection, external):
+            for source, bucket, key in resolver.objects(collection, external, match.face.face_id):
                 found.append(
                     Found(
                         source,
@@ -375,7 +418,10 @@ def _aws_matches(matches: list[Any], collection: str, resolver: Resolver) -> lis
         external = face.get("ExternalImageId")
         if not external:
             continue
-        for source, bucket, key in resolver.objects(collection, str(external)):
+        face_id = face.get("FaceId")
+        for source, bucket, key in resolver.objects(
+            collection, str(external), str(face_id) if face_id else None
+        ):
             found.append(
                 Found(
                     source,

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
+
+from rekbatch.config.writing import toml_string
 
 DEFAULT_PATH = Path("rekbatch.toml")
 # The repository's sample photos, used when init runs in a clone of it.
@@ -13,7 +14,7 @@ SAMPLE_REFERENCE = SAMPLE_FOLDER / "ric_harvey.jpeg"
 
 
 def _q(value: str) -> str:
-    return json.dumps(value, ensure_ascii=False)
+    return toml_string(value)
 
 
 def _from(folder: Path, location: str) -> str:

@@ -3,7 +3,9 @@
 Locally the shards are the folders ``DIR/shard-KKKK-of-NNNN/``. From S3 they are the same
 folders under the job's ``output.upload_uri``, as each shard uploaded them; their
 results.jsonl, summary.json and job.json are downloaded, merged into ``--output`` and the
-merged files uploaded to the prefix itself (where a single run would have put them).
+merged files uploaded to the prefix itself (where a single run would have put them). The
+upload target is the command's prefix (from S3), or the one every shard's job.json names
+(locally): never one shard's word alone.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from rekbatch.sinks.merge import (
     MergeOutcome,
     ShardFiles,
     check_complete,
+    check_upload_target,
     local_shards,
     merge_shards,
     read_shard,
@@ -41,7 +44,9 @@ def merge_job(target: str, output: Path | None) -> MergeOutcome:
     if output is not None:
         raise ConfigError("merge: --output is for s3:// jobs; a local job merges into DIR")
     directory = Path(target)
-    outcome = merge_shards(directory, local_shards(directory))
+    shards = local_shards(directory)
+    check_upload_target(directory, shards)
+    outcome = merge_shards(directory, shards)
     if outcome.config.output.upload_uri:
         asyncio.run(_upload(outcome, directory))
     return outcome
@@ -116,7 +121,7 @@ async def _shard_prefixes(client: object, bucket: str, base: str) -> dict[Shard,
     async for page in paginator.paginate(Bucket=bucket, Prefix=start, Delimiter="/"):
         for common in page.get("CommonPrefixes", []):
             name = common["Prefix"][len(start) :].strip("/")
-            match = FOLDER.match(name)
+            match = FOLDER.fullmatch(name)
             if match:
                 found[Shard(int(match.group(1)), int(match.group(2)))] = name
     return dict(sorted(found.items(), key=lambda kv: kv[0].index))

@@ -1,14 +1,20 @@
 """``rekbatch plan``: list and filter as a run would, then estimate calls, cost and time.
 
-No Rekognition call is made. Sources are listed as a run lists them (in parallel ranges);
-objects the output directory already holds for the same job (same ETags) are counted as
-done, not again. With ``source.sniff`` the header of a uniform random sample of the
-candidates (``--sample N``, 2,000 by default) is read as the run would read it (format,
-dimensions, what would be converted), and the counts by type and reason extrapolated with
-their 95% margin; ``--sample all`` reads every candidate for exact counts. The offline
-backend costs nothing; its time comes from a few of the eligible images analysed on this
-machine. With ``prefilter = "faces"`` the offline detector looks at a sample too, and the
-expected saving is taken off the calls.
+No Rekognition call is made. Three steps, each with the run's own code where the run decides:
+
+- **list** (``list_candidates``): the sources are split and listed as a run lists them
+  (``engine/listing.py``); objects the output directory already holds for the same job (same
+  ETags) are counted as done, and the listing entry alone rules out what the globs exclude
+  and what is empty or too large for the way its image goes (``engine/delivery.py``);
+- **sample** (``sniff_sample``): with ``source.sniff`` the header of a uniform random sample
+  of the candidates (``--sample N``, 2,000 by default; ``all`` for every one) is read and
+  decided per operation as the run decides it (``engine/prepare.decisions``: format,
+  dimensions, what would be converted);
+- **estimate** (``estimate``): the sample's counts scaled to all candidates with their 95%
+  margin, calls per API from the images each operation would be sent, cost at list prices
+  and time at the ceilings. The offline backend costs nothing; its time comes from a few of
+  the eligible images analysed on this machine. With ``prefilter = "faces"`` the offline
+  detector looks at a sample too, and the expected saving is taken off the calls.
 """
 
 from __future__ import annotations
@@ -18,37 +24,22 @@ import contextlib
 import math
 import random
 import time
-from collections import Counter, deque
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rekbatch.calls.service_quotas import QuotaReading
 from rekbatch.commands import plan_regions, prefilter_estimate
 from rekbatch.config import Config, parse_s3_uri, uses_s3
-from rekbatch.engine.prepare import read_header
-from rekbatch.errors import SetupError
-from rekbatch.operations import build_operations
+from rekbatch.engine.delivery import Delivery, find_delivery
+from rekbatch.engine.listing import ListingRules, RangeTodo, list_ranges, still_to_do
+from rekbatch.engine.prepare import decisions, read_header
+from rekbatch.operations import Operation, build_operations
 from rekbatch.pricing import PRICE_TABLES, PRICES_AS_OF, PRICES_REGION, estimate_cost
 from rekbatch.records import ObjectRef
-from rekbatch.sources import (
-    S3,
-    InventorySource,
-    KeyListSource,
-    LocalSource,
-    Source,
-    SqsSource,
-    open_source,
-)
-from rekbatch.sources.filters import (
-    AS_IS,
-    MAX_CONVERT_BYTES,
-    MAX_IMAGE_BYTES,
-    MAX_S3_OBJECT_BYTES,
-    Convert,
-    decide,
-    listing_reason,
-)
-from rekbatch.sources.s3 import buckets_elsewhere, region_error
+from rekbatch.sources import S3, Source, SqsSource, check_sources, open_source
+from rekbatch.sources.filters import AS_IS, Convert
 from rekbatch.store import jobdir
 from rekbatch.store.ledger import LedgerDB
 
@@ -57,6 +48,17 @@ Z95 = 1.96  # the normal quantile of a 95% interval
 # Images the offline backend analyses per worker to time this machine (pool start-up and
 # the first call of each worker, which analyses a reference, timed apart).
 TIMED_PER_WORKER = 2
+CHUNK = 1000  # listed objects looked up in the ledger at once
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """A listed object that still needs some operation and that its listing entry does not
+    rule out."""
+
+    source: int
+    obj: ObjectRef
+    todo: tuple[str, ...]  # the operation types it still needs
 
 
 @dataclass
@@ -67,16 +69,45 @@ class Sample:
     size: int | None  # None: every candidate
     rng: random.Random
     seen: int = 0
-    items: list[tuple[int, ObjectRef]] = field(default_factory=list)
+    items: list[Candidate] = field(default_factory=list)
 
-    def offer(self, source: int, obj: ObjectRef) -> None:
+    def offer(self, candidate: Candidate) -> None:
         self.seen += 1
         if self.size is None or len(self.items) < self.size:
-            self.items.append((source, obj))
+            self.items.append(candidate)
             return
         at = self.rng.randrange(self.seen)
         if at < self.size:
-            self.items[at] = (source, obj)
+            self.items[at] = candidate
+
+
+@dataclass
+class Listing:
+    """What listing found, from the listing entries alone."""
+
+    pool: Sample
+    listed: int = 0
+    done: int = 0  # objects the output directory holds for every operation
+    candidate_bytes: int = 0
+    skipped: Counter[str] = field(default_factory=Counter)  # objects, by reason
+    skipped_by_op: dict[str, Counter[str]] = field(default_factory=dict)
+    todo_by_op: Counter[str] = field(default_factory=Counter)  # candidates per operation
+    seconds: float = 0.0
+
+
+@dataclass
+class Findings:
+    """What the sniffed sample says (every count is of sampled candidates)."""
+
+    sniffed: int = 0
+    kinds: Counter[str] = field(default_factory=Counter)  # sent for some operation, by format
+    reasons: Counter[str] = field(default_factory=Counter)  # sent for none: the first reason
+    converted: Counter[str] = field(default_factory=Counter)
+    sent_bytes: int = 0
+    converted_bytes: int = 0
+    sent_by_op: Counter[str] = field(default_factory=Counter)
+    skipped_by_op: dict[str, Counter[str]] = field(default_factory=dict)
+    eligible: list[Candidate] = field(default_factory=list)  # would be sent
 
 
 def margin(hits: int, n: int, population: int) -> int:
@@ -111,98 +142,11 @@ async def plan_job(
     """The plan of ``cfg``: every object listed (in parallel, as a run lists), sniffing
     estimated from ``sample`` random candidates (None: all of them), what the output
     directory already holds left out."""
-    listed = done_objects = candidate_bytes = 0
-    skipped: Counter[str] = Counter()
-    kinds: Counter[str] = Counter()
-    listed_by_source: Counter[str] = Counter()
-    todo_by_op: Counter[str] = Counter()  # candidates with the operation still to do
-    pool = Sample(sample, random.Random(cfg.fingerprint()))
-    op_types = [op.type for op in build_operations(cfg)]
-    filtered = [op for op in build_operations(cfg) if op.prefilter]
-    convert = cfg.source.convert and cfg.source.sniff
-    notes: list[str] = []
+    operations = build_operations(cfg)
     ledger = _done_lookup(Path(output_dir or cfg.job.output_dir), cfg)
-    started = time.monotonic()
-    by_ref_of: dict[int, bool] = {}
-
-    async def consider(source: Source, chunk: list[ObjectRef], max_bytes: int) -> None:
-        nonlocal listed, done_objects, candidate_bytes
-        listed += len(chunk)
-        listed_by_source[source.uri] += len(chunk)
-        done: dict[str, dict[str, str]] = {}
-        if ledger is not None:
-            # On the loop: an indexed read of a thousand keys, and SQLite connections stay
-            # on the thread that opened them.
-            done = ledger.lookup(source.index, [o.key for o in chunk])
-        include, exclude, sniffing = cfg.source.include, cfg.source.exclude, cfg.source.sniff
-        for obj in chunk:
-            before = done.get(obj.key, {})
-            todo = [op for op in op_types if before.get(op) != obj.etag]
-            if not todo:
-                done_objects += 1
-                continue
-            reason = listing_reason(obj, include, exclude, max_bytes, sniff=sniffing)
-            if reason is not None:
-                skipped[reason] += 1
-                continue
-            candidate_bytes += obj.size
-            todo_by_op.update(todo)
-            pool.offer(source.index, obj)
-
-    async def list_source(source: Source, max_bytes: int) -> None:
-        todo = deque(await source.split(cfg.source.list_concurrency))
-
-        async def lister() -> None:
-            while todo:
-                rng = todo.popleft()
-                chunk: list[ObjectRef] = []
-                async for obj in source.list_range(rng, None):
-                    chunk.append(obj)
-                    if len(chunk) >= 1000:
-                        await consider(source, chunk, max_bytes)
-                        chunk = []
-                await consider(source, chunk, max_bytes)
-
-        async with asyncio.TaskGroup() as group:
-            for _ in range(min(cfg.source.list_concurrency, len(todo))):
-                group.create_task(lister())
-
-    sem = asyncio.Semaphore(cfg.limits.concurrency)
-    sample_kinds: Counter[str] = Counter()
-    sample_reasons: Counter[str] = Counter()
-    sample_converted: Counter[str] = Counter()
-    sample_bytes = sample_converted_bytes = 0
-    eligible: list[tuple[int, ObjectRef]] = []  # sampled images that would be sent
-
-    async def examine(source: Source, obj: ObjectRef) -> None:
-        nonlocal sample_bytes, sample_converted_bytes
-        async with sem:
-            _, info = await read_header(source, obj)
-        max_bytes = MAX_S3_OBJECT_BYTES if by_ref_of[source.index] else MAX_IMAGE_BYTES
-        decisions = [
-            decide(
-                obj,
-                info,
-                op,
-                max_bytes=max_bytes,
-                convert=convert,
-                max_pixels=cfg.source.max_pixels,
-            )
-            for op in op_types
-        ]
-        if not any(d == AS_IS or isinstance(d, Convert) for d in decisions):
-            sample_reasons[str(decisions[0])] += 1
-            return
-        assert info is not None
-        sample_kinds[info.format] += 1
-        sample_bytes += obj.size
-        if any(isinstance(d, Convert) for d in decisions):
-            sample_converted[info.format] += 1
-            sample_converted_bytes += obj.size
-        eligible.append((source.index, obj))
-
     timing: dict[str, Any] | None = None
     prefilter: prefilter_estimate.PrefilterEstimate | None = None
+    notes: list[str] = []
     try:
         async with contextlib.AsyncExitStack() as stack:
             s3: S3 | None = None
@@ -217,50 +161,37 @@ async def plan_job(
                         pool=cfg.limits.concurrency + cfg.source.list_concurrency + 4,
                     )
                 )
-            sources: list[Source] = []
-            for index, uri in enumerate(cfg.source.uris):
-                source = open_source(uri, index, s3, follow_symlinks=cfg.source.follow_symlinks)
-                parsed = parse_s3_uri(uri)
-                if isinstance(source, SqsSource):
-                    notes.append(f"{uri}: a queue; its events are read by run, not planned")
-                if isinstance(source, LocalSource):
-                    await asyncio.to_thread(source.check)
-                elif isinstance(source, InventorySource | KeyListSource):
-                    await source.check()
-                elif s3 is not None and parsed is not None:
-                    await s3.check_bucket(parsed[0])
-                by_ref = uses_s3(uri) and cfg.aws.image_mode != "bytes"
-                by_ref = by_ref and cfg.backend.kind == "aws"
-                if by_ref and s3 is not None and parsed is not None:
-                    elsewhere = await buckets_elsewhere(s3, [parsed[0]], cfg.aws.region)
-                    for bucket, region in elsewhere.items():
-                        if cfg.aws.image_mode == "s3":
-                            raise SetupError(region_error(bucket, region, cfg.aws.region))
-                        by_ref = False
-                        notes.append(
-                            f"s3://{bucket} is in {region}, Rekognition in {cfg.aws.region}: "
-                            "its images are sent as bytes (image_mode auto)"
-                        )
-                by_ref_of[index] = by_ref
-                sources.append(source)
-            for source in sources:
-                if convert:
-                    max_bytes = MAX_CONVERT_BYTES
-                else:
-                    max_bytes = MAX_S3_OBJECT_BYTES if by_ref_of[source.index] else MAX_IMAGE_BYTES
-                await list_source(source, max_bytes)
-            listing_seconds = time.monotonic() - started
-            candidates = pool.seen
-            if cfg.source.sniff:
-                await asyncio.gather(*(examine(sources[i], obj) for i, obj in pool.items))
-            else:
-                eligible = list(pool.items)
-            chosen = [(sources[i], obj) for i, obj in eligible]
+            sources = [
+                open_source(uri, i, s3, follow_symlinks=cfg.source.follow_symlinks)
+                for i, uri in enumerate(cfg.source.uris)
+            ]
+            await check_sources(sources, s3)
+            notes += [
+                f"{s.uri}: a queue; its events are read by run, not planned"
+                for s in sources
+                if isinstance(s, SqsSource)
+            ]
+            placement = await find_delivery(cfg, s3)
+            delivery = placement.delivery
+            references = any(
+                uses_s3(uri) and delivery.by_reference(parsed[0] if parsed else "")
+                for uri, parsed in ((u, parse_s3_uri(u)) for u in cfg.source.uris)
+            )
+            notes += [
+                f"s3://{bucket} is in {region}, Rekognition in {cfg.aws.region}: "
+                "its images are sent as bytes (image_mode auto)"
+                for bucket, region in placement.as_bytes.items()
+            ]
+            listing = await list_candidates(
+                cfg, sources, operations, ListingRules.of(cfg, delivery), ledger, sample
+            )
+            findings = await sniff_sample(cfg, sources, delivery, listing.pool)
+            chosen = [(sources[c.source], c.obj) for c in findings.eligible]
             if cfg.backend.kind == "local" and chosen and time_offline:
                 timing = await time_local_backend(
                     cfg, chosen[: TIMED_PER_WORKER * _local_workers(cfg)], s3
                 )
-            if filtered:
+            if any(op.prefilter for op in operations):
                 # ``chosen`` is already a random sample of the candidates; the detector
                 # looks at a smaller one of it.
                 faces = chosen
@@ -270,35 +201,171 @@ async def plan_job(
     finally:
         if ledger is not None:
             ledger.close()
-    n = len(pool.items)
+    apis = list(planned_calls(cfg, 1))
+    return estimate(
+        cfg,
+        operations,
+        listing,
+        findings,
+        setup=ledger is None,
+        timing=timing,
+        prefilter=prefilter,
+        notes=notes,
+        quotas=await plan_regions.plan_quotas(cfg, apis),
+        references=references,
+    )
+
+
+async def list_candidates(
+    cfg: Config,
+    sources: list[Source],
+    operations: list[Operation],
+    rules: ListingRules,
+    ledger: LedgerDB | None,
+    sample: int | None,
+) -> Listing:
+    """Every source listed as a run lists it: counts by what the listing entries decide,
+    and a random sample of the candidates."""
+    listing = Listing(Sample(sample, random.Random(cfg.fingerprint())))
+    started = time.monotonic()
+
+    async def consider(source: Source, objects: list[ObjectRef]) -> None:
+        listing.listed += len(objects)
+        done: dict[str, dict[str, str]] = {}
+        if ledger is not None:
+            # On the loop: an indexed read of a thousand keys, and SQLite connections stay
+            # on the thread that opened them.
+            done = ledger.lookup(source.index, [o.key for o in objects])
+        for obj in objects:
+            todo = [op.type for op in still_to_do(operations, obj, done.get(obj.key))]
+            if not todo:
+                listing.done += 1
+                continue
+            reason = rules.skip_reason(obj)
+            if reason is not None:
+                listing.skipped[reason] += 1
+                for op in todo:
+                    listing.skipped_by_op.setdefault(op, Counter())[reason] += 1
+                continue
+            listing.candidate_bytes += obj.size
+            listing.todo_by_op.update(todo)
+            listing.pool.offer(Candidate(source.index, obj, tuple(todo)))
+
+    async def list_source(source: Source) -> None:
+        ranges = await source.split(cfg.source.list_concurrency)
+
+        async def take(_: None, objects: list[ObjectRef]) -> None:
+            await consider(source, objects)
+
+        await list_ranges(
+            source,
+            [RangeTodo(i, rng) for i, rng in enumerate(ranges)],
+            listers=cfg.source.list_concurrency,
+            chunk=CHUNK,
+            start=lambda _: None,
+            take=take,
+        )
+
+    for source in sources:
+        await list_source(source)
+    listing.seconds = time.monotonic() - started
+    return listing
+
+
+async def sniff_sample(
+    cfg: Config, sources: list[Source], delivery: Delivery, pool: Sample
+) -> Findings:
+    """The sampled candidates' headers read and decided per operation as the run decides;
+    without sniffing, every candidate is sent for every operation it still needs."""
+    findings = Findings()
+    if not cfg.source.sniff:
+        findings.eligible = list(pool.items)
+        for candidate in pool.items:
+            findings.sent_by_op.update(candidate.todo)
+        return findings
+    sem = asyncio.Semaphore(cfg.limits.concurrency)
+
+    async def examine(candidate: Candidate) -> None:
+        obj = candidate.obj
+        async with sem:
+            _, info = await read_header(sources[candidate.source], obj)
+        decided = decisions(
+            obj,
+            info,
+            candidate.todo,
+            by_reference=delivery.by_reference(obj.bucket),
+            convert=delivery.convert,
+            max_pixels=cfg.source.max_pixels,
+        )
+        sending = [op for op, d in decided.items() if d == AS_IS or isinstance(d, Convert)]
+        findings.sent_by_op.update(sending)
+        for op, decision in decided.items():
+            if op not in sending:
+                findings.skipped_by_op.setdefault(op, Counter())[str(decision)] += 1
+        if not sending:
+            findings.reasons[str(decided[candidate.todo[0]])] += 1
+            return
+        assert info is not None
+        findings.kinds[info.format] += 1
+        findings.sent_bytes += obj.size
+        if any(isinstance(d, Convert) for d in decided.values()):
+            findings.converted[info.format] += 1
+            findings.converted_bytes += obj.size
+        findings.eligible.append(candidate)
+
+    await asyncio.gather(*(examine(c) for c in pool.items))
+    findings.sniffed = len(pool.items)
+    return findings
+
+
+def estimate(
+    cfg: Config,
+    operations: list[Operation],
+    listing: Listing,
+    findings: Findings,
+    *,
+    setup: bool,
+    timing: dict[str, Any] | None,
+    prefilter: prefilter_estimate.PrefilterEstimate | None,
+    notes: list[str],
+    quotas: QuotaReading,
+    references: bool,
+) -> dict[str, Any]:
+    """The plan: the sample's findings scaled to every candidate (with their 95% margins),
+    calls by API from the images each operation would be sent, cost and time (at the
+    ceilings ``quotas`` give, per Region); ``references``: some source goes by S3
+    reference."""
+    candidates = listing.pool.seen
+    n = len(listing.pool.items)
     exact = not cfg.source.sniff or n == candidates
+    scale = candidates / n if n else 0.0
+    kinds: Counter[str] = Counter()
+    skipped = Counter(listing.skipped)
+    skipped_by_op = {op: Counter(c) for op, c in listing.skipped_by_op.items()}
     margins: dict[str, int] = {}
-    eligible_bytes = converted_bytes = 0
     converted: Counter[str] = Counter()
-    share = 1.0  # of the candidates, the images that would be sent
     if not cfg.source.sniff:
         kinds["unsniffed"] = candidates
-        eligible_bytes = candidate_bytes
-    elif n:
-        scale = candidates / n
-        share = sum(sample_kinds.values()) / n
-        for kind, hits in sample_kinds.items():
+        eligible_bytes, converted_bytes = listing.candidate_bytes, 0
+        images_by_op = Counter(listing.todo_by_op)
+    else:
+        for kind, hits in findings.kinds.items():
             kinds[kind] = round(hits * scale)
             margins[kind] = margin(hits, n, candidates)
-        for reason, hits in sample_reasons.items():
+        for reason, hits in findings.reasons.items():
             skipped[reason] += round(hits * scale)
             margins[reason] = margin(hits, n, candidates)
-        for kind, hits in sample_converted.items():
-            converted[kind] = round(hits * scale)
-        eligible_bytes = round(sample_bytes * scale)
-        converted_bytes = round(sample_converted_bytes * scale)
-        margins["images_eligible"] = margin(sum(sample_kinds.values()), n, candidates)
+        for op_type, reasons in findings.skipped_by_op.items():
+            for reason, hits in reasons.items():
+                skipped_by_op.setdefault(op_type, Counter())[reason] += round(hits * scale)
+        converted = Counter({k: round(hits * scale) for k, hits in findings.converted.items()})
+        eligible_bytes = round(findings.sent_bytes * scale)
+        converted_bytes = round(findings.converted_bytes * scale)
+        margins["images_eligible"] = margin(sum(findings.kinds.values()), n, candidates)
         margins = {k: v for k, v in margins.items() if v}
-    else:
-        share = 0.0
-    images = sum(kinds.values())
-    images_by_op = Counter({op: round(count * share) for op, count in todo_by_op.items()})
-    calls = planned_calls(cfg, images_by_op, setup=ledger is None)
+        images_by_op = Counter({t: round(h * scale) for t, h in findings.sent_by_op.items()})
+    calls = planned_calls(cfg, images_by_op, setup=setup)
+    filtered = [op for op in operations if op.prefilter]
     saved: dict[str, int] = {}
     if prefilter is not None:
         for op in filtered:
@@ -306,9 +373,7 @@ async def plan_job(
                 cut = round(images_by_op.get(op.type, 0) * per_image * prefilter.share)
                 saved[api] = saved.get(api, 0) + cut
         calls = {api: count - saved.get(api, 0) for api, count in calls.items()}
-    by_region = plan_regions.region_ceilings(
-        cfg, list(calls), await plan_regions.plan_quotas(cfg, list(calls))
-    )
+    by_region = plan_regions.region_ceilings(cfg, list(calls), quotas)
     ceilings = by_region[cfg.aws.region]
     priced_region = cfg.aws.region if cfg.aws.region in PRICE_TABLES else PRICES_REGION
     if cfg.backend.kind == "local":
@@ -327,26 +392,27 @@ async def plan_job(
         cost = estimate_cost(calls, region=cfg.aws.region)
         seconds = max((count / ceilings[api] for api, count in calls.items()), default=0.0)
         note = "estimates: cost from published list prices, time at the configured rates"
-    converted_images = sum(converted.values())
+    images = sum(kinds.values())
     regions = plan_regions.region_plan(
         cfg,
         calls,
         by_region,
         images=images,
-        by_reference=images - converted_images if any(by_ref_of.values()) else 0,
+        by_reference=images - sum(converted.values()) if references else 0,
         image_bytes=eligible_bytes,
     )
+    listed, listing_seconds = listing.listed, listing.seconds
     return {
         "job": cfg.job.name,
         "backend": cfg.backend.kind,
         "objects_listed": listed,
-        "objects_done": done_objects,
-        "objects_left": listed - done_objects,
+        "objects_done": listing.done,
+        "objects_left": listed - listing.done,
         "listing_seconds": round(listing_seconds, 2),
         "listed_per_second": round(listed / listing_seconds) if listing_seconds > 0 else 0,
         "sample": {
             "candidates": candidates,
-            "sniffed": n if cfg.source.sniff else 0,
+            "sniffed": findings.sniffed,
             "exact": exact,
             "confidence": 0.95,
             "margins": margins,
@@ -358,6 +424,13 @@ async def plan_job(
         "converted_by_type": dict(converted),
         "converted_bytes": converted_bytes,
         "skipped_by_reason": dict(skipped),
+        # Per operation (records, as the run writes them): images sent, and skips by reason.
+        "images_by_operation": {t: k for t, k in images_by_op.items() if k},
+        "skipped_by_operation": {
+            t: {r: k for r, k in reasons.items() if k}
+            for t, reasons in skipped_by_op.items()
+            if any(reasons.values())
+        },
         "calls_by_api": calls,
         "ceilings_tps": ceilings,
         "estimated_cost_usd": cost,
@@ -494,6 +567,13 @@ def render_plan(plan: dict[str, Any]) -> str:
             or "none"
         ),
     ]
+    per_op = plan.get("images_by_operation", {})
+    skips = plan.get("skipped_by_operation", {})
+    if len(set(per_op) | set(skips)) > 1:
+        for op in sorted(set(per_op) | set(skips)):
+            why = ", ".join(f"{k}={v}" for k, v in sorted(skips.get(op, {}).items()))
+            skipped = f"; skipped {why}" if why else ""
+            lines.append(f"  {op}: {per_op.get(op, 0)} images{skipped}")
     sampled = plan["sample"]
     if not sampled["exact"]:
         lines.append(

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import html
 import io
 import json
 import os
-from collections.abc import Awaitable, Callable, Iterable
+import sqlite3
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
@@ -28,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from rekbatch import __version__
 from rekbatch.config import CompareFacesOp, Config, SearchFacesOp, parse_s3_uri
-from rekbatch.errors import SetupError
+from rekbatch.errors import EndpointNeverReached, EndpointUnreachable, SetupError
 from rekbatch.sources.decoding import (
     MB,
     MemoryBudget,
@@ -49,6 +51,11 @@ MAX_FETCH_CONCURRENCY = 16
 _BOX_COLOUR = (255, 212, 0)
 _BOX_SHADOW = (0, 0, 0)
 _ERROR_CHARS = 300
+# A report is asked for at a terminal: S3 out of reach is said at once (one request, one
+# attempt, short timeouts), and an outage while thumbnails are read stops it within
+# REPORT_UNREACHABLE_SECONDS, not the run's unreachable_seconds. report.html stays as it was.
+PROBE_TIMEOUT_SECONDS = 5
+REPORT_UNREACHABLE_SECONDS = 15.0
 
 Box = tuple[float, float, float, float]  # Left, Top, Width, Height: ratios of the image
 View = tuple[Box, ...]  # the boxes drawn on one thumbnail
@@ -243,12 +250,41 @@ def _answers(summary: dict[str, Any], cfg: Config) -> list[_Answer]:
 
 def _find_answers(output_dir: Path) -> list[_Answer]:
     """The people ``rekbatch find`` looked up (``find/summary.json`` and each person's
-    ``find/NAME.jsonl``); unreadable files are left out."""
+    ``find/NAME.jsonl``); unreadable files are left out, and so are the photos found then
+    that changed or were removed since (their current row no longer names the face)."""
     try:
         found = json.loads((output_dir / "find" / "summary.json").read_text(encoding="utf-8"))
         raw_people = found["people"]
     except (OSError, ValueError, KeyError, TypeError):
         return []
+    with _still_found(output_dir) as current:
+        return _found_people(output_dir, raw_people, current)
+
+
+@contextlib.contextmanager
+def _still_found(output_dir: Path) -> Iterator[Callable[[dict[str, Any]], bool]]:
+    """Whether a row of ``find/NAME.jsonl`` still holds, by the job's ledger (every row
+    holds where the job has no ledger)."""
+    from rekbatch.commands.find import Resolver
+
+    try:
+        resolver = Resolver(output_dir)
+    except (SetupError, OSError, sqlite3.Error):
+        yield lambda row: True
+        return
+    try:
+        yield lambda row: resolver.still_found(
+            str(row.get("source")),
+            str(row.get("key")),
+            str(row["face_id"]) if row.get("face_id") else None,
+        )
+    finally:
+        resolver.close()
+
+
+def _found_people(
+    output_dir: Path, raw_people: Any, current: Callable[[dict[str, Any]], bool]
+) -> list[_Answer]:
     people: list[_Person] = []
     thresholds: set[float] = set()
     images = 0
@@ -260,7 +296,7 @@ def _find_answers(output_dir: Path) -> list[_Answer]:
             rows = [json.loads(line) for line in lines.splitlines() if line.strip()]
         except (OSError, ValueError):
             continue
-        matches = _matches(rows)
+        matches = _matches([row for row in rows if isinstance(row, dict) and current(row)])
         searched = int(raw.get("images_searched") or 0)
         images = max(images, searched)
         threshold = _similarity(raw.get("similarity_threshold"))
@@ -414,6 +450,8 @@ class _Fetcher:
             try:
                 data = await self._read(where)
                 return await self._draw(data, views)
+            except (EndpointUnreachable, EndpointNeverReached):
+                raise  # no page whose every image says so: the report stops
             except Exception as exc:  # shown on the page in place of the image
                 message = _describe(exc)
                 return [_Thumb(error=message) for _ in views]
@@ -434,7 +472,14 @@ class _Fetcher:
 
     async def all(self, wanted: dict[_Location, _Wanted]) -> Thumbs:
         items = list(wanted.items())
-        results = await asyncio.gather(*(self.thumbs(where, w.views) for where, w in items))
+        tasks = [asyncio.ensure_future(self.thumbs(where, w.views)) for where, w in items]
+        try:
+            results = await asyncio.gather(*tasks)
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
         out: Thumbs = {}
         for (where, w), thumbs in zip(items, results, strict=True):
             for view, thumb in zip(w.views, thumbs, strict=True):
@@ -645,6 +690,35 @@ def _page(
 # -- entry point ----------------------------------------------------------------------------
 
 
+def _out_of_reach(cfg: Config, detail: str) -> SetupError:
+    where = cfg.aws.s3_endpoint_url or f"AWS in {cfg.aws.region}"
+    detail = " ".join(detail.split())
+    return SetupError(
+        f"report: S3 is out of reach at {where} ({detail}); {REPORT_FILE} was left as it was"
+    )
+
+
+async def _probe_s3(session: Any, cfg: Config, where: _Location) -> None:
+    """One request for one of the images, before any other: a ``SetupError`` at once when
+    S3 cannot be reached. Any other answer (a missing object) is left to its thumbnail."""
+    from aiobotocore.config import AioConfig
+
+    from rekbatch.calls.classify import failure_of
+
+    config = AioConfig(
+        retries={"mode": "standard", "max_attempts": 1},
+        connect_timeout=PROBE_TIMEOUT_SECONDS,
+        read_timeout=PROBE_TIMEOUT_SECONDS * 2,
+    )
+    async with session.client("s3", endpoint_url=cfg.aws.s3_endpoint_url, config=config) as s3:
+        try:
+            await s3.head_object(Bucket=where.bucket, Key=where.key)
+        except Exception as exc:
+            failure = failure_of(exc)
+            if failure is not None and failure.connection is not None:
+                raise _out_of_reach(cfg, f"{failure.code}: {failure.message}") from None
+
+
 async def build_report(output_dir: Path, cfg: Config, *, max_per_person: int | None = None) -> Path:
     """Write ``output_dir/report.html`` from the job's ``summary.json``; return its path.
 
@@ -679,9 +753,18 @@ async def build_report(output_dir: Path, cfg: Config, *, max_per_person: int | N
         from rekbatch.sources import S3
 
         session = aioboto3.Session(profile_name=cfg.aws.profile, region_name=cfg.aws.region)
+        await _probe_s3(session, cfg, next(w for w in wanted if w.kind == "s3"))
         pool = min(cfg.limits.concurrency, MAX_FETCH_CONCURRENCY) + 4
-        async with S3(session, endpoint_url=cfg.aws.s3_endpoint_url, pool=pool) as s3:
-            thumbs = await _Fetcher(cfg, s3.read).all(wanted)
+        async with S3(
+            session,
+            endpoint_url=cfg.aws.s3_endpoint_url,
+            pool=pool,
+            unreachable_seconds=REPORT_UNREACHABLE_SECONDS,
+        ) as s3:
+            try:
+                thumbs = await _Fetcher(cfg, s3.read).all(wanted)
+            except (EndpointUnreachable, EndpointNeverReached) as exc:
+                raise _out_of_reach(cfg, str(exc)) from None
     else:
         thumbs = await _Fetcher(cfg, None).all(wanted)
     job = str(summary.get("job") or cfg.job.name)

@@ -3,10 +3,10 @@ directory (``rekbatch.toml``), so the job can be run again, edited, or resumed."
 
 from __future__ import annotations
 
-import json
 from typing import Any, get_args
 
 from rekbatch.config.model import OperationType
+from rekbatch.config.writing import toml_comment, toml_key, toml_value
 from rekbatch.errors import ConfigError
 
 CONFIG_FILE = "rekbatch.toml"
@@ -99,34 +99,19 @@ def scan_data(
     return data
 
 
-def _value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False)
-    if isinstance(value, list):
-        return "[" + ", ".join(_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{ " + ", ".join(f"{_key(k)} = {_value(v)}" for k, v in value.items()) + " }"
-    raise TypeError(f"no TOML form for {type(value).__name__}")
-
-
-def _key(key: str) -> str:
-    bare = key.replace("_", "").replace("-", "").isalnum() and key.isascii()
-    return key if bare else json.dumps(key)
-
-
 def to_toml(data: dict[str, Any], *, command: str) -> str:
-    """The config as TOML (null values left out), headed by the command that made it."""
-    lines = [f"# Written by: {command}", "# Run it again with `rekbatch run` on this file."]
+    """The config as TOML (null values left out), headed by the command that made it; every
+    name in it encoded (``config.writing``), so none can add a line of its own."""
+    lines = [
+        toml_comment(f"Written by: {command}"),
+        "# Run it again with `rekbatch run` on this file.",
+    ]
     for section, values in data.items():
         if section == "operations":
             continue
-        lines += ["", f"[{section}]"]
-        lines += [f"{_key(k)} = {_value(v)}" for k, v in values.items() if v is not None]
+        lines += ["", f"[{toml_key(section)}]"]
+        lines += [f"{toml_key(k)} = {toml_value(v)}" for k, v in values.items() if v is not None]
     for op in data.get("operations", []):
         lines += ["", "[[operations]]"]
-        lines += [f"{_key(k)} = {_value(v)}" for k, v in op.items() if v is not None]
+        lines += [f"{toml_key(k)} = {toml_value(v)}" for k, v in op.items() if v is not None]
     return "\n".join(lines) + "\n"

@@ -53,27 +53,59 @@ def _local_path_problem(location: str, *, folder_ok: bool) -> str | None:
 def local_problems(cfg: Config) -> list[str]:
     """Problems found without the network: sources and references on this machine, and
     operations the configured backend cannot do."""
-    problems: list[str] = []
-    for index, uri in enumerate(cfg.source.uris):
-        if parse_s3_uri(uri) is not None or _PREFIXED.match(uri):
-            continue
-        problem = _local_path_problem(uri, folder_ok=True)
-        if problem:
-            problems.append(f"source.uris[{index}]: {problem}")
-    for field, location in references(cfg):
-        if parse_s3_uri(location) is None:
-            problem = _local_path_problem(location, folder_ok=False)
+    return [f"{field}: {problem}" for field, problem in local_problems_in(cfg.model_dump())]
+
+
+def _local_location(value: Any) -> bool:
+    """A non-empty string naming a path on this machine (not a URI, not a list source)."""
+    return (
+        isinstance(value, str) and bool(value) and "://" not in value and not _PREFIXED.match(value)
+    )
+
+
+def local_problems_in(data: dict[str, Any]) -> list[tuple[str, str]]:
+    """``local_problems`` as (field, problem), from a config's data: also from one the
+    schema refused, so that every problem is reported at once. Whatever is not of the
+    expected shape is left to the schema's own lines."""
+    problems: list[tuple[str, str]] = []
+    source = data.get("source")
+    uris = source.get("uris") if isinstance(source, dict) else None
+    for index, uri in enumerate(uris if isinstance(uris, list) else []):
+        if _local_location(uri):
+            problem = _local_path_problem(uri, folder_ok=True)
             if problem:
-                problems.append(f"{field}: {problem}")
-    if cfg.backend.kind == "local":
+                problems.append((f"source.uris[{index}]", problem))
+    operations = data.get("operations")
+    operations = operations if isinstance(operations, list) else []
+    for index, op in enumerate(operations):
+        if not isinstance(op, dict):
+            continue
+        locations: list[tuple[str, Any]] = []
+        if op.get("type") == "compare_faces":
+            locations.append((f"operations[{index}].reference", op.get("reference")))
+        people = op.get("people") if op.get("type") == "search_faces" else None
+        for person, refs in (people if isinstance(people, dict) else {}).items():
+            for n, ref in enumerate(refs if isinstance(refs, list) else []):
+                locations.append((f"operations[{index}].people.{person}[{n}]", ref))
+        for field, location in locations:
+            if _local_location(location):
+                problem = _local_path_problem(location, folder_ok=False)
+                if problem:
+                    problems.append((field, problem))
+    backend = data.get("backend")
+    if isinstance(backend, dict) and backend.get("kind") == "local":
         from rekbatch.backends.local.backend import LOCAL_SUPPORTED_OPERATIONS
 
         supported = ", ".join(sorted(LOCAL_SUPPORTED_OPERATIONS))
-        for index, op in enumerate(cfg.operations):
-            if op.type not in LOCAL_SUPPORTED_OPERATIONS:
+        for index, op in enumerate(operations):
+            kind = op.get("type") if isinstance(op, dict) else None
+            if isinstance(kind, str) and kind not in LOCAL_SUPPORTED_OPERATIONS:
                 problems.append(
-                    f"operations[{index}].type: {op.type!r} is not available with "
-                    f"backend.kind = 'local' (it supports {supported})"
+                    (
+                        f"operations[{index}].type",
+                        f"{kind!r} is not available with backend.kind = 'local' "
+                        f"(it supports {supported})",
+                    )
                 )
     return problems
 

@@ -20,7 +20,13 @@ from typing import Any, get_args
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from rekbatch.config.model import OPERATION_MODELS, Config, JobSection, OperationType
+from rekbatch.config.model import (
+    OPERATION_MODELS,
+    PATTERN_WORDS,
+    Config,
+    JobSection,
+    OperationType,
+)
 from rekbatch.config.paths import absolute_data, relative_paths
 from rekbatch.errors import ConfigError, ConfigErrors
 
@@ -83,20 +89,73 @@ def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> EnvOrigins:
     return origins
 
 
-def _field_path(loc: tuple[int | str, ...], data: dict[str, Any]) -> str:
-    parts: list[str] = []
+def _split_loc(
+    loc: tuple[int | str, ...], data: dict[str, Any], kind: str
+) -> tuple[tuple[int | str, ...], int | None, str | None]:
+    """``loc`` as a path in the file (without the tags pydantic adds for the members of a
+    union), where the first member tag of a plain union stands in ``loc`` and that tag."""
+    parts: list[int | str] = []
     node: Any = data
-    for item in loc:
+    union_at: int | None = None
+    tag: str | None = None
+    for i, item in enumerate(loc):
         if isinstance(item, int):
-            parts.append(f"[{item}]")
+            parts.append(item)
             node = node[item] if isinstance(node, list) and item < len(node) else None
             continue
-        if isinstance(node, dict) and item not in node and parts and parts[-1].startswith("["):
-            # A tag of the discriminated union (the operation type), not a key of the file.
-            continue
-        parts.append(("." if parts else "") + str(item))
+        in_file = isinstance(node, dict) and item in node
+        absent_key = i == len(loc) - 1 and kind in ("missing", "extra_forbidden")
+        if not in_file and not absent_key:
+            is_discriminator = isinstance(node, dict) and node.get("type") == item
+            if not is_discriminator and union_at is None:
+                union_at, tag = i, str(item)
+            continue  # a tag, not a key of the file
+        parts.append(item)
         node = node.get(item) if isinstance(node, dict) else None
-    return "".join(parts) or "(top level)"
+    return tuple(parts), union_at, tag
+
+
+def _path_text(parts: tuple[int | str, ...]) -> str:
+    text = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in parts)
+    return text.lstrip(".") or "(top level)"
+
+
+_PLURAL = {"a number": "numbers", "a whole number": "whole numbers", "text": "texts"}
+
+
+def _expected(tag: str) -> str:
+    """A union member's tag (pydantic's name for its type) in plain words."""
+    simple = {"float": "a number", "int": "a whole number", "bool": "true or false", "str": "text"}
+    if tag in simple:
+        return simple[tag]
+    inner = tag[tag.find("[") + 1 : -1] if tag.endswith("]") else ""
+    if tag.startswith("literal["):
+        return " or ".join(v.strip() for v in inner.split(","))
+    if tag.startswith(("dict[", "list[")):
+        value = _expected(inner.rsplit(",", 1)[-1].strip())
+        many = _PLURAL.get(value, "values")
+        return f"a table of {many}" if tag.startswith("dict[") else f"a list of {many}"
+    return tag
+
+
+def _got(value: Any) -> str:
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    text = repr(value)
+    return text if len(text) <= 40 else text[:39] + "…"
+
+
+def _value_at(parts: tuple[int | str, ...], data: Any) -> Any:
+    for part in parts:
+        indexed = isinstance(part, int) and isinstance(data, list) and part < len(data)
+        if not indexed and not (isinstance(data, dict) and part in data):
+            return None
+        data = data[part]
+    return data
 
 
 def _known_keys(loc: tuple[int | str, ...], data: dict[str, Any]) -> list[str]:
@@ -117,29 +176,75 @@ def _known_keys(loc: tuple[int | str, ...], data: dict[str, Any]) -> list[str]:
     return []
 
 
-def _one_line(err: Mapping[str, Any], data: dict[str, Any], path: Path, origins: EnvOrigins) -> str:
+def _one_line(
+    err: Mapping[str, Any],
+    parts: tuple[int | str, ...],
+    data: dict[str, Any],
+    path: Path,
+    origins: EnvOrigins,
+    message: str | None = None,
+) -> str:
     loc = tuple(err.get("loc", ()))
     kind = err.get("type", "")
-    message = str(err.get("msg", "invalid"))
-    if message.startswith("Value error, "):
-        message = message[len("Value error, ") :]
-    if kind == "extra_forbidden":
-        message = "unknown key"
-        if loc:
-            close = difflib.get_close_matches(str(loc[-1]), _known_keys(loc, data), n=1)
-            if close:
-                message += f"; did you mean {close[0]!r}?"
-    elif kind == "missing":
-        message = "required but missing"
-    elif kind == "union_tag_invalid":
-        allowed = ", ".join(get_args(OperationType))
-        message = f"unknown operation type; expected one of: {allowed}"
+    if message is None:
+        message = str(err.get("msg", "invalid"))
+        if message.startswith("Value error, "):
+            message = message[len("Value error, ") :]
+        if kind == "extra_forbidden":
+            message = "unknown key"
+            if loc:
+                close = difflib.get_close_matches(str(loc[-1]), _known_keys(loc, data), n=1)
+                if close:
+                    message += f"; did you mean {close[0]!r}?"
+        elif kind == "missing":
+            message = "required but missing"
+        elif kind == "string_pattern_mismatch":
+            pattern = str((err.get("ctx") or {}).get("pattern", ""))
+            value = err.get("input")
+            shown = f"{value!r}: " if isinstance(value, str) and len(value) <= 80 else ""
+            message = shown + PATTERN_WORDS.get(pattern, "not in the expected form")
+        elif kind == "union_tag_invalid":
+            allowed = ", ".join(get_args(OperationType))
+            message = f"unknown operation type; expected one of: {allowed}"
     where = str(path)
-    if len(loc) >= 2 and (str(loc[0]), str(loc[1])) in origins:
-        where = f"environment {origins[(str(loc[0]), str(loc[1]))]}"
+    if len(parts) >= 2 and (str(parts[0]), str(parts[1])) in origins:
+        where = f"environment {origins[(str(parts[0]), str(parts[1]))]}"
     if not loc:
         return f"{where}: {message}"
-    return f"{where}: {_field_path(loc, data)}: {message}"
+    return f"{where}: {_path_text(parts)}: {message}"
+
+
+def _error_lines(
+    errors: list[Any], data: dict[str, Any], path: Path, origins: EnvOrigins
+) -> tuple[list[str], set[str]]:
+    """One line per problem, and the fields they name. A value that fits no member of a
+    union (``max_tps = "fast"``) is one line saying what would fit; where it fits a member
+    but for something inside, only that is said."""
+    lines: list[str] = []
+    fields: set[str] = set()
+    unions: dict[tuple[int | str, ...], list[tuple[Any, tuple[int | str, ...], str]]] = {}
+    for err in errors:
+        loc = tuple(err.get("loc", ()))
+        parts, union_at, tag = _split_loc(loc, data, str(err.get("type", "")))
+        if union_at is not None and tag is not None:
+            at = _split_loc(loc[:union_at], data, "")[0]
+            unions.setdefault(at, []).append((err, parts, tag))
+            continue
+        lines.append(_one_line(err, parts, data, path, origins))
+        fields.add(_path_text(parts))
+    for at, members in unions.items():
+        deeper = [(err, parts) for err, parts, _ in members if len(parts) > len(at)]
+        if deeper:
+            for err, parts in deeper:
+                lines.append(_one_line(err, parts, data, path, origins))
+                fields.add(_path_text(parts))
+            continue
+        words = list(dict.fromkeys(_expected(tag) for _, _, tag in members))
+        joiner = ", or " if any(" or " in w for w in words) else " or "
+        message = f"expected {joiner.join(words)}; got {_got(_value_at(at, data))}"
+        lines.append(_one_line(members[0][0], at, data, path, origins, message))
+        fields.add(_path_text(at))
+    return lines, fields
 
 
 def load_config(
@@ -184,8 +289,15 @@ def config_from_data(
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
-        lines = [_one_line(err, data, Path(where), origins) for err in exc.errors()]
-        raise ConfigErrors(list(dict.fromkeys(lines))) from None
+        lines, fields = _error_lines(exc.errors(), data, Path(where), origins)
+    # What the schema could not say, still said: a misspelt key must not hide a missing
+    # folder or reference (the checks that need a valid config run on the raw data).
+    from rekbatch.config.checks import local_problems_in
+
+    for field, problem in local_problems_in(data):
+        if field not in fields:
+            lines.append(f"{where}: {field}: {problem}")
+    raise ConfigErrors(list(dict.fromkeys(lines)))
 
 
 def output_dir_as_written(path: Path) -> str | None:

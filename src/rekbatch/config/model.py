@@ -8,7 +8,14 @@ import re
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 OperationType = Literal[
     "detect_faces",
@@ -35,9 +42,7 @@ def parse_s3_uri(uri: str) -> tuple[str, str] | None:
 
 SOURCE_KINDS = ("inventory:", "keys:")
 # A queue's name (SQS allows letters, digits, - and _, up to 80, ".fifo" at the end) or URL.
-_SQS_URI = re.compile(
-    r"^sqs://(?:[A-Za-z0-9_-]{1,80}(?:\.fifo)?|https?://[^\s]+/[A-Za-z0-9_.-]+)$"
-)
+_SQS_URI = re.compile(r"^sqs://(?:[A-Za-z0-9_-]{1,80}(?:\.fifo)?|https?://[^\s]+/[A-Za-z0-9_.-]+)$")
 
 
 def source_kind(uri: str) -> str:
@@ -91,8 +96,54 @@ DEFAULT_INCLUDE: list[str] = [
 ]
 
 
+_USERINFO = re.compile(r"(?<=//)[^/]*@")
+
+
+def _shown(url: str) -> str:
+    """``url`` as an error may print it: never the user name and password in it (also in
+    a URL inside another, as in ``sqs://https://...``)."""
+    return repr(_USERINFO.sub("***@", url))
+
+
+def _check_source_uri(uri: str) -> str:
+    if uri.startswith("inventory:"):
+        if parse_s3_uri(uri[len("inventory:") :]) is None or not uri.endswith(".json"):
+            raise ValueError(
+                f"an inventory source is inventory:s3://bucket/.../manifest.json: {uri!r}"
+            )
+    elif uri.startswith("keys:"):
+        rest = uri[len("keys:") :]
+        if not rest or (rest.startswith("s3://") and not (parse_s3_uri(rest) or "")[1:]):
+            raise ValueError(
+                f"a key list source is keys:s3://bucket/list.csv or keys:/path: {uri!r}"
+            )
+    elif uri.startswith("sqs://"):
+        if "@" in uri:
+            raise ValueError(
+                f"holds a user name or password ({_shown(uri)}); requests are signed with "
+                "AWS credentials: give them by profile or environment, not in the URL"
+            )
+        if _SQS_URI.match(uri) is None:
+            raise ValueError(
+                f"a queue source is sqs://QUEUE_NAME or sqs://https://QUEUE_URL: {uri!r}"
+            )
+    elif uri.startswith("s3://"):
+        if parse_s3_uri(uri) is None:
+            raise ValueError(f"not a valid s3://bucket[/prefix] URI: {uri!r}")
+    elif "://" in uri:
+        raise ValueError(f"only s3:// URIs and local directories are sources: {uri!r}")
+    elif not uri:
+        raise ValueError("empty source")
+    return uri
+
+
+# Checked one by one, so that every bad entry is named with its index.
+SourceUri = Annotated[str, AfterValidator(_check_source_uri)]
+ImageLocation = Annotated[str, AfterValidator(_check_image_location)]
+
+
 class SourceSection(_Section):
-    uris: list[str] = Field(min_length=1)
+    uris: list[SourceUri] = Field(min_length=1)
     include: list[str] = DEFAULT_INCLUDE
     exclude: list[str] = []
     sniff: bool = True
@@ -110,50 +161,37 @@ class SourceSection(_Section):
     # Local folders: a symbolic link is recorded as skipped (reason symlink) unless true.
     follow_symlinks: bool = False
 
-    @field_validator("uris")
-    @classmethod
-    def _uris(cls, uris: list[str]) -> list[str]:
-        for uri in uris:
-            if uri.startswith("inventory:"):
-                if parse_s3_uri(uri[len("inventory:") :]) is None or not uri.endswith(".json"):
-                    raise ValueError(
-                        f"an inventory source is inventory:s3://bucket/.../manifest.json: {uri!r}"
-                    )
-            elif uri.startswith("keys:"):
-                rest = uri[len("keys:") :]
-                if not rest or (rest.startswith("s3://") and not (parse_s3_uri(rest) or "")[1:]):
-                    raise ValueError(
-                        f"a key list source is keys:s3://bucket/list.csv or keys:/path: {uri!r}"
-                    )
-            elif uri.startswith("sqs://"):
-                if _SQS_URI.match(uri) is None:
-                    raise ValueError(
-                        f"a queue source is sqs://QUEUE_NAME or sqs://https://QUEUE_URL: {uri!r}"
-                    )
-            elif uri.startswith("s3://"):
-                if parse_s3_uri(uri) is None:
-                    raise ValueError(f"not a valid s3://bucket[/prefix] URI: {uri!r}")
-            elif "://" in uri:
-                raise ValueError(f"only s3:// URIs and local directories are sources: {uri!r}")
-            elif not uri:
-                raise ValueError("empty source")
-        return uris
-
 
 def _check_endpoint(value: str | None) -> str | None:
     if value is None:
         return None
-    parts = urlsplit(value)
+    try:
+        parts = urlsplit(value)
+    except ValueError:
+        raise ValueError(f"not an http(s)://host[:port] URL: {_shown(value)}") from None
+    if "@" in parts.netloc:
+        # Requests are signed with the AWS credentials; a password in the URL is never used,
+        # and would be saved with the job and shown wherever the URL is.
+        raise ValueError(
+            f"holds a user name or password ({_shown(value)}); rekbatch signs its requests "
+            "with AWS credentials: give them by profile or environment, not in the URL"
+        )
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"not an http(s)://host[:port] URL: {value!r}")
+        raise ValueError(f"not an http(s)://host[:port] URL: {_shown(value)}")
     try:
         parts.port  # noqa: B018 - raises on a port that is not a number
     except ValueError:
-        raise ValueError(f"the port is not a number: {value!r}") from None
+        raise ValueError(f"the port is not a number: {_shown(value)}") from None
     return value
 
 
 _REGION = r"^[a-z]{2}(-[a-z]+)+-\d+$"
+_COLLECTION_ID = r"^[a-zA-Z0-9_.\-]+$"
+# What a value that does not match a field's pattern is, in the words of an error line.
+PATTERN_WORDS = {
+    _REGION: "not a Region name such as eu-west-1",
+    _COLLECTION_ID: "a collection ID holds only letters, digits, '_', '.' and '-'",
+}
 
 
 class AwsSection(_Section):
@@ -173,9 +211,9 @@ class AwsSection(_Section):
     # "bucket": each object's calls go to its bucket's own Region.
     rekognition_region: Literal["bucket"] | None = None
 
-    _endpoints = field_validator(
-        "s3_endpoint_url", "rekognition_endpoint_url", "sqs_endpoint_url"
-    )(classmethod(lambda cls, v: _check_endpoint(v)))
+    _endpoints = field_validator("s3_endpoint_url", "rekognition_endpoint_url", "sqs_endpoint_url")(
+        classmethod(lambda cls, v: _check_endpoint(v))
+    )
 
     @field_validator("regions")
     @classmethod
@@ -257,9 +295,9 @@ class DetectProtectiveEquipmentOp(_Operation):
 
 class SearchFacesOp(_FaceOperation):
     type: Literal["search_faces"]
-    people: dict[str, list[str]] = Field(min_length=1)
+    people: dict[str, list[ImageLocation]] = Field(min_length=1)
     strategy: Literal["auto", "compare", "collection"] = "auto"
-    collection_id: str = Field(default="rekbatch-faces", pattern=r"^[a-zA-Z0-9_.\-]+$")
+    collection_id: str = Field(default="rekbatch-faces", pattern=_COLLECTION_ID)
     keep_collection: bool = False
     similarity_threshold: float = Field(default=80.0, ge=0, le=100)
 
@@ -269,8 +307,6 @@ class SearchFacesOp(_FaceOperation):
         for name, refs in people.items():
             if not refs:
                 raise ValueError(f"person {name!r} has no reference image")
-            for ref in refs:
-                _check_image_location(ref)
         return people
 
 
@@ -279,7 +315,7 @@ class IndexFacesOp(_FaceOperation):
 
     type: Literal["index_faces"]
     # AWS: the collection (and its shards -0001, -0002, ...), kept after the run.
-    collection_id: str = Field(default="rekbatch-index", pattern=r"^[a-zA-Z0-9_.\-]+$")
+    collection_id: str = Field(default="rekbatch-index", pattern=_COLLECTION_ID)
     max_faces: int = Field(default=100, ge=1, le=100)
     quality_filter: Literal["NONE", "AUTO", "LOW", "MEDIUM", "HIGH"] = "AUTO"
 
@@ -343,6 +379,8 @@ class OutputSection(_Section):
     upload_uri: str | None = None
     # Parquet beside the JSONL and CSV: "auto" writes it when pyarrow is installed.
     parquet: bool | Literal["auto"] = "auto"
+    # results.csv cells that would start a spreadsheet formula get a leading "'" unless "raw".
+    csv_formulas: Literal["neutralise", "raw"] = "neutralise"
 
     def parquet_enabled(self) -> bool:
         if self.parquet != "auto":

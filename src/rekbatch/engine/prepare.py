@@ -15,11 +15,12 @@ the estimate in its message) without being downloaded or decoded.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from rekbatch.backends.base import ImageInput, ObjectBytes
+from rekbatch.engine.delivery import Delivery
 from rekbatch.records import IMAGE_FIELDS, ObjectRef, SkipReason
 from rekbatch.sources import Source
 from rekbatch.sources.convert import (
@@ -34,7 +35,6 @@ from rekbatch.sources.filters import (
     AS_IS,
     DEFAULT_MAX_PIXELS,
     MAX_IMAGE_BYTES,
-    MAX_S3_OBJECT_BYTES,
     Convert,
     Decision,
     decide,
@@ -98,6 +98,30 @@ async def read_header(source: Source, obj: ObjectRef) -> tuple[bytes, ImageInfo 
     return head, info
 
 
+def decisions(
+    obj: ObjectRef,
+    info: ImageInfo | None,
+    operations: Iterable[str],
+    *,
+    by_reference: bool,
+    convert: bool,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> dict[str, Decision]:
+    """Per operation, what happens to a sniffed object sent this way: the run acts on it,
+    ``plan`` counts it."""
+    return {
+        op: decide(
+            obj,
+            info,
+            op,
+            max_bytes=Delivery.image_limit(by_reference),
+            convert=convert,
+            max_pixels=max_pixels,
+        )
+        for op in operations
+    }
+
+
 class ImagePreparer:
     def __init__(
         self,
@@ -105,19 +129,19 @@ class ImagePreparer:
         *,
         sniff: bool,
         converter: Converter | None,
-        by_reference: Callable[[ObjectRef], bool],
+        delivery: Delivery,
         max_pixels: int = DEFAULT_MAX_PIXELS,
     ) -> None:
         self.sources = sources
         self.sniff = sniff
         self.converter = converter
-        self.by_reference = by_reference
+        self.delivery = delivery
         self.max_pixels = max_pixels
 
     async def prepare(self, obj: ObjectRef, operations: list[str]) -> Prepared:
         """Raises what reading the object raises; conversion problems are per operation."""
         source = self.sources[obj.source_index]
-        by_ref = self.by_reference(obj)
+        by_ref = self.delivery.by_reference(obj.bucket)
         if not self.sniff:
             # Sent as listed, unchecked: no sniffing, no conversion.
             image = (
@@ -137,22 +161,18 @@ class ImagePreparer:
             data = head  # the whole object came with its head
         # A Region other than the bucket's is sent the bytes, read once for all operations.
         fetch = _fetch(source, obj, data) if by_ref else None
-        max_bytes = MAX_S3_OBJECT_BYTES if by_ref else MAX_IMAGE_BYTES
-        decisions: dict[str, Decision] = {
-            op: decide(
-                obj,
-                info,
-                op,
-                max_bytes=max_bytes,
-                convert=self.converter is not None,
-                max_pixels=self.max_pixels,
-            )
-            for op in operations
-        }
+        decided = decisions(
+            obj,
+            info,
+            operations,
+            by_reference=by_ref,
+            convert=self.converter is not None,
+            max_pixels=self.max_pixels,
+        )
         outcomes: dict[str, Outcome] = {}
         extra: dict[str, dict[str, Any] | None] = {}
         converted: dict[int, Converted | TooManyPixels | ConversionError | Skip] = {}
-        for op, decision in decisions.items():
+        for op, decision in decided.items():
             if isinstance(decision, Convert):
                 if decision.max_side not in converted:
                     converted[decision.max_side], data = await self._convert(

@@ -1,7 +1,8 @@
 """The producer: lists every source after its watermarks and hands out the work.
 
-A source is split into disjoint key ranges (kept in the ledger), listed by up to
-``source.list_concurrency`` paginators at once, each range after its own watermark.
+A source is split into disjoint key ranges (kept in the ledger; a shard takes its part of
+the job's split), listed by up to ``source.list_concurrency`` paginators at once, each range
+after its own watermark.
 
 Listed objects go through a bounded queue to the workers, so memory does not grow with the
 bucket. Per chunk of listed keys the ledger says which (object, operation) pairs are done
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,12 +24,12 @@ import structlog
 
 from rekbatch.config import Config
 from rekbatch.engine.dedup import Content, Dedup, content_of
-from rekbatch.engine.shards import Shard
+from rekbatch.engine.listing import ListingRules, RangeTodo, list_ranges, still_to_do
+from rekbatch.engine.shards import JobSplit, Shard
 from rekbatch.operations import Operation
 from rekbatch.records import ObjectRef, Record, SkipReason, utc_now
 from rekbatch.sinks.writer import Writer
 from rekbatch.sources import Source
-from rekbatch.sources.filters import listing_reason
 from rekbatch.sources.ranges import KeyRange
 from rekbatch.sources.sqs import SqsSource
 from rekbatch.store.ledger import Ledger, LedgerDB, Location
@@ -51,6 +52,11 @@ class WorkItem:
     content: Content | None = None  # set on an original whose copies wait for it
 
 
+def ranged(row: Any) -> KeyRange:
+    """A ledger row of ``source_ranges`` as the range it is."""
+    return KeyRange(row["after"], row["upto"], row["part"])
+
+
 class Producer:
     def __init__(
         self,
@@ -61,9 +67,10 @@ class Producer:
         writer: Writer,
         dedup: Dedup,
         stopping: asyncio.Event,
-        max_bytes: Sequence[int],
+        rules: ListingRules,
         *,
         shard: Shard | None = None,
+        split: JobSplit | None = None,
         after_listing: Callable[[asyncio.Queue[WorkItem | None]], Awaitable[None]] | None = None,
     ) -> None:
         self.cfg = cfg
@@ -73,8 +80,9 @@ class Producer:
         self.writer = writer
         self.dedup = dedup
         self.stopping = stopping
-        self.max_bytes = max_bytes  # per source: the largest object Rekognition takes
-        self.shard = shard  # only this shard's objects; the others are not even counted
+        self.rules = rules
+        self.shard = shard
+        self.split = split  # a shard lists its part of the job's split
         # Queue sources, read once the listing is done (engine/follow.py).
         self.after_listing = after_listing
         self.ranges_total: dict[int, int] = {}
@@ -103,7 +111,7 @@ class Producer:
         for _ in range(workers):
             await queue.put(None)
 
-    async def _ranges(self, source: Source) -> list[tuple[int, KeyRange, str | None]]:
+    async def _ranges(self, source: Source) -> list[RangeTodo]:
         """The source's ranges not yet done, with their watermarks. A source is split once
         per listing and its ranges kept in the ledger, so a resume lists the same ranges,
         whatever ``list_concurrency`` it runs with."""
@@ -113,6 +121,8 @@ class Producer:
             legacy = await self.ledger.read(LedgerDB.watermark, index)
             if legacy is not None:
                 ranges = [KeyRange(None, None)]  # a job listed before ranges: its one mark
+            elif self.split is not None and self.shard is not None:
+                ranges = self.split.part(self.shard, index)
             else:
                 ranges = await source.split(self.cfg.source.list_concurrency)
             bounds = [(r.after, r.upto, r.part) for r in ranges]
@@ -121,44 +131,37 @@ class Producer:
         await self.ledger.write(LedgerDB.rebase_listed, index)
         self.ranges_total[index] = len(rows)
         return [
-            (row["idx"], KeyRange(row["after"], row["upto"], row["part"]), row["watermark"])
-            for row in rows
-            if not row["done"]
+            RangeTodo(row["idx"], ranged(row), row["watermark"]) for row in rows if not row["done"]
         ]
 
     async def _list(self, source: Source, queue: asyncio.Queue[WorkItem | None]) -> None:
         index = source.index
-        todo = deque(await self._ranges(source))
+        todo = await self._ranges(source)
         log.info(
             "listing", source=source.uri, ranges=self.ranges_total[index], ranges_left=len(todo)
         )
-
         self._started[index] = time.monotonic()
-        shard = self.shard  # only this shard's objects; the others are not even counted
 
-        async def lister() -> None:
-            while todo and not self.stopping.is_set():
-                range_index, rng, mark = todo.popleft()
-                lane = self.writer.start_range(index, range_index, mark)
-                chunk: list[ObjectRef] = []
-                async for obj in source.list_range(rng, mark):
-                    if shard is not None and not shard.owns(obj.bucket, obj.key):
-                        continue
-                    chunk.append(obj)
-                    if len(chunk) >= CHUNK:
-                        await self._dispatch(chunk, lane, queue)
-                        chunk = []
-                        if self.stopping.is_set():
-                            return
-                await self._dispatch(chunk, lane, queue)
-                if not self.stopping.is_set():
-                    self.writer.range_listed(lane)
-                    self._ranges_listed[index] += 1
+        def start(item: RangeTodo) -> int:
+            return self.writer.start_range(index, item.index, item.mark)
 
-        listers = min(self.cfg.source.list_concurrency, len(todo))
-        async with asyncio.TaskGroup() as group:
-            for _ in range(listers):
-                group.create_task(lister())
+        async def take(lane: int, objects: list[ObjectRef]) -> None:
+            await self._dispatch(objects, lane, queue)
+
+        def finish(lane: int) -> None:
+            self.writer.range_listed(lane)
+            self._ranges_listed[index] += 1
+
+        await list_ranges(
+            source,
+            todo,
+            listers=self.cfg.source.list_concurrency,
+            chunk=CHUNK,
+            start=start,
+            take=take,
+            finish=finish,
+            stopping=self.stopping,
+        )
         self._ended[index] = time.monotonic()
         if not self.stopping.is_set():
             self.writer.listing_done(index)
@@ -216,23 +219,16 @@ class Producer:
         contents = sorted({c for o in chunk if (c := content_of(o)) is not None})
         originals = await self.ledger.read(LedgerDB.lookup_contents, contents) if contents else {}
         dedup.evict(visible)
-        include, exclude = self.cfg.source.include, self.cfg.source.exclude
-        sniff = self.cfg.source.sniff
-        max_bytes = self.max_bytes[index]
+        rules = self.rules
         for obj in chunk:
             if self.stopping.is_set():
                 return  # the rest stays above the watermark and is listed again
             seq = writer.push(lane, obj.key)
-            before = done.get(obj.key)
-            todo = (
-                [op for op in self.operations if before.get(op.type) != obj.etag]
-                if before
-                else self.operations
-            )
+            todo = still_to_do(self.operations, obj, done.get(obj.key))
             if not todo:
                 writer.finish(lane, seq)
                 continue
-            reason = listing_reason(obj, include, exclude, max_bytes, sniff=sniff)
+            reason = rules.skip_reason(obj)
             if reason is not None:
                 self._skip(obj, lane, seq, todo, reason)
                 continue

@@ -16,10 +16,12 @@ Ray is an optional extra: ``pip install 'rekbatch[ray]'``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
+import os
 import shutil
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, Future
 from pathlib import Path
 from typing import Any
@@ -48,10 +50,25 @@ def connect(address: str | None) -> Any:
     ray = _ray()
     if not ray.is_initialized():
         try:
-            ray.init(address=address, include_dashboard=False, logging_level="warning")
+            with _from_root():
+                ray.init(address=address, include_dashboard=False, logging_level="warning")
         except ConnectionError as exc:
             raise SetupError(f"--ray-address {address}: {exc}") from None
     return ray
+
+
+@contextlib.contextmanager
+def _from_root() -> Iterator[None]:
+    """The working folder at the file system's root while Ray starts. Ray puts the driver's
+    working folder first on every worker's sys.path (and a local Ray's processes start in
+    it), so a ``rekbatch`` or ``pyarrow`` package planted there would run in the shard tasks
+    and actors. Every path a job holds is absolute, so the workers need no working folder."""
+    here = os.getcwd()
+    os.chdir(os.path.abspath(os.sep))
+    try:
+        yield
+    finally:
+        os.chdir(here)
 
 
 def run_shard(
@@ -83,9 +100,12 @@ def run_shards_on_ray(
 
     out = Path(cfg.job.output_dir)
     if fresh:
-        # Here, not in the tasks: a retried task must resume, never start over.
+        # Here, not in the tasks: a retried task must resume, never start over. The job's
+        # split goes too: the shards divide the sources afresh.
         for folder in shard_folders(out).values():
             shutil.rmtree(folder)
+        asyncio.run(_forget_split(cfg))
+    config_path = os.path.abspath(config_path) if config_path else ""  # workers run elsewhere
     ray = connect(address)
     cpus, workers = 1, None
     if cfg.backend.kind == "local":
@@ -111,6 +131,20 @@ def run_shards_on_ray(
     if cfg.output.upload_uri and not _all_local(out, count):
         return merge_job(cfg.output.upload_uri, out)
     return merge_job(str(out), None)
+
+
+async def _forget_split(cfg: Config) -> None:
+    from rekbatch.engine.shard_split import forget_split
+    from rekbatch.sources.s3 import S3
+
+    if not cfg.output.upload_uri:
+        await forget_split(cfg, None)
+        return
+    import aioboto3
+
+    session = aioboto3.Session(profile_name=cfg.aws.profile, region_name=cfg.aws.region)
+    async with S3(session, endpoint_url=cfg.aws.s3_endpoint_url, pool=4) as s3:
+        await forget_split(cfg, s3)
 
 
 def _all_local(out: Path, count: int) -> bool:

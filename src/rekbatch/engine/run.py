@@ -42,10 +42,13 @@ from rekbatch.clock import MONOTONIC, Clock
 from rekbatch.config import Config, parse_s3_uri, uses_s3
 from rekbatch.engine.budget import Budget
 from rekbatch.engine.dedup import Dedup
+from rekbatch.engine.delivery import Delivery, find_delivery
 from rekbatch.engine.follow import QueueFeeder
+from rekbatch.engine.listing import ListingRules
 from rekbatch.engine.prepare import ImagePreparer
 from rekbatch.engine.producer import Producer, WorkItem
-from rekbatch.engine.shards import Shard, write_job_file
+from rekbatch.engine.shard_split import Agreement, agree, give_references, take_references
+from rekbatch.engine.shards import JobSplit, Shard, write_job_file
 from rekbatch.engine.worker import Worker, WorkerStats
 from rekbatch.errors import (
     EXIT_BUDGET,
@@ -63,10 +66,9 @@ from rekbatch.errors import (
 from rekbatch.operations import Operation, OperationContext, build_operations
 from rekbatch.sinks.summary import answer_lines, build_summary, write_summary
 from rekbatch.sinks.writer import Writer
-from rekbatch.sources import S3, InventorySource, KeyListSource, LocalSource, Source, open_source
+from rekbatch.sources import S3, Source, check_sources, open_source
 from rekbatch.sources.convert import Converter
 from rekbatch.sources.decoding import MB, MemoryBudget
-from rekbatch.sources.filters import MAX_CONVERT_BYTES, MAX_IMAGE_BYTES, MAX_S3_OBJECT_BYTES
 from rekbatch.sources.sqs import SqsQueue, is_queue_uri, open_queues
 from rekbatch.store import jobdir, retry_failed
 from rekbatch.store.ledger import Ledger, LedgerDB
@@ -158,7 +160,8 @@ class Job:
         self.worker_stats = WorkerStats()
         self._faces: Callable[[bytes], Awaitable[bool]] | None = None
         self._started = 0.0
-        self._bytes_buckets: set[str] = set()  # sources in another region than Rekognition
+        self.delivery = Delivery.of(cfg)  # with the buckets elsewhere once they are known
+        self.split: JobSplit | None = None  # a shard's: the job's listing divided
         self.converter: Converter | None = None
         self.queues: list[SqsQueue] = []
         self.feeder: QueueFeeder | None = None
@@ -304,6 +307,7 @@ class Job:
                 ]
                 await self._check_sources(sources, s3)
                 self.queues = await self._open_queues(stack)
+                agreement = await self._agree(sources, s3, ledger)
                 backend = self._given_backend or await self._open_backend(stack)
                 if cfg.source.convert and cfg.source.sniff:
                     self.converter = await stack.enter_async_context(
@@ -327,14 +331,21 @@ class Job:
                     applied=quotas.for_region(cfg.aws.region),
                 )
                 await self._open_regions(stack, backend, quotas, s3)
-                ctx = OperationContext(self.caller, ledger, s3)
+                ctx = OperationContext(self.caller, ledger, s3, self.out)
+                if agreement is not None:
+                    wanted = any(op.setup_calls() for op in operations)
+                    await take_references(agreement, ledger, wanted=wanted)
                 for op in operations:
                     await op.prepare(ctx)
-                # Paid calls that no record holds (reference checks, collections): the
-                # job's cost counts them as this run's does.
-                self.unrecorded = Counter(self.caller.stats.ok)
+                if agreement is not None:
+                    await give_references(agreement, ledger)
                 writer = Writer(
-                    self.out, ledger, self.run_id, cfg.source.uris, durable=self.options.checkpoint
+                    self.out,
+                    ledger,
+                    self.run_id,
+                    cfg.source.uris,
+                    durable=self.options.checkpoint,
+                    csv_formulas=cfg.output.csv_formulas,
                 )
                 await writer.open()
                 if self.options.retry_failed:
@@ -349,12 +360,35 @@ class Job:
                         self.run_id,
                         cfg.source.uris,
                         durable=self.options.checkpoint,
+                        csv_formulas=cfg.output.csv_formulas,
                     )
                     await writer.open()
                 self.writer = writer
+                try:
+                    for op in operations:
+                        await op.reconcile(ctx)  # every row written is committed by now
+                except BaseException:
+                    await writer.close()
+                    raise
+                # Paid calls that no record holds (reference checks, collections): the
+                # job's cost counts them as this run's does.
+                self.unrecorded = Counter(self.caller.stats.ok)
                 return await self._execute(ledger, sources, operations, ctx, s3)
         finally:
             await ledger.close()
+
+    async def _agree(
+        self, sources: list[Source], s3: S3 | None, ledger: Ledger
+    ) -> Agreement | None:
+        """A shard's part of the job's listing, agreed with the other shards."""
+        shard = self.options.shard
+        if shard is None:
+            return None
+        job = self.options.job_config or self.cfg
+        agreement = await agree(job, shard, sources, s3, ledger)
+        self.split = agreement.split
+        await asyncio.to_thread(write_job_file, self.out, job, shard, agreement.split)
+        return agreement
 
     async def _open_s3(self, stack: contextlib.AsyncExitStack) -> S3 | None:
         cfg = self.cfg
@@ -391,15 +425,19 @@ class Job:
             raise SetupError(f"aws.profile: {exc}") from None
 
     async def _check_sources(self, sources: list[Source], s3: S3 | None) -> None:
-        for source in sources:
-            if isinstance(source, LocalSource):
-                await asyncio.to_thread(source.check)
-            elif isinstance(source, InventorySource | KeyListSource):
-                await source.check()
-        if s3 is not None:
-            for bucket in sorted({p[0] for p in map(parse_s3_uri, self.cfg.source.uris) if p}):
-                await s3.check_bucket(bucket)
-            await self._check_regions(s3)
+        await check_sources(sources, s3)
+        placement = await find_delivery(self.cfg, s3)
+        self.delivery = placement.delivery
+        self._bucket_regions.update(placement.bucket_regions)
+        self._lanes = placement.lanes
+        for bucket, region in placement.as_bytes.items():
+            log.warning(
+                "bucket_in_other_region",
+                bucket=bucket,
+                bucket_region=region,
+                rekognition_region=self.cfg.aws.region,
+                action="sending its images as bytes (image_mode auto)",
+            )
 
     async def _open_queues(self, stack: contextlib.AsyncExitStack) -> list[SqsQueue]:
         cfg = self.cfg
@@ -540,54 +578,6 @@ class Job:
         log.info("prefilter_started", operations=filtered)
         return finder.has_face
 
-    def _by_reference(self, bucket: str | None) -> bool:
-        """Rekognition reads S3 objects itself when the bucket is in its region; local
-        files, ``image_mode = "bytes"``, buckets elsewhere (``"auto"``) and the offline
-        backend need the bytes here."""
-        return (
-            bucket is not None
-            and self.cfg.aws.image_mode != "bytes"
-            and self.cfg.backend.kind == "aws"
-            and bucket not in self._bytes_buckets
-        )
-
-    def _max_bytes(self, uri: str) -> int:
-        """The largest object a worker takes on; larger ones are skipped when listed."""
-        if self.cfg.source.convert and self.cfg.source.sniff:
-            return MAX_CONVERT_BYTES
-        parsed = parse_s3_uri(uri)  # inventories and key lists name their buckets per object
-        by_reference = uses_s3(uri) and self._by_reference(parsed[0] if parsed else "")
-        return MAX_S3_OBJECT_BYTES if by_reference else MAX_IMAGE_BYTES
-
-    async def _check_regions(self, s3: S3) -> None:
-        """Each source bucket's region against Rekognition's: ``"auto"`` sends the images of
-        a bucket elsewhere as bytes, ``"s3"`` stops here, before any call."""
-        cfg = self.cfg
-        if cfg.backend.kind != "aws" or cfg.aws.image_mode == "bytes":
-            return
-        from rekbatch.errors import SetupError
-        from rekbatch.sources.s3 import buckets_elsewhere, region_error
-
-        buckets = [p[0] for p in map(parse_s3_uri, cfg.source.uris) if p]
-        elsewhere = await buckets_elsewhere(s3, buckets, cfg.aws.region)
-        self._bucket_regions.update({**dict.fromkeys(buckets, cfg.aws.region), **elsewhere})
-        if cfg.aws.rekognition_region == "bucket":
-            # Each bucket's own Region calls for its objects; the home Region keeps the rest.
-            self._lanes = list(dict.fromkeys([cfg.aws.region, *sorted(elsewhere.values())]))
-        # A bucket in one of the calling Regions is read there by reference.
-        elsewhere = {b: r for b, r in self._bucket_regions.items() if r not in self._lanes}
-        for bucket, region in elsewhere.items():
-            if cfg.aws.image_mode == "s3":
-                raise SetupError(region_error(bucket, region, cfg.aws.region))
-            self._bytes_buckets.add(bucket)
-            log.warning(
-                "bucket_in_other_region",
-                bucket=bucket,
-                bucket_region=region,
-                rekognition_region=cfg.aws.region,
-                action="sending its images as bytes (image_mode auto)",
-            )
-
     async def _execute(
         self,
         ledger: Ledger,
@@ -613,7 +603,8 @@ class Job:
         )
         dedup = Dedup()
         queue: asyncio.Queue[WorkItem | None] = asyncio.Queue(maxsize=cfg.limits.concurrency * 2)
-        max_bytes = [self._max_bytes(uri) for uri in cfg.source.uris]
+        rules = ListingRules.of(cfg, self.delivery)
+        max_bytes = list(rules.max_bytes)
         feeder = None
         if self.queues:
             feeder = self.feeder = QueueFeeder(
@@ -637,8 +628,9 @@ class Job:
             writer,
             dedup,
             self.stopping,
-            max_bytes,
+            rules,
             shard=self.options.shard,
+            split=self.split,
             after_listing=feeder.run if feeder else None,
         )
         worker = Worker(
@@ -652,7 +644,7 @@ class Job:
                 sources,
                 sniff=cfg.source.sniff,
                 converter=self.converter,
-                by_reference=lambda obj: self._by_reference(obj.bucket),
+                delivery=self.delivery,
                 max_pixels=cfg.source.max_pixels,
             ),
             stopping=self.stopping,

@@ -2,6 +2,8 @@
 
 - ``prepare``: before any image is paid for (read and check reference images, create a face
   collection). A failure here is a ``SetupError``: the run stops before its first image.
+- ``reconcile``: once the result files are open and every row written is committed, before
+  any image (index_faces: the face index brought back to the rows).
 - ``process``: one image to its result, through the run's ``Caller`` (the only way to reach
   the backend), returning the response or the error and the attempts.
 - ``finish``: after the last image of a run that was not stopped early (search a face
@@ -17,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -42,6 +45,7 @@ class OperationContext:
     caller: Caller
     ledger: Ledger
     s3: S3 | None
+    out: Path | None = None  # the job's output directory (its results.jsonl, .rekbatch/)
     # Operations stopped by a failed finish: their error, for summary.json and the exit code.
     failures: dict[str, str] = field(default_factory=dict)
 
@@ -64,6 +68,9 @@ class Operation:
         return {}
 
     async def prepare(self, ctx: OperationContext) -> None:
+        return None
+
+    async def reconcile(self, ctx: OperationContext) -> None:
         return None
 
     async def process(self, image: ImageInput, obj: ObjectRef, caller: Caller) -> CallOutcome:

@@ -127,6 +127,21 @@ def collection_summary(result: dict[str, Any]) -> Summary:
     return {"face_count": len(records), "detail": detail}
 
 
+def indexed_face_ids(result: dict[str, Any] | None) -> list[str]:
+    """The FaceIds an IndexFaces result put into its collection (a copy's result names its
+    original's)."""
+    if not isinstance(result, dict):
+        return []
+    records = result.get("FaceRecords")
+    return [
+        str(face["FaceId"])
+        for record in (records if isinstance(records, list) else [])
+        if isinstance(record, dict)
+        and isinstance(face := record.get("Face"), dict)
+        and face.get("FaceId")
+    ]
+
+
 SUMMARIZERS: dict[str, Callable[[dict[str, Any]], Summary]] = {
     "detect_faces": _faces,
     "detect_labels": _labels,

@@ -471,8 +471,11 @@ async def export_in_child(output_dir: Path) -> list[Path]:
     a broken results.jsonl, a full disk): the run's results stay in JSONL and CSV, and
     ``rekbatch merge`` or the next run writes the Parquet files again.
     """
+    # -P: ``python -m`` would put the working folder first on sys.path, and a ``pyarrow``
+    # (or ``rekbatch``) planted there would run. Not -I, which would also drop PYTHONPATH
+    # and the user's site-packages, where rekbatch or pyarrow may be installed.
     child = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "rekbatch.sinks.parquet", str(output_dir),
+        sys.executable, "-P", "-m", "rekbatch.sinks.parquet", str(output_dir),
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,

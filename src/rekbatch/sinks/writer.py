@@ -37,7 +37,8 @@ import structlog
 from rekbatch.operations.summaries import summarize
 from rekbatch.records import ObjectRef, Record
 from rekbatch.sinks.files import AppendFile
-from rekbatch.sinks.rows import CsvRows, csv_header, encode_result, jsonl_line
+from rekbatch.sinks.retired import retired_faces
+from rekbatch.sinks.rows import CsvFormulas, CsvRows, csv_header, encode_result, jsonl_line
 from rekbatch.store.ledger import Ledger, LedgerDB, LedgerRow
 from rekbatch.store.watermark import WatermarkTracker
 
@@ -106,6 +107,7 @@ class Writer:
         sources: Sequence[str],
         *,
         durable: bool = True,
+        csv_formulas: CsvFormulas = "neutralise",
     ) -> None:
         self.out = out
         self.ledger = ledger
@@ -127,7 +129,7 @@ class Writer:
         # once ``committed`` reaches N.
         self.committed = 0
         self._rows: list[_Row] = []
-        self._csv_rows = CsvRows()
+        self._csv_rows = CsvRows(csv_formulas)
         self._committed_listed: Counter[int] = Counter()
         self._done_sources: set[int] = set()
         self._wake = asyncio.Event()
@@ -174,7 +176,8 @@ class Writer:
         self.csv.append(csv_data)
         self.jsonl.sync()
         self.csv.sync()
-        db.commit(ledger_rows, self._sizes(), {}, {}, [])
+        retired = retired_faces(db, ledger_rows, self.jsonl.pread)
+        db.commit(ledger_rows, self._sizes(), {}, {}, [], retired=retired)
         if rows:
             log.info("replayed", rows=len(rows), hint="results written before the last stop")
         return len(rows)
@@ -320,7 +323,10 @@ class Writer:
                 self.jsonl.sync()
                 self.csv.sync()
             sizes = {JSONL: jsonl_end, CSV: self.csv.size}
-            self.ledger.writer_db().commit(ledger_rows, sizes, marks, listed, done, ranges_done)
+            db = self.ledger.writer_db()
+            # The faces of the rows these replace leave the index: noted in the same commit.
+            retired = retired_faces(db, ledger_rows, self.jsonl.pread)
+            db.commit(ledger_rows, sizes, marks, listed, done, ranges_done, retired)
 
         future = self.ledger.submit_write(commit)
         self._inflight = _Commit(future, self.committed + 1, done, lanes_done)

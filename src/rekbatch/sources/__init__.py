@@ -4,6 +4,7 @@ single files) and SQS queues of S3 event notifications."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from pathlib import Path
 
 from rekbatch.config import parse_s3_uri
@@ -23,6 +24,7 @@ __all__ = [
     "S3Source",
     "Source",
     "SqsSource",
+    "check_sources",
     "open_source",
     "read_location",
 ]
@@ -44,6 +46,19 @@ def open_source(uri: str, index: int, s3: S3 | None, *, follow_symlinks: bool = 
     if s3 is None:
         raise ValueError(f"{uri}: an S3 source needs the run's S3 client")
     return S3Source(uri, index, s3, *parsed)
+
+
+async def check_sources(sources: Sequence[Source], s3: S3 | None) -> None:
+    """Fail early, with one clear line, when a source cannot be read: a missing folder, an
+    unreadable manifest or key list, a bucket that cannot be listed."""
+    for source in sources:
+        if isinstance(source, LocalSource):
+            await asyncio.to_thread(source.check)
+        elif isinstance(source, InventorySource | KeyListSource):
+            await source.check()
+    if s3 is not None:
+        for bucket in sorted({s.bucket for s in sources if isinstance(s, S3Source)}):
+            await s3.check_bucket(bucket)
 
 
 async def read_location(location: str, s3: S3 | None) -> bytes:

@@ -2,9 +2,9 @@
 
 A source lists its objects in S3's key order (UTF-8 binary), after a watermark when resuming,
 or splits itself into disjoint key ranges listed at once, each after its own watermark,
-and reads an object's first bytes (to sniff it) or all of it (to send it as bytes). S3
-prefixes and local folders implement it; the engine knows nothing else about where objects
-come from.
+divides its listing among the shards of a sharded job, and reads an object's first bytes
+(to sniff it) or all of it (to send it as bytes). S3 prefixes, inventories, key lists and
+local folders implement it; the engine knows nothing else about where objects come from.
 """
 
 from __future__ import annotations
@@ -33,6 +33,14 @@ class Source(Protocol):
     async def split(self, concurrency: int) -> builtins.list[KeyRange]:
         """Disjoint key ranges covering the source, to list ``concurrency`` at a time (one
         range where the source cannot be listed in parallel)."""
+        ...
+
+    async def divide(
+        self, shards: int, concurrency: int, own: int = 0
+    ) -> builtins.list[builtins.list[KeyRange]]:
+        """The source's listing divided among ``shards`` shards: per shard its ranges (some
+        maybe none), every object of the source in exactly one of them. ``own``: the shard
+        dividing (what it has read while dividing is best listed by it)."""
         ...
 
     def list_range(self, rng: KeyRange, start_after: str | None) -> AsyncIterator[ObjectRef]:

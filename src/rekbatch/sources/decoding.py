@@ -34,6 +34,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+from rekbatch.malloc import M_MMAP_THRESHOLD, mallopt
+
 MB = 1024 * 1024
 
 # Bytes per pixel as Pillow stores a mode: every mode of 3 or 4 bands (and LA, I, F) takes
@@ -396,8 +398,7 @@ def _normalised(img: Any, Image: Any) -> Any:
     return img.convert("RGB")
 
 
-# glibc's mallopt: M_MMAP_THRESHOLD.
-_M_MMAP_THRESHOLD = -3
+# How large a block glibc maps afresh, and unmaps when it is freed.
 _IMAGE_BLOCKS_MAPPED = 4 * MB
 _MAPPED = False
 
@@ -414,20 +415,8 @@ def return_freed_memory() -> bool:
     page fault per 4 KB touched, small beside decoding. Elsewhere than glibc nothing
     changes. Returns whether it applied."""
     global _MAPPED
-    if _MAPPED:
-        return True
-    import ctypes
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-    mallopt.restype = ctypes.c_int
-    _MAPPED = bool(mallopt(_M_MMAP_THRESHOLD, _IMAGE_BLOCKS_MAPPED))
+    if not _MAPPED:
+        _MAPPED = mallopt((M_MMAP_THRESHOLD, _IMAGE_BLOCKS_MAPPED))
     return _MAPPED
 
 

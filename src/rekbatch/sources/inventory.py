@@ -154,6 +154,18 @@ async def after_mark(make_rows: Any, start_after: str | None) -> AsyncIterator[O
                 yield obj
 
 
+def _data_location(bucket: str, key: Any) -> str:
+    """A data file's ``s3://`` URI. Never anything else: a bucket that is not a bucket name
+    would make the location a local path, read from this machine's disk."""
+    location = f"s3://{bucket}/{key}"
+    parsed = parse_s3_uri(location)
+    if not isinstance(key, str) or parsed is None or not parsed[1]:
+        raise ValueError(
+            f"destinationBucket {bucket!r} and files[].key {key!r} do not name an S3 object"
+        )
+    return location
+
+
 class InventorySource:
     """One configured ``inventory:s3://bucket/.../manifest.json``."""
 
@@ -181,6 +193,9 @@ class InventorySource:
                     raise ValueError("a CSV report without fileSchema")
                 if not all(isinstance(f, dict) and "key" in f for f in files):
                     raise ValueError("files[] without key")
+                bucket = self._data_bucket(manifest)
+                for file in files:
+                    _data_location(bucket, file["key"])
             except (ValueError, KeyError, TypeError) as exc:
                 raise SetupError(
                     f"source.uris: {self.uri} is not an S3 Inventory manifest ({exc})"
@@ -207,7 +222,23 @@ class InventorySource:
     async def split(self, concurrency: int) -> builtins.list[KeyRange]:
         manifest = await self.manifest()
         bucket = self._data_bucket(manifest)
-        return [KeyRange(None, None, f"s3://{bucket}/{f['key']}") for f in manifest["files"]]
+        return [KeyRange(None, None, _data_location(bucket, f["key"])) for f in manifest["files"]]
+
+    async def divide(
+        self, shards: int, concurrency: int, own: int = 0
+    ) -> builtins.list[builtins.list[KeyRange]]:
+        """The data files dealt out to ``shards`` shards, each next to the lightest so far
+        by size, largest first; each shard's in the manifest's order."""
+        manifest = await self.manifest()
+        files = await self.split(concurrency)
+        sizes = [int(f.get("size", 0)) for f in manifest["files"]]
+        loads = [0] * shards
+        chosen: builtins.list[builtins.list[int]] = [[] for _ in range(shards)]
+        for i in sorted(range(len(files)), key=lambda i: -sizes[i]):
+            lightest = min(range(shards), key=lambda k: (loads[k], k))
+            chosen[lightest].append(i)
+            loads[lightest] += max(sizes[i], 1)
+        return [[files[i] for i in sorted(part)] for part in chosen]
 
     def list(self, start_after: str | None) -> AsyncIterator[ObjectRef]:
         return self._all(start_after)
@@ -220,7 +251,10 @@ class InventorySource:
     async def list_range(self, rng: KeyRange, start_after: str | None) -> AsyncIterator[ObjectRef]:
         manifest = await self.manifest()
         assert rng.part is not None, "an inventory's ranges are its data files"
-        data = await read_location(rng.part, self._s3)
+        parsed = parse_s3_uri(rng.part)
+        if parsed is None or not parsed[1]:  # a range saved by a run before this check
+            raise SetupError(f"source.uris: {self.uri}: data file {rng.part!r} is not on S3")
+        data = await self._s3.read(*parsed)
         kind = str(manifest.get("fileFormat", "CSV"))
         schema = str(manifest.get("fileSchema", ""))
         index = self.index

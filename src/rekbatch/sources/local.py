@@ -27,7 +27,7 @@ import aiofiles.os
 
 from rekbatch.records import ObjectRef
 from rekbatch.sources.base import ObjectChanged
-from rekbatch.sources.ranges import KeyRange
+from rekbatch.sources.ranges import KeyRange, ranges_from_boundaries
 
 SYMLINK_HINT = "set source.follow_symlinks = true to follow links"
 
@@ -65,6 +65,11 @@ def _walk_sorted(
                 yield prefix + name, entry.stat(follow_symlinks=False), os.readlink(entry.path)
         elif entry.is_file(follow_symlinks=follow):
             yield prefix + name, entry.stat(follow_symlinks=follow), None
+
+
+def _order(key: str) -> bytes:
+    """A key as S3 orders it (UTF-8 bytes; names that are not UTF-8 kept as they are)."""
+    return key.encode("utf-8", "surrogateescape")
 
 
 def _etag(stat: os.stat_result) -> str:
@@ -225,8 +230,31 @@ class LocalSource:
     async def split(self, concurrency: int) -> builtins.list[KeyRange]:
         return [KeyRange(None, None)]  # a folder is walked by one thread
 
-    def list_range(self, rng: KeyRange, start_after: str | None) -> AsyncIterator[ObjectRef]:
-        return self.list(start_after)
+    async def divide(
+        self, shards: int, concurrency: int, own: int = 0
+    ) -> builtins.list[builtins.list[KeyRange]]:
+        """Key ranges with about as many files each, one for each of ``shards`` shards."""
+        if self._only is not None:
+            return [[KeyRange(None, None)]] + [[] for _ in range(shards - 1)]
+
+        def boundaries() -> builtins.list[str]:
+            follow = self.follow_symlinks
+            total = sum(1 for _ in _walk_sorted(self.root, follow=follow))
+            ends = {total * k // shards for k in range(1, shards)} - {0}
+            walk = enumerate(_walk_sorted(self.root, follow=follow), 1)
+            return [key for i, (key, _, _) in walk if i in ends]
+
+        ranges = ranges_from_boundaries(await asyncio.to_thread(boundaries))
+        return [ranges[k : k + 1] for k in range(shards)]
+
+    async def list_range(self, rng: KeyRange, start_after: str | None) -> AsyncIterator[ObjectRef]:
+        marks = [k for k in (rng.after, start_after) if k is not None]
+        after = max(marks, key=_order) if marks else None
+        upto = None if rng.upto is None else _order(rng.upto)
+        async for obj in self.list(after):
+            if upto is not None and _order(obj.key) > upto:
+                return
+            yield obj
 
     async def _read(self, obj: ObjectRef, nbytes: int) -> bytes:
         # The single file a source names is the user's choice: followed like the folder.

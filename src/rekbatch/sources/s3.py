@@ -7,12 +7,12 @@ connection itself is retried (after botocore's own retries) for as long as S3 is
 lists one ``s3://bucket/prefix`` page by page, in key order, resuming after a watermark;
 pages are fetched as the consumer pulls, so memory stays at one page whatever the size of
 the bucket. It splits itself into disjoint key ranges (``sources/ranges.py``) so that
-several paginators list it at once, each bounded by ``StartAfter`` and its range's end.
+several paginators list it at once; each range is listed by prefixes that end inside it,
+so that a key is read about once whatever the number of ranges.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -25,15 +25,26 @@ from aiobotocore.config import AioConfig
 from botocore.parsers import DEFAULT_TIMESTAMP_PARSER
 
 from rekbatch.calls.classify import failure_of
-from rekbatch.calls.retry import Reachability, RetryPolicy
+from rekbatch.calls.retry import Reachability, RetryPolicy, while_reachable
 from rekbatch.clock import MONOTONIC, Clock
 from rekbatch.errors import setup_error_from
 from rekbatch.records import ObjectRef
 from rekbatch.sources.base import ObjectChanged
-from rekbatch.sources.ranges import KeyRange, Splitter, common_prefix
+from rekbatch.sources.ranges import (
+    Head,
+    KeyRange,
+    Splitter,
+    estimate_keys,
+    list_keys,
+    ranges_from_boundaries,
+)
 
 T = TypeVar("T")
 log = structlog.get_logger("rekbatch")
+
+# The splitter's first page when a job is divided among shards: only the shard that splits
+# can hand it out, so it stays within that shard's share of a small bucket.
+SHARD_SAMPLE = 500
 
 
 def fast_timestamp(value: Any) -> Any:
@@ -110,23 +121,9 @@ class S3:
         await self._stack.aclose()
 
     async def call(self, request: Callable[[], Awaitable[T]]) -> T:
-        """``request()``, again after a failure of the connection until S3 is down."""
-        tries = 0
-        while True:
-            tries += 1
-            began = self.reach_clock.now()
-            try:
-                result = await request()
-            except Exception as exc:
-                classified = failure_of(exc)
-                # Reads and listings are free to repeat: every failed connection is retried.
-                if classified is None or classified.connection is None:
-                    raise
-                self.reach.failed(f"{classified.code}: {classified.message}", began)
-                await asyncio.sleep(self._retry.delay(min(tries, 8), self._rng))
-                continue
-            self.reach.ok()
-            return result
+        """``request()``, again after a failure of the connection until S3 is down
+        (everything asked of it here is free to repeat)."""
+        return await while_reachable(request, self.reach, self.reach_clock, self._retry, self._rng)
 
     async def check_bucket(self, bucket: str) -> None:
         """Fail early, with one clear line, when a source bucket cannot be listed."""
@@ -216,6 +213,14 @@ class S3:
                 )
         return data
 
+    async def read_part(self, bucket: str, key: str, start: int, end: int, etag: str) -> bytes:
+        """Bytes ``start`` to ``end`` (exclusive) of the version ``etag`` of an object; S3
+        refuses (412) when the object has changed since."""
+        if end <= start:
+            return b""
+        span = f"bytes={start}-{end - 1}"
+        return await self.call(lambda: self._get(Bucket=bucket, Key=key, Range=span, IfMatch=etag))
+
     async def head(self, bucket: str, key: str) -> dict[str, Any]:
         response: dict[str, Any] = await self.call(
             lambda: self.client.head_object(Bucket=bucket, Key=key)
@@ -282,21 +287,51 @@ class S3Source:
         self.bucket = bucket
         self.prefix = prefix
         self._s3 = s3
+        self._head: Head | None = None  # the splitter's first page, handed out, not re-read
 
     async def split(self, concurrency: int) -> list[KeyRange]:
         if concurrency <= 1:
             return [KeyRange(None, None)]
-        # Twice as many ranges as paginators: one that finishes early takes the next range;
-        # not more, as each range's last page runs past its end.
+        # Twice as many ranges as paginators: one that finishes early takes the next range.
+        return await self._split(concurrency * 2, concurrency, 1000)
+
+    async def divide(self, shards: int, concurrency: int, own: int = 0) -> list[list[KeyRange]]:
+        """Key ranges for ``shards`` shards, each about as many as a run splits itself into.
+        The splitter's first page is known here only: the ranges it holds go to this shard
+        (``own``), which hands them out without listing them again; the rest go in key
+        order to the shard least loaded so far (``estimate_keys``)."""
+        ranges = await self._split(shards * max(2, concurrency * 2), concurrency, SHARD_SAMPLE)
+        head = self._head
+        if head is None or not head.items:
+            return [ranges] + [[] for _ in range(shards - 1)]
+        keys = [str(item["Key"]) for item in head.items]
+        if not head.truncated:
+            # A prefix of one page: its keys are known, cut them evenly.
+            ends = (len(keys) * k // shards for k in range(1, shards))
+            cut = ranges_from_boundaries(keys[end - 1] for end in ends if end > 0)
+            return [cut[k : k + 1] for k in range(shards)]
+        loads = [0.0] * shards
+        parts: list[list[KeyRange]] = [[] for _ in range(shards)]
+        for rng, estimate in zip(ranges, estimate_keys(ranges, keys), strict=True):
+            read = rng.upto is not None and rng.upto <= keys[-1]  # all its keys in the page
+            chosen = own if read else min(range(shards), key=lambda k: (loads[k], k))
+            parts[chosen].append(rng)
+            loads[chosen] += estimate
+        return parts
+
+    async def _split(self, want: int, concurrency: int, sample: int) -> list[KeyRange]:
         splitter = Splitter(
             self._s3.list_page,
             self.bucket,
             self.prefix,
-            want=concurrency * 2,
+            want=want,
             concurrency=concurrency,
+            sample=sample,
         )
         try:
-            return await splitter.split()
+            ranges = await splitter.split()
+            self._head = splitter.head
+            return ranges
         except Exception as exc:
             if failure_of(exc) is None:
                 raise
@@ -311,40 +346,30 @@ class S3Source:
     async def list_range(
         self, rng: KeyRange, start_after: str | None, page_size: int = 1000
     ) -> AsyncIterator[ObjectRef]:
-        prefix = self.prefix
-        if rng.after is not None and rng.upto is not None:
-            # Every key of the range starts with what its two ends share: a narrower Prefix
-            # keeps the range's last page from running far past its end.
-            prefix = max(prefix, common_prefix(rng.after, rng.upto), key=len)
-        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix, "MaxKeys": page_size}
-        after = max((a for a in (rng.after, start_after) if a), default=None)
-        if after:
-            kwargs["StartAfter"] = after
-        upto = rng.upto
         bucket, index = self.bucket, self.index
-        while True:
-            page = await self._s3.list_page(**kwargs)
-            for item in page.get("Contents", ()):
-                key = item["Key"]
-                if upto is not None and key > upto:
-                    return  # the next range's
-                size = int(item.get("Size", 0))
-                if size == 0 and key.endswith("/"):
-                    continue  # a "folder" placeholder, not an object anyone uploaded as data
-                yield ObjectRef(
-                    bucket,
-                    key,
-                    size,
-                    str(item.get("ETag", "")).strip('"'),
-                    _iso(item.get("LastModified")),
-                    None,
-                    index,
-                )
-            token = page.get("NextContinuationToken")
-            if not page.get("IsTruncated") or not token:
-                return
-            kwargs.pop("StartAfter", None)
-            kwargs["ContinuationToken"] = token
+        items = list_keys(
+            self._s3.list_page,
+            bucket,
+            self.prefix,
+            rng,
+            start_after,
+            page_size=page_size,
+            head=self._head,
+        )
+        async for item in items:
+            key = item["Key"]
+            size = int(item.get("Size", 0))
+            if size == 0 and key.endswith("/"):
+                continue  # a "folder" placeholder, not an object anyone uploaded as data
+            yield ObjectRef(
+                bucket,
+                key,
+                size,
+                str(item.get("ETag", "")).strip('"'),
+                _iso(item.get("LastModified")),
+                None,
+                index,
+            )
 
     async def read_head(self, obj: ObjectRef, nbytes: int) -> bytes:
         return await self._s3.read_head(self.bucket, obj.key, nbytes, etag=obj.etag)

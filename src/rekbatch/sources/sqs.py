@@ -12,7 +12,6 @@ The parsing of message bodies is ``sources/s3_events.py``.
 
 from __future__ import annotations
 
-import asyncio
 import builtins
 import contextlib
 import math
@@ -25,8 +24,7 @@ from typing import Any, TypeVar
 import structlog
 from aiobotocore.config import AioConfig
 
-from rekbatch.calls.classify import failure_of
-from rekbatch.calls.retry import Reachability, RetryPolicy
+from rekbatch.calls.retry import Reachability, RetryPolicy, while_reachable
 from rekbatch.clock import MONOTONIC, Clock
 from rekbatch.errors import setup_error_from
 from rekbatch.records import ObjectRef
@@ -77,6 +75,12 @@ class SqsSource:
 
     async def split(self, concurrency: int) -> builtins.list[KeyRange]:
         return [KeyRange(None, None)]
+
+    async def divide(
+        self, shards: int, concurrency: int, own: int = 0
+    ) -> builtins.list[builtins.list[KeyRange]]:
+        # A queue is not sharded (the run refuses it); nothing here to list anyway.
+        return [[KeyRange(None, None)]] + [[] for _ in range(shards - 1)]
 
     def list(self, start_after: str | None) -> AsyncIterator[ObjectRef]:
         return self.list_range(KeyRange(None, None), start_after)
@@ -184,23 +188,9 @@ class SqsQueue:
             )
 
     async def call(self, request: Callable[[], Awaitable[T]]) -> T:
-        """``request()``, again after a failure of the connection until SQS is down."""
-        tries = 0
-        while True:
-            tries += 1
-            began = self._clock.now()
-            try:
-                result = await request()
-            except Exception as exc:
-                classified = failure_of(exc)
-                # Receives, deletes and visibility changes are all safe to repeat.
-                if classified is None or classified.connection is None:
-                    raise
-                self.reach.failed(f"{classified.code}: {classified.message}", began)
-                await asyncio.sleep(self._retry.delay(min(tries, 8), self._rng))
-                continue
-            self.reach.ok()
-            return result
+        """``request()``, again after a failure of the connection until SQS is down
+        (everything asked of it here is free to repeat)."""
+        return await while_reachable(request, self.reach, self._clock, self._retry, self._rng)
 
     async def attributes(self, *names: str) -> dict[str, str]:
         answer = await self.call(

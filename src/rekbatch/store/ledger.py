@@ -86,6 +86,14 @@ CREATE TABLE IF NOT EXISTS person_matches (
     box TEXT,
     PRIMARY KEY (person, source, key)
 );
+-- Faces of index_faces rows that were replaced (the object changed or was removed), noted
+-- in the commit of the new row; deleted from the index once no current row names them.
+CREATE TABLE IF NOT EXISTS retired_faces (
+    collection TEXT NOT NULL,
+    face_id TEXT NOT NULL,
+    detail TEXT NOT NULL,
+    PRIMARY KEY (collection, face_id)
+);
 CREATE TABLE IF NOT EXISTS runs (
     run_id TEXT PRIMARY KEY,
     pid INTEGER NOT NULL,
@@ -351,10 +359,13 @@ class LedgerDB:
         listed: dict[int, int],
         listing_done: Iterable[int],
         ranges_done: Iterable[tuple[int, int]] = (),
+        retired: Iterable[tuple[str, str, str]] = (),
     ) -> None:
-        """``watermarks`` and ``ranges_done`` are keyed by (source, range)."""
+        """``watermarks`` and ``ranges_done`` are keyed by (source, range); ``retired``:
+        (collection, FaceId, detail) of the faces the rows replaced here had indexed."""
         with self._db:
             self._db.executemany(_INSERT, rows)
+            self._db.executemany("INSERT OR IGNORE INTO retired_faces VALUES (?, ?, ?)", retired)
             self._set_meta({"sink_sizes": json.dumps(sink_sizes)})
             self._db.executemany(
                 "UPDATE source_ranges SET watermark = ? WHERE source = ? AND idx = ?",
@@ -408,14 +419,82 @@ class LedgerDB:
     # -- search_faces -----------------------------------------------------------------------
 
     def objects_with_detail(self, operation: str, detail: str) -> list[sqlite3.Row]:
-        """The objects whose ok record of ``operation`` carries ``detail``."""
+        """The objects whose ok record of ``operation`` carries ``detail``, with where the
+        record's row is in results.jsonl."""
         return list(
             self._db.execute(
-                "SELECT source, key, bucket FROM records "
+                "SELECT source, key, bucket, jsonl_offset, jsonl_length FROM records "
                 "WHERE operation = ? AND detail = ? AND status = 'ok'",
                 (operation, detail),
             )
         )
+
+    def ok_place(
+        self, operation: str, source: int, key: str
+    ) -> tuple[int | None, int | None] | None:
+        """Where the object's ok record of ``operation`` is in results.jsonl (offset,
+        length; None each when not known); None when its current record is not ok."""
+        row = self._db.execute(
+            "SELECT jsonl_offset, jsonl_length FROM records WHERE source = ? AND key = ? "
+            "AND operation = ? AND status = 'ok'",
+            (source, key, operation),
+        ).fetchone()
+        return None if row is None else (row[0], row[1])
+
+    # -- the face index's upkeep ------------------------------------------------------------
+
+    def indexed_rows(
+        self, operation: str, objects: list[tuple[int, str]]
+    ) -> list[tuple[int, int, str]]:
+        """Of ``objects`` (source, key), the ok records of ``operation`` that indexed faces:
+        (offset, length, detail) of their rows in results.jsonl."""
+        found: list[tuple[int, int, str]] = []
+        for source, key in objects:
+            row = self._db.execute(
+                "SELECT jsonl_offset, jsonl_length, detail FROM records WHERE source = ? "
+                "AND key = ? AND operation = ? AND status = 'ok' AND detail LIKE '%/%' "
+                "AND jsonl_offset IS NOT NULL",
+                (source, key, operation),
+            ).fetchone()
+            if row is not None:
+                found.append((int(row[0]), int(row[1]), str(row[2])))
+        return found
+
+    def rows_with_details(
+        self, operation: str, details: list[str]
+    ) -> list[tuple[str, int | None, int | None]]:
+        """The ok records of ``operation`` carrying one of ``details``: (detail, offset,
+        length) of their rows (None where the ledger does not know the place)."""
+        found: list[tuple[str, int | None, int | None]] = []
+        for start in range(0, len(details), LOOKUP_CHUNK):
+            part = details[start : start + LOOKUP_CHUNK]
+            found += [
+                (str(r[0]), r[1], r[2])
+                for r in self._db.execute(
+                    "SELECT detail, jsonl_offset, jsonl_length FROM records WHERE operation = ? "
+                    f"AND status = 'ok' AND detail IN ({','.join('?' * len(part))})",
+                    (operation, *part),
+                )
+            ]
+        return found
+
+    def retired_faces(self, limit: int) -> list[tuple[str, str, str]]:
+        """Up to ``limit`` retired faces: (collection, FaceId, detail)."""
+        return [
+            (str(r[0]), str(r[1]), str(r[2]))
+            for r in self._db.execute(
+                "SELECT collection, face_id, detail FROM retired_faces "
+                "ORDER BY collection, face_id LIMIT ?",
+                (limit,),
+            )
+        ]
+
+    def forget_retired(self, faces: list[tuple[str, str]]) -> None:
+        """(collection, FaceId): faces deleted from the index, or still named by a row."""
+        with self._db:
+            self._db.executemany(
+                "DELETE FROM retired_faces WHERE collection = ? AND face_id = ?", faces
+            )
 
     def faces_by_detail_prefix(self, operation: str) -> dict[str, int]:
         """Faces indexed per collection (``detail`` is ``collection/external id``); a copy,

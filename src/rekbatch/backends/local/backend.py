@@ -126,7 +126,7 @@ def default_workers() -> int:
 
 def _init_worker() -> None:
     """Process-pool initializer: ignore SIGINT for good (it arrives blocked, see
-    ``_spawn_guard``; a Ctrl-C meant for the parent is discarded), then load the models once.
+    ``_sigint_blocked``; a Ctrl-C meant for the parent is discarded), then load the models once.
     A failure to load is left for the first task to report as a ``BackendError`` instead of
     breaking the pool."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -149,23 +149,41 @@ _ENV_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager
-def _spawn_guard() -> Iterator[None]:
-    """While workers are started: SIGINT blocked in this thread (children inherit the mask
-    through fork and exec, so a Ctrl-C during their start-up cannot kill them, and one meant
-    for this process waits here instead of being lost), and the single-thread variables set
-    for the children to inherit (only those the user has not set)."""
+def _child_environment() -> Iterator[None]:
+    """While children are started, the variables they inherit: the single-thread settings
+    (only those the user has not set), and PYTHONSAFEPATH. Spawned workers and the resource
+    tracker start as ``python -c ...``, which puts the working folder first on sys.path
+    before importing multiprocessing: a package of that name planted there would run in
+    them. PYTHONSAFEPATH (-P) leaves it out; a worker then takes this process's own sys.path
+    (PYTHONPATH and site-packages included)."""
     with _ENV_LOCK:
         added = {k: v for k, v in _WORKER_ENV.items() if k not in os.environ}
         os.environ.update(added)
-        masking = hasattr(signal, "pthread_sigmask")  # POSIX; elsewhere the initializer only
-        previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT}) if masking else set()
+        safe_path = os.environ.get("PYTHONSAFEPATH")
+        os.environ["PYTHONSAFEPATH"] = "1"
         try:
             yield
         finally:
-            if masking and signal.SIGINT not in previous:
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
             for name in added:
                 os.environ.pop(name, None)
+            if safe_path is None:
+                os.environ.pop("PYTHONSAFEPATH", None)
+            else:
+                os.environ["PYTHONSAFEPATH"] = safe_path
+
+
+@contextlib.contextmanager
+def _sigint_blocked() -> Iterator[None]:
+    """SIGINT blocked in this thread while workers start: children inherit the mask through
+    fork and exec, so a Ctrl-C during their start-up cannot kill them, and one meant for this
+    process waits here instead of being lost."""
+    masking = hasattr(signal, "pthread_sigmask")  # POSIX; elsewhere the initializer only
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT}) if masking else set()
+    try:
+        yield
+    finally:
+        if masking and signal.SIGINT not in previous:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 def _invalid(message: str) -> BackendError:
@@ -257,18 +275,20 @@ class LocalBackend:
         if self._external_executor is not None:
             return self._external_executor
         if self._pool is None:
-            pool = ProcessPoolExecutor(
-                max_workers=self.workers,
-                # spawn: workers never inherit the event loop's threads or locks.
-                mp_context=multiprocessing.get_context("spawn"),
-                initializer=_init_worker,
-            )
-            # Start every worker now, inside the guard: ProcessPoolExecutor starts one per
-            # submit while it has fewer than max_workers (3.11+), so these submits start them
-            # all here, not later outside the guard.
-            with _spawn_guard():
-                for _ in range(self.workers):
-                    pool.submit(_ready)
+            with _child_environment():
+                # The pool's queues start the resource tracker, which unblocks SIGINT behind
+                # itself: the pool is made first, then the workers start with SIGINT blocked.
+                pool = ProcessPoolExecutor(
+                    max_workers=self.workers,
+                    # spawn: workers never inherit the event loop's threads or locks.
+                    mp_context=multiprocessing.get_context("spawn"),
+                    initializer=_init_worker,
+                )
+                # Start every worker now: ProcessPoolExecutor starts one per submit while it
+                # has fewer than max_workers (3.11+), so these submits start them all here.
+                with _sigint_blocked():
+                    for _ in range(self.workers):
+                        pool.submit(_ready)
             self._pool = pool
         return self._pool
 
@@ -410,6 +430,14 @@ class LocalBackend:
         )
         return count > 0
 
+    async def faces_of_images(
+        self, collection_id: str, external_ids: set[str]
+    ) -> list[dict[str, Any]]:
+        """``FaceLookup``: the faces of a collection carrying ``external_ids``."""
+        store = self._collections()
+        faces = await asyncio.to_thread(store.faces_of_images, collection_id, external_ids)
+        return [face.record() for face in faces]
+
     # -- the Backend protocol
 
     async def call(
@@ -547,13 +575,16 @@ class LocalBackend:
         start, limit = _page(params, 1000)
         wanted = params.get("FaceIds")
         wanted_ids = {str(w) for w in wanted} if isinstance(wanted, list) else None
-        page, more = await asyncio.to_thread(store.page, collection_id, start, limit, wanted_ids)
+        # The token is the row the next page starts from (see CollectionStore.page).
+        page, following = await asyncio.to_thread(
+            store.page, collection_id, start, limit, wanted_ids
+        )
         body: dict[str, Any] = {
             "Faces": [f.record() for f in page],
             "FaceModelVersion": FACE_MODEL_VERSION,
         }
-        if more:
-            body["NextToken"] = str(start + limit)
+        if following is not None:
+            body["NextToken"] = str(following)
         return body
 
     async def _delete_faces(

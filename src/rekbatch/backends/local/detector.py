@@ -30,7 +30,6 @@ them once (Pillow swaps the bands faster than numpy reorders them) and its tiles
 
 from __future__ import annotations
 
-import ctypes
 import math
 import os
 import sys
@@ -40,6 +39,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 from PIL import Image
+
+from rekbatch.malloc import M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, mallopt
 
 __all__ = ["COARSEST", "OVERLAP", "TILE", "Detection", "detect", "keep_freed_memory"]
 
@@ -104,9 +105,7 @@ def load_yuface() -> Any:
     return yuface
 
 
-# glibc's mallopt parameters.
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_THRESHOLD = -3
+# glibc's settings for the face workers.
 _MMAP_THRESHOLD_MAX = 32 * 1024 * 1024
 _TRIM_THRESHOLD = 512 * 1024 * 1024
 _KEPT = False
@@ -124,20 +123,11 @@ def keep_freed_memory() -> bool:
     is the same, it is only not handed back between images. Elsewhere than glibc (or without
     ``mallopt``) nothing changes. Returns whether the setting was applied."""
     global _KEPT
-    if _KEPT:
-        return True
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-    mallopt.restype = ctypes.c_int
-    # Setting either turns off glibc's own adjustment of both: set both.
-    _KEPT = bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)) and bool(
-        mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD)
-    )
+    if not _KEPT:
+        # Setting either turns off glibc's own adjustment of both: set both.
+        _KEPT = mallopt(
+            (M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX), (M_TRIM_THRESHOLD, _TRIM_THRESHOLD)
+        )
     return _KEPT
 
 
