@@ -52,7 +52,7 @@ async def _measure(backend: LocalBackend, images: list[bytes], workers: int) -> 
 def run(kind: str, images: list[bytes], workers: int) -> float:
     executor = None
     if kind == "ray":
-        from rekbatch.engine.ray_shards import RayActorExecutor
+        from rekbatch.backends.local.ray_actors import RayActorExecutor
 
         executor = RayActorExecutor(workers)
     backend = LocalBackend(workers=workers, executor=executor)

@@ -26,6 +26,7 @@ from benchmarks.servers import (
     fill_bucket,
     moto_s3,
     run_cli,
+    run_module,
     write_job,
 )
 
@@ -84,8 +85,10 @@ def rekbatch_run(
         limits=f"concurrency = {concurrency}\nmax_tps = 100000",
         source_extra=f"sniff = {'true' if sniff else 'false'}",
     )
-    env = {} if checkpoint else {"REKBATCH_BENCH_NO_CHECKPOINT": "1"}
-    proc = run_cli("run", config, "--log-format", "json", env=env)
+    if checkpoint:
+        proc = run_cli("run", config, "--log-format", "json")
+    else:  # the same command line path with RunOptions(checkpoint=False)
+        proc = run_module("benchmarks.run_unchecked", config)
     if proc.returncode != 0:
         raise RuntimeError(f"rekbatch exited {proc.returncode}: {proc.stderr[-2000:]}")
     summary = json.loads((out / "summary.json").read_text())

@@ -223,8 +223,16 @@ def write_job(
 def run_cli(
     *args: str, timeout: float = 900, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
+    return run_module("rekbatch", *args, timeout=timeout, env=env)
+
+
+def run_module(
+    module: str, *args: str, timeout: float = 900, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``python -m module args``, from the current folder (the repository's, for the
+    ``benchmarks.*`` modules)."""
     return subprocess.run(
-        [sys.executable, "-m", "rekbatch", *args],
+        [sys.executable, "-m", module, *args],
         capture_output=True,
         text=True,
         env={**bench_env(), **(env or {})},

@@ -12,6 +12,9 @@ import boto3
 import pytest
 from moto.server import ThreadedMotoServer
 
+# The fake Rekognition's fixtures (start_fake, fake), beside moto's below.
+pytest_plugins = ["tests.support.servers"]
+
 REPO = Path(__file__).resolve().parent.parent
 SAMPLES = REPO / "samples" / "wheres-ric"
 REGION = "eu-west-1"

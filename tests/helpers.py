@@ -66,25 +66,6 @@ def invoke(*args: str) -> Any:
     return CliRunner().invoke(app, list(args), catch_exceptions=False)
 
 
-def base_config(
-    *,
-    uris: list[str],
-    output_dir: Path,
-    s3_endpoint: str,
-    rek_endpoint: str,
-    operations: str = '[[operations]]\ntype = "detect_faces"\n',
-    extra: str = "",
-) -> str:
-    uri_list = ", ".join(json.dumps(u) for u in uris)
-    return (
-        f'[job]\nname = "test"\noutput_dir = {json.dumps(str(output_dir))}\n\n'
-        f"[source]\nuris = [{uri_list}]\n\n"
-        f'[aws]\nregion = "eu-west-1"\ns3_endpoint_url = "{s3_endpoint}"\n'
-        f'rekognition_endpoint_url = "{rek_endpoint}"\n\n'
-        f"{extra}\n{operations}"
-    )
-
-
 def upload_samples(s3: Any, bucket: str, prefix: str = "") -> str:
     """The Where's Ric sample photos (and the non-images among them) in a new bucket."""
     make_bucket(s3, bucket)

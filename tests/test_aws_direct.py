@@ -13,6 +13,7 @@ import datetime
 import hashlib
 import hmac
 import json
+import warnings
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -412,6 +413,22 @@ def test_without_credentials_every_call_goes_through_the_client(
 def _without_metrics(agent: str | bytes) -> str:
     """A User-Agent without botocore's per-request metrics (``m/...``)."""
     return " ".join(part for part in _text(agent).split() if not part.startswith("m/"))
+
+
+def test_opening_the_backend_leaves_the_warning_filters_alone() -> None:
+    """Library code changes no process-wide setting (the command line quiets aiohttp's
+    large-body warning for its own process)."""
+
+    async def main() -> list[Any]:
+        session = aioboto3.Session(
+            aws_access_key_id=KEY_ID, aws_secret_access_key=SECRET, region_name=REGION
+        )
+        async with AwsBackend(session, endpoint_url=ENDPOINT, pool=2):
+            return list(warnings.filters)
+
+    with warnings.catch_warnings():
+        warnings.resetwarnings()  # pytest's own filters hold the same one
+        assert asyncio.run(main()) == []
 
 
 def test_the_user_agent_is_the_clients(monkeypatch: pytest.MonkeyPatch) -> None:

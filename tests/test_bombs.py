@@ -27,9 +27,10 @@ from rekbatch.sources.convert import conversion_plan, convert_image
 from rekbatch.sources.decoding import MB, MemoryBudget, TooMuchMemory, make_plan, open_image
 from rekbatch.sources.sniff import sniff
 from tests.conftest import SAMPLES, make_bucket
-from tests.helpers import base_config, invoke, read_jsonl, write_config
+from tests.helpers import invoke, read_jsonl, write_config
 from tests.support import bombs
-from tests.support.fake_rekognition import FakeConfig, FakeRekognition
+from tests.support.configs import job_config
+from tests.support.servers import StartFake
 from tests.test_engine import assert_exactly_once
 
 BOUND = 120.0  # seconds a run may take before the test gives up on it
@@ -250,31 +251,32 @@ def _resume_once(config: Path, out: Path, folder_uri: str) -> None:
 
 
 def test_the_bomb_folder_is_answered_within_the_budget_on_the_aws_path(
-    bomb_folder: Path, s3: Any, moto_endpoint: str, tmp_path: Path
+    bomb_folder: Path, s3: Any, moto_endpoint: str, tmp_path: Path, start_fake: StartFake
 ) -> None:
     bucket = make_bucket(s3, "bombs")
     for path in sorted(bomb_folder.rglob("*")):
         if path.is_file():
             s3.upload_file(str(path), bucket, path.relative_to(bomb_folder).as_posix())
     out = tmp_path / "out"
-    with FakeRekognition(FakeConfig(s3_endpoint_url=moto_endpoint, region="eu-west-1")) as fake:
-        config = write_config(
-            tmp_path / "job.toml",
-            base_config(
-                uris=[f"s3://{bucket}/"],
-                output_dir=out,
-                s3_endpoint=moto_endpoint,
-                rek_endpoint=fake.url,
-                extra="[output]\nparquet = false\n[limits]\nmax_tps = 1000\n",
-            )
-            .replace("[source]\n", f"[source]\nconvert_memory_mb = {BUDGET_MB}\n")
-            .replace('region = "eu-west-1"\n', 'region = "eu-west-1"\nimage_mode = "bytes"\n'),
-        )
-        code, peak_mb, stderr = _measured_run(config, tmp_path)
-        assert code == 3, stderr
-        assert peak_mb < PEAK_BOUND_MB, peak_mb
-        _check_bomb_records(out)
-        _resume_once(config, out, f"s3://{bucket}/")
+    fake = start_fake(region="eu-west-1")
+    config = write_config(
+        tmp_path / "job.toml",
+        job_config(
+            uris=[f"s3://{bucket}/"],
+            output_dir=out,
+            s3_endpoint=moto_endpoint,
+            rek_endpoint=fake.url,
+            output={"parquet": False},
+            limits={"max_tps": 1000},
+            source={"convert_memory_mb": BUDGET_MB},
+            aws={"image_mode": "bytes"},
+        ),
+    )
+    code, peak_mb, stderr = _measured_run(config, tmp_path)
+    assert code == 3, stderr
+    assert peak_mb < PEAK_BOUND_MB, peak_mb
+    _check_bomb_records(out)
+    _resume_once(config, out, f"s3://{bucket}/")
 
 
 def test_the_bomb_folder_is_answered_within_the_budget_offline(
@@ -316,7 +318,8 @@ async def test_the_offline_backend_refuses_a_decode_larger_than_its_budget() -> 
 async def test_report_thumbnails_obey_the_jobs_memory_budget(
     bomb_folder: Path, tmp_path: Path
 ) -> None:
-    from rekbatch.commands.report import _Fetcher, _Location
+    from rekbatch.commands.report.model import Location
+    from rekbatch.commands.report.thumbs import Fetcher
     from rekbatch.config import load_config
 
     config = write_config(
@@ -324,10 +327,10 @@ async def test_report_thumbnails_obey_the_jobs_memory_budget(
         f'[source]\nuris = ["{bomb_folder}"]\nconvert_memory_mb = 64\n'
         '[[operations]]\ntype = "detect_faces"\n',
     )
-    fetcher = _Fetcher(load_config(config, environ={}), None)
+    fetcher = Fetcher(load_config(config, environ={}), None)
     async with asyncio.timeout(BOUND):
-        bomb = await fetcher.thumbs(_Location("source", None, "bombs/grey-110mp.png"), [()])
-        photo = await fetcher.thumbs(_Location("source", None, "ric.jpg"), [()])
+        bomb = await fetcher.thumbs(Location("source", None, "bombs/grey-110mp.png"), [()])
+        photo = await fetcher.thumbs(Location("source", None, "ric.jpg"), [()])
     assert bomb[0].jpeg is None and bomb[0].error is not None
     assert "too large to draw" in bomb[0].error and "(64 MB)" in bomb[0].error
     assert photo[0].jpeg is not None and max(photo[0].width or 0, photo[0].height or 0) == 266

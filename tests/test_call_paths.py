@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,6 @@ import pytest
 from rekbatch.backends.aws import AwsBackend
 from rekbatch.store.ledger import LedgerDB
 from tests.helpers import (
-    base_config,
     invoke,
     read_csv,
     read_jsonl,
@@ -23,7 +21,9 @@ from tests.helpers import (
     upload_samples,
     write_config,
 )
-from tests.support.fake_rekognition import FakeConfig, FakeRekognition
+from tests.support.configs import job_config
+from tests.support.fake_rekognition import FakeRekognition
+from tests.support.servers import StartFake
 
 BUCKET = "call-paths"
 OPERATIONS = f"""
@@ -74,24 +74,20 @@ def bucket(moto_endpoint: str) -> str:
 
 
 @pytest.fixture
-def fake(moto_endpoint: str) -> Iterator[FakeRekognition]:
-    config = FakeConfig(
-        s3_endpoint_url=moto_endpoint, people=sample_people(), unmodelled_members=True
-    )
-    with FakeRekognition(config) as server:
-        yield server
+def fake(start_fake: StartFake) -> FakeRekognition:
+    return start_fake(people=sample_people(), unmodelled_members=True)
 
 
 def _config(tmp_path: Path, name: str, moto: str, fake: FakeRekognition, path: str) -> Path:
-    text = base_config(
+    text = job_config(
         uris=[f"s3://{BUCKET}/"],
         output_dir=tmp_path / name,
         s3_endpoint=moto,
         rek_endpoint=fake.url,
         operations=OPERATIONS,
-        extra="[limits]\nconcurrency = 4\nmax_tps = 200\n",
+        limits={"concurrency": 4, "max_tps": 200},
+        aws={"call_path": path},
     )
-    text = text.replace("[aws]\n", f'[aws]\ncall_path = "{path}"\n')
     return write_config(tmp_path / f"{name}.toml", text)
 
 

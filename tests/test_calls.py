@@ -5,14 +5,22 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 
-from rekbatch.backends.base import ImageInput
-from rekbatch.calls.caller import TIMEOUT_FLOOR, Caller, CallOutcome
+from rekbatch.backends.base import ImageInput, InProcessBackend
+from rekbatch.calls.caller import (
+    TIMEOUT_CEILING,
+    TIMEOUT_FACTOR,
+    TIMEOUT_FLOOR,
+    TIMEOUT_UNKNOWN,
+    Caller,
+    CallOutcome,
+    LatencyWindow,
+)
 from rekbatch.calls.retry import Reachability, RetryPolicy
 from rekbatch.errors import (
     BackendError,
@@ -28,7 +36,7 @@ Behaviour = Callable[[str, int], Any]  # (image name, its send number) -> second
 
 
 @dataclass
-class NetworkBackend:
+class NetworkBackend(InProcessBackend):
     """A backend over a pretend network: ``behave`` says, per send of an image (by key),
     how many seconds the answer takes or which error it raises."""
 
@@ -37,7 +45,13 @@ class NetworkBackend:
     endpoint_name: str = "the test endpoint"
     sends: Counter[str] = field(default_factory=Counter)
     refreshes: int = 0
-    refresh_credentials: Any = None
+    reload: Callable[[], Awaitable[None]] | None = None
+
+    async def refresh_credentials(self) -> bool:
+        if self.reload is None:
+            return False
+        await self.reload()
+        return True
 
     async def call(
         self, api: str, params: dict[str, Any], images: dict[str, ImageInput]
@@ -96,6 +110,24 @@ def test_a_request_always_slower_than_its_deadline_is_sent_max_attempts_times() 
     assert backend.sends["slow"] == 3
     assert slow.error is not None and slow.error.code == "Timeout"
     assert slow.attempts == 3
+
+
+def test_a_deadline_follows_the_observed_latency_once_there_are_twenty_answers() -> None:
+    """A stalled answer costs a few times the usual latency, not ``TIMEOUT_UNKNOWN``."""
+    window = LatencyWindow()
+    for _ in range(19):
+        window.add(1.0)
+    assert window.deadline() == TIMEOUT_UNKNOWN
+    window.add(1.0)
+    assert window.deadline() == TIMEOUT_FACTOR * 1.0 < TIMEOUT_UNKNOWN
+    fast = LatencyWindow()
+    for _ in range(20):
+        fast.add(0.01)
+    assert fast.deadline() == TIMEOUT_FLOOR
+    slow = LatencyWindow()
+    for _ in range(20):
+        slow.add(1000.0)
+    assert slow.deadline() == TIMEOUT_CEILING
 
 
 def test_a_deadline_allows_for_the_upload_of_a_large_image() -> None:
@@ -213,7 +245,7 @@ def test_refused_credentials_are_reloaded_once_and_the_call_goes_through() -> No
 
     clock = VirtualClock()
     backend = NetworkBackend(behave)
-    backend.refresh_credentials = renew
+    backend.reload = renew
 
     async def main() -> list[CallOutcome]:
         caller = _caller(backend, clock)
@@ -233,13 +265,37 @@ def test_credentials_refused_again_after_a_reload_stop_the_run() -> None:
 
     clock = VirtualClock()
     backend = NetworkBackend(behave)
-    backend.refresh_credentials = renew
+    backend.reload = renew
     caller = _caller(backend, clock)
     with pytest.raises(CredentialsRefused) as caught:
         clock.run(caller.call(API, {}, _image("a")))
     assert backend.refreshes == 1 and backend.sends["a"] == 2
     assert "UnrecognizedClientException" in str(caught.value)
     assert caller.stats.failures[API] == 0  # nothing recorded against the image
+
+
+def test_every_backend_declares_what_the_caller_reads_of_it() -> None:
+    """``network``, ``endpoint_name``, ``ways_out`` and ``refresh_credentials`` are the
+    ``Backend`` protocol's, read as they are; a backend in this process has nothing to
+    reload, so a refusal of its credentials stops the run at once."""
+    from rekbatch.backends.aws import AwsBackend
+    from rekbatch.backends.base import Backend, InProcessBackend
+    from rekbatch.backends.local.backend import LocalBackend
+    from tests.support.fake_backend import FakeBackend
+
+    members = ("network", "endpoint_name", "ways_out", "refresh_credentials")
+    assert set(members) <= set(Backend.__annotations__) | set(vars(Backend))
+    for backend in (AwsBackend, LocalBackend, FakeBackend, NetworkBackend):
+        assert all(hasattr(backend, name) for name in members), backend
+    assert AwsBackend.network and not LocalBackend.network and not FakeBackend.network
+    assert issubclass(FakeBackend, InProcessBackend)
+
+    fake = FakeBackend(hook=lambda n, api, ident: BackendError("X", "no", "credentials"))
+    clock = VirtualClock()
+    caller = _caller(fake, clock)
+    with pytest.raises(CredentialsRefused, match="the backend"):
+        clock.run(caller.call(API, {}, _image("a")))
+    assert fake.calls[API] == 1
 
 
 def test_credentials_that_expire_again_later_are_reloaded_again() -> None:
@@ -258,7 +314,7 @@ def test_credentials_that_expire_again_later_are_reloaded_again() -> None:
 
     clock = VirtualClock()
     backend = NetworkBackend(behave)
-    backend.refresh_credentials = renew
+    backend.reload = renew
 
     async def main() -> None:
         caller = _caller(backend, clock)

@@ -3,11 +3,9 @@ against the exceptions aiobotocore really raises, and the package's import graph
 
 from __future__ import annotations
 
-import ast
 import asyncio
 import socket
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import aioboto3
@@ -17,82 +15,14 @@ from aiobotocore.config import AioConfig
 
 from rekbatch.calls.classify import failure_of
 from tests.support.fake_rekognition import FakeConfig, FakeRekognition
-
-PACKAGE = Path(__file__).resolve().parent.parent / "src" / "rekbatch"
-
+from tests.support.import_graph import import_graph
 
 # --------------------------------------------------------------------------- import graph
 
 
-def _module_name(path: Path) -> str:
-    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
-    if parts[-1] == "__init__":
-        parts.pop()
-    return ".".join(parts)
-
-
-def _type_checking_only(node: ast.AST) -> bool:
-    return isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
-
-
-def _imports(tree: ast.AST, module: str, is_package: bool) -> Iterator[str]:
-    """Every module ``module`` imports, at any depth (functions included), leaving out
-    blocks under ``if TYPE_CHECKING``."""
-    stack: list[ast.AST] = [tree]
-    while stack:
-        node = stack.pop()
-        if _type_checking_only(node):
-            continue
-        if isinstance(node, ast.Import):
-            yield from (alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                anchor = module.split(".")
-                anchor = anchor[: len(anchor) - node.level + (1 if is_package else 0)]
-                base = ".".join([*anchor, base] if base else anchor)
-            yield base
-            yield from (f"{base}.{alias.name}" for alias in node.names)
-        stack.extend(ast.iter_child_nodes(node))
-
-
-def import_graph() -> dict[str, set[str]]:
-    modules = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
-    graph: dict[str, set[str]] = {}
-    for name, path in modules.items():
-        tree = ast.parse(path.read_text(encoding="utf-8"))
-        found = _imports(tree, name, path.name == "__init__.py")
-        graph[name] = {m for m in found if m in modules and m != name}
-    return graph
-
-
-def _reaches(graph: dict[str, set[str]], start: str, goal: str) -> bool:
-    seen, todo = set(), [start]
-    while todo:
-        node = todo.pop()
-        if node == goal:
-            return True
-        if node not in seen:
-            seen.add(node)
-            todo.extend(graph.get(node, ()))
-    return False
-
-
-def test_the_import_graph_helper_finds_a_cycle() -> None:
-    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
-    assert _reaches(graph, "a", "c") and _reaches(graph, "c", "a")
-    assert not _reaches(graph, "a", "d")
-
-
-def test_errors_and_the_calls_package_are_in_no_import_cycle() -> None:
+def test_errors_imports_nothing_of_the_calls_package() -> None:
+    # the exception tree sits below the classification (tests/test_layout.py: no cycle at all)
     graph = import_graph()
-    # imports at the top and inside functions are both read
-    assert "rekbatch.calls.retry" in graph["rekbatch.calls.caller"]
-    assert "rekbatch.backends.aws" in graph["rekbatch.engine.run"]
-    involved = ["rekbatch.errors", *(m for m in graph if m.startswith("rekbatch.calls"))]
-    for module in involved:
-        cycle = [dep for dep in graph[module] if _reaches(graph, dep, module)]
-        assert not cycle, f"{module} is in an import cycle through {cycle}"
     assert not any(dep.startswith("rekbatch.calls") for dep in graph["rekbatch.errors"])
 
 

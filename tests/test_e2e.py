@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +11,6 @@ import pytest
 
 from tests.conftest import make_bucket
 from tests.helpers import (
-    base_config,
     fake_jpeg,
     invoke,
     read_csv,
@@ -22,23 +20,15 @@ from tests.helpers import (
     upload_samples,
     write_config,
 )
-from tests.support.fake_rekognition import FakeConfig, FakeRekognition
+from tests.support.configs import job_config
+from tests.support.fake_rekognition import FakeRekognition
 from tests.support.moto import put_objects
+from tests.support.servers import StartFake
 
 OPS = (
     '[[operations]]\ntype = "detect_faces"\nattributes = ["ALL"]\n\n'
     '[[operations]]\ntype = "detect_labels"\nmax_labels = 5\n'
 )
-
-
-@pytest.fixture
-def fake(moto_endpoint: str) -> Iterator[FakeRekognition]:
-    server = FakeRekognition(FakeConfig(s3_endpoint_url=moto_endpoint, region="eu-west-1"))
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def _expected_bucket(s3: Any, bucket: str) -> dict[str, str | None]:
@@ -93,7 +83,7 @@ def test_mixed_bucket_every_object_times_every_operation_once(
     out = tmp_path / "out"
     config = write_config(
         tmp_path / "job.toml",
-        base_config(
+        job_config(
             uris=[f"s3://{bucket}/"],
             output_dir=out,
             s3_endpoint=moto_endpoint,
@@ -154,7 +144,7 @@ def test_files_load_in_duckdb(
     out = tmp_path / "out"
     config = write_config(
         tmp_path / "job.toml",
-        base_config(
+        job_config(
             uris=[f"s3://{bucket}/p/"],
             output_dir=out,
             s3_endpoint=moto_endpoint,
@@ -175,43 +165,41 @@ def test_files_load_in_duckdb(
     assert by_status == {"ok": 24, "skipped": 2}
 
 
-def test_wheres_ric_samples_answer(s3: Any, moto_endpoint: str, tmp_path: Path) -> None:
+def test_wheres_ric_samples_answer(
+    s3: Any, moto_endpoint: str, tmp_path: Path, start_fake: StartFake
+) -> None:
     upload_samples(s3, "image-demo-lab")
     shows_ric = {"ric_harvey.jpeg", "ric.jpg", "ric_crowd1.jpg"}
-    server = FakeRekognition(FakeConfig(s3_endpoint_url=moto_endpoint, people=sample_people()))
-    server.start()
-    try:
-        out = tmp_path / "ric"
-        ops = (
-            '[[operations]]\ntype = "compare_faces"\n'
-            'reference = "s3://image-demo-lab/ric_harvey.jpeg"\nsimilarity_threshold = 80\n'
-        )
-        config = write_config(
-            tmp_path / "ric.toml",
-            base_config(
-                uris=["s3://image-demo-lab/"],
-                output_dir=out,
-                s3_endpoint=moto_endpoint,
-                rek_endpoint=server.url,
-                operations=ops,
-            ),
-        )
-        result = invoke("run", str(config))
-        assert result.exit_code == 0, result.stderr
-        assert "compare_faces: reference face found in 3 of 7 images" in result.stdout
-        summary = json.loads((out / "summary.json").read_text())
-        answer = summary["compare_faces"]
-        assert answer["images_compared"] == 7
-        assert sorted(answer["matched_keys"]) == sorted(shows_ric)
-        assert all(m["similarity"] >= 80 and m["bounding_box"] for m in answer["matches"])
-        rows = {r["key"]: r for r in read_jsonl(out / "results.jsonl")}
-        assert rows["notes.txt"]["reason"] == "excluded"
-        assert rows["broken.jpg"]["reason"] == "not_image"
-        # The reference was read once and sent as bytes, never fetched per call.
-        calls = server.stats()["ok"]
-        assert calls["CompareFaces"] == 7
-    finally:
-        server.stop()
+    server = start_fake(people=sample_people())
+    out = tmp_path / "ric"
+    ops = (
+        '[[operations]]\ntype = "compare_faces"\n'
+        'reference = "s3://image-demo-lab/ric_harvey.jpeg"\nsimilarity_threshold = 80\n'
+    )
+    config = write_config(
+        tmp_path / "ric.toml",
+        job_config(
+            uris=["s3://image-demo-lab/"],
+            output_dir=out,
+            s3_endpoint=moto_endpoint,
+            rek_endpoint=server.url,
+            operations=ops,
+        ),
+    )
+    result = invoke("run", str(config))
+    assert result.exit_code == 0, result.stderr
+    assert "compare_faces: reference face found in 3 of 7 images" in result.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    answer = summary["compare_faces"]
+    assert answer["images_compared"] == 7
+    assert sorted(answer["matched_keys"]) == sorted(shows_ric)
+    assert all(m["similarity"] >= 80 and m["bounding_box"] for m in answer["matches"])
+    rows = {r["key"]: r for r in read_jsonl(out / "results.jsonl")}
+    assert rows["notes.txt"]["reason"] == "excluded"
+    assert rows["broken.jpg"]["reason"] == "not_image"
+    # The reference was read once and sent as bytes, never fetched per call.
+    calls = server.stats()["ok"]
+    assert calls["CompareFaces"] == 7
 
 
 def test_local_folder_source_with_bytes(
@@ -226,7 +214,7 @@ def test_local_folder_source_with_bytes(
     out = tmp_path / "out"
     config = write_config(
         tmp_path / "job.toml",
-        base_config(
+        job_config(
             uris=[str(folder)],
             output_dir=out,
             s3_endpoint=moto_endpoint,
@@ -256,13 +244,13 @@ def test_permanent_errors_are_recorded_with_exit_3(
     out = tmp_path / "out"
     config = write_config(
         tmp_path / "job.toml",
-        base_config(
+        job_config(
             uris=[f"s3://{bucket}/"],
             output_dir=out,
             s3_endpoint=moto_endpoint,
             rek_endpoint=fake.url,
-            extra="",
-        ).replace("[source]\n", "[source]\nsniff = false\n"),
+            source={"sniff": False},
+        ),
     )
     result = invoke("run", str(config))
     assert result.exit_code == 3, result.stderr
@@ -278,7 +266,7 @@ def test_unknown_bucket_is_one_line_exit_2(
 ) -> None:
     config = write_config(
         tmp_path / "job.toml",
-        base_config(
+        job_config(
             uris=["s3://no-such-bucket-here/"],
             output_dir=tmp_path / "out",
             s3_endpoint=moto_endpoint,
@@ -298,7 +286,7 @@ def test_missing_credentials_is_one_line_exit_2(
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
     config = write_config(
         tmp_path / "job.toml",
-        base_config(
+        job_config(
             uris=["s3://any-bucket/"],
             output_dir=tmp_path / "out",
             s3_endpoint=moto_endpoint,

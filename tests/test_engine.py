@@ -8,6 +8,7 @@ client a mock transport. Every run is bounded by a timeout.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 from collections import Counter
 from pathlib import Path
@@ -157,6 +158,67 @@ async def test_a_failing_heartbeat_ends_the_run(
     monkeypatch.setattr(LedgerDB, "heartbeat", real)
     assert (await run(cfg, FakeBackend())).exit_code == 0
     assert_exactly_once(tmp_path / "out", expected_pairs(photos, keys))
+
+
+async def test_a_task_handed_to_the_job_runs_beside_the_work_until_it_ends(
+    tmp_path: Path,
+) -> None:
+    """How the command line shows its progress display: a side task, supervised with the
+    run's own (a failure ends the run as theirs does, and it resumes)."""
+    photos = tmp_path / "photos"
+    keys = local_images(photos, 40)
+    cfg = make_config(tmp_path, [str(photos)])
+    seen: list[dict[str, Any]] = []
+    ended = asyncio.Event()
+
+    async def watch(job: Job) -> None:
+        try:
+            while True:
+                seen.append(job.live_stats())
+                await asyncio.sleep(0.01)
+        finally:
+            ended.set()
+
+    tenth_call = asyncio.Event()
+
+    def count(number: int, api: str, ident: str) -> None:
+        if number == 10:
+            tenth_call.set()
+
+    async def fail(job: Job) -> None:
+        await tenth_call.wait()
+        raise RuntimeError("the display broke")
+
+    out = Path(cfg.job.output_dir)
+    job = Job(cfg, RunOptions(output_dir=out), backend=FakeBackend(latency=0.02, hook=count))
+    job.side_tasks.append(("display", fail))
+    async with asyncio.timeout(BOUND):
+        outcome = await job.run()
+    assert outcome.exit_code == 1
+    assert outcome.failure is not None
+    assert outcome.failure.startswith("display failed: RuntimeError: the display broke")
+
+    job = Job(cfg, RunOptions(output_dir=out), backend=FakeBackend(latency=0.01))
+    job.side_tasks.append(("display", watch))
+    async with asyncio.timeout(BOUND):
+        outcome = await job.run()
+    assert outcome.exit_code == 0 and ended.is_set()
+    assert seen and seen[-1]["objects_done"] <= len(keys)
+    assert_exactly_once(out, expected_pairs(photos, keys))
+
+
+async def test_a_run_leaves_the_collector_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Library code changes no process-wide setting: freezing the collector for a run's
+    work is the command line's (tests/test_operator.py)."""
+    changed: list[str] = []
+    monkeypatch.setattr(gc, "freeze", lambda: changed.append("freeze"))
+    monkeypatch.setattr(gc, "unfreeze", lambda: changed.append("unfreeze"))
+    photos = tmp_path / "photos"
+    local_images(photos, 10)
+    outcome = await run(make_config(tmp_path, [str(photos)]), FakeBackend())
+    assert outcome.exit_code == 0 and changed == []
 
 
 async def test_a_malformed_answer_is_retried_then_recorded_as_failed(tmp_path: Path) -> None:

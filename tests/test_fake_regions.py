@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -12,7 +12,8 @@ import pytest
 from aiobotocore.config import AioConfig
 from botocore.exceptions import ClientError, EndpointConnectionError
 
-from tests.support.fake_rekognition import SERVICE_QUOTAS, FakeConfig, FakeRekognition
+from tests.support.fake_rekognition import SERVICE_QUOTAS, FakeRekognition
+from tests.support.servers import StartFake
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -22,9 +23,8 @@ JPEG = b"\xff\xd8\xff\xe0" + b"\x00" * 64
 
 
 @pytest.fixture
-def fake() -> Iterator[FakeRekognition]:
-    with FakeRekognition(FakeConfig()) as server:
-        yield server
+def fake(start_fake: StartFake) -> FakeRekognition:
+    return start_fake(s3_endpoint_url=None)
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ import urllib.request
 import uuid
 import warnings
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -53,6 +53,7 @@ from tests.support.fake_rekognition import (
     config_from_args,
     image_digest,
 )
+from tests.support.servers import StartFake
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -103,9 +104,28 @@ def bucket(s3: Any) -> str:
 
 
 @pytest.fixture
-def fake(moto_endpoint: str) -> Iterator[FakeRekognition]:
-    with FakeRekognition(FakeConfig(s3_endpoint_url=moto_endpoint, people=people())) as server:
-        yield server
+def fake(start_fake: StartFake) -> FakeRekognition:
+    return start_fake(people=people())
+
+
+class Pauses:
+    """The fake's ``sleep``: records each wait and returns at once."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+
+    async def __call__(self, seconds: float) -> None:
+        self.seconds.append(seconds)
+
+
+class ManualClock:
+    """The fake's ``clock``: time moves only when a test moves it."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
 
 
 @pytest.fixture
@@ -337,35 +357,41 @@ async def test_malformed_requests(fake: FakeRekognition) -> None:
 # ---------------------------------------------------------------- quota, injected failures
 
 
-async def test_quota_rejects_a_burst_and_counts_agree(fake: FakeRekognition, rek: Any) -> None:
+async def test_quota_rejects_a_burst_and_counts_agree(start_fake: StartFake) -> None:
+    clock = ManualClock()
+    fake = start_fake(s3_endpoint_url=None, clock=clock)
     fake.set_quota("DetectLabels", 10)
     image = {"Bytes": sample("ric.jpg")}
-    started = time.monotonic()
-    results = await asyncio.gather(
-        *(rek.detect_labels(Image=image) for _ in range(40)), return_exceptions=True
-    )
-    elapsed = time.monotonic() - started
-    ok = [r for r in results if isinstance(r, dict)]
-    rejected = [r for r in results if not isinstance(r, dict)]
-    # a full bucket of 10, plus what refilled at 10/s while the burst was going on
-    assert 10 <= len(ok) <= 10 + 10 * elapsed + 1, (len(ok), elapsed)
-    assert len(rejected) >= 15
-    for exc in rejected:
-        assert code_of(exc) == "ProvisionedThroughputExceededException"
-        assert isinstance(exc, ClientError)
-        assert exc.response["ResponseMetadata"]["HTTPStatusCode"] == 400
-    stats = fake.stats()
-    assert stats["calls"] == {"DetectLabels": 40}
-    assert stats["ok"] == {"DetectLabels": len(ok)}
-    assert stats["throttled"] == {"DetectLabels": len(rejected)}
-    assert stats["errors"] == {}
-    assert sum(stats["billed"].values()) == len(ok)
-    assert stats["max_in_flight"] >= 2
+    async with client(fake.url) as rek:
+        results = await asyncio.gather(
+            *(rek.detect_labels(Image=image) for _ in range(40)), return_exceptions=True
+        )
+        ok = [r for r in results if isinstance(r, dict)]
+        rejected = [r for r in results if not isinstance(r, dict)]
+        # the full bucket of 10, and nothing refilled: the clock stood still
+        assert (len(ok), len(rejected)) == (10, 30)
+        for exc in rejected:
+            assert code_of(exc) == "ProvisionedThroughputExceededException"
+            assert isinstance(exc, ClientError)
+            assert exc.response["ResponseMetadata"]["HTTPStatusCode"] == 400
+        stats = fake.stats()
+        assert stats["calls"] == {"DetectLabels": 40}
+        assert stats["ok"] == {"DetectLabels": 10}
+        assert stats["throttled"] == {"DetectLabels": 30}
+        assert stats["errors"] == {}
+        assert sum(stats["billed"].values()) == 10
+        assert stats["max_in_flight"] >= 2
 
-    fake.set_quota("DetectLabels", None)  # unlimited again, at once
-    fake.reset_stats()
-    await asyncio.gather(*(rek.detect_labels(Image=image) for _ in range(20)))
-    assert fake.stats()["ok"] == {"DetectLabels": 20}
+        clock.now += 0.5  # half a second at 10/s refills five tokens
+        again = await asyncio.gather(
+            *(rek.detect_labels(Image=image) for _ in range(8)), return_exceptions=True
+        )
+        assert sum(isinstance(r, dict) for r in again) == 5
+
+        fake.set_quota("DetectLabels", None)  # unlimited again, at once
+        fake.reset_stats()
+        await asyncio.gather(*(rek.detect_labels(Image=image) for _ in range(20)))
+        assert fake.stats()["ok"] == {"DetectLabels": 20}
 
 
 def test_quota_change_takes_effect_at_once() -> None:
@@ -413,19 +439,21 @@ async def test_runtime_quota_zero_and_injected_failures(fake: FakeRekognition, r
     }
 
 
-async def test_latency_and_fast_throttles(fake: FakeRekognition, rek: Any) -> None:
+async def test_latency_and_fast_throttles(start_fake: StartFake) -> None:
+    pauses = Pauses()
+    fake = start_fake(s3_endpoint_url=None, sleep=pauses)
     image = {"Bytes": sample("ric.jpg")}
-    await rek.detect_faces(Image=image)  # warm the connection
-    fake.configure(latency_median_ms=150, latency_sigma=0.0)
-    started = time.monotonic()
-    await rek.detect_faces(Image=image)
-    slow = time.monotonic() - started
-    assert slow >= 0.14
-    fake.set_quota("DetectFaces", 0)
-    started = time.monotonic()
-    with pytest.raises(ClientError):
+    async with client(fake.url) as rek:
         await rek.detect_faces(Image=image)
-    assert time.monotonic() - started < slow
+        assert pauses.seconds == []  # no latency configured: no wait
+        fake.configure(latency_median_ms=150, latency_sigma=0.0)
+        await rek.detect_faces(Image=image)
+        assert pauses.seconds == [pytest.approx(0.150)]
+        fake.set_quota("DetectFaces", 0)
+        with pytest.raises(ClientError):
+            await rek.detect_faces(Image=image)
+    # a throttle answers after throttle_latency_ms, never after the answers' latency
+    assert pauses.seconds == [pytest.approx(0.150), pytest.approx(0.002)]
 
 
 # ---------------------------------------------------------------- faults: what a client sees
@@ -478,10 +506,13 @@ def raw_exchange(url: str, op: str, *, close: bool = False) -> bytes:
 
 
 @pytest.fixture
-def bare() -> Iterator[FakeRekognition]:
+def bare(start_fake: StartFake) -> FakeRekognition:
     """A fake without S3: the fault tests send image bytes."""
-    with FakeRekognition(FakeConfig()) as server:
-        yield server
+    return start_fake(s3_endpoint_url=None)
+
+
+#: long enough for any machine, however loaded: it catches a hang, it times nothing
+HANG = 60.0
 
 
 def test_raw_socket_drop_and_reset_send_nothing(bare: FakeRekognition) -> None:
@@ -531,10 +562,9 @@ async def test_fault_as_aiobotocore_sees_it(bare: FakeRekognition, kind: str, op
 async def test_stall_times_out_the_client_and_is_abandoned(bare: FakeRekognition) -> None:
     bare.configure(fail_calls={1: "stall"}, stall_seconds=0)  # held until the client leaves
     async with client(bare.url, read_timeout=0.3) as rek:
-        started = time.monotonic()
+        # held for good: only the client's own timeout ends the call
         with pytest.raises(ReadTimeoutError):
-            await rek.detect_labels(Image=FAULT_IMAGE)
-        assert time.monotonic() - started < 2
+            await asyncio.wait_for(rek.detect_labels(Image=FAULT_IMAGE), HANG)
         # the client closed its connection on the timeout; the held answer notices
         await wait_until(lambda: bare.stats()["in_flight"] == 0)
         await rek.detect_labels(Image=FAULT_IMAGE)
@@ -546,12 +576,17 @@ async def test_stall_times_out_the_client_and_is_abandoned(bare: FakeRekognition
     assert outcome_total(stats, "DetectLabels") == stats["calls"]["DetectLabels"] == 2
 
 
-async def test_a_stall_that_ends_is_answered_and_billed(bare: FakeRekognition) -> None:
-    bare.configure(stall_rate=1.0, stall_seconds=0.3)
-    async with client(bare.url, read_timeout=5) as rek:
-        started = time.monotonic()
-        answer = await rek.detect_labels(Image=FAULT_IMAGE)
-        assert time.monotonic() - started >= 0.3
+async def test_a_stall_that_ends_is_answered_and_billed(start_fake: StartFake) -> None:
+    clock = ManualClock()
+    bare = start_fake(s3_endpoint_url=None, clock=clock, stall_rate=1.0, stall_seconds=0.3)
+    async with client(bare.url, read_timeout=HANG) as rek:
+        call = asyncio.create_task(rek.detect_labels(Image=FAULT_IMAGE))
+        await wait_until(lambda: bare.stats()["stalled"] == {"DetectLabels": 1}, within=HANG)
+        clock.now += 0.2
+        await asyncio.sleep(0.2)  # a few of the hold's polls: still held
+        assert not call.done() and bare.stats()["in_flight"] == 1
+        clock.now += 0.1  # the stall's 0.3 s are up
+        answer = await asyncio.wait_for(call, HANG)
     assert "Labels" in answer
     stats = bare.stats()
     assert stats["stalled"] == {"DetectLabels": 1} and stats["ok"] == {"DetectLabels": 1}
@@ -566,9 +601,8 @@ async def test_stop_is_prompt_while_a_stall_is_pending() -> None:
         async with client(fake.url, read_timeout=30) as rek:
             pending = asyncio.create_task(rek.detect_labels(Image=FAULT_IMAGE))
             await wait_until(lambda: fake.stats()["stalled"] == {"DetectLabels": 1})
-            started = time.monotonic()
-            await asyncio.to_thread(fake.stop)
-            assert time.monotonic() - started < 2
+            # the stall has no end of its own (stall_seconds = 0): stop ends it
+            await asyncio.wait_for(asyncio.to_thread(fake.stop), HANG)
             with pytest.raises(ConnectionClosedError):
                 await asyncio.wait_for(pending, 5)
     finally:
@@ -702,10 +736,9 @@ async def test_down_window_refuses_connections_then_comes_back(bare: FakeRekogni
     bare.configure(down_for_seconds=0)  # back at once
     async with client(bare.url) as rek:
         await rek.detect_labels(Image=FAULT_IMAGE)
-    bare.configure(down_for_seconds=30)
-    started = time.monotonic()
-    bare.stop()  # while down
-    assert time.monotonic() - started < 2
+    bare.configure(down_for_seconds=3600)
+    # while down: stop does not wait for the endpoint to come back
+    await asyncio.wait_for(asyncio.to_thread(bare.stop), HANG)
     stats = bare.stats()
     assert stats["ok"] == {"DetectLabels": 3} and stats["calls"] == {"DetectLabels": 3}
 

@@ -14,7 +14,6 @@ import pytest
 
 from tests.conftest import REGION, SAMPLES, make_bucket
 from tests.helpers import (
-    base_config,
     fake_jpeg,
     invoke,
     read_csv,
@@ -22,8 +21,10 @@ from tests.helpers import (
     sha256,
     write_config,
 )
-from tests.support.fake_rekognition import FakeConfig, FakeRekognition
+from tests.support.configs import job_config
+from tests.support.fake_rekognition import FakeRekognition
 from tests.support.moto import put_objects
+from tests.support.servers import StartFake
 
 PEOPLE = ("ric", "al", "zed")  # zed is in no photo
 
@@ -61,18 +62,17 @@ def _truth(bodies: dict[str, bytes], people: dict[str, list[str]], name: str) ->
 
 def _config(tmp_path: Path, moto: str, fake: FakeRekognition, bucket: str, extra: str = "") -> Path:
     ops = '[[operations]]\ntype = "index_faces"\ncollection_id = "find-test"\n'
-    text = base_config(
+    text = job_config(
         uris=[f"s3://{bucket}/"],
         output_dir=tmp_path / "out",
         s3_endpoint=moto,
         rek_endpoint=fake.url,
         operations=ops,
         extra=extra,
+        # No header reads: the fake reads the objects itself, and the tests stay quick.
+        source={"sniff": False},
     )
-    # No header reads: the fake reads the objects itself, and the tests stay quick.
-    return write_config(
-        tmp_path / "job.toml", text.replace("[source]\n", "[source]\nsniff = false\n")
-    )
+    return write_config(tmp_path / "job.toml", text)
 
 
 def _find(out: Path, refs: dict[str, Path], *names: str) -> Any:
@@ -96,7 +96,11 @@ def _faces_in(fake: FakeRekognition, collections: list[str]) -> int:
 
 
 def test_find_answers_from_the_collection_alone(
-    s3: Any, moto_endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    s3: Any,
+    moto_endpoint: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    start_fake: StartFake,
 ) -> None:
     """300 photos (and two copies) indexed into collection shards of about 100 faces; with
     every photo then deleted, find answers each person with one SearchFacesByImage per
@@ -108,33 +112,32 @@ def test_find_answers_from_the_collection_alone(
     bodies["copies/plain.jpg"] = bodies["photos/0001.jpg"]
     put_objects(bucket, bodies.items())
     refs, ref_people = _references(tmp_path / "refs")
-    config = FakeConfig(s3_endpoint_url=moto_endpoint, people={**people, **ref_people})
-    with FakeRekognition(config) as fake:
-        result = invoke("run", str(_config(tmp_path, moto_endpoint, fake, bucket)))
-        assert result.exit_code == 0, result.stderr
-        out = tmp_path / "out"
-        summary = json.loads((out / "summary.json").read_text())["index_faces"]
-        shards = list(summary["collection_shards"])
-        assert shards[0] == "find-test" and len(shards) >= 3
-        calls = fake.stats()["ok"]
-        assert calls["IndexFaces"] == 300  # the copies were not indexed again
-        assert calls["CreateCollection"] == len(shards)
-        assert summary["images_indexed"] == 302
-        assert summary["faces_indexed"] == _faces_in(fake, shards)
-        assert f"index_faces: {summary['faces_indexed']} faces of 302 images" in result.stdout
+    fake = start_fake(people={**people, **ref_people})
+    result = invoke("run", str(_config(tmp_path, moto_endpoint, fake, bucket)))
+    assert result.exit_code == 0, result.stderr
+    out = tmp_path / "out"
+    summary = json.loads((out / "summary.json").read_text())["index_faces"]
+    shards = list(summary["collection_shards"])
+    assert shards[0] == "find-test" and len(shards) >= 3
+    calls = fake.stats()["ok"]
+    assert calls["IndexFaces"] == 300  # the copies were not indexed again
+    assert calls["CreateCollection"] == len(shards)
+    assert summary["images_indexed"] == 302
+    assert summary["faces_indexed"] == _faces_in(fake, shards)
+    assert f"index_faces: {summary['faces_indexed']} faces of 302 images" in result.stdout
 
-        s3.delete_objects(
-            Bucket=bucket, Delete={"Objects": [{"Key": key} for key in bodies]}
-        )  # the photos are gone: find must not need them
-        fake.reset_stats()
-        result = _find(out, refs, *PEOPLE)
-        assert result.exit_code == 0, result.stderr
-        stats = fake.stats()
-        assert stats["calls"] == {"SearchFacesByImage": len(PEOPLE) * len(shards)}
-        searches = len(PEOPLE) * len(shards)
-        assert f"cost: {searches} SearchFacesByImage, ${searches / 1000:.4f}" in result.stdout
-        assert stats["s3_reads"] == {}
-        assert all(ident.startswith("sha256:") for _, ident in stats["billed"])
+    s3.delete_objects(
+        Bucket=bucket, Delete={"Objects": [{"Key": key} for key in bodies]}
+    )  # the photos are gone: find must not need them
+    fake.reset_stats()
+    result = _find(out, refs, *PEOPLE)
+    assert result.exit_code == 0, result.stderr
+    stats = fake.stats()
+    assert stats["calls"] == {"SearchFacesByImage": len(PEOPLE) * len(shards)}
+    searches = len(PEOPLE) * len(shards)
+    assert f"cost: {searches} SearchFacesByImage, ${searches / 1000:.4f}" in result.stdout
+    assert stats["s3_reads"] == {}
+    assert all(ident.startswith("sha256:") for _, ident in stats["billed"])
 
     for name in PEOPLE:
         truth = _truth(bodies, people, name)
@@ -160,32 +163,29 @@ def test_find_answers_from_the_collection_alone(
 
 
 def test_a_second_run_indexes_only_new_photos_and_find_sees_them(
-    s3: Any, moto_endpoint: str, tmp_path: Path
+    s3: Any, moto_endpoint: str, tmp_path: Path, start_fake: StartFake
 ) -> None:
     bucket = make_bucket(s3, "find-more")
     bodies, people = _photos(0, 40)
     put_objects(bucket, bodies.items())
     refs, ref_people = _references(tmp_path / "refs")
     new_bodies, new_people = _photos(40, 15)
-    config = FakeConfig(
-        s3_endpoint_url=moto_endpoint, people={**people, **new_people, **ref_people}
-    )
-    with FakeRekognition(config) as fake:
-        job = _config(tmp_path, moto_endpoint, fake, bucket)
-        assert invoke("run", str(job)).exit_code == 0
-        out = tmp_path / "out"
-        assert _find(out, refs, "ric").exit_code == 0
-        assert {r["key"] for r in _found(out, "ric")} == _truth(bodies, people, "ric")
+    fake = start_fake(people={**people, **new_people, **ref_people})
+    job = _config(tmp_path, moto_endpoint, fake, bucket)
+    assert invoke("run", str(job)).exit_code == 0
+    out = tmp_path / "out"
+    assert _find(out, refs, "ric").exit_code == 0
+    assert {r["key"] for r in _found(out, "ric")} == _truth(bodies, people, "ric")
 
-        put_objects(bucket, new_bodies.items())
-        fake.reset_stats()
-        result = invoke("run", str(job))
-        assert result.exit_code == 0, result.stderr
-        assert fake.stats()["ok"].get("IndexFaces") == 15  # the 40 old ones stay as they are
-        summary = json.loads((out / "summary.json").read_text())["index_faces"]
-        assert summary["faces_indexed"] == _faces_in(fake, list(summary["collection_shards"]))
-        result = _find(out, refs, "ric", "al")
-        assert result.exit_code == 0, result.stderr
+    put_objects(bucket, new_bodies.items())
+    fake.reset_stats()
+    result = invoke("run", str(job))
+    assert result.exit_code == 0, result.stderr
+    assert fake.stats()["ok"].get("IndexFaces") == 15  # the 40 old ones stay as they are
+    summary = json.loads((out / "summary.json").read_text())["index_faces"]
+    assert summary["faces_indexed"] == _faces_in(fake, list(summary["collection_shards"]))
+    result = _find(out, refs, "ric", "al")
+    assert result.exit_code == 0, result.stderr
     everything = {**bodies, **new_bodies}
     both = {**people, **new_people}
     for name in ("ric", "al"):
@@ -199,27 +199,28 @@ def test_a_second_run_indexes_only_new_photos_and_find_sees_them(
     }
 
 
-def test_find_over_merged_shards(s3: Any, moto_endpoint: str, tmp_path: Path) -> None:
+def test_find_over_merged_shards(
+    s3: Any, moto_endpoint: str, tmp_path: Path, start_fake: StartFake
+) -> None:
     """Two shards index into collections of their own; find merges the job and searches
     every shard's collection."""
     bucket = make_bucket(s3, "find-shards")
     bodies, people = _photos(0, 60)
     put_objects(bucket, bodies.items())
     refs, ref_people = _references(tmp_path / "refs")
-    config = FakeConfig(s3_endpoint_url=moto_endpoint, people={**people, **ref_people})
-    with FakeRekognition(config) as fake:
-        job = _config(tmp_path, moto_endpoint, fake, bucket)
-        for shard in ("0/2", "1/2"):
-            result = invoke("run", str(job), "--shard", shard)
-            assert result.exit_code == 0, result.stderr
-        fake.reset_stats()
-        out = tmp_path / "out"
-        result = _find(out, refs, "ric", "al")
+    fake = start_fake(people={**people, **ref_people})
+    job = _config(tmp_path, moto_endpoint, fake, bucket)
+    for shard in ("0/2", "1/2"):
+        result = invoke("run", str(job), "--shard", shard)
         assert result.exit_code == 0, result.stderr
-        collections = json.loads((out / "summary.json").read_text())["index_faces"]
-        names = set(collections["collection_shards"])
-        assert names == {"find-test-shard-0000-of-0002", "find-test-shard-0001-of-0002"}
-        assert fake.stats()["calls"] == {"SearchFacesByImage": 2 * len(names)}
+    fake.reset_stats()
+    out = tmp_path / "out"
+    result = _find(out, refs, "ric", "al")
+    assert result.exit_code == 0, result.stderr
+    collections = json.loads((out / "summary.json").read_text())["index_faces"]
+    names = set(collections["collection_shards"])
+    assert names == {"find-test-shard-0000-of-0002", "find-test-shard-0001-of-0002"}
+    assert fake.stats()["calls"] == {"SearchFacesByImage": 2 * len(names)}
     for name in ("ric", "al"):
         truth = _truth(bodies, people, name)
         assert {r["key"] for r in _found(out, name)} == truth
@@ -227,7 +228,7 @@ def test_find_over_merged_shards(s3: Any, moto_endpoint: str, tmp_path: Path) ->
 
 
 def test_failed_indexing_is_retried_and_then_found(
-    s3: Any, moto_endpoint: str, tmp_path: Path
+    s3: Any, moto_endpoint: str, tmp_path: Path, start_fake: StartFake
 ) -> None:
     """IndexFaces failing for some photos: they are recorded failed (exit 3) and find does
     not see them; ``resume --retry-failed`` indexes them once, and find sees them."""
@@ -236,25 +237,22 @@ def test_failed_indexing_is_retried_and_then_found(
     put_objects(bucket, bodies.items())
     refs, ref_people = _references(tmp_path / "refs")
     failing = {n: "error" for n in (3, 8, 9, 15, 22)}  # call numbers (CreateCollection is 1)
-    config = FakeConfig(
-        s3_endpoint_url=moto_endpoint, people={**people, **ref_people}, fail_calls=failing
-    )
-    with FakeRekognition(config) as fake:
-        job = _config(tmp_path, moto_endpoint, fake, bucket, extra="[limits]\nmax_attempts = 1\n")
-        assert invoke("run", str(job)).exit_code == 3
-        out = tmp_path / "out"
-        failed = {r["key"] for r in read_jsonl(out / "results.jsonl") if r["status"] == "failed"}
-        assert len(failed) == len(failing)
-        result = _find(out, refs, "ric")
-        assert "ric: found in" in result.stdout and " of 25 images" in result.stdout
-        assert {r["key"] for r in _found(out, "ric")} == _truth(bodies, people, "ric") - failed
+    fake = start_fake(people={**people, **ref_people}, fail_calls=failing)
+    job = _config(tmp_path, moto_endpoint, fake, bucket, extra="[limits]\nmax_attempts = 1\n")
+    assert invoke("run", str(job)).exit_code == 3
+    out = tmp_path / "out"
+    failed = {r["key"] for r in read_jsonl(out / "results.jsonl") if r["status"] == "failed"}
+    assert len(failed) == len(failing)
+    result = _find(out, refs, "ric")
+    assert "ric: found in" in result.stdout and " of 25 images" in result.stdout
+    assert {r["key"] for r in _found(out, "ric")} == _truth(bodies, people, "ric") - failed
 
-        fake.configure(fail_calls={})
-        fake.reset_stats()
-        result = invoke("resume", str(out), "--retry-failed")
-        assert result.exit_code == 0, result.stderr
-        assert fake.stats()["ok"]["IndexFaces"] == len(failing)
-        assert _find(out, refs, "ric").exit_code == 0
+    fake.configure(fail_calls={})
+    fake.reset_stats()
+    result = invoke("resume", str(out), "--retry-failed")
+    assert result.exit_code == 0, result.stderr
+    assert fake.stats()["ok"]["IndexFaces"] == len(failing)
+    assert _find(out, refs, "ric").exit_code == 0
     assert {r["key"] for r in _found(out, "ric")} == _truth(bodies, people, "ric")
     rows = read_jsonl(out / "results.jsonl")
     pairs = Counter((r["key"], r["operation"]) for r in rows)

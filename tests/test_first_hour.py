@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import shutil
 import socket
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,26 +12,24 @@ import pytest
 
 from tests.conftest import SAMPLES, make_bucket
 from tests.helpers import invoke, sample_people, write_config
-from tests.support.fake_rekognition import FakeConfig, FakeRekognition
+from tests.support.configs import toml_tables
+from tests.support.fake_rekognition import FakeRekognition
+from tests.support.servers import StartFake
 
 REFERENCE = SAMPLES / "ric_harvey.jpeg"
 
 
 @pytest.fixture
-def fake(moto_endpoint: str) -> Iterator[FakeRekognition]:
-    with FakeRekognition(
-        FakeConfig(s3_endpoint_url=moto_endpoint, region="eu-west-1", people=sample_people())
-    ) as server:
-        yield server
+def fake(start_fake: StartFake) -> FakeRekognition:
+    return start_fake(people=sample_people())
 
 
 def _local_config(tmp_path: Path, uri: str | Path, *, ops: str = "", extra: str = "") -> Path:
     ops = ops or '[[operations]]\ntype = "detect_faces"\n'
-    return write_config(
-        tmp_path / "job.toml",
-        f'[job]\noutput_dir = "{tmp_path / "out"}"\n\n[source]\nuris = ["{uri}"]\n\n'
-        f'[backend]\nkind = "local"\n\n{extra}\n{ops}',
+    tables = toml_tables(
+        job={"output_dir": tmp_path / "out"}, source={"uris": [uri]}, backend={"kind": "local"}
     )
+    return write_config(tmp_path / "job.toml", f"{tables}\n{extra}\n{ops}")
 
 
 def _problems(result: Any) -> list[str]:

@@ -32,8 +32,9 @@ from rekbatch.store.ledger import LedgerDB
 from tests.conftest import REGION, make_bucket
 from tests.helpers import fake_jpeg, invoke, read_csv, read_jsonl, write_config
 from tests.support.fake_backend import FakeBackend
-from tests.support.fake_rekognition import FakeConfig, FakeRekognition
+from tests.support.fake_rekognition import FakeRekognition
 from tests.support.moto import lean_sqs_receives, put_objects, send_messages
+from tests.support.servers import StartFake
 
 OPS = ("detect_faces", "detect_labels")
 TWO_OPS = '[[operations]]\ntype = "detect_faces"\n\n[[operations]]\ntype = "detect_labels"\n'
@@ -352,22 +353,14 @@ def test_a_finished_job_with_a_queue_does_not_list_its_bucket_again(
 
 
 @pytest.fixture
-def fake(moto_endpoint: str) -> Iterator[FakeRekognition]:
+def fake(start_fake: StartFake) -> FakeRekognition:
     """Real latency and a quota: a few hundred objects take seconds, long enough to kill."""
-    server = FakeRekognition(
-        FakeConfig(
-            s3_endpoint_url=moto_endpoint,
-            latency_median_ms=20,
-            latency_sigma=0.3,
-            quotas={"DetectFaces": 150, "DetectLabels": 150},
-            s3_cache=True,
-        )
+    return start_fake(
+        latency_median_ms=20,
+        latency_sigma=0.3,
+        quotas={"DetectFaces": 150, "DetectLabels": 150},
+        s3_cache=True,
     )
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def cli_config(tmp_path: Path, uris: list[str], moto: str, rek: str, idle: float) -> Path:
@@ -697,7 +690,8 @@ def test_current_lines_are_the_rows_the_ledger_points_at(tmp_path: Path) -> None
 
 
 def test_status_shows_the_backlog_and_ages_from_what_the_run_saw() -> None:
-    from rekbatch.commands.status import queue_line, queue_status
+    from rekbatch.commands.status import queue_status
+    from rekbatch.display.lines import queue_line
 
     beat = {"heartbeat_at": 1000.0}
     seen = {
@@ -739,7 +733,7 @@ def test_the_progress_view_shows_removed_rows_and_the_queue() -> None:
 
     from rich.console import Console
 
-    from rekbatch.commands.progress import ProgressView
+    from rekbatch.display.progress import ProgressView
 
     stats: dict[str, Any] = {
         "calls": {"DetectLabels": 10},

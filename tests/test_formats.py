@@ -8,7 +8,6 @@ import json
 import os
 import struct
 import zlib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +26,10 @@ from rekbatch.sources.filters import (
 )
 from rekbatch.sources.sniff import HEAD_BYTES, ImageInfo, sniff
 from tests.conftest import SAMPLES, make_bucket
-from tests.helpers import base_config, invoke, read_csv, read_jsonl, write_config
-from tests.support.fake_rekognition import FakeConfig, FakeRekognition
+from tests.helpers import invoke, read_csv, read_jsonl, write_config
+from tests.support.configs import job_config
+from tests.support.fake_rekognition import FakeRekognition
+from tests.support.servers import StartFake
 
 pillow_heif.register_heif_opener()
 
@@ -377,11 +378,8 @@ def files() -> dict[str, bytes]:
 
 
 @pytest.fixture
-def fake(moto_endpoint: str) -> Iterator[FakeRekognition]:
-    with FakeRekognition(
-        FakeConfig(s3_endpoint_url=moto_endpoint, region="eu-west-1", check_bucket_region=True)
-    ) as server:
-        yield server
+def fake(start_fake: StartFake) -> FakeRekognition:
+    return start_fake(check_bucket_region=True)
 
 
 CONVERTED = {
@@ -404,7 +402,7 @@ def test_every_format_is_answered_from_the_cli(
     out = tmp_path / "out"
     config = write_config(
         tmp_path / "job.toml",
-        base_config(
+        job_config(
             uris=[f"s3://{bucket}/"],
             output_dir=out,
             s3_endpoint=moto_endpoint,
@@ -481,13 +479,13 @@ def test_convert_off_skips_what_rekognition_refuses(
     out = tmp_path / "out"
     config = write_config(
         tmp_path / "job.toml",
-        base_config(
+        job_config(
             uris=[f"s3://{bucket}/"],
             output_dir=out,
             s3_endpoint=moto_endpoint,
             rek_endpoint=fake.url,
-            operations='[[operations]]\ntype = "detect_faces"\n',
-        ).replace("[source]\n", "[source]\nconvert = false\n"),
+            source={"convert": False},
+        ),
     )
     result = invoke("run", str(config))
     assert result.exit_code == 0, result.stderr
@@ -524,7 +522,7 @@ def test_bucket_in_another_region_is_sent_as_bytes_with_auto(
     out = tmp_path / "out"
     config = write_config(
         tmp_path / "job.toml",
-        base_config(
+        job_config(
             uris=[f"s3://{bucket}/"],
             output_dir=out,
             s3_endpoint=moto_endpoint,
@@ -546,12 +544,13 @@ def test_bucket_in_another_region_stops_image_mode_s3(
     bucket = _other_region_bucket(s3, "oregon-refs")
     config = write_config(
         tmp_path / "job.toml",
-        base_config(
+        job_config(
             uris=[f"s3://{bucket}/"],
             output_dir=tmp_path / "out",
             s3_endpoint=moto_endpoint,
             rek_endpoint=fake.url,
-        ).replace("[aws]\n", '[aws]\nimage_mode = "s3"\n'),
+            aws={"image_mode": "s3"},
+        ),
     )
     result = invoke("run", str(config))
     assert result.exit_code == 2
@@ -597,7 +596,7 @@ def test_plan_counts_conversions_and_notes_the_region(
         s3.put_object(Bucket=bucket, Key=key, Body=body)
     config = write_config(
         tmp_path / "job.toml",
-        base_config(
+        job_config(
             uris=[f"s3://{bucket}/"],
             output_dir=tmp_path / "out",
             s3_endpoint=moto_endpoint,

@@ -34,9 +34,10 @@ from rekbatch.sources.local import LocalSource
 from rekbatch.sources.s3 import _read_at_most
 from rekbatch.store.ledger import LedgerDB
 from tests.conftest import make_bucket
-from tests.helpers import base_config, invoke, read_csv, read_jsonl, write_config
+from tests.helpers import invoke, read_csv, read_jsonl, write_config
+from tests.support.configs import job_config
 from tests.support.fake_backend import FakeBackend
-from tests.support.fake_rekognition import FakeConfig, FakeRekognition
+from tests.support.servers import StartFake
 from tests.test_engine import assert_exactly_once
 
 BOUND = 60.0  # seconds a run may take before the test gives up on it
@@ -191,7 +192,12 @@ async def test_an_s3_read_never_takes_more_than_the_listed_size() -> None:
 
 @pytest.mark.parametrize("mode", ["bytes", "s3"])
 def test_an_s3_object_replaced_after_listing_is_failed_as_changed(
-    mode: str, s3: Any, moto_endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    mode: str,
+    s3: Any,
+    moto_endpoint: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    start_fake: StartFake,
 ) -> None:
     bucket = make_bucket(s3, f"changing-{mode}")
     for k, key in enumerate(("a.jpg", "b.jpg", "c.jpg", "d.jpg")):
@@ -210,28 +216,29 @@ def test_an_s3_object_replaced_after_listing_is_failed_as_changed(
 
     monkeypatch.setattr(s3_source.S3Source, "list_range", listed_then_replaced)
     out = tmp_path / "out"
-    with FakeRekognition(FakeConfig(s3_endpoint_url=moto_endpoint, region="eu-west-1")) as fake:
-        config = write_config(
-            tmp_path / "job.toml",
-            base_config(
-                uris=[f"s3://{bucket}/"],
-                output_dir=out,
-                s3_endpoint=moto_endpoint,
-                rek_endpoint=fake.url,
-                extra="[output]\nparquet = false\n",
-            ).replace('region = "eu-west-1"\n', f'region = "eu-west-1"\nimage_mode = "{mode}"\n'),
-        )
-        result = invoke("run", str(config))
-        assert result.exit_code == 3, result.stderr
-        rows = {r["key"]: r for r in read_jsonl(out / "results.jsonl")}
-        for key in ("b.jpg", "d.jpg"):
-            assert (rows[key]["status"], rows[key]["error_code"]) == ("failed", "ObjectChanged")
-            assert "changed since it was listed" in rows[key]["error_message"]
-        assert rows["a.jpg"]["status"] == rows["c.jpg"]["status"] == "ok"
-        billed = {ident for _, ident in fake.stats()["billed"]}
-        assert len(billed) == 2  # a and c only
-        again = invoke("run", str(config))  # resumed: the new versions, once each
-        assert again.exit_code == 0, again.stderr
+    fake = start_fake(region="eu-west-1")
+    config = write_config(
+        tmp_path / "job.toml",
+        job_config(
+            uris=[f"s3://{bucket}/"],
+            output_dir=out,
+            s3_endpoint=moto_endpoint,
+            rek_endpoint=fake.url,
+            output={"parquet": False},
+            aws={"image_mode": mode},
+        ),
+    )
+    result = invoke("run", str(config))
+    assert result.exit_code == 3, result.stderr
+    rows = {r["key"]: r for r in read_jsonl(out / "results.jsonl")}
+    for key in ("b.jpg", "d.jpg"):
+        assert (rows[key]["status"], rows[key]["error_code"]) == ("failed", "ObjectChanged")
+        assert "changed since it was listed" in rows[key]["error_message"]
+    assert rows["a.jpg"]["status"] == rows["c.jpg"]["status"] == "ok"
+    billed = {ident for _, ident in fake.stats()["billed"]}
+    assert len(billed) == 2  # a and c only
+    again = invoke("run", str(config))  # resumed: the new versions, once each
+    assert again.exit_code == 0, again.stderr
     latest = {r["key"]: r for r in read_jsonl(out / "results.jsonl")}
     assert {k for k, r in latest.items() if r["status"] == "ok"} == {
         "a.jpg",

@@ -28,7 +28,6 @@ from rekbatch.sinks.current import current_lines
 from rekbatch.store.ledger import LedgerDB
 from tests.conftest import REGION, SAMPLES, make_bucket
 from tests.helpers import (
-    base_config,
     fake_jpeg,
     invoke,
     read_csv,
@@ -36,6 +35,7 @@ from tests.helpers import (
     sha256,
     write_config,
 )
+from tests.support.configs import job_config
 from tests.support.fake_rekognition import FakeConfig, FakeRekognition
 from tests.support.moto import lean_sqs_receives, put_objects
 
@@ -77,7 +77,7 @@ def _config(
     aws: str = "",
 ) -> Path:
     ops = f'[[operations]]\ntype = "{OP}"\ncollection_id = "{COLLECTION}"\n'
-    text = base_config(
+    text = job_config(
         uris=uris,
         output_dir=tmp_path / "out",
         s3_endpoint=moto,

@@ -13,7 +13,6 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from random import Random
 from typing import Any
@@ -27,10 +26,12 @@ from rekbatch.sources import S3, S3Source
 from rekbatch.sources.ranges import KeyRange, KeySpace, Splitter, ranges_from_boundaries
 from rekbatch.store.jobdir import ledger_path
 from tests.conftest import REGION, make_bucket
-from tests.helpers import base_config, fake_jpeg, read_jsonl, write_config
+from tests.helpers import fake_jpeg, read_jsonl, write_config
+from tests.support.configs import job_config
 from tests.support.fake_backend import FakeBackend
-from tests.support.fake_rekognition import FakeConfig, FakeRekognition
+from tests.support.fake_rekognition import FakeRekognition
 from tests.support.moto import put_objects
+from tests.support.servers import StartFake
 from tests.test_engine import assert_exactly_once, make_config
 
 BUCKET = "listing-bucket"
@@ -235,11 +236,8 @@ async def test_a_stopped_run_resumes_its_ranges_and_lists_no_finished_range_agai
 
 
 @pytest.fixture
-def slow_fake(moto_endpoint: str) -> Iterator[FakeRekognition]:
-    with FakeRekognition(
-        FakeConfig(s3_endpoint_url=moto_endpoint, latency_median_ms=5, quotas={"DetectLabels": 300})
-    ) as server:
-        yield server
+def slow_fake(start_fake: StartFake) -> FakeRekognition:
+    return start_fake(latency_median_ms=5, quotas={"DetectLabels": 300})
 
 
 def test_sigkill_mid_listing_then_resume_lists_only_the_rest_exactly_once(
@@ -249,20 +247,18 @@ def test_sigkill_mid_listing_then_resume_lists_only_the_rest_exactly_once(
     keys = [f"{a}/{i:04d}.jpg" for a in ("north", "south", "east", "west") for i in range(200)]
     keys += [f"flat_{i:04d}.jpg" for i in range(400)]
     put_objects("kill-listing", ((k, fake_jpeg(i)) for i, k in enumerate(keys)))
-    text = base_config(
+    text = job_config(
         uris=["s3://kill-listing/"],
         output_dir=tmp_path / "out",
         s3_endpoint=moto_endpoint,
         rek_endpoint=slow_fake.url,
         operations='[[operations]]\ntype = "detect_labels"\n',
-        extra="[limits]\nconcurrency = 8\nmax_tps = 300\n",
+        limits={"concurrency": 8, "max_tps": 300},
+        # No header sniffing: listing and resume are the subject, and each sniff is one more
+        # GET to moto per object in the test process.
+        source={"list_concurrency": 4, "sniff": False},
     )
-    # No header sniffing: listing and resume are the subject, and each sniff is one more GET
-    # to moto per object in the test process.
-    config = write_config(
-        tmp_path / "job.toml",
-        text.replace("[source]\n", "[source]\nlist_concurrency = 4\nsniff = false\n"),
-    )
+    config = write_config(tmp_path / "job.toml", text)
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "rekbatch", "run", str(config), "--log-format", "json"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

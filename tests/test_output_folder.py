@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import sqlite3
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,24 +12,26 @@ import pytest
 from rekbatch.store import jobdir
 from tests.conftest import SAMPLES
 from tests.helpers import invoke, sample_people, write_config
-from tests.support.fake_rekognition import FakeConfig, FakeRekognition
+from tests.support.configs import operations, toml_tables
+from tests.support.fake_rekognition import FakeRekognition
 from tests.support.readonly import run_read_only
+from tests.support.servers import StartFake
 
 
 @pytest.fixture
-def fake(moto_endpoint: str) -> Iterator[FakeRekognition]:
-    with FakeRekognition(
-        FakeConfig(s3_endpoint_url=moto_endpoint, region="eu-west-1", people=sample_people())
-    ) as server:
-        yield server
+def fake(start_fake: StartFake) -> FakeRekognition:
+    return start_fake(people=sample_people())
 
 
 def _config(tmp_path: Path, fake: FakeRekognition, out: Path) -> Path:
     return write_config(
         tmp_path / "job.toml",
-        f'[job]\noutput_dir = "{out}"\n[source]\nuris = ["{SAMPLES}"]\n'
-        f'[aws]\nrekognition_endpoint_url = "{fake.url}"\n'
-        '[[operations]]\ntype = "detect_labels"\n',
+        toml_tables(
+            job={"output_dir": out},
+            source={"uris": [SAMPLES]},
+            aws={"rekognition_endpoint_url": fake.url},
+            operations=operations("detect_labels"),
+        ),
     )
 
 
@@ -71,9 +72,7 @@ def _closed_cleanly(out: Path) -> None:
     assert not jobdir.ledger_path(out).with_name("ledger.sqlite-wal").exists()
 
 
-def test_status_reads_a_job_folder_it_cannot_write(
-    tmp_path: Path, fake: FakeRekognition
-) -> None:
+def test_status_reads_a_job_folder_it_cannot_write(tmp_path: Path, fake: FakeRekognition) -> None:
     out = tmp_path / "out"
     assert invoke("run", str(_config(tmp_path, fake, out)), "--log-format", "json").exit_code == 0
     _closed_cleanly(out)

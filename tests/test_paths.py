@@ -14,7 +14,6 @@ import json
 import shutil
 import tomllib
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,17 +22,15 @@ from rekbatch.config import Config
 from rekbatch.engine import Job, RunOptions
 from tests.conftest import SAMPLES
 from tests.helpers import invoke, read_csv, read_jsonl, sample_people, write_config
-from tests.support.fake_rekognition import FakeConfig, FakeRekognition
+from tests.support.fake_rekognition import FakeRekognition
+from tests.support.servers import StartFake
 
 IMAGES = 9  # the sample folder's files: 7 photos and 2 that are not images
 
 
 @pytest.fixture
-def fake(moto_endpoint: str) -> Iterator[FakeRekognition]:
-    with FakeRekognition(
-        FakeConfig(s3_endpoint_url=moto_endpoint, region="eu-west-1", people=sample_people())
-    ) as server:
-        yield server
+def fake(start_fake: StartFake) -> FakeRekognition:
+    return start_fake(people=sample_people())
 
 
 def _project(tmp_path: Path) -> Path:
@@ -143,7 +140,11 @@ def test_a_config_whose_paths_point_elsewhere_than_the_job_is_refused(
 
 
 def test_resume_takes_environment_overrides_that_keep_the_job(
-    tmp_path: Path, fake: FakeRekognition, moto_endpoint: str, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    fake: FakeRekognition,
+    moto_endpoint: str,
+    monkeypatch: pytest.MonkeyPatch,
+    start_fake: StartFake,
 ) -> None:
     home = _project(tmp_path)
     config = write_config(
@@ -161,17 +162,15 @@ def test_resume_takes_environment_overrides_that_keep_the_job(
 
     # The endpoint moved (a proxy, a new port): the resume goes to the new one, without the
     # cap, from another folder.
-    with FakeRekognition(
-        FakeConfig(s3_endpoint_url=moto_endpoint, region="eu-west-1", people=sample_people())
-    ) as moved:
-        _elsewhere(tmp_path, monkeypatch)
-        monkeypatch.setenv("REKBATCH_AWS__REKOGNITION_ENDPOINT_URL", moved.url)
-        monkeypatch.setenv("REKBATCH_LIMITS__MAX_IMAGES", "1000")
-        before = fake.stats()["calls"].get("DetectLabels", 0)
-        resumed = invoke("resume", str(out), "--log-format", "json")
-        assert resumed.exit_code == 0, resumed.stderr
-        assert moved.stats()["calls"].get("DetectLabels", 0) > 0
-        assert fake.stats()["calls"].get("DetectLabels", 0) == before
+    moved = start_fake(people=sample_people())
+    _elsewhere(tmp_path, monkeypatch)
+    monkeypatch.setenv("REKBATCH_AWS__REKOGNITION_ENDPOINT_URL", moved.url)
+    monkeypatch.setenv("REKBATCH_LIMITS__MAX_IMAGES", "1000")
+    before = fake.stats()["calls"].get("DetectLabels", 0)
+    resumed = invoke("resume", str(out), "--log-format", "json")
+    assert resumed.exit_code == 0, resumed.stderr
+    assert moved.stats()["calls"].get("DetectLabels", 0) > 0
+    assert fake.stats()["calls"].get("DetectLabels", 0) == before
     rows = _rows(out)
     assert sum(rows.values()) == IMAGES and max(rows.values()) == 1
 

@@ -11,7 +11,8 @@ from structlog.testing import capture_logs
 
 from rekbatch.calls.quotas import QUOTA_CODES, quota_api, resolve_ceilings, user_rated
 from rekbatch.calls.service_quotas import account_quotas
-from tests.support.fake_rekognition import SERVICE_QUOTAS, FakeConfig, FakeRekognition
+from tests.support.fake_rekognition import SERVICE_QUOTAS, FakeRekognition
+from tests.support.servers import StartFake
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -76,9 +77,8 @@ def test_applied_quotas_between_max_tps_and_the_default_table() -> None:
 
 
 @pytest.fixture
-def fake() -> Iterator[FakeRekognition]:
-    with FakeRekognition(FakeConfig()) as server:
-        yield server
+def fake(start_fake: StartFake) -> FakeRekognition:
+    return start_fake(s3_endpoint_url=None)
 
 
 @pytest.fixture

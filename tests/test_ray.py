@@ -11,33 +11,30 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.conftest import REPO, SAMPLES, make_bucket
-from tests.helpers import base_config, fake_jpeg, invoke, read_jsonl, write_config
-from tests.support.fake_rekognition import FakeConfig, FakeRekognition
+from tests.helpers import fake_jpeg, invoke, read_jsonl, write_config
+from tests.support.configs import job_config
+from tests.support.fake_rekognition import FakeRekognition
 from tests.support.moto import put_objects
+from tests.support.servers import StartFake
 
 OPS = '[[operations]]\ntype = "detect_faces"\n\n[[operations]]\ntype = "detect_labels"\n'
 SHOWS_RIC = {"ric_harvey.jpeg", "ric.jpg", "ric_crowd1.jpg"}
 
 
 @pytest.fixture
-def slow_fake(moto_endpoint: str) -> Iterator[FakeRekognition]:
-    with FakeRekognition(
-        FakeConfig(
-            s3_endpoint_url=moto_endpoint,
-            latency_median_ms=25,
-            latency_sigma=0.3,
-            quotas={"DetectFaces": 200, "DetectLabels": 200},
-            s3_cache=True,
-        )
-    ) as server:
-        yield server
+def slow_fake(start_fake: StartFake) -> FakeRekognition:
+    return start_fake(
+        latency_median_ms=25,
+        latency_sigma=0.3,
+        quotas={"DetectFaces": 200, "DetectLabels": 200},
+        s3_cache=True,
+    )
 
 
 def _running_pid(folder: Path) -> int | None:
@@ -66,7 +63,7 @@ def test_ray_engine_runs_the_shards_as_tasks_and_retries_a_killed_one(
     out = tmp_path / "out"
     config = write_config(
         tmp_path / "job.toml",
-        base_config(
+        job_config(
             uris=["s3://ray-bucket/"],
             output_dir=out,
             s3_endpoint=moto_endpoint,

@@ -21,7 +21,7 @@ import pytest
 import structlog
 from structlog.testing import capture_logs
 
-from rekbatch.backends.base import ImageInput, ObjectBytes
+from rekbatch.backends.base import ImageInput, InProcessBackend, ObjectBytes
 from rekbatch.calls.caller import Caller
 from rekbatch.calls.limiter import AdaptiveLimiter
 from rekbatch.calls.regions import BucketRegions, Regions
@@ -43,7 +43,7 @@ def _plain_logging() -> Iterator[None]:
     structlog.reset_defaults()
 
 
-class SimRegion:
+class SimRegion(InProcessBackend):
     """One Region's Rekognition: a token bucket at ``quota`` per API, answers after a
     lognormal latency; ``down`` refuses connections, ``denied`` refuses every call."""
 

@@ -12,16 +12,17 @@ import json
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.conftest import make_bucket
-from tests.helpers import base_config, fake_jpeg, invoke, read_csv, read_jsonl, write_config
-from tests.support.fake_rekognition import FakeConfig, FakeRekognition
+from tests.helpers import fake_jpeg, invoke, read_csv, read_jsonl, write_config
+from tests.support.configs import job_config
+from tests.support.fake_rekognition import FakeRekognition
 from tests.support.moto import put_objects
+from tests.support.servers import StartFake
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -48,30 +49,28 @@ def bucket(moto_endpoint: str) -> str:
 
 
 @pytest.fixture
-def fake(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeRekognition]:
-    config = FakeConfig(
-        s3_endpoint_url=moto_endpoint,
+def fake(start_fake: StartFake, monkeypatch: pytest.MonkeyPatch) -> FakeRekognition:
+    server = start_fake(
         quotas={"DetectLabels": QUOTA},  # each signing Region its own bucket of 40/s
         applied_quotas={region: {"DetectLabels": QUOTA} for region in REGIONS},
         latency_median_ms=20.0,
         check_bucket_region=True,  # an S3Object only in its bucket's Region, as AWS
     )
-    with FakeRekognition(config) as server:
-        monkeypatch.setenv("AWS_ENDPOINT_URL_SERVICE_QUOTAS", server.url)
-        yield server
+    monkeypatch.setenv("AWS_ENDPOINT_URL_SERVICE_QUOTAS", server.url)
+    return server
 
 
 def _config(tmp_path: Path, bucket: str, moto: str, rek: str) -> Path:
-    text = base_config(
+    text = job_config(
         uris=[f"s3://{bucket}/"],
         output_dir=tmp_path / "out",
         s3_endpoint=moto,
         rek_endpoint=rek,
         operations='[[operations]]\ntype = "detect_labels"\n',
-        extra="[limits]\nconcurrency = 32\n",
+        limits={"concurrency": 32},
+        source={"sniff": False},
+        aws={"regions": list(REGIONS)},
     )
-    text = text.replace("[source]\n", "[source]\nsniff = false\n")
-    text = text.replace("[aws]\n", f"[aws]\nregions = {json.dumps(REGIONS)}\n")
     return write_config(tmp_path / "job.toml", text)
 
 
@@ -192,16 +191,16 @@ def test_rekognition_region_bucket_calls_each_bucket_in_its_own_region(
     west = "regions-west-bucket"
     s3.create_bucket(Bucket=west, CreateBucketConfiguration={"LocationConstraint": "us-west-2"})
     put_objects(west, ((f"w/{i:03d}.jpg", fake_jpeg(10_000 + i)) for i in range(60)))
-    text = base_config(
+    text = job_config(
         uris=[f"s3://{bucket}/", f"s3://{west}/"],
         output_dir=tmp_path / "out",
         s3_endpoint=moto_endpoint,
         rek_endpoint=fake.url,
         operations='[[operations]]\ntype = "detect_labels"\n',
-        extra="[limits]\nconcurrency = 16\n",
+        limits={"concurrency": 16},
+        source={"sniff": False},
+        aws={"rekognition_region": "bucket"},
     )
-    text = text.replace("[source]\n", "[source]\nsniff = false\n")
-    text = text.replace("[aws]\n", '[aws]\nrekognition_region = "bucket"\n')
     result = invoke("run", str(write_config(tmp_path / "job.toml", text)))
     assert result.exit_code == 0, result.stderr
     rows = read_jsonl(tmp_path / "out" / "results.jsonl")

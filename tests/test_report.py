@@ -22,6 +22,7 @@ from rekbatch.commands.report import REPORT_FILE, THUMB_PX, build_report
 from rekbatch.config import Config
 from rekbatch.errors import SetupError
 from tests.conftest import REGION, SAMPLES, make_bucket
+from tests.support.servers import StartFake
 
 DATA_URI = "data:image/jpeg;base64,"
 REFERENCE = "ric_harvey.jpeg"
@@ -454,10 +455,9 @@ def test_report_renders_in_headless_chromium(tmp_path: Path) -> None:
 
 
 def test_report_of_a_detect_labels_job_through_the_cli_renders_in_chromium(
-    tmp_path: Path, moto_endpoint: str, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, moto_endpoint: str, monkeypatch: pytest.MonkeyPatch, start_fake: StartFake
 ) -> None:
     from tests.helpers import invoke, read_jsonl, sample_people
-    from tests.support.fake_rekognition import FakeConfig, FakeRekognition
 
     photos = tmp_path / "photos"
     photos.mkdir()
@@ -465,16 +465,12 @@ def test_report_of_a_detect_labels_job_through_the_cli_renders_in_chromium(
         shutil.copy(SAMPLES / name, photos / name)
     (photos / "notes.txt").write_text("not a picture")
     out = tmp_path / "out"
-    fake = FakeRekognition(FakeConfig(s3_endpoint_url=moto_endpoint, people=sample_people()))
-    fake.start()
-    try:
-        monkeypatch.setenv("REKBATCH_AWS__REKOGNITION_ENDPOINT_URL", fake.url)
-        ops = ["detect_labels", "detect_faces", "detect_text", "detect_moderation_labels"]
-        args = [arg for op in ops for arg in ("--op", op)]
-        ran = invoke("scan", str(photos), *args, "-o", str(out), "--log-format", "json")
-        assert ran.exit_code == 0, ran.stderr
-    finally:
-        fake.stop()
+    fake = start_fake(people=sample_people())
+    monkeypatch.setenv("REKBATCH_AWS__REKOGNITION_ENDPOINT_URL", fake.url)
+    ops = ["detect_labels", "detect_faces", "detect_text", "detect_moderation_labels"]
+    args = [arg for op in ops for arg in ("--op", op)]
+    ran = invoke("scan", str(photos), *args, "-o", str(out), "--log-format", "json")
+    assert ran.exit_code == 0, ran.stderr
     made = invoke("report", str(out))
     assert made.exit_code == 0, made.stderr
     page = out / REPORT_FILE

@@ -9,36 +9,27 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.conftest import make_bucket
-from tests.helpers import base_config, fake_jpeg, invoke, read_csv, read_jsonl, write_config
-from tests.support.fake_rekognition import FakeConfig, FakeRekognition
+from tests.helpers import fake_jpeg, invoke, read_csv, read_jsonl, write_config
+from tests.support.configs import job_config
+from tests.support.fake_rekognition import FakeRekognition
 from tests.support.moto import put_objects
+from tests.support.servers import StartFake
 
 OPS = '[[operations]]\ntype = "detect_faces"\n\n[[operations]]\ntype = "detect_labels"\n'
 
 
 @pytest.fixture
-def slow_fake(moto_endpoint: str) -> Iterator[FakeRekognition]:
+def slow_fake(start_fake: StartFake) -> FakeRekognition:
     """A fake with real latency and a quota, so runs last long enough to be interrupted."""
-    server = FakeRekognition(
-        FakeConfig(
-            s3_endpoint_url=moto_endpoint,
-            latency_median_ms=20,
-            latency_sigma=0.3,
-            quotas={"DetectFaces": 100, "DetectLabels": 100},
-        )
+    return start_fake(
+        latency_median_ms=20, latency_sigma=0.3, quotas={"DetectFaces": 100, "DetectLabels": 100}
     )
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def _fill(s3: Any, bucket: str, images: int, extra: dict[str, bytes] | None = None) -> set[str]:
@@ -49,14 +40,22 @@ def _fill(s3: Any, bucket: str, images: int, extra: dict[str, bytes] | None = No
     return set(objects)
 
 
-def _config(tmp_path: Path, bucket: str, moto: str, rek: str, limits: str = "") -> Path:
-    text = base_config(
+def _config(
+    tmp_path: Path,
+    bucket: str,
+    moto: str,
+    rek: str,
+    source: dict[str, Any] | None = None,
+    limits: dict[str, Any] | None = None,
+) -> Path:
+    text = job_config(
         uris=[f"s3://{bucket}/"],
         output_dir=tmp_path / "out",
         s3_endpoint=moto,
         rek_endpoint=rek,
         operations=OPS,
-        extra=f"[limits]\nconcurrency = 8\nmax_tps = 100\n{limits}\n",
+        limits=limits or {"concurrency": 8, "max_tps": 100},
+        source=source,
     )
     return write_config(tmp_path / "job.toml", text)
 
@@ -73,6 +72,23 @@ def _start(*args: str) -> subprocess.Popen[str]:
 def _finish(proc: subprocess.Popen[str], timeout: float = 120) -> tuple[int, str, str]:
     out, err = proc.communicate(timeout=timeout)
     return proc.returncode, out, err
+
+
+def _lines(path: Path) -> int:
+    return path.read_bytes().count(b"\n") if path.exists() else 0
+
+
+def _wait_for_lines(path: Path, at_least: int, proc: subprocess.Popen[str], timeout: float) -> None:
+    """Until the results file holds ``at_least`` lines (or the run ended); ``timeout`` only
+    catches a run that makes no progress."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if _lines(path) >= at_least or proc.poll() is not None:
+            return
+        time.sleep(0.005)
+    proc.kill()
+    proc.communicate(timeout=10)
+    raise AssertionError(f"no progress in {timeout} s")
 
 
 def _wait_for_rows(path: Path, more_than: int, proc: subprocess.Popen[str], timeout: float) -> None:
@@ -101,54 +117,43 @@ def _assert_exactly_once(out: Path, keys: set[str]) -> list[dict[str, Any]]:
 
 
 @pytest.fixture
-def fast_fake(moto_endpoint: str) -> Iterator[FakeRekognition]:
+def fast_fake(start_fake: StartFake) -> FakeRekognition:
     """Quick answers and a high quota: at this rate one 0.25 s batch window holds about
     200 answers, far more than the calls in flight."""
-    server = FakeRekognition(
-        FakeConfig(
-            s3_endpoint_url=moto_endpoint,
-            latency_median_ms=15,
-            latency_sigma=0.3,
-            quotas={"DetectFaces": 400, "DetectLabels": 400},
-            s3_cache=True,
-        )
+    return start_fake(
+        latency_median_ms=15,
+        latency_sigma=0.3,
+        quotas={"DetectFaces": 400, "DetectLabels": 400},
+        s3_cache=True,
     )
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def test_sigkill_at_random_moments_loses_nothing_and_pays_only_for_calls_in_flight(
     s3: Any, moto_endpoint: str, fast_fake: FakeRekognition, tmp_path: Path
 ) -> None:
-    # 800 objects: the four seeded waits below add up to 1.2 s, at most ~1,000 calls at the
-    # 800 calls/s ceiling, so the job outlasts the kills on any machine; 1,600 calls in all.
+    # 800 objects, 1,600 calls in all; the fake's quota (800 calls/s) keeps every run busy
+    # for well over a second past each kill's point.
     keys = _fill(s3, "crash-bucket", 800)
-    config = _config(tmp_path, "crash-bucket", moto_endpoint, fast_fake.url)
-    config.write_text(
-        config.read_text().replace(
-            "concurrency = 8\nmax_tps = 100", "concurrency = 16\nmax_tps = 400"
-        )
+    config = _config(
+        tmp_path,
+        "crash-bucket",
+        moto_endpoint,
+        fast_fake.url,
+        limits={"concurrency": 16, "max_tps": 400},
     )
     out = tmp_path / "out"
     rng = random.Random(20261124)
-    kills = 0
-    size = 0
-    # Four kills, not ten (ten cost ~80 s): each lands at a random moment of a busy run,
-    # and every one of them is held to the same bound below.
-    for _ in range(4):
+    kills = 4
+    # Four kills, not ten (ten cost ~80 s), each at a random point of the work rather than
+    # of the clock: after a seeded number of new result lines, up to 250 of the 1,600, so
+    # that every run is killed while it is busy however fast or loaded the machine is.
+    for _ in range(kills):
         proc = _start("run", str(config))
-        _wait_for_rows(out / "results.jsonl", size, proc, timeout=60)
-        time.sleep(rng.uniform(0.05, 0.5))
-        if proc.poll() is not None:
-            break
+        target = _lines(out / "results.jsonl") + rng.randint(1, 250)
+        _wait_for_lines(out / "results.jsonl", target, proc, timeout=60)
+        assert proc.poll() is None, "the run ended before its kill"
         proc.send_signal(signal.SIGKILL)
         proc.communicate(timeout=10)
-        kills += 1
-        size = (out / "results.jsonl").stat().st_size
-    assert kills == 4
     code, _, err = _finish(_start("run", str(config)))
     assert code == 0, err
     _assert_exactly_once(out, keys)
@@ -222,64 +227,61 @@ def test_lock_refuses_a_second_runner_and_is_taken_over_after_a_crash(
 
 
 def test_changed_and_new_objects_are_processed_on_a_rerun(
-    s3: Any, moto_endpoint: str, tmp_path: Path
+    s3: Any, moto_endpoint: str, tmp_path: Path, start_fake: StartFake
 ) -> None:
-    with FakeRekognition(FakeConfig(s3_endpoint_url=moto_endpoint)) as fake:
-        keys = _fill(s3, "etag-bucket", 20)
-        config = _config(tmp_path, "etag-bucket", moto_endpoint, fake.url)
-        out = tmp_path / "out"
-        assert invoke("run", str(config)).exit_code == 0
-        s3.put_object(Bucket="etag-bucket", Key="img/00003.jpg", Body=fake_jpeg(999))
-        s3.put_object(Bucket="etag-bucket", Key="img/zz-new.jpg", Body=fake_jpeg(1000))
-        assert invoke("run", str(config)).exit_code == 0
-        rows = read_jsonl(out / "results.jsonl")
-        per_key = Counter(r["key"] for r in rows if r["operation"] == "detect_faces")
-        assert per_key["img/00003.jpg"] == 2  # once per version of the object
-        assert per_key["img/zz-new.jpg"] == 1
-        assert all(per_key[k] == 1 for k in keys if k != "img/00003.jpg")
-        etags = {r["etag"] for r in rows if r["key"] == "img/00003.jpg"}
-        assert len(etags) == 2
-        billed = fake.stats()["billed"]
-        assert billed[("DetectFaces", "s3://etag-bucket/img/00003.jpg")] == 2
-        assert billed[("DetectFaces", "s3://etag-bucket/img/00004.jpg")] == 1
+    fake = start_fake()
+    keys = _fill(s3, "etag-bucket", 20)
+    config = _config(tmp_path, "etag-bucket", moto_endpoint, fake.url)
+    out = tmp_path / "out"
+    assert invoke("run", str(config)).exit_code == 0
+    s3.put_object(Bucket="etag-bucket", Key="img/00003.jpg", Body=fake_jpeg(999))
+    s3.put_object(Bucket="etag-bucket", Key="img/zz-new.jpg", Body=fake_jpeg(1000))
+    assert invoke("run", str(config)).exit_code == 0
+    rows = read_jsonl(out / "results.jsonl")
+    per_key = Counter(r["key"] for r in rows if r["operation"] == "detect_faces")
+    assert per_key["img/00003.jpg"] == 2  # once per version of the object
+    assert per_key["img/zz-new.jpg"] == 1
+    assert all(per_key[k] == 1 for k in keys if k != "img/00003.jpg")
+    etags = {r["etag"] for r in rows if r["key"] == "img/00003.jpg"}
+    assert len(etags) == 2
+    billed = fake.stats()["billed"]
+    assert billed[("DetectFaces", "s3://etag-bucket/img/00003.jpg")] == 2
+    assert billed[("DetectFaces", "s3://etag-bucket/img/00004.jpg")] == 1
 
 
-def test_retry_failed_replaces_the_failed_rows(s3: Any, moto_endpoint: str, tmp_path: Path) -> None:
-    with FakeRekognition(FakeConfig(s3_endpoint_url=moto_endpoint)) as fake:
-        liar = b"words and no picture at all, although the name says jpg. " * 3
-        keys = _fill(s3, "retry-bucket", 10, {"img/liar.jpg": liar})
-        config = _config(tmp_path, "retry-bucket", moto_endpoint, fake.url)
-        config.write_text(config.read_text().replace("[source]\n", "[source]\nsniff = false\n"))
-        out = tmp_path / "out"
-        result = invoke("run", str(config))
-        assert result.exit_code == 3
-        failed = [r for r in read_jsonl(out / "results.jsonl") if r["status"] == "failed"]
-        assert {r["error_code"] for r in failed} == {"InvalidImageFormatException"}
+def test_retry_failed_replaces_the_failed_rows(
+    s3: Any, moto_endpoint: str, tmp_path: Path, start_fake: StartFake
+) -> None:
+    fake = start_fake()
+    liar = b"words and no picture at all, although the name says jpg. " * 3
+    keys = _fill(s3, "retry-bucket", 10, {"img/liar.jpg": liar})
+    config = _config(tmp_path, "retry-bucket", moto_endpoint, fake.url, source={"sniff": False})
+    out = tmp_path / "out"
+    result = invoke("run", str(config))
+    assert result.exit_code == 3
+    failed = [r for r in read_jsonl(out / "results.jsonl") if r["status"] == "failed"]
+    assert {r["error_code"] for r in failed} == {"InvalidImageFormatException"}
 
-        s3.put_object(Bucket="retry-bucket", Key="img/liar.jpg", Body=fake_jpeg(77))
-        result = invoke(
-            "resume", str(out), "--retry-failed", "--codes", "InvalidImageFormatException"
-        )
-        assert result.exit_code == 0, result.stderr
-        rows = _assert_exactly_once(out, keys)
-        assert all(r["status"] == "ok" for r in rows)
+    s3.put_object(Bucket="retry-bucket", Key="img/liar.jpg", Body=fake_jpeg(77))
+    result = invoke("resume", str(out), "--retry-failed", "--codes", "InvalidImageFormatException")
+    assert result.exit_code == 0, result.stderr
+    rows = _assert_exactly_once(out, keys)
+    assert all(r["status"] == "ok" for r in rows)
 
 
 def test_a_different_job_in_the_directory_is_refused_unless_fresh(
-    s3: Any, moto_endpoint: str, tmp_path: Path
+    s3: Any, moto_endpoint: str, tmp_path: Path, start_fake: StartFake
 ) -> None:
-    with FakeRekognition(FakeConfig(s3_endpoint_url=moto_endpoint)) as fake:
-        keys = _fill(s3, "fresh-bucket", 5)
-        config = _config(tmp_path, "fresh-bucket", moto_endpoint, fake.url)
-        assert invoke("run", str(config)).exit_code == 0
-        other = tmp_path / "other.toml"
-        other.write_text(
-            config.read_text().replace('type = "detect_labels"', 'type = "detect_text"')
-        )
-        refused = invoke("run", str(other))
-        assert refused.exit_code == 2
-        assert "different job" in refused.stderr
-        assert invoke("run", str(other), "--fresh").exit_code == 0
-        rows = read_jsonl(tmp_path / "out" / "results.jsonl")
-        assert {r["operation"] for r in rows} == {"detect_faces", "detect_text"}
-        assert len(rows) == 2 * len(keys)
+    fake = start_fake()
+    keys = _fill(s3, "fresh-bucket", 5)
+    config = _config(tmp_path, "fresh-bucket", moto_endpoint, fake.url)
+    assert invoke("run", str(config)).exit_code == 0
+    other = tmp_path / "other.toml"
+    other.write_text(config.read_text().replace('type = "detect_labels"', 'type = "detect_text"'))
+    refused = invoke("run", str(other))
+    assert refused.exit_code == 2
+    assert "different job" in refused.stderr
+    assert invoke("run", str(other), "--fresh").exit_code == 0
+    rows = read_jsonl(tmp_path / "out" / "results.jsonl")
+    assert {r["operation"] for r in rows} == {"detect_faces", "detect_text"}
+    assert len(rows) == 2 * len(keys)

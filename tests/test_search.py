@@ -19,7 +19,6 @@ from rekbatch.operations.search_faces import (
 )
 from tests.conftest import SAMPLES, make_bucket
 from tests.helpers import (
-    base_config,
     fake_jpeg,
     invoke,
     read_csv,
@@ -29,7 +28,9 @@ from tests.helpers import (
     upload_samples,
     write_config,
 )
-from tests.support.fake_rekognition import FakeConfig, FakeRekognition
+from tests.support.configs import job_config
+from tests.support.fake_rekognition import FakeRekognition
+from tests.support.servers import StartFake
 
 EXTERNAL_ID = re.compile(r"^[a-zA-Z0-9_.\-:]+$")
 
@@ -77,7 +78,7 @@ def _people_for_samples() -> dict[str, list[str]]:
 def _run(tmp_path: Path, moto: str, fake: FakeRekognition, uris: list[str], ops: str) -> Any:
     config = write_config(
         tmp_path / "job.toml",
-        base_config(
+        job_config(
             uris=uris,
             output_dir=tmp_path / "out",
             s3_endpoint=moto,
@@ -89,50 +90,45 @@ def _run(tmp_path: Path, moto: str, fake: FakeRekognition, uris: list[str], ops:
 
 
 def test_compare_faces_answer_and_reference_checked_once(
-    s3: Any, moto_endpoint: str, tmp_path: Path
+    s3: Any, moto_endpoint: str, tmp_path: Path, start_fake: StartFake
 ) -> None:
     upload_samples(s3, "ric-one")
-    with FakeRekognition(
-        FakeConfig(s3_endpoint_url=moto_endpoint, people=_people_for_samples())
-    ) as fake:
-        ops = '[[operations]]\ntype = "compare_faces"\nreference = "s3://ric-one/ric_harvey.jpeg"\n'
-        result = _run(tmp_path, moto_endpoint, fake, ["s3://ric-one/"], ops)
-        assert result.exit_code == 0, result.stderr
-        assert "compare_faces: reference face found in 3 of 7 images" in result.stdout
-        answer = json.loads((tmp_path / "out" / "summary.json").read_text())["compare_faces"]
-        assert answer["faces"] == 1 and answer["face_used"]
-        assert {m["key"]: m["similarity"] >= 95 for m in answer["matches"]} == {
-            "ric.jpg": True,
-            "ric_crowd1.jpg": True,
-            "ric_harvey.jpeg": True,
-        }
-        # The group selfie's match box is the second face, not the first.
-        crowd = next(m for m in answer["matches"] if m["key"] == "ric_crowd1.jpg")
-        assert set(crowd["bounding_box"]) == {"Left", "Top", "Width", "Height"}
-        stats = fake.stats()
-        assert stats["ok"]["DetectFaces"] == 1  # the reference check, once
-        assert stats["ok"]["CompareFaces"] == 7  # non-images were never compared
+    fake = start_fake(people=_people_for_samples())
+    ops = '[[operations]]\ntype = "compare_faces"\nreference = "s3://ric-one/ric_harvey.jpeg"\n'
+    result = _run(tmp_path, moto_endpoint, fake, ["s3://ric-one/"], ops)
+    assert result.exit_code == 0, result.stderr
+    assert "compare_faces: reference face found in 3 of 7 images" in result.stdout
+    answer = json.loads((tmp_path / "out" / "summary.json").read_text())["compare_faces"]
+    assert answer["faces"] == 1 and answer["face_used"]
+    assert {m["key"]: m["similarity"] >= 95 for m in answer["matches"]} == {
+        "ric.jpg": True,
+        "ric_crowd1.jpg": True,
+        "ric_harvey.jpeg": True,
+    }
+    # The group selfie's match box is the second face, not the first.
+    crowd = next(m for m in answer["matches"] if m["key"] == "ric_crowd1.jpg")
+    assert set(crowd["bounding_box"]) == {"Left", "Top", "Width", "Height"}
+    stats = fake.stats()
+    assert stats["ok"]["DetectFaces"] == 1  # the reference check, once
+    assert stats["ok"]["CompareFaces"] == 7  # non-images were never compared
 
 
 def test_reference_without_a_face_stops_before_any_image_is_paid(
-    s3: Any, moto_endpoint: str, tmp_path: Path
+    s3: Any, moto_endpoint: str, tmp_path: Path, start_fake: StartFake
 ) -> None:
     upload_samples(s3, "ric-noface")
     people = {sha256((SAMPLES / "ric_harvey.jpeg").read_bytes()): []}
-    with FakeRekognition(FakeConfig(s3_endpoint_url=moto_endpoint, people=people)) as fake:
-        ops = (
-            '[[operations]]\ntype = "compare_faces"\n'
-            'reference = "s3://ric-noface/ric_harvey.jpeg"\n'
-        )
-        result = _run(tmp_path, moto_endpoint, fake, ["s3://ric-noface/"], ops)
-        assert result.exit_code == 2
-        assert "no face found in s3://ric-noface/ric_harvey.jpeg" in result.stderr
-        assert "CompareFaces" not in fake.stats()["calls"]
+    fake = start_fake(people=people)
+    ops = '[[operations]]\ntype = "compare_faces"\nreference = "s3://ric-noface/ric_harvey.jpeg"\n'
+    result = _run(tmp_path, moto_endpoint, fake, ["s3://ric-noface/"], ops)
+    assert result.exit_code == 2
+    assert "no face found in s3://ric-noface/ric_harvey.jpeg" in result.stderr
+    assert "CompareFaces" not in fake.stats()["calls"]
 
-        missing = ops.replace("ric_harvey.jpeg", "nobody.jpeg")
-        result = _run(tmp_path, moto_endpoint, fake, ["s3://ric-noface/"], missing)
-        assert result.exit_code == 2
-        assert "nobody.jpeg" in result.stderr and "not found" in result.stderr
+    missing = ops.replace("ric_harvey.jpeg", "nobody.jpeg")
+    result = _run(tmp_path, moto_endpoint, fake, ["s3://ric-noface/"], missing)
+    assert result.exit_code == 2
+    assert "nobody.jpeg" in result.stderr and "not found" in result.stderr
 
 
 def _awkward_ric_copies(s3: Any, bucket: str) -> dict[str, list[str]]:
@@ -147,7 +143,7 @@ def _awkward_ric_copies(s3: Any, bucket: str) -> dict[str, list[str]]:
 
 @pytest.mark.parametrize("strategy", ["auto", "compare"])
 def test_several_people_by_either_strategy(
-    s3: Any, moto_endpoint: str, tmp_path: Path, strategy: str
+    s3: Any, moto_endpoint: str, tmp_path: Path, strategy: str, start_fake: StartFake
 ) -> None:
     bucket = f"people-{strategy}"
     upload_samples(s3, bucket)
@@ -157,69 +153,69 @@ def test_several_people_by_either_strategy(
     andrew = fake_jpeg(4242)
     (refs / "andrew.jpg").write_bytes(andrew)
     people[sha256(andrew)] = ["andrew"]
-    with FakeRekognition(FakeConfig(s3_endpoint_url=moto_endpoint, people=people)) as fake:
-        ops = (
-            '[[operations]]\ntype = "search_faces"\n'
-            f'people = {{ ric = ["s3://{bucket}/ric_harvey.jpeg"], '
-            f'andrew = ["{refs / "andrew.jpg"}"] }}\n'
-            f'strategy = "{strategy}"\ncollection_id = "wheres-ric-{strategy}"\n'
-        )
-        result = _run(tmp_path, moto_endpoint, fake, [f"s3://{bucket}/"], ops)
-        assert result.exit_code == 0, result.stderr
-        assert "search_faces: ric found in 5 of 9 images" in result.stdout
-        assert "search_faces: andrew found in 2 of 9 images" in result.stdout
-        answer = json.loads((tmp_path / "out" / "summary.json").read_text())["search_faces"]
-        ric = set(answer["people"]["ric"]["matched_keys"])
-        assert ric == {
-            "ric_harvey.jpeg",
-            "ric.jpg",
-            "ric_crowd1.jpg",
-            "team photos/ric at the desk (2).jpg",
-            "ünï/ric+1%.jpg",
-        }
-        assert set(answer["people"]["andrew"]["matched_keys"]) == {
-            "sample-image0.jpeg",
-            "demo0.png",
-        }
-        calls = fake.stats()["ok"]
-        if strategy == "auto":
-            assert answer["strategy"] == "collection"
-            assert calls["IndexFaces"] == 9
-            assert calls["SearchFacesByImage"] == 2
-            assert calls["CreateCollection"] == 1 and calls["DeleteCollection"] == 1
-            assert "CompareFaces" not in calls
-        else:
-            assert answer["strategy"] == "compare"
-            assert calls["CompareFaces"] == 9 * 2
-            assert "IndexFaces" not in calls
-        rows = read_csv(tmp_path / "out" / "results.csv")
-        assert Counter(r["status"] for r in rows) == {"ok": 9, "skipped": 2}
+    fake = start_fake(people=people)
+    ops = (
+        '[[operations]]\ntype = "search_faces"\n'
+        f'people = {{ ric = ["s3://{bucket}/ric_harvey.jpeg"], '
+        f'andrew = ["{refs / "andrew.jpg"}"] }}\n'
+        f'strategy = "{strategy}"\ncollection_id = "wheres-ric-{strategy}"\n'
+    )
+    result = _run(tmp_path, moto_endpoint, fake, [f"s3://{bucket}/"], ops)
+    assert result.exit_code == 0, result.stderr
+    assert "search_faces: ric found in 5 of 9 images" in result.stdout
+    assert "search_faces: andrew found in 2 of 9 images" in result.stdout
+    answer = json.loads((tmp_path / "out" / "summary.json").read_text())["search_faces"]
+    ric = set(answer["people"]["ric"]["matched_keys"])
+    assert ric == {
+        "ric_harvey.jpeg",
+        "ric.jpg",
+        "ric_crowd1.jpg",
+        "team photos/ric at the desk (2).jpg",
+        "ünï/ric+1%.jpg",
+    }
+    assert set(answer["people"]["andrew"]["matched_keys"]) == {
+        "sample-image0.jpeg",
+        "demo0.png",
+    }
+    calls = fake.stats()["ok"]
+    if strategy == "auto":
+        assert answer["strategy"] == "collection"
+        assert calls["IndexFaces"] == 9
+        assert calls["SearchFacesByImage"] == 2
+        assert calls["CreateCollection"] == 1 and calls["DeleteCollection"] == 1
+        assert "CompareFaces" not in calls
+    else:
+        assert answer["strategy"] == "compare"
+        assert calls["CompareFaces"] == 9 * 2
+        assert "IndexFaces" not in calls
+    rows = read_csv(tmp_path / "out" / "results.csv")
+    assert Counter(r["status"] for r in rows) == {"ok": 9, "skipped": 2}
 
 
 def test_same_content_is_called_once_and_copies_recorded_with_dedup_of(
-    s3: Any, moto_endpoint: str, tmp_path: Path
+    s3: Any, moto_endpoint: str, tmp_path: Path, start_fake: StartFake
 ) -> None:
     bucket = make_bucket(s3, "dedup-bucket")
     original = fake_jpeg(1)
     for key in ("a/original.jpg", "b/copy.jpg", "c/another copy.jpg"):
         s3.put_object(Bucket=bucket, Key=key, Body=original)
     s3.put_object(Bucket=bucket, Key="d/different.jpg", Body=fake_jpeg(2))
-    with FakeRekognition(FakeConfig(s3_endpoint_url=moto_endpoint)) as fake:
-        ops = '[[operations]]\ntype = "detect_faces"\n\n[[operations]]\ntype = "detect_labels"\n'
-        result = _run(tmp_path, moto_endpoint, fake, [f"s3://{bucket}/"], ops)
-        assert result.exit_code == 0, result.stderr
-        assert fake.stats()["ok"] == {"DetectFaces": 2, "DetectLabels": 2}
-        rows = read_jsonl(tmp_path / "out" / "results.jsonl")
-        assert len(rows) == 8 and all(r["status"] == "ok" for r in rows)
-        copies = [r for r in rows if r.get("dedup_of")]
-        assert len(copies) == 4
-        assert {r["dedup_of"] for r in copies} == {f"s3://{bucket}/a/original.jpg"}
-        by_key = {(r["key"], r["operation"]): r for r in rows}
-        assert (
-            by_key[("b/copy.jpg", "detect_faces")]["result"]
-            == by_key[("a/original.jpg", "detect_faces")]["result"]
-        )
-        csv_copies = [r for r in read_csv(tmp_path / "out" / "results.csv") if r["dedup_of"]]
-        assert len(csv_copies) == 4
-        summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-        assert summary["calls"]["total"] == 4
+    fake = start_fake()
+    ops = '[[operations]]\ntype = "detect_faces"\n\n[[operations]]\ntype = "detect_labels"\n'
+    result = _run(tmp_path, moto_endpoint, fake, [f"s3://{bucket}/"], ops)
+    assert result.exit_code == 0, result.stderr
+    assert fake.stats()["ok"] == {"DetectFaces": 2, "DetectLabels": 2}
+    rows = read_jsonl(tmp_path / "out" / "results.jsonl")
+    assert len(rows) == 8 and all(r["status"] == "ok" for r in rows)
+    copies = [r for r in rows if r.get("dedup_of")]
+    assert len(copies) == 4
+    assert {r["dedup_of"] for r in copies} == {f"s3://{bucket}/a/original.jpg"}
+    by_key = {(r["key"], r["operation"]): r for r in rows}
+    assert (
+        by_key[("b/copy.jpg", "detect_faces")]["result"]
+        == by_key[("a/original.jpg", "detect_faces")]["result"]
+    )
+    csv_copies = [r for r in read_csv(tmp_path / "out" / "results.csv") if r["dedup_of"]]
+    assert len(csv_copies) == 4
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["calls"]["total"] == 4

@@ -14,7 +14,6 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +33,12 @@ from rekbatch.engine.shards import (
 )
 from rekbatch.errors import ConfigError, SetupError
 from tests.conftest import REPO, make_bucket
-from tests.helpers import base_config, fake_jpeg, invoke, read_csv, read_jsonl, write_config
+from tests.helpers import fake_jpeg, invoke, read_csv, read_jsonl, write_config
+from tests.support.configs import job_config
 from tests.support.fake_backend import FakeBackend
-from tests.support.fake_rekognition import FakeConfig, FakeRekognition
+from tests.support.fake_rekognition import FakeRekognition
 from tests.support.moto import Served, put_objects
+from tests.support.servers import StartFake
 
 OPS = '[[operations]]\ntype = "detect_faces"\n\n[[operations]]\ntype = "detect_labels"\n'
 SHOWS_RIC = {"ric_harvey.jpeg", "ric.jpg", "ric_crowd1.jpg"}
@@ -129,22 +130,24 @@ def _records(path: Path) -> Counter[tuple[str, str, str]]:
     return Counter((r["key"], r["operation"], r["status"]) for r in read_jsonl(path))
 
 
-def test_a_single_shard_equals_a_plain_run(s3: Any, moto_endpoint: str, tmp_path: Path) -> None:
+def test_a_single_shard_equals_a_plain_run(
+    s3: Any, moto_endpoint: str, tmp_path: Path, start_fake: StartFake
+) -> None:
     keys = _fill(s3, "one-shard", 40)
-    with FakeRekognition(FakeConfig(s3_endpoint_url=moto_endpoint)) as fake:
-        config = write_config(
-            tmp_path / "job.toml",
-            base_config(
-                uris=["s3://one-shard/"],
-                output_dir=tmp_path / "out",
-                s3_endpoint=moto_endpoint,
-                rek_endpoint=fake.url,
-                operations=OPS,
-                extra="[output]\nparquet = false\n",
-            ),
-        )
-        plain = invoke("run", str(config), "--output", str(tmp_path / "plain"))
-        sharded = invoke("run", str(config), "--shard", "0/1")
+    fake = start_fake()
+    config = write_config(
+        tmp_path / "job.toml",
+        job_config(
+            uris=["s3://one-shard/"],
+            output_dir=tmp_path / "out",
+            s3_endpoint=moto_endpoint,
+            rek_endpoint=fake.url,
+            operations=OPS,
+            extra="[output]\nparquet = false\n",
+        ),
+    )
+    plain = invoke("run", str(config), "--output", str(tmp_path / "plain"))
+    sharded = invoke("run", str(config), "--shard", "0/1")
     assert plain.exit_code == sharded.exit_code == 0, sharded.stderr
     folder = tmp_path / "out" / "shard-0000-of-0001"
     assert _records(folder / "results.jsonl") == _records(tmp_path / "plain" / "results.jsonl")
@@ -165,20 +168,22 @@ def test_a_single_shard_equals_a_plain_run(s3: Any, moto_endpoint: str, tmp_path
     assert again.exit_code == 2 and "holds the merge of 1 shards" in again.stderr
 
 
-def test_merge_names_the_shards_that_never_ran(s3: Any, moto_endpoint: str, tmp_path: Path) -> None:
+def test_merge_names_the_shards_that_never_ran(
+    s3: Any, moto_endpoint: str, tmp_path: Path, start_fake: StartFake
+) -> None:
     _fill(s3, "half-done", 10)
-    with FakeRekognition(FakeConfig(s3_endpoint_url=moto_endpoint)) as fake:
-        config = write_config(
-            tmp_path / "job.toml",
-            base_config(
-                uris=["s3://half-done/"],
-                output_dir=tmp_path / "out",
-                s3_endpoint=moto_endpoint,
-                rek_endpoint=fake.url,
-                extra="[output]\nparquet = false\n",
-            ),
-        )
-        assert invoke("run", str(config), "--shard", "1/3").exit_code == 0
+    fake = start_fake()
+    config = write_config(
+        tmp_path / "job.toml",
+        job_config(
+            uris=["s3://half-done/"],
+            output_dir=tmp_path / "out",
+            s3_endpoint=moto_endpoint,
+            rek_endpoint=fake.url,
+            extra="[output]\nparquet = false\n",
+        ),
+    )
+    assert invoke("run", str(config), "--shard", "1/3").exit_code == 0
     result = invoke("merge", str(tmp_path / "out"))
     assert result.exit_code == 2
     assert "shard(s) 0, 2 of 3 missing" in result.stderr
@@ -270,11 +275,8 @@ def _key_list(bucket: str, keys: list[str]) -> tuple[str, str, dict[str, bytes]]
 
 
 @pytest.fixture
-def quick_fake(moto_endpoint: str) -> Iterator[FakeRekognition]:
-    with FakeRekognition(
-        FakeConfig(s3_endpoint_url=moto_endpoint, latency_median_ms=5, s3_cache=True)
-    ) as server:
-        yield server
+def quick_fake(start_fake: StartFake) -> FakeRekognition:
+    return start_fake(latency_median_ms=5, s3_cache=True)
 
 
 def _ok_rows(path: Path) -> int:
@@ -305,7 +307,7 @@ def test_four_shard_processes_list_their_part_killed_rerun_and_merged_to_a_singl
     out = tmp_path / "out"
     config = write_config(
         tmp_path / "job.toml",
-        base_config(
+        job_config(
             uris=[uri],
             output_dir=out,
             s3_endpoint=moto_endpoint,
@@ -427,7 +429,7 @@ async def test_shards_started_together_divide_once_and_check_the_reference_once(
     cfg = load_config(
         write_config(
             tmp_path / "job.toml",
-            base_config(
+            job_config(
                 uris=["s3://together/"],
                 output_dir=tmp_path / "out",
                 s3_endpoint=moto_endpoint,
@@ -474,7 +476,7 @@ async def test_a_shard_stops_when_the_split_it_finds_is_not_the_one_it_listed_by
     cfg = load_config(
         write_config(
             tmp_path / "job.toml",
-            base_config(
+            job_config(
                 uris=["s3://other-split/"],
                 output_dir=tmp_path / "out",
                 s3_endpoint=moto_endpoint,

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,6 @@ from rekbatch.errors import Interrupted
 from rekbatch.store.ledger import LedgerDB
 from tests.conftest import REPO, make_bucket
 from tests.helpers import (
-    base_config,
     fake_jpeg,
     invoke,
     local_images,
@@ -36,9 +35,11 @@ from tests.helpers import (
     read_jsonl,
     write_config,
 )
+from tests.support.configs import job_config
 from tests.support.fake_backend import FakeBackend
-from tests.support.fake_rekognition import FakeConfig, FakeRekognition
+from tests.support.fake_rekognition import FakeRekognition
 from tests.support.moto import put_objects
+from tests.support.servers import StartFake
 
 GENEROUS = 120.0  # seconds: only a hang takes this long
 
@@ -88,10 +89,8 @@ def _exactly_once(out: Path, keys: int, operations: int = 1) -> list[dict[str, A
 
 
 @pytest.fixture
-def stalling(moto_endpoint: str) -> Iterator[FakeRekognition]:
-    config = FakeConfig(s3_endpoint_url=moto_endpoint, stall_rate=1.0, stall_seconds=0)
-    with FakeRekognition(config) as server:
-        yield server
+def stalling(start_fake: StartFake) -> FakeRekognition:
+    return start_fake(stall_rate=1.0, stall_seconds=0)
 
 
 def test_sigterm_with_every_call_stalled_exits_130_after_the_grace_period(
@@ -100,17 +99,16 @@ def test_sigterm_with_every_call_stalled_exits_130_after_the_grace_period(
     bucket = make_bucket(s3, "stalled-bucket")
     put_objects(bucket, ((f"img/{i:03d}.jpg", fake_jpeg(i)) for i in range(40)))
     out = tmp_path / "out"
-    text = base_config(
+    text = job_config(
         uris=[f"s3://{bucket}/"],
         output_dir=out,
         s3_endpoint=moto_endpoint,
         rek_endpoint=stalling.url,
         operations='[[operations]]\ntype = "detect_labels"\n',
-        extra="[limits]\nconcurrency = 4\nmax_tps = 100\nstop_grace_seconds = 2\n",
+        limits={"concurrency": 4, "max_tps": 100, "stop_grace_seconds": 2},
+        source={"sniff": False},
     )
-    config = write_config(
-        tmp_path / "job.toml", text.replace("[source]\n", "[source]\nsniff = false\n")
-    )
+    config = write_config(tmp_path / "job.toml", text)
     proc = _start(config, tmp_path / "run.log")
     try:
         _wait_for("four stalled calls", lambda: sum(stalling.stats()["stalled"].values()) >= 4)

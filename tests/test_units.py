@@ -116,3 +116,32 @@ def test_rows_render_awkward_keys_losslessly() -> None:
     assert rows[0]["key"] == key
     assert rows[0]["matched"] == "false"
     assert json.loads(rows[0]["result_json"]) == {"FaceMatches": []}
+
+
+def test_a_results_line_reads_back_into_the_record_that_wrote_it() -> None:
+    """The writer replays results.jsonl (a crash's tail, merge) with ``parse_line``: what
+    ``jsonl_line`` writes of the record itself comes back in its place, the rest as
+    ``extra``."""
+    from rekbatch.sinks.writer import parse_line
+
+    item = ObjectRef("bkt", "a.jpg", 1000, "etag", "2026-01-01T00:00:00Z", sequencer="00AB")
+    record = Record(
+        item,
+        "detect_labels",
+        "ok",
+        attempts=2,
+        latency_ms=12.5,
+        processed_at="2026-01-01T00:00:01Z",
+        result={"Labels": []},
+        dedup_of="s3://bkt/b.jpg",
+        extra={"width": 640, "height": 480, "collection": "c1"},
+    )
+    line = jsonl_line(record, "run1", "s3://bkt/", encode_result(record.result))
+    row = parse_line(line, 0, ["s3://bkt/"])
+    assert row is not None
+    back = row.record
+    assert (back.obj.sequencer, back.dedup_of) == ("00AB", "s3://bkt/b.jpg")
+    assert back.result == {"Labels": []}
+    assert back.extra is not None and back.extra["collection"] == "c1"
+    assert not {"sequencer", "dedup_of", "result", "run_id", "key"} & set(back.extra)
+    assert jsonl_line(back, row.run_id, "s3://bkt/", row.result_json) == line

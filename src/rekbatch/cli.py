@@ -4,12 +4,13 @@ the outcome into an exit code."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
-import re
 import signal
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import StrEnum
@@ -19,7 +20,15 @@ from typing import Annotated, Any
 import typer
 
 from rekbatch import __version__
-from rekbatch.errors import ConfigError, ConfigErrors, RekbatchError, SetupError
+from rekbatch.errors import (
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_UNEXPECTED,
+    ConfigError,
+    ConfigErrors,
+    RekbatchError,
+    SetupError,
+)
 from rekbatch.logs import LogFormat, configure_logging
 
 app = typer.Typer(
@@ -29,8 +38,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-
-EXIT_UNEXPECTED = 1
 
 
 class Engine(StrEnum):
@@ -61,7 +68,7 @@ def _one_line_errors() -> Iterator[None]:
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"rekbatch {__version__}")
-        raise typer.Exit(0)
+        raise typer.Exit(EXIT_OK)
 
 
 @app.callback()
@@ -98,12 +105,12 @@ def _check_backend(cfg: Any) -> None:
         raise SetupError(f"backend.kind = 'local': {missing}")
 
 
-def _run_job(cfg: Any, options: Any) -> int:
+def run_and_report(cfg: Any, options: Any, *, progress: bool = False) -> int:
+    """Run a job in this process as ``rekbatch run`` does (signals, the collector, the
+    progress display), print what follows it; the exit code."""
+    from rekbatch.display.progress import show_progress
+    from rekbatch.display.summary import after_run
     from rekbatch.engine import run_job
-
-    if os.environ.get("REKBATCH_BENCH_NO_CHECKPOINT") == "1":
-        options.checkpoint = False
-        typer.echo("rekbatch: checkpointing off (benchmarks only); a crash loses results", err=True)
 
     async def main() -> Any:
         loop = asyncio.get_running_loop()
@@ -121,90 +128,36 @@ def _run_job(cfg: Any, options: Any) -> int:
                 kill_children()
                 sys.stderr.write("rekbatch: stopped at once; resume with the same command\n")
                 sys.stderr.flush()
-                os._exit(130)
+                os._exit(EXIT_INTERRUPTED)
 
         def install(job: Any) -> None:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, on_signal, sig.name, job)
+            job.side_tasks.append(("collector", _collector_frozen))
+            if progress:
+                job.side_tasks.append(("progress", show_progress))
 
         return await run_job(cfg, options, on_job=install)
 
     outcome = asyncio.run(main())
-    out = options.output_dir
-    if outcome.failure is not None:
-        typer.echo(
-            f"rekbatch: {outcome.failure}; what finished is kept, resume with: "
-            f"rekbatch resume {out}{outcome.resume_args}",
-            err=True,
-        )
-        return int(outcome.exit_code)
-    typer.echo(render_summary(outcome.summary))
-    for note in outcome.notes:
-        typer.echo(f"rekbatch: {note}", err=True)
-    for warning in summary_warnings(outcome.summary):
-        typer.echo(f"rekbatch: warning: {warning}", err=True)
-    for line in outcome.answers:
-        if _EMPTY_ANSWER.search(line):
-            typer.echo(f"rekbatch: warning: {line} (no image was analysed)", err=True)
-        else:
-            typer.echo(line)
-    if outcome.exit_code == 130:
-        again = " --follow" if options.follow else ""
-        typer.echo(f"interrupted; resume with: rekbatch resume {out}{again}", err=True)
-    elif outcome.exit_code == 4:
-        typer.echo(
-            f"stopped at a budget cap ({outcome.stop_reason}); raise it and run "
-            f"`rekbatch resume {out}`",
-            err=True,
-        )
+    for to_stderr, line in after_run(outcome, options.output_dir, follow=options.follow):
+        typer.echo(line, err=to_stderr)
     return int(outcome.exit_code)
 
 
-_EMPTY_ANSWER = re.compile(r" in 0 of 0 images$")
-
-
-def render_summary(summary: dict[str, Any]) -> str:
-    """The end-of-run summary printed on stdout (summary.json holds the same and more)."""
-    statuses = summary["counts"]["by_status"]
-    calls = summary["calls"]
-    shown = ["ok", "failed", "skipped"] + (["removed"] if statuses.get("removed") else [])
-    counts = ", ".join(f"{k} {statuses.get(k, 0)}" for k in shown)
-    lines = [f"records: {counts}"]
-    done = sum(statuses.values())
-    if done and not sum(summary.get("records_this_run", {}).values()):
-        lines.append(f"nothing new: {done} records already done")
-    lines.append(
-        f"calls: {calls['total']} in {summary['elapsed_seconds']:.1f} s "
-        f"({summary['calls_per_second']:.1f}/s); throttled {calls['throttles']}, "
-        f"retried {calls['retries']}"
-    )
-    cost = f"cost: ${summary['estimated_cost_usd']:.4f} this run"
-    if summary.get("backend") == "local":
-        cost += " (offline backend: nothing is billed)"
-    else:
-        job_cost = float(summary.get("job_estimated_cost_usd", 0.0))
-        cost += f", ${job_cost:.4f} for the whole job (list prices; an estimate)"
-    lines.append(cost)
-    lines.append("outputs: " + ", ".join(summary.get("outputs", [])))
-    return "\n".join(lines)
-
-
-def summary_warnings(summary: dict[str, Any]) -> list[str]:
-    """What a run that exits 0 should not leave unsaid: sources without images."""
-    statuses = summary["counts"]["by_status"]
-    if summary.get("stopped"):
-        return []  # stopped before the listing was done: nothing to say about the sources
-    if not sum(statuses.values()):
-        return ["the sources listed no objects; check source.uris (and source.include)"]
-    if not statuses.get("ok") and not statuses.get("failed") and not statuses.get("removed"):
-        reasons = summary["counts"].get("by_reason", {})
-        why = ", ".join(f"{k} {v}" for k, v in sorted(reasons.items()))
-        return [f"no image to analyse: every record was skipped ({why})"]
-    return []
+async def _collector_frozen(job: Any) -> None:
+    """Beside the run's work, until it ends: what exists when it starts (modules, clients,
+    the config) stays out of the collector's passes, which took about a third of the hot
+    path (BENCHMARKS.md); objects in flight are few and short-lived."""
+    gc.freeze()
+    try:
+        await asyncio.Event().wait()
+    finally:
+        gc.unfreeze()
 
 
 def _progress(fmt: str) -> bool:
-    from rekbatch.commands.progress import progress_wanted
+    from rekbatch.display.progress import progress_wanted
 
     return progress_wanted(fmt, sys.stderr)
 
@@ -293,12 +246,11 @@ def run(
             output_dir=Path(cfg.job.output_dir),
             fresh=fresh,
             config_path=str(config),
-            progress=_progress(fmt),
             shard=which,
             job_config=job_cfg if which is not None else None,
             follow=follow,
         )
-        code = _run_job(cfg, options)
+        code = run_and_report(cfg, options, progress=_progress(fmt))
     raise typer.Exit(code)
 
 
@@ -340,13 +292,16 @@ def _shard_choice(
 
 
 def _run_ray(cfg: Any, shards: int, address: str | None, *, fresh: bool, config_path: str) -> int:
+    from rekbatch.commands.merge import merge_job
     from rekbatch.engine.ray_shards import run_shards_on_ray
 
-    outcome = run_shards_on_ray(cfg, shards, address=address, fresh=fresh, config_path=config_path)
-    return _print_merge(outcome)
+    merged = run_shards_on_ray(cfg, shards, address=address, fresh=fresh, config_path=config_path)
+    return _print_merge(merge_job(*merged))
 
 
 def _print_merge(outcome: Any) -> int:
+    from rekbatch.display.summary import render_summary
+
     typer.echo(render_summary(outcome.summary))
     for line in outcome.answers:
         typer.echo(line)
@@ -459,11 +414,10 @@ def scan(
             output_dir=Path(cfg.job.output_dir),
             fresh=fresh,
             config_path=str(Path(cfg.job.output_dir) / CONFIG_FILE),
-            progress=_progress(fmt),
             config_text=to_toml(written, command=command),
             config_file=CONFIG_FILE,
         )
-        code = _run_job(cfg, options)
+        code = run_and_report(cfg, options, progress=_progress(fmt))
     raise typer.Exit(code)
 
 
@@ -504,10 +458,9 @@ def resume(
             job_config=sharded[0] if sharded else None,
             retry_failed=retry_failed,
             retry_codes={c.strip() for c in codes.split(",") if c.strip()} if codes else None,
-            progress=_progress(fmt),
             follow=follow,
         )
-        code = _run_job(cfg, options)
+        code = run_and_report(cfg, options, progress=_progress(fmt))
     raise typer.Exit(code)
 
 
@@ -638,4 +591,9 @@ def find(
 
 
 def main() -> None:
+    # aiohttp warns about any body over 1 MiB passed as bytes; images sent as bytes (up to
+    # 5 MB, 6.7 MB as base64 JSON) are such bodies by design, written in one go.
+    warnings.filterwarnings(
+        "ignore", message="Sending a large body directly", category=ResourceWarning
+    )
     app()

@@ -43,6 +43,8 @@ EXIT_USAGE = 2
 EXIT_FAILED_RECORDS = 3
 EXIT_BUDGET = 4
 EXIT_INTERRUPTED = 130
+# A run that went through every record (some may have failed): a shard ready to merge.
+EXIT_DONE = frozenset({EXIT_OK, EXIT_FAILED_RECORDS})
 
 
 class RekbatchError(Exception):

@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from rekbatch.backends.base import ImageInput
+from rekbatch.backends.base import ImageInput, InProcessBackend
 from rekbatch.errors import BackendError
 
 Hook = Callable[[int, str, str], BaseException | None]
@@ -33,7 +33,7 @@ def _box(i: int) -> dict[str, float]:
 
 
 @dataclass
-class FakeBackend:
+class FakeBackend(InProcessBackend):
     people: Mapping[str, list[str]] = field(default_factory=dict)
     latency: float = 0.0
     #: call number (1-based, over all APIs) -> exception to raise on that call

@@ -1030,8 +1030,16 @@ class FakeRekognition:
     """
 
     def __init__(
-        self, config: FakeConfig | None = None, *, host: str = "127.0.0.1", port: int = 0
+        self,
+        config: FakeConfig | None = None,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
+        """``clock`` drives the quota buckets and how long a stall is held; ``sleep`` is
+        how latency and throttle replies wait. Tests give their own to control both."""
         config = config or FakeConfig()
         self._config = dataclasses.replace(
             config,
@@ -1046,6 +1054,8 @@ class FakeRekognition:
         _check_faults(self._config)
         self._host = host
         self._port = port
+        self._clock = clock
+        self._sleep = sleep
         self._lock = threading.RLock()
         self._rng = random.Random(self._config.seed)
         self._buckets: dict[tuple[str, str], _TokenBucket] = {}  # (region, API)
@@ -1295,7 +1305,7 @@ class FakeRekognition:
     def _sync_buckets(self) -> None:
         """Each region's buckets to the quotas as they are now (new ones start full when a
         region first calls)."""
-        now = time.monotonic()
+        now = self._clock()
         burst = self._config.burst_seconds
         for key, bucket in list(self._buckets.items()):
             tps = self._quota(*key)
@@ -1633,7 +1643,7 @@ class FakeRekognition:
         """A token of ``api``'s bucket in the request's region (each region its own)."""
         key = (_REQUEST_REGION.get(), api)
         with self._lock:
-            now = time.monotonic()
+            now = self._clock()
             bucket = self._buckets.get(key)
             if bucket is None:
                 tps = self._quota(*key)
@@ -1760,14 +1770,13 @@ class FakeRekognition:
         is up."""
         with self._lock:
             seconds = self._config.slow_seconds if slow else self._config.stall_seconds
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + seconds if seconds > 0 else math.inf
+        deadline = self._clock() + seconds if seconds > 0 else math.inf
         stop = self._stop_event
         while True:
             # polled, not awaited: aiohttp has no "client disconnected" event to wait on
             if (stop is not None and stop.is_set()) or _client_gone(request):
                 return False
-            left = deadline - loop.time()
+            left = deadline - self._clock()
             if left <= 0:
                 return True
             await asyncio.sleep(min(left, _HOLD_POLL_SECONDS))
@@ -1793,16 +1802,16 @@ class FakeRekognition:
         if refused is not None:
             raise _ApiError(refused, _CREDENTIAL_MESSAGES.get(refused, "Invalid credentials"))
         if fault == "quota" or not self._take_token(api):
-            await asyncio.sleep(self._config.throttle_latency_ms / 1000.0)
+            await self._sleep(self._config.throttle_latency_ms / 1000.0)
             raise _ApiError("ProvisionedThroughputExceededException", "Provisioned rate exceeded.")
         if fault == "throttle" or self._roll(self._config.throttle_rate):
-            await asyncio.sleep(self._config.throttle_latency_ms / 1000.0)
+            await self._sleep(self._config.throttle_latency_ms / 1000.0)
             raise _ApiError(
                 "ThrottlingException", "Slow down; sudden increase in rate of requests.", 500
             )
         latency = self._draw_latency()
         if latency > 0:
-            await asyncio.sleep(latency)
+            await self._sleep(latency)
         if fault == "error" or self._roll(self._config.error_rate):
             raise _ApiError("InternalServerError", "Internal server error", 500)
         body = await self._offload(len(raw), _parse_body, raw)

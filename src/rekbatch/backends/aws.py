@@ -44,7 +44,6 @@ import contextlib
 import inspect
 import json
 import re
-import warnings
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any
@@ -286,11 +285,6 @@ class AwsBackend:
         self._user_agent = ""
 
     async def __aenter__(self) -> AwsBackend:
-        # aiohttp warns about any body over 1 MiB passed as bytes; images sent as bytes
-        # (up to 5 MB, 6.7 MB as base64 JSON) are such bodies by design, written in one go.
-        warnings.filterwarnings(
-            "ignore", message="Sending a large body directly", category=ResourceWarning
-        )
         await self._open(self._session)
         return self
 
@@ -311,11 +305,12 @@ class AwsBackend:
         if self._http is None:
             self._direct.clear()  # a reopened client without the direct path
 
-    async def refresh_credentials(self) -> None:
+    async def refresh_credentials(self) -> bool:
         """Resolve the credentials again and make the next calls with them."""
         if self._new_session is not None:
             self._session = self._new_session()
         await self._open(self._session)  # the previous client closes with the backend
+        return True
 
     async def _open_direct(self, session: Any) -> None:
         """What the direct path takes from the client: its HTTP session, credentials,

@@ -60,11 +60,31 @@ class ImageInput:
 
 
 class Backend(Protocol):
+    @property
+    def network(self) -> bool:
+        """Calls cross a network: the caller gives each a deadline (and an upload's time)."""
+        ...
+
+    @property
+    def endpoint_name(self) -> str:
+        """The endpoint as errors name it ("the Rekognition endpoint https://...")."""
+        ...
+
+    @property
+    def ways_out(self) -> str:
+        """What to check when the endpoint is never reached (the end of that line)."""
+        ...
+
     async def call(
         self, api: str, params: dict[str, Any], images: dict[str, ImageInput]
     ) -> dict[str, Any]:
         """Run ``api`` with ``params`` plus each image under its request field name
         (``Image``, ``SourceImage``, ``TargetImage``)."""
+        ...
+
+    async def refresh_credentials(self) -> bool:
+        """Resolve the credentials again after the service refused them; False when there
+        is nothing to reload (the refusal stands)."""
         ...
 
     async def aclose(self) -> None: ...
@@ -81,3 +101,15 @@ class FaceLookup(Protocol):
     ) -> list[dict[str, Any]]:
         """ListFaces' ``Faces`` entries of the faces carrying one of ``external_ids``."""
         ...
+
+
+class InProcessBackend:
+    """The protocol's defaults for a backend that answers in this process: no network, no
+    credentials."""
+
+    network = False
+    endpoint_name = "the backend"
+    ways_out = ""
+
+    async def refresh_credentials(self) -> bool:
+        return False

@@ -149,13 +149,13 @@ class Caller:
         self._share = share
         self.retry = retry
         self.stats = CallStats()
-        self.network = bool(getattr(backend, "network", False))
+        self.network = backend.network
         self.reach = Reachability(
-            getattr(backend, "endpoint_name", "the backend"),
+            backend.endpoint_name,
             unreachable_seconds,
             clock,
             first_contact=first_contact_seconds,
-            ways_out=getattr(backend, "ways_out", ""),
+            ways_out=backend.ways_out,
         )
         self.latency: dict[str, LatencyWindow] = {}
         self._max_tps = max_tps
@@ -278,15 +278,16 @@ class Caller:
         async with self._reloading:
             if generation != self._credentials_generation:
                 return  # reloaded since that call was sent: try the new ones
-            reload = getattr(self.backend, "refresh_credentials", None)
-            if reload is None or (self._credentials_generation and not self._ok_since_reload):
+            if self._credentials_generation and not self._ok_since_reload:
                 raise CredentialsRefused(self.reach.name, error.code, error.message)
             try:
-                await reload()
+                reloaded = await self.backend.refresh_credentials()
             except Exception as exc:
                 raise CredentialsRefused(
                     self.reach.name, error.code, f"{error.message}; reloading: {exc}"
                 ) from exc
+            if not reloaded:
+                raise CredentialsRefused(self.reach.name, error.code, error.message)
             self._credentials_generation += 1
             self._ok_since_reload = False
             log.warning("credentials_reloaded", endpoint=self.reach.name, after=error.code)

@@ -437,6 +437,21 @@ class RegionBackend:
         self.bytes_sent = 0  # image bytes sent here from buckets in other Regions
         self.reads = 0  # objects read to be sent here (GETs)
 
+    @property
+    def network(self) -> bool:
+        return self._backend.network
+
+    @property
+    def endpoint_name(self) -> str:
+        return self._backend.endpoint_name
+
+    @property
+    def ways_out(self) -> str:
+        return self._backend.ways_out
+
+    async def refresh_credentials(self) -> bool:
+        return await self._backend.refresh_credentials()
+
     def _counted_read(self) -> None:
         self.reads += 1
 

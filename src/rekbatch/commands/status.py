@@ -7,6 +7,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from rekbatch.display.lines import listing_line, queue_line
+from rekbatch.errors import EXIT_DONE
 from rekbatch.sinks.summary import record_counts
 from rekbatch.store.jobdir import existing_ledger, state_dir
 from rekbatch.store.jobdir import ledger_path as jobdir_ledger
@@ -131,25 +133,6 @@ def queue_status(
     return out
 
 
-def queue_line(uri: str, q: dict[str, Any]) -> str:
-    """``queue URI: backlog N (M in flight), oldest held A s; received R, ...``"""
-    backlog = "backlog unknown" if q.get("backlog") is None else f"backlog {q['backlog']}"
-    if q.get("in_flight") is not None:
-        backlog += f" ({q['in_flight']} in flight)"
-    if q.get("backlog_age_seconds") is not None:
-        backlog += f" as of {q['backlog_age_seconds']:.0f} s ago"
-    parts = [backlog]
-    if q.get("oldest_held_age_seconds") is not None:
-        parts.append(f"oldest message in hand {q['oldest_held_age_seconds']:.0f} s old")
-    if q.get("lag_seconds") is not None:
-        parts.append(f"last received {q['lag_seconds']:.0f} s after it was sent")
-    counts = (
-        f"received {q.get('received', 0)}, deleted {q.get('deleted', 0)}, "
-        f"left for redrive {q.get('failed_messages', 0)}"
-    )
-    return f"queue {uri}: {', '.join(parts)}; {counts}"
-
-
 def render_status(report: dict[str, Any]) -> str:
     state = "running" if report["active"] else "not running"
     if "shards" in report:
@@ -245,7 +228,7 @@ def any_status(directory: Path, *, now: float) -> dict[str, Any]:
             total["calls_per_second"] += one["calls_per_second"]
         listing_done = listing_done and all(s["listing_done"] for s in one["sources"])
     started = {s["shard"] for s in shards if s["of"] == count}
-    finished = [s for s in shards if s["last_exit_code"] in (0, 3) and not s["active"]]
+    finished = [s for s in shards if s["last_exit_code"] in EXIT_DONE and not s["active"]]
     return {
         "directory": str(directory),
         "job": job,
@@ -282,17 +265,3 @@ def any_status(directory: Path, *, now: float) -> dict[str, Any]:
         "last_heartbeat_age_seconds": None,
         "last_exit_code": None,
     }
-
-
-def listing_line(uri: str, listing: dict[str, Any] | None) -> str | None:
-    """``listing URI: N keys (R/s), P% ETA T`` from a run's listing stats of a source."""
-    if not listing:
-        return None
-    text = f"listing {uri}: {listing['listed']} keys ({listing['per_second']:.0f}/s)"
-    if listing.get("percent") is not None:
-        text += f", {listing['percent']:.1f}%"
-        if listing.get("eta_seconds") is not None:
-            text += f" ETA {listing['eta_seconds']:.0f} s"
-    elif listing.get("ranges"):
-        text += f", ranges {listing['ranges_listed']}/{listing['ranges']}"
-    return text

@@ -1,14 +1,13 @@
-"""Ray: the shards of a job as Ray tasks, and the offline backend's analysis on Ray actors.
+"""Ray: the shards of a job as Ray tasks.
 
 ``run_shards_on_ray`` submits one task per shard. A task is an ordinary shard run (its own
 folder, ledger and lock), so when Ray retries it after its worker died, the retry resumes
 from the shard's ledger and nothing finished is done again. When every shard is done, the
-driver merges them: from the output directory (one machine, or a shared file system), or
-from ``output.upload_uri`` when the job uploads (a cluster whose nodes share only S3).
+command line merges them as ``rekbatch merge`` does: from the output directory (one
+machine, or a shared file system), or from ``output.upload_uri`` when the job uploads (a
+cluster whose nodes share only S3).
 
-``RayActorExecutor`` is a ``concurrent.futures.Executor`` over a pool of actors, each of
-which loads the face models once; ``LocalBackend(executor=...)`` sends its work there
-instead of its process pool (``backend.executor = "ray"``).
+The offline backend's Ray actors are ``backends/local/ray_actors.py``.
 
 Ray is an optional extra: ``pip install 'rekbatch[ray]'``.
 """
@@ -16,67 +15,25 @@ Ray is an optional extra: ``pip install 'rekbatch[ray]'``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import itertools
 import os
 import shutil
-import threading
-from collections.abc import Callable, Iterator
-from concurrent.futures import Executor, Future
 from pathlib import Path
 from typing import Any
 
+from rekbatch.backends.local.ray_actors import connect
 from rekbatch.config import Config
+from rekbatch.engine.run import RunOptions, run_job
 from rekbatch.engine.shards import Shard, shard_config, shard_folders
-from rekbatch.errors import SetupError, TaskFailed
+from rekbatch.errors import EXIT_DONE, TaskFailed
 
 # Retries of a shard whose worker died (a node lost, a process killed). Each resumes.
 SHARD_RETRIES = 3
-
-
-def _ray() -> Any:
-    try:
-        import ray
-    except ImportError:
-        raise SetupError(
-            "--engine ray / backend.executor = 'ray' needs Ray: pip install 'rekbatch[ray]'"
-        ) from None
-    return ray
-
-
-def connect(address: str | None) -> Any:
-    """Ray, initialised: the cluster at ``address`` ("auto": the one this node is in), or
-    a local one on this machine's cores when there is none."""
-    ray = _ray()
-    if not ray.is_initialized():
-        try:
-            with _from_root():
-                ray.init(address=address, include_dashboard=False, logging_level="warning")
-        except ConnectionError as exc:
-            raise SetupError(f"--ray-address {address}: {exc}") from None
-    return ray
-
-
-@contextlib.contextmanager
-def _from_root() -> Iterator[None]:
-    """The working folder at the file system's root while Ray starts. Ray puts the driver's
-    working folder first on every worker's sys.path (and a local Ray's processes start in
-    it), so a ``rekbatch`` or ``pyarrow`` package planted there would run in the shard tasks
-    and actors. Every path a job holds is absolute, so the workers need no working folder."""
-    here = os.getcwd()
-    os.chdir(os.path.abspath(os.sep))
-    try:
-        yield
-    finally:
-        os.chdir(here)
 
 
 def run_shard(
     job: dict[str, Any], index: int, count: int, config_path: str, local_workers: int | None
 ) -> int:
     """One shard, start to end, in this process (the body of a Ray task); its exit code."""
-    from rekbatch.engine.run import RunOptions, run_job
-
     cfg = Config.model_validate(job)
     shard = Shard(index, count)
     own = shard_config(cfg, shard)
@@ -93,11 +50,10 @@ def run_shard(
 
 def run_shards_on_ray(
     cfg: Config, count: int, *, address: str | None, fresh: bool, config_path: str
-) -> Any:
-    """Run the ``count`` shards of ``cfg`` as Ray tasks, then merge them; the merge's
-    outcome."""
-    from rekbatch.commands.merge import merge_job
-
+) -> tuple[str, Path | None]:
+    """Run the ``count`` shards of ``cfg`` as Ray tasks; what to merge them from, as
+    ``rekbatch merge`` takes it: the output directory, or the upload URI and the folder to
+    merge into."""
     out = Path(cfg.job.output_dir)
     if fresh:
         # Here, not in the tasks: a retried task must resume, never start over. The job's
@@ -124,13 +80,13 @@ def run_shards_on_ray(
         except Exception as exc:  # a task that failed after its retries
             last = (str(exc).strip().splitlines() or [""])[-1]
             codes[k] = f"{type(exc).__name__}: {last}"
-    bad = {k: c for k, c in codes.items() if c not in (0, 3)}
+    bad = {k: code for k, code in codes.items() if code not in EXIT_DONE}
     if bad:
         detail = "; ".join(f"shard {k}/{count}: {c}" for k, c in sorted(bad.items()))
         raise TaskFailed("ray", RuntimeError(f"shards did not finish ({detail}); run again"))
     if cfg.output.upload_uri and not _all_local(out, count):
-        return merge_job(cfg.output.upload_uri, out)
-    return merge_job(str(out), None)
+        return cfg.output.upload_uri, out
+    return str(out), None
 
 
 async def _forget_split(cfg: Config) -> None:
@@ -150,44 +106,3 @@ async def _forget_split(cfg: Config) -> None:
 def _all_local(out: Path, count: int) -> bool:
     folders = shard_folders(out)
     return all(Shard(k, count) in folders for k in range(count))
-
-
-class _FaceWorker:
-    """A Ray actor: the models loaded once, then any number of tasks."""
-
-    def __init__(self) -> None:
-        from rekbatch.backends.local.backend import _init_worker
-
-        _init_worker()
-
-    def run(self, fn: Callable[[], Any]) -> Any:
-        return fn()
-
-
-class RayActorExecutor(Executor):
-    """``workers`` actors (one CPU each; by default one per CPU free in the cluster)
-    anywhere in the cluster; tasks go to them in turn."""
-
-    def __init__(self, workers: int | None = None, *, address: str | None = None) -> None:
-        ray = connect(address)
-        if workers is None:
-            workers = max(1, int(ray.available_resources().get("CPU", 1)))
-        actor = ray.remote(num_cpus=1)(_FaceWorker)
-        self._actors = [actor.remote() for _ in range(workers)]
-        self._next = itertools.cycle(range(workers))
-        self._lock = threading.Lock()
-        self._ray = ray
-
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
-        import functools
-
-        call = functools.partial(fn, *args, **kwargs)
-        with self._lock:
-            actor = self._actors[next(self._next)]
-        future: Future[Any] = actor.run.remote(call).future()
-        return future
-
-    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        for actor in self._actors:
-            self._ray.kill(actor)
-        self._actors = []

@@ -2,10 +2,11 @@
 
 ``Job.run`` takes the job directory's lock, opens the ledger and the services, prepares the
 operations, then runs every task of the run under one ``asyncio.TaskGroup``: the producer,
-the workers, the writer, the heartbeat, the periodic upload and the progress display. The
-first unexpected failure of any of them cancels the others; what is finished is committed
-and the run ends with exit 1 and one line naming the task (or the cause, when the run
-stopped itself: the failure breaker, refused credentials, an endpoint out of reach).
+the workers, the writer, the heartbeat, the periodic upload and the side tasks handed to
+the job (the command line's progress display). The first unexpected failure of any of them
+cancels the others; what is finished is committed and the run ends with exit 1 and one
+line naming the task (or the cause, when the run stopped itself: the failure breaker,
+refused credentials, an endpoint out of reach).
 Stopping (a signal or a budget cap) instead closes the producer: in-flight objects have
 ``limits.stop_grace_seconds`` to finish, no call is retried meanwhile, and then the
 producer and the workers are cancelled; everything finished is committed.
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import os
 import shutil
 import uuid
@@ -87,9 +87,9 @@ class RunOptions:
     retry_failed: bool = False
     retry_codes: set[str] | None = None
     config_path: str = ""
-    progress: bool = False
-    # Benchmarks only: no fsync and no synchronous SQLite commits, to measure what
-    # checkpointing costs. A machine crash then loses results; a process crash does not.
+    # Benchmarks only (benchmarks/run_unchecked.py; the CLI never turns it off): no fsync
+    # and no synchronous SQLite commits, to measure what checkpointing costs. A machine
+    # crash then loses results; a process crash does not.
     checkpoint: bool = True
     # ``rekbatch scan``: the config built from its flags, written into the job directory
     # (as ``config_file``) once the directory holds the job.
@@ -173,6 +173,9 @@ class Job:
         self._main: asyncio.Task[Any] | None = None  # the task running ``run``
         self._startup_cancelled = False
         self._grace: asyncio.TimerHandle | None = None
+        # Tasks run beside the work (the command line's progress display): supervised with
+        # the run's own, cancelled when the work ends; a failure ends the run as theirs do.
+        self.side_tasks: list[tuple[str, Callable[[Job], Coroutine[Any, Any, None]]]] = []
 
     # -- control ----------------------------------------------------------------------------
 
@@ -474,7 +477,7 @@ class Job:
 
         executor = None
         if cfg.backend.executor == "ray":
-            from rekbatch.engine.ray_shards import RayActorExecutor
+            from rekbatch.backends.local.ray_actors import RayActorExecutor
 
             executor = RayActorExecutor(self.options.local_workers, address=cfg.backend.ray_address)
             stack.callback(executor.shutdown)
@@ -664,10 +667,7 @@ class Job:
             concurrency=cfg.limits.concurrency,
         )
         side: list[tuple[str, Coroutine[Any, Any, None]]] = [("heartbeat", self._heartbeat(ledger))]
-        if self.options.progress:
-            from rekbatch.commands.progress import show_progress
-
-            side.append(("progress", show_progress(self)))
+        side += [(name, start(self)) for name, start in self.side_tasks]
         if feeder is not None:
             side.append(("queue", feeder.keep()))
         if self.options.follow:
@@ -675,8 +675,6 @@ class Job:
             side.append(("upload", self._upload_parts(ledger, s3, every, export=True)))
         elif cfg.output.upload_uri and s3 is not None:
             side.append(("upload", self._upload_parts(ledger, s3)))
-        # Objects in flight are few and short-lived; the collector need not walk them often.
-        gc.freeze()
         failure: TaskFailed | None = None
         try:
             await self._supervise(producer, worker, queue, writer, side)
@@ -686,7 +684,6 @@ class Job:
             failure = first
             log.error("run_failed", task=first.task, error=str(first.cause))
         finally:
-            gc.unfreeze()
             try:
                 await writer.close()
             except Exception as exc:  # the writer itself failed: its rows are in the journal

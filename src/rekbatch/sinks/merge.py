@@ -30,7 +30,7 @@ from pydantic import ValidationError
 
 from rekbatch.config import Config
 from rekbatch.engine.shards import JOB_FILE, JobSplit, Shard, job_file_owns, shard_folders
-from rekbatch.errors import SetupError
+from rekbatch.errors import EXIT_DONE, EXIT_FAILED_RECORDS, EXIT_OK, SetupError
 from rekbatch.operations import build_operations
 from rekbatch.operations.summaries import box_text
 from rekbatch.records import utc_now
@@ -44,7 +44,6 @@ from rekbatch.store.ledger import LedgerDB
 from rekbatch.store.lock import JobLock
 
 BATCH_LINES = 5000
-DONE_CODES = frozenset({0, 3})  # a shard that finished: all its records, some maybe failed
 
 
 @dataclass(frozen=True)
@@ -82,7 +81,7 @@ def local_shards(directory: Path) -> list[ShardFiles]:
             problems.append(f"shard {shard} is still running")
             continue
         code = _last_exit_code(folder)
-        if code is None or code not in DONE_CODES:
+        if code is None or code not in EXIT_DONE:
             state = "has not run" if code is None else f"ended with exit code {code}"
             problems.append(f"shard {shard} {state}; run it again with --shard {shard}")
     if problems:
@@ -258,7 +257,8 @@ def _merge_locked(directory: Path, cfg: Config, shards: Sequence[ShardFiles]) ->
     summary["outputs"] = [*outputs, str(directory / "summary.json")]
     write_summary(directory, summary)
     failed = summary["counts"]["by_status"].get("failed", 0)
-    return MergeOutcome(3 if failed else 0, summary, answer_lines(summary), cfg)
+    code = EXIT_FAILED_RECORDS if failed else EXIT_OK
+    return MergeOutcome(code, summary, answer_lines(summary), cfg)
 
 
 def _merge_into(directory: Path, db: LedgerDB, cfg: Config, shards: Sequence[ShardFiles]) -> None:

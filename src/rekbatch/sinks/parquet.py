@@ -27,7 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from rekbatch.errors import SetupError
+from rekbatch.errors import EXIT_OK, EXIT_UNEXPECTED, EXIT_USAGE, SetupError
 from rekbatch.operations.summaries import SUMMARY_COLUMNS, summarize
 from rekbatch.records import IMAGE_FIELDS
 from rekbatch.sinks.rows import BASE_COLUMNS, CSV_COLUMNS
@@ -487,7 +487,7 @@ async def export_in_child(output_dir: Path) -> list[Path]:
             child.kill()
         await child.wait()
         raise
-    if child.returncode != 0:
+    if child.returncode != EXIT_OK:
         lines = err.decode(errors="replace").strip().splitlines()
         reason = lines[-1] if lines else f"exit {child.returncode}"
         raise SetupError(f"Parquet export of {output_dir}: {reason}")
@@ -498,15 +498,15 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
         print("usage: python -m rekbatch.sinks.parquet OUTPUT_DIR", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     try:
         written = write_parquet(Path(args[0]))
     except (SetupError, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_UNEXPECTED
     for path in written:
         print(path)
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

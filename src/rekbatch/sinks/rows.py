@@ -38,6 +38,9 @@ BASE_COLUMNS: tuple[str, ...] = (
     "processed_at",
 )
 CSV_COLUMNS: tuple[str, ...] = (*BASE_COLUMNS, *IMAGE_FIELDS, *SUMMARY_COLUMNS, "result_json")
+# What a results.jsonl line holds of the record itself; its other members are the
+# record's ``extra`` (the image's fields, an operation's own).
+RECORD_FIELDS = frozenset({*BASE_COLUMNS, "dedup_of", "sequencer", "result"})
 
 CsvFormulas = Literal["neutralise", "raw"]
 # What spreadsheets (Excel, LibreOffice, Google Sheets) take as the start of a formula.

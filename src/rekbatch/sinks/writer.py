@@ -38,7 +38,14 @@ from rekbatch.operations.summaries import summarize
 from rekbatch.records import ObjectRef, Record
 from rekbatch.sinks.files import AppendFile
 from rekbatch.sinks.retired import retired_faces
-from rekbatch.sinks.rows import CsvFormulas, CsvRows, csv_header, encode_result, jsonl_line
+from rekbatch.sinks.rows import (
+    RECORD_FIELDS,
+    CsvFormulas,
+    CsvRows,
+    csv_header,
+    encode_result,
+    jsonl_line,
+)
 from rekbatch.store.ledger import Ledger, LedgerDB, LedgerRow
 from rekbatch.store.watermark import WatermarkTracker
 
@@ -48,29 +55,6 @@ BATCH_RECORDS = 256
 BATCH_SECONDS = 0.25
 JSONL = "results.jsonl"
 CSV = "results.csv"
-
-_BASE_FIELDS = frozenset(
-    {
-        "run_id",
-        "source",
-        "bucket",
-        "key",
-        "etag",
-        "size",
-        "last_modified",
-        "operation",
-        "status",
-        "reason",
-        "error_code",
-        "error_message",
-        "attempts",
-        "latency_ms",
-        "processed_at",
-        "dedup_of",
-        "sequencer",
-        "result",
-    }
-)
 
 
 @dataclass(slots=True)
@@ -383,7 +367,7 @@ def parse_line(line: bytes, offset: int, sources: Sequence[str]) -> _Row | None:
             source,
             sequencer=row.get("sequencer"),
         )
-        extra = {k: v for k, v in row.items() if k not in _BASE_FIELDS}
+        extra = {k: v for k, v in row.items() if k not in RECORD_FIELDS}
         record = Record(
             obj,
             row["operation"],

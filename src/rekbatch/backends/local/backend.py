@@ -47,7 +47,7 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rekbatch.backends.base import ImageInput
+from rekbatch.backends.base import ImageInput, InProcessBackend
 from rekbatch.errors import BackendError
 from rekbatch.sources.decoding import MB, MemoryBudget, megabytes
 
@@ -221,7 +221,7 @@ def _str_param(params: dict[str, Any], name: str) -> str:
 # The backend
 
 
-class LocalBackend:
+class LocalBackend(InProcessBackend):
     """Answers Rekognition face operations offline in a process pool.
 
     ``collections_dir`` holds the face collections (created on first ``CreateCollection``);

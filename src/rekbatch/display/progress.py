@@ -18,7 +18,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from rekbatch.commands.status import listing_line, queue_line
+from rekbatch.display.lines import listing_line, queue_line
 
 if TYPE_CHECKING:
     from rekbatch.engine import Job
