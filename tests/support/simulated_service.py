@@ -116,8 +116,11 @@ class ServiceLog:
 class SimulatedService:
     """One Rekognition operation on virtual time (a ``Backend``)."""
 
+    # The Backend protocol's attributes, written out rather than inherited from
+    # InProcessBackend so that sim_ratelimit --src still runs older checkouts.
     network = False
     endpoint_name = "simulated Rekognition"
+    ways_out = ""
 
     def __init__(
         self,
