@@ -16,25 +16,44 @@ send at most ``--ceiling`` calls a second with ``--concurrency`` in flight:
 
 Rounds alternate the contenders; the table shows medians.
 
-    python -m benchmarks.bench_faults [--images 2000] [--rounds 3]
+``--paired`` runs a fault-free run of the same contender just before each faulty one and
+adds the median of those pairs' shares (for a machine whose load changes by the minute).
+``--before DIR`` adds rekbatch from another checkout's ``src`` (the code before a change) as a
+contender of its own; ``--src DIR`` picks the code measured as "rekbatch" (this checkout's by
+default); ``--no-baseline`` leaves the baseline out. ``--cpu-hog N`` runs N processes that
+only spin beside the whole benchmark, as other work on a shared machine does: every process
+(rekbatch, the fake, moto) gets less of the cores and in slices, so answers come late and
+unevenly.
+
+    python -m benchmarks.bench_faults [--images 2000] [--rounds 3] [--cpu-hog 2]
+        [--before /tmp/before/src] [--no-baseline] [--paired]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import aioboto3
-from aiobotocore.config import AioConfig
+from benchmarks.src_choice import use_src
 
-from benchmarks.servers import (
+# --src must take effect before rekbatch is imported (and in the CLI processes it starts).
+SRC = use_src(children=True)
+
+import aioboto3  # noqa: E402
+from aiobotocore.config import AioConfig  # noqa: E402
+
+from benchmarks.servers import (  # noqa: E402
     CREDENTIALS,
     REGION,
     fake_admin,
@@ -112,8 +131,30 @@ async def baseline(
     }
 
 
+@contextlib.contextmanager
+def cpu_hog(processes: int) -> Iterator[list[int]]:
+    """``processes`` busy loops beside the benchmark (their pids); stopped on the way out."""
+    procs = [
+        subprocess.Popen([sys.executable, "-c", "while True: pass"], stdin=subprocess.DEVNULL)
+        for _ in range(processes)
+    ]
+    try:
+        yield [proc.pid for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
 def rekbatch_run(
-    rek_url: str, s3_url: str, bucket: str, concurrency: int, ceiling: float, work: Path, n: int
+    rek_url: str,
+    s3_url: str,
+    bucket: str,
+    concurrency: int,
+    ceiling: float,
+    work: Path,
+    n: int,
+    src: Path,
 ) -> dict[str, Any]:
     out = work / f"out-{n}"
     config = write_job(
@@ -126,7 +167,9 @@ def rekbatch_run(
         limits=f"concurrency = {concurrency}\nmax_tps = {ceiling}",
         source_extra="sniff = false",
     )
-    proc = run_cli("run", config, "--log-format", "json", timeout=1800)
+    proc = run_cli(
+        "run", config, "--log-format", "json", timeout=1800, env={"PYTHONPATH": str(src)}
+    )
     summary = json.loads((out / "summary.json").read_text())
     statuses = summary["counts"]["by_status"]
     elapsed = summary["elapsed_seconds"]
@@ -139,6 +182,7 @@ def rekbatch_run(
         "background_share": {
             api: lim.get("background_share") for api, lim in summary["limiters"].items()
         },
+        "cuts": {api: lim.get("cuts") for api, lim in summary["limiters"].items()},
         "finished": proc.returncode in (0, 3),
     }
 
@@ -151,10 +195,28 @@ def main() -> None:
     parser.add_argument("--latency-ms", type=float, default=20.0)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--budget", type=float, default=120.0, help="seconds per baseline run")
+    parser.add_argument("--src", type=Path, default=SRC, help="the code measured as rekbatch")
+    parser.add_argument("--before", type=Path, help="another src measured beside it")
+    parser.add_argument("--no-baseline", action="store_true")
+    parser.add_argument("--cpu-hog", type=int, default=0, metavar="N")
+    parser.add_argument("--only", help="run only the mixes whose name contains this")
+    parser.add_argument(
+        "--paired", action="store_true", help="a fault-free run just before every faulty one"
+    )
     args = parser.parse_args()
     os.environ.update(CREDENTIALS)
+    srcs = {"rekbatch": SRC}
+    if args.before:
+        srcs["rekbatch before"] = args.before.resolve()
+    contenders = [*srcs, *([] if args.no_baseline else ["baseline"])]
+    mixes = {
+        name: faults
+        for name, faults in MIXES.items()
+        if name == "no faults" or not args.only or args.only in name
+    }
     runs: list[dict[str, Any]] = []
     with (
+        cpu_hog(args.cpu_hog),
         moto_s3() as s3_url,
         fake_rekognition(
             s3_url, "--s3-cache", "--latency-ms", str(args.latency_ms), "--seed", "5"
@@ -167,45 +229,53 @@ def main() -> None:
         # Warm the fake's object cache first, so the first timed run is like the others.
         asyncio.run(baseline(rek_url, s3_url, bucket, args.concurrency, 10_000.0, args.budget))
         n = 0
+
+        def one(contender: str, mix: str, round_: int, pair: int | None) -> None:
+            nonlocal n
+            fake_admin(rek_url, "/_fake/config", {**NO_FAULTS, **MIXES[mix]})
+            fake_admin(rek_url, "/_fake/reset", {})
+            n += 1
+            if contender in srcs:
+                result = rekbatch_run(
+                    rek_url,
+                    s3_url,
+                    bucket,
+                    args.concurrency,
+                    args.ceiling,
+                    work,
+                    n,
+                    srcs[contender],
+                )
+            else:
+                result = asyncio.run(
+                    baseline(rek_url, s3_url, bucket, args.concurrency, args.ceiling, args.budget)
+                )
+            result.update(round=round_, mix=mix, contender=contender, pair=pair)
+            runs.append(result)
+            print(json.dumps(result), flush=True)
+
+        pairs = 0
         for round_ in range(args.rounds):
-            for mix, faults in MIXES.items():
-                for contender in (
-                    ("rekbatch", "baseline")
-                    if round_ % 2 == 0
-                    else (
-                        "baseline",
-                        "rekbatch",
-                    )
-                ):
-                    fake_admin(rek_url, "/_fake/config", {**NO_FAULTS, **faults})
-                    fake_admin(rek_url, "/_fake/reset", {})
-                    n += 1
-                    if contender == "rekbatch":
-                        result = rekbatch_run(
-                            rek_url, s3_url, bucket, args.concurrency, args.ceiling, work, n
-                        )
-                    else:
-                        result = asyncio.run(
-                            baseline(
-                                rek_url,
-                                s3_url,
-                                bucket,
-                                args.concurrency,
-                                args.ceiling,
-                                args.budget,
-                            )
-                        )
-                    result.update(round=round_, mix=mix, contender=contender)
-                    runs.append(result)
-                    print(json.dumps(result), flush=True)
+            for mix in mixes:
+                if args.paired and mix == "no faults":
+                    continue
+                # Each round starts with the next contender: none is always first or last.
+                shift = round_ % len(contenders)
+                for contender in contenders[shift:] + contenders[:shift]:
+                    pair = None
+                    if args.paired:
+                        pairs += 1
+                        pair = pairs
+                        one(contender, "no faults", round_, pair)
+                    one(contender, mix, round_, pair)
     table: list[dict[str, Any]] = []
-    for contender in ("rekbatch", "baseline"):
+    for contender in contenders:
         free = statistics.median(
             r["ok_per_second"]
             for r in runs
             if r["contender"] == contender and r["mix"] == "no faults"
         )
-        for mix in MIXES:
+        for mix in mixes:
             rates = [
                 r["ok_per_second"] for r in runs if r["contender"] == contender and r["mix"] == mix
             ]
@@ -214,29 +284,49 @@ def main() -> None:
                 r["finished"] for r in runs if r["contender"] == contender and r["mix"] == mix
             )
             median = statistics.median(rates)
-            table.append(
-                {
-                    "contender": contender,
-                    "mix": mix,
-                    "ok_per_second": median,
-                    "share_of_fault_free": round(median / free, 3),
-                    "failed_records": max(failed),
-                    "all_finished": finished,
-                }
-            )
-    payload = {"args": vars(args), "runs": runs, "table": table, "cores": os.cpu_count()}
+            row = {
+                "contender": contender,
+                "mix": mix,
+                "ok_per_second": median,
+                "share_of_fault_free": round(median / free, 3),
+                "failed_records": max(failed),
+                "all_finished": finished,
+            }
+            if args.paired and mix != "no faults":
+                row["paired_shares"] = paired_shares(runs, contender, mix)
+                row["paired_share"] = round(statistics.median(row["paired_shares"]), 3)
+            table.append(row)
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    payload = {"args": settings, "runs": runs, "table": table, "cores": os.cpu_count()}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "faults.json").write_text(json.dumps(payload, indent=2) + "\n")
     print(
         "\n| contender | fault mix | ok calls/s (median) | share of fault-free "
-        "| failed records | finished |"
+        "| paired share (median) | failed records | finished |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     for row in table:
         print(
             f"| {row['contender']} | {row['mix']} | {row['ok_per_second']} | "
-            f"{row['share_of_fault_free']} | {row['failed_records']} | {row['all_finished']} |"
+            f"{row['share_of_fault_free']} | {row.get('paired_share', '')} | "
+            f"{row['failed_records']} | {row['all_finished']} |"
         )
+
+
+def paired_shares(runs: list[dict[str, Any]], contender: str, mix: str) -> list[float]:
+    """Each run of ``mix`` over the fault-free run just before it (same contender): on a
+    machine whose load changes from minute to minute, a share of rates measured far apart
+    says more about the load than about the faults."""
+    free = {
+        r["pair"]: r["ok_per_second"]
+        for r in runs
+        if r["contender"] == contender and r["mix"] == "no faults" and r["pair"] is not None
+    }
+    return [
+        round(r["ok_per_second"] / free[r["pair"]], 3)
+        for r in runs
+        if r["contender"] == contender and r["mix"] == mix and r["pair"] in free
+    ]
 
 
 if __name__ == "__main__":

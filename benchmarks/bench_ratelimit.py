@@ -5,7 +5,12 @@ Both run DetectFaces against the fake Rekognition server (its own process) with 
 lognormal latency (median 150 ms), for the same wall time per scenario. Rates are read from
 the fake's per-second timeline of accepted and throttled calls, the same for both.
 
+``--before DIR`` adds rekbatch from another checkout's ``src`` (the code before a change)
+as a contender of its own, run right after this one in every scenario; ``--src DIR`` picks
+the code measured as "rekbatch"; ``--no-baseline`` leaves the baseline out.
+
     python -m benchmarks.bench_ratelimit [--seconds 60] [--concurrency 64]
+        [--before /tmp/before/src] [--no-baseline]
 """
 
 from __future__ import annotations
@@ -24,11 +29,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import aioboto3
-from aiobotocore.config import AioConfig
-from botocore.exceptions import ClientError
+from benchmarks.src_choice import use_src
 
-from benchmarks.servers import (
+# --src must take effect before rekbatch is imported (and in the CLI processes it starts).
+SRC = use_src(children=True)
+
+import aioboto3  # noqa: E402
+from aiobotocore.config import AioConfig  # noqa: E402
+from botocore.exceptions import ClientError  # noqa: E402
+
+from benchmarks.servers import (  # noqa: E402
     CREDENTIALS,
     REGION,
     bench_env,
@@ -86,9 +96,16 @@ def _schedule(url: str, scenario: Scenario, started: float) -> threading.Thread:
 
 
 def run_rekbatch(
-    s3_url: str, rek_url: str, scenario: Scenario, seconds: float, concurrency: int, work: Path
+    s3_url: str,
+    rek_url: str,
+    scenario: Scenario,
+    seconds: float,
+    concurrency: int,
+    work: Path,
+    src: Path,
 ) -> list[float]:
-    out = work / f"rekbatch-{scenario.quota}-{scenario.ceiling}-{len(scenario.schedule)}"
+    name = f"{src.parent.name}-{scenario.quota}-{scenario.ceiling}-{len(scenario.schedule)}"
+    out = work / f"rekbatch-{name}"
     config = write_job(
         str(out) + ".toml",
         bucket=BUCKET,
@@ -104,7 +121,7 @@ def run_rekbatch(
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
-        env=bench_env(),
+        env={**bench_env(), "PYTHONPATH": str(src)},
     )
     time.sleep(seconds)
     proc.send_signal(signal.SIGINT)
@@ -120,7 +137,10 @@ def run_rekbatch(
     return latencies
 
 
-async def _baseline(s3_url: str, rek_url: str, seconds: float, concurrency: int) -> list[float]:
+async def _baseline(
+    s3_url: str, rek_url: str, seconds: float | None, concurrency: int
+) -> list[float]:
+    """The baseline for ``seconds``; with None, until every object has been sent once."""
     session = aioboto3.Session(region_name=REGION)
     rek_cfg = AioConfig(
         max_pool_connections=concurrency + 8, retries={"mode": "adaptive", "max_attempts": 8}
@@ -151,6 +171,9 @@ async def _baseline(s3_url: str, rek_url: str, seconds: float, concurrency: int)
             await asyncio.gather(*tasks)
 
         driver = asyncio.create_task(drive())
+        if seconds is None:
+            await driver
+            return latencies
         await asyncio.sleep(seconds)
         # Stop taking work and let calls in flight finish: botocore's adaptive mode does not
         # take cancellation well.
@@ -190,8 +213,15 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--images", type=int, default=7000)
     parser.add_argument("--only", help="run only scenarios whose name contains this")
+    parser.add_argument("--src", type=Path, default=SRC, help="the code measured as rekbatch")
+    parser.add_argument("--before", type=Path, help="another src measured beside it")
+    parser.add_argument("--no-baseline", action="store_true")
     args = parser.parse_args()
     os.environ.update(CREDENTIALS)
+    srcs = {"rekbatch": SRC}
+    if args.before:
+        srcs["rekbatch before"] = args.before.resolve()
+    contenders = [*srcs, *([] if args.no_baseline else ["baseline: aiobotocore adaptive retries"])]
     rows: list[dict[str, Any]] = []
     with (
         moto_s3() as s3_url,
@@ -201,17 +231,27 @@ def main() -> None:
         tempfile.TemporaryDirectory() as tmp,
     ):
         fill_bucket(s3_url, BUCKET, args.images)
+        # Warm the fake's object cache: otherwise the first contender of a scenario pays
+        # for reading from S3 every object the next one gets from the cache.
+        fake_admin(rek_url, "/_fake/config", {"quotas": {"DetectFaces": 100_000}})
+        asyncio.run(_baseline(s3_url, rek_url, None, args.concurrency))
         for scenario in SCENARIOS:
             if args.only and args.only not in scenario.name:
                 continue
-            for contender in ("rekbatch", "baseline: aiobotocore adaptive retries"):
+            for contender in contenders:
                 fake_admin(rek_url, "/_fake/config", {"quotas": {"DetectFaces": scenario.quota}})
                 fake_admin(rek_url, "/_fake/reset", {})
                 started = time.monotonic()
                 _schedule(rek_url, scenario, started)
-                if contender == "rekbatch":
+                if contender in srcs:
                     latencies = run_rekbatch(
-                        s3_url, rek_url, scenario, args.seconds, args.concurrency, Path(tmp)
+                        s3_url,
+                        rek_url,
+                        scenario,
+                        args.seconds,
+                        args.concurrency,
+                        Path(tmp),
+                        srcs[contender],
                     )
                 else:
                     latencies = asyncio.run(
@@ -225,7 +265,12 @@ def main() -> None:
                 brief = {k: v for k, v in row.items() if k != "ok_per_second"}
                 print(json.dumps(brief), flush=True)
     RESULTS.mkdir(exist_ok=True)
-    payload = {"seconds": args.seconds, "concurrency": args.concurrency, "rows": rows}
+    payload = {
+        "seconds": args.seconds,
+        "concurrency": args.concurrency,
+        "srcs": {name: str(path) for name, path in srcs.items()},
+        "rows": rows,
+    }
     (RESULTS / "ratelimit.json").write_text(json.dumps(payload, indent=2) + "\n")
     print("\n| scenario | contender | share of quota | throttled | back to 0.9 | p50 ms | p99 ms |")
     print("|---|---|---|---|---|---|---|")
