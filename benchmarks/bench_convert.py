@@ -37,7 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from benchmarks.servers import REGION, bench_env, fake_rekognition, moto_s3, s3_client
+from benchmarks.servers import REGION, bench_env, fake_rekognition, moto_s3, s3_client, src_of
 
 RESULTS = Path(__file__).parent / "results"
 REPO = Path(__file__).resolve().parent.parent
@@ -191,12 +191,7 @@ def _run(config: Path, pythonpath: str | None) -> float:
 def bench_plain(images: int, rounds: int, before: str) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        old = tmp / "before"
-        old.mkdir()
-        archive = subprocess.run(
-            ["git", "archive", before, "src"], cwd=REPO, capture_output=True, check=True
-        ).stdout
-        subprocess.run(["tar", "-x", "-C", str(old)], input=archive, check=True)
+        old = src_of(before, tmp / "before")
         with moto_s3() as s3_url, fake_rekognition(s3_url, "--s3-cache") as rek_url:
             bucket = "bench-plain"
             _plain_jpegs(s3_url, bucket, images)

@@ -44,11 +44,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import boto3
-
 from benchmarks.servers import (
     REGION,
     RunningServer,
+    bench_client,
     bench_env,
     fake_admin,
     fake_rekognition,
@@ -61,16 +60,6 @@ from benchmarks.synthetic_s3 import OBJECT_SIZE, object_etag, object_key
 OPERATION = '[[operations]]\ntype = "detect_labels"\n'
 RATE_BUCKET = "bench-follow-rate"
 LIVE_BUCKET = "bench-follow-live"
-
-
-def client(kind: str, url: str) -> Any:
-    return boto3.client(
-        kind,
-        endpoint_url=url,
-        region_name=REGION,
-        aws_access_key_id="bench",
-        aws_secret_access_key="bench",
-    )
 
 
 def event(bucket: str, index: int) -> str:
@@ -145,7 +134,7 @@ def sustained(
 ) -> dict[str, Any]:
     bucket = RATE_BUCKET
     bodies = [event(bucket, i) for i in range(args.objects)]
-    sqs = client("sqs", urls[1])
+    sqs = bench_client("sqs", urls[1])
     rates: dict[str, list[float]] = {"queue": [], "listing": []}
     cpu: dict[str, list[float]] = {"queue": [], "listing": []}
     moto_cpu: dict[str, list[float]] = {"queue": [], "listing": []}
@@ -202,7 +191,7 @@ def sustained(
 def latency(urls: tuple[str, str, str], args: argparse.Namespace, work: Path) -> dict[str, Any]:
     fake_admin(urls[2], "/_fake/config", {"quotas": {"DetectLabels": args.latency_quota}})
     bucket = LIVE_BUCKET
-    sqs = client("sqs", urls[1])
+    sqs = bench_client("sqs", urls[1])
     queue_url = sqs.create_queue(QueueName="bench-live", Attributes={"VisibilityTimeout": "60"})[
         "QueueUrl"
     ]

@@ -60,6 +60,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "src"))
 
 from benchmarks.servers import (  # noqa: E402
+    bench_client,
     bench_env,
     fake_admin,
     fake_rekognition,
@@ -106,15 +107,7 @@ def _rekbatch(src: Path | None, *args: str) -> tuple[subprocess.CompletedProcess
 
 def _faces(rek_url: str) -> dict[str, int]:
     """FaceId -> how many times the fake's collections list it."""
-    import boto3
-
-    client = boto3.client(
-        "rekognition",
-        endpoint_url=rek_url,
-        region_name="eu-west-1",
-        aws_access_key_id="bench",
-        aws_secret_access_key="bench",
-    )
+    client = bench_client("rekognition", rek_url)
     found: dict[str, int] = {}
     for collection in client.list_collections()["CollectionIds"]:
         for page in client.get_paginator("list_faces").paginate(CollectionId=collection):
@@ -145,8 +138,6 @@ def part_replace(images: int, rounds: int, baseline: Path | None) -> dict[str, A
     """See the module docstring; the figures of each round, and their medians."""
     import hashlib
 
-    import boto3
-
     originals = {f"img/{i:07d}.jpg": _photo(i) for i in range(images)}
     ric = {key for i, key in enumerate(originals) if i % 10 == 0}
     # A tenth replaced: half of ric's photos (by photos without him), as many others.
@@ -167,13 +158,7 @@ def part_replace(images: int, rounds: int, baseline: Path | None) -> dict[str, A
         people_file.write_text(json.dumps(people))
         ref_file = Path(shared) / "ric.jpg"
         ref_file.write_bytes(reference)
-        s3 = boto3.client(
-            "s3",
-            endpoint_url=s3_url,
-            region_name="eu-west-1",
-            aws_access_key_id="bench",
-            aws_secret_access_key="bench",
-        )
+        s3 = bench_client("s3", s3_url)
         s3.create_bucket(
             Bucket=BUCKET, CreateBucketConfiguration={"LocationConstraint": "eu-west-1"}
         )

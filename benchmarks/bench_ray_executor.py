@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import platform
 import statistics
@@ -25,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.servers import save_report
 from rekbatch.backends.base import ImageInput
 from rekbatch.backends.local.backend import LocalBackend, default_workers
 
@@ -102,9 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         "median_images_per_second": {k: round(v, 3) for k, v in medians.items()},
         "ray_over_pool": round(medians["ray"] / medians["pool"], 3),
     }
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report, indent=2))
+    save_report(RESULTS, report)
     return 0
 
 

@@ -63,9 +63,8 @@ def one_run(
         operations='[[operations]]\ntype = "detect_labels"\n',
         limits=f"concurrency = {args.concurrency}",
         source_extra="sniff = false",
+        aws_extra=f"regions = {json.dumps(regions)}",
     )
-    text = Path(config).read_text().replace("[aws]\n", f"[aws]\nregions = {json.dumps(regions)}\n")
-    Path(config).write_text(text)
     fake_admin(rek_url, "/_fake/reset", {})
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = run_cli(

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import rekbatch.sinks.merge as merge_module
+from benchmarks.servers import save_report
 from rekbatch.config import Config
 from rekbatch.engine.shards import JOB_FILE, Shard, shard_of
 from rekbatch.operations.summaries import summarize
@@ -236,9 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         "csv": csv_rows,
         "merge": merged,
     }
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report, indent=2))
+    save_report(RESULTS, report)
     return 0
 
 

@@ -14,7 +14,6 @@ Raw results: benchmarks/results/shards.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -25,7 +24,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.servers import bench_env, fake_rekognition, fill_bucket, moto_s3, write_job
+from benchmarks.servers import (
+    bench_env,
+    fake_rekognition,
+    fill_bucket,
+    moto_s3,
+    save_report,
+    write_job,
+)
 
 RESULTS = Path(__file__).parent / "results" / "shards.json"
 
@@ -100,9 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         "calls_per_second": {c: round(r, 1) for c, r in rates.items()},
         "ratio_to_1_shard": {c: round(r / rates[counts[0]], 2) for c, r in rates.items()},
     }
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report, indent=2))
+    save_report(RESULTS, report)
     return 0
 
 

@@ -14,6 +14,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import boto3
@@ -170,14 +171,19 @@ def fake_admin(url: str, path: str, body: dict[str, Any] | None = None) -> dict[
         return result
 
 
-def s3_client(url: str) -> Any:
+def bench_client(service: str, url: str) -> Any:
+    """A plain boto3 client for ``service`` at ``url`` (moto, the fake)."""
     return boto3.client(
-        "s3",
+        service,
         endpoint_url=url,
         region_name=REGION,
         aws_access_key_id="bench",
         aws_secret_access_key="bench",
     )
+
+
+def s3_client(url: str) -> Any:
+    return bench_client("s3", url)
 
 
 def fill_bucket(url: str, bucket: str, images: int, non_images: int = 0) -> None:
@@ -208,16 +214,40 @@ def write_job(
     operations: str,
     limits: str,
     source_extra: str = "",
+    aws_extra: str = "",
 ) -> str:
     text = (
         f'[job]\nname = "bench"\noutput_dir = "{out}"\n\n'
         f'[source]\nuris = ["s3://{bucket}/"]\n{source_extra}\n\n'
         f'[aws]\nregion = "{REGION}"\ns3_endpoint_url = "{s3_url}"\n'
-        f'rekognition_endpoint_url = "{rek_url}"\n\n[limits]\n{limits}\n\n{operations}'
+        f'rekognition_endpoint_url = "{rek_url}"\n{aws_extra}\n\n'
+        f"[limits]\n{limits}\n\n{operations}"
     )
     with open(path, "w", encoding="utf-8") as handle:
         handle.write(text)
     return path
+
+
+def src_of(revision: str, folder: Path) -> Path:
+    """The package sources (``src``) of ``revision`` of this repository, unpacked into
+    ``folder`` (made here): a contender to measure against the working tree's."""
+    folder.mkdir()
+    archive = subprocess.run(
+        ["git", "archive", revision, "src"],
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        check=True,
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
+    return folder
+
+
+def save_report(path: Path, report: dict[str, Any]) -> None:
+    """The benchmark's figures written to ``path`` (as JSON) and printed."""
+    text = json.dumps(report, indent=2)
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(text + "\n")
+    print(text)
 
 
 def run_cli(

@@ -84,6 +84,32 @@ def _calls(rek: str) -> dict[str, Any]:
     return fake_admin(rek, "/_fake/stats")
 
 
+def _labels_job(
+    work: Path, name: str, s3: str, rek: str, limits: str, *, source: str = "", aws: str = ""
+) -> str:
+    """DetectLabels over the bucket ``name``, without header reads; its output in ``work``."""
+    return write_job(
+        str(work / f"{name}.toml"),
+        bucket=name,
+        out=str(work / f"{name}-out"),
+        s3_url=s3,
+        rek_url=rek,
+        operations=LABELS,
+        limits=limits,
+        source_extra=f"sniff = false\n{source}",
+        aws_extra=aws,
+    )
+
+
+def _timed(
+    args: list[str], log: Path, bound: float, env: dict[str, str] | None = None
+) -> tuple[int | None, float]:
+    """The command's exit code (None: still going after ``bound``) and its seconds."""
+    started = time.monotonic()
+    code = _finish(_cli(args, log, env), bound)
+    return code, time.monotonic() - started
+
+
 def slow(work: Path, s3: str, rek: str, bound: float) -> dict[str, Any]:
     client = s3_client(s3)
     client.create_bucket(Bucket="slow", CreateBucketConfiguration={"LocationConstraint": REGION})
@@ -94,22 +120,16 @@ def slow(work: Path, s3: str, rek: str, bound: float) -> dict[str, Any]:
     client.put_object(Bucket="slow", Key="img/zz-large.jpg", Body=large)
     fake_admin(rek, "/_fake/reset", {})
     fake_admin(rek, "/_fake/config", {"slow_body_bytes": 100_000, "slow_seconds": 0})
-    config = write_job(
-        str(work / "slow.toml"),
-        bucket="slow",
-        out=str(work / "slow-out"),
-        s3_url=s3,
-        rek_url=rek,
-        operations=LABELS,
-        limits="concurrency = 4\nmax_tps = 200\nmax_attempts = 3",
-        source_extra="sniff = false\nlist_concurrency = 1",
+    config = _labels_job(
+        work,
+        "slow",
+        s3,
+        rek,
+        "concurrency = 4\nmax_tps = 200\nmax_attempts = 3",
+        source="list_concurrency = 1",
+        aws='image_mode = "bytes"',
     )
-    text = Path(config).read_text().replace("[aws]\n", '[aws]\nimage_mode = "bytes"\n')
-    Path(config).write_text(text)
-    started = time.monotonic()
-    proc = _cli(["run", config], work / "slow.log")
-    code = _finish(proc, bound)
-    seconds = time.monotonic() - started
+    code, seconds = _timed(["run", config], work / "slow.log", bound)
     stats = _calls(rek)
     fake_admin(rek, "/_fake/config", {"slow_body_bytes": 0})
     return {
@@ -125,20 +145,8 @@ def malformed(work: Path, s3: str, rek: str, bound: float) -> dict[str, Any]:
     fill_bucket(s3, "malformed", 500)
     fake_admin(rek, "/_fake/reset", {})
     fake_admin(rek, "/_fake/config", {"malformed_rate": 1.0})
-    config = write_job(
-        str(work / "malformed.toml"),
-        bucket="malformed",
-        out=str(work / "malformed-out"),
-        s3_url=s3,
-        rek_url=rek,
-        operations=LABELS,
-        limits="concurrency = 4\nmax_tps = 500",
-        source_extra="sniff = false",
-    )
-    started = time.monotonic()
-    proc = _cli(["run", config], work / "malformed.log")
-    code = _finish(proc, bound)
-    seconds = time.monotonic() - started
+    config = _labels_job(work, "malformed", s3, rek, "concurrency = 4\nmax_tps = 500")
+    code, seconds = _timed(["run", config], work / "malformed.log", bound)
     calls = sum(_calls(rek)["calls"].values())
     fake_admin(rek, "/_fake/config", {"malformed_rate": 0.0})
     return {
@@ -153,16 +161,7 @@ def sigterm(work: Path, s3: str, rek: str, bound: float) -> dict[str, Any]:
     fill_bucket(s3, "stalled", 40)
     fake_admin(rek, "/_fake/reset", {})
     fake_admin(rek, "/_fake/config", {"stall_rate": 1.0, "stall_seconds": 0})
-    config = write_job(
-        str(work / "stalled.toml"),
-        bucket="stalled",
-        out=str(work / "stalled-out"),
-        s3_url=s3,
-        rek_url=rek,
-        operations=LABELS,
-        limits="concurrency = 4\nmax_tps = 100",
-        source_extra="sniff = false",
-    )
+    config = _labels_job(work, "stalled", s3, rek, "concurrency = 4\nmax_tps = 100")
     proc = _cli(["run", config], work / "stalled.log")
     deadline = time.monotonic() + 60
     while sum(_calls(rek)["stalled"].values()) < 4:
@@ -188,11 +187,9 @@ def first_contact(work: Path, s3: str, rek: str, bound: float) -> dict[str, Any]
     env = {"REKBATCH_AWS__REKOGNITION_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
     args = ["scan", str(SAMPLES), "--op", f"compare_faces={SAMPLES / 'ric_harvey.jpeg'}"]
     args += ["--output", str(work / "scan-out")]
-    started = time.monotonic()
-    proc = _cli(args, work / "scan.log", env)
-    code = _finish(proc, bound)
+    code, seconds = _timed(args, work / "scan.log", bound, env)
     return {
-        "seconds to the error": round(time.monotonic() - started, 1),
+        "seconds to the error": round(seconds, 1),
         "exit": code,
         "line": _last_line(work / "scan.log"),
     }

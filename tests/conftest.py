@@ -8,9 +8,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
 from moto.server import ThreadedMotoServer
+
+from tests.support.clients import aws_client
 
 # The fake Rekognition's fixtures (start_fake, fake), beside moto's below.
 pytest_plugins = ["tests.support.servers"]
@@ -52,13 +53,7 @@ def moto_endpoint() -> Iterator[str]:
 @pytest.fixture
 def s3(moto_endpoint: str) -> Any:
     """A plain boto3 S3 client on the moto server, for tests to fill buckets."""
-    return boto3.client(
-        "s3",
-        endpoint_url=moto_endpoint,
-        region_name=REGION,
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    )
+    return aws_client("s3", moto_endpoint, REGION)
 
 
 def make_bucket(s3: Any, name: str) -> str:

@@ -14,7 +14,8 @@ import hashlib
 import hmac
 import json
 import warnings
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import aioboto3
@@ -64,12 +65,16 @@ class _Stub:
         return _Answer(request.url, self.status, self.body, self.headers)
 
 
+def _session(region: str = REGION) -> Any:
+    return aioboto3.Session(
+        aws_access_key_id=KEY_ID, aws_secret_access_key=SECRET, region_name=region
+    )
+
+
 async def _open(
     session: Any | None = None, endpoint_url: str | None = ENDPOINT, region: str = REGION
 ) -> tuple[AwsBackend, _Stub]:
-    session = session or aioboto3.Session(
-        aws_access_key_id=KEY_ID, aws_secret_access_key=SECRET, region_name=region
-    )
+    session = session or _session(region)
     backend = AwsBackend(session, endpoint_url=endpoint_url, pool=4)
     await backend.__aenter__()
     stub = _Stub()
@@ -93,6 +98,53 @@ async def _both(
     finally:
         del backend._direct[api]
     return direct, stub.sent[-1], direct_answer, client_answer
+
+
+LABELS_IMAGE = {"Image": ImageInput("b", "k")}
+
+
+def _both_detect_labels(
+    body: bytes = b'{"Labels": []}', **open_args: Any
+) -> tuple[Any, Any, Any, Any]:
+    """``_both`` for one DetectLabels answered with ``body``, on a backend opened and closed."""
+
+    async def main() -> tuple[Any, Any, Any, Any]:
+        backend, stub = await _open(**open_args)
+        try:
+            stub.body = body
+            return await _both(backend, "DetectLabels", {}, LABELS_IMAGE)
+        finally:
+            await backend.aclose()
+
+    return asyncio.run(main())
+
+
+ErrorT = TypeVar("ErrorT", bound=BaseException)
+
+
+def _detect_labels_error(
+    expected: type[ErrorT],
+    *,
+    body: bytes | None = None,
+    send: Callable[[Any], Awaitable[Any]] | None = None,
+) -> ErrorT:
+    """The error one DetectLabels call raises when the stub answers ``body`` or ``send``
+    replaces the HTTP session's."""
+
+    async def main() -> ErrorT:
+        backend, stub = await _open()
+        if body is not None:
+            stub.body = body
+        if send is not None:
+            backend._http.send = send
+        try:
+            with pytest.raises(expected) as caught:
+                await backend.call("DetectLabels", {}, LABELS_IMAGE)
+            return caught.value
+        finally:
+            await backend.aclose()
+
+    return asyncio.run(main())
 
 
 CASES = [
@@ -179,18 +231,7 @@ def test_direct_request_goes_to_the_endpoint_botocore_resolves(
     if fips:
         monkeypatch.setenv("AWS_USE_FIPS_ENDPOINT", "true")
 
-    async def main() -> tuple[Any, Any]:
-        backend, stub = await _open(endpoint_url=None, region=region)
-        try:
-            stub.body = b'{"Labels": []}'
-            direct, client, _, _ = await _both(
-                backend, "DetectLabels", {}, {"Image": ImageInput("b", "k")}
-            )
-        finally:
-            await backend.aclose()
-        return direct, client
-
-    direct, client = asyncio.run(main())
+    direct, client, _, _ = _both_detect_labels(endpoint_url=None, region=region)
     assert urlsplit(direct.url).netloc == urlsplit(client.url).netloc == host
     assert f"/{region}/rekognition/aws4_request" in direct.headers["Authorization"]
 
@@ -229,7 +270,7 @@ def test_direct_request_is_signed_by_the_specification() -> None:
         backend, stub = await _open()
         try:
             stub.body = b'{"Labels": []}'
-            await backend.call("DetectLabels", {"MaxLabels": 5}, {"Image": ImageInput("b", "k")})
+            await backend.call("DetectLabels", {"MaxLabels": 5}, LABELS_IMAGE)
         finally:
             await backend.aclose()
         return stub.sent[-1]
@@ -284,7 +325,7 @@ def test_refreshed_credentials_sign_the_next_call() -> None:
         backend, stub = await _open(session)
         try:
             stub.body = b'{"Labels": []}'
-            await backend.call("DetectLabels", {}, {"Image": ImageInput("b", "k")})
+            await backend.call("DetectLabels", {}, LABELS_IMAGE)
         finally:
             await backend.aclose()
         return stub.sent
@@ -335,7 +376,7 @@ def test_error_answers_read_as_botocore_reads_them(
 ) -> None:
     async def attempt(backend: AwsBackend) -> BackendError:
         with pytest.raises(BackendError) as caught:
-            await backend.call("DetectLabels", {}, {"Image": ImageInput("b", "k")})
+            await backend.call("DetectLabels", {}, LABELS_IMAGE)
         return caught.value
 
     async def main() -> tuple[BackendError, BackendError]:
@@ -364,17 +405,7 @@ def test_error_answers_read_as_botocore_reads_them(
     ],
 )
 def test_malformed_answers_are_transient_invalid_response(body: bytes) -> None:
-    async def main() -> BackendError:
-        backend, stub = await _open()
-        try:
-            stub.body = body
-            with pytest.raises(BackendError) as caught:
-                await backend.call("DetectLabels", {}, {"Image": ImageInput("b", "k")})
-            return caught.value
-        finally:
-            await backend.aclose()
-
-    error = asyncio.run(main())
+    error = _detect_labels_error(BackendError, body=body)
     assert (error.code, error.kind) == ("InvalidResponse", "transient")
 
 
@@ -403,7 +434,7 @@ def test_without_credentials_every_call_goes_through_the_client(
         async with backend:
             assert not backend._goes_direct("DetectLabels")
             with pytest.raises(BackendError) as caught:
-                await backend.call("DetectLabels", {}, {"Image": ImageInput("b", "k")})
+                await backend.call("DetectLabels", {}, LABELS_IMAGE)
             return caught.value
 
     error = asyncio.run(main())
@@ -420,10 +451,7 @@ def test_opening_the_backend_leaves_the_warning_filters_alone() -> None:
     large-body warning for its own process)."""
 
     async def main() -> list[Any]:
-        session = aioboto3.Session(
-            aws_access_key_id=KEY_ID, aws_secret_access_key=SECRET, region_name=REGION
-        )
-        async with AwsBackend(session, endpoint_url=ENDPOINT, pool=2):
+        async with AwsBackend(_session(), endpoint_url=ENDPOINT, pool=2):
             return list(warnings.filters)
 
     with warnings.catch_warnings():
@@ -434,18 +462,7 @@ def test_opening_the_backend_leaves_the_warning_filters_alone() -> None:
 def test_the_user_agent_is_the_clients(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AWS_SDK_UA_APP_ID", "photo-audit")
 
-    async def main() -> tuple[Any, Any]:
-        backend, stub = await _open()
-        try:
-            stub.body = b'{"Labels": []}'
-            direct, client, _, _ = await _both(
-                backend, "DetectLabels", {}, {"Image": ImageInput("b", "k")}
-            )
-        finally:
-            await backend.aclose()
-        return direct, client
-
-    direct, client = asyncio.run(main())
+    direct, client, _, _ = _both_detect_labels()
     agent = _text(direct.headers["User-Agent"])
     assert "app/photo-audit" in agent and "rekbatch/" in agent
     assert agent == _without_metrics(client.headers["User-Agent"])
@@ -465,18 +482,7 @@ def test_the_user_agent_is_the_clients(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_an_endpoint_with_a_path_or_query_gets_the_request_where_botocore_sends_it(
     endpoint: str,
 ) -> None:
-    async def main() -> tuple[Any, Any]:
-        backend, stub = await _open(endpoint_url=endpoint)
-        try:
-            stub.body = b'{"Labels": []}'
-            direct, client, _, _ = await _both(
-                backend, "DetectLabels", {}, {"Image": ImageInput("b", "k")}
-            )
-        finally:
-            await backend.aclose()
-        return direct, client
-
-    direct, client = asyncio.run(main())
+    direct, client, _, _ = _both_detect_labels(endpoint_url=endpoint)
     assert direct.url == client.url
     assert direct.headers["Authorization"].endswith(
         "Signature=" + _expected_signature(direct, SECRET, REGION)
@@ -501,18 +507,7 @@ def test_answers_keep_only_what_botocore_keeps() -> None:
         "SomethingNew": [1, 2],
     }
 
-    async def main() -> tuple[dict[str, Any], dict[str, Any]]:
-        backend, stub = await _open()
-        try:
-            stub.body = json.dumps(answer).encode()
-            _, _, direct, client = await _both(
-                backend, "DetectLabels", {}, {"Image": ImageInput("b", "k")}
-            )
-        finally:
-            await backend.aclose()
-        return direct, client
-
-    direct, client = asyncio.run(main())
+    _, _, direct, client = _both_detect_labels(json.dumps(answer).encode())
     assert direct == client
     assert direct["Labels"][0]["Instances"] == [{"Confidence": 90.0}]
     assert "SomethingNew" not in direct and "LabelModelVersion" not in direct
@@ -520,21 +515,10 @@ def test_answers_keep_only_what_botocore_keeps() -> None:
 
 @pytest.mark.parametrize("error", [TypeError("send() got an unexpected keyword"), KeyError("x")])
 def test_an_exception_the_direct_path_does_not_expect_fails_the_run(error: Exception) -> None:
-    async def main() -> BaseException:
-        backend, _ = await _open()
+    async def broken(request: Any) -> Any:
+        raise error
 
-        async def broken(request: Any) -> Any:
-            raise error
-
-        backend._http.send = broken
-        try:
-            with pytest.raises(CallPathFailed) as caught:
-                await backend.call("DetectLabels", {}, {"Image": ImageInput("b", "k")})
-            return caught.value
-        finally:
-            await backend.aclose()
-
-    failed = asyncio.run(main())
+    failed = _detect_labels_error(CallPathFailed, send=broken)
     assert 'aws.call_path = "client"' in str(failed) and type(error).__name__ in str(failed)
     assert "\n" not in str(failed)
 
@@ -542,21 +526,10 @@ def test_an_exception_the_direct_path_does_not_expect_fails_the_run(error: Excep
 def test_a_connection_failure_on_the_direct_path_is_a_failure_of_the_call() -> None:
     import botocore.exceptions as bexc
 
-    async def main() -> BackendError:
-        backend, _ = await _open()
+    async def closed(request: Any) -> Any:
+        raise bexc.ConnectionClosedError(endpoint_url=request.url)
 
-        async def closed(request: Any) -> Any:
-            raise bexc.ConnectionClosedError(endpoint_url=request.url)
-
-        backend._http.send = closed
-        try:
-            with pytest.raises(BackendError) as caught:
-                await backend.call("DetectLabels", {}, {"Image": ImageInput("b", "k")})
-            return caught.value
-        finally:
-            await backend.aclose()
-
-    error = asyncio.run(main())
+    error = _detect_labels_error(BackendError, send=closed)
     assert (error.code, error.kind, error.connection) == (
         "ConnectionClosedError",
         "transient",
@@ -566,10 +539,7 @@ def test_a_connection_failure_on_the_direct_path_is_a_failure_of_the_call() -> N
 
 def test_call_path_client_sends_every_call_through_the_client() -> None:
     async def main() -> dict[str, bool]:
-        session = aioboto3.Session(
-            aws_access_key_id=KEY_ID, aws_secret_access_key=SECRET, region_name=REGION
-        )
-        backend = AwsBackend(session, endpoint_url=ENDPOINT, pool=2, call_path="client")
+        backend = AwsBackend(_session(), endpoint_url=ENDPOINT, pool=2, call_path="client")
         async with backend:
             return {api: backend._goes_direct(api) for api in ("DetectLabels", "DetectFaces")}
 

@@ -29,8 +29,7 @@ from rekbatch.sources.sniff import sniff
 from tests.conftest import SAMPLES, make_bucket
 from tests.helpers import invoke, read_jsonl, write_config
 from tests.support import bombs
-from tests.support.configs import job_config
-from tests.support.servers import StartFake
+from tests.support.servers import ServedJob, StartFake
 from tests.test_engine import assert_exactly_once
 
 BOUND = 120.0  # seconds a run may take before the test gives up on it
@@ -44,28 +43,6 @@ def _encode(img: Image.Image, fmt: str, **options: Any) -> bytes:
 
 
 # -- what a plan counts against what Pillow allocates -----------------------------------------
-
-_MEASURE = """
-import gc, io, sys
-from pathlib import Path
-from PIL import Image
-from rekbatch.sources.convert import convert_image
-
-def resident(field):
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith(field))
-
-data = Path(sys.argv[1]).read_bytes()
-tiny = io.BytesIO()
-Image.new("RGB", (90, 90)).save(tiny, "PNG")
-convert_image(tiny.getvalue(), 100)  # Pillow's plugins and pillow-heif loaded first
-gc.collect()
-with open("/proc/self/clear_refs", "w") as refs:
-    refs.write("5")  # the peak resident size starts again from here
-before = resident("VmRSS:")
-convert_image(data, int(sys.argv[2]))
-print(resident("VmHWM:") - before)
-"""
 
 
 def _rgba(side: int) -> bytes:
@@ -101,7 +78,7 @@ def test_a_plan_holds_at_least_what_converting_allocates(
     plan = conversion_plan(data, sniff(data[:262_144]), side)
     assert plan is not None
     proc = subprocess.run(
-        [sys.executable, "-c", _MEASURE, str(path), str(side)],
+        [sys.executable, "-c", bombs.CONVERT_PEAK, str(path), str(side)],
         capture_output=True,
         text=True,
         timeout=BOUND,
@@ -251,7 +228,11 @@ def _resume_once(config: Path, out: Path, folder_uri: str) -> None:
 
 
 def test_the_bomb_folder_is_answered_within_the_budget_on_the_aws_path(
-    bomb_folder: Path, s3: Any, moto_endpoint: str, tmp_path: Path, start_fake: StartFake
+    bomb_folder: Path,
+    s3: Any,
+    tmp_path: Path,
+    start_fake: StartFake,
+    served_job: ServedJob,
 ) -> None:
     bucket = make_bucket(s3, "bombs")
     for path in sorted(bomb_folder.rglob("*")):
@@ -259,18 +240,13 @@ def test_the_bomb_folder_is_answered_within_the_budget_on_the_aws_path(
             s3.upload_file(str(path), bucket, path.relative_to(bomb_folder).as_posix())
     out = tmp_path / "out"
     fake = start_fake(region="eu-west-1")
-    config = write_config(
-        tmp_path / "job.toml",
-        job_config(
-            uris=[f"s3://{bucket}/"],
-            output_dir=out,
-            s3_endpoint=moto_endpoint,
-            rek_endpoint=fake.url,
-            output={"parquet": False},
-            limits={"max_tps": 1000},
-            source={"convert_memory_mb": BUDGET_MB},
-            aws={"image_mode": "bytes"},
-        ),
+    config = served_job(
+        fake,
+        f"s3://{bucket}/",
+        output={"parquet": False},
+        limits={"max_tps": 1000},
+        source={"convert_memory_mb": BUDGET_MB},
+        aws={"image_mode": "bytes"},
     )
     code, peak_mb, stderr = _measured_run(config, tmp_path)
     assert code == 3, stderr

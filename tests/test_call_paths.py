@@ -21,6 +21,7 @@ from tests.helpers import (
     upload_samples,
     write_config,
 )
+from tests.support.clients import aws_client
 from tests.support.configs import job_config
 from tests.support.fake_rekognition import FakeRekognition
 from tests.support.servers import StartFake
@@ -61,15 +62,7 @@ PER_RUN = ("run_id", "processed_at", "latency_ms")
 
 @pytest.fixture(scope="module")
 def bucket(moto_endpoint: str) -> str:
-    import boto3
-
-    s3 = boto3.client(
-        "s3",
-        endpoint_url=moto_endpoint,
-        region_name="eu-west-1",
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    )
+    s3 = aws_client("s3", moto_endpoint)
     return upload_samples(s3, BUCKET)
 
 

@@ -107,6 +107,19 @@ def test_validate_reports_every_problem_each_with_its_index(tmp_path: Path) -> N
     assert "does not exist" in next(line for line in lines if "].reference:" in line)
 
 
+def _the_one_error_about(tmp_path: Path, setting: str, where: str, words: str) -> str:
+    """Validate a job with ``setting``: one line of error, naming ``where`` and saying
+    ``words``. What it says after ``where``."""
+    ops = '[[operations]]\ntype = "detect_labels"\n'
+    text = f'[source]\nuris = ["s3://photos/"]\n\n{setting}\n\n{ops}'
+    result = invoke("validate", str(write_config(tmp_path / "job.toml", text)))
+    assert result.exit_code == 2
+    lines = _lines(result)
+    assert len(lines) == 1, lines
+    assert where in lines[0] and words in lines[0], lines
+    return lines[0].split(where, 1)[1]
+
+
 @pytest.mark.parametrize(
     ("setting", "where", "words"),
     [
@@ -123,15 +136,9 @@ def test_validate_reports_every_problem_each_with_its_index(tmp_path: Path) -> N
 def test_union_type_errors_are_in_plain_words(
     tmp_path: Path, setting: str, where: str, words: str
 ) -> None:
-    ops = '[[operations]]\ntype = "detect_labels"\n'
-    text = f'[source]\nuris = ["s3://photos/"]\n\n{setting}\n\n{ops}'
-    result = invoke("validate", str(write_config(tmp_path / "job.toml", text)))
-    assert result.exit_code == 2
-    lines = _lines(result)
-    assert len(lines) == 1, lines
-    assert where in lines[0] and words in lines[0], lines
+    said = _the_one_error_about(tmp_path, setting, where, words)
     for internal in ("float", "dict[", "literal[", "bool", "function-"):
-        assert internal not in lines[0].split(where, 1)[1].replace("true or false", ""), lines
+        assert internal not in said.replace("true or false", ""), said
 
 
 @pytest.mark.parametrize(
@@ -148,15 +155,8 @@ def test_union_type_errors_are_in_plain_words(
 def test_pattern_errors_are_in_plain_words(
     tmp_path: Path, setting: str, where: str, words: str
 ) -> None:
-    ops = '[[operations]]\ntype = "detect_labels"\n'
-    text = f'[source]\nuris = ["s3://photos/"]\n\n{setting}\n\n{ops}'
-    result = invoke("validate", str(write_config(tmp_path / "job.toml", text)))
-    assert result.exit_code == 2
-    lines = _lines(result)
-    assert len(lines) == 1, lines
-    assert where in lines[0] and words in lines[0], lines
-    said = lines[0].split(where, 1)[1]
-    assert "pattern" not in said and "\\d" not in said, lines
+    said = _the_one_error_about(tmp_path, setting, where, words)
+    assert "pattern" not in said and "\\d" not in said, said
 
 
 def test_inventory_data_files_are_read_from_s3_only(

@@ -23,7 +23,7 @@ from tests.helpers import (
 from tests.support.configs import job_config
 from tests.support.fake_rekognition import FakeRekognition
 from tests.support.moto import put_objects
-from tests.support.servers import StartFake
+from tests.support.servers import ServedJob, StartFake
 
 OPS = (
     '[[operations]]\ntype = "detect_faces"\nattributes = ["ALL"]\n\n'
@@ -70,10 +70,10 @@ def _expected_bucket(s3: Any, bucket: str) -> dict[str, str | None]:
 
 def test_mixed_bucket_every_object_times_every_operation_once(
     s3: Any,
-    moto_endpoint: str,
     fake: FakeRekognition,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
+    served_job: ServedJob,
 ) -> None:
     # The skip reasons without conversion (test_formats.py converts): a 16 MB JPEG is
     # too_large, a GIF not_image.
@@ -81,16 +81,11 @@ def test_mixed_bucket_every_object_times_every_operation_once(
     bucket = make_bucket(s3, "mixed-bucket")
     expected = _expected_bucket(s3, bucket)
     out = tmp_path / "out"
-    config = write_config(
-        tmp_path / "job.toml",
-        job_config(
-            uris=[f"s3://{bucket}/"],
-            output_dir=out,
-            s3_endpoint=moto_endpoint,
-            rek_endpoint=fake.url,
-            operations=OPS,
-            extra="[limits]\nconcurrency = 16\nmax_tps = 1000\n",
-        ),
+    config = served_job(
+        fake,
+        f"s3://{bucket}/",
+        operations=OPS,
+        extra="[limits]\nconcurrency = 16\nmax_tps = 1000\n",
     )
     result = invoke("run", str(config), "--log-format", "json")
     assert result.exit_code == 0, result.stderr
@@ -134,7 +129,7 @@ def test_mixed_bucket_every_object_times_every_operation_once(
 
 
 def test_files_load_in_duckdb(
-    s3: Any, moto_endpoint: str, fake: FakeRekognition, tmp_path: Path
+    s3: Any, fake: FakeRekognition, tmp_path: Path, served_job: ServedJob
 ) -> None:
     duckdb = pytest.importorskip("duckdb")
     bucket = make_bucket(s3, "duck-bucket")
@@ -142,16 +137,7 @@ def test_files_load_in_duckdb(
         s3.put_object(Bucket=bucket, Key=f"p/{i}.jpg", Body=fake_jpeg(i))
     s3.put_object(Bucket=bucket, Key="p/bad.jpg", Body=b"not an image at all, only words. " * 4)
     out = tmp_path / "out"
-    config = write_config(
-        tmp_path / "job.toml",
-        job_config(
-            uris=[f"s3://{bucket}/p/"],
-            output_dir=out,
-            s3_endpoint=moto_endpoint,
-            rek_endpoint=fake.url,
-            operations=OPS,
-        ),
-    )
+    config = served_job(fake, f"s3://{bucket}/p/", operations=OPS)
     assert invoke("run", str(config)).exit_code == 0
     con = duckdb.connect()
     jsonl = str(out / "results.jsonl")
@@ -203,7 +189,7 @@ def test_wheres_ric_samples_answer(
 
 
 def test_local_folder_source_with_bytes(
-    moto_endpoint: str, fake: FakeRekognition, tmp_path: Path
+    fake: FakeRekognition, tmp_path: Path, served_job: ServedJob
 ) -> None:
     folder = tmp_path / "photos"
     (folder / "sub dir").mkdir(parents=True)
@@ -212,15 +198,7 @@ def test_local_folder_source_with_bytes(
     (folder / "c.jpg").write_bytes(b"words, not a picture, no magic here. " * 4)
     (folder / "d.txt").write_text("hello")
     out = tmp_path / "out"
-    config = write_config(
-        tmp_path / "job.toml",
-        job_config(
-            uris=[str(folder)],
-            output_dir=out,
-            s3_endpoint=moto_endpoint,
-            rek_endpoint=fake.url,
-        ),
-    )
+    config = served_job(fake, str(folder))
     result = invoke("run", str(config))
     assert result.exit_code == 0, result.stderr
     rows = {r["key"]: r for r in read_jsonl(out / "results.jsonl")}
@@ -234,7 +212,7 @@ def test_local_folder_source_with_bytes(
 
 
 def test_permanent_errors_are_recorded_with_exit_3(
-    s3: Any, moto_endpoint: str, fake: FakeRekognition, tmp_path: Path
+    s3: Any, fake: FakeRekognition, tmp_path: Path, served_job: ServedJob
 ) -> None:
     bucket = make_bucket(s3, "sniffless")
     s3.put_object(Bucket=bucket, Key="good.jpg", Body=fake_jpeg(5))
@@ -242,16 +220,7 @@ def test_permanent_errors_are_recorded_with_exit_3(
         Bucket=bucket, Key="liar.jpg", Body=b"plain words, no image magic bytes here. " * 4
     )
     out = tmp_path / "out"
-    config = write_config(
-        tmp_path / "job.toml",
-        job_config(
-            uris=[f"s3://{bucket}/"],
-            output_dir=out,
-            s3_endpoint=moto_endpoint,
-            rek_endpoint=fake.url,
-            source={"sniff": False},
-        ),
-    )
+    config = served_job(fake, f"s3://{bucket}/", source={"sniff": False})
     result = invoke("run", str(config))
     assert result.exit_code == 3, result.stderr
     rows = {r["key"]: r for r in read_jsonl(out / "results.jsonl")}
@@ -262,17 +231,9 @@ def test_permanent_errors_are_recorded_with_exit_3(
 
 
 def test_unknown_bucket_is_one_line_exit_2(
-    moto_endpoint: str, fake: FakeRekognition, tmp_path: Path
+    fake: FakeRekognition, tmp_path: Path, served_job: ServedJob
 ) -> None:
-    config = write_config(
-        tmp_path / "job.toml",
-        job_config(
-            uris=["s3://no-such-bucket-here/"],
-            output_dir=tmp_path / "out",
-            s3_endpoint=moto_endpoint,
-            rek_endpoint=fake.url,
-        ),
-    )
+    config = served_job(fake, "s3://no-such-bucket-here/")
     result = invoke("run", str(config))
     assert result.exit_code == 2
     assert len(result.stderr.strip().splitlines()) == 1
@@ -280,19 +241,14 @@ def test_unknown_bucket_is_one_line_exit_2(
 
 
 def test_missing_credentials_is_one_line_exit_2(
-    moto_endpoint: str, fake: FakeRekognition, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    fake: FakeRekognition,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    served_job: ServedJob,
 ) -> None:
     monkeypatch.delenv("AWS_ACCESS_KEY_ID")
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
-    config = write_config(
-        tmp_path / "job.toml",
-        job_config(
-            uris=["s3://any-bucket/"],
-            output_dir=tmp_path / "out",
-            s3_endpoint=moto_endpoint,
-            rek_endpoint=fake.url,
-        ),
-    )
+    config = served_job(fake, "s3://any-bucket/")
     result = invoke("run", str(config))
     assert result.exit_code == 2
     assert "credentials" in result.stderr

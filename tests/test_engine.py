@@ -48,10 +48,13 @@ def make_config(
     return load_config(path, environ={})
 
 
-async def run(cfg: Config, backend: FakeBackend, **options: Any) -> RunOutcome:
+async def run(
+    cfg: Config, backend: FakeBackend, *, bound: float = BOUND, **options: Any
+) -> RunOutcome:
+    """The job run in this process on ``backend``; ``bound`` only catches a hang."""
     out = Path(cfg.job.output_dir)
     job = Job(cfg, RunOptions(output_dir=out, **options), backend=backend)
-    async with asyncio.timeout(BOUND):
+    async with asyncio.timeout(bound):
         return await job.run()
 
 

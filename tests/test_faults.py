@@ -20,10 +20,11 @@ import pytest
 from rekbatch.store.ledger import LedgerDB
 from tests.conftest import make_bucket
 from tests.helpers import fake_jpeg, invoke, read_csv, read_jsonl, write_config
+from tests.support.clients import aws_client
 from tests.support.configs import job_config
 from tests.support.fake_rekognition import FakeRekognition
 from tests.support.moto import put_objects
-from tests.support.servers import StartFake
+from tests.support.servers import ServedJob, StartFake
 
 OPS = '[[operations]]\ntype = "detect_labels"\n'
 IMAGES = 240
@@ -31,15 +32,7 @@ IMAGES = 240
 
 @pytest.fixture(scope="module")
 def bucket(moto_endpoint: str) -> str:
-    import boto3
-
-    s3 = boto3.client(
-        "s3",
-        endpoint_url=moto_endpoint,
-        region_name="eu-west-1",
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    )
+    s3 = aws_client("s3", moto_endpoint)
     name = make_bucket(s3, "faults-bucket")
     put_objects(name, ((f"img/{i:04d}.jpg", fake_jpeg(i)) for i in range(IMAGES)))
     return name
@@ -65,13 +58,15 @@ def _config(
     return write_config(tmp_path / "job.toml", text)
 
 
-def _exactly_once_ok(out: Path) -> list[dict[str, Any]]:
+def _exactly_once_ok(out: Path, images: int = IMAGES) -> list[dict[str, Any]]:
+    """Each of ``images`` objects once in results.jsonl, results.csv and the ledger, ok."""
     rows = read_jsonl(out / "results.jsonl")
     keys = Counter(r["key"] for r in rows)
-    assert len(keys) == IMAGES and max(keys.values()) == 1
+    assert len(keys) == images and max(keys.values()) == 1
     assert Counter(r["key"] for r in read_csv(out / "results.csv")) == keys
     failed = [r for r in rows if r["status"] != "ok"]
     assert not failed, failed[:3]
+    assert ledger_records(out) == images
     return rows
 
 
@@ -189,7 +184,7 @@ def test_an_endpoint_gone_for_good_stops_the_run_and_it_resumes(
 
 
 def test_a_request_always_slower_than_its_deadline_fails_after_max_attempts(
-    tmp_path: Path, moto_endpoint: str, s3: Any, fake: FakeRekognition, monkeypatch: Any
+    tmp_path: Path, s3: Any, fake: FakeRekognition, monkeypatch: Any, served_job: ServedJob
 ) -> None:
     """One image sent as bytes is so large that the service never answers it in time; the
     others answer at once. It is sent ``max_attempts`` times, each send possibly billed, and
@@ -204,17 +199,14 @@ def test_a_request_always_slower_than_its_deadline_fails_after_max_attempts(
     objects.append(("img/zz-large.jpg", fake_jpeg(999, size=120_000)))
     put_objects(name, objects)
     fake.configure(slow_body_bytes=100_000, slow_seconds=0)
-    text = job_config(
-        uris=[f"s3://{name}/"],
-        output_dir=tmp_path / "out",
-        s3_endpoint=moto_endpoint,
-        rek_endpoint=fake.url,
+    config = served_job(
+        fake,
+        f"s3://{name}/",
         operations=OPS,
         limits={"concurrency": 4, "max_tps": 200, "max_attempts": 3},
         source={"sniff": False, "list_concurrency": 1},
         aws={"image_mode": "bytes"},
     )
-    config = write_config(tmp_path / "job.toml", text)
     result = invoke("run", str(config))
     assert result.exit_code == 3, result.stderr  # done, one record failed
     assert fake.stats()["slow"] == {"DetectLabels": 3}  # sent max_attempts times, no more
@@ -227,12 +219,7 @@ def test_a_request_always_slower_than_its_deadline_fails_after_max_attempts(
     fake.configure(slow_body_bytes=0)
     result = invoke("resume", str(out), "--retry-failed")
     assert result.exit_code == 0, result.stderr
-    rows_after = read_jsonl(out / "results.jsonl")
-    keys = Counter(r["key"] for r in rows_after)
-    assert len(keys) == 61 and max(keys.values()) == 1
-    assert Counter(r["key"] for r in read_csv(out / "results.csv")) == keys
-    assert all(r["status"] == "ok" for r in rows_after)
-    assert ledger_records(out) == 61
+    _exactly_once_ok(out, 61)
     assert fake.stats()["slow"] == {"DetectLabels": 3}
 
 
@@ -245,7 +232,7 @@ def ledger_records(out: Path) -> int:
 
 
 def test_every_answer_malformed_stops_the_run_early_and_it_resumes(
-    tmp_path: Path, moto_endpoint: str, s3: Any, fake: FakeRekognition
+    tmp_path: Path, s3: Any, fake: FakeRekognition, served_job: ServedJob
 ) -> None:
     """A systemic failure: every answer is malformed. 300 objects at concurrency 4 with 3
     attempts each would cost 900 calls; the breaker stops the run after 20 records in a
@@ -256,16 +243,13 @@ def test_every_answer_malformed_stops_the_run_early_and_it_resumes(
     name = make_bucket(s3, "all-malformed")
     put_objects(name, ((f"img/{i:04d}.jpg", fake_jpeg(i)) for i in range(300)))
     fake.configure(malformed_rate=1.0)
-    text = job_config(
-        uris=[f"s3://{name}/"],
-        output_dir=tmp_path / "out",
-        s3_endpoint=moto_endpoint,
-        rek_endpoint=fake.url,
+    config = served_job(
+        fake,
+        f"s3://{name}/",
         operations=OPS,
         limits={"concurrency": 4, "max_tps": 500, "max_attempts": 3},
         source={"sniff": False},
     )
-    config = write_config(tmp_path / "job.toml", text)
     result = invoke("run", str(config))
     assert result.exit_code == 1
     lines = [line for line in result.stderr.splitlines() if line.startswith("rekbatch:")]
@@ -281,11 +265,7 @@ def test_every_answer_malformed_stops_the_run_early_and_it_resumes(
     fake.configure(malformed_rate=0.0)
     result = invoke("resume", str(out), "--retry-failed")
     assert result.exit_code == 0, result.stderr
-    rows = read_jsonl(out / "results.jsonl")
-    keys = Counter(r["key"] for r in rows)
-    assert len(keys) == 300 and max(keys.values()) == 1
-    assert Counter(r["key"] for r in read_csv(out / "results.csv")) == keys
-    assert all(r["status"] == "ok" for r in rows) and ledger_records(out) == 300
+    _exactly_once_ok(out, 300)
 
 
 class _RefuseKeyAfter(threading.Thread):
@@ -350,4 +330,3 @@ def test_credentials_that_expire_mid_run_are_reloaded_once(
     result = invoke("resume", str(out))
     assert result.exit_code == 0, result.stderr
     _exactly_once_ok(out)
-    assert ledger_records(out) == IMAGES

@@ -9,10 +9,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
 
-from tests.conftest import REGION, SAMPLES, make_bucket
+from tests.conftest import SAMPLES, make_bucket
 from tests.helpers import (
     fake_jpeg,
     invoke,
@@ -21,6 +20,7 @@ from tests.helpers import (
     sha256,
     write_config,
 )
+from tests.support.clients import aws_client
 from tests.support.configs import job_config
 from tests.support.fake_rekognition import FakeRekognition
 from tests.support.moto import put_objects
@@ -85,13 +85,7 @@ def _found(out: Path, name: str) -> list[dict[str, Any]]:
 
 
 def _faces_in(fake: FakeRekognition, collections: list[str]) -> int:
-    client = boto3.client(
-        "rekognition",
-        endpoint_url=fake.url,
-        region_name=REGION,
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    )
+    client = aws_client("rekognition", fake.url)
     return sum(client.describe_collection(CollectionId=c)["FaceCount"] for c in collections)
 
 

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote_plus
 
-import boto3
 import pytest
 
 from rekbatch.config import Config, load_config
@@ -31,10 +30,13 @@ from rekbatch.errors import BackendError
 from rekbatch.store.ledger import LedgerDB
 from tests.conftest import REGION, make_bucket
 from tests.helpers import fake_jpeg, invoke, read_csv, read_jsonl, write_config
+from tests.support.clients import aws_client
+from tests.support.configs import operations, toml_tables
 from tests.support.fake_backend import FakeBackend
 from tests.support.fake_rekognition import FakeRekognition
 from tests.support.moto import lean_sqs_receives, put_objects, send_messages
 from tests.support.servers import StartFake
+from tests.test_engine import run as run_in_process
 
 OPS = ("detect_faces", "detect_labels")
 TWO_OPS = '[[operations]]\ntype = "detect_faces"\n\n[[operations]]\ntype = "detect_labels"\n'
@@ -48,13 +50,7 @@ def _lean_receives() -> Iterator[None]:
 
 @pytest.fixture
 def sqs(moto_endpoint: str) -> Any:
-    return boto3.client(
-        "sqs",
-        endpoint_url=moto_endpoint,
-        region_name=REGION,
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    )
+    return aws_client("sqs", moto_endpoint)
 
 
 def make_queue(sqs: Any, name: str, *, visibility: int = 2, dlq_after: int | None = None) -> str:
@@ -103,6 +99,22 @@ def removed(bucket: str, key: str, sequencer: str) -> dict[str, Any]:
     }
 
 
+def notify(s3: Any, sqs: Any, bucket: str, url: str) -> None:
+    """``bucket`` sends its created and removed events to the queue at ``url``."""
+    arn = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])
+    s3.put_bucket_notification_configuration(
+        Bucket=bucket,
+        NotificationConfiguration={
+            "QueueConfigurations": [
+                {
+                    "QueueArn": arn["Attributes"]["QueueArn"],
+                    "Events": ["s3:ObjectCreated:*", "s3:ObjectRemoved:*"],
+                }
+            ]
+        },
+    )
+
+
 def send(sqs: Any, url: str, bodies: list[str]) -> None:
     for start in range(0, len(bodies), 10):
         entries = [
@@ -130,25 +142,22 @@ def queue_counts(sqs: Any, url: str) -> tuple[int, int]:
 def make_config(
     tmp_path: Path, uris: list[str], moto: str, *, idle: float = 1.0, parquet: bool = False
 ) -> Config:
-    uri_list = ", ".join(json.dumps(u) for u in uris)
     path = tmp_path / "job.toml"
-    # Parquet only where it is the point: its export is a child process of a second or two.
-    path.write_text(
-        f'[job]\nname = "follow"\noutput_dir = "{tmp_path / "out"}"\n\n'
-        f"[source]\nuris = [{uri_list}]\nqueue_idle_seconds = {idle}\n\n"
-        f'[aws]\nregion = "{REGION}"\ns3_endpoint_url = "{moto}"\nsqs_endpoint_url = "{moto}"\n\n'
-        f"[limits]\nconcurrency = 8\nmax_tps = 10000\n\n"
-        f"[output]\nparquet = {str(parquet).lower()}\n\n{TWO_OPS}",
-        encoding="utf-8",
+    text = toml_tables(
+        job={"name": "follow", "output_dir": tmp_path / "out"},
+        source={"uris": uris, "queue_idle_seconds": idle},
+        aws={"region": REGION, "s3_endpoint_url": moto, "sqs_endpoint_url": moto},
+        limits={"concurrency": 8, "max_tps": 10000},
+        # Parquet only where it is the point: its export is a child process of a second or two.
+        output={"parquet": parquet},
+        operations=operations(*OPS),
     )
+    path.write_text(text, encoding="utf-8")
     return load_config(path, environ={})
 
 
 async def run(cfg: Config, backend: FakeBackend, **options: Any) -> RunOutcome:
-    out = Path(cfg.job.output_dir)
-    job = Job(cfg, RunOptions(output_dir=out, **options), backend=backend)
-    async with asyncio.timeout(BOUND):
-        return await job.run()
+    return await run_in_process(cfg, backend, bound=BOUND, **options)
 
 
 def current_rows(out: Path) -> dict[tuple[str, str], dict[str, Any]]:
@@ -477,18 +486,7 @@ def test_follow_after_a_listing_takes_new_objects_once_and_stops_on_sigterm(
     # the bucket; the events of objects the listing also finds cost nothing.
     bucket = make_bucket(s3, "follow-live")
     url = make_queue(sqs, "follow-live")
-    arn = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])
-    s3.put_bucket_notification_configuration(
-        Bucket=bucket,
-        NotificationConfiguration={
-            "QueueConfigurations": [
-                {
-                    "QueueArn": arn["Attributes"]["QueueArn"],
-                    "Events": ["s3:ObjectCreated:*", "s3:ObjectRemoved:*"],
-                }
-            ]
-        },
-    )
+    notify(s3, sqs, bucket, url)
     first = {f"old/{i:02d}.jpg": fake_jpeg(i) for i in range(30)}
     put_objects(bucket, first.items())
     config = cli_config(

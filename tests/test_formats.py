@@ -27,9 +27,9 @@ from rekbatch.sources.filters import (
 from rekbatch.sources.sniff import HEAD_BYTES, ImageInfo, sniff
 from tests.conftest import SAMPLES, make_bucket
 from tests.helpers import invoke, read_csv, read_jsonl, write_config
-from tests.support.configs import job_config
+from tests.support.clients import aws_client
 from tests.support.fake_rekognition import FakeRekognition
-from tests.support.servers import StartFake
+from tests.support.servers import ServedJob, StartFake
 
 pillow_heif.register_heif_opener()
 
@@ -394,21 +394,18 @@ CONVERTED = {
 
 
 def test_every_format_is_answered_from_the_cli(
-    s3: Any, moto_endpoint: str, fake: FakeRekognition, files: dict[str, bytes], tmp_path: Path
+    s3: Any,
+    fake: FakeRekognition,
+    files: dict[str, bytes],
+    tmp_path: Path,
+    served_job: ServedJob,
 ) -> None:
     bucket = make_bucket(s3, "formats-bucket")
     for key, body in files.items():
         s3.put_object(Bucket=bucket, Key=key, Body=body)
     out = tmp_path / "out"
-    config = write_config(
-        tmp_path / "job.toml",
-        job_config(
-            uris=[f"s3://{bucket}/"],
-            output_dir=out,
-            s3_endpoint=moto_endpoint,
-            rek_endpoint=fake.url,
-            operations='[[operations]]\ntype = "detect_labels"\n',
-        ),
+    config = served_job(
+        fake, f"s3://{bucket}/", operations='[[operations]]\ntype = "detect_labels"\n'
     )
     result = invoke("run", str(config), "--log-format", "json")
     assert result.exit_code == 3, result.stderr  # the truncated JPEG failed
@@ -471,22 +468,17 @@ def test_every_format_is_answered_from_the_cli(
 
 
 def test_convert_off_skips_what_rekognition_refuses(
-    s3: Any, moto_endpoint: str, fake: FakeRekognition, files: dict[str, bytes], tmp_path: Path
+    s3: Any,
+    fake: FakeRekognition,
+    files: dict[str, bytes],
+    tmp_path: Path,
+    served_job: ServedJob,
 ) -> None:
     bucket = make_bucket(s3, "no-convert-bucket")
     for key in ("phone/IMG_0001.HEIC", "camera/panorama.jpg", "camera/rotated.jpg"):
         s3.put_object(Bucket=bucket, Key=key, Body=files[key])
     out = tmp_path / "out"
-    config = write_config(
-        tmp_path / "job.toml",
-        job_config(
-            uris=[f"s3://{bucket}/"],
-            output_dir=out,
-            s3_endpoint=moto_endpoint,
-            rek_endpoint=fake.url,
-            source={"convert": False},
-        ),
-    )
+    config = served_job(fake, f"s3://{bucket}/", source={"convert": False})
     result = invoke("run", str(config))
     assert result.exit_code == 0, result.stderr
     rows = {r["key"]: r for r in read_jsonl(out / "results.jsonl")}
@@ -500,15 +492,7 @@ def test_convert_off_skips_what_rekognition_refuses(
 
 
 def _other_region_bucket(s3: Any, name: str) -> str:
-    import boto3
-
-    oregon = boto3.client(
-        "s3",
-        endpoint_url=s3.meta.endpoint_url,
-        region_name="us-west-2",
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    )
+    oregon = aws_client("s3", s3.meta.endpoint_url, "us-west-2")
     oregon.create_bucket(Bucket=name, CreateBucketConfiguration={"LocationConstraint": "us-west-2"})
     s3.put_object(Bucket=name, Key="a.jpg", Body=oriented_jpeg(300, 200, 1))
     s3.put_object(Bucket=name, Key="b.png", Body=encode(picture(120, 90), "PNG"))
@@ -516,19 +500,11 @@ def _other_region_bucket(s3: Any, name: str) -> str:
 
 
 def test_bucket_in_another_region_is_sent_as_bytes_with_auto(
-    s3: Any, moto_endpoint: str, fake: FakeRekognition, tmp_path: Path
+    s3: Any, fake: FakeRekognition, tmp_path: Path, served_job: ServedJob
 ) -> None:
     bucket = _other_region_bucket(s3, "oregon-photos")
     out = tmp_path / "out"
-    config = write_config(
-        tmp_path / "job.toml",
-        job_config(
-            uris=[f"s3://{bucket}/"],
-            output_dir=out,
-            s3_endpoint=moto_endpoint,
-            rek_endpoint=fake.url,
-        ),
-    )
+    config = served_job(fake, f"s3://{bucket}/")
     result = invoke("run", str(config), "--log-format", "json")
     assert result.exit_code == 0, result.stderr
     assert "bucket_in_other_region" in result.stderr and "us-west-2" in result.stderr
@@ -539,19 +515,10 @@ def test_bucket_in_another_region_is_sent_as_bytes_with_auto(
 
 
 def test_bucket_in_another_region_stops_image_mode_s3(
-    s3: Any, moto_endpoint: str, fake: FakeRekognition, tmp_path: Path
+    s3: Any, fake: FakeRekognition, tmp_path: Path, served_job: ServedJob
 ) -> None:
     bucket = _other_region_bucket(s3, "oregon-refs")
-    config = write_config(
-        tmp_path / "job.toml",
-        job_config(
-            uris=[f"s3://{bucket}/"],
-            output_dir=tmp_path / "out",
-            s3_endpoint=moto_endpoint,
-            rek_endpoint=fake.url,
-            aws={"image_mode": "s3"},
-        ),
-    )
+    config = served_job(fake, f"s3://{bucket}/", aws={"image_mode": "s3"})
     result = invoke("run", str(config))
     assert result.exit_code == 2
     lines = result.stderr.strip().splitlines()
@@ -589,20 +556,17 @@ def test_offline_backend_matches_a_converted_heic(tmp_path: Path) -> None:
 
 
 def test_plan_counts_conversions_and_notes_the_region(
-    s3: Any, moto_endpoint: str, fake: FakeRekognition, files: dict[str, bytes], tmp_path: Path
+    s3: Any,
+    fake: FakeRekognition,
+    files: dict[str, bytes],
+    tmp_path: Path,
+    served_job: ServedJob,
 ) -> None:
     bucket = make_bucket(s3, "plan-formats")
     for key, body in files.items():
         s3.put_object(Bucket=bucket, Key=key, Body=body)
-    config = write_config(
-        tmp_path / "job.toml",
-        job_config(
-            uris=[f"s3://{bucket}/"],
-            output_dir=tmp_path / "out",
-            s3_endpoint=moto_endpoint,
-            rek_endpoint=fake.url,
-            operations='[[operations]]\ntype = "detect_labels"\n',
-        ),
+    config = served_job(
+        fake, f"s3://{bucket}/", operations='[[operations]]\ntype = "detect_labels"\n'
     )
     result = invoke("plan", str(config), "--json")
     assert result.exit_code == 0, result.stderr

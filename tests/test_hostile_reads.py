@@ -35,9 +35,8 @@ from rekbatch.sources.s3 import _read_at_most
 from rekbatch.store.ledger import LedgerDB
 from tests.conftest import make_bucket
 from tests.helpers import invoke, read_csv, read_jsonl, write_config
-from tests.support.configs import job_config
 from tests.support.fake_backend import FakeBackend
-from tests.support.servers import StartFake
+from tests.support.servers import ServedJob, StartFake
 from tests.test_engine import assert_exactly_once
 
 BOUND = 60.0  # seconds a run may take before the test gives up on it
@@ -194,10 +193,10 @@ async def test_an_s3_read_never_takes_more_than_the_listed_size() -> None:
 def test_an_s3_object_replaced_after_listing_is_failed_as_changed(
     mode: str,
     s3: Any,
-    moto_endpoint: str,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     start_fake: StartFake,
+    served_job: ServedJob,
 ) -> None:
     bucket = make_bucket(s3, f"changing-{mode}")
     for k, key in enumerate(("a.jpg", "b.jpg", "c.jpg", "d.jpg")):
@@ -217,16 +216,8 @@ def test_an_s3_object_replaced_after_listing_is_failed_as_changed(
     monkeypatch.setattr(s3_source.S3Source, "list_range", listed_then_replaced)
     out = tmp_path / "out"
     fake = start_fake(region="eu-west-1")
-    config = write_config(
-        tmp_path / "job.toml",
-        job_config(
-            uris=[f"s3://{bucket}/"],
-            output_dir=out,
-            s3_endpoint=moto_endpoint,
-            rek_endpoint=fake.url,
-            output={"parquet": False},
-            aws={"image_mode": mode},
-        ),
+    config = served_job(
+        fake, f"s3://{bucket}/", output={"parquet": False}, aws={"image_mode": mode}
     )
     result = invoke("run", str(config))
     assert result.exit_code == 3, result.stderr

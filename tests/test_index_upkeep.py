@@ -21,12 +21,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
 
 from rekbatch.sinks.current import current_lines
 from rekbatch.store.ledger import LedgerDB
-from tests.conftest import REGION, SAMPLES, make_bucket
+from tests.conftest import SAMPLES, make_bucket
 from tests.helpers import (
     fake_jpeg,
     invoke,
@@ -35,6 +34,7 @@ from tests.helpers import (
     sha256,
     write_config,
 )
+from tests.support.clients import aws_client
 from tests.support.configs import job_config
 from tests.support.fake_rekognition import FakeConfig, FakeRekognition
 from tests.support.moto import lean_sqs_receives, put_objects
@@ -91,13 +91,7 @@ def _config(
 
 
 def _client(fake: FakeRekognition) -> Any:
-    return boto3.client(
-        "rekognition",
-        endpoint_url=fake.url,
-        region_name=REGION,
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    )
+    return aws_client("rekognition", fake.url)
 
 
 def _indexed(fake: FakeRekognition, out: Path) -> Counter[str]:
@@ -248,13 +242,7 @@ def test_removed_objects_leave_the_index_and_the_report(
     answer b.jpg alone, and a's faces stay (b names them). b.jpg removed: the faces go."""
     from tests.test_follow import created, make_queue, records, removed, send
 
-    sqs = boto3.client(
-        "sqs",
-        endpoint_url=moto_endpoint,
-        region_name=REGION,
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    )
+    sqs = aws_client("sqs", moto_endpoint)
     bucket = make_bucket(s3, "upkeep-removed")
     bodies = {"a.jpg": fake_jpeg(1), "b.jpg": fake_jpeg(1), "c.jpg": fake_jpeg(2)}
     put_objects(bucket, bodies.items())
@@ -393,6 +381,17 @@ def _failing_accept(monkeypatch: pytest.MonkeyPatch, key: str) -> None:
     monkeypatch.setattr(Writer, "accept", failing)
 
 
+def _resume_sweeping_the_strays(fake: FakeRekognition, out: Path) -> Counter[str]:
+    """Resume a job that left faces without a row: one ListFaces finds them, one DeleteFaces
+    takes them out. The faces indexed after."""
+    fake.reset_stats()
+    result = invoke("resume", str(out))
+    assert result.exit_code == 0, result.stderr
+    calls = fake.stats()["calls"]
+    assert calls["ListFaces"] == 1 and calls["DeleteFaces"] == 1
+    return _indexed(fake, out)
+
+
 def test_a_row_lost_after_indexfaces_is_swept_on_resume(
     s3: Any, moto_endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -406,12 +405,7 @@ def test_a_row_lost_after_indexfaces_is_swept_on_resume(
             assert invoke("run", str(job)).exit_code == 1
         out = tmp_path / "out"
         assert len(_indexed(fake, out)) > len(_named_faces(out))  # faces without a row
-        fake.reset_stats()
-        result = invoke("resume", str(out))
-        assert result.exit_code == 0, result.stderr
-        calls = fake.stats()["calls"]
-        assert calls["ListFaces"] == 1 and calls["DeleteFaces"] == 1
-        indexed = _indexed(fake, out)
+        indexed = _resume_sweeping_the_strays(fake, out)
     _assert_index_is_the_rows(indexed, out)
     _assert_once_each(out, set(bodies))
 
@@ -479,12 +473,7 @@ def test_sigkill_while_indexfaces_is_answered_then_a_resume(
             proc.communicate(timeout=10)
         assert len(_indexed(fake, out)) > len(_named_faces(out))
         fake.configure(fail_calls={})
-        fake.reset_stats()
-        result = invoke("resume", str(out))
-        assert result.exit_code == 0, result.stderr
-        calls = fake.stats()["calls"]
-        assert calls["ListFaces"] == 1 and calls["DeleteFaces"] == 1
-        indexed = _indexed(fake, out)
+        indexed = _resume_sweeping_the_strays(fake, out)
     _assert_index_is_the_rows(indexed, out)
     _assert_once_each(out, set(bodies))
 
@@ -500,29 +489,12 @@ def test_follow_replace_and_remove_then_a_kill_while_reindexing_and_a_resume(
     removed; the process is killed while the fake holds the re-indexing IndexFaces (its
     faces already in the collection). ``resume`` takes the stray and the old faces out,
     indexes the new photo once, and ``find`` no longer answers the old photos."""
-    from tests.test_follow import make_queue, queue_counts, start, wait_for
+    from tests.test_follow import make_queue, notify, queue_counts, start, wait_for
 
-    sqs = boto3.client(
-        "sqs",
-        endpoint_url=moto_endpoint,
-        region_name=REGION,
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    )
+    sqs = aws_client("sqs", moto_endpoint)
     bucket = make_bucket(s3, "upkeep-follow")
     url = make_queue(sqs, "upkeep-follow")
-    arn = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])
-    s3.put_bucket_notification_configuration(
-        Bucket=bucket,
-        NotificationConfiguration={
-            "QueueConfigurations": [
-                {
-                    "QueueArn": arn["Attributes"]["QueueArn"],
-                    "Events": ["s3:ObjectCreated:*", "s3:ObjectRemoved:*"],
-                }
-            ]
-        },
-    )
+    notify(s3, sqs, bucket, url)
     bodies, people = _photos(15)  # ric in 0000, 0007 and 0014
     put_objects(bucket, bodies.items())
     reference, ref_people = _reference(tmp_path / "refs")

@@ -27,11 +27,11 @@ from rekbatch.sources.ranges import KeyRange, KeySpace, Splitter, ranges_from_bo
 from rekbatch.store.jobdir import ledger_path
 from tests.conftest import REGION, make_bucket
 from tests.helpers import fake_jpeg, read_jsonl, write_config
-from tests.support.configs import job_config
+from tests.support.clients import aws_client
 from tests.support.fake_backend import FakeBackend
 from tests.support.fake_rekognition import FakeRekognition
 from tests.support.moto import put_objects
-from tests.support.servers import StartFake
+from tests.support.servers import ServedJob, StartFake
 from tests.test_engine import assert_exactly_once, make_config
 
 BUCKET = "listing-bucket"
@@ -48,15 +48,7 @@ def _keys() -> list[str]:
 @pytest.fixture(scope="module")
 def listing_bucket(moto_endpoint: str) -> list[str]:
     """About 3,200 keys over nested prefixes, a flat one and keys with unicode, spaces, +."""
-    import boto3
-
-    client = boto3.client(
-        "s3",
-        endpoint_url=moto_endpoint,
-        region_name=REGION,
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    )
+    client = aws_client("s3", moto_endpoint)
     make_bucket(client, BUCKET)
     keys = _keys()
     put_objects(BUCKET, ((k, fake_jpeg(i)) for i, k in enumerate(keys)))
@@ -241,24 +233,21 @@ def slow_fake(start_fake: StartFake) -> FakeRekognition:
 
 
 def test_sigkill_mid_listing_then_resume_lists_only_the_rest_exactly_once(
-    s3: Any, moto_endpoint: str, slow_fake: FakeRekognition, tmp_path: Path
+    s3: Any, slow_fake: FakeRekognition, tmp_path: Path, served_job: ServedJob
 ) -> None:
     make_bucket(s3, "kill-listing")
     keys = [f"{a}/{i:04d}.jpg" for a in ("north", "south", "east", "west") for i in range(200)]
     keys += [f"flat_{i:04d}.jpg" for i in range(400)]
     put_objects("kill-listing", ((k, fake_jpeg(i)) for i, k in enumerate(keys)))
-    text = job_config(
-        uris=["s3://kill-listing/"],
-        output_dir=tmp_path / "out",
-        s3_endpoint=moto_endpoint,
-        rek_endpoint=slow_fake.url,
+    config = served_job(
+        slow_fake,
+        "s3://kill-listing/",
         operations='[[operations]]\ntype = "detect_labels"\n',
         limits={"concurrency": 8, "max_tps": 300},
         # No header sniffing: listing and resume are the subject, and each sniff is one more
         # GET to moto per object in the test process.
         source={"list_concurrency": 4, "sniff": False},
     )
-    config = write_config(tmp_path / "job.toml", text)
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "rekbatch", "run", str(config), "--log-format", "json"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

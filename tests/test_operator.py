@@ -30,12 +30,10 @@ from tests.helpers import (
     sample_people,
     tiny_png,
     upload_samples,
-    write_config,
 )
-from tests.support.configs import job_config
 from tests.support.fake_rekognition import FakeRekognition
 from tests.support.moto import put_objects
-from tests.support.servers import StartFake
+from tests.support.servers import ServedJob, StartFake
 
 
 def _mixed(s3: Any, bucket: str) -> None:
@@ -54,21 +52,11 @@ OPS = (
 
 
 def test_plan_counts_exactly_and_calls_nothing(
-    s3: Any, moto_endpoint: str, tmp_path: Path, start_fake: StartFake
+    s3: Any, tmp_path: Path, start_fake: StartFake, served_job: ServedJob
 ) -> None:
     _mixed(s3, "plan-bucket")
     fake = start_fake()
-    config = write_config(
-        tmp_path / "job.toml",
-        job_config(
-            uris=["s3://plan-bucket/"],
-            output_dir=tmp_path / "out",
-            s3_endpoint=moto_endpoint,
-            rek_endpoint=fake.url,
-            operations=OPS,
-            extra="[limits]\nmax_tps = 10\n",
-        ),
-    )
+    config = served_job(fake, "s3://plan-bucket/", operations=OPS, extra="[limits]\nmax_tps = 10\n")
     result = invoke("plan", str(config), "--json")
     assert result.exit_code == 0, result.stderr
     plan = json.loads(result.stdout)
@@ -90,24 +78,19 @@ def test_plan_counts_exactly_and_calls_nothing(
 
 def test_cost_cap_stops_with_4_and_resumes_with_a_larger_one(
     s3: Any,
-    moto_endpoint: str,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     start_fake: StartFake,
+    served_job: ServedJob,
 ) -> None:
     _mixed(s3, "cost-bucket")
     fake = start_fake()
     per_image = estimate_cost({"DetectFaces": 1, "DetectLabels": 1})
-    config = write_config(
-        tmp_path / "job.toml",
-        job_config(
-            uris=["s3://cost-bucket/"],
-            output_dir=tmp_path / "out",
-            s3_endpoint=moto_endpoint,
-            rek_endpoint=fake.url,
-            operations=OPS,
-            extra=f"[limits]\nconcurrency = 4\nmax_cost_usd = {per_image * 20.5}\n",
-        ),
+    config = served_job(
+        fake,
+        "s3://cost-bucket/",
+        operations=OPS,
+        extra=f"[limits]\nconcurrency = 4\nmax_cost_usd = {per_image * 20.5}\n",
     )
     result = invoke("run", str(config))
     assert result.exit_code == 4, result.stderr
@@ -121,7 +104,7 @@ def test_cost_cap_stops_with_4_and_resumes_with_a_larger_one(
 
 
 def test_parquet_outputs_answer_the_readme_queries(
-    s3: Any, moto_endpoint: str, tmp_path: Path, start_fake: StartFake
+    s3: Any, tmp_path: Path, start_fake: StartFake, served_job: ServedJob
 ) -> None:
     bucket = upload_samples(s3, "duck-ric")
     people = sample_people()
@@ -131,16 +114,11 @@ def test_parquet_outputs_answer_the_readme_queries(
     out = tmp_path / "out"
     upload = make_bucket(s3, "athena-results")
     fake = start_fake(people=people)
-    config = write_config(
-        tmp_path / "job.toml",
-        job_config(
-            uris=[f"s3://{bucket}/"],
-            output_dir=out,
-            s3_endpoint=moto_endpoint,
-            rek_endpoint=fake.url,
-            operations=ops,
-            extra=f'[output]\nupload_uri = "s3://{upload}/wheres-ric/"\n',
-        ),
+    config = served_job(
+        fake,
+        f"s3://{bucket}/",
+        operations=ops,
+        extra=f'[output]\nupload_uri = "s3://{upload}/wheres-ric/"\n',
     )
     result = invoke("run", str(config))
     assert result.exit_code == 0, result.stderr
@@ -173,7 +151,7 @@ def test_parquet_outputs_answer_the_readme_queries(
 
 
 def test_progress_only_on_a_terminal_with_console_logs(
-    s3: Any, moto_endpoint: str, tmp_path: Path, start_fake: StartFake
+    s3: Any, tmp_path: Path, start_fake: StartFake, served_job: ServedJob
 ) -> None:
     class Tty(io.StringIO):
         def isatty(self) -> bool:
@@ -186,22 +164,17 @@ def test_progress_only_on_a_terminal_with_console_logs(
     bucket = make_bucket(s3, "quiet-bucket")
     s3.put_object(Bucket=bucket, Key="a.jpg", Body=fake_jpeg(1))
     fake = start_fake()
-    config = write_config(
-        tmp_path / "job.toml",
-        job_config(
-            uris=[f"s3://{bucket}/"],
-            output_dir=tmp_path / "out",
-            s3_endpoint=moto_endpoint,
-            rek_endpoint=fake.url,
-        ),
-    )
+    config = served_job(fake, f"s3://{bucket}/")
     result = invoke("run", str(config), "--log-format", "console")
     assert result.exit_code == 0
     assert "calls/s" not in result.stderr and "ETA" not in result.stderr
 
 
 def test_the_command_line_freezes_the_collector_for_the_run_s_work(
-    fake: FakeRekognition, moto_endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    fake: FakeRekognition,
+    served_job: ServedJob,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """What exists when the work starts (modules, clients, config) stays out of the
     collector's passes until it ends: a throughput measure of the command line's, for its
@@ -209,13 +182,16 @@ def test_the_command_line_freezes_the_collector_for_the_run_s_work(
     changed: list[str] = []
     monkeypatch.setattr(gc, "freeze", lambda: changed.append("freeze"))
     monkeypatch.setattr(gc, "unfreeze", lambda: changed.append("unfreeze"))
-    result = _run_three_images(fake, moto_endpoint, tmp_path)
+    result = _run_three_images(fake, served_job, tmp_path)
     assert changed == ["freeze", "unfreeze"]
     assert "records: ok 3" in result.stdout
 
 
 def test_the_command_line_always_checkpoints(
-    fake: FakeRekognition, moto_endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    fake: FakeRekognition,
+    served_job: ServedJob,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Benchmarks that measure a run without fsync build ``RunOptions(checkpoint=False)``
     themselves (benchmarks/run_unchecked.py); no variable turns it off here."""
@@ -228,25 +204,17 @@ def test_the_command_line_always_checkpoints(
 
     monkeypatch.setattr(Writer, "__init__", writer)
     monkeypatch.setenv("REKBATCH_BENCH_NO_CHECKPOINT", "1")
-    result = _run_three_images(fake, moto_endpoint, tmp_path)
+    result = _run_three_images(fake, served_job, tmp_path)
     assert durable == [True] and "checkpointing off" not in result.stderr
     # the benchmarks' way, on the same job (resumed: nothing new)
     assert run_unchecked.main([str(tmp_path / "job.toml")]) == EXIT_OK
     assert durable == [True, False]
 
 
-def _run_three_images(fake: FakeRekognition, moto_endpoint: str, tmp_path: Path) -> Any:
+def _run_three_images(fake: FakeRekognition, served_job: ServedJob, tmp_path: Path) -> Any:
     photos = tmp_path / "photos"
     local_images(photos, 3)
-    config = write_config(
-        tmp_path / "job.toml",
-        job_config(
-            uris=[str(photos)],
-            output_dir=tmp_path / "out",
-            s3_endpoint=moto_endpoint,
-            rek_endpoint=fake.url,
-        ),
-    )
+    config = served_job(fake, str(photos))
     result = invoke("run", str(config), "--log-format", "json")
     assert result.exit_code == 0, result.stderr
     return result
@@ -287,21 +255,13 @@ def test_progress_view_counts_objects_and_records_apart_and_waits_before_an_eta(
 
 
 def test_unexpected_error_exits_1(
-    s3: Any, moto_endpoint: str, tmp_path: Path, start_fake: StartFake
+    s3: Any, tmp_path: Path, start_fake: StartFake, served_job: ServedJob
 ) -> None:
     bucket = make_bucket(s3, "tamper-bucket")
     for i in range(3):
         s3.put_object(Bucket=bucket, Key=f"{i}.jpg", Body=fake_jpeg(i))
     fake = start_fake()
-    config = write_config(
-        tmp_path / "job.toml",
-        job_config(
-            uris=[f"s3://{bucket}/"],
-            output_dir=tmp_path / "out",
-            s3_endpoint=moto_endpoint,
-            rek_endpoint=fake.url,
-        ),
-    )
+    config = served_job(fake, f"s3://{bucket}/")
     assert invoke("run", str(config)).exit_code == 0
     (tmp_path / "out" / "results.jsonl").write_text("")  # changed behind rekbatch's back
     result = invoke("run", str(config))

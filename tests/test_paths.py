@@ -15,6 +15,7 @@ import shutil
 import tomllib
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -22,6 +23,7 @@ from rekbatch.config import Config
 from rekbatch.engine import Job, RunOptions
 from tests.conftest import SAMPLES
 from tests.helpers import invoke, read_csv, read_jsonl, sample_people, write_config
+from tests.support.configs import Table, operations, toml_tables
 from tests.support.fake_rekognition import FakeRekognition
 from tests.support.servers import StartFake
 
@@ -53,6 +55,26 @@ def _rows(out: Path) -> Counter[tuple[str, str, str]]:
     csv = Counter((r["source"], r["key"], r["operation"]) for r in read_csv(out / "results.csv"))
     assert rows == csv
     return rows
+
+
+def _job_file(
+    path: Path,
+    fake: FakeRekognition,
+    output_dir: str | Path,
+    *,
+    uri: str | Path = "photos",
+    operation: str | Table = "detect_labels",
+    limits: Table | None = None,
+) -> Path:
+    """A job config at ``path`` on the samples (``uri``, relative to ``path``'s folder)."""
+    tables: dict[str, Any] = {
+        "job": {"output_dir": output_dir},
+        "source": {"uris": [uri]},
+        "aws": {"rekognition_endpoint_url": fake.url},
+    }
+    if limits is not None:
+        tables["limits"] = limits
+    return write_config(path, toml_tables(**tables, operations=operations(operation)))
 
 
 def test_scan_records_absolute_paths_and_resumes_from_any_folder(
@@ -90,11 +112,11 @@ def test_run_reads_a_configs_relative_paths_from_its_folder(
     tmp_path: Path, fake: FakeRekognition, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     home = _project(tmp_path)
-    config = write_config(
+    config = _job_file(
         home / "job.toml",
-        '[job]\noutput_dir = "out/job"\n[source]\nuris = ["photos"]\n'
-        f'[aws]\nrekognition_endpoint_url = "{fake.url}"\n'
-        '[[operations]]\ntype = "compare_faces"\nreference = "photos/ric_harvey.jpeg"\n',
+        fake,
+        "out/job",
+        operation={"type": "compare_faces", "reference": "photos/ric_harvey.jpeg"},
     )
     other = _elsewhere(tmp_path, monkeypatch)
     first = invoke("run", str(config), "--log-format", "json", "--concurrency", "2")
@@ -118,17 +140,12 @@ def test_a_config_whose_paths_point_elsewhere_than_the_job_is_refused(
 ) -> None:
     home = _project(tmp_path)
     out = tmp_path / "results"
-    text = (
-        f'[job]\noutput_dir = "{out}"\n[source]\nuris = ["photos"]\n'
-        f'[aws]\nrekognition_endpoint_url = "{fake.url}"\n'
-        '[[operations]]\ntype = "detect_labels"\n'
-    )
-    config = write_config(home / "job.toml", text)
+    config = _job_file(home / "job.toml", fake, out)
     assert invoke("run", str(config), "--log-format", "json").exit_code == 0
     # The same config copied next to other photos: same output folder, other sources.
     copy = tmp_path / "copy"
     shutil.copytree(SAMPLES, copy / "photos")
-    moved = write_config(copy / "job.toml", text)
+    moved = _job_file(copy / "job.toml", fake, out)
     _elsewhere(tmp_path, monkeypatch)
     refused = invoke("run", str(moved), "--log-format", "json")
     assert refused.exit_code == 2
@@ -147,13 +164,7 @@ def test_resume_takes_environment_overrides_that_keep_the_job(
     start_fake: StartFake,
 ) -> None:
     home = _project(tmp_path)
-    config = write_config(
-        home / "job.toml",
-        '[job]\noutput_dir = "out"\n[source]\nuris = ["photos"]\n'
-        f'[aws]\nrekognition_endpoint_url = "{fake.url}"\n'
-        "[limits]\nmax_images = 3\nconcurrency = 1\n"
-        '[[operations]]\ntype = "detect_labels"\n',
-    )
+    config = _job_file(home / "job.toml", fake, "out", limits={"max_images": 3, "concurrency": 1})
     first = invoke("run", str(config), "--log-format", "json")
     assert first.exit_code == 4, first.stderr  # stopped at the cap, resumable
     out = home / "out"
@@ -179,12 +190,7 @@ def test_resume_refuses_an_override_that_would_change_the_job(
     tmp_path: Path, fake: FakeRekognition, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     home = _project(tmp_path)
-    config = write_config(
-        home / "job.toml",
-        '[job]\noutput_dir = "out"\n[source]\nuris = ["photos"]\n'
-        f'[aws]\nrekognition_endpoint_url = "{fake.url}"\n'
-        '[[operations]]\ntype = "detect_faces"\n',
-    )
+    config = _job_file(home / "job.toml", fake, "out", operation="detect_faces")
     assert invoke("run", str(config), "--log-format", "json").exit_code == 0
     for variable, value in (
         ("REKBATCH_SOURCE__INCLUDE", '["*.png"]'),
@@ -228,12 +234,7 @@ def test_a_job_made_with_relative_paths_resumes_from_its_folder(
     home = _project(tmp_path)
     monkeypatch.chdir(home)
     out = _legacy_job(home, fake, output_dir="out", config_path="job.toml")
-    config = write_config(
-        home / "job.toml",
-        '[job]\noutput_dir = "out"\n[source]\nuris = ["photos"]\n'
-        f'[aws]\nrekognition_endpoint_url = "{fake.url}"\n'
-        '[[operations]]\ntype = "detect_labels"\n',
-    )
+    config = _job_file(home / "job.toml", fake, "out")
     again = invoke("run", config.name, "--log-format", "json")
     assert again.exit_code == 0, again.stderr
     rows = _rows(out)
@@ -253,12 +254,7 @@ def test_a_config_whose_job_sits_beside_the_current_folder_is_refused(
     monkeypatch.chdir(home)
     photos = home / "photos"
     out = _legacy_job(home, fake, output_dir="out/job", config_path="configs/job.toml")
-    config = write_config(
-        home / "configs" / "job.toml",
-        f'[job]\noutput_dir = "out/job"\n[source]\nuris = ["{photos}"]\n'
-        f'[aws]\nrekognition_endpoint_url = "{fake.url}"\n'
-        '[[operations]]\ntype = "detect_labels"\n',
-    )
+    config = _job_file(home / "configs" / "job.toml", fake, "out/job", uri=photos)
     refused = invoke("run", "configs/job.toml", "--log-format", "json")
     assert refused.exit_code == 2
     lines = refused.stderr.strip().splitlines()

@@ -18,10 +18,9 @@ import pytest
 
 from tests.conftest import REPO, SAMPLES, make_bucket
 from tests.helpers import fake_jpeg, invoke, read_jsonl, write_config
-from tests.support.configs import job_config
 from tests.support.fake_rekognition import FakeRekognition
 from tests.support.moto import put_objects
-from tests.support.servers import StartFake
+from tests.support.servers import ServedJob, StartFake
 
 OPS = '[[operations]]\ntype = "detect_faces"\n\n[[operations]]\ntype = "detect_labels"\n'
 SHOWS_RIC = {"ric_harvey.jpeg", "ric.jpg", "ric_crowd1.jpg"}
@@ -55,22 +54,17 @@ def _running_pid(folder: Path) -> int | None:
 
 
 def test_ray_engine_runs_the_shards_as_tasks_and_retries_a_killed_one(
-    s3: Any, moto_endpoint: str, slow_fake: FakeRekognition, tmp_path: Path
+    s3: Any, slow_fake: FakeRekognition, tmp_path: Path, served_job: ServedJob
 ) -> None:
     make_bucket(s3, "ray-bucket")
     keys = {f"img/{i:04d}.jpg" for i in range(160)}
     put_objects("ray-bucket", ((key, fake_jpeg(i)) for i, key in enumerate(sorted(keys))))
     out = tmp_path / "out"
-    config = write_config(
-        tmp_path / "job.toml",
-        job_config(
-            uris=["s3://ray-bucket/"],
-            output_dir=out,
-            s3_endpoint=moto_endpoint,
-            rek_endpoint=slow_fake.url,
-            operations=OPS,
-            extra="[limits]\nconcurrency = 2\nmax_tps = 40\n\n[output]\nparquet = false\n",
-        ),
+    config = served_job(
+        slow_fake,
+        "s3://ray-bucket/",
+        operations=OPS,
+        extra="[limits]\nconcurrency = 2\nmax_tps = 40\n\n[output]\nparquet = false\n",
     )
     proc = subprocess.Popen(
         [sys.executable, "-m", "rekbatch", "run", str(config), "--engine", "ray", "--shards",

@@ -19,10 +19,11 @@ import pytest
 
 from tests.conftest import make_bucket
 from tests.helpers import fake_jpeg, invoke, read_csv, read_jsonl, write_config
+from tests.support.clients import aws_client
 from tests.support.configs import job_config
 from tests.support.fake_rekognition import FakeRekognition
 from tests.support.moto import put_objects
-from tests.support.servers import StartFake
+from tests.support.servers import ServedJob, StartFake
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -34,15 +35,7 @@ QUOTA = 40.0
 
 @pytest.fixture(scope="module")
 def bucket(moto_endpoint: str) -> str:
-    import boto3
-
-    s3 = boto3.client(
-        "s3",
-        endpoint_url=moto_endpoint,
-        region_name=HOME,
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    )
+    s3 = aws_client("s3", moto_endpoint, HOME)
     name = make_bucket(s3, "regions-bucket")
     put_objects(name, ((f"img/{i:04d}.jpg", fake_jpeg(i)) for i in range(IMAGES)))
     return name
@@ -177,31 +170,22 @@ def test_plan_reads_the_quotas_and_times_each_region_set(
 
 
 def test_rekognition_region_bucket_calls_each_bucket_in_its_own_region(
-    tmp_path: Path, bucket: str, moto_endpoint: str, fake: FakeRekognition
+    tmp_path: Path, bucket: str, moto_endpoint: str, fake: FakeRekognition, served_job: ServedJob
 ) -> None:
-    import boto3
-
-    s3 = boto3.client(
-        "s3",
-        endpoint_url=moto_endpoint,
-        region_name="us-west-2",
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    )
+    s3 = aws_client("s3", moto_endpoint, "us-west-2")
     west = "regions-west-bucket"
     s3.create_bucket(Bucket=west, CreateBucketConfiguration={"LocationConstraint": "us-west-2"})
     put_objects(west, ((f"w/{i:03d}.jpg", fake_jpeg(10_000 + i)) for i in range(60)))
-    text = job_config(
-        uris=[f"s3://{bucket}/", f"s3://{west}/"],
-        output_dir=tmp_path / "out",
-        s3_endpoint=moto_endpoint,
-        rek_endpoint=fake.url,
+    config = served_job(
+        fake,
+        f"s3://{bucket}/",
+        f"s3://{west}/",
         operations='[[operations]]\ntype = "detect_labels"\n',
         limits={"concurrency": 16},
         source={"sniff": False},
         aws={"rekognition_region": "bucket"},
     )
-    result = invoke("run", str(write_config(tmp_path / "job.toml", text)))
+    result = invoke("run", str(config))
     assert result.exit_code == 0, result.stderr
     rows = read_jsonl(tmp_path / "out" / "results.jsonl")
     assert len(rows) == IMAGES + 60 and all(r["status"] == "ok" for r in rows)

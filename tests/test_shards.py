@@ -33,12 +33,12 @@ from rekbatch.engine.shards import (
 )
 from rekbatch.errors import ConfigError, SetupError
 from tests.conftest import REPO, make_bucket
-from tests.helpers import fake_jpeg, invoke, read_csv, read_jsonl, write_config
-from tests.support.configs import job_config
+from tests.helpers import fake_jpeg, invoke, read_csv, read_jsonl
+from tests.support.configs import write_job
 from tests.support.fake_backend import FakeBackend
 from tests.support.fake_rekognition import FakeRekognition
 from tests.support.moto import Served, put_objects
-from tests.support.servers import StartFake
+from tests.support.servers import ServedJob, StartFake
 
 OPS = '[[operations]]\ntype = "detect_faces"\n\n[[operations]]\ntype = "detect_labels"\n'
 SHOWS_RIC = {"ric_harvey.jpeg", "ric.jpg", "ric_crowd1.jpg"}
@@ -131,20 +131,12 @@ def _records(path: Path) -> Counter[tuple[str, str, str]]:
 
 
 def test_a_single_shard_equals_a_plain_run(
-    s3: Any, moto_endpoint: str, tmp_path: Path, start_fake: StartFake
+    s3: Any, tmp_path: Path, start_fake: StartFake, served_job: ServedJob
 ) -> None:
     keys = _fill(s3, "one-shard", 40)
     fake = start_fake()
-    config = write_config(
-        tmp_path / "job.toml",
-        job_config(
-            uris=["s3://one-shard/"],
-            output_dir=tmp_path / "out",
-            s3_endpoint=moto_endpoint,
-            rek_endpoint=fake.url,
-            operations=OPS,
-            extra="[output]\nparquet = false\n",
-        ),
+    config = served_job(
+        fake, "s3://one-shard/", operations=OPS, extra="[output]\nparquet = false\n"
     )
     plain = invoke("run", str(config), "--output", str(tmp_path / "plain"))
     sharded = invoke("run", str(config), "--shard", "0/1")
@@ -169,20 +161,11 @@ def test_a_single_shard_equals_a_plain_run(
 
 
 def test_merge_names_the_shards_that_never_ran(
-    s3: Any, moto_endpoint: str, tmp_path: Path, start_fake: StartFake
+    s3: Any, tmp_path: Path, start_fake: StartFake, served_job: ServedJob
 ) -> None:
     _fill(s3, "half-done", 10)
     fake = start_fake()
-    config = write_config(
-        tmp_path / "job.toml",
-        job_config(
-            uris=["s3://half-done/"],
-            output_dir=tmp_path / "out",
-            s3_endpoint=moto_endpoint,
-            rek_endpoint=fake.url,
-            extra="[output]\nparquet = false\n",
-        ),
-    )
+    config = served_job(fake, "s3://half-done/", extra="[output]\nparquet = false\n")
     assert invoke("run", str(config), "--shard", "1/3").exit_code == 0
     result = invoke("merge", str(tmp_path / "out"))
     assert result.exit_code == 2
@@ -288,7 +271,7 @@ def _ok_rows(path: Path) -> int:
 @pytest.mark.parametrize("kind", ["prefix", "inventory", "keys"])
 def test_four_shard_processes_list_their_part_killed_rerun_and_merged_to_a_single_run(
     s3: Any, moto_endpoint: str, quick_fake: FakeRekognition, tmp_path: Path, kind: str,
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, served_job: ServedJob,
 ) -> None:  # fmt: skip
     """Four shard processes over 2,400 keys (AWS Batch style), one killed half way through
     its calls and run again, then merged: together they list each key about once (each
@@ -305,22 +288,14 @@ def test_four_shard_processes_list_their_part_killed_rerun_and_merged_to_a_singl
         put_objects(make_bucket(s3, counted), report.items())
         upload = ""
     out = tmp_path / "out"
-    config = write_config(
-        tmp_path / "job.toml",
-        job_config(
-            uris=[uri],
-            output_dir=out,
-            s3_endpoint=moto_endpoint,
-            rek_endpoint=quick_fake.url,
-            operations='[[operations]]\ntype = "detect_labels"\n',
-            extra="[limits]\nconcurrency = 2\nmax_tps = 160\n\n"
-            f"[output]\nparquet = false\n{upload}",
-        ).replace(
-            # Every key listed and recorded; a fifth of them called (the rest excluded,
-            # recorded as skipped without a call), so the test stays quick.
-            "[source]\n",
-            '[source]\nsniff = false\ninclude = ["*0.jpg", "*5.jpg"]\n',
-        ),
+    config = served_job(
+        quick_fake,
+        uri,
+        operations='[[operations]]\ntype = "detect_labels"\n',
+        extra=f"[limits]\nconcurrency = 2\nmax_tps = 160\n\n[output]\nparquet = false\n{upload}",
+        # Every key listed and recorded; a fifth of them called (the rest excluded,
+        # recorded as skipped without a call), so the test stays quick.
+        source={"sniff": False, "include": ["*0.jpg", "*5.jpg"]},
     )
     served = Served()
     with served.counting():
@@ -419,6 +394,21 @@ def _shard_job(cfg: Config, shard: Shard, backend: FakeBackend) -> Job:
     return Job(own, options, backend=backend)
 
 
+def _in_process_config(tmp_path: Path, moto_endpoint: str, uri: str, **settings: Any) -> Config:
+    """The loaded config of a job whose shards run in this process on ``FakeBackend``s:
+    no Rekognition server (its endpoint is never called) and no Parquet."""
+    path = write_job(
+        tmp_path / "job.toml",
+        uris=[uri],
+        output_dir=tmp_path / "out",
+        s3_endpoint=moto_endpoint,
+        rek_endpoint="http://127.0.0.1:9",
+        output={"parquet": False},
+        **settings,
+    )
+    return load_config(path, environ={})
+
+
 async def test_shards_started_together_divide_once_and_check_the_reference_once(
     s3: Any, moto_endpoint: str, tmp_path: Path
 ) -> None:
@@ -426,19 +416,12 @@ async def test_shards_started_together_divide_once_and_check_the_reference_once(
     reference = tmp_path / "ric.jpg"
     reference.write_bytes(fake_jpeg(10_000))
     people = {f"sha256:{hashlib.sha256(reference.read_bytes()).hexdigest()}": ["ric"]}
-    cfg = load_config(
-        write_config(
-            tmp_path / "job.toml",
-            job_config(
-                uris=["s3://together/"],
-                output_dir=tmp_path / "out",
-                s3_endpoint=moto_endpoint,
-                rek_endpoint="http://127.0.0.1:9",
-                operations=f'[[operations]]\ntype = "compare_faces"\nreference = "{reference}"\n',
-                extra="[output]\nparquet = false\n",
-            ).replace("[source]\n", "[source]\nsniff = false\n"),
-        ),
-        environ={},
+    cfg = _in_process_config(
+        tmp_path,
+        moto_endpoint,
+        "s3://together/",
+        operations=f'[[operations]]\ntype = "compare_faces"\nreference = "{reference}"\n',
+        source={"sniff": False},
     )
     # Slow calls: the others come to the reference while the first shard still checks it.
     backends = [FakeBackend(people=people, latency=1.0) for _ in range(3)]
@@ -473,19 +456,7 @@ async def test_a_shard_stops_when_the_split_it_finds_is_not_the_one_it_listed_by
     s3: Any, moto_endpoint: str, tmp_path: Path
 ) -> None:
     _fill(s3, "other-split", 30)
-    cfg = load_config(
-        write_config(
-            tmp_path / "job.toml",
-            job_config(
-                uris=["s3://other-split/"],
-                output_dir=tmp_path / "out",
-                s3_endpoint=moto_endpoint,
-                rek_endpoint="http://127.0.0.1:9",
-                extra="[output]\nparquet = false\n",
-            ),
-        ),
-        environ={},
-    )
+    cfg = _in_process_config(tmp_path, moto_endpoint, "s3://other-split/")
     out = tmp_path / "out"
     assert (await _shard_job(cfg, Shard(0, 2), FakeBackend()).run()).exit_code == 0
     path = out / "split.json"

@@ -35,11 +35,10 @@ from tests.helpers import (
     read_jsonl,
     write_config,
 )
-from tests.support.configs import job_config
 from tests.support.fake_backend import FakeBackend
 from tests.support.fake_rekognition import FakeRekognition
 from tests.support.moto import put_objects
-from tests.support.servers import StartFake
+from tests.support.servers import ServedJob, StartFake
 
 GENEROUS = 120.0  # seconds: only a hang takes this long
 
@@ -94,21 +93,18 @@ def stalling(start_fake: StartFake) -> FakeRekognition:
 
 
 def test_sigterm_with_every_call_stalled_exits_130_after_the_grace_period(
-    tmp_path: Path, s3: Any, moto_endpoint: str, stalling: FakeRekognition
+    tmp_path: Path, s3: Any, stalling: FakeRekognition, served_job: ServedJob
 ) -> None:
     bucket = make_bucket(s3, "stalled-bucket")
     put_objects(bucket, ((f"img/{i:03d}.jpg", fake_jpeg(i)) for i in range(40)))
     out = tmp_path / "out"
-    text = job_config(
-        uris=[f"s3://{bucket}/"],
-        output_dir=out,
-        s3_endpoint=moto_endpoint,
-        rek_endpoint=stalling.url,
+    config = served_job(
+        stalling,
+        f"s3://{bucket}/",
         operations='[[operations]]\ntype = "detect_labels"\n',
         limits={"concurrency": 4, "max_tps": 100, "stop_grace_seconds": 2},
         source={"sniff": False},
     )
-    config = write_config(tmp_path / "job.toml", text)
     proc = _start(config, tmp_path / "run.log")
     try:
         _wait_for("four stalled calls", lambda: sum(stalling.stats()["stalled"].values()) >= 4)

@@ -15,6 +15,37 @@ import zlib
 from pathlib import Path
 from typing import Any
 
+# ``python -c CONVERT_PEAK FILE SIDE``: one conversion of FILE (to at most SIDE pixels a side)
+# in a fresh process; prints the growth of its peak resident size (VmHWM, reset just before)
+# in KiB, then exits 1 naming the exception if the conversion raised.
+CONVERT_PEAK = """
+import gc, io, sys
+from pathlib import Path
+from PIL import Image
+from rekbatch.sources.convert import convert_image
+
+def resident(field):
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(field))
+
+data = Path(sys.argv[1]).read_bytes()
+tiny = io.BytesIO()
+Image.new("RGB", (90, 90)).save(tiny, "PNG")
+convert_image(tiny.getvalue(), 100)  # Pillow's plugins and pillow-heif loaded first
+gc.collect()
+with open("/proc/self/clear_refs", "w") as refs:
+    refs.write("5")  # the peak resident size starts again from here
+before = resident("VmRSS:")
+failed = None
+try:
+    convert_image(data, int(sys.argv[2]))
+except Exception as exc:
+    failed = type(exc).__name__
+print(resident("VmHWM:") - before)
+if failed:
+    sys.exit(f"convert_image raised {failed}")
+"""
+
 
 def _chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))

@@ -1,7 +1,8 @@
 """The test servers as fixtures: ``start_fake`` starts fake Rekognition servers (on the
 session's moto S3 unless told otherwise) and stops them when the test ends; ``fake`` is one
 with the default behaviour, which a module overrides when its tests need another
-(``def fake(start_fake): return start_fake(people=sample_people())``)."""
+(``def fake(start_fake): return start_fake(people=sample_people())``); ``served_job`` writes
+a job on them."""
 
 from __future__ import annotations
 
@@ -9,10 +10,12 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import ExitStack
+from pathlib import Path
 from typing import Any, Protocol
 
 import pytest
 
+from tests.support.configs import write_job
 from tests.support.fake_rekognition import FakeConfig, FakeRekognition
 
 
@@ -51,3 +54,26 @@ def start_fake(request: pytest.FixtureRequest) -> Iterator[StartFake]:
 def fake(start_fake: StartFake) -> FakeRekognition:
     """A fake Rekognition on the moto server, with the default behaviour."""
     return start_fake()
+
+
+class ServedJob(Protocol):
+    def __call__(self, fake: FakeRekognition, *uris: str | Path, **settings: Any) -> Path: ...
+
+
+@pytest.fixture
+def served_job(tmp_path: Path, moto_endpoint: str) -> ServedJob:
+    """``served_job(fake, *uris, **settings)``: a job on the moto server and ``fake`` in
+    ``tmp_path / "job.toml"``, writing to ``tmp_path / "out"``; ``settings`` as
+    ``job_config``'s (``source={"sniff": False}``, ``operations=...``)."""
+
+    def write(fake: FakeRekognition, *uris: str | Path, **settings: Any) -> Path:
+        settings.setdefault("output_dir", tmp_path / "out")
+        return write_job(
+            tmp_path / "job.toml",
+            uris=uris,
+            s3_endpoint=moto_endpoint,
+            rek_endpoint=fake.url,
+            **settings,
+        )
+
+    return write

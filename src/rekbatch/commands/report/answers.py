@@ -68,29 +68,35 @@ def _op_threshold(cfg: Config, kind: type[CompareFacesOp] | type[SearchFacesOp])
     return None
 
 
+def _person(name: str, references: list[str], raw: dict[str, Any], searched: int) -> Person:
+    matches = _matches(raw.get("matches"))
+    return Person(
+        name=name,
+        references=[_reference_location(r) for r in references],
+        matched=int(raw.get("images_matched", len(matches)) or 0),
+        searched=searched,
+        matches=matches,
+    )
+
+
+def _threshold(
+    section: dict[str, Any], cfg: Config, kind: type[CompareFacesOp] | type[SearchFacesOp]
+) -> float | None:
+    """The summary's threshold, else the config's (a summary written before it was kept)."""
+    threshold = _similarity(section.get("similarity_threshold"))
+    return threshold if threshold is not None else _op_threshold(cfg, kind)
+
+
 def summary_answers(summary: dict[str, Any], cfg: Config) -> list[Answer]:
     answers: list[Answer] = []
     compare = summary.get("compare_faces")
     if isinstance(compare, dict):
         reference = str(compare.get("reference") or "")
         images = int(compare.get("images_compared") or 0)
-        matches = _matches(compare.get("matches"))
-        person = Person(
-            name=_person_name(reference) if reference else "reference",
-            references=[_reference_location(reference)] if reference else [],
-            matched=int(compare.get("images_matched", len(matches)) or 0),
-            searched=images,
-            matches=matches,
-        )
-        threshold = _similarity(compare.get("similarity_threshold"))
-        answers.append(
-            Answer(
-                "compare_faces",
-                [person],
-                threshold if threshold is not None else _op_threshold(cfg, CompareFacesOp),
-                images,
-            )
-        )
+        name = _person_name(reference) if reference else "reference"
+        person = _person(name, [reference] if reference else [], compare, images)
+        threshold = _threshold(compare, cfg, CompareFacesOp)
+        answers.append(Answer("compare_faces", [person], threshold, images))
     search = summary.get("search_faces")
     if isinstance(search, dict):
         images = int(search.get("images_searched") or 0)
@@ -99,26 +105,15 @@ def summary_answers(summary: dict[str, Any], cfg: Config) -> list[Answer]:
         for name, value in raw_people.items() if isinstance(raw_people, dict) else []:
             raw: dict[str, Any] = value if isinstance(value, dict) else {}
             refs = raw.get("references")
-            matches = _matches(raw.get("matches"))
-            people.append(
-                Person(
-                    name=str(name),
-                    references=[
-                        _reference_location(r)
-                        for r in (refs if isinstance(refs, list) else [])
-                        if isinstance(r, str) and r
-                    ],
-                    matched=int(raw.get("images_matched", len(matches)) or 0),
-                    searched=images,
-                    matches=matches,
-                )
-            )
-        threshold = _similarity(search.get("similarity_threshold"))
+            references = [
+                r for r in (refs if isinstance(refs, list) else []) if isinstance(r, str) and r
+            ]
+            people.append(_person(str(name), references, raw, images))
         answers.append(
             Answer(
                 "search_faces",
                 people,
-                threshold if threshold is not None else _op_threshold(cfg, SearchFacesOp),
+                _threshold(search, cfg, SearchFacesOp),
                 images,
                 strategy=str(search["strategy"]) if search.get("strategy") else None,
             )
