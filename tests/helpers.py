@@ -7,6 +7,7 @@ import hashlib
 import json
 import struct
 import zlib
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,31 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 def read_csv(path: Path) -> list[dict[str, str]]:
     with path.open(encoding="utf-8", newline="") as handle:
         return list(csv.DictReader(handle))
+
+
+def exactly_once(
+    out: Path, pairs: int | None = None, *, all_ok: bool = False
+) -> list[dict[str, Any]]:
+    """The rows of ``out/results.jsonl``, asserting each (key, operation) is there once,
+    results.csv holds the same pairs and the ledger as many records (``pairs`` of them when
+    given; every one ok with ``all_ok``)."""
+    from rekbatch.store.ledger import LedgerDB
+
+    rows = read_jsonl(out / "results.jsonl")
+    seen = Counter((r["key"], r["operation"]) for r in rows)
+    assert max(seen.values(), default=1) == 1, seen.most_common(3)
+    if pairs is not None:
+        assert len(seen) == pairs, (len(seen), pairs)
+    assert Counter((r["key"], r["operation"]) for r in read_csv(out / "results.csv")) == seen
+    db = LedgerDB(out / ".rekbatch" / "ledger.sqlite", readonly=True)
+    try:
+        assert sum(row["n"] for row in db.counts()) == len(seen)
+    finally:
+        db.close()
+    if all_ok:
+        failed = [r for r in rows if r["status"] != "ok"]
+        assert not failed, failed[:3]
+    return rows
 
 
 def invoke(*args: str) -> Any:

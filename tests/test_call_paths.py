@@ -5,17 +5,15 @@ one line, after which the client path finishes the job exactly once."""
 from __future__ import annotations
 
 import json
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from rekbatch.backends.aws import AwsBackend
-from rekbatch.store.ledger import LedgerDB
 from tests.helpers import (
+    exactly_once,
     invoke,
-    read_csv,
     read_jsonl,
     sample_people,
     upload_samples,
@@ -85,15 +83,7 @@ def _config(tmp_path: Path, name: str, moto: str, fake: FakeRekognition, path: s
 
 
 def _records(out: Path) -> dict[tuple[str, str], dict[str, Any]]:
-    rows = read_jsonl(out / "results.jsonl")
-    pairs = Counter((r["key"], r["operation"]) for r in rows)
-    assert max(pairs.values()) == 1
-    assert Counter((r["key"], r["operation"]) for r in read_csv(out / "results.csv")) == pairs
-    db = LedgerDB(out / ".rekbatch" / "ledger.sqlite", readonly=True)
-    try:
-        assert sum(row["n"] for row in db.counts()) == len(pairs)
-    finally:
-        db.close()
+    rows = exactly_once(out)
     return {
         (r["key"], r["operation"]): {k: v for k, v in r.items() if k not in PER_RUN} for r in rows
     }

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ import pytest
 
 from rekbatch.store.ledger import LedgerDB
 from tests.conftest import make_bucket
-from tests.helpers import fake_jpeg, invoke, read_csv, read_jsonl, write_config
+from tests.helpers import exactly_once, fake_jpeg, invoke, read_jsonl, write_config
 from tests.support.clients import aws_client
 from tests.support.configs import job_config
 from tests.support.fake_rekognition import FakeRekognition
@@ -60,14 +59,7 @@ def _config(
 
 def _exactly_once_ok(out: Path, images: int = IMAGES) -> list[dict[str, Any]]:
     """Each of ``images`` objects once in results.jsonl, results.csv and the ledger, ok."""
-    rows = read_jsonl(out / "results.jsonl")
-    keys = Counter(r["key"] for r in rows)
-    assert len(keys) == images and max(keys.values()) == 1
-    assert Counter(r["key"] for r in read_csv(out / "results.csv")) == keys
-    failed = [r for r in rows if r["status"] != "ok"]
-    assert not failed, failed[:3]
-    assert ledger_records(out) == images
-    return rows
+    return exactly_once(out, images, all_ok=True)
 
 
 @pytest.mark.parametrize(

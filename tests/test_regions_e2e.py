@@ -11,14 +11,13 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.conftest import make_bucket
-from tests.helpers import fake_jpeg, invoke, read_csv, read_jsonl, write_config
+from tests.helpers import exactly_once, fake_jpeg, invoke, read_jsonl, write_config
 from tests.support.clients import aws_client
 from tests.support.configs import job_config
 from tests.support.fake_rekognition import FakeRekognition
@@ -68,13 +67,7 @@ def _config(tmp_path: Path, bucket: str, moto: str, rek: str) -> Path:
 
 
 def _exactly_once_ok(out: Path) -> list[dict[str, Any]]:
-    rows = read_jsonl(out / "results.jsonl")
-    keys = Counter((r["key"], r["operation"]) for r in rows)
-    assert len(keys) == IMAGES and max(keys.values()) == 1
-    assert Counter((r["key"], r["operation"]) for r in read_csv(out / "results.csv")) == keys
-    failed = [r for r in rows if r["status"] != "ok"]
-    assert not failed, failed[:3]
-    return rows
+    return exactly_once(out, IMAGES, all_ok=True)
 
 
 def test_three_regions_share_the_run_exactly_once(

@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,13 +24,12 @@ import pytest
 from rekbatch.config import load_config
 from rekbatch.engine import Job, RunOptions
 from rekbatch.errors import Interrupted
-from rekbatch.store.ledger import LedgerDB
 from tests.conftest import REPO, make_bucket
 from tests.helpers import (
+    exactly_once,
     fake_jpeg,
     invoke,
     local_images,
-    read_csv,
     read_jsonl,
     write_config,
 )
@@ -72,16 +70,7 @@ def _exit_code(proc: subprocess.Popen[bytes]) -> int:
 
 
 def _exactly_once(out: Path, keys: int, operations: int = 1) -> list[dict[str, Any]]:
-    rows = read_jsonl(out / "results.jsonl")
-    pairs = Counter((r["key"], r["operation"]) for r in rows)
-    assert len(pairs) == keys * operations and max(pairs.values()) == 1
-    assert Counter((r["key"], r["operation"]) for r in read_csv(out / "results.csv")) == pairs
-    db = LedgerDB(out / ".rekbatch" / "ledger.sqlite", readonly=True)
-    try:
-        assert sum(row["n"] for row in db.counts()) == len(pairs)
-    finally:
-        db.close()
-    return rows
+    return exactly_once(out, keys * operations)
 
 
 # --------------------------------------------------------------------------- SIGTERM
