@@ -14,7 +14,7 @@ import pytest
 
 from rekbatch.config import Config, load_config
 from rekbatch.engine import Job, RunOptions
-from rekbatch.engine.shards import Shard, shard_config, shard_of
+from rekbatch.engine.shards import Shard, job_file_owns, shard_config
 from tests.conftest import make_bucket
 from tests.helpers import invoke, local_images, read_csv, read_jsonl, sha256
 from tests.support.fake_backend import FakeBackend
@@ -71,6 +71,17 @@ def _merge_fails(out: Path, *, started: bool = True) -> str:
     return lines[0]
 
 
+def _owner(out: Path, key: str, count: int = 2) -> int:
+    """The shard whose part of the job's split holds ``key`` (source 0, a local folder)."""
+    owners = [
+        k
+        for k in range(count)
+        if job_file_owns(json.loads((_shard(out, k, count) / "job.json").read_text()), 0, None, key)
+    ]
+    assert len(owners) == 1, owners
+    return owners[0]
+
+
 def _keys(out: Path) -> list[tuple[str, str]]:
     return sorted((r["key"], r["operation"]) for r in read_jsonl(out / "results.jsonl"))
 
@@ -105,7 +116,7 @@ def test_a_record_of_another_shard_is_refused(tmp_path: Path) -> None:
     out = _run_shards(_config(tmp_path))
     theirs = (_shard(out, 1) / "results.jsonl").read_bytes().splitlines(keepends=True)[0]
     key = json.loads(theirs)["key"]
-    assert shard_of(None, key, 2) == 1
+    assert _owner(out, key) == 1
     with (_shard(out, 0) / "results.jsonl").open("ab") as handle:
         handle.write(theirs)  # the same record in two shards: 10 rows, 7 counted, once
     line = _merge_fails(out)
@@ -201,8 +212,8 @@ def test_a_person_match_of_another_shard_is_refused(tmp_path: Path) -> None:
     assert invoke("merge", str(out)).exit_code == 0
     answer = json.loads((out / "summary.json").read_text())["search_faces"]["people"]["ric"]
     assert answer["matched_keys"] == [keys[0]]
-    home = shard_of(None, keys[0], 2)
-    other = next(k for k in keys if shard_of(None, k, 2) != home)
+    home = _owner(out, keys[0])
+    other = next(k for k in keys if _owner(out, k) != home)
     summary_path = _shard(out, home) / "summary.json"
     summary = json.loads(summary_path.read_text())
     matches = summary["search_faces"]["people"]["ric"]["matches"]
