@@ -302,7 +302,10 @@ def test_four_shard_processes_list_their_part_killed_rerun_and_merged_to_a_singl
         procs = {k: _shard_process(config, k, 4) for k in range(4)}
         victim = out / "shard-0002-of-0004" / "results.jsonl"
         deadline = time.monotonic() + 120
-        while _ok_rows(victim) < 50:  # of about 120 calls
+        # Killed two thirds of the way through its calls. A rerun lists its part again from
+        # its ranges' watermarks, up to the whole part (a quarter of the bucket), so where the
+        # kill falls, and how far commits lag behind on a busy machine, moves the total.
+        while _ok_rows(victim) < 80:  # of about 120 calls
             assert time.monotonic() < deadline and procs[2].poll() is None, "shard 2 was not killed"
             time.sleep(0.02)
         procs[2].send_signal(signal.SIGKILL)
