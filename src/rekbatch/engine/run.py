@@ -26,7 +26,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -73,6 +73,9 @@ from rekbatch.sources.sqs import SqsQueue, is_queue_uri, open_queues
 from rekbatch.store import jobdir, retry_failed
 from rekbatch.store.ledger import Ledger, LedgerDB
 from rekbatch.store.lock import JobLock
+
+if TYPE_CHECKING:
+    from rekbatch.backends.aws import AwsBackend
 
 log = structlog.get_logger("rekbatch")
 
@@ -342,22 +345,9 @@ class Job:
                     await op.prepare(ctx)
                 if agreement is not None:
                     await give_references(agreement, ledger)
-                writer = Writer(
-                    self.out,
-                    ledger,
-                    self.run_id,
-                    cfg.source.uris,
-                    durable=self.options.checkpoint,
-                    csv_formulas=cfg.output.csv_formulas,
-                )
-                await writer.open()
-                if self.options.retry_failed:
-                    await writer.close()
-                    dropped = await ledger.write(
-                        retry_failed.rewrite, self.out, self.options.retry_codes
-                    )
-                    log.info("retrying_failed", records=dropped)
-                    writer = Writer(
+
+                def new_writer() -> Writer:
+                    return Writer(
                         self.out,
                         ledger,
                         self.run_id,
@@ -365,6 +355,16 @@ class Job:
                         durable=self.options.checkpoint,
                         csv_formulas=cfg.output.csv_formulas,
                     )
+
+                writer = new_writer()
+                await writer.open()
+                if self.options.retry_failed:
+                    await writer.close()
+                    dropped = await ledger.write(
+                        retry_failed.rewrite, self.out, self.options.retry_codes
+                    )
+                    log.info("retrying_failed", records=dropped)
+                    writer = new_writer()
                     await writer.open()
                 self.writer = writer
                 try:
@@ -460,19 +460,24 @@ class Job:
             clock=self.clock,
         )
 
+    def _aws_backend(self, region: str | None) -> AwsBackend:
+        """A Rekognition client for the run: in ``region``, or the session's (None)."""
+        from rekbatch.backends.aws import AwsBackend
+
+        cfg = self.cfg
+        return AwsBackend(
+            self._session(),
+            endpoint_url=cfg.aws.rekognition_endpoint_url,
+            pool=cfg.limits.concurrency + 16,
+            call_path=cfg.aws.call_path,
+            new_session=self._new_session,
+            region=region,
+        )
+
     async def _open_backend(self, stack: contextlib.AsyncExitStack) -> Backend:
         cfg = self.cfg
         if cfg.backend.kind == "aws":
-            from rekbatch.backends.aws import AwsBackend
-
-            aws = AwsBackend(
-                self._session(),
-                endpoint_url=cfg.aws.rekognition_endpoint_url,
-                pool=cfg.limits.concurrency + 16,
-                call_path=cfg.aws.call_path,
-                new_session=self._new_session,
-            )
-            return await stack.enter_async_context(aws)
+            return await stack.enter_async_context(self._aws_backend(None))
         from rekbatch.backends.local.backend import LocalBackend  # optional extra
 
         executor = None
@@ -526,16 +531,7 @@ class Job:
             elif self._given_backends is not None:
                 backends[region] = self._given_backends[region]
             else:
-                from rekbatch.backends.aws import AwsBackend
-
-                client = AwsBackend(
-                    self._session(),
-                    endpoint_url=cfg.aws.rekognition_endpoint_url,
-                    pool=cfg.limits.concurrency + 16,
-                    call_path=cfg.aws.call_path,
-                    new_session=self._new_session,
-                    region=region,
-                )
+                client = self._aws_backend(region)
                 backends[region] = await stack.enter_async_context(client)
         share = 1.0 / self.options.shard.count if self.options.shard else 1.0
 
